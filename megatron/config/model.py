@@ -1,0 +1,52 @@
+"""Model architecture config (GPT-NeoX / Pythia / Llama-style). Field names are GPT-NeoX keys with ``-`` -> ``_``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_kv_heads: Optional[int] = None          # grouped-query attention; None = num_attention_heads
+    intermediate_size: Optional[int] = None     # MLP width; None = 4*hidden (gelu) or Llama's 8/3*hidden rounded (swiglu)
+    seq_length: int = 2048
+    max_position_embeddings: Optional[int] = None  # None = seq_length
+    pos_emb: str = "learned"                     # learned | rotary | alibi | none
+    rotary_pct: float = 1.0
+    rotary_emb_base: int = 10000
+    norm: str = "layernorm"                      # layernorm | rmsnorm | scalenorm
+    layernorm_epsilon: float = 1.0e-5
+    rms_norm_epsilon: float = 1.0e-8
+    scalenorm_epsilon: float = 1.0e-8
+    gpt_j_residual: bool = False                 # parallel residual x + attn(ln1 x) + mlp(ln2 x)
+    gpt_j_tied: bool = False                     # parallel residual with one shared norm
+    activation: str = "gelu"                     # gelu | relu | swiglu | geglu
+    no_weight_tying: bool = False                # True = untied input/output embeddings (Pythia)
+    use_bias_in_attn_linear: bool = True
+    use_bias_in_mlp: bool = True
+    use_bias_in_norms: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method: str = "normal"                  # normal | scaled_normal | small_init | wang_init | xavier_* ...
+    output_layer_init_method: str = "scaled_normal"
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    padded_vocab_size: Optional[int] = None      # derived from the tokenizer (x tensor-parallel size) if None
+    checkpoint_activations: bool = False
+    checkpoint_num_layers: int = 1
+    attention_config: Optional[list] = None      # GPT-NeoX [[["global"], n]] expanded to one entry per layer
+    output_layer_parallelism: str = "column"
+    # Fusion / kernel hints accepted from GPT-NeoX configs. They select optional accelerators when available and
+    # fall back to the PyTorch implementation otherwise (logged once), so they never change results.
+    scaled_masked_softmax_fusion: bool = False
+    scaled_upper_triang_masked_softmax_fusion: bool = False
+    bias_gelu_fusion: bool = False
+    rope_fusion: bool = False
+    layernorm_fusion: bool = False
+    partition_activations: bool = False
+    synchronize_each_layer: bool = False
+    precision: str = "fp32"                      # derived from the fp16 / bf16 DeepSpeed blocks: fp32 | fp16 | bf16

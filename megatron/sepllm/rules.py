@@ -1,0 +1,134 @@
+"""The SepLLM attention rule as pure functions of token ids (spec §1.3, §1.4, §1.8, §1.10).
+
+Every execution path (dense mask, FlexAttention, compact gather) and every cache (SepCache, streaming manager,
+decode masks on Hugging Face models) derives its keep/drop decisions from these functions, so the rule is written
+exactly once. Nothing here holds state: callers pass ids, sizes and (optionally) a 2-D validity mask.
+
+Conventions: ``ids`` is ``[B, S]`` (int64), positions are 0-based absolute positions in the sequence as given
+(left padding included). "Global" keys are the ones visible from every later query regardless of distance:
+initial tokens plus separators (or, for FixLLM, every ``interval``-th position). The local window of size ``w``
+holds ``w`` tokens *including the query itself* (``EXCLUDE_DIAGONAL=True`` semantics of the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+NO_SEPARATORS = (-1,)
+
+
+def separator_bitmap(ids: torch.Tensor, separator_ids: Sequence[int]) -> torch.Tensor:
+    """``[B, S]`` bool: True where the token id is a separator. ``[-1]`` (or an empty list) means none."""
+    sep = [int(s) for s in separator_ids if int(s) >= 0]
+    if not sep:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    return torch.isin(ids, torch.tensor(sep, dtype=ids.dtype, device=ids.device))
+
+
+def fixed_interval_bitmap(batch: int, seq_len: int, interval: int, device=None) -> torch.Tensor:
+    """``[B, S]`` bool for FixLLM: position ``k`` is kept when ``k % interval == 0`` (spec §1.10, inferred phase)."""
+    if interval < 1:
+        raise ValueError(f"FixLLM interval must be >= 1, got {interval}")
+    pos = torch.arange(seq_len, device=device)
+    return (pos % interval == 0).unsqueeze(0).expand(batch, seq_len)
+
+
+def left_pad_counts(attention_mask_2d: torch.Tensor) -> torch.Tensor:
+    """Number of leading padding positions per row, from a ``[B, S]`` 0/1 attention mask (never from token ids)."""
+    valid = attention_mask_2d.to(torch.bool)
+    # index of the first valid token; rows with no valid token count as fully padded
+    first_valid = torch.where(valid.any(dim=-1), valid.to(torch.int8).argmax(dim=-1), valid.new_full((), valid.shape[-1], dtype=torch.long))
+    return first_valid.to(torch.long)
+
+
+def initial_bitmap(batch: int, seq_len: int, num_initial: int, pad_counts: Optional[torch.Tensor] = None,
+                   device=None) -> torch.Tensor:
+    """``[B, S]`` bool: the ``a = num_initial`` initial tokens of each row.
+
+    Without ``pad_counts`` these are positions ``[0, a)``. With ``pad_counts`` (``BATCH_ADAPTIVE_INIT_POS``) row ``b``
+    keeps positions ``pad[b] + i`` for ``i < a``, clamped into ``[0, S-1]`` (spec §1.4).
+    """
+    if num_initial <= 0:
+        return torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    pos = torch.arange(seq_len, device=device).unsqueeze(0)
+    if pad_counts is None:
+        return (pos < num_initial).expand(batch, seq_len)
+    start = pad_counts.to(device=pos.device, dtype=torch.long).clamp(max=seq_len - 1).unsqueeze(1)
+    end = (start + num_initial).clamp(max=seq_len)
+    return (pos >= start) & (pos < end)
+
+
+def global_key_bitmap(ids: torch.Tensor, separator_ids: Sequence[int], num_initial: int,
+                      pad_counts: Optional[torch.Tensor] = None, fixed_interval: Optional[int] = None) -> torch.Tensor:
+    """``[B, S]`` bool of keys visible from every later query: initial tokens OR separators (OR FixLLM positions).
+
+    ``fixed_interval`` replaces separators by every ``interval``-th position (FixLLM).
+    """
+    batch, seq_len = ids.shape
+    if fixed_interval is not None:
+        keep = fixed_interval_bitmap(batch, seq_len, fixed_interval, device=ids.device)
+    else:
+        keep = separator_bitmap(ids, separator_ids)
+    return keep | initial_bitmap(batch, seq_len, num_initial, pad_counts, device=ids.device)
+
+
+def window_band(q_len: int, k_len: int, window: int, device=None, q_offset: int = 0) -> torch.Tensor:
+    """``[Q, K]`` bool: causal AND ``q - k <= window - 1`` (the window counts the query itself).
+
+    ``q_offset`` is the absolute position of the first query (queries are the last ``Q`` of ``K`` positions
+    when ``q_offset = K - Q``).
+    """
+    if window < 1:
+        raise ValueError(f"local window must be >= 1, got {window}")
+    q = torch.arange(q_len, device=device).unsqueeze(1) + q_offset
+    k = torch.arange(k_len, device=device).unsqueeze(0)
+    return (k <= q) & (q - k <= window - 1)
+
+
+def causal_band(q_len: int, k_len: int, device=None, q_offset: int = 0) -> torch.Tensor:
+    """``[Q, K]`` bool lower-triangular (causal) mask with the same offset convention as ``window_band``."""
+    q = torch.arange(q_len, device=device).unsqueeze(1) + q_offset
+    k = torch.arange(k_len, device=device).unsqueeze(0)
+    return k <= q
+
+
+def allowed_mask(global_keys: torch.Tensor, window: int, q_offset: int = 0, q_len: Optional[int] = None,
+                 key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense ``[B, Q, K]`` bool mask, True = the query may attend the key (spec §1.3, the reference rule).
+
+    ``allowed = causal AND (global[b, k] OR in_window(q, k))``, optionally AND ``key_valid[b, k]`` (padding).
+    This is the one dense reference that every fast path is tested against.
+    """
+    batch, k_len = global_keys.shape
+    q_len = k_len - q_offset if q_len is None else q_len
+    causal = causal_band(q_len, k_len, device=global_keys.device, q_offset=q_offset)
+    band = window_band(q_len, k_len, window, device=global_keys.device, q_offset=q_offset)
+    allowed = causal.unsqueeze(0) & (global_keys.unsqueeze(1) | band.unsqueeze(0))
+    if key_valid is not None:
+        allowed = allowed & key_valid.to(torch.bool).unsqueeze(1)
+    return allowed
+
+
+def decode_keep_mask(global_keys: torch.Tensor, window: int, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, L]`` bool for a single decode query at position ``L-1`` over the whole history (spec §1.3 decode rule),
+    with the padding fix of spec §7 item 1 (``key_valid``)."""
+    return allowed_mask(global_keys, window, q_offset=global_keys.shape[1] - 1, key_valid=key_valid)[:, 0, :]
+
+
+def bipe_position_ids(ids: torch.Tensor, separator_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BiPE ``(intra, inter)`` position ids, each ``[B, S]`` (spec §1.8).
+
+    ``inter[i]`` counts separators strictly before ``i``; ``intra[i]`` is the offset of ``i`` inside its segment,
+    restarting at 0 on the token after each separator (the separator closes its own segment).
+    """
+    is_sep = separator_bitmap(ids, separator_ids).to(torch.long)
+    inter = torch.cumsum(is_sep, dim=-1) - is_sep
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    # segment start = position after the last separator strictly before i (0 if none)
+    sep_next = torch.where(is_sep.bool(), pos + 1, torch.zeros_like(pos))
+    last_start = torch.cummax(sep_next, dim=-1).values
+    seg_start = torch.cat([torch.zeros_like(last_start[:, :1]), last_start[:, :-1]], dim=-1)
+    intra = pos - seg_start
+    return intra, inter
