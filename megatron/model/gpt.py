@@ -1,0 +1,191 @@
+"""The GPT-NeoX / Pythia / Llama-style decoder-only language model.
+
+``GPTModel(model_cfg, sepllm_cfg)`` maps ``input_ids [B, S]`` to ``logits [B, S, V]``. It contains no distributed
+logic: data/tensor/pipeline parallelism are applied around it. Attention goes through ``self.attention_backend``
+(``CausalSDPABackend`` or the SepLLM backend), whose ``prepare`` runs once per forward.
+
+Positions: by default ``0..S-1``; with a 2-D padding mask they count real tokens only (HF convention), so a
+left-padded row sees the same positions as the unpadded sequence. With BiPE (``sepllm_cfg.USE_BiPE``) positions are
+derived from the token ids (spec §1.8): a learned table indexed by the intra-segment id is added to the word
+embeddings, and rotary / ALiBi use the inter-segment id.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron.config.model import ModelConfig
+from megatron.config.sepllm import SepLLMConfig
+from megatron.model.attention import head_dim
+from megatron.model.attention_backend import AttentionBackend, build_attention_backend
+from megatron.model.embeddings import Embedding
+from megatron.model.init import init_weights
+from megatron.model.norms import build_norm
+from megatron.model.positional import default_position_ids, rotary_cos_sin, rotary_ndims
+from megatron.model.transformer import TransformerLayer
+from megatron.sepllm.rules import bipe_position_ids, left_pad_counts
+
+logger = logging.getLogger(__name__)
+
+POS_EMBS = ("learned", "rotary", "alibi", "none")
+FULL_ATTENTION_TYPES = ("global", "flash")  # both are dense causal attention; "flash" only named a kernel
+FUSION_FLAGS = ("rope_fusion", "bias_gelu_fusion", "scaled_masked_softmax_fusion",
+                "scaled_upper_triang_masked_softmax_fusion", "layernorm_fusion")
+
+
+def expand_attention_config(cfg: ModelConfig) -> list[str]:
+    """Per-layer attention types from GPT-NeoX's ``[[["global"], n], ...]`` form or an already expanded list.
+
+    Only dense causal attention (``global``/``flash``) exists here; the sparsity pattern comes from SepLLM instead.
+    """
+    if cfg.attention_config is None:
+        return ["global"] * cfg.num_layers
+    types: list[str] = []
+    for entry in cfg.attention_config:
+        if isinstance(entry, str):
+            types.append(entry)
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], int):
+            names, count = entry
+            names = [names] if isinstance(names, str) else list(names)
+            types.extend((names * count)[:count])  # GPT-NeoX repeats the pattern to fill count layers
+        else:
+            raise ValueError(f"model config key 'attention_config': cannot read entry {entry!r}; expected "
+                             f"[[\"global\"], num_layers] or a list of per-layer names")
+    if len(types) != cfg.num_layers:
+        raise ValueError(f"model config key 'attention_config' gives {len(types)} layers, expected num_layers = "
+                         f"{cfg.num_layers}")
+    unsupported = sorted({t for t in types if t not in FULL_ATTENTION_TYPES})
+    if unsupported:
+        raise ValueError(f"model config key 'attention_config' = {unsupported}: only {FULL_ATTENTION_TYPES} are "
+                         f"supported (SepLLM sparsity is configured by the SepLLM keys instead)")
+    return types
+
+
+def bipe_separator_ids(sepllm_cfg: SepLLMConfig) -> list[int]:
+    """BiPE separators: ``BiPE_seps``, else the SepLLM ``separator_token_ids``; loud error if neither is set."""
+    seps = sepllm_cfg.BiPE_seps if sepllm_cfg.BiPE_seps is not None else sepllm_cfg.separator_token_ids
+    if not seps:
+        raise ValueError("SepLLM config key 'USE_BiPE' = True needs 'BiPE_seps' (or 'separator_token_ids') to list "
+                         "the separator token ids")
+    return [int(s) for s in seps]
+
+
+class GPTModel(nn.Module):
+    """Decoder-only LM: embedding -> ``num_layers`` x ``TransformerLayer`` -> final norm -> output head."""
+
+    def __init__(self, model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig] = None) -> None:
+        super().__init__()
+        cfg = model_cfg
+        if cfg.padded_vocab_size is None:
+            raise ValueError("model config 'padded_vocab_size' is None: set it from the tokenizer (vocab size rounded "
+                             "up to make_vocab_size_divisible_by) before building GPTModel")
+        if cfg.pos_emb not in POS_EMBS:
+            raise ValueError(f"model config key 'pos_emb' = {cfg.pos_emb!r}: expected one of {POS_EMBS}")
+        if cfg.checkpoint_num_layers < 1:
+            raise ValueError(f"model config key 'checkpoint_num_layers' = {cfg.checkpoint_num_layers}: expected >= 1")
+        if cfg.output_layer_parallelism != "column":
+            raise ValueError(f"model config key 'output_layer_parallelism' = {cfg.output_layer_parallelism!r}: only "
+                             f"'column' is supported")
+        expand_attention_config(cfg)
+        self.cfg = cfg
+        self.sepllm_cfg = sepllm_cfg
+        self.use_bipe = bool(sepllm_cfg is not None and sepllm_cfg.USE_BiPE)
+        self.bipe_seps = bipe_separator_ids(sepllm_cfg) if self.use_bipe else []
+        self.head_dim = head_dim(cfg)
+        self.rotary_ndims = rotary_ndims(self.head_dim, cfg.rotary_pct) if cfg.pos_emb == "rotary" else 0
+        self.max_positions = cfg.max_position_embeddings or cfg.seq_length
+        learned_table = cfg.pos_emb == "learned" or self.use_bipe
+        self.embed = Embedding(cfg.padded_vocab_size, cfg.hidden_size,
+                               self.max_positions if learned_table else None, cfg.hidden_dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
+        self.final_layernorm = build_norm(cfg)
+        self.output_layer = (nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+                             if cfg.no_weight_tying else None)
+        self.attention_backend: AttentionBackend = build_attention_backend(cfg, sepllm_cfg)
+        init_weights(self, cfg)
+        fused = [f for f in FUSION_FLAGS if getattr(cfg, f, False)]
+        if fused:
+            logger.info("fused kernels requested (%s): no compiled kernel is available, using the PyTorch "
+                        "implementation (same results)", ", ".join(fused))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def positions(self, input_ids: Tensor, position_ids: Optional[Tensor],
+                  attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """``(relative_positions, absolute_table_positions)``: the ids used by rotary/ALiBi and by the learned table.
+
+        Without BiPE both are the same position ids; with BiPE they are (inter, intra). Left padding is excluded
+        from BiPE's first segment so a padded row gets the unpadded row's ids.
+        """
+        if not self.use_bipe:
+            pos = position_ids if position_ids is not None else default_position_ids(input_ids, attention_mask)
+            return pos, (pos if self.embed.position_embeddings is not None else None)
+        if position_ids is not None:
+            raise ValueError("USE_BiPE computes position ids from the token ids; pass position_ids=None")
+        ids = input_ids
+        if attention_mask is not None:
+            ids = input_ids.masked_fill(~attention_mask.to(torch.bool), -1)  # padding is never a separator
+        intra, inter = bipe_position_ids(ids, self.bipe_seps)
+        if attention_mask is not None:
+            pad = left_pad_counts(attention_mask).unsqueeze(1)
+            intra = torch.where(inter == 0, intra - pad, intra).clamp(min=0)
+            intra = intra * attention_mask.to(intra.dtype)
+        return inter, intra
+
+    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None) -> Tensor:
+        """``input_ids [B, S]`` (+ optional ``position_ids [B, S]``, 2-D ``attention_mask`` 1 = real, 0 = pad)
+        -> logits ``[B, S, padded_vocab_size]`` in the model's dtype."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must be 2-D [batch, seq] like input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if position_ids is not None and position_ids.shape != input_ids.shape:
+            if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == input_ids.shape[1]:
+                position_ids = position_ids.expand_as(input_ids)
+            else:
+                raise ValueError(f"position_ids must be [batch, seq] like input_ids {tuple(input_ids.shape)}, got "
+                                 f"{tuple(position_ids.shape)}")
+        rel_pos, abs_pos = self.positions(input_ids, position_ids, attention_mask)
+        x = self.embed(input_ids, abs_pos)
+        rotary = (rotary_cos_sin(rel_pos, self.rotary_ndims, self.cfg.rotary_emb_base, x.dtype)
+                  if self.rotary_ndims else None)
+        state = self.attention_backend.prepare(input_ids, rel_pos, attention_mask)
+        x = self.run_layers(x, rotary, state)
+        x = self.final_layernorm(x)
+        weight = self.output_layer.weight if self.output_layer is not None else self.embed.word_embeddings.weight
+        return F.linear(x, weight)
+
+    def run_layers(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]], state: Any) -> Tensor:
+        """All layers, in chunks of ``checkpoint_num_layers`` recomputed in backward when activation checkpointing
+        is on (non-reentrant ``torch.utils.checkpoint``; RNG state is restored so dropout masks match)."""
+        backend = self.attention_backend
+        if not (self.cfg.checkpoint_activations and torch.is_grad_enabled()):
+            for layer in self.layers:
+                x = layer(x, rotary, backend, state)
+            return x
+        n = self.cfg.checkpoint_num_layers
+        for start in range(0, len(self.layers), n):
+            chunk = self.layers[start:start + n]
+            x = checkpoint(_run_chunk, chunk, x, rotary, backend, state, use_reentrant=False)
+        return x
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once); ``exclude_embeddings`` drops the input word/position tables."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= sum(p.numel() for p in self.embed.parameters())
+        return total
+
+
+def _run_chunk(chunk: nn.ModuleList, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]], backend: AttentionBackend,
+               state: Any) -> Tensor:
+    for layer in chunk:
+        x = layer(x, rotary, backend, state)
+    return x

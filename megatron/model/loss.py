@@ -1,0 +1,29 @@
+"""Language-model loss."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[Tensor] = None) -> Tensor:
+    """Mean token cross-entropy over unmasked tokens, computed in fp32.
+
+    ``logits [B, S, V]`` and ``labels [B, S]`` are already aligned (``labels[:, t]`` is the target of position ``t``,
+    i.e. the caller shifted the tokens, GPT-NeoX style). ``loss_mask [B, S]`` weights tokens (1 = count,
+    0 = ignore); labels < 0 (e.g. -100) are ignored too. With no counted token the loss is 0 (still differentiable).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"lm_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    valid = labels >= 0
+    weights = valid.to(torch.float32)
+    if loss_mask is not None:
+        if loss_mask.shape != labels.shape:
+            raise ValueError(f"lm_loss: loss_mask {tuple(loss_mask.shape)} must match labels {tuple(labels.shape)}")
+        weights = weights * loss_mask.to(torch.float32)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float32),
+                                labels.clamp(min=0).reshape(-1), reduction="none")
+    return (per_token * weights.reshape(-1)).sum() / weights.sum().clamp(min=1.0)

@@ -1,0 +1,58 @@
+"""Normalisation layers: LayerNorm, RMSNorm and ScaleNorm (GPT-NeoX ``norm`` key).
+
+RMSNorm follows the Llama / ``torch.nn.functional.rms_norm`` formula ``w * x / sqrt(mean(x^2) + eps)`` computed in
+fp32, so that a Llama export is a weight copy. GPT-NeoX's own RMSNorm puts eps outside the root
+(``x / (rms(x) + eps)``); with the default eps (1e-8) the two differ by far less than bf16 resolution.
+RMSNorm and ScaleNorm carry no bias (as in GPT-NeoX); LayerNorm's bias follows ``use_bias_in_norms``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from megatron.config.model import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned per-channel gain (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.to(torch.float32)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class ScaleNorm(nn.Module):
+    """ScaleNorm (Nguyen & Salazar 2019): ``g * x / max(||x||, eps)`` with a single learned scalar ``g``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(x.to(torch.float32), dim=-1, keepdim=True).clamp(min=self.eps)
+        return (x.to(torch.float32) / norm).to(x.dtype) * self.g
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.g)
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm selected by ``cfg.norm`` with its matching epsilon key."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=cfg.use_bias_in_norms)
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_epsilon)
+    if cfg.norm == "scalenorm":
+        return ScaleNorm(cfg.hidden_size, eps=cfg.scalenorm_epsilon)
+    raise ValueError(f"model config key 'norm' = {cfg.norm!r}: expected one of 'layernorm', 'rmsnorm', 'scalenorm'")
