@@ -1,0 +1,7 @@
+"""The one exception type of the config system, so callers can catch config mistakes apart from bugs."""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """A config file, key or value that cannot be used. The message names the source, the key and what was expected."""

@@ -1,0 +1,127 @@
+"""The top-level resolved config: one typed object per component, plus serialisation and the DeepSpeed JSON view."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron.config.components import (
+    CheckpointConfig,
+    DataConfig,
+    LauncherConfig,
+    LoggingConfig,
+    LRScheduleConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TokenizerConfig,
+    TrainingConfig,
+)
+from megatron.config.errors import ConfigError
+from megatron.config.model import ModelConfig
+from megatron.config.sepllm import SepLLMConfig
+
+# Attribute name -> dataclass, in the order sections are written out.
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "sepllm": SepLLMConfig,
+    "optimizer": OptimizerConfig,
+    "lr_schedule": LRScheduleConfig,
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "parallel": ParallelConfig,
+    "launcher": LauncherConfig,
+}
+
+
+@dataclass
+class NeoXConfig:
+    """Everything a run needs, validated. Build it with ``megatron.config.load_config``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sepllm: SepLLMConfig = field(default_factory=SepLLMConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    deepspeed_extra: dict = field(default_factory=dict)
+    sources: list = field(default_factory=list, compare=False)
+    overrides: list = field(default_factory=list, compare=False)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        """Resolved config as plain data, one block per component; ``load_config`` reads it back to an equal object."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            out[name] = {
+                f.name: copy.deepcopy(getattr(section, f.name))
+                for f in dataclasses.fields(section)
+                if not f.metadata.get("internal")
+            }
+        for key, value in self.deepspeed_extra.items():
+            out[key] = copy.deepcopy(value)
+        return out
+
+    def to_yaml(self) -> str:
+        """``to_dict`` as YAML, headed by comments naming the merged files and overrides."""
+        import yaml
+
+        header = ["# Resolved SepLLM-NeoX config (python -m megatron.config)"]
+        header += [f"# source: {s}" for s in self.sources]
+        header += [f"# override: {o}" for o in self.overrides]
+        body = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+        return "\n".join(header) + "\n" + body
+
+    # ------------------------------------------------------------------ DeepSpeed
+    def deepspeed_config(self, data_parallel_size: int, client_optimizer: bool = False) -> dict:
+        """The DeepSpeed JSON config for ``data_parallel_size`` ranks.
+
+        The batch triple is re-resolved for the real data-parallel size: the micro batch is kept, and the global batch
+        is kept too when the user gave it (so resuming on another world size keeps the optimisation identical);
+        otherwise the gradient-accumulation steps are kept. ``client_optimizer=True`` leaves out the optimizer block
+        (the trainer passes a torch optimizer, the right choice on CPU where DeepSpeed's Adam needs a JIT build).
+        """
+        from megatron.config.derived import rescale_batch_triple
+
+        t = self.training
+        global_bs, micro, accum = rescale_batch_triple(
+            t.train_batch_size, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps,
+            keep_global="train_batch_size" in t.batch_inputs, data_parallel_size=data_parallel_size)
+        ds: dict[str, Any] = {
+            "train_batch_size": global_bs,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum,
+        }
+        if not client_optimizer:
+            ds["optimizer"] = {"type": self.optimizer.type, "params": copy.deepcopy(self.optimizer.params)}
+        if t.fp16 is not None:
+            ds["fp16"] = copy.deepcopy(t.fp16)
+        if t.bf16 is not None:
+            ds["bf16"] = copy.deepcopy(t.bf16)
+        ds["zero_optimization"] = copy.deepcopy(t.zero_optimization)
+        ds["gradient_clipping"] = t.gradient_clipping
+        ds["steps_per_print"] = self.logging.steps_per_print
+        ds["wall_clock_breakdown"] = self.logging.wall_clock_breakdown
+        for key, value in self.deepspeed_extra.items():
+            ds[key] = copy.deepcopy(value)
+        return ds
+
+    # ------------------------------------------------------------------ checks for consumers
+    def require_for_training(self) -> None:
+        """Raise ConfigError unless the config can drive ``train.py`` (partial configs load fine without this)."""
+        from megatron.config.validate import check_training_ready
+
+        check_training_ready(self)
+
+
+__all__ = ["NeoXConfig", "SECTIONS", "ConfigError"]
