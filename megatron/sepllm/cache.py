@@ -1,0 +1,418 @@
+"""SepCache: a Hugging Face ``Cache`` that keeps, per layer and per batch row, the initial tokens, a bounded set of
+separator tokens and a local window (spec §3.4, with the fixes of §7 items 2-7).
+
+Design (what differs from the reference SepCache, and why):
+
+* **Token ids reach the cache before the forward.** In transformers 5.x the attention module calls
+  ``cache.update(k, v, layer_idx)`` with no ids, so the caller (``megatron.sepllm.generation``) first calls
+  :meth:`SepCache.set_step_tokens` with the step's ids and 2-D attention mask. That call *plans* the step for every
+  layer (which slots will be kept, the attention mask the step needs, position ids); ``update`` then applies the plan.
+* **Ragged rows with a validity mask.** Each layer stores ``keys/values [B, H, L, D]`` plus ``ids [B, L]`` and a slot
+  ``kind [B, L]`` (0 = invalid, 1 = initial, 2 = separator, 3 = local). Rows keep their own slot sets; after a
+  compression each row is packed to the right and left-filled with invalid slots up to the batch maximum, so no real
+  token is dropped for batch alignment and no pad is ever attended (pads are invalid from the start, taken from the
+  attention mask, never from a pad id).
+* **Initial tokens** are each row's first ``init_cache_size`` *valid* tokens (left padding aware, spec §1.4 done with
+  the mask instead of the pad id).
+* **Bound.** Compression happens inside ``update`` before attention. A decode step (one query) attends at most
+  ``cache_size`` keys per row: after appending the new token the cache is compressed whenever its stored length
+  exceeds ``cache_size`` (or, with ``exact_window=True``, whenever a row holds more than ``local_size`` local tokens),
+  leaving ``a + |seps| + w <= a + s + w < cache_size``. The stored length between steps never exceeds ``cache_size``.
+  A multi-token step (prefill / chunked prefill) attends the stored cache plus its own tokens (the prompt needs its
+  own keys), then stores the compressed result, so the prompt length is not bounded but memory after the step is.
+* **Decode semantics.** ``exact_window=False`` (default, the reference SepCache): between compressions the local
+  region grows from ``w`` to the budget, so a query sees the kept initial tokens and separators plus *at least* the
+  last ``w`` tokens. ``exact_window=True``: the cache is trimmed every step, so a decode query sees exactly
+  initial + kept separators + the last ``w`` tokens (the trained SepLLM decode rule of spec §1.3 /
+  ``rules.decode_keep_mask``, with at most ``s`` separators).
+* **Positional re-encoding** (``APPLY_PE_SHIFT``): keys are stored without rotary embedding and rotated again every
+  step with their index among the row's valid slots; the query gets the index of the current token. The rotary tables
+  come from the model's own rotary module (``bind_model``), so theta, scaling and partial rotary are the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from megatron.sepllm import rules
+from megatron.sepllm.pos_shift import RopeFn, apply_rotary, cache_positions, rope_fn_from_model, unapply_rotary
+from megatron.sepllm.separator_presets import resolve_separators
+
+IntOrList = Union[int, Sequence[int]]
+
+INVALID, INITIAL, SEPARATOR, LOCAL = 0, 1, 2, 3
+
+
+@dataclass
+class _StepPlan:
+    """What one layer does in the current step (computed by ``set_step_tokens``, applied by ``update``)."""
+
+    ids_app: torch.Tensor           # [B, L_old + q] ids after appending
+    kind_app: torch.Tensor          # [B, L_old + q]
+    gather_idx: Optional[torch.Tensor]   # [B, L_new] indices into the appended storage (None: no compression)
+    kind_new: torch.Tensor          # [B, L_new] kinds after compression (== kind_app when no compression)
+    ids_new: torch.Tensor
+    attend_compressed: bool         # decode: attend the compressed storage; multi-token: attend the appended one
+    attn_mask: Optional[torch.Tensor]    # bool [B, 1, q, K] for the keys attended (None: all visible, no mask)
+    step_positions: torch.Tensor    # [B, q] absolute positions the model rotates new keys/queries with
+    q_len: int
+
+
+class SepCacheLayer(CacheLayerMixin):
+    """One layer of :class:`SepCache`. Sizes are this layer's ``a, s, w, c``; the ids/kinds travel with the KV."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, init_cache_size: int, sep_cache_size: int, local_size: int, cache_size: int):
+        super().__init__()
+        self.init_cache_size, self.sep_cache_size = int(init_cache_size), int(sep_cache_size)
+        self.local_size, self.cache_size = int(local_size), int(cache_size)
+        self.ids: Optional[torch.Tensor] = None
+        self.kind: Optional[torch.Tensor] = None
+        self.plan: Optional[_StepPlan] = None
+        self.kept_total = 0      # sum over updates of valid kept tokens (all rows)
+        self.seen_total = 0      # sum over updates of valid seen tokens (all rows)
+        self.last_kept = 0
+        self.num_compressions = 0
+
+    # ----- CacheLayerMixin interface -----
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros((b, h, 0, d))
+        self.values = value_states.new_zeros((b, value_states.shape[1], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return 0 if self.kind is None else int(self.kind.shape[-1])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[B, L]`` bool: which stored slots hold a real token."""
+        return self.kind != INVALID
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("SepCacheLayer.update is driven by SepCache.update (it needs the step plan)")
+
+    def reset(self) -> None:
+        self.keys = self.values = self.ids = self.kind = None
+        self.plan = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("SepCache does not support beam search (rows hold different token sets)")
+
+
+class SepCache(Cache):
+    """SepLLM KV cache for any HF decoder whose attention goes through ``AttentionInterface`` (Llama, GPT-NeoX, ...).
+
+    Sizes (``init_cache_size``, ``sep_cache_size``, ``local_size``, ``cache_size``) are ints or per-layer lists of
+    length ``layer_num``. ``separator_token_ids`` / ``PADDING_ID`` default from ``model_type`` (llama, gpt_neox/pythia,
+    falcon) or a ``tokenizer``. ``PADDING_ID`` is only the filler id for finished rows in ``generate``: padding itself
+    is always read from the attention mask.
+
+    Use it through :func:`megatron.sepllm.generation.generate` or :func:`megatron.sepllm.generation.sepllm_forward`,
+    which call :meth:`set_step_tokens` before each forward and route attention through the per-layer masks.
+    """
+
+    def __init__(self, init_cache_size: IntOrList = 4, sep_cache_size: IntOrList = 64, local_size: IntOrList = 256,
+                 cache_size: IntOrList = 512, SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: bool = False,
+                 separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
+                 model_type: Optional[str] = None, tokenizer: Any = None, layer_num: Optional[int] = None,
+                 APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
+                 model: Any = None, **unsupported: Any):
+        if unsupported:
+            raise TypeError(f"SepCache got unsupported arguments {sorted(unsupported)}")
+        if model is not None:
+            layer_num = layer_num if layer_num is not None else _num_layers(model)
+            model_type = model_type if model_type is not None else getattr(model.config, "model_type", None)
+        sizes = {"init_cache_size": init_cache_size, "sep_cache_size": sep_cache_size,
+                 "local_size": local_size, "cache_size": cache_size}
+        if layer_num is None:
+            lens = {len(v) for v in sizes.values() if not isinstance(v, int)}
+            if len(lens) > 1:
+                raise ValueError(f"per-layer size lists have different lengths: {sizes}")
+            layer_num = lens.pop() if lens else None
+        if layer_num is None:
+            raise ValueError("SepCache needs layer_num (or a model, or per-layer size lists)")
+        per_layer = {k: _per_layer(k, v, layer_num) for k, v in sizes.items()}
+        if prefill_attention not in ("full", "sepllm"):
+            raise ValueError(f"prefill_attention must be 'full' or 'sepllm', got {prefill_attention!r}")
+        layers = []
+        for i in range(layer_num):
+            a, s, w, c = (per_layer[k][i] for k in ("init_cache_size", "sep_cache_size", "local_size", "cache_size"))
+            _check_sizes(i, a, s, w, c, exact_window)
+            layers.append(SepCacheLayer(a, s, w, c))
+        super().__init__(layers=layers)
+        self.separator_token_ids, self.PADDING_ID = resolve_separators(separator_token_ids, PADDING_ID, model_type,
+                                                                       tokenizer)
+        self.SEP_ACCUMULATION = bool(SEP_ACCUMULATION)
+        self.USE_MAX_SEP_CACHE = bool(USE_MAX_SEP_CACHE)
+        self.APPLY_PE_SHIFT = bool(APPLY_PE_SHIFT)
+        self.exact_window = bool(exact_window)
+        self.prefill_attention = prefill_attention
+        self.rope_fn: Optional[RopeFn] = None
+        self.valid_seen: Optional[torch.Tensor] = None   # [B] number of real tokens seen per row
+        self.tokens_seen = 0                             # number of token slots fed per row (padding included)
+        if model is not None:
+            self.bind_model(model)
+
+    # ----- configuration helpers -----
+    def bind_model(self, model: Any) -> "SepCache":
+        """Read the model's rotary settings (needed for ``APPLY_PE_SHIFT``) and check the layer count."""
+        n = _num_layers(model)
+        if n != len(self.layers):
+            raise ValueError(f"SepCache has {len(self.layers)} layers but the model has {n}")
+        if self.APPLY_PE_SHIFT and self.rope_fn is None:
+            self.rope_fn = rope_fn_from_model(model)
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.valid_seen is None else int(self.valid_seen.shape[0])
+
+    # ----- step planning -----
+    def set_step_tokens(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Declare the ids ``[B, q]`` (and their 0/1 padding mask ``[B, q]``) of the next forward; returns the
+        ``position_ids [B, q]`` to pass to the model (each row counts only its real tokens, like HF generate)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"set_step_tokens expects input_ids [B, q], got shape {tuple(input_ids.shape)}")
+        bsz, q = input_ids.shape
+        device = input_ids.device
+        new_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                     else attention_mask.to(device=device, dtype=torch.bool))
+        if new_valid.shape != input_ids.shape:
+            raise ValueError(f"attention_mask for the step must be [B, q] = {tuple(input_ids.shape)}, got "
+                             f"{tuple(new_valid.shape)} (pass only the new tokens' mask)")
+        if self.valid_seen is None:
+            self.valid_seen = torch.zeros(bsz, dtype=torch.long, device=device)
+        elif self.valid_seen.shape[0] != bsz:
+            raise ValueError(f"batch size changed from {self.valid_seen.shape[0]} to {bsz}; start a new SepCache")
+        if any(layer.plan is not None for layer in self.layers):
+            raise RuntimeError("set_step_tokens called twice without a forward pass in between")
+        # Padding may only lead a row: a pad after a real token would break the left-packed layout.
+        seen_before = self.valid_seen.unsqueeze(1) > 0
+        after_real = torch.cumsum(new_valid.to(torch.long), dim=-1) > 0
+        after_real = torch.cat([torch.zeros_like(after_real[:, :1]), after_real[:, :-1]], dim=-1) | seen_before
+        if bool((after_real & ~new_valid).any()):
+            raise ValueError("attention_mask has a 0 after a real token in some row: SepCache supports left padding "
+                             "only (pad the prompt on the left)")
+        count = self.valid_seen.unsqueeze(1) + torch.cumsum(new_valid.to(torch.long), dim=-1)   # [B, q]
+        positions = torch.where(new_valid, count - 1, torch.ones_like(count))                 # HF convention
+        sep_new = rules.separator_bitmap(input_ids, self.separator_token_ids)
+        for layer in self.layers:
+            kind_new_tok = torch.where(new_valid, torch.where(count <= layer.init_cache_size,
+                                                              torch.full_like(count, INITIAL),
+                                                              torch.full_like(count, LOCAL)),
+                                       torch.zeros_like(count)).to(torch.int8)
+            layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, sep_new, positions)
+        self.valid_seen = count[:, -1].clone()
+        self.tokens_seen += q
+        return positions
+
+    def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, sep_new: torch.Tensor,
+                    positions: torch.Tensor) -> _StepPlan:
+        bsz, q = ids.shape
+        if layer.ids is None:
+            ids_app, kind_app = ids, kind_tok
+        else:
+            ids_app, kind_app = torch.cat([layer.ids, ids], dim=-1), torch.cat([layer.kind, kind_tok], dim=-1)
+        l_app = ids_app.shape[-1]
+        n_local = (kind_app == LOCAL).sum(-1)
+        need = bool((n_local > layer.local_size).any()) if self.exact_window else l_app > layer.cache_size
+        gather_idx = None
+        kind_new, ids_new = kind_app, ids_app
+        if need:
+            gather_idx, kind_new = self._compress_indices(layer, ids_app, kind_app)
+            ids_new = ids_app.gather(1, gather_idx)
+        attend_compressed = q == 1
+        if attend_compressed:
+            valid_k = kind_new != INVALID
+            attn_mask = None if bool(valid_k.all()) else valid_k[:, None, None, :]
+        else:
+            valid_k = kind_app != INVALID
+            l_old = l_app - q
+            if self.prefill_attention == "sepllm":
+                global_keys = (kind_app == INITIAL) | (kind_app == SEPARATOR) | rules.separator_bitmap(
+                    ids_app, self.separator_token_ids)
+                allowed = rules.allowed_mask(global_keys, layer.local_size, q_offset=l_old, q_len=q,
+                                             key_valid=valid_k)
+            else:
+                causal = rules.causal_band(q, l_app, device=ids.device, q_offset=l_old)
+                allowed = causal.unsqueeze(0) & valid_k.unsqueeze(1)
+            # a fully padded query row would have no key: let it see itself (its output is never used)
+            diag = torch.zeros_like(allowed)
+            diag[:, torch.arange(q), l_old + torch.arange(q)] = True
+            allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
+            attn_mask = allowed.unsqueeze(1)
+        return _StepPlan(ids_app=ids_app, kind_app=kind_app, gather_idx=gather_idx, kind_new=kind_new,
+                         ids_new=ids_new, attend_compressed=attend_compressed, attn_mask=attn_mask,
+                         step_positions=positions, q_len=q)
+
+    def _compress_indices(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row keep decision (initial -> separators -> last ``w`` local), packed right, left-filled invalid."""
+        w, s = layer.local_size, layer.sep_cache_size
+        is_local = kind == LOCAL
+        local_rank = is_local.flip(-1).to(torch.long).cumsum(-1).flip(-1)      # 1 = most recent local slot
+        in_window = is_local & (local_rank <= w)
+        leaving = is_local & ~in_window
+        new_seps = leaving & rules.separator_bitmap(ids, self.separator_token_ids)
+        candidates = new_seps | (kind == SEPARATOR) if self.SEP_ACCUMULATION else new_seps
+        if self.USE_MAX_SEP_CACHE:
+            sep_rank = candidates.flip(-1).to(torch.long).cumsum(-1).flip(-1)   # keep the most recent s
+            keep_sep = candidates & (sep_rank <= s)
+        else:
+            keep_sep = candidates
+            most = int(candidates.sum(-1).max())
+            if most > s:   # reference behaviour: the separator budget and the cache budget grow by the excess
+                layer.cache_size += most - s
+                layer.sep_cache_size = most
+        keep = (kind == INITIAL) | keep_sep | in_window
+        new_kind = torch.where(kind == INITIAL, kind, torch.where(
+            keep_sep, torch.full_like(kind, SEPARATOR), torch.where(in_window, kind, torch.zeros_like(kind))))
+        n_keep = keep.sum(-1)
+        l_new = int(n_keep.max())
+        dest = (l_new - n_keep).unsqueeze(1) + keep.to(torch.long).cumsum(-1) - 1
+        rows, cols = keep.nonzero(as_tuple=True)
+        idx = torch.zeros(kind.shape[0], l_new, dtype=torch.long, device=kind.device)
+        idx[rows, dest[rows, cols]] = cols
+        slot = torch.arange(l_new, device=kind.device).unsqueeze(0)
+        valid_new = slot >= (l_new - n_keep).unsqueeze(1)
+        kind_out = torch.where(valid_new, new_kind.gather(1, idx), torch.zeros_like(idx, dtype=kind.dtype))
+        layer.num_compressions += 1
+        return idx, kind_out
+
+    # ----- the Cache API -----
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the step's KV, compress per the plan, return the keys/values this step attends."""
+        layer = self.layers[layer_idx]
+        plan = layer.plan
+        if plan is None:
+            raise RuntimeError("SepCache.update called without set_step_tokens(ids, attention_mask) for this step; "
+                               "use megatron.sepllm.generate / sepllm_forward, which do it for you")
+        if key_states.shape[-2] != plan.q_len:
+            raise ValueError(f"layer {layer_idx}: got {key_states.shape[-2]} new keys but set_step_tokens declared "
+                             f"{plan.q_len} tokens")
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if self.APPLY_PE_SHIFT:
+            if self.rope_fn is None:
+                raise RuntimeError("APPLY_PE_SHIFT=True needs the model's rotary settings: call cache.bind_model(model)")
+            cos, sin = self.rope_fn(key_states, plan.step_positions)
+            key_states = unapply_rotary(key_states, cos, sin)     # stored without positional encoding
+        keys_app = torch.cat([layer.keys, key_states], dim=-2)
+        values_app = torch.cat([layer.values, value_states], dim=-2)
+        if plan.gather_idx is not None:
+            idx = plan.gather_idx[:, None, :, None]
+            layer.keys = keys_app.gather(2, idx.expand(-1, keys_app.shape[1], -1, keys_app.shape[-1]))
+            layer.values = values_app.gather(2, idx.expand(-1, values_app.shape[1], -1, values_app.shape[-1]))
+        else:
+            layer.keys, layer.values = keys_app, values_app
+        layer.ids, layer.kind = plan.ids_new, plan.kind_new
+        if plan.attend_compressed:
+            k_att, v_att, kind_att = layer.keys, layer.values, plan.kind_new
+        else:
+            k_att, v_att, kind_att = keys_app, values_app, plan.kind_app
+        layer.last_kept = int((layer.kind != INVALID).sum())
+        layer.kept_total += layer.last_kept
+        layer.seen_total += int(self.valid_seen.sum())
+        if self.APPLY_PE_SHIFT:
+            valid_att = kind_att != INVALID
+            pos = cache_positions(valid_att)
+            cos, sin = self.rope_fn(k_att, pos)
+            k_att = apply_rotary(k_att, cos, sin)
+            layer.query_shift = (plan.step_positions, pos[:, -plan.q_len:])
+        return k_att, v_att
+
+    def shift_query(self, layer_idx: int, query_states: torch.Tensor) -> torch.Tensor:
+        """Re-rotate the step's queries from their absolute positions to their index in the cache (PE shift)."""
+        src, dst = self.layers[layer_idx].query_shift
+        cos_s, sin_s = self.rope_fn(query_states, src)
+        cos_d, sin_d = self.rope_fn(query_states, dst)
+        return apply_rotary(unapply_rotary(query_states, cos_s, sin_s), cos_d, sin_d)
+
+    def step_attention_mask(self, layer_idx: int) -> Optional[torch.Tensor]:
+        """Bool ``[B, 1, q, K]`` mask for the keys ``update`` returned this step (None = attend all)."""
+        plan = self.layers[layer_idx].plan
+        if plan is None:
+            raise RuntimeError(f"no step planned for layer {layer_idx}")
+        return plan.attn_mask
+
+    def finish_step(self) -> None:
+        """Drop the per-step plans (called after the forward)."""
+        for layer in self.layers:
+            layer.plan = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length()
+
+    def retention(self) -> dict:
+        """KV retention of spec §3.4, summed over layers and rows.
+
+        ``time_averaged_kept_over_seen``: sum over every update of (real tokens kept after the update) divided by the
+        sum of (real tokens seen so far) — the reference SepCache statistic. ``current_kept_over_seen``: the same for
+        the latest update only. Padding is never counted (neither kept nor seen).
+        """
+        kept = sum(layer.kept_total for layer in self.layers)
+        seen = sum(layer.seen_total for layer in self.layers)
+        last_kept = sum(layer.last_kept for layer in self.layers)
+        last_seen = len(self.layers) * (0 if self.valid_seen is None else int(self.valid_seen.sum()))
+        return {
+            "time_averaged_kept_over_seen": kept / seen if seen else 0.0,
+            "current_kept_over_seen": last_kept / last_seen if last_seen else 0.0,
+            "kept_tokens_per_layer": [layer.last_kept for layer in self.layers],
+            "seen_tokens_per_row": [] if self.valid_seen is None else self.valid_seen.tolist(),
+            "compressions_per_layer": [layer.num_compressions for layer in self.layers],
+        }
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the cached keys/values (the memory that SepLLM bounds)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values)
+                   if t is not None)
+
+    def layer_contents(self, layer_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [B, L], kind [B, L])`` of one layer: 0 invalid, 1 initial, 2 separator, 3 local."""
+        layer = self.layers[layer_idx]
+        return layer.ids, layer.kind
+
+
+def _num_layers(model: Any) -> int:
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(cfg.num_hidden_layers)
+
+
+def _per_layer(name: str, value: IntOrList, layer_num: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * layer_num
+    values = [int(v) for v in value]
+    if len(values) != layer_num:
+        raise ValueError(f"{name} has {len(values)} entries but the model has {layer_num} layers")
+    return values
+
+
+def _check_sizes(layer: int, a: int, s: int, w: int, c: int, exact_window: bool) -> None:
+    if a < 0 or s < 0 or w < 1:
+        raise ValueError(f"layer {layer}: need init_cache_size >= 0, sep_cache_size >= 0, local_size >= 1; "
+                         f"got a={a}, s={s}, w={w}")
+    if exact_window:
+        if a + s + w > c:
+            raise ValueError(f"layer {layer}: cache_size={c} must be >= init+sep+local = {a + s + w}")
+    elif a + s + w >= c:
+        raise ValueError(f"layer {layer}: cache_size={c} must be > init_cache_size + sep_cache_size + local_size = "
+                         f"{a}+{s}+{w}={a + s + w} (otherwise the cache would compress on every token)")

@@ -1,0 +1,181 @@
+"""SepLLM generation with :class:`~megatron.sepllm.cache.SepCache` for Hugging Face decoders (transformers 5.x).
+
+``model.generate(**inputs, custom_generate=megatron.sepllm.generate, init_cache_size=4, sep_cache_size=128,
+local_size=256, cache_size=512, USE_MAX_SEP_CACHE=True, separator_token_ids=[...], PADDING_ID=..., ...)``
+dispatches here (transformers passes the arguments of this function's signature that ``_sample`` lacks, plus the
+prepared logits processors / stopping criteria / generation config). The returned ``past_key_values`` is the
+SepCache.
+
+How the pieces meet, without editing transformers:
+
+* ids reach the cache through :meth:`SepCache.set_step_tokens` before each forward (:func:`sepllm_forward`);
+* attention runs through an attention function registered with transformers' ``AttentionInterface`` under the name
+  ``"sepllm_sdpa"``; the model is switched to it for the duration of the call (:func:`sepllm_attention`) and it
+  reads each layer's mask (and, with ``APPLY_PE_SHIFT``, re-rotates the query) from the cache passed as the per-call
+  kwarg ``sepllm_cache``. Layers with different sizes therefore get their own masks;
+* position ids are computed by the cache from the real (unpadded) token count of each row, like HF's generate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from transformers import AttentionInterface
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from megatron.sepllm.cache import SepCache
+
+ATTN_NAME = "sepllm_sdpa"
+
+
+def _sepllm_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                           scaling: Optional[float] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA over the keys the SepCache returned, with the cache's per-layer mask (the model's mask is ignored)."""
+    cache = kwargs.pop("sepllm_cache", None)
+    if cache is None:
+        raise RuntimeError(f"attention implementation {ATTN_NAME!r} needs the per-call kwarg sepllm_cache=<SepCache>; "
+                           "call the model through megatron.sepllm.generation.sepllm_forward")
+    layer_idx = module.layer_idx
+    mask = cache.step_attention_mask(layer_idx)
+    if cache.APPLY_PE_SHIFT:
+        query = cache.shift_query(layer_idx, query)
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                  is_causal=False if mask is not None or query.shape[2] == 1 else None, **kwargs)
+
+
+def register_sepllm_attention() -> str:
+    """Register the SepLLM attention function (idempotent) and return its implementation name."""
+    AttentionInterface.register(ATTN_NAME, _sepllm_sdpa_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME
+
+
+@contextlib.contextmanager
+def sepllm_attention(model: Any) -> Iterator[Any]:
+    """Temporarily route the model's attention through the SepCache-aware SDPA function; restores it on exit."""
+    name = register_sepllm_attention()
+    previous = model.config._attn_implementation
+    if previous == name:
+        yield model
+        return
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"{type(model).__name__} does not support switching its attention implementation "
+                           "(it must use transformers' AttentionInterface); SepCache cannot drive it")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def sepllm_forward(model: Any, cache: SepCache, input_ids: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor] = None, **model_kwargs: Any) -> Any:
+    """One forward step of ``input_ids [B, q]`` (``attention_mask [B, q]``: 0/1 for these tokens only) through
+    ``model`` with ``cache``; returns the model output. Fast path for streaming: no generate overhead."""
+    positions = cache.set_step_tokens(input_ids, attention_mask)
+    bsz, q = input_ids.shape
+    # A ready 4-D mask makes transformers skip its own mask construction; the attention function uses the cache's.
+    placeholder = torch.ones(bsz, 1, q, 1, dtype=torch.bool, device=input_ids.device)
+    ctx = contextlib.nullcontext() if model.config._attn_implementation == ATTN_NAME else sepllm_attention(model)
+    try:
+        with ctx:
+            return model(input_ids=input_ids, attention_mask=placeholder, position_ids=positions,
+                         past_key_values=cache, use_cache=True, sepllm_cache=cache, **model_kwargs)
+    finally:
+        cache.finish_step()
+
+
+def build_sep_cache(model: Any, init_cache_size: Union[int, Sequence[int]] = 4,
+                    sep_cache_size: Union[int, Sequence[int]] = 64, local_size: Union[int, Sequence[int]] = 256,
+                    cache_size: Union[int, Sequence[int]] = 512, **kwargs: Any) -> SepCache:
+    """A SepCache sized for ``model`` (layer count, model_type presets, rotary settings)."""
+    return SepCache(init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
+                    cache_size=cache_size, model=model, **kwargs)
+
+
+@torch.no_grad()
+def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = None, stopping_criteria: Any = None,
+             generation_config: Any = None, synced_gpus: bool = False, streamer: Any = None,
+             init_cache_size: Union[int, Sequence[int]] = 4, sep_cache_size: Union[int, Sequence[int]] = 64,
+             local_size: Union[int, Sequence[int]] = 256, cache_size: Union[int, Sequence[int]] = 512,
+             SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: bool = False,
+             separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
+             APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
+             **model_kwargs: Any) -> Union[GenerateDecoderOnlyOutput, torch.LongTensor]:
+    """Greedy or sampled decoding with a SepCache (the ``custom_generate`` callable).
+
+    Honours ``do_sample``/``temperature``/``top_k``/``top_p`` (through the logits processors transformers prepared),
+    ``eos_token_id`` and ``max_new_tokens`` (stopping criteria), left-padded batches (``attention_mask``), streamers,
+    ``output_scores``/``output_logits`` and ``return_dict_in_generate``. A ``past_key_values`` that is already a
+    SepCache is used as is; any other cache transformers prepared is ignored. Beam search and assistant models are not
+    supported (rows of a SepCache hold different token sets).
+    """
+    if generation_config is None or logits_processor is None or stopping_criteria is None:
+        raise TypeError("megatron.sepllm.generate is a transformers custom_generate callable: call "
+                        "model.generate(..., custom_generate=megatron.sepllm.generate)")
+    if generation_config.num_beams not in (None, 1):
+        raise ValueError(f"SepCache generation supports num_beams=1 only, got {generation_config.num_beams}")
+    if synced_gpus:
+        raise ValueError("SepCache generation does not support synced_gpus")
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    cache = model_kwargs.pop("past_key_values", None)
+    for key in ("position_ids", "use_cache", "logits_to_keep", "cache_position"):
+        model_kwargs.pop(key, None)
+    if model_kwargs:
+        raise TypeError(f"SepCache generation got unsupported model kwargs {sorted(model_kwargs)}")
+    if not isinstance(cache, SepCache):
+        cache = SepCache(init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
+                         cache_size=cache_size, SEP_ACCUMULATION=SEP_ACCUMULATION,
+                         USE_MAX_SEP_CACHE=USE_MAX_SEP_CACHE, separator_token_ids=separator_token_ids,
+                         PADDING_ID=PADDING_ID, APPLY_PE_SHIFT=APPLY_PE_SHIFT, exact_window=exact_window,
+                         prefill_attention=prefill_attention, model=model)
+    else:
+        cache.bind_model(model)
+
+    cfg = generation_config
+    pad_token_id = cfg._pad_token_tensor
+    if pad_token_id is None and cache.PADDING_ID is not None:
+        pad_token_id = torch.tensor(cache.PADDING_ID, device=input_ids.device)
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    if has_eos and pad_token_id is None:
+        raise ValueError("eos stopping needs a pad_token_id (or PADDING_ID) to fill finished rows")
+    scores = () if (cfg.return_dict_in_generate and cfg.output_scores) else None
+    raw_logits = () if (cfg.return_dict_in_generate and cfg.output_logits) else None
+    bsz = input_ids.shape[0]
+    unfinished = torch.ones(bsz, dtype=torch.long, device=input_ids.device)
+    prompt_mask = attention_mask if attention_mask is not None else None
+
+    with sepllm_attention(model):
+        out = sepllm_forward(model, cache, input_ids, prompt_mask, logits_to_keep=1)
+        while True:
+            next_logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+            next_scores = logits_processor(input_ids, next_logits)
+            if scores is not None:
+                scores += (next_scores,)
+            if raw_logits is not None:
+                raw_logits += (next_logits,)
+            if cfg.do_sample:
+                next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = torch.argmax(next_scores, dim=-1)
+            if has_eos:
+                next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+            if int(unfinished.max()) == 0:
+                break
+            out = sepllm_forward(model, cache, next_tokens[:, None], None, logits_to_keep=1)
+    if streamer is not None:
+        streamer.end()
+    if cfg.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits,
+                                         attentions=None, hidden_states=None, past_key_values=cache)
+    return input_ids
