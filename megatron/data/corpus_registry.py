@@ -60,7 +60,7 @@ def get_corpus(name: str, registry: dict[str, Corpus] | None = None) -> Corpus:
     return reg[name]
 
 
-def _download(url: str, dest: Path, timeout: float) -> None:
+def _download(url: str, dest: Path, timeout: float, hint: str) -> None:
     tmp = dest.with_name(dest.name + f".part-{os.getpid()}")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
@@ -70,8 +70,7 @@ def _download(url: str, dest: Path, timeout: float) -> None:
             tmp.unlink()
         reason = getattr(exc, "reason", exc)
         raise CorpusError(
-            f"could not download {url}: {reason}; without network access, download it by hand into "
-            f"{dest.parent} or tokenize local files with --input"
+            f"could not download {url}: {reason}; without network access, {hint} or tokenize local files with --input"
         ) from exc
     os.replace(tmp, dest)
 
@@ -105,18 +104,17 @@ def fetch_corpus(
     assert corpus.url is not None
     folder = Path(data_dir) / name / "raw"
     target = folder / corpus.member if corpus.member else folder
-    done = folder / ".complete"
-    if done.exists() and target.exists() and not force:
+    if target.exists() and not force:
         return target
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     archive = folder / Path(urllib.request.url2pathname(corpus.url.rsplit("/", 1)[-1]) or "download").name
-    _download(corpus.url, archive, timeout)
+    hint = f"put the extracted {corpus.member or 'files'} into {folder} by hand"
+    _download(corpus.url, archive, timeout, hint)
     if zipfile.is_zipfile(archive) or tarfile.is_tarfile(archive):
         _extract(archive, folder)
         archive.unlink()
     if not target.exists():
         raise CorpusError(f"downloaded {corpus.url} but {target} is not in it")
-    done.touch()
     return target

@@ -328,3 +328,15 @@ class MMapIndexedDataset:
 def dataset_exists(prefix: str | os.PathLike) -> bool:
     p = normalize_prefix(prefix)
     return os.path.isfile(index_file_path(p)) and os.path.isfile(data_file_path(p))
+
+
+def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike) -> MMapIndexedDataset:
+    """Concatenate datasets (same dtype) into ``output_prefix``; documents keep their order and boundaries."""
+    if not prefixes:
+        raise IndexedDatasetError("merge: no input datasets given")
+    first = MMapIndexedDataset(prefixes[0])
+    with MMapIndexedDatasetBuilder(output_prefix, first.dtype) as builder:
+        for p in prefixes:
+            builder.merge_file(p)
+        builder.finalize()
+    return MMapIndexedDataset(output_prefix)

@@ -23,7 +23,7 @@ def _require_file(path: str | None, key: str, what: str) -> Path:
         raise TokenizerError(f"{what} needs a file: set `{key}` (got none)")
     p = Path(path)
     if not p.is_file():
-        raise TokenizerError(f"{key} file not found: {path} (expected {what})")
+        raise TokenizerError(f"{key}: file not found: {path} (expected {what})")
     return p
 
 

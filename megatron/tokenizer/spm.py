@@ -18,7 +18,7 @@ class SPMTokenizer(Tokenizer):
             raise TokenizerError("SPMTokenizer needs a file: set `vocab-file` to a SentencePiece .model (got none)")
         path = Path(vocab_file)
         if not path.is_file():
-            raise TokenizerError(f"vocab-file file not found: {vocab_file} (expected a SentencePiece .model file)")
+            raise TokenizerError(f"vocab-file: file not found: {vocab_file} (expected a SentencePiece .model file)")
         self._proto = path.read_bytes()
         self._source = str(path)
         self._load()

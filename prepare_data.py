@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Tokenize a named corpus or local text/JSONL files into Megatron .bin/.idx files (GPT-NeoX compatible CLI).
+
+Examples:
+  python prepare_data.py pg19_sample -t HFTokenizer -v ../shared/tokenizers/20B_tokenizer.json
+  python prepare_data.py mybooks --input books/ -t HFTokenizer -v 20B_tokenizer.json --workers 2
+  python prepare_data.py web --input a.jsonl,b.jsonl --jsonl-keys text -t GPT2BPETokenizer -v vocab.json -m merges.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from megatron.data.cli_utils import run_cli
+from megatron.data.corpus_registry import CORPORA, fetch_corpus, get_corpus
+from megatron.data.preprocess import tokenize_to_indexed
+from megatron.tokenizer import TOKENIZER_TYPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    corpora = "; ".join(f"{c.name}: {c.description}" for c in CORPORA.values())
+    p = argparse.ArgumentParser(
+        prog="prepare_data.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default="pg19_sample",
+        help=f"named corpus to fetch and tokenize ({corpora}); with --input, just the output name "
+        "(default: pg19_sample)",
+    )
+    p.add_argument("-t", "--tokenizer", default="HFTokenizer", choices=TOKENIZER_TYPES, metavar="TYPE",
+                   help=f"tokenizer type, one of {', '.join(TOKENIZER_TYPES)} (default: HFTokenizer)")
+    p.add_argument("-d", "--data-dir", default="./data",
+                   help="folder for downloads and outputs; output goes to DATA_DIR/<dataset>/ (default: ./data)")
+    p.add_argument("-v", "--vocab-file", default=None,
+                   help="tokenizer file: tokenizer.json (HF), vocab.json or tokenizer.json (GPT-2), .model (SPM)")
+    p.add_argument("-m", "--merge-file", default=None, help="GPT-2 merges.txt (only with a GPT-2 vocab.json)")
+    p.add_argument("-f", "--force-redownload", action="store_true",
+                   help="download a remote corpus again even if it is already in DATA_DIR")
+    p.add_argument("--input", default=None,
+                   help="tokenize local data instead of a named corpus: a text file, a folder of .txt/.jsonl, a "
+                   "JSONL file, or a comma-separated list of those; one document per file / JSONL record")
+    p.add_argument("--jsonl-keys", nargs="+", default=["text"],
+                   help="JSONL keys to tokenize, one output per key (default: text)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    p.add_argument("--output-prefix", default=None,
+                   help="output path prefix; files are <prefix>_<key>_document.{bin,idx} "
+                   "(default: DATA_DIR/<dataset>/<dataset>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.dataset
+    if args.input is not None:
+        source: str = args.input
+    else:
+        get_corpus(name)
+        source = os.fspath(fetch_corpus(name, args.data_dir, force=args.force_redownload))
+    prefix = args.output_prefix or os.path.join(args.data_dir, name, name)
+    results = tokenize_to_indexed(
+        source,
+        prefix,
+        tokenizer_type=args.tokenizer,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        jsonl_keys=args.jsonl_keys,
+        append_eod=True,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    for r in results:
+        print(
+            f"wrote {r.prefix}.bin/.idx: {r.documents} documents, {r.tokens} tokens, "
+            f"{r.input_bytes / 1e6:.2f} MB in {r.seconds:.2f} s ({r.mb_per_s:.2f} MB/s)"
+            + (f", {r.skipped_empty} empty documents skipped" if r.skipped_empty else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, "prepare_data.py"))
