@@ -56,6 +56,7 @@ class _StepPlan:
     gather_idx: Optional[torch.Tensor]   # [B, L_new] indices into the appended storage (None: no compression)
     kind_new: torch.Tensor          # [B, L_new] kinds after compression (== kind_app when no compression)
     ids_new: torch.Tensor
+    pos_new: torch.Tensor           # [B, L_new] token index of each slot in its row (-1 = invalid)
     attend_compressed: bool         # decode: attend the compressed storage; multi-token: attend the appended one
     attn_mask: Optional[torch.Tensor]    # bool [B, 1, q, K] for the keys attended (None: all visible, no mask)
     step_positions: torch.Tensor    # [B, q] absolute positions the model rotates new keys/queries with
@@ -75,6 +76,7 @@ class SepCacheLayer(CacheLayerMixin):
         self.local_size, self.cache_size = int(local_size), int(cache_size)
         self.ids: Optional[torch.Tensor] = None
         self.kind: Optional[torch.Tensor] = None
+        self.pos: Optional[torch.Tensor] = None
         self.plan: Optional[_StepPlan] = None
         self.kept_total = 0      # sum over updates of valid kept tokens (all rows)
         self.seen_total = 0      # sum over updates of valid seen tokens (all rows)
@@ -108,7 +110,7 @@ class SepCacheLayer(CacheLayerMixin):
         raise RuntimeError("SepCacheLayer.update is driven by SepCache.update (it needs the step plan)")
 
     def reset(self) -> None:
-        self.keys = self.values = self.ids = self.kind = None
+        self.keys = self.values = self.ids = self.kind = self.pos = None
         self.plan = None
         self.is_initialized = False
 
@@ -213,31 +215,34 @@ class SepCache(Cache):
         count = self.valid_seen.unsqueeze(1) + torch.cumsum(new_valid.to(torch.long), dim=-1)   # [B, q]
         positions = torch.where(new_valid, count - 1, torch.ones_like(count))                 # HF convention
         sep_new = rules.separator_bitmap(input_ids, self.separator_token_ids)
+        token_index = torch.where(new_valid, count - 1, torch.full_like(count, -1))
         for layer in self.layers:
             kind_new_tok = torch.where(new_valid, torch.where(count <= layer.init_cache_size,
                                                               torch.full_like(count, INITIAL),
                                                               torch.full_like(count, LOCAL)),
                                        torch.zeros_like(count)).to(torch.int8)
-            layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, sep_new, positions)
+            layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, sep_new, positions, token_index)
         self.valid_seen = count[:, -1].clone()
         self.tokens_seen += q
         return positions
 
     def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, sep_new: torch.Tensor,
-                    positions: torch.Tensor) -> _StepPlan:
+                    positions: torch.Tensor, token_index: torch.Tensor) -> _StepPlan:
         bsz, q = ids.shape
         if layer.ids is None:
-            ids_app, kind_app = ids, kind_tok
+            ids_app, kind_app, pos_app = ids, kind_tok, token_index
         else:
             ids_app, kind_app = torch.cat([layer.ids, ids], dim=-1), torch.cat([layer.kind, kind_tok], dim=-1)
+            pos_app = torch.cat([layer.pos, token_index], dim=-1)
         l_app = ids_app.shape[-1]
         n_local = (kind_app == LOCAL).sum(-1)
         need = bool((n_local > layer.local_size).any()) if self.exact_window else l_app > layer.cache_size
         gather_idx = None
-        kind_new, ids_new = kind_app, ids_app
+        kind_new, ids_new, pos_new = kind_app, ids_app, pos_app
         if need:
             gather_idx, kind_new = self._compress_indices(layer, ids_app, kind_app)
             ids_new = ids_app.gather(1, gather_idx)
+            pos_new = torch.where(kind_new != INVALID, pos_app.gather(1, gather_idx), torch.full_like(gather_idx, -1))
         attend_compressed = q == 1
         if attend_compressed:
             valid_k = kind_new != INVALID
@@ -259,7 +264,7 @@ class SepCache(Cache):
             allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
             attn_mask = allowed.unsqueeze(1)
         return _StepPlan(ids_app=ids_app, kind_app=kind_app, gather_idx=gather_idx, kind_new=kind_new,
-                         ids_new=ids_new, attend_compressed=attend_compressed, attn_mask=attn_mask,
+                         ids_new=ids_new, pos_new=pos_new, attend_compressed=attend_compressed, attn_mask=attn_mask,
                          step_positions=positions, q_len=q)
 
     def _compress_indices(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor
@@ -323,7 +328,7 @@ class SepCache(Cache):
             layer.values = values_app.gather(2, idx.expand(-1, values_app.shape[1], -1, values_app.shape[-1]))
         else:
             layer.keys, layer.values = keys_app, values_app
-        layer.ids, layer.kind = plan.ids_new, plan.kind_new
+        layer.ids, layer.kind, layer.pos = plan.ids_new, plan.kind_new, plan.pos_new
         if plan.attend_compressed:
             k_att, v_att, kind_att = layer.keys, layer.values, plan.kind_new
         else:
@@ -385,10 +390,11 @@ class SepCache(Cache):
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values)
                    if t is not None)
 
-    def layer_contents(self, layer_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids [B, L], kind [B, L])`` of one layer: 0 invalid, 1 initial, 2 separator, 3 local."""
+    def layer_contents(self, layer_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids, kind, token_index)`` of one layer, each ``[B, L]``: kind 0 invalid, 1 initial, 2 separator,
+        3 local; ``token_index`` is the slot's index among its row's real tokens (-1 for invalid slots)."""
         layer = self.layers[layer_idx]
-        return layer.ids, layer.kind
+        return layer.ids, layer.kind, layer.pos
 
 
 def _num_layers(model: Any) -> int:

@@ -1,0 +1,337 @@
+"""SepCache + SepLLM generate on tiny random HF models: exactness against a full-history masked reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import megatron.sepllm as sepllm  # noqa: E402
+from megatron.sepllm import rules  # noqa: E402
+from megatron.sepllm.cache import SepCache  # noqa: E402
+from megatron.sepllm.generation import sepllm_forward  # noqa: E402
+
+VOCAB = 48
+SEPS = [3, 4, 5, 6, 7, 8, 9, 10]          # 1/6 of the vocab: separators show up often
+A, S, W, C = 2, 8, 8, 24
+NEW_TOKENS = 40
+
+
+def tiny_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          rope_theta=5000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = GPTNeoXForCausalLM(cfg)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def prompts(batch: int, seed: int = 1):
+    """Left-padded prompts of different lengths, rich in separators."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [30, 17, 23][:batch]
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        row = torch.randint(11, VOCAB, (n,), generator=g)
+        row[torch.randint(0, n, (n // 3,), generator=g)] = torch.tensor(SEPS)[torch.randint(0, len(SEPS), (n // 3,),
+                                                                                                generator=g)]
+        ids[b, width - n:] = row
+        mask[b, width - n:] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References: which history positions a decode query may see, computed independently of SepCache
+# ---------------------------------------------------------------------------------------------------------------
+def exact_window_keep(hist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The trained SepLLM decode rule over the whole history (rules.decode_keep_mask) with the cache's separator cap:
+    initial = first A real tokens, separators = the S most recent ones outside the window."""
+    bsz, length = hist.shape
+    pad = rules.left_pad_counts(valid)
+    init = rules.initial_bitmap(bsz, length, A, pad)
+    window = rules.decode_keep_mask(torch.zeros_like(init), W, key_valid=valid)
+    cand = rules.separator_bitmap(hist, SEPS) & ~init & ~window & valid.bool()
+    rank = cand.flip(-1).long().cumsum(-1).flip(-1)
+    global_keys = init | (cand & (rank <= S))
+    return rules.decode_keep_mask(global_keys, W, key_valid=valid)
+
+
+class AmortizedSimulator:
+    """Plain-list re-statement of the reference SepCache schedule (spec §3.4 / A.5, per row, USE_MAX_SEP_CACHE):
+    compress when the stored length exceeds C; keep initial ++ most recent S separators that left the window ++
+    last W tokens."""
+
+    def __init__(self, valid_prompt: torch.Tensor):
+        self.rows = []     # per row: list of (token_index, kind) with kind in {"pad", "init", "sep", "local"}
+        self.count = []
+        for row in valid_prompt.tolist():
+            entries, n = [], 0
+            for v in row:
+                if v:
+                    entries.append((n, "init" if n < A else "local"))
+                    n += 1
+                else:
+                    entries.append((-1, "pad"))
+            self.rows.append(entries)
+            self.count.append(n)
+
+    def append(self, hist_ids: torch.Tensor) -> None:
+        for b, entries in enumerate(self.rows):
+            n = self.count[b]
+            entries.append((n, "init" if n < A else "local"))
+            self.count[b] = n + 1
+
+    def maybe_compress(self, hist_ids: torch.Tensor) -> None:
+        if max(len(r) for r in self.rows) <= C:
+            return
+        for b, entries in enumerate(self.rows):
+            init = [e for e in entries if e[1] == "init"]
+            old = [e for e in entries if e[1] == "sep"]
+            local = [e for e in entries if e[1] == "local"]
+            leaving, window = local[:-W], local[-W:]
+            new = [(i, "sep") for i, _ in leaving if int(hist_ids[b, i]) in SEPS]
+            seps = (old + new)[-S:]
+            self.rows[b] = init + seps + window
+
+    def keep(self, hist_tok_index_to_slot: list[list[int]], length: int) -> torch.Tensor:
+        out = torch.zeros(len(self.rows), length, dtype=torch.bool)
+        for b, entries in enumerate(self.rows):
+            for i, kind in entries:
+                if kind != "pad":
+                    out[b, hist_tok_index_to_slot[b][i]] = True
+        return out
+
+
+def reference_generate(model, ids, mask, mode: str, steps: int):
+    """Greedy decoding with a full DynamicCache and an explicit 4-D mask per step; returns tokens, per-step logits
+    and the per-step kept sets (as token indices per row)."""
+    bsz, width = ids.shape
+    valid = mask.bool()
+    hist = ids.clone()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    causal = rules.causal_band(width, width).unsqueeze(0) & valid.unsqueeze(1)
+    causal = causal | torch.eye(width, dtype=torch.bool).unsqueeze(0)       # fully padded rows see themselves
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=_float_mask(causal), position_ids=positions, past_key_values=cache,
+                use_cache=True)
+    sim = AmortizedSimulator(valid) if mode == "amortized" else None
+    if sim is not None:
+        sim.maybe_compress(_token_indexed(hist, valid))
+    logits, kept_sets = [], []
+    count = mask.sum(-1)
+    for step in range(steps):
+        step_logits = out.logits[:, -1].float()
+        logits.append(step_logits)
+        nxt = step_logits.argmax(-1)
+        if step == steps - 1:
+            break
+        hist = torch.cat([hist, nxt[:, None]], dim=-1)
+        valid = torch.cat([valid, torch.ones(bsz, 1, dtype=torch.bool)], dim=-1)
+        if sim is None:
+            keep = exact_window_keep(hist, valid)
+        else:
+            sim.append(hist)
+            sim.maybe_compress(_token_indexed(hist, valid))
+            slot_of = [torch.nonzero(v).flatten().tolist() for v in valid]
+            keep = sim.keep(slot_of, hist.shape[1])
+        kept_sets.append([torch.nonzero(keep[b] & valid[b]).flatten() - (~valid[b]).sum() for b in range(bsz)])
+        out = model(input_ids=nxt[:, None], attention_mask=_float_mask(keep[:, None, :]),
+                    position_ids=count[:, None].clone(), past_key_values=cache, use_cache=True)
+        count = count + 1
+    return hist[:, width:], torch.stack(logits, 1), kept_sets
+
+
+def _token_indexed(hist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` ids indexed by each row's real-token index (padding removed, right-filled with 0)."""
+    rows = [row[v].tolist() for row, v in zip(hist, valid)]
+    return torch.tensor([r + [0] * (hist.shape[1] - len(r)) for r in rows])
+
+
+def _float_mask(allowed: torch.Tensor) -> torch.Tensor:
+    m = torch.zeros(allowed.shape, dtype=torch.float32)
+    return m.masked_fill(~allowed, torch.finfo(torch.float32).min).unsqueeze(1)
+
+
+def sepcache_decode(model, ids, mask, mode: str, steps: int):
+    """Greedy decoding through sepllm_forward (same loop as generate), checking the cache invariants every step."""
+    cache = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, USE_MAX_SEP_CACHE=True,
+                     separator_token_ids=SEPS, PADDING_ID=0, exact_window=(mode == "exact"), model=model)
+    out = sepllm_forward(model, cache, ids, mask)
+    logits, kept_sets, promoted = [], [], 0
+    for step in range(steps):
+        logits.append(out.logits[:, -1].float())
+        nxt = out.logits[:, -1].argmax(-1)
+        if step == steps - 1:
+            break
+        out = sepllm_forward(model, cache, nxt[:, None])
+        for layer_idx in range(len(cache.layers)):
+            ids_c, kind, pos = cache.layer_contents(layer_idx)
+            assert ids_c.shape[1] <= C, "stored cache exceeds cache_size"
+            for b in range(ids.shape[0]):
+                k = kind[b][kind[b] > 0]
+                assert torch.all(k[1:] >= k[:-1]), f"order initial->separators->local violated: {k.tolist()}"
+                p = pos[b][kind[b] > 0]
+                assert torch.all(p[1:] > p[:-1]), "kept tokens are not in text order"
+                assert int((k == 1).sum()) <= A and int((k == 2).sum()) <= S
+                assert torch.all(torch.isin(ids_c[b][kind[b] == 2], torch.tensor(SEPS)))
+        _, kind0, pos0 = cache.layer_contents(0)
+        promoted += int((kind0 == 2).sum())
+        kept_sets.append([pos0[b][kind0[b] > 0] for b in range(ids.shape[0])])
+    return cache, torch.stack(logits, 1), kept_sets, promoted
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mode", ["exact", "amortized"])
+def test_sepcache_matches_masked_full_cache(arch, batch, mode):
+    model = tiny_model(arch)
+    ids, mask = prompts(batch)
+    ref_tokens, ref_logits, ref_kept = reference_generate(model, ids, mask, mode, NEW_TOKENS)
+    cache, logits, kept, promoted = sepcache_decode(model, ids, mask, mode, NEW_TOKENS)
+    assert sum(cache.retention()["compressions_per_layer"]) > 0
+    assert promoted > 0, "no separator was ever promoted: the test would not exercise the separator region"
+    for step, (ref_rows, rows) in enumerate(zip(ref_kept, kept)):
+        for b, (r, k) in enumerate(zip(ref_rows, rows)):
+            assert r.tolist() == k.tolist(), f"step {step} row {b}: kept {k.tolist()} != reference {r.tolist()}"
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    # and through model.generate(custom_generate=...) the tokens and logits are the same
+    gen = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate,
+                         init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, USE_MAX_SEP_CACHE=True,
+                         separator_token_ids=SEPS, PADDING_ID=0, exact_window=(mode == "exact"), do_sample=False,
+                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, return_dict_in_generate=True,
+                         output_logits=True, pad_token_id=0)
+    assert isinstance(gen.past_key_values, SepCache)
+    assert torch.equal(gen.sequences[:, ids.shape[1]:], ref_logits.argmax(-1))
+    torch.testing.assert_close(torch.stack(gen.logits, 1), ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_query_sees_at_most_cache_size_keys():
+    """The documented bound: a decode query attends at most cache_size keys (checked on what update returns)."""
+    model = tiny_model("llama")
+    ids, mask = prompts(3)
+    cache = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, USE_MAX_SEP_CACHE=True,
+                     separator_token_ids=SEPS, model=model)
+    seen = []
+    orig_update = cache.update
+
+    def spy(k, v, layer_idx, *args, **kwargs):
+        keys, values = orig_update(k, v, layer_idx, *args, **kwargs)
+        if k.shape[-2] == 1:
+            mask4 = cache.step_attention_mask(layer_idx)
+            visible = keys.shape[-2] if mask4 is None else int(mask4.sum(-1).max())
+            seen.append(visible)
+        return keys, values
+
+    cache.update = spy
+    out = sepllm_forward(model, cache, ids, mask)
+    for _ in range(60):
+        out = sepllm_forward(model, cache, out.logits[:, -1].argmax(-1)[:, None])
+    assert len(seen) == 60 * 2 and max(seen) <= C and max(seen) == C
+
+
+def test_sampling_is_seed_reproducible_and_eos_stops():
+    model = tiny_model("llama")
+    ids, mask = prompts(3)
+    kw = dict(custom_generate=sepllm.generate, init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C,
+              USE_MAX_SEP_CACHE=True, separator_token_ids=SEPS, PADDING_ID=0, do_sample=True, temperature=0.8,
+              top_k=20, top_p=0.9, max_new_tokens=30, pad_token_id=0)
+    torch.manual_seed(123)
+    a = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    torch.manual_seed(123)
+    b = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    torch.manual_seed(7)
+    c = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # eos: stop on the first generated token of row 0 under greedy decoding
+    greedy = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate,
+                            init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
+                            do_sample=False, max_new_tokens=20, pad_token_id=0)
+    eos = int(greedy[0, ids.shape[1] + 2])
+    stopped = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate,
+                             init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
+                             do_sample=False, max_new_tokens=20, pad_token_id=0, eos_token_id=eos)
+    row0 = stopped[0, ids.shape[1]:].tolist()
+    first = row0.index(eos)
+    assert all(t == 0 for t in row0[first + 1:])
+    assert stopped.shape[1] <= greedy.shape[1]
+
+
+def test_pe_shift_uses_model_rotary_and_matches_manual_reencoding():
+    """APPLY_PE_SHIFT: keys at cache indices 0..n-1 and the query at n-1. Before any compression (and with no padding)
+    cache index == text position, so logits must equal the plain run; after compression they must differ."""
+    model = tiny_model("gpt_neox")
+    ids, mask = prompts(1)
+    base = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
+                    model=model)
+    shifted = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
+                       APPLY_PE_SHIFT=True, model=model)
+    short = ids[:, :12]
+    torch.testing.assert_close(sepllm_forward(model, shifted, short).logits, sepllm_forward(model, base, short).logits,
+                               atol=1e-5, rtol=1e-5)
+    tok = short[:, -1:]
+    differs = False
+    for _ in range(30):
+        o1, o2 = sepllm_forward(model, base, tok), sepllm_forward(model, shifted, tok)
+        if shifted.layers[0].num_compressions == 0:
+            torch.testing.assert_close(o2.logits, o1.logits, atol=1e-5, rtol=1e-5)
+        else:
+            differs |= not torch.allclose(o2.logits, o1.logits, atol=1e-4)
+        tok = o1.logits[:, -1].argmax(-1)[:, None]
+    assert differs
+
+
+def test_pe_shift_reads_rope_theta_from_model():
+    from megatron.sepllm.pos_shift import rope_fn_from_model
+
+    m1, m2 = tiny_model("llama"), tiny_model("llama")
+    m2.model.rotary_emb.inv_freq = m2.model.rotary_emb.inv_freq * 0.5
+    x = torch.zeros(1, 4, 3, 8)
+    pos = torch.arange(3)[None]
+    assert not torch.allclose(rope_fn_from_model(m1)(x, pos)[0], rope_fn_from_model(m2)(x, pos)[0])
+
+
+def test_presets_and_errors():
+    cache = SepCache(layer_num=2, model_type="llama")
+    assert cache.PADDING_ID == 128009 and 128000 in cache.separator_token_ids
+    assert SepCache(layer_num=2, model_type="gpt_neox").separator_token_ids[:3] == [15, 13, 32]
+    with pytest.raises(ValueError, match="separator_token_ids"):
+        SepCache(layer_num=2)
+    with pytest.raises(ValueError, match="cache_size"):
+        SepCache(layer_num=2, separator_token_ids=SEPS, init_cache_size=4, sep_cache_size=8, local_size=8,
+                 cache_size=20)
+    with pytest.raises(ValueError, match="local_size has 3 entries"):
+        SepCache(layer_num=2, separator_token_ids=SEPS, local_size=[8, 8, 8])
+    per_layer = SepCache(separator_token_ids=SEPS, init_cache_size=2, sep_cache_size=[4, 8], local_size=[4, 8],
+                         cache_size=[12, 24])
+    assert [layer.cache_size for layer in per_layer.layers] == [12, 24]
+
+
+def test_per_layer_sizes_give_per_layer_contents_and_left_padding_only():
+    model = tiny_model("llama")
+    ids, mask = prompts(3)
+    cache = SepCache(init_cache_size=A, sep_cache_size=[4, 8], local_size=[4, 8], cache_size=[12, 24],
+                     USE_MAX_SEP_CACHE=True, separator_token_ids=SEPS, model=model)
+    out = sepllm_forward(model, cache, ids, mask)
+    for _ in range(20):
+        out = sepllm_forward(model, cache, out.logits[:, -1].argmax(-1)[:, None])
+    assert cache.get_seq_length(0) <= 12 and cache.get_seq_length(1) <= 24
+    assert cache.get_seq_length(0) != cache.get_seq_length(1)
+    bad = mask.clone()
+    bad[0, -1] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        sepllm_forward(model, SepCache(layer_num=2, separator_token_ids=SEPS, init_cache_size=A, sep_cache_size=S,
+                                       local_size=W, cache_size=C, model=model), ids, bad)
