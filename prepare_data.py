@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"named corpus to fetch and tokenize ({corpora}); with --input, just the output name "
         "(default: pg19_sample)",
     )
-    p.add_argument("-t", "--tokenizer", default="HFTokenizer", choices=TOKENIZER_TYPES, metavar="TYPE",
+    p.add_argument("-t", "--tokenizer", default="HFTokenizer", metavar="TYPE",
                    help=f"tokenizer type, one of {', '.join(TOKENIZER_TYPES)} (default: HFTokenizer)")
     p.add_argument("-d", "--data-dir", default="./data",
                    help="folder for downloads and outputs; output goes to DATA_DIR/<dataset>/ (default: ./data)")

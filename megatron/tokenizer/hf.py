@@ -180,7 +180,7 @@ class HFGPT2Tokenizer(HFTokenizer):
             spec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TokenizerError(f"vocab-file {path} is not valid JSON: {exc}") from exc
-        if isinstance(spec, dict) and "model" in spec:
+        if isinstance(spec, dict) and isinstance(spec.get("model"), dict):
             # a full tokenizer.json: no merges file needed
             self._init_from_json_str(path.read_text(encoding="utf-8"), spec, str(path))
             return

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl-keys", nargs="+", default=["text"],
                    help="JSONL keys to tokenize, one output dataset per key (default: text)")
     p.add_argument("--output-prefix", required=True, help="path prefix of the output files")
-    p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES, metavar="TYPE",
+    p.add_argument("--tokenizer-type", required=True, metavar="TYPE",
                    help=f"one of {', '.join(TOKENIZER_TYPES)}")
     p.add_argument("--vocab-file", default=None, help="tokenizer.json / vocab.json / SentencePiece .model")
     p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (only with a GPT-2 vocab.json)")

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-t", "--tokenizer-type", default="HFTokenizer", choices=TOKENIZER_TYPES, metavar="TYPE",
+    p.add_argument("-t", "--tokenizer-type", default="HFTokenizer", metavar="TYPE",
                    help=f"one of {', '.join(TOKENIZER_TYPES)} (default: HFTokenizer)")
     p.add_argument("-v", "--vocab-file", default=None, help="tokenizer file for --tokenizer-type")
     p.add_argument("-m", "--merge-file", default=None, help="GPT-2 merges.txt")
