@@ -9,8 +9,8 @@ import torch
 
 from megatron.config.model import ModelConfig
 from megatron.model import GPTModel
-from megatron.model.hf_export import (from_hf_gpt_neox_state_dict, hf_gpt_neox_config, hf_llama_config,
-                                      to_hf_gpt_neox_state_dict, to_hf_llama_state_dict)
+from megatron.model.hf_export import (from_hf_gpt_neox_state_dict, from_hf_llama_state_dict, hf_gpt_neox_config,
+                                      hf_llama_config, to_hf_gpt_neox_state_dict, to_hf_llama_state_dict)
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,6 +136,21 @@ def test_round_trip_from_hf_and_wrapper_prefixes() -> None:
     assert set(back) == set(reference)
     for k, v in reference.items():
         assert torch.equal(back[k], v), k
+
+
+def test_llama_round_trip_from_hf_with_gqa_biases_and_padded_vocab() -> None:
+    torch.manual_seed(0)
+    cfg = llama_cfg(use_bias_in_attn_linear=True, use_bias_in_mlp=True, num_kv_heads=2)
+    hf = transformers.LlamaForCausalLM(hf_llama_config(cfg, vocab_size=90)).eval()
+    ours = GPTModel(cfg).eval()
+    ours.load_state_dict(from_hf_llama_state_dict(hf.state_dict(), cfg))
+    ids = torch.randint(0, 90, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[..., :90], hf(input_ids=ids).logits, atol=1e-5, rtol=0)
+    back = to_hf_llama_state_dict(ours.state_dict(), cfg, vocab_size=90)
+    for k, v in hf.state_dict().items():
+        if "rotary" not in k:
+            assert torch.equal(back[k], v), k
 
 
 def test_vocab_trim() -> None:

@@ -103,8 +103,9 @@ def reference_attention(q, k, v, scale, positions, slopes=None, key_valid=None):
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (6, 1)])
-@pytest.mark.parametrize("alibi", [False, True])
-def test_causal_backend_matches_reference_forward_and_backward(hq: int, hkv: int, alibi: bool) -> None:
+@pytest.mark.parametrize("alibi,precompute", [(False, False), (True, False), (True, True)])
+def test_causal_backend_matches_reference_forward_and_backward(hq: int, hkv: int, alibi: bool,
+                                                               precompute: bool) -> None:
     torch.manual_seed(0)
     b, s, d = 2, 9, 8
     q = torch.randn(b, hq, s, d, requires_grad=True)
@@ -115,7 +116,7 @@ def test_causal_backend_matches_reference_forward_and_backward(hq: int, hkv: int
     mask[1, :4] = 0
     pos = ((mask.cumsum(-1) - 1) * mask).clamp(min=0)
     slopes = alibi_slopes(hq) if alibi else None
-    backend = CausalSDPABackend()
+    backend = CausalSDPABackend(alibi=precompute)
     for key_valid in (None, mask):
         state = backend.prepare(ids, pos, key_valid)
         out = backend(q, k, v, 0, state, scale=d ** -0.5, alibi_slopes=slopes)
@@ -310,7 +311,8 @@ def test_backend_factory_and_exposure() -> None:
     assert isinstance(build_attention_backend(tiny(), None), CausalSDPABackend)
     assert isinstance(build_attention_backend(tiny(), SepLLMConfig(mode="full")), CausalSDPABackend)
     model = GPTModel(tiny())
-    assert isinstance(model.attention_backend, CausalSDPABackend)
+    assert isinstance(model.attention_backend, CausalSDPABackend) and not model.attention_backend.alibi
+    assert GPTModel(tiny(pos_emb="alibi")).attention_backend.alibi
 
 
 def test_backend_factory_sepllm_mode_uses_sepllm_backend() -> None:

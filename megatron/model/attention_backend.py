@@ -59,28 +59,38 @@ class CausalState:
 
     ``allowed`` is None when plain ``is_causal`` suffices (no padding), else a ``[B,1,S,S]`` bool mask
     (True = attend). Padding queries are allowed to see themselves so that no softmax row is empty (their outputs
-    are meaningless and must be ignored by the loss, as in Hugging Face).
+    are meaningless and must be ignored by the loss, as in Hugging Face). ``alibi_distance`` (ALiBi models only) is
+    ``pos_q - pos_k`` as ``[B or 1, 1, S, S]`` fp32 with ``+inf`` where attention is not allowed, so each layer's
+    additive mask is one multiply: ``-slope_h * distance``. It has batch size 1 when all rows share positions.
     """
 
     positions: Tensor
     allowed: Optional[Tensor]
+    alibi_distance: Optional[Tensor] = None
 
 
 class CausalSDPABackend:
     """Plain causal attention via ``scaled_dot_product_attention`` on 4-D inputs (the CPU fast path).
 
     Supports left/right padding through ``attention_mask_2d``, ALiBi, grouped-query attention and dropout.
+    ``alibi=True`` (set by the factory for ``pos_emb: alibi``) precomputes the distance matrix once per micro-batch
+    instead of once per layer.
     """
 
+    def __init__(self, alibi: bool = False) -> None:
+        self.alibi = alibi
+
     def prepare(self, input_ids: Tensor, position_ids: Tensor, attention_mask_2d: Optional[Tensor]) -> CausalState:
-        if attention_mask_2d is None:
-            return CausalState(positions=position_ids, allowed=None)
         seq = input_ids.shape[1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
-        diag = torch.eye(seq, dtype=torch.bool, device=input_ids.device)
-        key_valid = attention_mask_2d.to(torch.bool)[:, None, None, :]
-        allowed = causal & (key_valid | diag)
-        return CausalState(positions=position_ids, allowed=allowed)
+        allowed = None
+        if attention_mask_2d is not None:
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
+            diag = torch.eye(seq, dtype=torch.bool, device=input_ids.device)
+            allowed = causal & (attention_mask_2d.to(torch.bool)[:, None, None, :] | diag)
+        state = CausalState(positions=position_ids, allowed=allowed)
+        if self.alibi:
+            state.alibi_distance = _alibi_distance(position_ids, allowed)
+        return state
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer_idx: int, state: CausalState, *, scale: float,
                  dropout_p: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tensor:
@@ -88,23 +98,33 @@ class CausalSDPABackend:
         if alibi_slopes is None and state.allowed is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale,
                                                   enable_gqa=gqa)
-        seq = q.shape[2]
-        allowed = state.allowed
-        if allowed is None:
-            allowed = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
         if alibi_slopes is None:
-            mask: Tensor = allowed
+            mask: Tensor = state.allowed
         else:
-            bias = alibi_bias(alibi_slopes, state.positions).to(q.dtype)
-            mask = bias.masked_fill(~allowed, float("-inf"))
+            distance = state.alibi_distance
+            if distance is None:
+                distance = _alibi_distance(state.positions, state.allowed)
+            mask = (-alibi_slopes.to(torch.float32).view(1, -1, 1, 1) * distance).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)
+
+
+def _alibi_distance(positions: Tensor, allowed: Optional[Tensor]) -> Tensor:
+    """``pos_q - pos_k`` (fp32, ``[B|1, 1, S, S]``) with ``+inf`` at disallowed (non-causal or padding) entries."""
+    seq = positions.shape[1]
+    if allowed is None and bool((positions == positions[:1]).all()):
+        positions = positions[:1]  # shared positions: one matrix for the whole batch
+    pos = positions.to(torch.float32)
+    distance = (pos.unsqueeze(-1) - pos.unsqueeze(-2)).unsqueeze(1)
+    if allowed is None:
+        allowed = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
+    return distance.masked_fill(~allowed, float("inf"))
 
 
 def build_attention_backend(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig]) -> AttentionBackend:
     """Plain causal attention for ``mode == "full"`` (or no SepLLM config), else the SepLLM backend (lazy import)."""
     if sepllm_cfg is None or sepllm_cfg.mode == "full":
-        return CausalSDPABackend()
+        return CausalSDPABackend(alibi=model_cfg.pos_emb == "alibi")
     from megatron.sepllm.backend import SepLLMBackend  # lazy: keeps plain models free of SepLLM imports
 
     return SepLLMBackend(sepllm_cfg, model_cfg)

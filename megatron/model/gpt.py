@@ -108,11 +108,16 @@ class GPTModel(nn.Module):
         self.output_layer = (nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
                              if cfg.no_weight_tying else None)
         self.attention_backend: AttentionBackend = build_attention_backend(cfg, sepllm_cfg)
-        init_weights(self, cfg)
+        self.init_weights()
         fused = [f for f in FUSION_FLAGS if getattr(cfg, f, False)]
         if fused:
             logger.info("fused kernels requested (%s): no compiled kernel is available, using the PyTorch "
                         "implementation (same results)", ", ".join(fused))
+
+    def init_weights(self) -> None:
+        """(Re-)initialise all parameters with the configured init methods (e.g. after building on ``meta`` and
+        ``to_empty``, as FSDP-style wrappers do)."""
+        init_weights(self, self.cfg)
 
     # ----------------------------------------------------------------------------------------------------------------
     def positions(self, input_ids: Tensor, position_ids: Optional[Tensor],

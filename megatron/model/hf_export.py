@@ -299,3 +299,45 @@ def hf_llama_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+def from_hf_llama_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig) -> dict[str, Tensor]:
+    """``LlamaForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_llama_state_dict``): q/k/v
+    are re-interleaved into the grouped fused-QKV layout, up/gate concatenated as ``[value; gate]``."""
+    cfg = model_cfg
+    check_llama_compatible(cfg)
+    src = _Reader({k: _plain(v) for k, v in hf_state.items()}, "HF Llama state dict")
+    for k in [k for k in src.state if k.endswith("rotary_emb.inv_freq")]:
+        src.state.pop(k)
+    hq, hkv, d = cfg.num_attention_heads, kv_heads(cfg), head_dim(cfg)
+    r = hq // hkv
+    out: dict[str, Tensor] = {"embed.word_embeddings.weight": _pad_rows(src.pop("model.embed_tokens.weight"), cfg)}
+    for i in range(cfg.num_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = src.pop(q + "input_layernorm.weight")
+        out[p + "post_attention_layernorm.weight"] = src.pop(q + "post_attention_layernorm.weight")
+        for suffix in ("weight", "bias"):
+            qp = src.pop_optional(q + f"self_attn.q_proj.{suffix}")
+            if qp is not None:
+                kp, vp = src.pop(q + f"self_attn.k_proj.{suffix}"), src.pop(q + f"self_attn.v_proj.{suffix}")
+                tail = qp.shape[1:]
+                grouped = torch.cat([qp.reshape(hkv, r, d, *tail), kp.reshape(hkv, 1, d, *tail),
+                                     vp.reshape(hkv, 1, d, *tail)], dim=1)
+                out[p + f"attention.query_key_value.{suffix}"] = grouped.reshape(hkv * (r + 2) * d, *tail)
+            o = src.pop_optional(q + f"self_attn.o_proj.{suffix}")
+            if o is not None:
+                out[p + f"attention.dense.{suffix}"] = o
+            up = src.pop_optional(q + f"mlp.up_proj.{suffix}")
+            if up is not None:
+                out[p + f"mlp.dense_h_to_4h.{suffix}"] = torch.cat([up, src.pop(q + f"mlp.gate_proj.{suffix}")])
+            down = src.pop_optional(q + f"mlp.down_proj.{suffix}")
+            if down is not None:
+                out[p + f"mlp.dense_4h_to_h.{suffix}"] = down
+    out["final_layernorm.weight"] = src.pop("model.norm.weight")
+    head = src.pop_optional("lm_head.weight")
+    if cfg.no_weight_tying:
+        if head is None:
+            raise KeyError("HF Llama state dict: missing key 'lm_head.weight' for an untied model")
+        out["output_layer.weight"] = _pad_rows(head, cfg)
+    src.finish()
+    return out
