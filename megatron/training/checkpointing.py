@@ -1,0 +1,317 @@
+"""Atomic, resumable checkpoints in our own format (loaded with ``torch.load(weights_only=True)``).
+
+Layout of ``<save>/``::
+
+    latest                        text file naming the newest complete checkpoint ("global_step100")
+    global_step100/
+        meta.json                 iteration, consumed samples, world size, ZeRO stage, LR schedule, parameter shapes
+        config.yml                the resolved config of the run that wrote it
+        model_states.pt           full module state dict (rank 0)
+        optim_rank{R}.pt          optimizer state: rank 0 only for ZeRO-0; every rank's partition for ZeRO-1/2
+        rng_rank{R}.pt            python / numpy / torch (CPU, CUDA) generator states of rank R
+
+Why not ``engine.save_checkpoint``: DeepSpeed writes in place (a crash mid-save corrupts the newest checkpoint and
+its ``latest`` file already points at it) and its loader unpickles arbitrary objects. We write everything into
+``global_stepN.tmp-XXXX/``, rename the folder only when every rank has finished, then replace ``latest`` atomically.
+A crash at any point leaves the previous checkpoint and ``latest`` intact. ZeRO-1/2 optimizer partitions are saved
+per rank from DeepSpeed's own ``state_dict`` (made pickle-free) and restored through its ``load_state_dict``, so
+resuming them requires the same data-parallel world size. ZeRO-3 (partitioned parameters) is not supported here.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from megatron.training.distributed import barrier, broadcast_object, capture_rng_state, restore_rng_state
+
+FORMAT_VERSION = 1
+LATEST_FILE = "latest"
+META_FILE = "meta.json"
+CONFIG_FILE = "config.yml"
+MODEL_FILE = "model_states.pt"
+STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
+_SCALER_KEY = "__loss_scaler_state__"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the current model/run."""
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"global_step{iteration}"
+
+
+def should_save(iteration: int, checkpoint_factor: int | None, extra_save_iters: Iterable[int] | None = None) -> bool:
+    """GPT-NeoX rule: every ``checkpoint_factor`` iterations, plus the listed extra iterations."""
+    if extra_save_iters and iteration in set(extra_save_iters):
+        return True
+    return bool(checkpoint_factor) and iteration % int(checkpoint_factor) == 0
+
+
+def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed ``global_stepN`` folders) sorted by iteration."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pickle-free optimizer state (DeepSpeed ZeRO state dicts hold a LossScaler object and an enum)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_plain(v) for v in obj)
+    if isinstance(obj, enum.Enum):
+        return _to_plain(obj.value)
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.dtype, torch.device)):
+        return obj
+    if type(obj).__name__.endswith("LossScaler") and hasattr(obj, "__dict__"):
+        return {_SCALER_KEY: {k: v for k, v in vars(obj).items()
+                              if v is None or isinstance(v, (bool, int, float, str))}}
+    raise CheckpointError(f"cannot store optimizer state value of type {type(obj).__name__} without pickling")
+
+
+def _restore_scaler(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """Apply a saved loss-scaler state onto the live scaler object and drop it from ``state``."""
+    saved = state.get("loss_scaler")
+    if isinstance(saved, dict) and _SCALER_KEY in saved:
+        state = dict(state)
+        del state["loss_scaler"]
+        live = getattr(optimizer, "loss_scaler", None)
+        if live is not None:
+            for key, value in saved[_SCALER_KEY].items():
+                setattr(live, key, value)
+    return state
+
+
+def _optimizer_is_partitioned(engine: Any) -> bool:
+    return int(engine.zero_optimization_stage()) >= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# save
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *, rank: int, world_size: int,
+                    client_state: dict[str, Any], config_yaml: str | None = None,
+                    keep_last_n: int | None = None) -> Path:
+    """Write ``global_step{iteration}`` atomically on every rank (collective call); returns its final path.
+
+    ``client_state`` must be JSON-serialisable (iteration counters, consumed samples, LR schedule state...).
+    """
+    if int(engine.zero_optimization_stage()) >= 3:
+        raise CheckpointError("checkpointing with ZeRO stage 3 (partitioned parameters) is not supported; "
+                              "use zero_optimization.stage 0, 1 or 2")
+    root = Path(save_dir)
+    final = root / checkpoint_name(iteration)
+    tmp_name = broadcast_object(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    tmp = root / tmp_name
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    barrier()
+
+    module_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+    if rank == 0:
+        _torch_save(module_state, tmp / MODEL_FILE)
+    if rank == 0 or _optimizer_is_partitioned(engine):
+        optim_state = dict(engine.optimizer.state_dict())
+        optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
+        _torch_save(_to_plain(optim_state), tmp / f"optim_rank{rank}.pt")
+    _torch_save(capture_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "iteration": iteration,
+            "world_size": world_size,
+            "zero_stage": int(engine.zero_optimization_stage()),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch_version": torch.__version__,
+            "param_shapes": {k: list(v.shape) for k, v in module_state.items()},
+            "client_state": client_state,
+        }
+        _atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+        if config_yaml is not None:
+            _atomic_write_text(tmp / CONFIG_FILE, config_yaml)
+    barrier()
+    if rank == 0:
+        _publish(tmp, final)
+        _atomic_write_text(root / LATEST_FILE, final.name + "\n")
+        _prune(root, keep_last_n, keep=final)
+    barrier()
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temp folder into place; an existing folder of the same name is moved aside first."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last_n: int | None, keep: Path) -> None:
+    """Delete leftovers of crashed saves and all but the newest ``keep_last_n`` checkpoints."""
+    for child in root.iterdir():
+        if child.is_dir() and (".tmp-" in child.name or ".old-" in child.name) and child.name.startswith("global_step"):
+            shutil.rmtree(child, ignore_errors=True)
+    if keep_last_n is None or keep_last_n <= 0:
+        return
+    complete = list_checkpoints(root)
+    for _, path in complete[:-keep_last_n]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load
+
+
+def resolve_checkpoint_dir(load_dir: str | os.PathLike) -> Path:
+    """``load_dir`` may be a run folder (uses ``latest``) or one ``global_stepN`` folder. Clear errors otherwise."""
+    path = Path(load_dir)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a directory")
+    if (path / META_FILE).exists():
+        return path
+    latest = path / LATEST_FILE
+    if latest.exists():
+        name = latest.read_text(encoding="utf-8").strip()
+        if not name:
+            raise CheckpointError(f"{latest} is empty; expected the name of a global_stepN folder")
+        target = path / name
+        if not (target / META_FILE).is_file():
+            raise CheckpointError(f"{latest} points to {target}, which is not a complete checkpoint "
+                                  f"(missing {META_FILE})")
+        return target
+    steps = list_checkpoints(path)
+    if not steps:
+        raise CheckpointError(f"no checkpoint found in {path}: expected a '{LATEST_FILE}' file or global_stepN "
+                              f"folders containing {META_FILE}")
+    newest = steps[-1][1]
+    if not (newest / META_FILE).is_file():
+        raise CheckpointError(f"checkpoint {newest} is incomplete (missing {META_FILE})")
+    return newest
+
+
+def _load_file(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/corrupt archives
+        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    path = ckpt_dir / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint file {path} is missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is corrupt: {exc}") from exc
+    if not isinstance(meta, dict) or "iteration" not in meta:
+        raise CheckpointError(f"checkpoint file {path} has no 'iteration' entry")
+    return meta
+
+
+def check_model_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, where: Path) -> None:
+    """Raise naming every missing, unexpected or differently shaped key."""
+    current = module.state_dict()
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    differing = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
+                 for k in sorted(set(saved) & set(current)) if tuple(saved[k].shape) != tuple(current[k].shape)]
+    if missing or unexpected or differing:
+        parts = []
+        if differing:
+            parts.append("shape mismatch: " + "; ".join(differing[:8]) + (" ..." if len(differing) > 8 else ""))
+        if missing:
+            parts.append("missing in checkpoint: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append("not in model: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError(f"checkpoint {where} does not match the configured model ({' | '.join(parts)})")
+
+
+def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, world_size: int,
+                    load_optim: bool = True, load_rng: bool = True) -> dict[str, Any]:
+    """Restore module, optimizer and RNG state in place; returns the checkpoint's meta (with ``client_state``)."""
+    ckpt = resolve_checkpoint_dir(load_dir)
+    meta = read_meta(ckpt)
+    module_state = _load_file(ckpt / MODEL_FILE)
+    if not isinstance(module_state, dict):
+        raise CheckpointError(f"checkpoint file {ckpt / MODEL_FILE} does not hold a state dict")
+    check_model_shapes(module_state, engine.module, ckpt)
+    engine.module.load_state_dict(module_state, strict=True)
+
+    if load_optim:
+        partitioned = _optimizer_is_partitioned(engine)
+        if partitioned != (int(meta.get("zero_stage", 0)) >= 1):
+            raise CheckpointError(f"checkpoint {ckpt} was written with ZeRO stage {meta.get('zero_stage')}, the run "
+                                  f"uses stage {engine.zero_optimization_stage()}; set no_load_optim to load "
+                                  "weights only")
+        if partitioned:
+            if int(meta["world_size"]) != world_size:
+                raise CheckpointError(f"checkpoint {ckpt} holds ZeRO optimizer partitions for {meta['world_size']} "
+                                      f"ranks, the run has {world_size}; set no_load_optim to load weights only")
+            states = [_restore_scaler(_load_file(ckpt / f"optim_rank{r}.pt"), engine.optimizer)
+                      for r in range(world_size)]
+            engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            state = _restore_scaler(_load_file(ckpt / "optim_rank0.pt"), engine.optimizer)
+            try:
+                engine.optimizer.load_state_dict(state)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(f"optimizer state in {ckpt / 'optim_rank0.pt'} does not fit the configured "
+                                      f"optimizer: {exc}") from exc
+    if load_rng:
+        rng_file = ckpt / f"rng_rank{rank}.pt"
+        if not rng_file.exists() and rank > 0:
+            rng_file = ckpt / "rng_rank0.pt"  # resumed on more ranks than saved: reuse rank 0's streams
+        restore_rng_state(_load_file(rng_file))
+    meta["path"] = str(ckpt)
+    return meta

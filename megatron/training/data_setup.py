@@ -1,0 +1,118 @@
+"""Datasets and resumable data loaders for training, plus auto-preparation of the corpus shipped in the repo."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class DataSetupError(RuntimeError):
+    """The configured data cannot be found or built."""
+
+
+@dataclass
+class SplitDatasets:
+    train: Any
+    valid: Any
+    test: Any
+
+
+def _exists(prefix: str) -> bool:
+    return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
+
+
+def configured_prefixes(data_cfg: Any) -> list[str]:
+    """Every ``.bin/.idx`` prefix the config names."""
+    prefixes = [data_cfg.data_path] if data_cfg.data_path else []
+    for key in ("train_data_paths", "valid_data_paths", "test_data_paths"):
+        prefixes += list(getattr(data_cfg, key) or [])
+    return prefixes
+
+
+def bundled_corpus_for(prefix: str) -> str | None:
+    """The shipped corpus a prefix refers to, e.g. ``data/pg19_sample/pg19_sample_text_document`` -> pg19_sample."""
+    from megatron.data.corpus_registry import CORPORA
+
+    name = Path(prefix).name
+    if not name.endswith("_text_document"):
+        return None
+    corpus = CORPORA.get(name[: -len("_text_document")])
+    return corpus.name if corpus is not None and corpus.local_dir is not None else None
+
+
+def ensure_data(data_cfg: Any, tokenizer_cfg: Any, info: Callable[[str], None], may_prepare: bool) -> None:
+    """Check the data exists; tokenize a corpus shipped in the repo when its prefix is missing.
+
+    Only rank 0 prepares (``may_prepare``); the caller puts a barrier after this.
+    """
+    prefixes = configured_prefixes(data_cfg)
+    if not prefixes:
+        raise DataSetupError("no training data configured: set data-path (or train-data-paths/valid-data-paths)")
+    for prefix in dict.fromkeys(prefixes):
+        if _exists(prefix):
+            continue
+        corpus = bundled_corpus_for(prefix)
+        if corpus is None:
+            raise DataSetupError(
+                f"data prefix {prefix!r} not found ({prefix}.bin/.idx missing); tokenize your text first, e.g. "
+                f"python prepare_data.py <name> --input <files> -t {tokenizer_cfg.tokenizer_type} "
+                f"-v {tokenizer_cfg.vocab_file} --output-prefix {prefix.removesuffix('_text_document')}")
+        if not may_prepare:
+            continue
+        from megatron.data.corpus_registry import fetch_corpus
+        from megatron.data.preprocess import tokenize_to_indexed
+
+        info(f"data {prefix} is missing: tokenizing the bundled corpus {corpus!r} "
+             f"(same as: python prepare_data.py {corpus} -t {tokenizer_cfg.tokenizer_type} "
+             f"-v {tokenizer_cfg.vocab_file} -d {Path(prefix).parent.parent})")
+        source = fetch_corpus(corpus, Path(prefix).parent.parent)
+        tokenize_to_indexed(os.fspath(source), prefix.removesuffix("_text_document"),
+                            tokenizer_type=tokenizer_cfg.tokenizer_type, vocab_file=tokenizer_cfg.vocab_file,
+                            merge_file=tokenizer_cfg.merge_file, append_eod=True, progress=True)
+
+
+def build_datasets(cfg: Any, global_batch: int, train_iters: int) -> SplitDatasets:
+    """Train/valid/test datasets sized for ``train_iters`` steps and the evaluation schedule.
+
+    Validation always evaluates the same first ``eval_iters`` global batches of the valid split, so valid losses
+    are comparable across evaluations and unaffected by resuming.
+    """
+    from megatron.data.data_utils import build_train_valid_test_datasets
+
+    t, d = cfg.training, cfg.data
+    eval_samples = max(t.eval_iters, 1) * global_batch
+    num_samples = [train_iters * global_batch, eval_samples, eval_samples]
+    train, valid, test = build_train_valid_test_datasets(
+        data_prefixes=[d.data_path] if d.data_path else None,
+        data_weights=None,
+        split=d.split,
+        seq_length=cfg.model.seq_length,
+        seed=t.seed,
+        train_valid_test_num_samples=num_samples,
+        train_prefixes=d.train_data_paths,
+        valid_prefixes=d.valid_data_paths,
+        test_prefixes=d.test_data_paths,
+        train_weights=d.train_data_weights,
+        valid_weights=d.valid_data_weights,
+        test_weights=d.test_data_weights,
+        cache_dir=d.data_cache_dir,
+    )
+    return SplitDatasets(train=train, valid=valid, test=test)
+
+
+def build_loader(dataset: Any, consumed_samples: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader | None:
+    """A loader whose batch sampler starts after ``consumed_samples`` (what makes a resume continue exactly)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    from megatron.data.samplers import PretrainingSampler
+
+    sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed_samples,
+                                 micro_batch_size=micro_batch, data_parallel_rank=dp_rank,
+                                 data_parallel_size=dp_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_memory, persistent_workers=False)

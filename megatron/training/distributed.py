@@ -1,0 +1,104 @@
+"""Process-group set-up, seeding and RNG state capture/restore (what an exact resume needs).
+
+``init_distributed`` works in three situations: under a launcher (``deepspeed``/``torchrun`` set RANK, WORLD_SIZE,
+MASTER_ADDR/PORT), as a plain ``python train.py`` (we create a 1-rank group on a free local port), or when a group
+already exists (tests calling the loop twice in one process).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits; passed explicitly instead of living in module globals."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+
+def find_free_port() -> int:
+    """Ask the OS for an unused TCP port on localhost."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
+    """Initialise torch.distributed (gloo on CPU, nccl on CUDA unless told otherwise); idempotent."""
+    if backend is None or (device_type == "cpu" and backend == "nccl"):
+        backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(find_free_port())
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    backend=dist.get_backend())
+
+
+def set_seed(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch (all devices). Every rank gets the same seed so that model initialisation is
+    identical across data-parallel ranks (dropout masks may then match across ranks, as in GPT-NeoX)."""
+    del rank  # same seed on every rank: DeepSpeed also broadcasts rank 0's weights, but identical init is cheaper
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA generator states as plain tensors/lists/ints (``weights_only`` loadable)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a small picklable object from ``src`` to every rank (identity without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,61 @@
+"""DeepSpeed engine set-up: device and precision checks, then ``deepspeed.initialize`` with our client optimizer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+
+class DeviceConfigError(ValueError):
+    """A requested setting cannot run on the selected device."""
+
+
+def resolve_device(requested: str | None) -> str:
+    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is an error."""
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceConfigError("training.device is 'cuda' but no CUDA device is visible; use device auto or cpu")
+    if requested not in ("cpu", "cuda"):
+        raise DeviceConfigError(f"training.device: expected auto, cpu or cuda, got {requested!r}")
+    return requested
+
+
+def check_device_support(device: str, precision: str, zero_stage: int) -> None:
+    """Fail before any work when the device cannot honour the config (one clear sentence)."""
+    if device == "cpu" and precision == "fp16":
+        raise DeviceConfigError("precision fp16 (dynamic loss scaling) needs a CUDA device; on CPU use bf16 "
+                                "(bf16: {enabled: true}) or fp32 (fp16: {enabled: false})")
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise DeviceConfigError(f"training.precision: expected fp32, fp16 or bf16, got {precision!r}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise DeviceConfigError(f"zero_optimization.stage: expected 0, 1, 2 or 3, got {zero_stage!r}")
+
+
+def quiet_deepspeed_logs(level: int = logging.WARNING) -> None:
+    """DeepSpeed logs its whole config at INFO on start-up; keep the console for our lines."""
+    logging.getLogger("DeepSpeed").setLevel(level)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(level)
+    except ImportError:  # pragma: no cover - deepspeed is a hard requirement, keep the message clear anyway
+        pass
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
+                 device: str) -> Any:
+    """Wrap ``model`` and our torch optimizer in a DeepSpeed engine (ZeRO / bf16 / fp16 / clipping / GAS from
+    ``ds_config``). The process group must already exist (``distributed.init_distributed``)."""
+    import deepspeed
+
+    ds_config = dict(ds_config)
+    ds_config.pop("optimizer", None)  # we always pass a client optimizer
+    ds_config.pop("scheduler", None)  # the LR schedule is ours (lr_schedules.AnnealingLR)
+    model = model.to(device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    return engine

@@ -1,0 +1,132 @@
+"""Run logging: console lines, ``metrics.jsonl`` (public contract), TensorBoard and Weights & Biases.
+
+``metrics.jsonl`` holds one JSON object per logged event. Training rows carry at least ``iteration``, ``lm_loss``,
+``lr``, ``grad_norm`` and ``tokens_per_sec``; validation rows ``valid_lm_loss``; the final test row
+``test_lm_loss``. Retention rows carry the SepLLM ``retention/*`` ratios. Only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, TextIO
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalar: tensors become floats, NaN/inf become None (JSON has no spelling for them)."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def format_console_line(row: Mapping[str, Any], train_iters: int | None = None) -> str:
+    """One human-readable line in GPT-NeoX's spirit: ``iteration 10/100 | lm_loss 9.8 | lr 6.0e-04 | ...``."""
+    parts = []
+    it = row.get("iteration")
+    parts.append(f"iteration {it}/{train_iters}" if train_iters else f"iteration {it}")
+    formats = {"lm_loss": "{:.4f}", "valid_lm_loss": "{:.4f}", "test_lm_loss": "{:.4f}", "lr": "{:.3e}",
+               "grad_norm": "{:.3f}", "tokens_per_sec": "{:.0f}", "step_time_ms": "{:.1f}", "mfu": "{:.2%}",
+               "loss_scale": "{:.0f}", "memory_gb": "{:.2f}", "valid_ppl": "{:.2f}", "test_ppl": "{:.2f}"}
+    for key, fmt in formats.items():
+        if key in row and row[key] is not None:
+            parts.append(f"{key} {fmt.format(row[key])}")
+    for key, value in row.items():
+        if key.startswith("retention/") and value is not None:
+            parts.append(f"{key} {value:.4f}")
+    return " | ".join(parts)
+
+
+class RunLogger:
+    """Fans one metrics row out to console, metrics.jsonl, TensorBoard and wandb (each optional)."""
+
+    def __init__(self, log_dir: str | os.PathLike | None, *, enabled: bool = True,
+                 tensorboard_dir: str | os.PathLike | None = None, wandb_cfg: Mapping[str, Any] | None = None,
+                 run_config: Mapping[str, Any] | None = None, train_iters: int | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.train_iters = train_iters
+        self.stream = stream or sys.stdout
+        self.log_dir = Path(log_dir) if log_dir else None
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.log_dir / METRICS_FILE, "a", encoding="utf-8")
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: tensorboard is optional
+
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+        if wandb_cfg:
+            self._wandb = _start_wandb(wandb_cfg, run_config, self.log_dir)
+
+    @property
+    def metrics_path(self) -> Path | None:
+        return self.log_dir / METRICS_FILE if self.log_dir else None
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
+    def log(self, row: Mapping[str, Any], console: bool = True) -> None:
+        """Record one event; ``row['iteration']`` is the step for TensorBoard/wandb."""
+        if not self.enabled:
+            return
+        clean = {k: _clean(v) for k, v in row.items()}
+        if console:
+            self.info(format_console_line(clean, self.train_iters))
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(clean) + "\n")
+            self._jsonl.flush()
+        step = int(clean.get("iteration", 0))
+        scalars = {k: v for k, v in clean.items() if k != "iteration" and isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(_tb_tag(key), value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _tb_tag(key: str) -> str:
+    """Group TensorBoard scalars: train/..., valid/..., test/..., retention/..."""
+    if "/" in key:
+        return key
+    for split in ("valid", "test"):
+        if key.startswith(split + "_"):
+            return f"{split}/{key[len(split) + 1:]}"
+    return f"train/{key}"
+
+
+def _start_wandb(cfg: Mapping[str, Any], run_config: Mapping[str, Any] | None, log_dir: Path | None) -> Any:
+    """Start a wandb run; ``mode`` offline/disabled needs no network. Import errors are explicit."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise RuntimeError("use_wandb is set but wandb is not installed: pip install wandb, or set use_wandb false"
+                           ) from exc
+    mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or "online"
+    return wandb.init(project=cfg.get("project"), group=cfg.get("group"), entity=cfg.get("team"),
+                      name=cfg.get("run_name"), mode=mode, config=dict(run_config or {}),
+                      dir=str(log_dir) if log_dir else None, reinit="finish_previous")

@@ -1,0 +1,367 @@
+"""The pretraining loop: build everything from a resolved config, train, evaluate, checkpoint, log.
+
+Order inside an iteration ``it`` (1-indexed): set the LR for ``it`` -> ``gradient_accumulation_steps`` micro-batches
+(forward, ``engine.backward``, ``engine.step``; DeepSpeed applies the optimizer at the accumulation boundary) -> log
+-> save (``checkpoint_factor`` / ``extra_save_iters``) -> validate (``eval_interval``). A checkpoint taken after
+iteration ``k`` holds everything iteration ``k + 1`` depends on (weights, optimizer, RNG, consumed samples), so a
+resumed run reproduces the uninterrupted one bit for bit on the same hardware and world size.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron.model.loss import lm_loss
+from megatron.training.batches import Batch, make_batch
+from megatron.training.checkpointing import (CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint,
+                                             should_save)
+from megatron.training.data_setup import DataSetupError, build_datasets, build_loader, ensure_data
+from megatron.training.distributed import DistInfo, barrier, init_distributed, set_seed
+from megatron.training.engine import build_engine, check_device_support, quiet_deepspeed_logs, resolve_device
+from megatron.training.flops import default_peak_flops, flops_per_token, mfu
+from megatron.training.logging import RunLogger
+from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
+from megatron.training.optimizer import build_optimizer
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or continue (with a message that says why)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back (used by tests, benchmarks and train.py's summary)."""
+
+    iteration: int
+    train_losses: dict[int, float] = field(default_factory=dict)
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    test_loss: float | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    log_dir: str | None = None
+    tokens_per_sec: float | None = None
+    wall_time_s: float = 0.0
+
+
+@dataclass
+class _Interval:
+    """Running sums between two log lines."""
+
+    loss_sum: float = 0.0
+    iters: int = 0
+    tokens: int = 0
+    time_s: float = 0.0
+
+    def reset(self) -> None:
+        self.loss_sum, self.iters, self.tokens, self.time_s = 0.0, 0, 0, 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# steps
+
+
+def forward_loss(engine: Any, batch: Batch) -> torch.Tensor:
+    logits = engine(batch.tokens)
+    return lm_loss(logits, batch.labels, batch.loss_mask)
+
+
+def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> float:
+    if info.world_size > 1:
+        value = value.detach().clone().float()
+        dist.all_reduce(value)
+        value /= info.world_size
+    return float(value)
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+
+def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: bool,
+               on_forward: Any = None) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over ``gas`` micro-batches; returns (mean local loss, global grad norm)."""
+    losses = []
+    norm = None
+    for _ in range(gas):
+        batch = next(batches)
+        loss = forward_loss(engine, batch)
+        if on_forward is not None:
+            on_forward()
+        engine.backward(loss)
+        if own_grad_norm and engine.is_gradient_accumulation_boundary():
+            norm = _grad_norm(engine.module)  # grads are final (all-reduced) at the boundary, before clipping
+        engine.step()
+        losses.append(loss.detach().float())
+    ds_norm = engine.get_global_grad_norm()
+    if ds_norm is not None:
+        norm = float(ds_norm)
+    return torch.stack(losses).mean(), norm
+
+
+@torch.no_grad()
+def evaluate(engine: Any, dataset: Any, num_batches: int, micro_batch: int, info: DistInfo, eod: int | None,
+             eod_mask_loss: bool, device: str) -> float | None:
+    """Mean LM loss over the first ``num_batches`` micro-batches per rank of ``dataset`` (None when empty)."""
+    loader = build_loader(dataset, 0, micro_batch, info.rank, info.world_size, num_workers=0, pin_memory=False)
+    if loader is None:
+        return None
+    engine.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    try:
+        for i, sample in enumerate(loader):
+            if i >= num_batches:
+                break
+            total += forward_loss(engine, make_batch(sample, eod, eod_mask_loss, device)).double().cpu()
+            count += 1
+    finally:
+        engine.train()
+    if count == 0:
+        return None
+    return _mean_over_ranks(total / count, info)
+
+
+def _memory_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# set-up
+
+
+def _build_tokenizer_and_vocab(cfg: Any) -> Any:
+    from megatron.config import check_separator_ids, padded_vocab_size
+    from megatron.tokenizer import build_tokenizer
+
+    tok = cfg.tokenizer
+    tokenizer = build_tokenizer(tok.tokenizer_type, tok.vocab_file, tok.merge_file)
+    if cfg.model.padded_vocab_size is None:
+        cfg.model.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                                        cfg.parallel.model_parallel_size)
+    elif cfg.model.padded_vocab_size < tokenizer.vocab_size:
+        raise TrainingError(f"padded_vocab_size {cfg.model.padded_vocab_size} is smaller than the tokenizer's "
+                            f"vocabulary ({tokenizer.vocab_size})")
+    check_separator_ids(cfg.sepllm, tokenizer.vocab_size)
+    return tokenizer
+
+
+def _check_supported(cfg: Any) -> None:
+    p = cfg.parallel
+    if (p.model_parallel_size or 1) > 1 or (p.pipe_parallel_size or 0) > 1 or p.sequence_parallel:
+        raise TrainingError("tensor/pipeline/sequence parallelism is not supported by the trainer yet: set "
+                            "model-parallel-size 1, pipe-parallel-size 0 or 1, sequence-parallel false")
+    if cfg.training.train_iters is None or cfg.training.train_iters < 0:
+        raise TrainingError(f"train_iters must be set to a number >= 0, got {cfg.training.train_iters!r}")
+    if cfg.training.zero_stage >= 3 and cfg.checkpoint.save:
+        raise TrainingError("checkpointing with ZeRO stage 3 is not supported: use stage 1 or 2, or unset 'save'")
+
+
+def _make_scheduler(cfg: Any, train_iters: int) -> AnnealingLR:
+    ls = cfg.lr_schedule
+    decay_iters = ls.lr_decay_iters or train_iters
+    warmup_iters = ls.warmup_iters if ls.warmup_iters is not None else resolve_warmup_iters(ls.warmup, decay_iters)
+    return AnnealingLR(max_lr=float(cfg.optimizer.lr), warmup_iters=int(warmup_iters),
+                       lr_decay_iters=int(decay_iters), decay_style=ls.lr_decay_style, min_lr=float(ls.min_lr))
+
+
+def _resume(cfg: Any, engine: Any, scheduler: AnnealingLR, info: DistInfo, logger: RunLogger) -> tuple[int, int]:
+    """Load ``cfg.checkpoint.load`` if set; returns (start iteration, consumed train samples)."""
+    ck = cfg.checkpoint
+    if not ck.load:
+        return 0, 0
+    same_as_save = ck.save and Path(ck.load).resolve() == Path(ck.save).resolve()
+    if same_as_save and not list_checkpoints(ck.load) and not (Path(ck.load) / "latest").exists():
+        logger.info(f"load: {ck.load} holds no checkpoint yet (it is also the save folder): starting from scratch")
+        return 0, 0
+    weights_only = ck.finetune or ck.no_load_optim
+    meta = load_checkpoint(ck.load, engine, rank=info.rank, world_size=info.world_size,
+                           load_optim=not weights_only, load_rng=not (ck.no_load_rng or ck.finetune))
+    if ck.finetune:
+        logger.info(f"finetune: loaded weights from {meta['path']}, starting at iteration 0")
+        return 0, 0
+    client = meta.get("client_state", {})
+    iteration = int(meta["iteration"])
+    consumed = int(client.get("consumed_train_samples", 0))
+    if "lr_scheduler" in client:
+        scheduler.load_state_dict(client["lr_scheduler"])
+    engine.global_steps = iteration
+    engine.global_samples = consumed
+    logger.info(f"resumed from {meta['path']} at iteration {iteration} ({consumed} samples consumed"
+                f"{', optimizer state not loaded' if weights_only else ''})")
+    return iteration, consumed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def pretrain(config: Any, *, stream: Any = None) -> TrainResult:
+    """Train as configured. ``config`` is a resolved ``NeoXConfig``; it is copied, never modified."""
+    cfg = copy.deepcopy(config)
+    started = time.perf_counter()
+    t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
+    device = resolve_device(t.device)
+    check_device_support(device, t.precision, t.zero_stage)
+    _check_supported(cfg)
+    info = init_distributed(device, cfg.parallel.distributed_backend)
+    quiet_deepspeed_logs()
+    is_main = info.rank == 0
+    wandb_cfg = None
+    if lg.use_wandb:
+        wandb_cfg = {"project": lg.wandb_project, "group": lg.wandb_group, "team": lg.wandb_team,
+                     "run_name": lg.wandb_run_name, "mode": lg.wandb_mode}
+    logger = RunLogger(lg.log_dir, enabled=is_main, tensorboard_dir=lg.tensorboard_dir, wandb_cfg=wandb_cfg,
+                       run_config=cfg.to_dict(), train_iters=t.train_iters, stream=stream)
+    try:
+        return _run(cfg, info, device, logger, started)
+    finally:
+        logger.close()
+
+
+def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: float) -> TrainResult:
+    from megatron.model.gpt import GPTModel
+
+    t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
+    set_seed(t.seed, info.rank)
+    tokenizer = _build_tokenizer_and_vocab(cfg)
+    ds_config = cfg.deepspeed_config(info.world_size, client_optimizer=True)
+    micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    global_batch = ds_config["train_batch_size"]
+    seq = cfg.model.seq_length
+    logger.info(f"device {device} | world size {info.world_size} ({info.backend}) | precision {t.precision} | "
+                f"ZeRO {t.zero_stage} | global batch {global_batch} = micro {micro} x accum {gas} x dp "
+                f"{info.world_size} | seq {seq}")
+
+    ensure_data(cfg.data, cfg.tokenizer, logger.info, may_prepare=info.rank == 0)
+    barrier()
+    datasets = build_datasets(cfg, global_batch, t.train_iters)
+
+    model = GPTModel(cfg.model, cfg.sepllm)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, cfg.optimizer, device_type=device)
+    engine = build_engine(model, optimizer, ds_config, device)
+    scheduler = _make_scheduler(cfg, t.train_iters)
+    fpt = flops_per_token(cfg.model, seq, cfg.model.padded_vocab_size)
+    peak, peak_source = (lg.peak_flops, "configured") if lg.peak_flops else default_peak_flops(device)
+    logger.info(f"model: {n_params / 1e6:.2f} M parameters, {fpt / 1e6:.1f} MFLOPs/token (fwd+bwd) | MFU peak: "
+                + (f"{peak / 1e12:.3f} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})"))
+
+    iteration, consumed = _resume(cfg, engine, scheduler, info, logger)
+    result = TrainResult(iteration=iteration, log_dir=lg.log_dir)
+    eod = getattr(tokenizer, "eod", None)
+    own_norm = engine.zero_optimization_stage() == 0 and t.precision == "fp32"
+    sep = cfg.sepllm
+    retention = getattr(getattr(engine.module, "attention_backend", None), "retention", None)
+    forward_calls = [0]
+
+    def on_forward() -> None:
+        forward_calls[0] += 1
+        if (sep.PRINT_KV_RATIO and retention is not None and sep.print_ratio_intervals > 0
+                and forward_calls[0] % sep.print_ratio_intervals == 0):
+            stats = {f"retention/{k}": v for k, v in retention.as_dict().items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            logger.log({"iteration": current[0], "forward_calls": forward_calls[0], **stats})
+
+    current = [iteration]
+    loader = build_loader(datasets.train, consumed, micro, info.rank, info.world_size,
+                          num_workers=cfg.data.num_workers, pin_memory=device == "cuda")
+    if loader is None and iteration < t.train_iters:
+        raise DataSetupError("the training split is empty: check data paths and split")
+
+    def micro_batches() -> Iterator[Batch]:
+        for sample in loader:
+            yield make_batch(sample, eod, t.eod_mask_loss, device)
+        raise DataSetupError("ran out of training samples before train_iters; the dataset was sized too small")
+
+    batches = micro_batches()
+    interval = _Interval()
+    last_saved = None
+    engine.train()
+    while iteration < t.train_iters:
+        iteration += 1
+        current[0] = iteration
+        tick = time.perf_counter()
+        lr = scheduler.step(iteration, engine.optimizer.param_groups)
+        local_loss, grad_norm = train_step(engine, batches, gas, own_norm, on_forward)
+        loss = _mean_over_ranks(local_loss, info)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        interval.time_s += time.perf_counter() - tick
+        consumed += global_batch
+        interval.loss_sum += loss
+        interval.iters += 1
+        interval.tokens += global_batch * seq
+        result.train_losses[iteration] = loss
+
+        if iteration % lg.log_interval == 0 or iteration == t.train_iters:
+            tps = interval.tokens / max(interval.time_s, 1e-9)
+            row: dict[str, Any] = {"iteration": iteration, "lm_loss": interval.loss_sum / interval.iters, "lr": lr,
+                                   "grad_norm": grad_norm if lg.log_grad_norm else None, "tokens_per_sec": tps,
+                                   "step_time_ms": 1000.0 * interval.time_s / interval.iters,
+                                   "consumed_samples": consumed, "mfu": mfu(tps, fpt, peak, info.world_size)}
+            if t.precision == "fp16":
+                row["loss_scale"] = getattr(engine.optimizer, "cur_scale", None)
+                row["skipped_iters"] = engine.skipped_steps
+            if lg.log_memory:
+                row["memory_gb"] = _memory_gb(device)
+            logger.log(row)
+            result.tokens_per_sec = tps
+            interval.reset()
+
+        if ck.save and should_save(iteration, ck.checkpoint_factor, ck.extra_save_iters):
+            last_saved = _save(cfg, engine, scheduler, iteration, consumed, info, logger, result)
+        if t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters > 0:
+            _validate(cfg, engine, datasets.valid, "valid", iteration, micro, gas, info, eod, device, logger, result)
+
+    if ck.save and last_saved != iteration and iteration > 0:  # GPT-NeoX also saves once at the end
+        _save(cfg, engine, scheduler, iteration, consumed, info, logger, result)
+    if t.do_test and t.eval_iters > 0:
+        _validate(cfg, engine, datasets.test, "test", iteration, micro, gas, info, eod, device, logger, result)
+    result.iteration = iteration
+    result.wall_time_s = time.perf_counter() - started
+    logger.info(f"done: {iteration} iterations in {result.wall_time_s:.1f} s")
+    return result
+
+
+def _save(cfg: Any, engine: Any, scheduler: AnnealingLR, iteration: int, consumed: int, info: DistInfo,
+          logger: RunLogger, result: TrainResult) -> int:
+    tick = time.perf_counter()
+    client = {"iteration": iteration, "consumed_train_samples": consumed, "lr_scheduler": scheduler.state_dict(),
+              "seed": cfg.training.seed}
+    path = save_checkpoint(cfg.checkpoint.save, iteration, engine, rank=info.rank, world_size=info.world_size,
+                           client_state=client, config_yaml=cfg.to_yaml(),
+                           keep_last_n=cfg.checkpoint.keep_last_n_checkpoints)
+    result.checkpoints.append(str(path))
+    logger.info(f"saved checkpoint {path} ({time.perf_counter() - tick:.2f} s)")
+    return iteration
+
+
+def _validate(cfg: Any, engine: Any, dataset: Any, split: str, iteration: int, micro: int, gas: int,
+              info: DistInfo, eod: int | None, device: str, logger: RunLogger, result: TrainResult) -> None:
+    loss = evaluate(engine, dataset, cfg.training.eval_iters * gas, micro, info, eod, cfg.training.eod_mask_loss,
+                    device)
+    if loss is None:
+        logger.info(f"{split}: the {split} split is empty, skipped")
+        return
+    if split == "valid":
+        result.valid_losses[iteration] = loss
+    else:
+        result.test_loss = loss
+    import math
+
+    logger.log({"iteration": iteration, f"{split}_lm_loss": loss, f"{split}_ppl": math.exp(min(loss, 50.0))})
+
+
+__all__ = ["TrainResult", "TrainingError", "CheckpointError", "evaluate", "pretrain", "train_step"]
