@@ -390,3 +390,21 @@ def test_flops_per_token_formula() -> None:
                       intermediate_size=100)
     assert flops_per_token(gqa, 16, 10, backward=False) == 2 * (64 * (8 + 4) * 8 + 64 * 64 + 3 * 64 * 100 + 640) \
         + 4 * 64 * 16
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_runs_bf16() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    cfg = tiny(pos_emb="alibi", num_kv_heads=2)
+    model = GPTModel(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        cpu = model(ids, attention_mask=mask)
+        gpu = model.cuda()(ids.cuda(), attention_mask=mask.cuda()).cpu()
+        torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+        half = model.to(torch.bfloat16)(ids.cuda())
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
