@@ -132,3 +132,53 @@ def bipe_position_ids(ids: torch.Tensor, separator_ids: Sequence[int]) -> tuple[
     seg_start = torch.cat([torch.zeros_like(last_start[:, :1]), last_start[:, :-1]], dim=-1)
     intra = pos - seg_start
     return intra, inter
+
+
+def allowed_between(global_keys: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
+                    key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, Q, K]`` bool: the rule for arbitrary query positions ``q_pos [Q]`` and key positions ``k_pos [K]``.
+
+    ``global_keys`` and ``key_valid`` are ``[B, K]`` and describe the keys at ``k_pos`` (so a caller can evaluate a
+    band or a gathered key set without building ``S x S``). With ``key_valid`` a padding key is never attended,
+    except that every query keeps its own diagonal, so a fully padded query row stays finite (no NaN).
+    """
+    if window < 1:
+        raise ValueError(f"local window must be >= 1, got {window}")
+    qp = q_pos.to(global_keys.device).view(-1, 1)
+    kp = k_pos.to(global_keys.device).view(1, -1)
+    causal = kp <= qp
+    band = (qp - kp) <= window - 1
+    allowed = causal.unsqueeze(0) & (global_keys.to(torch.bool).unsqueeze(1) | band.unsqueeze(0))
+    if key_valid is not None:
+        allowed = allowed & (key_valid.to(torch.bool).unsqueeze(1) | (qp == kp).unsqueeze(0))
+    return allowed
+
+
+def padded_allowed_mask(global_keys: torch.Tensor, window: int,
+                        key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense ``[B, S, S]`` training/prefill mask with padding: ``allowed AND (key_valid[k] OR k == q)``.
+
+    Same as ``allowed_mask`` when ``key_valid`` is None; padding keys are dropped but each query keeps its diagonal.
+    """
+    pos = torch.arange(global_keys.shape[1], device=global_keys.device)
+    return allowed_between(global_keys, pos, pos, window, key_valid)
+
+
+def row_kept_counts(global_keys: torch.Tensor, window: int,
+                    key_valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed form of the rule's row sums in O(B*S): ``(kept [B,S], causal_total [B,S])`` int64.
+
+    ``kept[b, q]`` = number of valid keys query ``q`` attends (valid global keys before its window + valid keys in
+    its window); ``causal_total[b, q]`` = number of valid keys ``k <= q``. Padding keys are excluded from both (the
+    diagonal a padding query keeps for numerical safety is not a real attended key).
+    """
+    batch, seq_len = global_keys.shape
+    valid = (torch.ones_like(global_keys, dtype=torch.bool) if key_valid is None else key_valid.to(torch.bool))
+    g = global_keys.to(torch.bool) & valid
+    zero = torch.zeros(batch, 1, dtype=torch.long, device=global_keys.device)
+    cum_g = torch.cat([zero, torch.cumsum(g.to(torch.long), dim=-1)], dim=-1)       # cum_g[:, i] = #g in [0, i)
+    cum_v = torch.cat([zero, torch.cumsum(valid.to(torch.long), dim=-1)], dim=-1)
+    q = torch.arange(seq_len, device=global_keys.device)
+    start = (q - window + 1).clamp(min=0)                                            # first key inside the window
+    kept = cum_g[:, start] + (cum_v[:, q + 1] - cum_v[:, start])
+    return kept, cum_v[:, q + 1]

@@ -1,0 +1,175 @@
+"""``SepLLMBackend``: the SepLLM implementation of the model's ``AttentionBackend`` protocol.
+
+``prepare`` evaluates the rule once per micro-batch (``plan.build_plan``), builds what the chosen execution path
+needs for each distinct pattern (dense mask, FlexAttention BlockMask or compact gather layout) and updates the
+retention counters; ``__call__`` runs one layer. Execution paths (``sep_attention_impl``):
+
+* ``dense``   -- boolean mask into SDPA (reference "NOkernel" semantics, supports dropout and SA softmax);
+* ``flex``    -- FlexAttention BlockMask from the ``[B, S]`` bit-vector (GPU training; CPU forward only);
+* ``compact`` -- gathered global keys + banded window in one exact softmax (work ~ kept keys; CPU/GPU training);
+* ``auto``    -- ``USE_SEP_ATTN_KERNEL_ACCELERATOR: False`` => dense. Otherwise compact on CPU (measured: see
+  ``benchmarks/sep_attention.py``) and flex on CUDA. The CUDA choice is a documented rule, not a measurement: no GPU
+  was available while writing this; FlexAttention's Triton kernel is fused forward and backward there, while the
+  compact path's GPU engine is a per-block SDPA loop. Benchmark both on your GPU with the benchmark script.
+
+Layers whose window covers the sequence (H/HT layers, ``mode: full``) run plain causal SDPA on the fast path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from megatron.config.model import ModelConfig
+from megatron.config.sepllm import SepLLMConfig
+from megatron.sepllm import checks
+from megatron.sepllm.compact import build_compact_layout, compact_attention
+from megatron.sepllm.dense import alibi_bias, build_dense_mask, causal_attention, masked_sdpa
+from megatron.sepllm.plan import PatternPlan, SepPlan, build_plan
+from megatron.sepllm.retention import RetentionStats, pattern_counts
+from megatron.sepllm.sa_softmax import sa_attention
+
+logger = logging.getLogger(__name__)
+
+
+def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """Grouped-query attention: repeat each KV head for its ``Hq / Hkv`` query heads."""
+    hkv = x.shape[1]
+    if hkv == num_q_heads:
+        return x
+    if num_q_heads % hkv:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key/value heads ({hkv})")
+    return x.repeat_interleave(num_q_heads // hkv, dim=1)
+
+
+class SepLLMBackend:
+    """SepLLM / StreamingLLM / FixLLM / SA attention for ``GPTModel`` (see module docstring)."""
+
+    def __init__(self, sepllm_cfg: SepLLMConfig, model_cfg: ModelConfig, *, compact_block_size: Optional[int] = None,
+                 compact_engine: str = "auto"):
+        self.cfg = sepllm_cfg
+        self.num_layers = int(model_cfg.num_layers)
+        checks.check_backend_config(sepllm_cfg, self.num_layers)
+        windows = checks.resolve_prefill_windows(sepllm_cfg, self.num_layers)
+        self.layer_windows = [checks.effective_window(sepllm_cfg, w) for w in windows]
+        if sepllm_cfg.mode == "fixllm":
+            self.layer_intervals: list[Optional[int]] = list(checks.resolve_fixed_intervals(sepllm_cfg, self.num_layers))
+        else:
+            self.layer_intervals = [None] * self.num_layers
+        self.separator_ids = checks.separator_ids_for_mode(sepllm_cfg)
+        self.num_initial = max(sepllm_cfg.num_initial, 0)
+        self.compact_block_size = compact_block_size
+        self.compact_engine = compact_engine
+        self.retention = RetentionStats(self.num_layers)
+        self._flex_runner = None
+        self._logged: set = set()
+        if sepllm_cfg.RECOMPILE_SEP_ATTN_KERNEL and sepllm_cfg.sep_attention_impl in ("dense", "compact"):
+            logger.warning("RECOMPILE_SEP_ATTN_KERNEL=True has no effect with sep_attention_impl=%r (flex only)",
+                           sepllm_cfg.sep_attention_impl)
+
+    # ------------------------------------------------------------------------------------------- path selection
+    def resolve_impl(self, device: torch.device) -> str:
+        """The execution path for ``device``: explicit ``sep_attention_impl`` wins, else the ``auto`` rule."""
+        cfg = self.cfg
+        if cfg.mode in checks.DENSE_ONLY_MODES:
+            impl = "dense"
+        elif cfg.sep_attention_impl != "auto":
+            impl = cfg.sep_attention_impl
+        elif not cfg.USE_SEP_ATTN_KERNEL_ACCELERATOR:
+            impl = "dense"
+        else:
+            impl = "flex" if torch.device(device).type == "cuda" else "compact"
+        key = (impl, torch.device(device).type)
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.info("SepLLM attention: mode=%s, sep_attention_impl=%s -> %s path on %s", cfg.mode,
+                        cfg.sep_attention_impl, impl, key[1])
+        return impl
+
+    def _flex(self):
+        if self._flex_runner is None:
+            from megatron.sepllm.flex import FlexRunner
+
+            self._flex_runner = FlexRunner(block_size=self.cfg._DEFAULT_SPARSE_BLOCK_SIZE,
+                                           compile_block_mask=self.cfg.RECOMPILE_SEP_ATTN_KERNEL)
+        return self._flex_runner
+
+    # ------------------------------------------------------------------------------------------- protocol
+    def prepare(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask_2d: Optional[torch.Tensor]) -> SepPlan:
+        """Build the micro-batch plan shared by all layers and add its counts to ``self.retention``."""
+        impl = self.resolve_impl(input_ids.device)
+        plan = build_plan(input_ids, position_ids, attention_mask_2d, impl=impl, mode=self.cfg.mode,
+                          layer_windows=self.layer_windows, layer_intervals=self.layer_intervals,
+                          separator_ids=self.separator_ids, num_initial=self.num_initial,
+                          batch_adaptive_init=self.cfg.BATCH_ADAPTIVE_INIT_POS)
+        counts = {}
+        for pattern in plan.distinct_patterns():
+            counts[id(pattern)] = pattern_counts(pattern.global_keys, pattern.window, plan.key_valid)
+            if not pattern.full:
+                pattern.artifact = self._build_artifact(plan, pattern)
+        for layer, pattern in enumerate(plan.layer_patterns):
+            self.retention.update(layer, *counts[id(pattern)])
+        self.retention.count_forward()
+        return plan
+
+    def _build_artifact(self, plan: SepPlan, pattern: PatternPlan) -> Any:
+        if plan.impl == "dense":
+            return build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid)
+        if plan.impl == "flex":
+            return self._flex().block_mask(pattern.global_keys, plan.key_valid, pattern.window)
+        return build_compact_layout(pattern.global_keys, plan.key_valid, pattern.window, plan.position_ids,
+                                    block=self.compact_block_size)
+
+    def _padded_causal(self, plan: SepPlan) -> Optional[torch.Tensor]:
+        if plan.key_valid is None:
+            return None
+        if "padded_causal" not in plan.extras:
+            zeros = torch.zeros_like(plan.key_valid)
+            plan.extras["padded_causal"] = build_dense_mask(zeros, plan.seq_len, plan.key_valid)
+        return plan.extras["padded_causal"]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, state: Any, *,
+                 scale: float, dropout_p: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        plan: SepPlan = state
+        if not isinstance(plan, SepPlan):
+            raise TypeError("SepLLMBackend expects the state returned by its own prepare()")
+        if q.dim() != 4 or q.shape[-2] != plan.seq_len or k.shape[-2] != plan.seq_len:
+            raise ValueError(f"q/k/v must be [B, H, S, D] with S = {plan.seq_len} (from prepare); got q "
+                             f"{tuple(q.shape)}, k {tuple(k.shape)}")
+        pattern = plan.pattern(layer_idx)
+        pos = plan.position_ids
+        if plan.mode in checks.DENSE_ONLY_MODES:
+            keep = self._padded_causal(plan)
+            if keep is None:
+                keep = torch.ones(plan.seq_len, plan.seq_len, dtype=torch.bool, device=q.device).tril_()[None, None]
+            bias = alibi_bias(alibi_slopes, pos) if alibi_slopes is not None else None
+            return sa_attention(q, _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), keep, scale=scale,
+                                no_denominator=plan.mode == "sa_no_deno",
+                                numerator_bias=float(self.cfg.SA_Numerator_Bias),
+                                denominator_bias=float(self.cfg.SA_Denominator_Bias), additive_bias=bias,
+                                dropout_p=dropout_p, training=dropout_p > 0)
+        if pattern.full:
+            return causal_attention(q, _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), scale=scale,
+                                    dropout_p=dropout_p, keep=self._padded_causal(plan), alibi_slopes=alibi_slopes,
+                                    position_ids=pos)
+        impl = plan.impl
+        if impl == "flex":
+            return self._flex()(q, k, v, pattern.artifact, scale=scale, alibi_slopes=alibi_slopes, position_ids=pos,
+                                dropout_p=dropout_p)
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        if impl == "compact":
+            if dropout_p > 0.0:
+                if self.cfg.sep_attention_impl == "compact":
+                    raise checks.SepAttentionConfigError(
+                        f"attention dropout {dropout_p} is not supported by sep_attention_impl='compact'; set "
+                        "attention_dropout to 0 or use sep_attention_impl='dense'")
+                keep = build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid)
+                return masked_sdpa(q, k, v, keep, scale=scale, dropout_p=dropout_p, alibi_slopes=alibi_slopes,
+                                   position_ids=pos)
+            return compact_attention(q, k, v, pattern.artifact, scale=scale, alibi_slopes=alibi_slopes,
+                                     engine=self.compact_engine)
+        return masked_sdpa(q, k, v, pattern.artifact, scale=scale, dropout_p=dropout_p, alibi_slopes=alibi_slopes,
+                           position_ids=pos)

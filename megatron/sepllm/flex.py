@@ -1,0 +1,65 @@
+"""FlexAttention SepLLM path: a BlockMask built from the ``[B, S]`` global-key bit-vector (never an S x S tensor).
+
+``mask_mod = causal & (global[b, kv] | q - kv < w) & (valid[b, kv] | q == kv)`` is the rule of ``rules.py`` written
+as a predicate (spec §7 item 14). One BlockMask per distinct pattern per micro-batch; ``flex_attention`` is compiled
+once per ``FlexRunner`` and reused. On CPU torch has no FlexAttention backward, so inputs that require grad are
+rejected with a clear error (train on CPU with ``compact`` or ``dense``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from megatron.sepllm.checks import SepAttentionConfigError, check_flex_available
+
+
+class FlexRunner:
+    """Holds the compiled ``flex_attention`` (and optionally compiled ``create_block_mask``) of one backend."""
+
+    def __init__(self, block_size: int = 128, compile_block_mask: bool = False, compile_kernel: bool = True):
+        check_flex_available()
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self.block_size = int(block_size)
+        self._flex = torch.compile(flex_attention, dynamic=False) if compile_kernel else flex_attention
+        self._create = torch.compile(create_block_mask) if compile_block_mask else create_block_mask
+
+    def block_mask(self, global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int) -> Any:
+        """BlockMask of the SepLLM rule for one pattern (B per row, heads broadcast)."""
+        batch, seq_len = global_keys.shape
+        g = global_keys.contiguous()
+        w = int(window)
+        if key_valid is None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (g[b, kv_idx] | (q_idx - kv_idx < w))
+        else:
+            valid = key_valid.contiguous()
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return ((kv_idx <= q_idx) & (g[b, kv_idx] | (q_idx - kv_idx < w))
+                        & (valid[b, kv_idx] | (q_idx == kv_idx)))
+        return self._create(mask_mod, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=g.device,
+                            BLOCK_SIZE=self.block_size)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, scale: float,
+                 alibi_slopes: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                 dropout_p: float = 0.0) -> torch.Tensor:
+        if dropout_p > 0.0:
+            raise SepAttentionConfigError(
+                f"attention dropout {dropout_p} is not supported by sep_attention_impl='flex' (FlexAttention has no "
+                "dropout); set attention_dropout to 0 or use sep_attention_impl='dense'")
+        if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+            raise SepAttentionConfigError(
+                "sep_attention_impl='flex' cannot train on CPU: torch has no FlexAttention backward on CPU. "
+                "Use sep_attention_impl='compact' (fast) or 'dense' for CPU training; flex is forward-only here")
+        score_mod = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+            pos = position_ids.to(device=q.device, dtype=torch.float32).contiguous()
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score - slopes[h] * (pos[b, q_idx] - pos[b, kv_idx])
+        gqa = q.shape[1] != k.shape[1]
+        return self._flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
