@@ -310,9 +310,11 @@ def test_presets_and_errors():
     assert SepCache(layer_num=2, model_type="gpt_neox").separator_token_ids[:3] == [15, 13, 32]
     with pytest.raises(ValueError, match="separator_token_ids"):
         SepCache(layer_num=2)
-    with pytest.raises(ValueError, match="cache_size"):
+    with pytest.raises(ValueError, match="cache_size=19"):
         SepCache(layer_num=2, separator_token_ids=SEPS, init_cache_size=4, sep_cache_size=8, local_size=8,
-                 cache_size=20)
+                 cache_size=19)
+    with pytest.raises(ValueError, match="eviction_timing"):
+        SepCache(layer_num=2, separator_token_ids=SEPS, eviction_timing="later")
     with pytest.raises(ValueError, match="local_size has 3 entries"):
         SepCache(layer_num=2, separator_token_ids=SEPS, local_size=[8, 8, 8])
     per_layer = SepCache(separator_token_ids=SEPS, init_cache_size=2, sep_cache_size=[4, 8], local_size=[4, 8],

@@ -17,7 +17,10 @@ Design (what differs from the reference SepCache, and why):
 * **Bound.** Compression happens inside ``update`` before attention. A decode step (one query) attends at most
   ``cache_size`` keys per row: after appending the new token the cache is compressed whenever its stored length
   exceeds ``cache_size`` (or, with ``exact_window=True``, whenever a row holds more than ``local_size`` local tokens),
-  leaving ``a + |seps| + w <= a + s + w < cache_size``. The stored length between steps never exceeds ``cache_size``.
+  leaving ``a + |seps| + w <= a + s + w <= cache_size``. The stored length between steps never exceeds
+  ``cache_size``. ``eviction_timing="after_step"`` reproduces the streaming manager instead (spec §3.2, §7 item 6):
+  the overflow of a step is evicted at the start of the next one, so a decode query sees at most ``cache_size + 1``
+  keys (the reference streaming-perplexity numbers were measured that way).
   A multi-token step (prefill / chunked prefill) attends the stored cache plus its own tokens (the prompt needs its
   own keys), then stores the compressed result, so the prompt length is not bounded but memory after the step is.
 * **Decode semantics.** ``exact_window=False`` (default, the reference SepCache): between compressions the local
@@ -53,6 +56,7 @@ class _StepPlan:
 
     ids_app: torch.Tensor           # [B, L_old + q] ids after appending
     kind_app: torch.Tensor          # [B, L_old + q]
+    pre_gather_idx: Optional[torch.Tensor]   # eviction_timing="after_step": compression of the stored slots
     gather_idx: Optional[torch.Tensor]   # [B, L_new] indices into the appended storage (None: no compression)
     kind_new: torch.Tensor          # [B, L_new] kinds after compression (== kind_app when no compression)
     ids_new: torch.Tensor
@@ -135,7 +139,7 @@ class SepCache(Cache):
                  separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
                  model_type: Optional[str] = None, tokenizer: Any = None, layer_num: Optional[int] = None,
                  APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
-                 model: Any = None, **unsupported: Any):
+                 eviction_timing: str = "in_update", model: Any = None, **unsupported: Any):
         if unsupported:
             raise TypeError(f"SepCache got unsupported arguments {sorted(unsupported)}")
         if model is not None:
@@ -151,12 +155,14 @@ class SepCache(Cache):
         if layer_num is None:
             raise ValueError("SepCache needs layer_num (or a model, or per-layer size lists)")
         per_layer = {k: _per_layer(k, v, layer_num) for k, v in sizes.items()}
+        if eviction_timing not in ("in_update", "after_step"):
+            raise ValueError(f"eviction_timing must be 'in_update' or 'after_step', got {eviction_timing!r}")
         if prefill_attention not in ("full", "sepllm"):
             raise ValueError(f"prefill_attention must be 'full' or 'sepllm', got {prefill_attention!r}")
         layers = []
         for i in range(layer_num):
             a, s, w, c = (per_layer[k][i] for k in ("init_cache_size", "sep_cache_size", "local_size", "cache_size"))
-            _check_sizes(i, a, s, w, c, exact_window)
+            _check_sizes(i, a, s, w, c)
             layers.append(SepCacheLayer(a, s, w, c))
         super().__init__(layers=layers)
         self.separator_token_ids, self.PADDING_ID = resolve_separators(separator_token_ids, PADDING_ID, model_type,
@@ -166,6 +172,7 @@ class SepCache(Cache):
         self.APPLY_PE_SHIFT = bool(APPLY_PE_SHIFT)
         self.exact_window = bool(exact_window)
         self.prefill_attention = prefill_attention
+        self.eviction_timing = eviction_timing
         self.rope_fn: Optional[RopeFn] = None
         self.valid_seen: Optional[torch.Tensor] = None   # [B] number of real tokens seen per row
         self.tokens_seen = 0                             # number of token slots fed per row (padding included)
@@ -226,23 +233,35 @@ class SepCache(Cache):
         self.tokens_seen += q
         return positions
 
+    def _needs_compression(self, layer: SepCacheLayer, kind: torch.Tensor) -> bool:
+        if self.exact_window:
+            return bool(((kind == LOCAL).sum(-1) > layer.local_size).any())
+        return kind.shape[-1] > layer.cache_size
+
+    def _compress_meta(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor, pos: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx, kind_new = self._compress_indices(layer, ids, kind)
+        pos_new = torch.where(kind_new != INVALID, pos.gather(1, idx), torch.full_like(idx, -1))
+        return idx, kind_new, ids.gather(1, idx), pos_new
+
     def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, sep_new: torch.Tensor,
                     positions: torch.Tensor, token_index: torch.Tensor) -> _StepPlan:
         bsz, q = ids.shape
+        pre_idx = None
         if layer.ids is None:
             ids_app, kind_app, pos_app = ids, kind_tok, token_index
         else:
-            ids_app, kind_app = torch.cat([layer.ids, ids], dim=-1), torch.cat([layer.kind, kind_tok], dim=-1)
-            pos_app = torch.cat([layer.pos, token_index], dim=-1)
+            ids_old, kind_old, pos_old = layer.ids, layer.kind, layer.pos
+            if self.eviction_timing == "after_step" and self._needs_compression(layer, kind_old):
+                # streaming-manager timing: the previous step's overflow is evicted now, before the new token
+                pre_idx, kind_old, ids_old, pos_old = self._compress_meta(layer, ids_old, kind_old, pos_old)
+            ids_app, kind_app = torch.cat([ids_old, ids], dim=-1), torch.cat([kind_old, kind_tok], dim=-1)
+            pos_app = torch.cat([pos_old, token_index], dim=-1)
         l_app = ids_app.shape[-1]
-        n_local = (kind_app == LOCAL).sum(-1)
-        need = bool((n_local > layer.local_size).any()) if self.exact_window else l_app > layer.cache_size
         gather_idx = None
         kind_new, ids_new, pos_new = kind_app, ids_app, pos_app
-        if need:
-            gather_idx, kind_new = self._compress_indices(layer, ids_app, kind_app)
-            ids_new = ids_app.gather(1, gather_idx)
-            pos_new = torch.where(kind_new != INVALID, pos_app.gather(1, gather_idx), torch.full_like(gather_idx, -1))
+        if self.eviction_timing == "in_update" and self._needs_compression(layer, kind_app):
+            gather_idx, kind_new, ids_new, pos_new = self._compress_meta(layer, ids_app, kind_app, pos_app)
         attend_compressed = q == 1
         if attend_compressed:
             valid_k = kind_new != INVALID
@@ -263,9 +282,9 @@ class SepCache(Cache):
             diag[:, torch.arange(q), l_old + torch.arange(q)] = True
             allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
             attn_mask = allowed.unsqueeze(1)
-        return _StepPlan(ids_app=ids_app, kind_app=kind_app, gather_idx=gather_idx, kind_new=kind_new,
-                         ids_new=ids_new, pos_new=pos_new, attend_compressed=attend_compressed, attn_mask=attn_mask,
-                         step_positions=positions, q_len=q)
+        return _StepPlan(ids_app=ids_app, kind_app=kind_app, pre_gather_idx=pre_idx, gather_idx=gather_idx,
+                         kind_new=kind_new, ids_new=ids_new, pos_new=pos_new, attend_compressed=attend_compressed,
+                         attn_mask=attn_mask, step_positions=positions, q_len=q)
 
     def _compress_indices(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,12 +339,14 @@ class SepCache(Cache):
                 raise RuntimeError("APPLY_PE_SHIFT=True needs the model's rotary settings: call cache.bind_model(model)")
             cos, sin = self.rope_fn(key_states, plan.step_positions)
             key_states = unapply_rotary(key_states, cos, sin)     # stored without positional encoding
+        if plan.pre_gather_idx is not None:
+            layer.keys, layer.values = _gather_slots(layer.keys, plan.pre_gather_idx), _gather_slots(
+                layer.values, plan.pre_gather_idx)
         keys_app = torch.cat([layer.keys, key_states], dim=-2)
         values_app = torch.cat([layer.values, value_states], dim=-2)
         if plan.gather_idx is not None:
-            idx = plan.gather_idx[:, None, :, None]
-            layer.keys = keys_app.gather(2, idx.expand(-1, keys_app.shape[1], -1, keys_app.shape[-1]))
-            layer.values = values_app.gather(2, idx.expand(-1, values_app.shape[1], -1, values_app.shape[-1]))
+            layer.keys, layer.values = _gather_slots(keys_app, plan.gather_idx), _gather_slots(values_app,
+                                                                                              plan.gather_idx)
         else:
             layer.keys, layer.values = keys_app, values_app
         layer.ids, layer.kind, layer.pos = plan.ids_new, plan.kind_new, plan.pos_new
@@ -397,6 +418,13 @@ class SepCache(Cache):
         return layer.ids, layer.kind, layer.pos
 
 
+def _gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, L, D]`` gathered along L with per-row indices ``idx [B, L']``."""
+    if idx.shape[0] == 1:   # batch 1: a plain index_select is cheaper than gather
+        return x.index_select(2, idx[0])
+    return x.gather(2, idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+
 def _num_layers(model: Any) -> int:
     cfg = model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -412,13 +440,10 @@ def _per_layer(name: str, value: IntOrList, layer_num: int) -> list[int]:
     return values
 
 
-def _check_sizes(layer: int, a: int, s: int, w: int, c: int, exact_window: bool) -> None:
+def _check_sizes(layer: int, a: int, s: int, w: int, c: int) -> None:
     if a < 0 or s < 0 or w < 1:
         raise ValueError(f"layer {layer}: need init_cache_size >= 0, sep_cache_size >= 0, local_size >= 1; "
                          f"got a={a}, s={s}, w={w}")
-    if exact_window:
-        if a + s + w > c:
-            raise ValueError(f"layer {layer}: cache_size={c} must be >= init+sep+local = {a + s + w}")
-    elif a + s + w >= c:
-        raise ValueError(f"layer {layer}: cache_size={c} must be > init_cache_size + sep_cache_size + local_size = "
-                         f"{a}+{s}+{w}={a + s + w} (otherwise the cache would compress on every token)")
+    if a + s + w > c:
+        raise ValueError(f"layer {layer}: cache_size={c} must be >= init_cache_size + sep_cache_size + local_size = "
+                         f"{a}+{s}+{w}={a + s + w} (leave slack: with equality the cache compresses on every token)")
