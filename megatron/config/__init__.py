@@ -27,7 +27,7 @@ from megatron.config.sepllm import SepLLMConfig
 _LAZY = {
     "load_config": ("megatron.config.loader", "load_config"),
     "padded_vocab_size": ("megatron.config.derived", "padded_vocab_size"),
-    "check_separator_ids": ("megatron.config.sepllm_rules", "check_separator_ids"),
+    "check_separator_ids": ("megatron.config.sepllm_checks", "check_separator_ids"),
 }
 
 

@@ -56,6 +56,9 @@ class NeoXConfig:
     deepspeed_extra: dict = field(default_factory=dict)
     sources: list = field(default_factory=list, compare=False)
     overrides: list = field(default_factory=list, compare=False)
+    # "section.field" of every value a source set (not serialised, not compared): lets consumers tell an explicit
+    # setting from a default, e.g. whether the global batch size was pinned by the user.
+    explicit_keys: frozenset = field(default_factory=frozenset, compare=False, repr=False)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -68,6 +71,10 @@ class NeoXConfig:
                 for f in dataclasses.fields(section)
                 if not f.metadata.get("internal")
             }
+        if self.sepllm.Layer_num is not None and "model.num_layers" not in self.explicit_keys:
+            # A training-free SepLLM block sized by Layer_num: writing the default num_layers would make the
+            # reloaded config contradict Layer_num (see docs/config_reference.md, "Layer_num and num_layers").
+            del out["model"]["num_layers"]
         for key, value in self.deepspeed_extra.items():
             out[key] = copy.deepcopy(value)
         return out

@@ -1,0 +1,178 @@
+"""Turning each source (file, dict, command line) into one canonical nested form, and merging them left to right.
+
+Canonical form: ``{section: {field: raw value}, "deepspeed_extra": {key: block}}``. Every source is canonicalised
+on its own before merging, so ``num-layers`` in one file and ``model: {num_layers: ...}`` in the next, or a
+top-level ``lr`` and ``optimizer.params.lr``, override each other in the order given. ``origins`` remembers which
+source set each value last, so later errors can name the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Optional
+
+from megatron.config.errors import ConfigError
+from megatron.config.keys import (
+    BLOCK_FIELDS,
+    DEEPSPEED_PASSTHROUGH,
+    IGNORED,
+    all_top_level_names,
+    lookup_flat,
+    norm,
+    section_fields,
+    suggest,
+)
+from megatron.config.neox import SECTIONS
+from megatron.config.yaml_io import parse_scalar
+
+EXTRA = "deepspeed_extra"
+# Optimizer arguments that have a typed field; any other ``optimizer.params`` entry stays in ``params``.
+OPTIMIZER_LIFTED = ("lr", "betas", "eps", "momentum", "weight_decay")
+
+Origins = dict  # (section, field) -> source name
+
+
+class _Canon:
+    """Collects one source's values and refuses two spellings of the same key inside that source."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.data: dict[str, dict[str, Any]] = {}
+        self.origins: Origins = {}
+        self._spelling: dict[tuple[str, str], str] = {}
+
+    def put(self, section: str, name: str, value: Any, spelled: str) -> None:
+        slot = (section, name)
+        if slot in self._spelling:
+            raise ConfigError(f"{self.source}: {spelled!r} and {self._spelling[slot]!r} both set "
+                              f"{section}.{name}; keep one of them")
+        self._spelling[slot] = spelled
+        self.data.setdefault(section, {})[name] = value
+        self.origins[slot] = self.source
+
+
+def _optimizer_block(canon: _Canon, block: Any, spelled: str) -> None:
+    if not isinstance(block, dict):
+        raise ConfigError(f"{canon.source}: key {spelled!r}: expected a mapping like "
+                          f"{{type: Adam, params: {{lr: 6.0e-4}}}}, got {block!r} ({type(block).__name__})")
+    fields = section_fields("optimizer")
+    for key, value in block.items():
+        n = norm(key)
+        if n == "params":
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{canon.source}: key '{spelled}.params': expected a mapping, got {value!r}")
+            extras = {}
+            for pkey, pvalue in value.items():
+                pn = norm(pkey)
+                if pn in OPTIMIZER_LIFTED:
+                    canon.put("optimizer", pn, pvalue, f"{spelled}.params.{pkey}")
+                else:
+                    extras[str(pkey)] = pvalue
+            if extras:
+                canon.put("optimizer", "params", extras, f"{spelled}.params")
+        elif n in fields:
+            canon.put("optimizer", fields[n], value, f"{spelled}.{key}")
+        else:
+            raise ConfigError(f"{canon.source}: unknown key '{spelled}.{key}'"
+                              f"{suggest(n, list(fields.values()))}; optimizer blocks hold type and params")
+
+
+def _section_block(canon: _Canon, section: str, block: dict, spelled: str) -> None:
+    fields = section_fields(section)
+    for key, value in block.items():
+        n = norm(key)
+        if n not in fields:
+            raise ConfigError(f"{canon.source}: unknown key '{spelled}.{key}'{suggest(n, list(fields.values()))}")
+        canon.put(section, fields[n], value, f"{spelled}.{key}")
+
+
+def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
+    """One source's raw mapping -> (canonical nested dict, origins). Unknown keys raise ConfigError."""
+    canon = _Canon(source)
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} is not a string")
+        n = norm(key)
+        if n == "optimizer":
+            _optimizer_block(canon, value, key)
+        elif n in SECTIONS and isinstance(value, dict):
+            _section_block(canon, n, value, key)
+        elif n in BLOCK_FIELDS:
+            section, name = BLOCK_FIELDS[n]
+            canon.put(section, name, value, key)
+        elif n in DEEPSPEED_PASSTHROUGH or n == "scheduler":
+            canon.put(EXTRA, n, value, key)
+        elif n in IGNORED:
+            continue
+        elif lookup_flat(n) is not None:
+            section, name = lookup_flat(n)
+            canon.put(section, name, value, key)
+        else:
+            raise ConfigError(f"{source}: unknown key {key!r}{suggest(n, all_top_level_names())}")
+    return canon.data, canon.origins
+
+
+def deep_merge(base: dict, new: dict) -> dict:
+    """``new`` over ``base``: nested mappings merge key by key, anything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_overrides(args: Iterable[str]) -> list[tuple[str, Any, str]]:
+    """``["--a", "1", "--b.c=x", "--flag"]`` -> [(dotted key, parsed value, original text)].
+
+    Values are YAML scalars or flow lists (``1e-3``, ``true``, ``[1, 2]``, ``-1``); a flag with no value is ``true``.
+    """
+    args = list(args)
+    out: list[tuple[str, Any, str]] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"command line: expected '--key value' or '--key=value', got {token!r}")
+        body = token[2:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, text = body, args[i + 1]
+            i += 2
+        else:
+            key, text = body, "true"
+            i += 1
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"command line: malformed key in {token!r}")
+        value = parse_scalar(text, f"command line --{key}")
+        out.append((key, value, f"--{key}={text}"))
+    return out
+
+
+def override_to_raw(dotted: str, value: Any) -> dict:
+    """``"optimizer.params.lr", 1e-3`` -> ``{"optimizer": {"params": {"lr": 1e-3}}}``."""
+    raw: Any = value
+    for part in reversed(dotted.split(".")):
+        raw = {part: raw}
+    return raw
+
+
+def merge_sources(sources: list[tuple[str, dict]], overrides: Optional[list[tuple[str, Any, str]]] = None
+                  ) -> tuple[dict, Origins]:
+    """Canonicalise and merge ``[(name, raw dict), ...]`` then the parsed command-line overrides, later wins."""
+    merged: dict = {}
+    origins: Origins = {}
+    for name, raw in sources:
+        canon, org = canonicalise(raw, name)
+        merged = deep_merge(merged, canon)
+        origins.update(org)
+    for dotted, value, text in overrides or []:
+        canon, org = canonicalise(override_to_raw(dotted, value), f"command line {text}")
+        merged = deep_merge(merged, canon)
+        origins.update(org)
+    return merged, origins

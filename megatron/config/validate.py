@@ -1,0 +1,347 @@
+"""From the merged canonical dict to a validated ``NeoXConfig``: types, enumerations, cross-key checks, derived values.
+
+Order matters and is fixed here: coerce every field, then model -> parallel -> batch -> precision -> schedule ->
+SepLLM -> the unsupported-feature table. Each error names the key, the value, the source that set it and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from typing import Any, Callable, Optional
+
+from megatron.config import derived
+from megatron.config.coerce import coerce, coerce_items, to_float
+from megatron.config.errors import ConfigError
+from megatron.config.merge import EXTRA, Origins
+from megatron.config.neox import SECTIONS, NeoXConfig
+from megatron.config.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
+from megatron.config.unsupported import check_unsupported
+
+logger = logging.getLogger("megatron.config")
+
+OPTIMIZER_TYPES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+TOKENIZER_TYPES = ("HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer")
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = (None, "online", "offline", "disabled")
+LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
+BACKENDS = (None, "auto", "nccl", "gloo")
+POS_EMBS = ("learned", "rotary", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm", "scalenorm")
+ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
+
+# Element types of list fields (the dataclasses only say ``list``).
+ITEM_TYPES: dict[tuple[str, str], type] = {
+    ("optimizer", "betas"): float,
+    ("sepllm", "separator_token_ids"): int,
+    ("sepllm", "BiPE_seps"): int,
+    ("sepllm", "prefill_loc_win_size_list"): int,
+    ("sepllm", "generate_win_loc_size_list"): int,
+    ("sepllm", "fixed_sep_intervals_list"): int,
+    ("sepllm", "prefill_windows"): int,
+    ("sepllm", "generate_windows"): int,
+    ("data", "train_data_paths"): str,
+    ("data", "valid_data_paths"): str,
+    ("data", "test_data_paths"): str,
+    ("data", "train_data_weights"): float,
+    ("data", "valid_data_weights"): float,
+    ("data", "test_data_weights"): float,
+    ("checkpoint", "extra_save_iters"): int,
+    ("training", "eval_tasks"): str,
+}
+
+# Values that only validation computes: a config may repeat them (a saved resolved config does), never change them.
+DERIVED_ONLY = {("sepllm", f) for f in DERIVED_FIELDS} | {
+    ("training", "zero_stage"), ("parallel", "data_parallel_size"), ("model", "precision")}
+
+
+class _Ctx:
+    """Source lookup for messages."""
+
+    def __init__(self, origins: Origins) -> None:
+        self.origins = origins
+        self._by_field = {f: s for (sec, f), s in origins.items()}
+
+    def src(self, section: str, name: str) -> str:
+        return self.origins.get((section, name), "default")
+
+    def where(self, section: str) -> Callable[[str], str]:
+        return lambda name: self.origins.get((section, name), self._by_field.get(name, "default"))
+
+    def err(self, section: str, name: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{self.src(section, name)}: key '{name}': expected {expected}, got {value!r}")
+
+
+def _build_sections(merged: dict, ctx: _Ctx) -> dict[str, Any]:
+    objs: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        obj = cls()
+        hints = typing.get_type_hints(cls)
+        for name, raw in merged.get(section, {}).items():
+            where = f"{ctx.src(section, name)}: key '{name}'"
+            value = coerce(raw, hints[name], where)
+            if (section, name) in ITEM_TYPES and value is not None:
+                value = coerce_items(value, ITEM_TYPES[(section, name)], where)
+            setattr(obj, name, value)
+        objs[section] = obj
+    return objs
+
+
+def _one_of(ctx: _Ctx, section: str, name: str, value: Any, allowed: tuple, normalise: bool = False) -> Any:
+    if normalise and isinstance(value, str):
+        by_lower = {a.lower(): a for a in allowed if isinstance(a, str)}
+        value = by_lower.get(value.lower(), value)
+    if value not in allowed:
+        shown = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise ctx.err(section, name, value, f"one of {shown}")
+    return value
+
+
+def _at_least(ctx: _Ctx, section: str, name: str, value: Any, low: float) -> None:
+    if value is not None and value < low:
+        raise ctx.err(section, name, value, f"a value >= {low}")
+
+
+def _check_model(m, ctx: _Ctx) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "checkpoint_num_layers",
+                 "make_vocab_size_divisible_by"):
+        _at_least(ctx, "model", name, getattr(m, name), 1)
+    _at_least(ctx, "model", "num_kv_heads", m.num_kv_heads, 1)
+    _at_least(ctx, "model", "intermediate_size", m.intermediate_size, 1)
+    _at_least(ctx, "model", "padded_vocab_size", m.padded_vocab_size, 1)
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"hidden_size={m.hidden_size} ({ctx.src('model', 'hidden_size')}) is not divisible by "
+                          f"num_attention_heads={m.num_attention_heads} ({ctx.src('model', 'num_attention_heads')})")
+    if m.num_kv_heads is not None and m.num_attention_heads % m.num_kv_heads:
+        raise ConfigError(f"num_attention_heads={m.num_attention_heads} ({ctx.src('model', 'num_attention_heads')}) "
+                          f"is not divisible by num_kv_heads={m.num_kv_heads} ({ctx.src('model', 'num_kv_heads')})")
+    m.pos_emb = _one_of(ctx, "model", "pos_emb", m.pos_emb, POS_EMBS, normalise=True)
+    m.norm = _one_of(ctx, "model", "norm", m.norm, NORMS, normalise=True)
+    m.activation = _one_of(ctx, "model", "activation", m.activation, ACTIVATIONS, normalise=True)
+    if not 0.0 < m.rotary_pct <= 1.0:
+        raise ctx.err("model", "rotary_pct", m.rotary_pct, "a fraction in (0, 1]")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(m, name) < 1.0:
+            raise ctx.err("model", name, getattr(m, name), "a probability in [0, 1)")
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    if m.pos_emb == "learned" and m.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"seq_length={m.seq_length} exceeds max_position_embeddings={m.max_position_embeddings} "
+                          f"({ctx.src('model', 'max_position_embeddings')}) with learned positions")
+    m.attention_config = derived.expand_attention_config(m.attention_config, m.num_layers)
+
+
+def _check_optimizer(o, ctx: _Ctx) -> None:
+    o.type = _one_of(ctx, "optimizer", "type", o.type.lower() if isinstance(o.type, str) else o.type,
+                     tuple(OPTIMIZER_TYPES))
+    o.type = OPTIMIZER_TYPES[o.type]
+    if o.lr <= 0:
+        raise ctx.err("optimizer", "lr", o.lr, "a learning rate > 0")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ctx.err("optimizer", "betas", o.betas, "two values in [0, 1), e.g. [0.9, 0.95]")
+    _at_least(ctx, "optimizer", "eps", o.eps, 0.0)
+    _at_least(ctx, "optimizer", "weight_decay", o.weight_decay, 0.0)
+    _at_least(ctx, "optimizer", "momentum", o.momentum, 0.0)
+    typed = {"lr": o.lr, "weight_decay": o.weight_decay}
+    typed.update({"momentum": o.momentum} if o.type == "SGD" else {"betas": list(o.betas), "eps": o.eps})
+    extras = {k: v for k, v in (o.params or {}).items() if k not in ("lr", "betas", "eps", "momentum", "weight_decay")}
+    o.params = {**typed, **extras}
+
+
+def _resolve_parallel(p, launcher, device: str, ctx: _Ctx) -> None:
+    for name in ("model_parallel_size", "world_size"):
+        _at_least(ctx, "parallel", name, getattr(p, name), 1)
+    _at_least(ctx, "parallel", "pipe_parallel_size", p.pipe_parallel_size, 0)
+    if p.world_size is None:
+        nodes, gpus = launcher.num_nodes, launcher.num_gpus
+        p.world_size = nodes * gpus if nodes and nodes > 0 and gpus and gpus > 0 else 1
+    given_dp = p.data_parallel_size
+    p.data_parallel_size = derived.data_parallel_size(p.world_size, p.model_parallel_size, p.pipe_parallel_size)
+    if given_dp is not None and given_dp != p.data_parallel_size:
+        raise ConfigError(f"{ctx.src('parallel', 'data_parallel_size')}: data_parallel_size={given_dp} is derived "
+                          f"(world_size / (model x pipe parallel) = {p.data_parallel_size}); set world_size instead")
+    backend = _one_of(ctx, "parallel", "distributed_backend", p.distributed_backend, BACKENDS, normalise=True)
+    if backend in (None, "auto", "nccl"):
+        cuda = device != "cpu" and _cuda_available()
+        if backend == "nccl" and not cuda:
+            logger.info("distributed_backend 'nccl' needs CUDA; using 'gloo' on this CPU run")
+        backend = "nccl" if cuda else "gloo"
+    p.distributed_backend = backend
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
+    t.device = _one_of(ctx, "training", "device", t.device, DEVICES, normalise=True)
+    _at_least(ctx, "training", "train_iters", t.train_iters, 1)
+    _at_least(ctx, "training", "gradient_clipping", t.gradient_clipping, 0.0)
+    for name in ("eval_interval",):
+        _at_least(ctx, "training", name, getattr(t, name), 1)
+    _at_least(ctx, "training", "eval_iters", t.eval_iters, 0)
+    t.batch_inputs = [k for k in derived.BATCH_KEYS if merged_training.get(k) is not None]
+    try:
+        t.train_batch_size, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps = (
+            derived.resolve_batch_triple(t.train_batch_size, t.train_micro_batch_size_per_gpu,
+                                         t.gradient_accumulation_steps, p.data_parallel_size))
+    except ConfigError as exc:
+        srcs = sorted({ctx.src("training", k) for k in t.batch_inputs} or {"default"})
+        raise ConfigError(f"{', '.join(srcs)}: {exc}") from None
+    given_precision = merged_training.get("precision")
+    if given_precision is not None:
+        given_precision = _one_of(ctx, "training", "precision", t.precision, PRECISIONS, normalise=True)
+    try:
+        t.precision = derived.precision_from_blocks(t.fp16, t.bf16, given_precision)
+    except ConfigError as exc:
+        raise ConfigError(f"{ctx.src('training', 'precision')}: {exc}") from None
+    if t.precision in ("fp16", "bf16") and not (getattr(t, t.precision) or {}).get("enabled", False):
+        block = dict(getattr(t, t.precision) or {})
+        block["enabled"] = True
+        setattr(t, t.precision, block)
+    for name in ("fp16", "bf16"):
+        block = getattr(t, name)
+        if block is not None and not block.get("enabled", False):
+            logger.info("%s block present but not enabled (DeepSpeed default enabled=false)", name)
+    zero = dict(t.zero_optimization or {})
+    stage = coerce(zero.get("stage", 0), int, f"{ctx.src('training', 'zero_optimization')}: key "
+                                             f"'zero_optimization.stage'")
+    if stage not in (0, 1, 2, 3):
+        raise ctx.err("training", "zero_optimization", stage, "zero_optimization.stage in 0, 1, 2, 3")
+    zero["stage"] = stage
+    t.zero_optimization = zero
+    given_stage = merged_training.get("zero_stage")
+    if given_stage is not None and t.zero_stage != stage:
+        raise ConfigError(f"{ctx.src('training', 'zero_stage')}: zero_stage={t.zero_stage} contradicts "
+                          f"zero_optimization.stage={stage}; set the stage in the zero_optimization block")
+    t.zero_stage = stage
+
+
+def _resolve_schedule(s, t, merged_schedule: dict, ctx: _Ctx) -> None:
+    s.lr_decay_style = _one_of(ctx, "lr_schedule", "lr_decay_style", s.lr_decay_style, LR_DECAY_STYLES,
+                               normalise=True)
+    _at_least(ctx, "lr_schedule", "lr_decay_iters", s.lr_decay_iters, 1)
+    _at_least(ctx, "lr_schedule", "min_lr", s.min_lr, 0.0)
+    _at_least(ctx, "lr_schedule", "warmup_iters", s.warmup_iters, 0)
+    if not 0.0 <= s.warmup <= 1.0:
+        raise ctx.err("lr_schedule", "warmup", s.warmup, "a fraction of lr_decay_iters in [0, 1]")
+    if s.lr_decay_iters is None:
+        s.lr_decay_iters = t.train_iters
+    if merged_schedule.get("warmup_iters") is None:
+        s.warmup_iters = None if s.lr_decay_iters is None else derived.warmup_iters(s.warmup, s.lr_decay_iters)
+
+
+def _check_data(d, ctx: _Ctx) -> None:
+    d.data_impl = _one_of(ctx, "data", "data_impl", d.data_impl, ("mmap",))
+    _at_least(ctx, "data", "num_workers", d.num_workers, 0)
+    parts = [x.strip() for x in str(d.split).split(",")]
+    try:
+        values = [to_float(x, "split") for x in parts]
+    except ConfigError:
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise ctx.err("data", "split", d.split, "three comma-separated non-negative numbers like '969, 30, 1'")
+    for kind in ("train", "valid", "test"):
+        paths, weights = getattr(d, f"{kind}_data_paths"), getattr(d, f"{kind}_data_weights")
+        if weights is not None and (paths is None or len(weights) != len(paths)):
+            raise ConfigError(f"{ctx.src('data', f'{kind}_data_weights')}: {kind}_data_weights has "
+                              f"{len(weights)} entries but {kind}_data_paths has {len(paths or [])}")
+        if weights is not None and any(w < 0 for w in weights):
+            raise ctx.err("data", f"{kind}_data_weights", weights, "non-negative weights")
+
+
+def _check_rest(objs: dict, ctx: _Ctx) -> None:
+    tok = objs["tokenizer"]
+    tok.tokenizer_type = _one_of(ctx, "tokenizer", "tokenizer_type", tok.tokenizer_type, TOKENIZER_TYPES,
+                                 normalise=True)
+    ck = objs["checkpoint"]
+    ck.checkpoint_scale = _one_of(ctx, "checkpoint", "checkpoint_scale", ck.checkpoint_scale, ("linear",))
+    _at_least(ctx, "checkpoint", "checkpoint_factor", ck.checkpoint_factor, 1)
+    _at_least(ctx, "checkpoint", "keep_last_n_checkpoints", ck.keep_last_n_checkpoints, 1)
+    if ck.extra_save_iters is not None:
+        _at_least(ctx, "checkpoint", "extra_save_iters", min(ck.extra_save_iters, default=0), 0)
+    lg = objs["logging"]
+    lg.wandb_mode = _one_of(ctx, "logging", "wandb_mode", lg.wandb_mode, WANDB_MODES, normalise=True)
+    _at_least(ctx, "logging", "log_interval", lg.log_interval, 1)
+    _at_least(ctx, "logging", "steps_per_print", lg.steps_per_print, 1)
+    _at_least(ctx, "logging", "peak_flops", lg.peak_flops, 0.0)
+    if lg.log_dir is None and ck.save is not None:
+        lg.log_dir = ck.save.rstrip("/") + "/logs"
+    la = objs["launcher"]
+    la.launcher = _one_of(ctx, "launcher", "launcher", la.launcher, LAUNCHERS, normalise=True)
+    if not 0 < la.master_port < 65536:
+        raise ctx.err("launcher", "master_port", la.master_port, "a TCP port in 1..65535")
+    _at_least(ctx, "launcher", "num_gpus", la.num_gpus, 1)
+    for key, value in la.env.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise ctx.err("launcher", "env", {key: value}, "environment values that are strings or numbers")
+    la.env = {str(k): str(v) for k, v in la.env.items()}
+
+
+def _check_derived_repeats(given: dict, objs: dict, ctx: _Ctx) -> None:
+    for section, name in DERIVED_ONLY:
+        if (section, name) in given and given[(section, name)] != getattr(objs[section], name):
+            raise ConfigError(f"{ctx.src(section, name)}: {section}.{name}={given[(section, name)]!r} is derived "
+                              f"(here it resolves to {getattr(objs[section], name)!r}) and cannot be set; change the "
+                              f"keys it is computed from")
+
+
+def build_config(merged: dict, origins: Origins, sources: list[str], overrides: list[str]) -> NeoXConfig:
+    """Validate the merged canonical dict into a ``NeoXConfig`` (raises ConfigError)."""
+    ctx = _Ctx(origins)
+    objs = _build_sections(merged, ctx)
+    given_derived = {(s, n): getattr(objs[s], n) for s, n in DERIVED_ONLY if n in merged.get(s, {})}
+    for s, n in given_derived:  # reset so that derivation starts from defaults
+        setattr(objs[s], n, getattr(SECTIONS[s](), n))
+
+    model, training, parallel = objs["model"], objs["training"], objs["parallel"]
+    _check_model(model, ctx)
+    _check_optimizer(objs["optimizer"], ctx)
+    _resolve_parallel(parallel, objs["launcher"], training.device, ctx)
+    _resolve_training(training, parallel, merged.get("training", {}), ctx)
+    model.precision = training.precision
+    _resolve_schedule(objs["lr_schedule"], training, merged.get("lr_schedule", {}), ctx)
+    _check_data(objs["data"], ctx)
+    _check_rest(objs, ctx)
+
+    sep_keys = set(merged.get("sepllm", {})) - set(DERIVED_FIELDS)
+    resolve_sepllm(objs["sepllm"], model, has_sepllm_keys=bool(sep_keys),
+                   num_layers_explicit="num_layers" in merged.get("model", {}), where=ctx.where("sepllm"))
+    _check_derived_repeats(given_derived, objs, ctx)
+
+    cfg = NeoXConfig(**objs, deepspeed_extra=dict(merged.get(EXTRA, {})), sources=list(sources),
+                     overrides=list(overrides))
+    cfg.explicit_keys = frozenset(f"{s}.{n}" for s, n in origins)
+    check_unsupported(cfg, lambda key: ctx._by_field.get(key, "config"))
+    return cfg
+
+
+def check_training_ready(cfg: NeoXConfig) -> None:
+    """The keys ``train.py`` cannot do without; partial configs (e.g. training-free SepLLM blocks) skip this."""
+    missing = []
+    if cfg.training.train_iters is None:
+        missing.append("train_iters")
+    d = cfg.data
+    if d.data_path is None and not d.train_data_paths:
+        missing.append("train_data_paths (or data_path)")
+    tok = cfg.tokenizer
+    if tok.tokenizer_type != "CharLevelTokenizer" and tok.vocab_file is None:
+        missing.append(f"vocab_file (needed by tokenizer_type {tok.tokenizer_type})")
+    where = ", ".join(cfg.sources) or "config"
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) for training: {', '.join(missing)}")
+    windows = cfg.sepllm.prefill_windows or []
+    if len(windows) != cfg.model.num_layers:
+        raise ConfigError(f"{where}: the SepLLM block describes {len(windows)} layers (Layer_num="
+                          f"{cfg.sepllm.Layer_num}) but the model has num_layers={cfg.model.num_layers}; set "
+                          f"num_layers explicitly to train")
+    if cfg.sepllm.BATCH_ADAPTIVE_INIT_POS:
+        logger.warning("BATCH_ADAPTIVE_INIT_POS=True during training: pretraining batches are not left-padded")
