@@ -71,6 +71,9 @@ class NeoXConfig:
                 for f in dataclasses.fields(section)
                 if not f.metadata.get("internal")
             }
+        # ``params`` repeats the typed optimizer fields; write only the other arguments so the block reads back.
+        typed = set(out["optimizer"]) - {"type", "params"}
+        out["optimizer"]["params"] = {k: v for k, v in out["optimizer"]["params"].items() if k not in typed}
         if self.sepllm.Layer_num is not None and "model.num_layers" not in self.explicit_keys:
             # A training-free SepLLM block sized by Layer_num: writing the default num_layers would make the
             # reloaded config contradict Layer_num (see docs/config_reference.md, "Layer_num and num_layers").
@@ -93,9 +96,9 @@ class NeoXConfig:
     def deepspeed_config(self, data_parallel_size: int, client_optimizer: bool = False) -> dict:
         """The DeepSpeed JSON config for ``data_parallel_size`` ranks.
 
-        The batch triple is re-resolved for the real data-parallel size: the micro batch is kept, and the global batch
-        is kept too when the user gave it (so resuming on another world size keeps the optimisation identical);
-        otherwise the gradient-accumulation steps are kept. ``client_optimizer=True`` leaves out the optimizer block
+        The batch triple is re-resolved for the real data-parallel size: the micro batch is kept; the global batch is
+        kept too when the user gave it without giving both micro batch and accumulation (then accumulation adapts);
+        otherwise accumulation is kept and the global batch scales with the data-parallel size, as in GPT-NeoX. ``client_optimizer=True`` leaves out the optimizer block
         (the trainer passes a torch optimizer, the right choice on CPU where DeepSpeed's Adam needs a JIT build).
         """
         from megatron.config.derived import rescale_batch_triple
@@ -103,7 +106,7 @@ class NeoXConfig:
         t = self.training
         global_bs, micro, accum = rescale_batch_triple(
             t.train_batch_size, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps,
-            keep_global="train_batch_size" in t.batch_inputs, data_parallel_size=data_parallel_size)
+            keep_global=_global_batch_pinned(t.batch_inputs), data_parallel_size=data_parallel_size)
         ds: dict[str, Any] = {
             "train_batch_size": global_bs,
             "train_micro_batch_size_per_gpu": micro,
@@ -129,6 +132,12 @@ class NeoXConfig:
         from megatron.config.validate import check_training_ready
 
         check_training_ready(self)
+
+
+def _global_batch_pinned(batch_inputs: list) -> bool:
+    """The user fixed the global batch and left one of micro batch / accumulation free to adapt."""
+    return "train_batch_size" in batch_inputs and not {"train_micro_batch_size_per_gpu",
+                                                        "gradient_accumulation_steps"} <= set(batch_inputs)
 
 
 __all__ = ["NeoXConfig", "SECTIONS", "ConfigError"]

@@ -218,10 +218,6 @@ def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
         raise ctx.err("training", "zero_optimization", stage, "zero_optimization.stage in 0, 1, 2, 3")
     zero["stage"] = stage
     t.zero_optimization = zero
-    given_stage = merged_training.get("zero_stage")
-    if given_stage is not None and t.zero_stage != stage:
-        raise ConfigError(f"{ctx.src('training', 'zero_stage')}: zero_stage={t.zero_stage} contradicts "
-                          f"zero_optimization.stage={stage}; set the stage in the zero_optimization block")
     t.zero_stage = stage
 
 
