@@ -84,8 +84,9 @@ def build_datasets(cfg: Any, global_batch: int, train_iters: int) -> SplitDatase
     from megatron.data.data_utils import build_train_valid_test_datasets
 
     t, d = cfg.training, cfg.data
-    eval_samples = max(t.eval_iters, 1) * global_batch
-    num_samples = [train_iters * global_batch, eval_samples, eval_samples]
+    eval_samples = max(t.eval_iters, 0) * global_batch
+    wants_valid = bool(t.eval_interval) and t.eval_interval <= train_iters
+    num_samples = [train_iters * global_batch, eval_samples if wants_valid else 0, eval_samples if t.do_test else 0]
     train, valid, test = build_train_valid_test_datasets(
         data_prefixes=[d.data_path] if d.data_path else None,
         data_weights=None,

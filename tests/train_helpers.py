@@ -1,0 +1,55 @@
+"""Shared helpers of the training tests: a tiny tokenized PG-19 corpus and a tiny resolved config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron.config import NeoXConfig
+
+
+def make_tiny_corpus(out_dir: Path, book: Path, tokenizer_file: Path, chars: int = 60_000) -> str:
+    """Tokenize the first ``chars`` characters of one book (split into a few documents); returns the prefix."""
+    from megatron.data.preprocess import tokenize_to_indexed
+
+    prefix = out_dir / "tiny"
+    doc = out_dir / "docs"
+    doc.mkdir(parents=True, exist_ok=True)
+    text = book.read_text(encoding="utf-8")[:chars]
+    step = max(len(text) // 10, 1)
+    for i in range(10):
+        (doc / f"part{i}.txt").write_text(text[i * step:(i + 1) * step], encoding="utf-8")
+    tokenize_to_indexed(str(doc), str(prefix), tokenizer_type="HFTokenizer", vocab_file=str(tokenizer_file),
+                        progress=False)
+    return str(prefix) + "_text_document"
+
+
+def tiny_config(data_prefix: str, tokenizer_file: Path, run_dir: Path, *, train_iters: int = 6, micro: int = 2,
+                gas: int = 1, seq: int = 32, **overrides) -> NeoXConfig:
+    """A 2-layer, hidden-64 GPT-NeoX-shaped model on CPU in fp32, logging every iteration."""
+    cfg = NeoXConfig()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 64, 4, seq
+    m.max_position_embeddings = seq
+    m.pos_emb, m.rotary_pct, m.gpt_j_residual, m.no_weight_tying = "rotary", 0.25, True, True
+    cfg.sepllm.USE_ORIGINAL_FULL_ATTEN = True
+    cfg.sepllm.mode = "full"
+    cfg.optimizer.type, cfg.optimizer.lr, cfg.optimizer.betas = "Adam", 3e-3, [0.9, 0.95]
+    cfg.optimizer.weight_decay = 0.1
+    cfg.lr_schedule.lr_decay_style, cfg.lr_schedule.warmup, cfg.lr_schedule.min_lr = "cosine", 0.1, 3e-4
+    cfg.lr_schedule.lr_decay_iters = train_iters
+    cfg.lr_schedule.warmup_iters = max(1, int(0.1 * train_iters))
+    cfg.data.data_path, cfg.data.split, cfg.data.num_workers = data_prefix, "80,10,10", 0
+    cfg.data.data_cache_dir = str(run_dir / "index_cache")
+    cfg.tokenizer.tokenizer_type, cfg.tokenizer.vocab_file = "HFTokenizer", str(tokenizer_file)
+    t = cfg.training
+    t.train_iters, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps = train_iters, micro, gas
+    t.train_batch_size = micro * gas
+    t.batch_inputs = ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps"]
+    t.gradient_clipping, t.seed, t.eval_interval, t.eval_iters, t.do_test = 1.0, 1234, 1000, 2, False
+    t.device, t.precision = "cpu", "fp32"
+    cfg.logging.log_interval, cfg.logging.log_dir = 1, str(run_dir / "logs")
+    cfg.logging.peak_flops = 1e11
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    return cfg
