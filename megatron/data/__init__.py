@@ -1,28 +1,41 @@
-"""Data pipeline: Megatron ``.bin/.idx`` files, text -> tokens preprocessing, GPT samples, blending, samplers."""
+"""Data pipeline: Megatron ``.bin/.idx`` files, text -> tokens preprocessing, GPT samples, blending, samplers.
 
-from megatron.data.blendable_dataset import BlendableDataset
-from megatron.data.data_utils import build_train_valid_test_datasets, parse_split, split_document_ranges
-from megatron.data.errors import CorpusError, DataError, IndexedDatasetError, PrepareError
-from megatron.data.gpt_dataset import GPTDataset
-from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype, merge_datasets
-from megatron.data.preprocess import PrepareResult, tokenize_to_indexed
-from megatron.data.samplers import PretrainingSampler
+Exports are resolved lazily so that the preprocessing CLIs start without importing torch.
+"""
 
-__all__ = [
-    "BlendableDataset",
-    "CorpusError",
-    "DataError",
-    "GPTDataset",
-    "IndexedDatasetError",
-    "MMapIndexedDataset",
-    "MMapIndexedDatasetBuilder",
-    "PrepareError",
-    "PrepareResult",
-    "PretrainingSampler",
-    "best_dtype",
-    "build_train_valid_test_datasets",
-    "merge_datasets",
-    "parse_split",
-    "split_document_ranges",
-    "tokenize_to_indexed",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "BlendableDataset": "megatron.data.blendable_dataset",
+    "CorpusError": "megatron.data.errors",
+    "DataError": "megatron.data.errors",
+    "IndexedDatasetError": "megatron.data.errors",
+    "PrepareError": "megatron.data.errors",
+    "GPTDataset": "megatron.data.gpt_dataset",
+    "MMapIndexedDataset": "megatron.data.indexed_dataset",
+    "MMapIndexedDatasetBuilder": "megatron.data.indexed_dataset",
+    "best_dtype": "megatron.data.indexed_dataset",
+    "merge_datasets": "megatron.data.indexed_dataset",
+    "PrepareResult": "megatron.data.preprocess",
+    "tokenize_to_indexed": "megatron.data.preprocess",
+    "PretrainingSampler": "megatron.data.samplers",
+    "build_train_valid_test_datasets": "megatron.data.data_utils",
+    "parse_split": "megatron.data.data_utils",
+    "split_document_ranges": "megatron.data.data_utils",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megatron.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = sorted(_LAZY)
