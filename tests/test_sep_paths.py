@@ -1,0 +1,116 @@
+"""dense / flex / compact agree with ONE dense reference (rules.py mask + float64 softmax) on real PG-19 text.
+
+B = 2 rows with different separator densities, per-layer windows (H/HT-style: full layers mixed with windowed ones),
+left padding with BATCH_ADAPTIVE_INIT_POS, GQA and ALiBi. Outputs within 1e-5, q/k/v gradients within 1e-4 (fp32).
+FlexAttention runs forward only on CPU (torch has no CPU backward for it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron.sepllm.backend import SepLLMBackend
+
+from sep_helpers import make_sepllm_cfg, model_cfg, reference_attention, reference_keep, two_density_batch
+
+CASES = {
+    # name: (S, per-layer windows, heads q/kv, left pad of row 1, alibi)
+    "S256_gqa_H": (256, [256, 32, 100], (4, 2), 0, False),
+    "S1024_pad_alibi_HT": (1024, [2048, 64, 256], (2, 2), 77, True),
+}
+HEAD_DIM = 16
+
+
+def _inputs(case, pg19_dir, tokenizer_file, requires_grad=True):
+    seq_len, windows, (hq, hkv), pad, alibi = CASES[case]
+    ids = two_density_batch(pg19_dir, tokenizer_file, seq_len)
+    mask2d = None
+    if pad:
+        mask2d = torch.ones_like(ids)
+        mask2d[1, :pad] = 0
+        ids = ids.clone()
+        ids[1, :pad] = 1
+    gen = torch.Generator().manual_seed(seq_len)
+    q = torch.randn(2, hq, seq_len, HEAD_DIM, generator=gen)
+    k = torch.randn(2, hkv, seq_len, HEAD_DIM, generator=gen)
+    v = torch.randn(2, hkv, seq_len, HEAD_DIM, generator=gen)
+    grad = torch.randn(2, hq, seq_len, HEAD_DIM, generator=gen)
+    slopes = torch.tensor([0.5, 0.125, 0.03, 0.01][:hq]) if alibi else None
+    pos = torch.arange(seq_len)[None].expand(2, -1)
+    if pad:
+        pos = (pos - pad * torch.tensor([[0], [1]])).clamp(min=0)
+    return ids, mask2d, pos, [t.requires_grad_(requires_grad) for t in (q, k, v)], grad, slopes, windows
+
+
+def _cfg(impl, windows, padded):
+    return make_sepllm_cfg(num_layers=len(windows), prefill_windows=windows, sep_attention_impl=impl,
+                           BATCH_ADAPTIVE_INIT_POS=padded)
+
+
+@pytest.fixture(scope="module")
+def references(pg19_dir, neox_tokenizer_file):
+    """Per case and layer: (reference output, reference grads) in float64."""
+    out = {}
+    for case in CASES:
+        ids, mask2d, pos, (q, k, v), grad, slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file)
+        cfg = _cfg("dense", windows, mask2d is not None)
+        q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+        for layer, w in enumerate(windows):
+            keep = reference_keep(ids, cfg, w, mask2d)
+            ref = reference_attention(q, k, v, keep, HEAD_DIM ** -0.5, slopes, pos)
+            grads = torch.autograd.grad(ref, (q, k, v), grad.double())
+            out[case, layer] = (ref.detach(), [g.detach() for g in grads])
+    return out
+
+
+def _check_rows_are_different_densities(ids):
+    from sep_helpers import PYTHIA_SEPS
+    dens = torch.isin(ids, torch.tensor(PYTHIA_SEPS)).float().mean(-1)
+    assert dens[0] > 1.5 * dens[1] > 0
+
+
+@pytest.mark.parametrize("impl", ["dense", "compact"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_match_reference(impl, case, references, pg19_dir, neox_tokenizer_file):
+    ids, mask2d, pos, (q, k, v), grad, slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file)
+    _check_rows_are_different_densities(ids)
+    backend = SepLLMBackend(_cfg(impl, windows, mask2d is not None), model_cfg(len(windows), q.shape[1], k.shape[1]))
+    plan = backend.prepare(ids, pos, mask2d)
+    assert plan.impl == impl
+    for layer in range(len(windows)):
+        out = backend(q, k, v, layer, plan, scale=HEAD_DIM ** -0.5, alibi_slopes=slopes)
+        ref, ref_grads = references[case, layer]
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        for name, g, rg in zip("qkv", grads, ref_grads):
+            torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=0, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compact_generic_engine_matches_reference(case, references, pg19_dir, neox_tokenizer_file):
+    """The device-agnostic compact engine (used on GPU) on the same inputs, forward and backward."""
+    ids, mask2d, pos, (q, k, v), grad, slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file)
+    backend = SepLLMBackend(_cfg("compact", windows, mask2d is not None),
+                            model_cfg(len(windows), q.shape[1], k.shape[1]), compact_engine="generic")
+    plan = backend.prepare(ids, pos, mask2d)
+    layer = 1
+    out = backend(q, k, v, layer, plan, scale=HEAD_DIM ** -0.5, alibi_slopes=slopes)
+    ref, ref_grads = references[case, layer]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    for g, rg in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_forward_matches_reference(case, references, pg19_dir, neox_tokenizer_file):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    ids, mask2d, pos, (q, k, v), grad, slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file,
+                                                                 requires_grad=False)
+    backend = SepLLMBackend(_cfg("flex", windows, mask2d is not None), model_cfg(len(windows), q.shape[1], k.shape[1]))
+    plan = backend.prepare(ids, pos, mask2d)
+    assert plan.impl == "flex"
+    for layer in range(len(windows)):
+        out = backend(q, k, v, layer, plan, scale=HEAD_DIM ** -0.5, alibi_slopes=slopes)
+        torch.testing.assert_close(out.double(), references[case, layer][0], atol=1e-5, rtol=0)
