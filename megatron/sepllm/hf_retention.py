@@ -101,6 +101,8 @@ class RetentionMeter:
         kv, amap = d["final_step_kv_retention"], d["prefill_attention_map_retention"]
 
         def fmt(c: dict) -> str:
+            if not c["total"]:
+                return "n/a (0/0)"
             ratio = (c["kept"] + _EPS) / (c["total"] + _EPS)
             return f"{ratio:.4f} ({c['kept']}/{c['total']})"
 
