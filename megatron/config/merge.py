@@ -44,7 +44,7 @@ class _Canon:
     def put(self, section: str, name: str, value: Any, spelled: str) -> None:
         slot = (section, name)
         if slot in self._spelling:
-            raise ConfigError(f"{self.source}: {spelled!r} and {self._spelling[slot]!r} both set "
+            raise ConfigError(f"{self.source}: {self._spelling[slot]!r} and {spelled!r} both set "
                               f"{section}.{name}; keep one of them")
         self._spelling[slot] = spelled
         self.data.setdefault(section, {})[name] = value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 from megatron.config import derived
@@ -300,6 +301,9 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
 
     model, training, parallel = objs["model"], objs["training"], objs["parallel"]
     _check_model(model, ctx)
+    # Refuse unbuilt features before deriving from them (e.g. TP=2 would first fail the world-size division).
+    extra = dict(merged.get(EXTRA, {}))
+    check_unsupported(SimpleNamespace(**objs, deepspeed_extra=extra), lambda key: ctx._by_field.get(key, "config"))
     _check_optimizer(objs["optimizer"], ctx)
     _resolve_parallel(parallel, objs["launcher"], training.device, ctx)
     _resolve_training(training, parallel, merged.get("training", {}), ctx)
@@ -313,10 +317,8 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
                    num_layers_explicit="num_layers" in merged.get("model", {}), where=ctx.where("sepllm"))
     _check_derived_repeats(given_derived, objs, ctx)
 
-    cfg = NeoXConfig(**objs, deepspeed_extra=dict(merged.get(EXTRA, {})), sources=list(sources),
-                     overrides=list(overrides))
+    cfg = NeoXConfig(**objs, deepspeed_extra=extra, sources=list(sources), overrides=list(overrides))
     cfg.explicit_keys = frozenset(f"{s}.{n}" for s, n in origins)
-    check_unsupported(cfg, lambda key: ctx._by_field.get(key, "config"))
     return cfg
 
 
