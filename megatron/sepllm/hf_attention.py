@@ -299,6 +299,22 @@ class SepLLMHandle:
         map_total = int((causal_valid * q_valid).sum())
         return (kv_kept, kv_total), (map_kept, map_total)
 
+    def prefill_masks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """Per-layer ``[B, 1, S, S]`` prefill masks this handle would use for ``input_ids`` (for inspection;
+        touches neither the tracked sequence nor the statistics). Empty in full-attention mode."""
+        if self.settings.mode == "full":
+            return []
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                 else attention_mask.to(torch.bool))
+        pad_counts = rules.left_pad_counts(valid) if self.settings.batch_adaptive_init_pos else None
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        out = []
+        for layer in range(self.settings.num_layers):
+            window, interval = self.settings.layer_pattern(layer, decode=False)
+            g = self.global_keys(input_ids, pad_counts, interval)
+            out.append(rules.allowed_between(g, pos, pos, window, key_valid=valid).unsqueeze(1))
+        return out
+
     # ----- statistics -----
     def retention(self) -> dict:
         """Retention statistics accumulated over every call so far (see ``megatron.sepllm.hf_retention``)."""
