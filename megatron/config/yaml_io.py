@@ -55,7 +55,9 @@ def parse_yaml_text(text: str, name: str) -> Any:
         mark = exc.problem_mark or exc.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
         problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+        kind = "YAML syntax error" if isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError)) else (
+            "YAML error (only plain data is allowed)")
+        raise ConfigError(f"{where}: {kind}: {problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{name}: YAML error: {exc}") from None
 
