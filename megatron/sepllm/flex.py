@@ -30,16 +30,13 @@ class FlexRunner:
         """BlockMask of the SepLLM rule for one pattern (B per row, heads broadcast)."""
         batch, seq_len = global_keys.shape
         g = global_keys.contiguous()
-        w = int(window)
-        if key_valid is None:
-            def mask_mod(b, h, q_idx, kv_idx):
-                return (kv_idx <= q_idx) & (g[b, kv_idx] | (q_idx - kv_idx < w))
-        else:
-            valid = key_valid.contiguous()
+        # window and validity are captured as tensors so every pattern shares one traced predicate (no recompiles)
+        w = torch.tensor(int(window), device=g.device)
+        valid = (torch.ones_like(g) if key_valid is None else key_valid).contiguous()
 
-            def mask_mod(b, h, q_idx, kv_idx):
-                return ((kv_idx <= q_idx) & (g[b, kv_idx] | (q_idx - kv_idx < w))
-                        & (valid[b, kv_idx] | (q_idx == kv_idx)))
+        def mask_mod(b, h, q_idx, kv_idx):
+            return ((kv_idx <= q_idx) & (g[b, kv_idx] | (q_idx - kv_idx < w))
+                    & (valid[b, kv_idx] | (q_idx == kv_idx)))
         return self._create(mask_mod, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=g.device,
                             BLOCK_SIZE=self.block_size)
 
