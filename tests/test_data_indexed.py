@@ -159,3 +159,13 @@ def test_reader_refuses_bad_files(tmp_path: Path, kind: str, message: str) -> No
     _corrupt(prefix, kind)
     with pytest.raises(IndexedDatasetError, match=message):
         MMapIndexedDataset(prefix)
+
+
+def test_pickles_as_prefix_and_reopens(tmp_path: Path) -> None:
+    import pickle
+
+    ds = MMapIndexedDataset(_write(tmp_path / "ds"))
+    blob = pickle.dumps(ds)
+    assert len(blob) < 200  # the prefix, not the tokens
+    clone = pickle.loads(blob)
+    assert [clone[i].tolist() for i in range(len(clone))] == DOCS

@@ -272,6 +272,13 @@ class MMapIndexedDataset:
         else:
             self._bin = np.memmap(path, mode="r", dtype=self.dtype)
 
+    # pickling (DataLoader workers, spawn): ship only the prefix and re-map the files on the other side
+    def __getstate__(self) -> dict:
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     # -- reading ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.sizes.size)

@@ -13,7 +13,7 @@ from megatron.tokenizer.base import Tokenizer, TokenizerError
 # byte-level BPE with the GPT-2 regex: such a point is always a pre-token boundary. Long documents are cut there and
 # encoded as a batch, which the Rust side parallelises and which avoids quadratic work on megabyte-long strings.
 _SAFE_SPLIT = re.compile(r"(?<=\S)\n(?=\S)")
-_CHUNK_CHARS = 32_768
+_CHUNK_CHARS = 8_192
 # Normalizers that act on single characters / canonical sequences, so they commute with splitting at a newline.
 _LOCAL_NORMALIZERS = {None, "NFC", "NFD", "NFKC", "NFKD", "Lowercase"}
 

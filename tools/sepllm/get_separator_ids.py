@@ -57,9 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     chars = BASE_SEPARATORS
     if args.chars:
         chars = tuple(c.encode("utf-8").decode("unicode_escape") for c in args.chars)
-    table = separator_table(_load(args), chars, variants=args.variants)
+    tokenizer = _load(args)
+    table = separator_table(tokenizer, chars, variants=args.variants)
+    print(f"{'id':>8}  {'string':<8}  decoded")
     for text, idx in table:
-        print(f"{idx:>8}  {text!r}")
+        print(f"{idx:>8}  {text!r:<8}  {tokenizer.decode([idx])!r}")
     ids = [i for _, i in table]
     print(f"separator_token_ids: {ids}")
     if args.json:
