@@ -108,6 +108,8 @@ BAD_CASES = [
      ["attention_config=['local']", "not supported yet"]),
     ("unsupported-offload", _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), None,
      ["zero_optimization=", "offload", "not supported yet"]),
+    ("unsupported-neox-key", _with(fp32__allreduce=True), None,
+     ["bad.yml: fp32_allreduce=True: not supported yet", "set it to false"]),
     ("unsupported-scheduler", _with(scheduler={"type": "WarmupLR"}), None, ["scheduler=", "lr_decay_style"]),
 ]
 
@@ -127,6 +129,11 @@ def test_bad_config_message(tmp_path: Path, source, overrides, fragments) -> Non
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert "\n" not in message
+
+
+def test_neox_default_only_keys_accepted_at_default() -> None:
+    cfg = load_config({**BASE, "fp32-allreduce": False, "num_unique_layers": None, "git_hash": "abc"})
+    assert cfg.sepllm.mode == "sepllm"
 
 
 def test_separator_id_outside_vocab() -> None:

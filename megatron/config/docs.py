@@ -17,7 +17,7 @@ from megatron.config.coerce import describe
 from megatron.config.field_help import MODEL_HELP, SEPLLM_HELP
 from megatron.config.keys import ALIASES, BLOCK_FIELDS, DEEPSPEED_PASSTHROUGH, IGNORED
 from megatron.config.neox import SECTIONS
-from megatron.config.unsupported import UNSUPPORTED
+from megatron.config.unsupported import NEOX_DEFAULT_ONLY, UNSUPPORTED
 from megatron.config.validate import DERIVED_ONLY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +118,9 @@ Kept in one table, `megatron/config/unsupported.py`; delete a row when its featu
 |---|---|---|
 {{unsupported}}
 
+GPT-NeoX keys of features not built here, accepted only at their GPT-NeoX default (`NEOX_DEFAULT_ONLY`):
+{{default_only}}.
+
 ## Other accepted keys
 
 * Aliases: {{aliases}}.
@@ -186,6 +189,7 @@ def render_reference() -> str:
     rows = "\n".join(f"| `{key}` | {_cell(_unsupported_when(key))} | {_cell(advice)} |"
                      for key, _, _, advice in UNSUPPORTED)
     text = INTRO.replace("{unsupported}", rows)
+    text = text.replace("{default_only}", ", ".join(f"`{k}` ({_fmt(v)})" for k, v in NEOX_DEFAULT_ONLY.items()))
     text = text.replace("{aliases}", ", ".join(f"`{a}` -> `{s}.{n}`" for a, (s, n) in sorted(ALIASES.items())))
     text = text.replace("{blocks}", ", ".join(f"`{b}` -> `{s}.{n}`" for b, (s, n) in sorted(BLOCK_FIELDS.items())))
     text = text.replace("{passthrough}", ", ".join(f"`{k}`" for k in sorted(DEEPSPEED_PASSTHROUGH)))

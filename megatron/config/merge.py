@@ -23,6 +23,7 @@ from megatron.config.keys import (
     suggest,
 )
 from megatron.config.neox import SECTIONS
+from megatron.config.unsupported import NEOX_DEFAULT_ONLY, check_default_only
 from megatron.config.yaml_io import parse_scalar
 
 EXTRA = "deepspeed_extra"
@@ -106,6 +107,8 @@ def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
             canon.put(EXTRA, n, value, key)
         elif n in IGNORED:
             continue
+        elif n in NEOX_DEFAULT_ONLY:
+            check_default_only(n, value, source)
         elif lookup_flat(n) is not None:
             section, name = lookup_flat(n)
             canon.put(section, name, value, key)
