@@ -1,0 +1,140 @@
+"""lm_eval integration (megatron/sepllm/lm_eval_model.py, tools/sepllm/lm_eval_sepllm.py), fully offline on a tiny
+random Llama saved with the GPT-2 tokenizer and the local PG-19 task YAMLs under tests/fixtures/lm_eval."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+INCLUDE = REPO / "tests" / "fixtures" / "lm_eval"
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("lm_eval_sepllm_cli", REPO / "tools" / "sepllm" / "lm_eval_sepllm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, shared_dir):
+    """A 2-layer Llama whose vocabulary covers both the GPT-2 tokenizer and the Llama-3 separator ids (128000)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(shared_dir / "tokenizers" / "gpt2.json"),
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                      max_position_embeddings=256, bos_token_id=128000, eos_token_id=50256, pad_token_id=50256)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)          # the task YAMLs name their data relative to the repository root
+
+
+def _evaluate(lm, tasks, limit):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False,
+                           task_manager=TaskManager(include_path=str(INCLUDE), include_defaults=False))
+
+
+@pytest.mark.slow
+def test_both_reference_configs_run_offline_and_report_retention(tiny_llama_dir, shared_dir, in_repo, capsys):
+    from megatron.sepllm.lm_eval_model import SepLLMHFLM
+
+    ref = shared_dir / "reference_configs"
+    # SepLLM: windows shrunk so the short PG-19 sentences are really sparsified
+    lm = SepLLMHFLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32", batch_size=4,
+                    sepllm_config=str(ref / "llama3_sepllm_a3_n256.yml"),
+                    sepllm_overrides="Layer_num=2;prefill_local_window_size=4;generate_local_window_size=4")
+    res = _evaluate(lm, ["sepllm_pg19_mc"], limit=4)
+    assert 0.0 <= res["results"]["sepllm_pg19_mc"]["acc,none"] <= 1.0
+    mask_stats = lm.sepllm_retention()["mask_path"]
+    assert mask_stats["mode"] == "sepllm" and mask_stats["sequences"] == 2        # 8 requests, batch 4
+    kv = mask_stats["final_step_kv_retention"]
+    assert 0 < kv["kept"] < kv["total"] and len(kv["per_layer_ratio"]) == 2
+    assert "SepLLM[sepllm] final-step KV retention" in capsys.readouterr().out
+
+    # StreamingLLM a=3, n=256 as shipped (only Layer_num overridden): sequences this short keep every key
+    lm = SepLLMHFLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32", batch_size=4,
+                    sepllm_config=str(ref / "llama3_streamingllm_a3_n256.yml"), sepllm_overrides="Layer_num=2")
+    _evaluate(lm, ["sepllm_pg19_mc"], limit=4)
+    stats = lm.sepllm_retention()["mask_path"]
+    assert stats["mode"] == "streamingllm"
+    assert stats["final_step_kv_retention"]["ratio"] == 1.0 == stats["prefill_attention_map_retention"]["ratio"]
+
+
+def test_mask_path_loglikelihoods_equal_direct_masked_forward(tiny_llama_dir, shared_dir):
+    """The numbers lm_eval scores are those of the SepLLM-masked model (not of the plain one)."""
+    from lm_eval.api.instance import Instance
+
+    from megatron.sepllm import rules
+    from megatron.sepllm.lm_eval_model import SepLLMHFLM
+
+    lm = SepLLMHFLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32", batch_size=2,
+                    sepllm_config=str(shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml"),
+                    sepllm_overrides={"Layer_num": 2, "prefill_local_window_size": 3})
+    ctx, cont = "Every part had been filled, and all that", " was lacking was a march."
+    req = Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0)
+    (score, _), = lm.loglikelihood([req])
+    ctx_ids, cont_ids = lm.tok_encode(ctx), lm.tok_encode(cont)
+    ids = torch.tensor([ctx_ids + cont_ids])[:, :-1]
+    seps = lm.sepllm_handle.settings.separator_ids
+    allowed = rules.allowed_mask(rules.global_key_bitmap(ids, seps, 3, torch.zeros(1, dtype=torch.long)), 3)
+    lm.sepllm_handle.remove()
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids, attention_mask=allowed.unsqueeze(1)).logits.log_softmax(-1)
+    target = torch.tensor(cont_ids)
+    expected = logits[0, -len(cont_ids):].gather(-1, target[:, None]).sum()
+    assert abs(score - float(expected)) < 1e-4
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids).logits.log_softmax(-1)[0, -len(cont_ids):].gather(-1, target[:, None]).sum()
+    assert abs(score - float(plain)) > 1e-4
+
+
+@pytest.mark.slow
+def test_cli_sepcache_generation_and_mask_path(tiny_llama_dir, shared_dir, in_repo, tmp_path, capsys):
+    cli = _load_cli()
+    out = tmp_path / "results.json"
+    rc = cli.main(["--model-path", str(tiny_llama_dir),
+                   "--sepllm-config", str(shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml"),
+                   "--sepllm-override", "Layer_num=2", "--sepllm-override", "prefill_local_window_size=4",
+                   "--tasks", "sepllm_pg19_gen", "--include-path", str(INCLUDE), "--batch-size", "4",
+                   "--limit", "4", "--device", "cpu", "--sepcache", "--init-cache-size", "2",
+                   "--sep-cache-size", "4", "--local-size", "4", "--cache-size", "12", "--output", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert "exact_match,none" in data["results"]["sepllm_pg19_gen"]
+    sepcache = data["sepllm_retention"]["sepcache"]
+    assert sepcache["generate_calls"] == 1 and 0 < sepcache["time_averaged_kept_over_seen"] < 1
+    # generation ran through SepCache, so the mask path saw no forward of it
+    assert data["sepllm_retention"]["mask_path"]["forward_calls"] == 0
+    assert "SepCache time-averaged KV retention" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_clear_line(tiny_llama_dir, shared_dir, in_repo, capsys):
+    cli = _load_cli()
+    base = ["--model-path", str(tiny_llama_dir), "--tasks", "sepllm_pg19_mc", "--include-path", str(INCLUDE),
+            "--device", "cpu", "--limit", "2"]
+    rc = cli.main(base + ["--sepllm-config", str(shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("lm_eval_sepllm: error:") and "'Layer_num' = 32" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    rc = cli.main(base + ["--sepllm-config", str(shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml"),
+                          "--sepllm-override", "Layer_num=2", "--sepllm-override", "prefil_local_window_size=4"])
+    assert rc == 2 and "unknown SepLLM key 'prefil_local_window_size'" in capsys.readouterr().err
+    rc = cli.main(base[:2] + ["--tasks", "no_such_task", "--include-path", str(INCLUDE), "--sepcache"])
+    assert rc == 2 and "unknown task(s) ['no_such_task']" in capsys.readouterr().err
