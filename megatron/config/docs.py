@@ -57,7 +57,9 @@ and `megatron/config/field_help.py`. Do not edit by hand: a test fails when this
   SepLLM spellings (`USE_BiPE`, `streamingLLM`) may also be written `use-bipe`, `streamingllm`.
 * **Flat or sectioned.** Every key below can be written flat, as in GPT-NeoX (`num-layers: 12`), or inside a block
   named after its section (`model: {{num_layers: 12}}`). The resolved config (`python -m megatron.config`,
-  `NeoXConfig.to_yaml()`, saved with every checkpoint) uses blocks, and loads back to an equal config.
+  `NeoXConfig.to_yaml()`, saved with every checkpoint) uses blocks, and loads back to an equal config. It writes
+  every value, and lists under `derived_keys` the ones computed from other keys (not given by the user); loading
+  recomputes those, so overriding `--train-iters` on a saved config still moves a derived `lr_decay_iters`.
 * **Command line.** After the files: `--key value` or `--key=value`; dotted keys reach into blocks
   (`--optimizer.params.lr 1e-3`, `--fp16.enabled true`, `--model.num_layers 4`); values are YAML scalars or flow
   lists (`1e-3`, `true`, `null`, `[1, 2]`); a bare `--flag` means true. Overrides apply after all files.

@@ -22,7 +22,7 @@ from megatron.config.keys import (
     section_fields,
     suggest,
 )
-from megatron.config.neox import SECTIONS
+from megatron.config.neox import DERIVED_KEYS_KEY, SECTIONS, derivable_fields
 from megatron.config.unsupported import NEOX_DEFAULT_ONLY, check_default_only
 from megatron.config.yaml_io import parse_scalar
 
@@ -105,6 +105,8 @@ def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
             canon.put(section, name, value, key)
         elif n in DEEPSPEED_PASSTHROUGH or n == "scheduler":
             canon.put(EXTRA, n, value, key)
+        elif n == DERIVED_KEYS_KEY:
+            continue
         elif n in IGNORED:
             continue
         elif n in NEOX_DEFAULT_ONLY:
@@ -114,7 +116,27 @@ def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
             canon.put(section, name, value, key)
         else:
             raise ConfigError(f"{source}: unknown key {key!r}{suggest(n, all_top_level_names())}")
+    _drop_derived(canon, raw)
     return canon.data, canon.origins
+
+
+def _drop_derived(canon: _Canon, raw: dict) -> None:
+    """A resolved config lists its computed values under ``derived_keys``; they are recomputed, not read back."""
+    listed = next((v for k, v in raw.items() if isinstance(k, str) and norm(k) == DERIVED_KEYS_KEY), None)
+    if listed is None:
+        return
+    if not isinstance(listed, list) or not all(isinstance(x, str) for x in listed):
+        raise ConfigError(f"{canon.source}: key '{DERIVED_KEYS_KEY}': expected a list of 'section.key' strings, "
+                          f"got {listed!r}")
+    derivable = {f"{s}.{n}" for s, n in derivable_fields()}
+    for item in listed:
+        if item not in derivable:
+            raise ConfigError(f"{canon.source}: '{DERIVED_KEYS_KEY}' lists {item!r}, which is not a derived value "
+                              f"(derived values: {', '.join(sorted(derivable))})")
+        section, name = item.split(".", 1)
+        if name in canon.data.get(section, {}):
+            del canon.data[section][name]
+            canon.origins.pop((section, name), None)
 
 
 def deep_merge(base: dict, new: dict) -> dict:

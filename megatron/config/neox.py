@@ -38,6 +38,20 @@ SECTIONS: dict[str, type] = {
 }
 
 
+# Derived values of the contract dataclasses that carry no metadata (model.py / sepllm.py stay metadata-free).
+_DERIVED_WITHOUT_METADATA = frozenset({
+    ("model", "max_position_embeddings"), ("model", "padded_vocab_size"), ("model", "attention_config"),
+    ("model", "precision"), ("sepllm", "mode"), ("sepllm", "prefill_windows"), ("sepllm", "generate_windows")})
+DERIVED_KEYS_KEY = "derived_keys"
+
+
+def derivable_fields() -> frozenset:
+    """(section, field) of every value validation computes when the user does not give it."""
+    marked = {(name, f.name) for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+              if f.metadata.get("derived")}
+    return frozenset(marked) | _DERIVED_WITHOUT_METADATA
+
+
 @dataclass
 class NeoXConfig:
     """Everything a run needs, validated. Build it with ``megatron.config.load_config``."""
@@ -80,13 +94,19 @@ class NeoXConfig:
             del out["model"]["num_layers"]
         for key, value in self.deepspeed_extra.items():
             out[key] = copy.deepcopy(value)
+        # Values computed from other keys are written (so the file shows what ran) but listed here, and loading
+        # recomputes them: a later `--train-iters` still moves lr_decay_iters/warmup_iters, a pinned global batch
+        # stays pinned, and the distributed backend follows the machine.
+        out[DERIVED_KEYS_KEY] = sorted(f"{s}.{n}" for s, n in derivable_fields()
+                                       if f"{s}.{n}" not in self.explicit_keys)
         return out
 
     def to_yaml(self) -> str:
         """``to_dict`` as YAML, headed by comments naming the merged files and overrides."""
         import yaml
 
-        header = ["# Resolved SepLLM-NeoX config (python -m megatron.config)"]
+        header = ["# Resolved SepLLM-NeoX config (python -m megatron.config). Keys listed in derived_keys were computed",
+                  "# from the others and are recomputed when this file is loaded."]
         header += [f"# source: {s}" for s in self.sources]
         header += [f"# override: {o}" for o in self.overrides]
         body = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)

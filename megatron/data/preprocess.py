@@ -207,16 +207,20 @@ def tokenize_to_indexed(
     prefixes = [output_prefix_for_key(output_prefix, k) for k in keys]
     builders = [MMapIndexedDatasetBuilder(p, dtype) for p in prefixes]
     skipped = [0] * len(keys)
+    docs_seen = [0]
     done_bytes = 0
     start = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
+        compressed = any(f.name.endswith(".gz") for f in files)  # sizes on disk are not text bytes
+        bar = tqdm(total=None if compressed else total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                   dynamic_ncols=True)
 
     def write(results: list[list[np.ndarray]], nbytes: int) -> None:
         nonlocal done_bytes
+        docs_seen[0] += len(results)
         for doc in results:
             for k, ids in enumerate(doc):
                 if ids.size == 0:
@@ -226,9 +230,9 @@ def tokenize_to_indexed(
         done_bytes += nbytes
         if bar is not None:
             bar.update(nbytes)
-        elif log_interval and builders[0].num_documents % log_interval < len(results):
+        elif log_interval and docs_seen[0] // log_interval > (docs_seen[0] - len(results)) // log_interval:
             secs = time.perf_counter() - start
-            print(f"processed {builders[0].num_documents} documents ({done_bytes / 1e6 / secs:.2f} MB/s)", flush=True)
+            print(f"processed {docs_seen[0]} documents ({done_bytes / 1e6 / secs:.2f} MB/s)", flush=True)
 
     try:
         tasks = _batched(iter_documents(files, keys), task_chars)

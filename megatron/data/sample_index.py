@@ -16,10 +16,8 @@ def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) 
     """Smallest number of epochs whose token stream yields ``num_samples`` samples of ``seq_length + 1`` tokens."""
     if tokens_per_epoch <= 0:
         raise ValueError("tokens_per_epoch must be positive")
-    epochs = 1
-    while (epochs * tokens_per_epoch - 1) // seq_length < num_samples:
-        epochs += 1
-    return epochs
+    # (e * T - 1) // S >= n  <=>  e >= (n * S + 1) / T
+    return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
 
 
 def build_doc_idx(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState) -> np.ndarray:

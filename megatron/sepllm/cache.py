@@ -65,6 +65,8 @@ class _StepPlan:
     attn_mask: Optional[torch.Tensor]    # bool [B, 1, q, K] for the keys attended (None: all visible, no mask)
     step_positions: torch.Tensor    # [B, q] absolute positions the model rotates new keys/queries with
     q_len: int
+    # prefill_attention="stream" with APPLY_PE_SHIFT: (q_start, q_end, key_positions [B, K], query_positions [B, n])
+    segments: Optional[list] = None
 
 
 class SepCacheLayer(CacheLayerMixin):
@@ -157,8 +159,8 @@ class SepCache(Cache):
         per_layer = {k: _per_layer(k, v, layer_num) for k, v in sizes.items()}
         if eviction_timing not in ("in_update", "after_step"):
             raise ValueError(f"eviction_timing must be 'in_update' or 'after_step', got {eviction_timing!r}")
-        if prefill_attention not in ("full", "sepllm"):
-            raise ValueError(f"prefill_attention must be 'full' or 'sepllm', got {prefill_attention!r}")
+        if prefill_attention not in ("full", "sepllm", "stream"):
+            raise ValueError(f"prefill_attention must be 'full', 'sepllm' or 'stream', got {prefill_attention!r}")
         layers = []
         for i in range(layer_num):
             a, s, w, c = (per_layer[k][i] for k in ("init_cache_size", "sep_cache_size", "local_size", "cache_size"))
@@ -221,14 +223,25 @@ class SepCache(Cache):
                              "only (pad the prompt on the left)")
         count = self.valid_seen.unsqueeze(1) + torch.cumsum(new_valid.to(torch.long), dim=-1)   # [B, q]
         positions = torch.where(new_valid, count - 1, torch.ones_like(count))                 # HF convention
-        sep_new = rules.separator_bitmap(input_ids, self.separator_token_ids)
         token_index = torch.where(new_valid, count - 1, torch.full_like(count, -1))
+        planned: dict = {}   # layers with equal sizes hold equal token sets: plan once, share the plan
         for layer in self.layers:
+            key = (layer.init_cache_size, layer.sep_cache_size, layer.local_size, layer.cache_size)
+            if key in planned:
+                first = planned[key]
+                layer.plan = first.plan
+                layer.sep_cache_size, layer.cache_size = first.sep_cache_size, first.cache_size
+                layer.num_compressions = first.num_compressions
+                continue
             kind_new_tok = torch.where(new_valid, torch.where(count <= layer.init_cache_size,
                                                               torch.full_like(count, INITIAL),
                                                               torch.full_like(count, LOCAL)),
                                        torch.zeros_like(count)).to(torch.int8)
-            layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, sep_new, positions, token_index)
+            if q > 1 and self.prefill_attention == "stream":
+                layer.plan = self._plan_stream(layer, input_ids, kind_new_tok, positions, token_index)
+            else:
+                layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, positions, token_index)
+            planned[key] = layer
         self.valid_seen = count[:, -1].clone()
         self.tokens_seen += q
         return positions
@@ -244,8 +257,7 @@ class SepCache(Cache):
         pos_new = torch.where(kind_new != INVALID, pos.gather(1, idx), torch.full_like(idx, -1))
         return idx, kind_new, ids.gather(1, idx), pos_new
 
-    def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, sep_new: torch.Tensor,
-                    positions: torch.Tensor, token_index: torch.Tensor) -> _StepPlan:
+    def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, positions: torch.Tensor, token_index: torch.Tensor) -> _StepPlan:
         bsz, q = ids.shape
         pre_idx = None
         if layer.ids is None:
@@ -285,6 +297,85 @@ class SepCache(Cache):
         return _StepPlan(ids_app=ids_app, kind_app=kind_app, pre_gather_idx=pre_idx, gather_idx=gather_idx,
                          kind_new=kind_new, ids_new=ids_new, pos_new=pos_new, attend_compressed=attend_compressed,
                          attn_mask=attn_mask, step_positions=positions, q_len=q)
+
+    def _plan_stream(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, positions: torch.Tensor,
+                     token_index: torch.Tensor) -> _StepPlan:
+        """Multi-token step where query ``i`` sees exactly the keys it would see if the tokens were fed one at a time
+        (same compression schedule, same timing): chunked streaming == token-by-token streaming, with one forward.
+
+        The cache state is followed as slot references into the appended storage ``old ++ new``; between two
+        compressions the visible set only grows, so rows are filled a segment at a time.
+        """
+        bsz, q = ids.shape
+        dev = ids.device
+        if layer.ids is None:
+            ref = torch.zeros(bsz, 0, dtype=torch.long, device=dev)
+            kind = torch.zeros(bsz, 0, dtype=torch.int8, device=dev)
+            cur_ids = ids[:, :0]
+            pos_app, l_old = token_index, 0
+        else:
+            l_old = layer.ids.shape[-1]
+            ref = torch.arange(l_old, device=dev).unsqueeze(0).expand(bsz, -1)
+            kind, cur_ids = layer.kind, layer.ids
+            pos_app = torch.cat([layer.pos, token_index], dim=-1)
+        ids_app = torch.cat([cur_ids, ids], dim=-1) if l_old else ids
+        l_app = l_old + q
+        allowed = torch.zeros(bsz, q, l_app, dtype=torch.bool, device=dev)
+        tri = torch.ones(q, q, dtype=torch.bool, device=dev).tril()
+        new_valid = kind_tok != INVALID
+        after = self.eviction_timing == "after_step"
+
+        segments: Optional[list] = [] if self.APPLY_PE_SHIFT else None
+
+        def compress(ref, kind, cur_ids):
+            idx, kind_c = self._compress_indices(layer, cur_ids, kind)
+            return ref.gather(1, idx), kind_c, cur_ids.gather(1, idx)
+
+        def record(start: int, n: int, ref: torch.Tensor, kind: torch.Tensor) -> None:
+            # positions are indices among the visible cache state; constant while the state only grows
+            key_pos = torch.zeros(bsz, l_app, dtype=torch.long, device=dev)
+            key_pos.scatter_(1, ref, cache_positions(kind != INVALID))
+            segments.append((start, start + n, key_pos, key_pos[:, l_old + start:l_old + start + n]))
+
+        i = 0
+        while i < q:
+            if after and self._needs_compression(layer, kind):
+                ref, kind, cur_ids = compress(ref, kind, cur_ids)
+            if self.exact_window:
+                n = 1
+            elif after:
+                n = max(1, layer.cache_size + 1 - kind.shape[-1])
+            else:
+                n = layer.cache_size - kind.shape[-1]
+            n = min(n, q - i)
+            if n <= 0:     # in_update: this token's append triggers compression before its own attention
+                n = 1
+            visible = torch.zeros(bsz, l_app, dtype=torch.bool, device=dev)
+            visible.scatter_(1, ref, kind != INVALID)
+            rows = allowed[:, i:i + n]
+            rows |= visible.unsqueeze(1)
+            rows[:, :, l_old + i:l_old + i + n] |= tri[:n, :n].unsqueeze(0) & new_valid[:, None, i:i + n]
+            ref = torch.cat([ref, torch.arange(l_old + i, l_old + i + n, device=dev).unsqueeze(0).expand(bsz, -1)], -1)
+            kind = torch.cat([kind, kind_tok[:, i:i + n]], dim=-1)
+            cur_ids = torch.cat([cur_ids, ids[:, i:i + n]], dim=-1)
+            if not after and self._needs_compression(layer, kind):
+                if n != 1:
+                    raise AssertionError("segment overran the compression point")
+                ref, kind, cur_ids = compress(ref, kind, cur_ids)
+                visible = torch.zeros(bsz, l_app, dtype=torch.bool, device=dev)
+                visible.scatter_(1, ref, kind != INVALID)
+                allowed[:, i] = visible
+            if segments is not None:
+                record(i, n, ref, kind)
+            i += n
+        diag = torch.zeros_like(allowed)
+        diag[:, torch.arange(q), l_old + torch.arange(q)] = True
+        allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
+        pos_new = torch.where(kind != INVALID, pos_app.gather(1, ref), torch.full_like(ref, -1))
+        return _StepPlan(ids_app=ids_app, kind_app=torch.cat([layer.kind, kind_tok], -1) if l_old else kind_tok,
+                         pre_gather_idx=None, gather_idx=ref, kind_new=kind, ids_new=cur_ids, pos_new=pos_new,
+                         attend_compressed=False, attn_mask=allowed.unsqueeze(1), step_positions=positions, q_len=q,
+                         segments=segments)
 
     def _compress_indices(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,7 +448,7 @@ class SepCache(Cache):
         layer.last_kept = int((layer.kind != INVALID).sum())
         layer.kept_total += layer.last_kept
         layer.seen_total += int(self.valid_seen.sum())
-        if self.APPLY_PE_SHIFT:
+        if self.APPLY_PE_SHIFT and plan.segments is None:
             valid_att = kind_att != INVALID
             pos = cache_positions(valid_att)
             cos, sin = self.rope_fn(k_att, pos)
@@ -368,9 +459,18 @@ class SepCache(Cache):
     def shift_query(self, layer_idx: int, query_states: torch.Tensor) -> torch.Tensor:
         """Re-rotate the step's queries from their absolute positions to their index in the cache (PE shift)."""
         src, dst = self.layers[layer_idx].query_shift
-        cos_s, sin_s = self.rope_fn(query_states, src)
-        cos_d, sin_d = self.rope_fn(query_states, dst)
-        return apply_rotary(unapply_rotary(query_states, cos_s, sin_s), cos_d, sin_d)
+        return self.reposition(query_states, src, dst)
+
+    def reposition(self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [B, H, n, D]`` encoded at positions ``src [B, n]`` to positions ``dst [B, n]``."""
+        cos_s, sin_s = self.rope_fn(x, src)
+        cos_d, sin_d = self.rope_fn(x, dst)
+        return apply_rotary(unapply_rotary(x, cos_s, sin_s), cos_d, sin_d)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply the model's rotary embedding at ``positions [B, L]`` to un-rotated ``x [B, H, L, D]``."""
+        cos, sin = self.rope_fn(x, positions)
+        return apply_rotary(x, cos, sin)
 
     def step_attention_mask(self, layer_idx: int) -> Optional[torch.Tensor]:
         """Bool ``[B, 1, q, K]`` mask for the keys ``update`` returned this step (None = attend all)."""

@@ -42,9 +42,22 @@ def _sepllm_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                            "call the model through megatron.sepllm.generation.sepllm_forward")
     layer_idx = module.layer_idx
     mask = cache.step_attention_mask(layer_idx)
+    kwargs.pop("is_causal", None)
+    segments = cache.layers[layer_idx].plan.segments
+    if segments is not None:
+        # streamed multi-token step with positional re-encoding: key positions change at every compression, so
+        # each segment of queries between two compressions attends keys rotated for that segment
+        outs = []
+        for start, end, key_pos, query_pos in segments:
+            k_rot = cache.rotate(key, key_pos)
+            q_seg = cache.reposition(query[:, :, start:end], cache.layers[layer_idx].plan.step_positions[:, start:end],
+                                     query_pos)
+            out, _ = sdpa_attention_forward(module, q_seg, k_rot, value, mask[:, :, start:end], dropout=dropout,
+                                            scaling=scaling, is_causal=False, **kwargs)
+            outs.append(out)
+        return torch.cat(outs, dim=1), None
     if cache.APPLY_PE_SHIFT:
         query = cache.shift_query(layer_idx, query)
-    kwargs.pop("is_causal", None)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                   is_causal=False if mask is not None or query.shape[2] == 1 else None, **kwargs)
 

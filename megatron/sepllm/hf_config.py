@@ -1,34 +1,26 @@
 """Training-free SepLLM settings for Hugging Face models (spec §1.1, §1.2, §1.10, §4.2).
 
-The training-free YAML files (``llama3_*.yml``) hold only SepLLM keys plus ``Layer_num``. This module reads them
-safely (``yaml.safe_load``), rejects unknown keys and ill-typed values, and resolves a ``SepLLMConfig`` against a
-concrete HF model config into :class:`TrainingFreeSettings`: the mode, per-layer prefill/decode windows, FixLLM
+The training-free YAML files (``llama3_*.yml``) hold only SepLLM keys plus ``Layer_num``. They are read by the
+project's config loader (``megatron.config.load_config``: safe YAML, unknown keys and ill-typed values rejected);
+this module resolves the resulting ``SepLLMConfig`` against a concrete HF model config into :class:`TrainingFreeSettings`: the mode, per-layer prefill/decode windows, FixLLM
 intervals and the separator ids, each checked against the model (layer count, vocabulary size).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from megatron.config import load_config
 from megatron.config.errors import ConfigError
 from megatron.config.sepllm import SepLLMConfig
 
 MODES = ("full", "sepllm", "streamingllm", "fixllm")
-_DERIVED = ("mode", "prefill_windows", "generate_windows")
-_BOOL_KEYS = {f.name for f in dataclasses.fields(SepLLMConfig) if f.type == "bool"}
-_INT_KEYS = {f.name for f in dataclasses.fields(SepLLMConfig) if f.type == "int"}
-_FLOAT_KEYS = {f.name for f in dataclasses.fields(SepLLMConfig) if f.type == "float"}
-_OPT_INT_KEYS = {"Layer_num"}
-_LIST_KEYS = {"separator_token_ids", "prefill_loc_win_size_list", "generate_win_loc_size_list", "BiPE_seps",
-              "fixed_sep_intervals_list"}
-_STR_KEYS = {"sep_attention_impl"}
-_ALLOWED_KEYS = (_BOOL_KEYS | _INT_KEYS | _FLOAT_KEYS | _OPT_INT_KEYS | _LIST_KEYS | _STR_KEYS) - set(_DERIVED)
+# The reference's kernel switches only concern training; a training-free file that omits them means "off".
+_TRAININGFREE_BASE = {"USE_SEP_ATTN_KERNEL_ACCELERATOR": False, "RECOMPILE_SEP_ATTN_KERNEL": False}
 
 
 class TrainingFreeConfigError(ConfigError, ValueError):
@@ -57,57 +49,10 @@ class TrainingFreeSettings:
         return windows[layer_idx], interval
 
 
-def _check_type(source: str, key: str, value: Any) -> Any:
-    """Return ``value`` if it has the type the key needs, else raise naming source/key/value."""
-    def bad(expected: str) -> TrainingFreeConfigError:
-        return TrainingFreeConfigError(f"{source}: key '{key}' = {value!r}: expected {expected}")
-
-    if key in _BOOL_KEYS and not isinstance(value, bool):
-        raise bad("true or false")
-    if value == "None" and (key in _LIST_KEYS or key in _OPT_INT_KEYS):
-        value = None                          # the reference files are Python-dict style: `None` means null
-    if key in _BOOL_KEYS:
-        pass
-    elif key in _INT_KEYS or key in _OPT_INT_KEYS:
-        if value is None and key in _OPT_INT_KEYS:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-    elif key in _FLOAT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        value = float(value)
-    elif key in _LIST_KEYS:
-        if value is None:
-            return value
-        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            raise bad("a list of integers (or null)")
-        value = [int(v) for v in value]
-    elif key in _STR_KEYS:
-        if not isinstance(value, str):
-            raise bad("a string")
-    return value
-
-
-def sepllm_config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> SepLLMConfig:
-    """Build a ``SepLLMConfig`` from a training-free key/value mapping; unknown or derived keys are errors.
-
-    Keys missing from the mapping take the ``SepLLMConfig`` defaults, except the training-only kernel switches
-    (``USE_SEP_ATTN_KERNEL_ACCELERATOR``, ``RECOMPILE_SEP_ATTN_KERNEL``), which default to False here.
-    """
-    if not isinstance(raw, Mapping):
-        raise TrainingFreeConfigError(f"{source}: expected a mapping of SepLLM keys, got {type(raw).__name__}")
-    values: dict[str, Any] = {"USE_SEP_ATTN_KERNEL_ACCELERATOR": False, "RECOMPILE_SEP_ATTN_KERNEL": False}
-    for key, value in raw.items():
-        key = str(key)
-        if key in _DERIVED:
-            raise TrainingFreeConfigError(f"{source}: key '{key}' is derived by validation and cannot be set")
-        if key not in _ALLOWED_KEYS:
-            close = difflib.get_close_matches(key, sorted(_ALLOWED_KEYS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise TrainingFreeConfigError(f"{source}: unknown SepLLM key '{key}'{hint}")
-        values[key] = _check_type(source, key, value)
-    return SepLLMConfig(**values)
+def sepllm_config_from_mapping(raw: Mapping[str, Any]) -> SepLLMConfig:
+    """A validated ``SepLLMConfig`` from a key/value mapping, through the project's config loader
+    (``megatron.config.load_config``: unknown keys, types and SepLLM modes are checked there)."""
+    return load_config(dict(_TRAININGFREE_BASE), dict(raw)).sepllm
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -124,24 +69,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_trainingfree_config(path: Union[str, os.PathLike],
                              overrides: Optional[Mapping[str, Any]] = None) -> SepLLMConfig:
-    """Read a training-free SepLLM YAML (e.g. ``llama3_sepllm_a3_n256.yml``) and apply ``overrides`` on top."""
-    path = os.fspath(path)
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise TrainingFreeConfigError(f"{path}: SepLLM config file not found") from None
-    except yaml.YAMLError as exc:
-        raise TrainingFreeConfigError(f"{path}: not valid YAML: {exc}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise TrainingFreeConfigError(f"{path}: expected a mapping of SepLLM keys at top level, got "
-                                      f"{type(raw).__name__}")
-    merged = dict(raw)
-    for key, value in (overrides or {}).items():
-        merged[key] = value
-    return sepllm_config_from_mapping(merged, source=path)
+    """Read a training-free SepLLM YAML (e.g. ``llama3_sepllm_a3_n256.yml``) with ``overrides`` applied on top, through
+    ``megatron.config.load_config`` (safe YAML, unknown-key and type checks, mode derivation)."""
+    return load_config(dict(_TRAININGFREE_BASE), os.fspath(path), overrides=dict(overrides or {})).sepllm
 
 
 def _model_dims(model_config: Any) -> tuple[int, int]:

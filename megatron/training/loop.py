@@ -276,8 +276,11 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
         if (sep.PRINT_KV_RATIO and retention is not None and sep.print_ratio_intervals > 0
                 and forward_calls[0] % sep.print_ratio_intervals == 0):
             stats = {f"retention/{k}": v for k, v in retention.as_dict().items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            logger.log({"iteration": current[0], "forward_calls": forward_calls[0], **stats})
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "forward_calls"}
+            if hasattr(retention, "format_line"):
+                logger.info(retention.format_line())
+            logger.log({"iteration": current[0], "train_forward_calls": forward_calls[0], **stats},
+                       console=not hasattr(retention, "format_line"))
 
     current = [iteration]
     loader = build_loader(datasets.train, consumed, micro, info.rank, info.world_size,
