@@ -17,6 +17,16 @@ from megatron.sepllm.cache import SepCache  # noqa: E402
 from megatron.sepllm.generation import sepllm_forward  # noqa: E402
 
 VOCAB = 48
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny per-token models are latency bound: one intra-op thread avoids spin contention on the 2-core CI box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 SEPS = [3, 4, 5, 6, 7, 8, 9, 10]          # 1/6 of the vocab: separators show up often
 A, S, W, C = 2, 8, 8, 24
 NEW_TOKENS = 40
