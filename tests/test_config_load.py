@@ -272,6 +272,30 @@ def test_round_trip(shared_dir: Path, tmp_path: Path, source: str) -> None:
     assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
 
 
+def test_saved_config_recomputes_derived_values(tmp_path: Path, shared_dir: Path) -> None:
+    cfg = load_config(shared_dir / "reference_configs" / "streamingllm-160m-n64.yml")
+    saved = yaml.safe_load(cfg.to_yaml())
+    assert "lr_schedule.warmup_iters" in saved["derived_keys"] and "sepllm.mode" in saved["derived_keys"]
+    assert "training.train_micro_batch_size_per_gpu" not in saved["derived_keys"]
+    assert saved["lr_schedule"]["warmup_iters"] == 1430  # written so the file shows what ran
+    path = _write(tmp_path / "resolved.yml", cfg.to_yaml())
+    resumed = load_config(path, overrides=["--train-iters", "2000", "--seq-length", "1024"])
+    assert resumed.lr_schedule.lr_decay_iters == 143000  # given in the original file, so kept
+    assert resumed.model.max_position_embeddings == 2048  # given in the original file
+    plain = load_config({**TINY, "train-iters": 100})
+    moved = load_config(_write(tmp_path / "plain.yml", plain.to_yaml()), overrides=["--train-iters", "2000",
+                                                                                   "--seq-length", "64"])
+    assert moved.lr_schedule.lr_decay_iters == 2000 and moved.lr_schedule.warmup_iters == 20
+    assert moved.model.max_position_embeddings == 64 and moved.sepllm.prefill_windows == [64, 64]
+    # a pinned global batch stays pinned through a saved config
+    pinned = load_config({**TINY, "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4})
+    again = load_config(_write(tmp_path / "pinned.yml", pinned.to_yaml()))
+    assert again.deepspeed_config(2)["gradient_accumulation_steps"] == 2
+    assert again.deepspeed_config(4)["train_batch_size"] == 16
+    with pytest.raises(ConfigError, match=r"'derived_keys' lists 'model.num_layers', which is not a derived value"):
+        load_config({**TINY, "derived_keys": ["model.num_layers"]})
+
+
 # ----------------------------------------------------------------------------------------------- DeepSpeed view
 def test_deepspeed_config(shared_dir: Path) -> None:
     cfg = load_config(shared_dir / "reference_configs" / "streamingllm-160m-n64.yml")
