@@ -188,3 +188,22 @@ def test_get_separator_ids_cli(neox_tokenizer_file: Path, tmp_path: Path) -> Non
     assert bad.stderr.strip().splitlines() == [
         "get_separator_ids.py: error: vocab-file: file not found: /no/file.json (expected a Hugging Face tokenizer.json)"
     ]
+
+
+@pytest.mark.parametrize(
+    "spec, safe",
+    [
+        ({"normalizer": {"type": "NFC"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}, True),
+        ({"normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True}}, False),
+        ({"normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}},
+         False),
+        ({"normalizer": {"type": "Replace"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}},
+         False),
+        ({"normalizer": None, "pre_tokenizer": {"type": "Metaspace"}}, False),
+        ({"normalizer": None, "pre_tokenizer": None}, False),
+    ],
+)
+def test_chunking_only_where_provably_safe(spec: dict, safe: bool) -> None:
+    from megatron.tokenizer.hf import _chunk_safe
+
+    assert _chunk_safe(spec) is safe
