@@ -209,3 +209,16 @@ def test_api_errors(tmp_path: Path, neox) -> None:
         tokenize_to_indexed(str(tmp_path), str(tmp_path / "o"), tokenizer=neox, workers=0)
     with pytest.raises(PrepareError, match="no tokenizer given"):
         tokenize_to_indexed(str(tmp_path), str(tmp_path / "o"))
+
+
+def test_benchmark_smoke(tmp_path: Path, shared_dir: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = _run(REPO / "benchmarks" / "prepare_data.py", "--limit", "2", "--workers", "1", "2", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["workers"]) for r in rows] == [("naive", 1), ("ours", 1), ("ours", 2)]
+    for r in rows:
+        assert {"method", "workers", "mb_per_s", "ratio_vs_naive"} <= set(r) and r["mb_per_s"] > 0
+        assert r["identical"] is True  # same token ids as the naive loop
+    assert rows[0]["ratio_vs_naive"] == 1.0
+    assert "vs naive" in proc.stdout
