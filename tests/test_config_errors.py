@@ -100,6 +100,8 @@ BAD_CASES = [
      ["attention_config describes 3 layers but num_layers is 2"]),
     ("data-weights", _with(train__data__paths=["a", "b"], train__data__weights=[1.0]), None,
      ["train_data_weights has 1 entries but train_data_paths has 2"]),
+    ("data-path-and-paths", _with(data__path="a", train__data__paths=["b"]), None,
+     ["data_path is split", "cannot be combined with train/valid/test_data_paths"]),
     # features that are recognised but not built yet (megatron/config/unsupported.py)
     ("unsupported-tp", _with(model__parallel__size=2), None, ["model_parallel_size=2", "not supported yet"]),
     ("unsupported-pp", _with(pipe__parallel__size=2), None, ["pipe_parallel_size=2", "not supported yet"]),

@@ -181,6 +181,11 @@ def test_plain_config_is_full_attention_and_logged(caplog) -> None:
     assert not any("forced" in m for m in messages)
 
 
+def test_sep_attention_impl_alone_keeps_plain_config() -> None:
+    cfg = load_config(dict(TINY), overrides=["--sep_attention_impl", "compact"])
+    assert cfg.sepllm.mode == "full" and cfg.sepllm.sep_attention_impl == "compact"
+
+
 def test_forced_changes_are_logged(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="megatron.config"):
         cfg = load_config({**SEP, "USE_ORIGINAL_FULL_ATTEN": True, "USE_BiPE": True, "BiPE_seps": [15],

@@ -246,6 +246,10 @@ def _check_data(d, ctx: _Ctx) -> None:
         values = []
     if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
         raise ctx.err("data", "split", d.split, "three comma-separated non-negative numbers like '969, 30, 1'")
+    if d.data_path is not None and any(getattr(d, f"{k}_data_paths") for k in ("train", "valid", "test")):
+        raise ConfigError(f"{ctx.src('data', 'data_path')}: data_path is split into train/valid/test by 'split'; "
+                          f"it cannot be combined with train/valid/test_data_paths ({ctx.src('data', 'train_data_paths')})"
+                          f"; give one or the other")
     for kind in ("train", "valid", "test"):
         paths, weights = getattr(d, f"{kind}_data_paths"), getattr(d, f"{kind}_data_weights")
         if weights is not None and (paths is None or len(weights) != len(paths)):
@@ -312,7 +316,8 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
     _check_data(objs["data"], ctx)
     _check_rest(objs, ctx)
 
-    sep_keys = set(merged.get("sepllm", {})) - set(DERIVED_FIELDS)
+    # sep_attention_impl only picks an execution path; alone it does not turn a GPT-NeoX config into a SepLLM one.
+    sep_keys = set(merged.get("sepllm", {})) - set(DERIVED_FIELDS) - {"sep_attention_impl"}
     resolve_sepllm(objs["sepllm"], model, has_sepllm_keys=bool(sep_keys),
                    num_layers_explicit="num_layers" in merged.get("model", {}), where=ctx.where("sepllm"))
     _check_derived_repeats(given_derived, objs, ctx)
