@@ -296,6 +296,8 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     batches = micro_batches()
     interval = _Interval()
     last_saved = None
+    if ck.save and iteration == 0 and 0 in set(ck.extra_save_iters or ()):
+        last_saved = _save(cfg, engine, scheduler, 0, consumed, info, logger, result)  # GPT-NeoX: the init weights
     engine.train()
     while iteration < t.train_iters:
         iteration += 1
