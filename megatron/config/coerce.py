@@ -89,12 +89,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         real = [a for a in args if a is not _NONE]
         if len(real) == 1:
             return coerce(value, real[0], where)
-        errors = []
         for arg in real:
             try:
                 return coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise _bad(where, value, describe(tp))
     if value is None:
         raise _bad(where, value, describe(tp))

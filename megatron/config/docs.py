@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from megatron.config.coerce import describe
 from megatron.config.field_help import MODEL_HELP, SEPLLM_HELP
 from megatron.config.keys import ALIASES, BLOCK_FIELDS, DEEPSPEED_PASSTHROUGH, IGNORED
-from megatron.config.neox import SECTIONS
+from megatron.config.neox import SECTIONS, derivable_fields
 from megatron.config.unsupported import NEOX_DEFAULT_ONLY, UNSUPPORTED
 from megatron.config.validate import DERIVED_ONLY
 
@@ -178,7 +178,7 @@ def _section_table(section: str, cls: type) -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if (section, f.name) in DERIVED_ONLY:
             name = f"`{f.name}` *(derived, read-only)*"
-        elif f.metadata.get("derived"):
+        elif (section, f.name) in derivable_fields():
             name = f"`{f.name}` *(derived if unset)*"
         else:
             name = f"`{f.name}`"

@@ -7,11 +7,10 @@ expected.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import typing
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from megatron.config import derived
 from megatron.config.coerce import coerce, coerce_items, to_float
