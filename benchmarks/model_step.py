@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
     p.add_argument("--batch", type=int, default=2, help="micro-batch size (default 2)")
     p.add_argument("--vocab", type=int, default=50304, help="padded vocabulary size (default 50304, Pythia's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement; median reported (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repetitions per measurement; median reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per measurement (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")

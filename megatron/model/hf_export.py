@@ -98,7 +98,8 @@ def check_gpt_neox_compatible(cfg: ModelConfig) -> None:
 
 
 def to_hf_gpt_neox_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig,
-                              vocab_size: Optional[int] = None, keep_bipe_embeddings: bool = False) -> dict[str, Tensor]:
+                              vocab_size: Optional[int] = None,
+                              keep_bipe_embeddings: bool = False) -> dict[str, Tensor]:
     """``GPTModel`` state dict -> ``GPTNeoXForCausalLM`` state dict (tensors are shared, not copied).
 
     ``vocab_size`` trims the padded embedding rows (default: keep ``padded_vocab_size`` rows). A BiPE model has a
@@ -192,7 +193,8 @@ def from_hf_gpt_neox_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelCon
     for i in range(cfg.num_layers):
         p, q = f"layers.{i}.", f"gpt_neox.layers.{i}."
         for name in ("input_layernorm", "post_attention_layernorm"):
-            out[p + name + ".weight"], out[p + name + ".bias"] = src.pop(q + name + ".weight"), src.pop(q + name + ".bias")
+            out[p + name + ".weight"] = src.pop(q + name + ".weight")
+            out[p + name + ".bias"] = src.pop(q + name + ".bias")
         for name in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
             out[p + name + ".weight"] = src.pop(q + name + ".weight")
             bias = src.pop_optional(q + name + ".bias")
