@@ -52,6 +52,11 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     proc = _run(str(bad), "--for-training")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
+    late = tmp_path / "late.yml"  # forced SepLLM changes are logged before the error: still one line
+    late.write_text("{'USE_ORIGINAL_FULL_ATTEN': True, 'separator_token_ids': [5], 'mode': 'sepllm'}\n")
+    proc = _run(str(late))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "sepllm.mode='sepllm' is derived" in proc.stderr
+
 
 def test_cli_help() -> None:
     proc = _run("--help")

@@ -45,19 +45,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not files:
         sys.stderr.write("error: give at least one config file before the --key value overrides (see --help)\n")
         return 2
-    if not quiet:
-        logging.basicConfig(level=logging.INFO, format="config: %(message)s", stream=sys.stderr)
-
     from megatron.config.errors import ConfigError
     from megatron.config.loader import load_config
 
+    # Decisions are logged only for a config that loads; a failing one gets exactly one error line.
+    collected = _Collect()
+    logger = logging.getLogger("megatron.config")
+    logger.addHandler(collected)
+    logger.setLevel(logging.INFO)
     try:
         cfg = load_config(*files, overrides=overrides, for_training=for_training)
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    finally:
+        logger.removeHandler(collected)
+    if not quiet:
+        for record in collected.records:
+            sys.stderr.write(f"config: {record.getMessage()}\n")
     sys.stdout.write(cfg.to_yaml())
     return 0
+
+
+class _Collect(logging.Handler):
+    """Keeps log records until we know whether the config loads."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 if __name__ == "__main__":
