@@ -281,3 +281,14 @@ def test_runtime_misuse_is_reported():
         assert out.logits.shape == (2, 10, VOCAB)
         with pytest.raises(SepLLMRuntimeError, match="per-call masks"):
             model.model(input_ids=ids)                        # inner module bypasses the mask construction
+
+
+def test_print_kv_ratio_prints_every_interval(capsys):
+    model = _tiny("llama")
+    ids, mask = _batch()
+    with apply_sepllm(model, _cfg(PRINT_KV_RATIO=True, print_ratio_intervals=2)):
+        for _ in range(5):
+            model(input_ids=ids, attention_mask=mask)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("SepLLM[sepllm]")]
+    assert len(lines) == 2                                   # at the 2nd and 4th prefill
+    assert "| 2 sequences, 2 forwards" in lines[0] and "| 4 sequences, 4 forwards" in lines[1]

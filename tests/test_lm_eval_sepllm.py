@@ -60,10 +60,13 @@ def test_both_reference_configs_run_offline_and_report_retention(tiny_llama_dir,
     lm = SepLLMHFLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32", batch_size=4,
                     sepllm_config=str(ref / "llama3_sepllm_a3_n256.yml"),
                     sepllm_overrides="Layer_num=2;prefill_local_window_size=4;generate_local_window_size=4")
-    res = _evaluate(lm, ["sepllm_pg19_mc"], limit=4)
+    res = _evaluate(lm, ["sepllm_pg19_mc", "sepllm_pg19_gen"], limit=4)
     assert 0.0 <= res["results"]["sepllm_pg19_mc"]["acc,none"] <= 1.0
+    assert "exact_match,none" in res["results"]["sepllm_pg19_gen"]
     mask_stats = lm.sepllm_retention()["mask_path"]
-    assert mask_stats["mode"] == "sepllm" and mask_stats["sequences"] == 2        # 8 requests, batch 4
+    # 8 loglikelihood requests in 2 batches of 4 + one generate batch of 4 (prefill + decode steps)
+    assert mask_stats["mode"] == "sepllm" and mask_stats["sequences"] == 3
+    assert mask_stats["forward_calls"] > 3
     kv = mask_stats["final_step_kv_retention"]
     assert 0 < kv["kept"] < kv["total"] and len(kv["per_layer_ratio"]) == 2
     assert "SepLLM[sepllm] final-step KV retention" in capsys.readouterr().out

@@ -243,10 +243,12 @@ class SepLLMHandle:
             self.meter.start_sequence()
             if self.settings.batch_adaptive_init_pos:
                 pad_counts = rules.left_pad_counts(valid)
-            if self.settings.print_kv_ratio and self.meter.sequences % self.settings.print_ratio_intervals == 0:
-                print(self.meter.summary(), flush=True)
         self._history = _History(ids=ids, valid=valid, pad_counts=pad_counts)
-        return self._build_plan(ids, valid, pad_counts, past_len)
+        plan = self._build_plan(ids, valid, pad_counts, past_len)
+        if (past_len == 0 and self.settings.print_kv_ratio
+                and self.meter.sequences % self.settings.print_ratio_intervals == 0):
+            print(self.meter.summary(), flush=True)      # PRINT_KV_RATIO: every N-th prefill, this one included
+        return plan
 
     def global_keys(self, ids: torch.Tensor, pad_counts: Optional[torch.Tensor],
                     interval: Optional[int]) -> torch.Tensor:
