@@ -94,6 +94,8 @@ BAD_CASES = [
      ["key 'lr_decay_style'", "constant, linear, cosine"]),
     ("precision-conflict", _with(precision="fp32", fp16={"enabled": True}), None,
      ["precision='fp32' contradicts the enabled fp16 block"]),
+    ("precision-vs-disabled-block", _with(precision="bf16", bf16={"enabled": False}), None,
+     ["precision='bf16' contradicts bf16.enabled=false"]),
     ("fp16-and-bf16", _with(fp16={"enabled": True}, bf16={"enabled": True}), None,
      ["fp16.enabled and bf16.enabled are both true"]),
     ("attention-config-length", _with(attention__config=[[["global"], 3]]), None,

@@ -204,6 +204,9 @@ def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
     except ConfigError as exc:
         raise ConfigError(f"{ctx.src('training', 'precision')}: {exc}") from None
     if t.precision in ("fp16", "bf16") and not (getattr(t, t.precision) or {}).get("enabled", False):
+        if (getattr(t, t.precision) or {}).get("enabled") is False:
+            raise ConfigError(f"{ctx.src('training', 'precision')}: precision={t.precision!r} contradicts "
+                              f"{t.precision}.enabled=false ({ctx.src('training', t.precision)})")
         block = dict(getattr(t, t.precision) or {})
         block["enabled"] = True
         setattr(t, t.precision, block)
