@@ -301,6 +301,21 @@ def test_saved_config_recomputes_derived_values(tmp_path: Path, shared_dir: Path
         load_config({**TINY, "derived_keys": ["model.num_layers"]})
 
 
+def test_config_built_in_code_round_trips_its_values(tmp_path: Path) -> None:
+    cfg = NeoXConfig()  # what tests and tools do: set fields directly, no provenance
+    cfg.training.train_iters, cfg.lr_schedule.lr_decay_iters, cfg.lr_schedule.warmup_iters = 10, 8, 3
+    cfg.sepllm.USE_ORIGINAL_FULL_ATTEN = True
+    again = load_config(_write(tmp_path / "code.yml", cfg.to_yaml()))
+    assert again.lr_schedule.lr_decay_iters == 8 and again.lr_schedule.warmup_iters == 3
+    assert again.sepllm.mode == "full" and again.sepllm.prefill_windows == [2048, 2048]
+
+
+def test_warmup_rounds_half_up() -> None:
+    from megatron.config.derived import warmup_iters
+
+    assert warmup_iters(0.1, 5) == 1 and warmup_iters(0.01, 143000) == 1430 and warmup_iters(0.0, 100) == 0
+
+
 # ----------------------------------------------------------------------------------------------- DeepSpeed view
 def test_deepspeed_config(shared_dir: Path) -> None:
     cfg = load_config(shared_dir / "reference_configs" / "streamingllm-160m-n64.yml")

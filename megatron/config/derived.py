@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 from megatron.config.errors import ConfigError
@@ -66,8 +67,8 @@ def rescale_batch_triple(global_bs: int, micro: int, accum: int, keep_global: bo
 
 
 def warmup_iters(warmup: float, decay_iters: int) -> int:
-    """GPT-NeoX ``warmup`` is a fraction of the decay iterations."""
-    return int(round(warmup * decay_iters))
+    """GPT-NeoX ``warmup`` is a fraction of the decay iterations; halves round up (0.5 -> 1, not Python's 0)."""
+    return int(math.floor(warmup * decay_iters + 0.5))
 
 
 def expand_attention_config(spec: Optional[Sequence[Any]], num_layers: int) -> list[str]:

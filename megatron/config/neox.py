@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from megatron.config.components import (
     CheckpointConfig,
@@ -43,13 +43,17 @@ _DERIVED_WITHOUT_METADATA = frozenset({
     ("model", "max_position_embeddings"), ("model", "padded_vocab_size"), ("model", "attention_config"),
     ("model", "precision"), ("sepllm", "mode"), ("sepllm", "prefill_windows"), ("sepllm", "generate_windows")})
 DERIVED_KEYS_KEY = "derived_keys"
+# Values only validation computes: a config may repeat them (a saved resolved config does), never change them.
+READ_ONLY_FIELDS = frozenset({
+    ("sepllm", "mode"), ("sepllm", "prefill_windows"), ("sepllm", "generate_windows"), ("training", "zero_stage"),
+    ("parallel", "data_parallel_size"), ("model", "precision")})
 
 
 def derivable_fields() -> frozenset:
     """(section, field) of every value validation computes when the user does not give it."""
     marked = {(name, f.name) for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
               if f.metadata.get("derived")}
-    return frozenset(marked) | _DERIVED_WITHOUT_METADATA
+    return frozenset(marked) | _DERIVED_WITHOUT_METADATA | READ_ONLY_FIELDS
 
 
 @dataclass
@@ -71,8 +75,8 @@ class NeoXConfig:
     sources: list = field(default_factory=list, compare=False)
     overrides: list = field(default_factory=list, compare=False)
     # "section.field" of every value a source set (not serialised, not compared): lets consumers tell an explicit
-    # setting from a default, e.g. whether the global batch size was pinned by the user.
-    explicit_keys: frozenset = field(default_factory=frozenset, compare=False, repr=False)
+    # setting from a default. None = unknown (a config built in code): every value then counts as set on purpose.
+    explicit_keys: Optional[frozenset] = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -88,7 +92,8 @@ class NeoXConfig:
         # ``params`` repeats the typed optimizer fields; write only the other arguments so the block reads back.
         typed = set(out["optimizer"]) - {"type", "params"}
         out["optimizer"]["params"] = {k: v for k, v in out["optimizer"]["params"].items() if k not in typed}
-        if self.sepllm.Layer_num is not None and "model.num_layers" not in self.explicit_keys:
+        explicit = self.explicit_keys
+        if self.sepllm.Layer_num is not None and explicit is not None and "model.num_layers" not in explicit:
             # A training-free SepLLM block sized by Layer_num: writing the default num_layers would make the
             # reloaded config contradict Layer_num (see docs/config_reference.md, "Layer_num and num_layers").
             del out["model"]["num_layers"]
@@ -97,8 +102,9 @@ class NeoXConfig:
         # Values computed from other keys are written (so the file shows what ran) but listed here, and loading
         # recomputes them: a later `--train-iters` still moves lr_decay_iters/warmup_iters, a pinned global batch
         # stays pinned, and the distributed backend follows the machine.
-        out[DERIVED_KEYS_KEY] = sorted(f"{s}.{n}" for s, n in derivable_fields()
-                                       if f"{s}.{n}" not in self.explicit_keys)
+        recompute = READ_ONLY_FIELDS | {(s, n) for s, n in derivable_fields()
+                                        if explicit is not None and f"{s}.{n}" not in explicit}
+        out[DERIVED_KEYS_KEY] = sorted(f"{s}.{n}" for s, n in recompute)
         return out
 
     def to_yaml(self) -> str:

@@ -16,7 +16,7 @@ from megatron.config import derived
 from megatron.config.coerce import coerce, coerce_items, to_float
 from megatron.config.errors import ConfigError
 from megatron.config.merge import EXTRA, Origins
-from megatron.config.neox import SECTIONS, NeoXConfig
+from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, NeoXConfig
 from megatron.config.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
 from megatron.config.unsupported import check_unsupported
 
@@ -54,9 +54,7 @@ ITEM_TYPES: dict[tuple[str, str], type] = {
     ("training", "eval_tasks"): str,
 }
 
-# Values that only validation computes: a config may repeat them (a saved resolved config does), never change them.
-DERIVED_ONLY = {("sepllm", f) for f in DERIVED_FIELDS} | {
-    ("training", "zero_stage"), ("parallel", "data_parallel_size"), ("model", "precision")}
+DERIVED_ONLY = READ_ONLY_FIELDS
 
 
 class _Ctx:
