@@ -38,6 +38,7 @@ BAD_CASES = [
      ["unknown key 'model.num_layrs'", "did you mean 'num_layers'"]),
     ("unknown-override", BASE, ["--seperator_token_ids", "[1]"],
      ["command line", "unknown key 'seperator_token_ids'", "did you mean 'separator_token_ids'"]),
+    ("section-not-mapping", {"data": "pile"}, None, ["key 'data' is a block: expected a mapping of data keys"]),
     ("two-spellings", _with(train__iters=5, train_iters=6), None, ["'train-iters' and 'train_iters' both set"]),
     ("wrong-type-int", _with(train__iters="ten"), None, ["bad.yml", "key 'train_iters'", "expected an integer",
                                                          "'ten'"]),

@@ -100,6 +100,11 @@ def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
             _optimizer_block(canon, value, key)
         elif n in SECTIONS and isinstance(value, dict):
             _section_block(canon, n, value, key)
+        elif n in SECTIONS and value is None:
+            continue  # an empty block (``model:`` with nothing under it)
+        elif n in SECTIONS and lookup_flat(n) is None:
+            raise ConfigError(f"{source}: key {key!r} is a block: expected a mapping of {n} keys such as "
+                              f"{sorted(section_fields(n).values())[:3]}, got {value!r} ({type(value).__name__})")
         elif n in BLOCK_FIELDS:
             section, name = BLOCK_FIELDS[n]
             canon.put(section, name, value, key)
