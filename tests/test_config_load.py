@@ -310,6 +310,15 @@ def test_config_built_in_code_round_trips_its_values(tmp_path: Path) -> None:
     assert again.sepllm.mode == "full" and again.sepllm.prefill_windows == [2048, 2048]
 
 
+def test_gpu_build_detection_without_importing_torch() -> None:
+    from megatron.config.validate import torch_build_has_gpu
+
+    cpu = "__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\nhip: Optional[str] = None\n"
+    assert not torch_build_has_gpu(cpu)
+    assert torch_build_has_gpu("__version__ = '2.5.1'\ncuda: Optional[str] = '12.4'\nhip: Optional[str] = None\n")
+    assert torch_build_has_gpu("cuda = None\nhip = '6.2.4'\n")
+
+
 def test_warmup_rounds_half_up() -> None:
     from megatron.config.derived import warmup_iters
 

@@ -172,11 +172,39 @@ def _resolve_parallel(p, launcher, device: str, ctx: _Ctx) -> None:
 
 
 def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
+    """Whether this run can use CUDA, without importing torch when it is not loaded yet (8 s on a busy CPU box).
+
+    Uses torch when already imported; otherwise: a GPU build of torch (its version.py names a cuda/hip version), a
+    GPU driver node, and CUDA_VISIBLE_DEVICES not hiding every device. The trainer still falls back to gloo when a
+    CPU device is finally chosen, so this only has to be right in the common case.
+    """
+    import sys
+
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
         return False
-    return bool(torch.cuda.is_available())
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return False
+    try:
+        version_text = (Path(spec.origin).parent / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd")
+    return torch_build_has_gpu(version_text) and any(Path(n).exists() for n in nodes)
+
+
+def torch_build_has_gpu(version_py_text: str) -> bool:
+    """True when torch/version.py records a CUDA or HIP version (CPU wheels say ``cuda = None``)."""
+    import re
+
+    return re.search(r"^(?:cuda|hip)\s*(?::[^=\n]*)?=\s*['\"][0-9]", version_py_text, re.M) is not None
 
 
 def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
