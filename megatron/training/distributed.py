@@ -18,6 +18,9 @@ import torch
 import torch.distributed as dist
 
 
+_SELF_INIT = "SEPLLM_SELF_INIT_PROCESS_GROUP"  # marks env variables we set ourselves (children must not reuse)
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process sits; passed explicitly instead of living in module globals."""
@@ -40,10 +43,12 @@ def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
     if backend is None or (device_type == "cpu" and backend == "nccl"):
         backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        inherited_self_init = os.environ.get(_SELF_INIT) == "1" and os.environ.get("WORLD_SIZE") == "1"
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or inherited_self_init:
+            # no launcher (or env copied from a parent that made its own 1-rank group): make ours on a free port
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ["MASTER_PORT"] = str(find_free_port())
+            os.environ[_SELF_INIT] = "1"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),

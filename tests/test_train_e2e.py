@@ -1,0 +1,104 @@
+"""End-to-end training on real text (slow): loss falls; a SIGKILLed deepy.py run resumes bit-exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron.training import pretrain
+from train_helpers import make_tiny_corpus, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, pg19_dir, neox_tokenizer_file):
+    out = tmp_path_factory.mktemp("corpus")
+    return make_tiny_corpus(out, sorted(pg19_dir.glob("*.txt"))[1], neox_tokenizer_file, chars=200_000)
+
+
+@pytest.mark.slow
+def test_loss_falls_on_a_pg19_book(corpus, neox_tokenizer_file, tmp_path):
+    cfg = tiny_config(corpus, neox_tokenizer_file, tmp_path, train_iters=40, micro=4, seq=64,
+                      training__eval_interval=20, training__eval_iters=4)
+    result = pretrain(cfg)
+    losses = [result.train_losses[i] for i in range(1, 41)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert first > 10.0                      # ~ln(50k): an untrained model
+    assert last < first - 2.0, (first, last)
+    assert result.valid_losses[40] < result.valid_losses[20] < first
+
+
+def _run_cfg(corpus: str, tok: Path, run: Path) -> Path:
+    cfg = {
+        "num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": 32,
+        "max-position-embeddings": 32, "pos-emb": "rotary", "rotary-pct": 0.25, "gpt-j-residual": True,
+        "no-weight-tying": True, "separator_token_ids": [15, 13, 32, 2, 28, 27, 209, 186, 187],
+        "prefill_local_window_size": 8, "generate_local_window_size": 8, "init_tok_max_idx": 2,
+        "USE_SEP_ATTN_KERNEL_ACCELERATOR": False,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.003, "betas": [0.9, 0.95], "eps": 1.0e-8}},
+        "min_lr": 0.0003, "lr-decay-style": "cosine", "lr-decay-iters": 8, "warmup": 0.25,
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train-iters": 8,
+        "gradient_clipping": 1.0, "precision": "fp32", "device": "cpu", "hidden-dropout": 0.1,
+        "data-path": corpus, "split": "80,10,10", "num_workers": 1, "data_cache_dir": str(run / "idx"),
+        "tokenizer-type": "HFTokenizer", "vocab-file": str(tok),
+        "eval-interval": 4, "eval-iters": 2, "do_test": False,
+        "save": str(run / "ckpt"), "checkpoint-factor": 4, "log-interval": 1, "log_dir": str(run / "logs"),
+        "tensorboard-dir": str(run / "tb"), "peak_flops": 1.0e11,
+    }
+    path = run / "cfg.yml"
+    run.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(log_dir: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["lm_loss"] for r in rows if "lm_loss" in r}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+
+
+@pytest.mark.slow
+def test_killed_deepy_run_resumes_bit_exactly(corpus, neox_tokenizer_file, tmp_path):
+    full = tmp_path / "full"
+    cfg = _run_cfg(corpus, neox_tokenizer_file, full)
+    proc = subprocess.run([sys.executable, "deepy.py", "train.py", str(cfg)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (full / "logs" / "loss.png").is_file() and list((full / "tb").glob("events.out.tfevents.*"))
+    reference = _losses(full / "logs")
+    assert sorted(reference) == list(range(1, 9))
+
+    killed = tmp_path / "killed"
+    cfg = _run_cfg(corpus, neox_tokenizer_file, killed)
+    victim = subprocess.Popen([sys.executable, "deepy.py", "train.py", str(cfg)], cwd=REPO, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    step4 = killed / "ckpt" / "global_step4"
+    deadline = time.time() + 500
+    while not step4.is_dir() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if victim.poll() is None:
+        os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert step4.is_dir()
+
+    proc = subprocess.run([sys.executable, "deepy.py", "train.py", str(cfg), "--load", str(step4),
+                           "--log-dir", str(killed / "logs2")], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    resumed = _losses(killed / "logs2")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for it in (5, 6, 7, 8):
+        assert resumed[it] == reference[it], (it, resumed[it], reference[it])
