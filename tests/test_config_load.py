@@ -349,3 +349,19 @@ def test_deepspeed_config(shared_dir: Path) -> None:
     assert rich.deepspeed_config(4)["gradient_accumulation_steps"] == 1
     with pytest.raises(ConfigError, match="not divisible"):
         rich.deepspeed_config(8)
+
+
+@pytest.mark.parametrize("name", ["sepllm-160m-on-pythia-with-pile_deduped-n64-kernel.yml",
+                                  "vanilla-160m-full-attention.yml"])
+def test_deepspeed_accepts_the_generated_config(shared_dir: Path, name: str) -> None:
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    cfg = load_config(shared_dir / "reference_configs" / name)
+    assert "fp16" not in cfg.training.fp16 and "cpu_offload" not in cfg.training.zero_optimization
+    parsed = ds_config.DeepSpeedConfig(cfg.deepspeed_config(1))  # world size 1 outside torch.distributed
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (
+        cfg.training.train_batch_size, cfg.training.train_micro_batch_size_per_gpu,
+        cfg.training.gradient_accumulation_steps)
+    assert parsed.zero_optimization_stage == 1
+    assert parsed.float16_config.enabled and parsed.float16_config.initial_scale_power == 12
+    assert parsed.optimizer_name == "adam" and parsed.optimizer_params["lr"] == 6e-4
+    assert parsed.gradient_clipping == 1.0 and parsed.steps_per_print == 10 and parsed.wall_clock_breakdown

@@ -96,10 +96,12 @@ class TrainingConfig:
                                  "`enabled`); setting it alone creates the block. Copied to model.precision.",
                          derived=True)
     fp16: Optional[dict] = opt(None, "DeepSpeed fp16 block (enabled, loss_scale, initial_scale_power, "
-                                     "loss_scale_window, hysteresis, min_loss_scale), passed through.")
+                                     "loss_scale_window, hysteresis, min_loss_scale), passed through. GPT-NeoX's "
+                                     "inner `fp16: true` is folded into `enabled` (DeepSpeed rejects it).")
     bf16: Optional[dict] = opt(None, "DeepSpeed bf16 block ({enabled: true}), passed through.")
     zero_optimization: dict = opt({"stage": 0}, "DeepSpeed ZeRO block (stage 0-3, bucket sizes, overlap_comm, ...), "
-                                                "passed through. CPU/NVMe offload is not supported yet.")
+                                                "passed through (a spelled-out `cpu_offload: false` is dropped). CPU/NVMe offload is not "
+                                                "supported yet.")
     zero_stage: int = opt(0, "ZeRO stage, derived from zero_optimization.stage.", derived=True)
     eod_mask_loss: bool = opt(False, "Do not compute the loss on end-of-document tokens.")
     device: str = opt("auto", "auto | cpu | cuda. auto = cuda when available, else cpu.")

@@ -222,6 +222,22 @@ def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
     except ConfigError as exc:
         srcs = sorted({ctx.src("training", k) for k in t.batch_inputs} or {"default"})
         raise ConfigError(f"{', '.join(srcs)}: {exc}") from None
+    _resolve_precision(t, merged_training, ctx)
+    _resolve_zero(t, ctx)
+
+
+def _resolve_precision(t, merged_training: dict, ctx: _Ctx) -> None:
+    for name in ("fp16", "bf16"):
+        block = getattr(t, name)
+        if block is not None and name in block:
+            # GPT-NeoX configs repeat the switch inside the block ("fp16": {"fp16": true, ...}); DeepSpeed rejects
+            # that key, so it becomes ``enabled`` (when that is not given) and is dropped.
+            block = dict(block)
+            inner = block.pop(name)
+            block.setdefault("enabled", bool(inner))
+            setattr(t, name, block)
+            logger.info("%s.%s folded into %s.enabled=%s (DeepSpeed does not accept the inner key)", name, name,
+                        name, block["enabled"])
     given_precision = merged_training.get("precision")
     if given_precision is not None:
         given_precision = _one_of(ctx, "training", "precision", t.precision, PRECISIONS, normalise=True)
@@ -240,12 +256,17 @@ def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
         block = getattr(t, name)
         if block is not None and not block.get("enabled", False):
             logger.info("%s block present but not enabled (DeepSpeed default enabled=false)", name)
+
+
+def _resolve_zero(t, ctx: _Ctx) -> None:
     zero = dict(t.zero_optimization or {})
     stage = coerce(zero.get("stage", 0), int, f"{ctx.src('training', 'zero_optimization')}: key "
                                              f"'zero_optimization.stage'")
     if stage not in (0, 1, 2, 3):
         raise ctx.err("training", "zero_optimization", stage, "zero_optimization.stage in 0, 1, 2, 3")
     zero["stage"] = stage
+    if zero.get("cpu_offload") is False:
+        del zero["cpu_offload"]  # GPT-NeoX configs spell out the default; DeepSpeed warns that the key is deprecated
     t.zero_optimization = zero
     t.zero_stage = stage
 
