@@ -169,6 +169,11 @@ def _batched(docs: Iterator[tuple[list[str], int]], task_chars: int) -> Iterator
         yield batch, nbytes
 
 
+def _describe(files: Sequence[Path], limit: int = 3) -> str:
+    names = ", ".join(map(str, files[:limit]))
+    return names + (f" and {len(files) - limit} more files" if len(files) > limit else "")
+
+
 def output_prefix_for_key(output_prefix: str, key: str) -> str:
     """GPT-NeoX naming: ``<output-prefix>_<key>_document``."""
     return f"{output_prefix}_{key}_document"
@@ -254,7 +259,7 @@ def tokenize_to_indexed(
         for k, b in enumerate(builders):
             if b.num_documents == 0:
                 raise PrepareError(
-                    f"empty corpus: no non-empty documents for key {keys[k]!r} in {', '.join(map(str, files))}"
+                    f"empty corpus: no non-empty documents for key {keys[k]!r} in {_describe(files)}"
                 )
         seconds = time.perf_counter() - start
         results = []
