@@ -34,6 +34,9 @@ _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+DEFAULT_SUPER_BLOCK = 1024  # queries per compact call
+
+
 def default_block_size(window: int) -> int:
     """Query block size: about half a window (keeps the band mask small), clamped to [32, 128]."""
     return int(min(128, max(32, 2 ** math.ceil(math.log2(max(window, 2)) - 1))))
@@ -54,6 +57,8 @@ class CompactLayout:
     band_q_pos: torch.Tensor        # [B*nb, Bq] position ids of band queries (ALiBi)
     band_k_pos: torch.Tensor        # [B*nb, P+Bq] position ids of band keys (ALiBi)
     comp_pos: torch.Tensor          # [B, N] position ids of compact keys (ALiBi)
+    counts_t: torch.Tensor          # [B, nb] the same counts as a tensor
+    super_blocks: int = 8           # query blocks per compact call (large calls keep the CPU kernel efficient)
     _bias_cache: dict = field(default_factory=dict)
 
     @property
@@ -75,6 +80,34 @@ class CompactLayout:
             self._bias_cache[dtype] = m.masked_fill_(~self.band_keep, float("-inf"))
         return self._bias_cache[dtype]
 
+    def super_calls(self) -> list[tuple[int, int, int]]:
+        """``(j0, j1, n)``: queries of blocks ``[j0, j1)`` attend compact keys ``[0, n)`` (``n`` = largest count)."""
+        calls = []
+        for j0 in range(0, self.num_blocks, self.super_blocks):
+            j1 = min(j0 + self.super_blocks, self.num_blocks)
+            n = max(self.counts[b][j1 - 1] for b in range(self.batch))
+            if n > 0:
+                calls.append((j0, j1, n))
+        return calls
+
+    def staircase_keep(self, j0: int, j1: int, n: int) -> torch.Tensor:
+        """``[B, 1, (j1-j0)*Bq, n]`` bool: compact key ``c`` is visible to block ``j`` iff ``c < counts[b][j]``."""
+        counts = self.counts_t[:, j0:j1].repeat_interleave(self.block, dim=1)          # [B, Q]
+        return (torch.arange(n, device=counts.device)[None, None, :] < counts[:, :, None]).unsqueeze(1)
+
+    def staircase_additive(self, j0: int, j1: int, n: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """``0 / -inf`` staircase in ``dtype`` (None when every query sees all ``n`` keys); cached."""
+        key = (j0, j1, n, dtype)
+        if key not in self._bias_cache:
+            keep = self.staircase_keep(j0, j1, n)
+            self._bias_cache[key] = None if bool(keep.all()) else torch.zeros(
+                keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+        return self._bias_cache[key]
+
+    def has_compact(self) -> torch.Tensor:
+        """``[B, 1, Sp]`` bool: the query has at least one compact key (else its compact log-sum-exp is -inf)."""
+        return (self.counts_t > 0).repeat_interleave(self.block, dim=1).unsqueeze(1)
+
     def block_calls(self) -> list[tuple[slice, int, int]]:
         """``(rows, block, n)`` compact calls: one per block when every row has the same count, else per row."""
         calls = []
@@ -89,7 +122,8 @@ class CompactLayout:
 
 
 def build_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
-                         position_ids: torch.Tensor, block: Optional[int] = None) -> CompactLayout:
+                         position_ids: torch.Tensor, block: Optional[int] = None,
+                         super_block: int = DEFAULT_SUPER_BLOCK) -> CompactLayout:
     """Evaluate the rule on every block's band and index the global keys outside it (O(B*S*(w+Bq)) memory)."""
     batch, seq_len = global_keys.shape
     dev = global_keys.device
@@ -127,7 +161,8 @@ def build_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Te
     comp_pos = torch.gather(pos, 1, comp_idx) if n_max else pos[:, :0]
     return CompactLayout(batch=batch, seq_len=seq_len, block=bq, pad_left=pad_left, num_blocks=nb,
                          band_keep=band_keep, comp_idx=comp_idx, counts=counts_t.tolist(),
-                         band_q_pos=band_q_pos, band_k_pos=band_k_pos, comp_pos=comp_pos)
+                         band_q_pos=band_q_pos, band_k_pos=band_k_pos, comp_pos=comp_pos, counts_t=counts_t,
+                         super_blocks=max(1, super_block // bq))
 
 
 # ----------------------------------------------------------------------------------------------- layout helpers
@@ -201,60 +236,148 @@ def _comp_mask(lay: CompactLayout, rows: slice, j: int, n: int, dtype: torch.dty
 
 # ----------------------------------------------------------------------------------------------- CPU flash engine
 class _CompactFlashCPU(torch.autograd.Function):
-    """Band + compact parts through the CPU flash kernel, merged by log-sum-exp; exact forward and backward."""
+    """Band + compact parts through the CPU flash kernel, merged by log-sum-exp; exact forward and backward.
+
+    Everything lives in a sequence-major ``[rows, H, D]`` buffer, so the kernel reads query blocks, overlapping key
+    bands and compact prefixes as strided views (no per-block copies). The band runs as one batched call over all
+    query blocks. The compact part runs per *super block* (several query blocks, ~``DEFAULT_SUPER_BLOCK`` queries)
+    against the prefix of the gathered global keys that its last block may see, with a staircase mask for the
+    earlier blocks: long query runs keep the kernel's tiles large.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, lay: CompactLayout, scale: float, slopes: Optional[torch.Tensor]):
-        qb = _q_blocks(q, lay)
-        out_b, lse = _FLASH_FWD(qb, _kv_bands(k, lay), _kv_bands(v, lay), 0.0, False,
-                                attn_mask=_band_mask(lay, q.dtype, slopes), scale=scale)
-        calls = lay.block_calls()
+        qs, ks, vs = _seq_major(q, lay, 0), _seq_major(k, lay, lay.pad_left), _seq_major(v, lay, lay.pad_left)
+        out_b, lse_b = _FLASH_FWD(_block_view(qs, lay), _band_view(ks, lay), _band_view(vs, lay), 0.0, False,
+                                  attn_mask=_band_mask(lay, q.dtype, slopes), scale=scale)
+        out = _unblock_out(out_b, lay)                                          # [B, Sp, H, D]
+        lse = _unblock_lse(lse_b, lay)                                          # [B, H, Sp]
+        calls = lay.super_calls()
         if calls:
-            kc, vc = _gather_keys(k, lay), _gather_keys(v, lay)
-            b, nb, h, bq, d = lay.batch, lay.num_blocks, q.shape[1], lay.block, q.shape[3]
-            out_c = out_b.new_zeros(b, nb, h, bq, d)
-            lse_c = lse.new_full((b, nb, h, bq), float("-inf"))
-            qv = qb.view(b, nb, h, bq, d)
-            for rows, j, n in calls:
-                o, l_ = _FLASH_FWD(qv[rows, j], kc[rows, :, :n], vc[rows, :, :n], 0.0, False,
-                                   attn_mask=_comp_mask(lay, rows, j, n, q.dtype, slopes), scale=scale)
-                out_c[rows, j] = o
-                lse_c[rows, j] = l_
-            lse_c = lse_c.view_as(lse)
+            kc, vc = _gather_rows(ks, lay), _gather_rows(vs, lay)              # [B, N, H, D]
+            qv = qs.view(lay.batch, lay.padded_len, *qs.shape[1:])
+            out_c = torch.empty_like(out)
+            out_c[:, : calls[0][0] * lay.block].zero_()          # counts never decrease: calls cover a suffix
+            lse_c = torch.full_like(lse, float("-inf"))
+            for j0, j1, n in calls:
+                sl = slice(j0 * lay.block, j1 * lay.block)
+                o, l_ = _FLASH_FWD(qv[:, sl].transpose(1, 2), kc[:, :n].transpose(1, 2), vc[:, :n].transpose(1, 2),
+                                   0.0, False, attn_mask=_super_mask(lay, j0, j1, n, q.dtype, slopes), scale=scale)
+                out_c[:, sl] = o.transpose(1, 2)
+                lse_c[:, :, sl] = l_
+            lse_c = lse_c.masked_fill(~lay.has_compact(), float("-inf"))       # the kernel reports 0 for empty rows
             merged = torch.logaddexp(lse, lse_c)
-            out_b = (out_b.float() * torch.exp(lse - merged).unsqueeze(-1)
-                     + out_c.view_as(out_b).float() * torch.exp(lse_c - merged).unsqueeze(-1)).to(q.dtype)
+            w_b = torch.exp(lse - merged).transpose(1, 2).unsqueeze(-1)
+            w_c = torch.exp(lse_c - merged).transpose(1, 2).unsqueeze(-1)
+            if out.dtype == torch.float32 or out.dtype == torch.float64:
+                out = out.mul_(w_b).add_(out_c.mul_(w_c))
+            else:
+                out = (out.float() * w_b + out_c.float() * w_c).to(q.dtype)
             lse = merged
-        ctx.save_for_backward(q, k, v, out_b, lse, slopes if slopes is not None else torch.empty(0))
+        ctx.save_for_backward(qs, ks, vs, out, lse, slopes if slopes is not None else torch.empty(0))
         ctx.lay, ctx.scale, ctx.has_slopes = lay, scale, slopes is not None
-        return _q_unblocks(out_b, lay)
+        return out[:, : lay.seq_len].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out_b, lse, slopes = ctx.saved_tensors
+        qs, ks, vs, out, lse, slopes = ctx.saved_tensors
         lay, scale = ctx.lay, ctx.scale
         slopes = slopes if ctx.has_slopes else None
-        qb, gob = _q_blocks(q, lay), _q_blocks(grad_out.to(q.dtype), lay)
-        gq, gk, gv = _FLASH_BWD(gob, qb, _kv_bands(k, lay), _kv_bands(v, lay), out_b, lse, 0.0, False,
-                                attn_mask=_band_mask(lay, q.dtype, slopes), scale=scale)
-        gk, gv = _fold_bands(gk, lay), _fold_bands(gv, lay)
-        calls = lay.block_calls()
+        b, _, h, d = out.shape
+        gos = _seq_major(grad_out.to(qs.dtype), lay, 0)
+        outs = out.reshape(b * lay.padded_len, h, d)
+        lse_b = lse.view(b, h, lay.num_blocks, lay.block).transpose(1, 2).reshape(b * lay.num_blocks, h, lay.block)
+        gq_b, gk_b, gv_b = _FLASH_BWD(_block_view(gos, lay), _block_view(qs, lay), _band_view(ks, lay),
+                                      _band_view(vs, lay), _block_view(outs, lay), lse_b, 0.0, False,
+                                      attn_mask=_band_mask(lay, qs.dtype, slopes), scale=scale)
+        gq = _unblock_out(gq_b, lay)                                            # [B, Sp, H, D]
+        gks, gvs = _fold_band_grads(gk_b, lay), _fold_band_grads(gv_b, lay)    # [B, Sp, H, D]
+        calls = lay.super_calls()
         if calls:
-            kc, vc = _gather_keys(k, lay), _gather_keys(v, lay)
+            kc, vc = _gather_rows(ks, lay), _gather_rows(vs, lay)
             gkc, gvc = torch.zeros_like(kc), torch.zeros_like(vc)
-            b, nb, h, bq, d = lay.batch, lay.num_blocks, q.shape[1], lay.block, q.shape[3]
-            qv, gov, gqv = qb.view(b, nb, h, bq, d), gob.view(b, nb, h, bq, d), gq.view(b, nb, h, bq, d)
-            ov, lv = out_b.view(b, nb, h, bq, d), lse.view(b, nb, h, bq)
-            for rows, j, n in calls:
-                dq, dk, dv = _FLASH_BWD(gov[rows, j], qv[rows, j], kc[rows, :, :n], vc[rows, :, :n], ov[rows, j],
-                                        lv[rows, j], 0.0, False,
-                                        attn_mask=_comp_mask(lay, rows, j, n, q.dtype, slopes), scale=scale)
-                gqv[rows, j] += dq
-                gkc[rows, :, :n] += dk
-                gvc[rows, :, :n] += dv
-            gk = gk + _scatter_keys(gkc, lay, k)
-            gv = gv + _scatter_keys(gvc, lay, v)
-        return _q_unblocks(gq, lay), gk, gv, None, None, None
+            qv, gov = qs.view(b, lay.padded_len, h, d), gos.view(b, lay.padded_len, h, d)
+            for j0, j1, n in calls:
+                sl = slice(j0 * lay.block, j1 * lay.block)
+                dq, dk, dv = _FLASH_BWD(gov[:, sl].transpose(1, 2), qv[:, sl].transpose(1, 2),
+                                        kc[:, :n].transpose(1, 2), vc[:, :n].transpose(1, 2),
+                                        out[:, sl].transpose(1, 2), lse[:, :, sl].contiguous(), 0.0, False,
+                                        attn_mask=_super_mask(lay, j0, j1, n, qs.dtype, slopes), scale=scale)
+                gq[:, sl] += dq.transpose(1, 2)
+                gkc[:, :n] += dk.transpose(1, 2)
+                gvc[:, :n] += dv.transpose(1, 2)
+            idx = lay.comp_idx[:, :, None, None].expand(-1, -1, h, d)
+            gks.scatter_add_(1, idx, gkc)
+            gvs.scatter_add_(1, idx, gvc)
+        s = lay.seq_len
+        return (gq[:, :s].transpose(1, 2), gks[:, :s].transpose(1, 2), gvs[:, :s].transpose(1, 2), None, None, None)
+
+
+def _seq_major(x: torch.Tensor, lay: CompactLayout, lead: int) -> torch.Tensor:
+    """``[B, H, S, D]`` -> ``[lead + B*Sp, H, D]``: rows of each batch padded to ``Sp``, ``lead`` zero rows first."""
+    b, h, s, d = x.shape
+    out = x.new_empty(lead + b * lay.padded_len, h, d)
+    out[:lead].zero_()
+    rows = out[lead:].view(b, lay.padded_len, h, d)
+    rows[:, :s] = x.transpose(1, 2)
+    rows[:, s:].zero_()
+    return out
+
+
+def _block_view(xs: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
+    """``[B*Sp, H, D]`` -> ``[B*nb, H, Bq, D]`` view (query blocks)."""
+    h, d = xs.shape[1], xs.shape[2]
+    return xs.view(lay.batch * lay.num_blocks, lay.block, h, d).transpose(1, 2)
+
+
+def _band_view(xs: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
+    """``[P + B*Sp, H, D]`` -> ``[B*nb, H, P+Bq, D]`` overlapping strided view: block ``t`` reads rows
+    ``[t*Bq, t*Bq + P + Bq)``, i.e. positions ``j*Bq - P ..`` of its row (rows before a row's start belong to the
+    previous row or the zero lead and are masked out by ``band_keep``)."""
+    h, d = xs.shape[1], xs.shape[2]
+    view = xs.as_strided((lay.batch * lay.num_blocks, lay.band_len, h, d), (lay.block * h * d, h * d, d, 1))
+    return view.transpose(1, 2)
+
+
+def _unblock_out(ob: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
+    """``[B*nb, H, Bq, D]`` -> ``[B, Sp, H, D]``."""
+    h, d = ob.shape[1], ob.shape[3]
+    return ob.transpose(1, 2).reshape(lay.batch, lay.padded_len, h, d)
+
+
+def _unblock_lse(lb: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
+    """``[B*nb, H, Bq]`` -> ``[B, H, Sp]``."""
+    h = lb.shape[1]
+    return lb.view(lay.batch, lay.num_blocks, h, lay.block).transpose(1, 2).reshape(lay.batch, h, lay.padded_len)
+
+
+def _fold_band_grads(gb: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
+    """Adjoint of ``_band_view``: ``[B*nb, H, P+Bq, D]`` -> ``[B, Sp, H, D]`` (overlaps summed, lead dropped)."""
+    h, d = gb.shape[1], gb.shape[3]
+    t, r, bq = lay.batch * lay.num_blocks, lay.chunks_per_band, lay.block
+    chunks = gb.transpose(1, 2).reshape(t, r, bq, h, d)
+    acc = gb.new_empty((t + r - 1) * bq, h, d)
+    acc[: t * bq].view(t, bq, h, d).copy_(chunks[:, 0])
+    acc[t * bq:].zero_()
+    for i in range(1, r):
+        acc[i * bq: i * bq + t * bq].view(t, bq, h, d).add_(chunks[:, i])
+    return acc[lay.pad_left:].view(lay.batch, lay.padded_len, h, d)
+
+
+def _gather_rows(xs: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
+    """Global keys of each row in position order: ``[P + B*Sp, H, D]`` -> ``[B, N, H, D]``."""
+    h, d = xs.shape[1], xs.shape[2]
+    rows = xs[lay.pad_left:].view(lay.batch, lay.padded_len, h, d)
+    return torch.gather(rows, 1, lay.comp_idx[:, :, None, None].expand(-1, -1, h, d))
+
+
+def _super_mask(lay: CompactLayout, j0: int, j1: int, n: int, dtype: torch.dtype,
+                slopes: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if slopes is None:
+        return lay.staircase_additive(j0, j1, n, dtype)
+    q_pos = lay.band_q_pos.view(lay.batch, -1)[:, j0 * lay.block: j1 * lay.block]
+    bias = _alibi(slopes, q_pos, lay.comp_pos[:, :n])
+    return bias.masked_fill(~lay.staircase_keep(j0, j1, n), float("-inf")).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- generic engine

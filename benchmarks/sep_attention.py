@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Benchmark SepLLM attention paths against plain causal SDPA on real text.
+
+Token ids come from PG-19 books (GPT-NeoX-20B tokenizer), so separator density is realistic. For each local window
+``w`` and sequence length ``S`` it times one attention layer (``B x H x S x D``, fp32 by default):
+
+* ``sdpa_causal``: ``scaled_dot_product_attention(is_causal=True)`` on 4-D inputs (the fast path; the baseline);
+* ``dense``:   SepLLM boolean mask into SDPA (reference semantics);
+* ``compact``: gathered initial + separator keys and banded window in one exact softmax;
+* ``flex``:    FlexAttention with a SepLLM BlockMask (forward only on CPU: torch has no CPU flex backward).
+
+Times are medians over ``--repeats`` runs after one warm-up (compilation excluded); the per-micro-batch plan
+(mask / layout / BlockMask build) is timed separately as ``plan_ms`` because a model shares it across all layers.
+Ratios are against ``sdpa_causal`` measured in the same run. ``density`` = attended entries / causal entries.
+
+Example: ``python benchmarks/sep_attention.py --seq-lens 1024 4096 --windows 256 --json out.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from megatron.config.model import ModelConfig  # noqa: E402
+from megatron.config.sepllm import SepLLMConfig  # noqa: E402
+from megatron.sepllm.backend import SepLLMBackend  # noqa: E402
+from megatron.sepllm.retention import pattern_counts  # noqa: E402
+
+PYTHIA_SEPS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
+IMPLS = ("compact", "dense", "flex")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                   help="sequence lengths S to benchmark")
+    p.add_argument("--windows", type=int, nargs="+", default=[64, 256], help="SepLLM local windows w")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
+                   help="SepLLM execution paths to time (sdpa_causal is always measured as the baseline)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--batch", type=int, default=1, help="batch size B (rows come from different books)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads H")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension D")
+    p.add_argument("--num-initial", type=int, default=3, help="initial tokens a (init_tok_max_idx = a - 1)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="q/k/v dtype")
+    p.add_argument("--shared-dir", type=Path, default=REPO.parent / "shared",
+                   help="folder with data/pg19/test/*.txt and tokenizers/20B_tokenizer.json")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); 1 gives steadier ratios on a busy machine")
+    p.add_argument("--no-backward", action="store_true", help="time forward only (skip forward+backward)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as a JSON list to this path")
+    return p.parse_args(argv)
+
+
+def load_ids(shared: Path, batch: int, seq_len: int) -> torch.Tensor:
+    """``[batch, seq_len]`` ids: each row a different PG-19 book (books concatenated if one is too short)."""
+    from tokenizers import Tokenizer
+
+    tok_file = shared / "tokenizers" / "20B_tokenizer.json"
+    books = sorted((shared / "data" / "pg19" / "test").glob("*.txt"))
+    if not tok_file.is_file() or not books:
+        raise SystemExit(f"error: PG-19 books or tokenizer not found under {shared} (see --shared-dir)")
+    tok = Tokenizer.from_file(str(tok_file))
+    rows, i = [], 0
+    while len(rows) < batch:
+        ids: list[int] = []
+        while len(ids) < seq_len:
+            ids += tok.encode(books[i % len(books)].read_text(encoding="utf-8", errors="replace")[: 12 * seq_len]).ids
+            i += 1
+        rows.append(ids[:seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def timed_ms(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median ms of each callable; one warm-up each, then the callables take turns in every repeat, so a load
+    change on a shared machine hits all of them alike (the ratios stay fair)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed_ms(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def make_backend(impl: str, window: int, num_initial: int) -> SepLLMBackend:
+    cfg = SepLLMConfig(separator_token_ids=list(PYTHIA_SEPS), mode="sepllm", prefill_windows=[window],
+                       generate_windows=[window], init_tok_max_idx=num_initial - 1, sep_attention_impl=impl)
+    return SepLLMBackend(cfg, ModelConfig(num_layers=1))
+
+
+def forward_fn(attn: Callable, q, k, v) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            attn(q, k, v)
+    return run
+
+
+def fwd_bwd_fn(attn: Callable, q, k, v, grad) -> Callable[[], None]:
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+    def run() -> None:
+        attn(qg, kg, vg).backward(grad)
+        qg.grad = kg.grad = vg.grad = None
+    return run
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    scale = args.head_dim ** -0.5
+    backward = not args.no_backward
+    rows: list[dict] = []
+    jobs = [(w, s) for w in args.windows for s in args.seq_lens]
+    all_ids = load_ids(args.shared_dir, args.batch, max(args.seq_lens))
+    for w, s in tqdm(jobs, desc="sep_attention", unit="config", file=sys.stderr):
+        ids = all_ids[:, :s].to(device)
+        pos = torch.arange(s, device=device)[None].expand(args.batch, s)
+        gen = torch.Generator(device="cpu").manual_seed(s)
+        shape = (args.batch, args.heads, s, args.head_dim)
+        q, k, v, grad = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
+        attns: dict[str, Callable] = {
+            "sdpa_causal": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=scale)}
+        plan_fns, density = {}, {"sdpa_causal": 1.0}
+        for impl in args.impls:
+            backend = make_backend(impl, w, args.num_initial)
+            plan = backend.prepare(ids, pos, None)
+            _, _, kept, total = pattern_counts(plan.pattern(0).global_keys, w, None)
+            density[impl] = kept / total
+            attns[impl] = (lambda a, b, c, _p=plan, _b=backend: _b(a, b, c, 0, _p, scale=scale))
+            plan_fns[impl] = (lambda _b=backend: _b.prepare(ids, pos, None))
+        fwd = interleaved_medians({n: forward_fn(a, q, k, v) for n, a in attns.items()}, args.repeats, device)
+        fb: dict[str, float] = {}
+        if backward:
+            trainable = {n: a for n, a in attns.items() if not (n == "flex" and device.type == "cpu")}
+            fb = interleaved_medians({n: fwd_bwd_fn(a, q, k, v, grad) for n, a in trainable.items()},
+                                     args.repeats, device)
+        plan_ms = interleaved_medians(plan_fns, args.repeats, device) if plan_fns else {}
+        for name in attns:
+            rows.append(dict(impl=name, S=s, w=w, density=density[name], fwd_ms=fwd[name],
+                             fwd_bwd_ms=fb.get(name), plan_ms=plan_ms.get(name, 0.0),
+                             fwd_ratio_vs_causal=fwd[name] / fwd["sdpa_causal"],
+                             fwd_bwd_ratio_vs_causal=(fb[name] / fb["sdpa_causal"]) if name in fb else None))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+    head = f"{'impl':<12}{'w':>6}{'S':>7}{'density':>9}{'plan_ms':>9}{'fwd_ms':>10}{'fwd/causal':>11}" \
+           f"{'fwd+bwd_ms':>12}{'fb/causal':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['impl']:<12}{r['w']:>6}{r['S']:>7}{r['density']:>9.3f}{r['plan_ms']:>9.1f}"
+                     f"{r['fwd_ms']:>10.1f}{f(r['fwd_ratio_vs_causal'], '>11.3f')}{f(r['fwd_bwd_ms'], '>12.1f')}"
+                     f"{f(r['fwd_bwd_ratio_vs_causal'], '>10.3f')}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.repeats < 1:
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device} requested but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    print(f"SepLLM attention, a={args.num_initial}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
+          f"{args.dtype}, device={args.device}, torch {torch.__version__}, threads={torch.get_num_threads()}")
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
