@@ -63,6 +63,9 @@ def test_separator_ids_on_transformers_tokenizer(neox_tokenizer_file: Path) -> N
 
     hf = PreTrainedTokenizerFast(tokenizer_file=str(neox_tokenizer_file))
     assert separator_ids(hf) == NEOX_BASE_SEPARATORS
+    from tokenizers import Tokenizer as RustTokenizer  # a raw Rust tokenizer returns Encoding objects
+
+    assert separator_ids(RustTokenizer.from_file(str(neox_tokenizer_file))) == NEOX_BASE_SEPARATORS
 
 
 def test_padded_vocab(neox: HFTokenizer) -> None:

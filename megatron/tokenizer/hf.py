@@ -143,7 +143,9 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips offset tracking we never use
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def tokenize_document(self, text: str) -> list[int]:
         if not self._chunk_safe or len(text) <= _CHUNK_CHARS:
