@@ -83,6 +83,9 @@ def test_index_cache_reused_and_rebuilt_on_change(data: str, tmp_path: Path) -> 
     for changed in (dict(seq_length=8), dict(seed=1), dict(num_samples=80), dict(docs=np.arange(10))):
         other = _gpt(data, tmp_path, **changed)
         assert other.built_index and other.cache_paths["doc_idx"] != first.cache_paths["doc_idx"]
+    first.cache_paths["shuffle_idx"].write_bytes(b"garbage")  # a damaged cache file is rebuilt, not trusted
+    rebuilt = _gpt(data, tmp_path)
+    assert rebuilt.built_index and np.array_equal(rebuilt.shuffle_idx, first.shuffle_idx)
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(files) == 3 * 5 and not [f for f in files if f.endswith(".tmp")]
 

@@ -87,14 +87,29 @@ class GPTDataset(torch.utils.data.Dataset):
         folder.mkdir(parents=True, exist_ok=True)
         self.cache_paths = {k: folder / f"{self._cache_stem()}_{k}.npy" for k in _KINDS}
         self.built_index = False
-        if all(p.is_file() for p in self.cache_paths.values()):
-            arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in self.cache_paths.items()}
-        else:
+        arrays = self._load_cached()
+        if arrays is None:
             arrays = self._build()
             for k, p in self.cache_paths.items():
                 _save_atomic(p, arrays[k])
             self.built_index = True
         self.doc_idx, self.sample_idx, self.shuffle_idx = (arrays[k] for k in _KINDS)
+
+    def _load_cached(self) -> dict[str, np.ndarray] | None:
+        """The cached indices if all three files exist and agree with each other, else None (rebuild)."""
+        if not all(p.is_file() for p in self.cache_paths.values()):
+            return None
+        try:
+            arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in self.cache_paths.items()}
+        except (OSError, ValueError):
+            return None
+        doc_idx, sample_idx, shuffle_idx = (arrays[k] for k in _KINDS)
+        consistent = (
+            doc_idx.ndim == 1 and doc_idx.size % self.documents.size == 0
+            and sample_idx.ndim == 2 and sample_idx.shape == (shuffle_idx.shape[0] + 1, 2)
+            and shuffle_idx.shape[0] >= self.requested_samples
+        )
+        return arrays if consistent else None
 
     def _params(self) -> dict:
         docs = self.documents
