@@ -288,15 +288,18 @@ class SepLLMHandle:
     @staticmethod
     def _counts(allowed: torch.Tensor, valid: torch.Tensor, q_valid: torch.Tensor,
                 decode: bool) -> tuple[tuple[int, int], Optional[tuple[int, int]]]:
-        """(last-row kept, last-row total) and, for a prefill, (map kept, map total); padding excluded."""
+        """(last-row kept, last-row total) and, for a prefill, (map kept, map total); padding excluded.
+
+        ``allowed`` never admits a padding key for a valid query (only padding queries keep their diagonal), so
+        summing the rows of valid queries counts real keys only.
+        """
         rows = q_valid[:, -1]
-        kv_kept = int((allowed[:, -1, :] & valid)[rows].sum())
+        kv_kept = int(allowed[:, -1, :][rows].sum())
         kv_total = int(valid[rows].sum())
         if decode:
             return (kv_kept, kv_total), None
         past_len = valid.shape[1] - q_valid.shape[1]
-        pair_valid = q_valid.unsqueeze(2) & valid.unsqueeze(1)
-        map_kept = int((allowed & pair_valid).sum())
+        map_kept = int((allowed.sum(dim=-1) * q_valid).sum())
         causal_valid = torch.cumsum(valid.to(torch.long), dim=1)[:, past_len:]
         map_total = int((causal_valid * q_valid).sum())
         return (kv_kept, kv_total), (map_kept, map_total)
