@@ -74,16 +74,17 @@ def test_check_args_errors():
         StreamingKVManager(4, 32, 224, 260, separator_token_ids=[1])
 
 
-def test_manager_on_dynamic_cache_and_sepcache_after_step_agree():
+@pytest.mark.parametrize("accumulate,use_max", [(True, True), (False, True), (True, False), (False, False)])
+def test_manager_on_dynamic_cache_and_sepcache_after_step_agree(accumulate, use_max):
     """The manager (global indices, after the forward) and SepCache with eviction_timing='after_step' keep the same
     token positions on the same stream (batch 1), and the manager cuts every layer's KV consistently."""
     from transformers import DynamicCache
 
-    ids = torch.tensor([_ids(STREAM * 2)])
+    ids = torch.tensor([_ids(STREAM * 3)])
     seps = _ids(".,")
     mgr = StreamingKVManager(2, 3, 4, 12, separator_token_ids=seps)
-    cache = SepCache(init_cache_size=2, sep_cache_size=3, local_size=4, cache_size=12, USE_MAX_SEP_CACHE=True,
-                     separator_token_ids=seps, layer_num=2, eviction_timing="after_step")
+    cache = SepCache(init_cache_size=2, sep_cache_size=3, local_size=4, cache_size=12, USE_MAX_SEP_CACHE=use_max,
+                     SEP_ACCUMULATION=accumulate, separator_token_ids=seps, layer_num=2, eviction_timing="after_step")
     kv = DynamicCache()
     for t in range(ids.shape[1]):
         tok = ids[:, t:t + 1]
@@ -98,6 +99,9 @@ def test_manager_on_dynamic_cache_and_sepcache_after_step_agree():
         seen_by_query = keys[0, 0, :, 0].long().tolist()
         assert seen_by_query == kv.layers[0].keys[0, 0, :, 0].long().tolist()   # manager: before its eviction
         cache.finish_step()
-        mgr.evict_except_for_sep(kv)
+        mgr.evict_except_for_sep(kv, SEP_ACCUMULATION=accumulate, USE_MAX_SEP_CACHE=use_max)
         assert kv.layers[0].keys[0, 0, :, 0].long().tolist() == kv.layers[1].keys[0, 0, :, 0].long().tolist()
-        assert len(seen_by_query) <= 13
+        assert len(seen_by_query) <= mgr.cache_size + 1
+    assert cache.layers[0].cache_size == mgr.cache_size and cache.layers[0].sep_cache_size == mgr.sep_cache_size
+    if not use_max and accumulate:
+        assert mgr.cache_size > 12          # the budget grew, identically in both

@@ -149,6 +149,9 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
                          PADDING_ID=PADDING_ID, APPLY_PE_SHIFT=APPLY_PE_SHIFT, exact_window=exact_window,
                          prefill_attention=prefill_attention, model=model)
     else:
+        if cache.get_seq_length(0) > 0:
+            raise ValueError("past_key_values must be a fresh SepCache: generate feeds the whole input_ids as the "
+                             "prompt (continue a used cache with sepllm_forward instead)")
         cache.bind_model(model)
 
     cfg = generation_config

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Decode latency and KV memory: SepCache vs transformers' DynamicCache on a small random Llama (CPU by default).
+
+For each context length the context is prefilled in chunks (no grad) into each cache, then --steps greedy decode
+steps are timed one by one; the per-token time is the median step time (robust to a shared, noisy machine).
+Both caches run in the same process, on the same model and the same token ids, so the ratios are like for like.
+
+Columns:
+  cache               dynamic | sepcache
+  context             prefilled tokens before decoding
+  ms_per_token        median wall time of one decode step (forward + cache update), milliseconds
+  peak_mem_mb         peak bytes of the key/value tensors held by the cache after any forward (prefill chunks
+                      and decode steps), MiB — exact, and the memory a KV policy controls
+  ratio_vs_dynamic    ms_per_token / the DynamicCache's ms_per_token at the same context (< 1 = faster)
+  ratio_vs_first      ms_per_token / the same cache's ms_per_token at the first (smallest) context (flatness)
+
+The context is random ids in which a fraction --sep-density are separator ids (real text has ~15-30%), so the
+SepCache keeps a realistic mix of separators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="2048,8192,32768", help="comma-separated context lengths (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per context (default 32)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed decode steps before timing (default 4)")
+    p.add_argument("--prefill-chunk", type=int, default=1024, help="prefill chunk size (default 1024)")
+    p.add_argument("--layers", type=int, default=2, help="model layers (default 2)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    p.add_argument("--init-cache-size", type=int, default=4, help="SepCache a (default 4)")
+    p.add_argument("--sep-cache-size", type=int, default=128, help="SepCache s (default 128)")
+    p.add_argument("--local-size", type=int, default=256, help="SepCache w (default 256)")
+    p.add_argument("--cache-size", type=int, default=512, help="SepCache c (default 512)")
+    p.add_argument("--sep-density", type=float, default=0.15, help="fraction of separator ids in the context")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and ids (default 0)")
+    p.add_argument("--json", dest="json_path", help="also write the rows as a JSON list to this path")
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads, max_position_embeddings=max(131072, 2 * max_context(args)))
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def max_context(args: argparse.Namespace) -> int:
+    return max(int(x) for x in args.contexts.split(","))
+
+
+def context_ids(args: argparse.Namespace, length: int, separators: list[int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(args.seed + length)
+    ids = torch.randint(len(separators), args.vocab, (1, length), generator=g)
+    is_sep = torch.rand(1, length, generator=g) < args.sep_density
+    pick = torch.tensor(separators)[torch.randint(0, len(separators), (1, length), generator=g)]
+    return torch.where(is_sep, pick, ids)
+
+
+def kv_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+def run_one(model, kind: str, ids: torch.Tensor, args: argparse.Namespace, separators: list[int]) -> dict:
+    from transformers import DynamicCache
+
+    from megatron.sepllm.cache import SepCache
+    from megatron.sepllm.generation import sepllm_attention, sepllm_forward
+
+    peak = 0
+    if kind == "dynamic":
+        cache = DynamicCache(config=model.config)
+
+        def step(tok: torch.Tensor, pos: int):
+            positions = torch.arange(pos, pos + tok.shape[1]).unsqueeze(0)
+            return model(input_ids=tok, position_ids=positions, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        ctx = torch.inference_mode()
+    else:
+        cache = SepCache(init_cache_size=args.init_cache_size, sep_cache_size=args.sep_cache_size,
+                         local_size=args.local_size, cache_size=args.cache_size, USE_MAX_SEP_CACHE=True,
+                         separator_token_ids=separators, model=model)
+
+        def step(tok: torch.Tensor, pos: int):
+            return sepllm_forward(model, cache, tok, logits_to_keep=1)
+        ctx = sepllm_attention(model)
+    length = ids.shape[1]
+    times = []
+    with torch.inference_mode(), ctx:
+        out = None
+        for start in range(0, length, args.prefill_chunk):
+            out = step(ids[:, start:start + args.prefill_chunk], start)
+            peak = max(peak, kv_bytes(cache))
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        pos = length
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            out = step(tok, pos)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times.append(dt)
+            peak = max(peak, kv_bytes(cache))
+            pos += 1
+    return {"cache": "sepcache" if kind == "sepcache" else "dynamic", "context": length,
+            "ms_per_token": 1e3 * statistics.median(times), "peak_mem_mb": peak / 2**20,
+            "cached_tokens": cache.get_seq_length()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        contexts = [int(x) for x in args.contexts.split(",") if x.strip()]
+    except ValueError:
+        print(f"sepcache_decode: error: --contexts must be comma-separated integers, got {args.contexts!r}",
+              file=sys.stderr)
+        return 2
+    if not contexts or min(contexts) < 1 or args.steps < 1:
+        print("sepcache_decode: error: need at least one context >= 1 and --steps >= 1", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    model = build_model(args)
+    separators = list(range(10))          # ids 0..9 play the separators of this synthetic vocabulary
+    rows = []
+    for length in tqdm(contexts, desc="contexts", unit="ctx"):
+        ids = context_ids(args, length, separators)
+        for kind in ("dynamic", "sepcache"):
+            rows.append(run_one(model, kind, ids, args, separators))
+    dyn = {r["context"]: r["ms_per_token"] for r in rows if r["cache"] == "dynamic"}
+    first = {}
+    for r in rows:
+        r["ratio_vs_dynamic"] = r["ms_per_token"] / dyn[r["context"]]
+        first.setdefault(r["cache"], r["ms_per_token"])
+        r["ratio_vs_first"] = r["ms_per_token"] / first[r["cache"]]
+    header = f"{'cache':>9} {'context':>8} {'ms/token':>9} {'peak KV MiB':>12} {'vs dynamic':>11} {'vs first ctx':>13}"
+    print(f"threads={torch.get_num_threads()} layers={args.layers} hidden={args.hidden} heads={args.heads} "
+          f"vocab={args.vocab} sepcache a={args.init_cache_size} s={args.sep_cache_size} w={args.local_size} "
+          f"c={args.cache_size}")
+    print(header)
+    for r in rows:
+        print(f"{r['cache']:>9} {r['context']:>8} {r['ms_per_token']:>9.2f} {r['peak_mem_mb']:>12.2f} "
+              f"{r['ratio_vs_dynamic']:>10.2f}x {r['ratio_vs_first']:>12.2f}x")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
