@@ -38,6 +38,22 @@ def tiny_llama_dir(tmp_path_factory, shared_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_neox_dir(tmp_path_factory, neox_tokenizer_file):
+    """A 2-layer GPT-NeoX with the GPT-NeoX-20B tokenizer (Pythia's vocabulary, padded to 50304)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_neox")
+    torch.manual_seed(0)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(neox_tokenizer_file), eos_token="<|endoftext|>",
+                                  pad_token="<|padding|>")
+    cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=256, eos_token_id=0, pad_token_id=1)
+    GPTNeoXForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture()
 def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)          # the task YAMLs name their data relative to the repository root
@@ -80,16 +96,24 @@ def test_both_reference_configs_run_offline_and_report_retention(tiny_llama_dir,
     assert stats["final_step_kv_retention"]["ratio"] == 1.0 == stats["prefill_attention_map_retention"]["ratio"]
 
 
-def test_mask_path_loglikelihoods_equal_direct_masked_forward(tiny_llama_dir, shared_dir):
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
+def test_mask_path_loglikelihoods_equal_direct_masked_forward(kind, request, shared_dir, tmp_path):
     """The numbers lm_eval scores are those of the SepLLM-masked model (not of the plain one)."""
     from lm_eval.api.instance import Instance
 
     from megatron.sepllm import rules
     from megatron.sepllm.lm_eval_model import SepLLMHFLM
 
-    lm = SepLLMHFLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32", batch_size=2,
-                    sepllm_config=str(shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml"),
-                    sepllm_overrides={"Layer_num": 2, "prefill_local_window_size": 3})
+    if kind == "llama":
+        model_dir = request.getfixturevalue("tiny_llama_dir")
+        config = shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml"
+    else:
+        model_dir = request.getfixturevalue("tiny_neox_dir")
+        config = tmp_path / "pythia_sepllm.yml"          # Pythia separators (spec §1.1), a=3
+        config.write_text("Layer_num: 2\nseparator_token_ids: [15, 13, 32, 2, 28, 27, 209, 186, 187]\n"
+                          "PADDING_ID: 1\ninit_tok_max_idx: 2\nprefill_local_window_size: 8\n")
+    lm = SepLLMHFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=2,
+                    sepllm_config=str(config), sepllm_overrides={"Layer_num": 2, "prefill_local_window_size": 3})
     ctx, cont = "Every part had been filled, and all that", " was lacking was a march."
     req = Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0)
     (score, _), = lm.loglikelihood([req])
