@@ -291,7 +291,8 @@ class SepCache(Cache):
                 allowed = causal.unsqueeze(0) & valid_k.unsqueeze(1)
             # a fully padded query row would have no key: let it see itself (its output is never used)
             diag = torch.zeros_like(allowed)
-            diag[:, torch.arange(q), l_old + torch.arange(q)] = True
+            ar = torch.arange(q, device=ids.device)
+            diag[:, ar, l_old + ar] = True
             allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
             attn_mask = allowed.unsqueeze(1)
         return _StepPlan(ids_app=ids_app, kind_app=kind_app, pre_gather_idx=pre_idx, gather_idx=gather_idx,
@@ -369,7 +370,8 @@ class SepCache(Cache):
                 record(i, n, ref, kind)
             i += n
         diag = torch.zeros_like(allowed)
-        diag[:, torch.arange(q), l_old + torch.arange(q)] = True
+        ar = torch.arange(q, device=dev)
+        diag[:, ar, l_old + ar] = True
         allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
         pos_new = torch.where(kind != INVALID, pos_app.gather(1, ref), torch.full_like(ref, -1))
         return _StepPlan(ids_app=ids_app, kind_app=torch.cat([layer.kind, kind_tok], -1) if l_old else kind_tok,

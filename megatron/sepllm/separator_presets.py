@@ -9,10 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-# Base separator characters of the paper: . , ? ! ; : ' ' \t \n
-BASE_SEPARATOR_STRINGS: tuple[str, ...] = (".", ",", "?", "!", ";", ":", " ", "\t", "\n")
-
-
 @dataclass(frozen=True)
 class SeparatorPreset:
     """Separator ids and the padding id used by SepCache for one tokenizer family."""
@@ -61,34 +57,12 @@ def preset_for_model_type(model_type: str) -> SeparatorPreset:
     return _PRESETS[key]
 
 
-def _encode_plain(tokenizer: Any, text: str) -> list[int]:
-    """Ids of ``text`` without special tokens, for a HF ``PreTrainedTokenizer*`` or a ``tokenizers.Tokenizer``."""
-    try:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:  # tokenizers.Tokenizer.encode returns an Encoding
-        return list(tokenizer.encode(text, add_special_tokens=False).ids)
-    except AttributeError:
-        raise TypeError(f"cannot encode with tokenizer of type {type(tokenizer).__name__}") from None
+def separator_ids_from_tokenizer(tokenizer: Any) -> list[int]:
+    """Separator ids of an arbitrary tokenizer: the base characters that encode to exactly one id (spec §2), via the
+    project-wide ``megatron.tokenizer.separators.separator_ids`` so every component derives the same list."""
+    from megatron.tokenizer.separators import separator_ids
 
-
-def separator_ids_from_tokenizer(tokenizer: Any, candidates: Sequence[str] = BASE_SEPARATOR_STRINGS) -> list[int]:
-    """Separator ids of an arbitrary tokenizer: each candidate (and its one-leading-space variant) that encodes to
-    exactly one id, de-duplicated in order (spec §2 re-implementation rule).
-
-    Prefers the project-wide ``megatron.tokenizer.separators.separator_ids`` when it exists so that every component
-    derives the same list.
-    """
-    try:
-        from megatron.tokenizer.separators import separator_ids as shared  # type: ignore
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return [int(i) for i in shared(tokenizer)]
-    out: list[int] = []
-    for cand in list(candidates) + [" " + c for c in candidates]:
-        if (c := _encode_plain(tokenizer, cand)) and len(c) == 1 and c[0] not in out:
-            out.append(int(c[0]))
-    return out
+    return [int(i) for i in separator_ids(tokenizer)]
 
 
 def resolve_separators(separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,

@@ -82,7 +82,7 @@ class StreamingKVManager:
         is_sep = rules.separator_bitmap(window, self.separator_token_ids)
         n_new = int(is_sep.sum(-1).min())            # batch alignment: truncate to the minimum, keep the oldest
         new_rows = [torch.nonzero(row).flatten()[:n_new] + self.sep_exrange for row in is_sep]
-        sep_rows = [torch.cat([torch.tensor(old, dtype=torch.long), r]) for r in new_rows]
+        sep_rows = [torch.cat([torch.tensor(old, dtype=torch.long, device=ids.device), r]) for r in new_rows]
         n_sep = int(sep_rows[0].numel())
         if USE_MAX_SEP_CACHE:
             if n_sep > self.sep_cache_size:
@@ -94,8 +94,8 @@ class StreamingKVManager:
             self.sep_cache_size += grow
             self.cache_size += grow
         self.sep_exrange = a + n_sep
-        local = torch.arange(length - w, length)
-        init = torch.arange(a)
+        local = torch.arange(length - w, length, device=ids.device)
+        init = torch.arange(a, device=ids.device)
         keep = torch.stack([torch.cat([init, r, local]) for r in sep_rows])      # [B, L_new]
         return self._apply(kv, keep)
 
@@ -107,7 +107,9 @@ class StreamingKVManager:
             raise ValueError("StreamingLLM eviction needs local_size == cache_size - init_cache_size")
         if length <= self.cache_size:
             return kv
-        keep = torch.cat([torch.arange(self.init_cache_size), torch.arange(length - self.local_size, length)])
+        dev = self.past_tok_ids.device
+        keep = torch.cat([torch.arange(self.init_cache_size, device=dev),
+                          torch.arange(length - self.local_size, length, device=dev)])
         return self._apply(kv, keep.unsqueeze(0).expand(self.past_tok_ids.shape[0], -1))
 
     def __call__(self, kv: Any = None, SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: bool = True) -> Any:
