@@ -347,3 +347,23 @@ def test_per_layer_sizes_give_per_layer_contents_and_left_padding_only():
     with pytest.raises(ValueError, match="left padding"):
         sepllm_forward(model, SepCache(layer_num=2, separator_token_ids=SEPS, init_cache_size=A, sep_cache_size=S,
                                        local_size=W, cache_size=C, model=model), ids, bad)
+
+
+def test_retention_is_time_averaged_kept_over_seen():
+    model = tiny_model("llama")
+    ids, _ = prompts(1)
+    cache = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, USE_MAX_SEP_CACHE=True,
+                     separator_token_ids=SEPS, model=model)
+    kept, seen = [], []
+    out = sepllm_forward(model, cache, ids)
+    kept.append(cache.get_seq_length())
+    seen.append(ids.shape[1])
+    for _ in range(50):
+        out = sepllm_forward(model, cache, out.logits[:, -1].argmax(-1)[:, None])
+        kept.append(cache.get_seq_length())
+        seen.append(seen[-1] + 1)
+    r = cache.retention()
+    assert r["current_kept_over_seen"] == pytest.approx(kept[-1] / seen[-1])
+    assert r["time_averaged_kept_over_seen"] == pytest.approx(sum(kept) / sum(seen))   # same ratio in every layer
+    assert r["seen_tokens_per_row"] == [seen[-1]] and r["kept_tokens_per_layer"] == [kept[-1]] * 2
+    assert 0 < r["time_averaged_kept_over_seen"] < 1

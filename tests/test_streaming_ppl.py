@@ -90,6 +90,29 @@ def test_full_attention_differs_and_plots(tool, tmp_path, neox_tokenizer_file, b
     assert (out / "ppl.png").stat().st_size > 1000 and (out / "cache.png").stat().st_size > 1000
 
 
+def test_local_model_directory(tool, tmp_path, neox_tokenizer_file, books):
+    """--model loads a saved HF model (safetensors) and its tokenizer.json from the directory, offline."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    vocab = Tokenizer.from_file(str(neox_tokenizer_file)).get_vocab_size()
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, rotary_pct=0.25))
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    shutil.copy(neox_tokenizer_file, model_dir / "tokenizer.json")
+    out = tmp_path / "from_dir"
+    assert tool.main(["--model", str(model_dir), "--data-dir", str(books), "--output-dir", str(out),
+                      "--num-tokens", "150", "--no-progress", "--no-plots", "--cache-size", "48",
+                      "--local-size", "24", "--sep-cache-size", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_tokens"] == 150 and summary["final_cache_len"] <= 49
+    assert summary["separator_token_ids"] == [15, 13, 32, 2, 28, 27, 209, 186, 187]
+
+
 def test_cli_errors_are_one_line(tool, tmp_path, capsys, neox_tokenizer_file):
     rc = tool.main(["--tiny-random", "llama", "--data-dir", str(tmp_path / "missing"), "--tokenizer",
                     str(neox_tokenizer_file), "--no-progress"])

@@ -127,10 +127,25 @@ class SepCacheLayer(CacheLayerMixin):
 class SepCache(Cache):
     """SepLLM KV cache for any HF decoder whose attention goes through ``AttentionInterface`` (Llama, GPT-NeoX, ...).
 
-    Sizes (``init_cache_size``, ``sep_cache_size``, ``local_size``, ``cache_size``) are ints or per-layer lists of
-    length ``layer_num``. ``separator_token_ids`` / ``PADDING_ID`` default from ``model_type`` (llama, gpt_neox/pythia,
-    falcon) or a ``tokenizer``. ``PADDING_ID`` is only the filler id for finished rows in ``generate``: padding itself
-    is always read from the attention mask.
+    Args:
+        init_cache_size, sep_cache_size, local_size, cache_size: ``a, s, w, c`` — ints or per-layer lists of length
+            ``layer_num``; ``a + s + w <= c`` per layer (leave slack: the cache compresses when it exceeds ``c``).
+        SEP_ACCUMULATION: keep the separators of earlier compressions (else only those leaving the window now).
+        USE_MAX_SEP_CACHE: cap the separators at ``s`` keeping the most recent; without it the budget (``s`` and
+            ``c`` of that layer) grows by the overflow, like the reference.
+        separator_token_ids / PADDING_ID: explicit, else from ``model_type`` (llama, gpt_neox/pythia, falcon presets
+            of spec §2), else derived from ``tokenizer``. ``[-1]`` = no separators (a StreamingLLM cache).
+            ``PADDING_ID`` is only the filler id for finished rows in ``generate``: padding itself is always read
+            from the attention mask, never from token ids.
+        layer_num / model: the layer count (and, with ``model``, its model_type and rotary settings).
+        APPLY_PE_SHIFT: re-encode kept keys with their index in the cache (spec §3.3) using the model's rotary module.
+        exact_window: trim the local region to ``w`` every step (exact trained decode rule) instead of letting it
+            grow until the cache exceeds ``c`` (reference SepCache, cheaper).
+        prefill_attention: multi-token steps attend ``"full"`` causal (reference SepCache), ``"sepllm"`` (the SepLLM
+            mask over the step, spec §1.3), or ``"stream"`` (each query sees exactly what token-by-token feeding
+            would show it: chunked streaming equals token-by-token streaming).
+        eviction_timing: ``"in_update"`` (a decode query sees ``<= c`` keys) or ``"after_step"`` (the streaming
+            manager's timing, ``<= c + 1``).
 
     Use it through :func:`megatron.sepllm.generation.generate` or :func:`megatron.sepllm.generation.sepllm_forward`,
     which call :meth:`set_step_tokens` before each forward and route attention through the per-layer masks.
