@@ -8,7 +8,7 @@ Every variant is timed in the same run as its baseline and reported as a ratio (
 * ``ckpt``    -- ours with activation checkpointing vs ours without (the cost of recomputation);
 * ``padded``  -- ours with a left-padded 2-D attention mask vs ours without padding (the masked-SDPA cost).
 
-Example: ``python benchmarks/model_step.py --layers 2 --hidden 256 --seq 256 --batch 2 --json out.json``
+Example: ``python benchmarks/model_step.py --layers 4 --hidden 256 --seq 256 --batch 2 --json out.json``
 """
 
 from __future__ import annotations
@@ -36,14 +36,15 @@ from megatron.model.hf_export import (hf_gpt_neox_config, hf_llama_config, to_hf
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=2, help="number of transformer layers (default 2)")
+    p.add_argument("--layers", type=int, default=4, help="number of transformer layers (default 4)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
     p.add_argument("--heads", type=int, default=8, help="attention heads (default 8; Llama rows use heads/4 KV heads)")
     p.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
     p.add_argument("--batch", type=int, default=2, help="micro-batch size (default 2)")
-    p.add_argument("--vocab", type=int, default=50304, help="padded vocabulary size (default 50304, Pythia's)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed repetitions per measurement; median reported (default 3)")
+    p.add_argument("--vocab", type=int, default=8192,
+                   help="padded vocabulary size (default 8192 so the layers, not the LM head, dominate; Pythia: 50304)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repetitions per measurement; median reported (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per measurement (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -51,26 +52,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_step(fn: Callable[[], torch.Tensor], params: list[torch.nn.Parameter], device: str, warmup: int,
-              repeats: int) -> float:
-    """Median seconds of ``fn()`` (returns a loss) + backward, gradients cleared between steps."""
-    def step() -> None:
-        for p in params:
+def time_pair(fns: tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]],
+              params: tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]], device: str, warmup: int,
+              repeats: int) -> tuple[float, float]:
+    """Median seconds of a forward (returning a loss) + backward for two variants, measured alternately so that
+    load from other processes on a shared machine hits both the same way."""
+    def step(i: int) -> float:
+        for p in params[i]:
             p.grad = None
-        fn().backward()
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step()
+        fns[i]().backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        step(0), step(1)
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(repeats):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            times[i].append(step(i))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,19 +121,20 @@ def main(argv: list[str] | None = None) -> int:
                 hf = transformers.LlamaForCausalLM(hf_llama_config(cfg, attn_implementation="sdpa"))
                 hf.load_state_dict(to_hf_llama_state_dict(ours.state_dict(), cfg), strict=False)
             hf = hf.to(dev).train()
-            base = time_step(hf_loss(hf), list(hf.parameters()), dev, args.warmup, args.repeats)
-            mine = time_step(ours_loss(ours), list(ours.parameters()), dev, args.warmup, args.repeats)
+            base, mine = time_pair((hf_loss(hf), ours_loss(ours)), (list(hf.parameters()), list(ours.parameters())),
+                                   dev, args.warmup, args.repeats)
             baseline = f"HF {type(hf).__name__} (sdpa)"
         elif name == "ckpt":
             plain = GPTModel(pythia).to(dev).train()
             ck = GPTModel(dataclasses.replace(pythia, checkpoint_activations=True)).to(dev).train()
-            base = time_step(ours_loss(plain), list(plain.parameters()), dev, args.warmup, args.repeats)
-            mine = time_step(ours_loss(ck), list(ck.parameters()), dev, args.warmup, args.repeats)
+            base, mine = time_pair((ours_loss(plain), ours_loss(ck)), (list(plain.parameters()), list(ck.parameters())),
+                                   dev, args.warmup, args.repeats)
             baseline = "ours, no checkpointing"
         else:
             model = GPTModel(pythia).to(dev).train()
-            base = time_step(ours_loss(model), list(model.parameters()), dev, args.warmup, args.repeats)
-            mine = time_step(ours_loss(model, mask), list(model.parameters()), dev, args.warmup, args.repeats)
+            params = list(model.parameters())
+            base, mine = time_pair((ours_loss(model), ours_loss(model, mask)), (params, params), dev, args.warmup,
+                                   args.repeats)
             baseline = "ours, no padding mask"
         rows.append({"variant": name, "baseline": baseline, "ours_ms": round(mine * 1e3, 2),
                      "baseline_ms": round(base * 1e3, 2), "speedup": round(base / mine, 3),
