@@ -272,7 +272,7 @@ def test_runtime_misuse_is_reported():
     with apply_sepllm(model, _cfg()):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         foreign = _tiny("llama")(input_ids=ids[:, :5], use_cache=True).past_key_values
-        with pytest.raises(SepLLMRuntimeError, match="the cache holds 5 tokens"):
+        with pytest.raises(SepLLMRuntimeError, match="the cache holds 5 tokens but it is not the cache"):
             model(input_ids=ids[:, :1], past_key_values=foreign)
         with pytest.raises(SepLLMRuntimeError, match="input_ids"):
             model(inputs_embeds=model.get_input_embeddings()(ids))
@@ -292,3 +292,31 @@ def test_print_kv_ratio_prints_every_interval(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("SepLLM[sepllm]")]
     assert len(lines) == 2                                   # at the 2nd and 4th prefill
     assert "| 2 sequences, 2 forwards" in lines[0] and "| 4 sequences, 4 forwards" in lines[1]
+
+
+def test_cache_reorder_and_crop_are_followed():
+    """Beam search reorders the cache rows and assisted decoding crops it: the tracked ids must follow."""
+    model = _tiny("llama")
+    ids, mask = _batch(seq=12, pad=3)
+    nxt = torch.tensor([[5], [9]])
+    ones = torch.ones(2, 1, dtype=mask.dtype)
+    with apply_sepllm(model, _cfg()) as handle:
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        cache.reorder_cache(torch.tensor([1, 0]))
+        assert torch.equal(handle._history.ids, ids.flip(0))
+        reordered = model(input_ids=nxt, attention_mask=torch.cat([mask.flip(0), ones], 1), past_key_values=cache)
+        fresh = model(input_ids=ids.flip(0), attention_mask=mask.flip(0), use_cache=True).past_key_values
+        expected = model(input_ids=nxt, attention_mask=torch.cat([mask.flip(0), ones], 1), past_key_values=fresh)
+        torch.testing.assert_close(reordered.logits, expected.logits, atol=1e-6, rtol=0)
+
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        cache.crop(-2)
+        cropped = model(input_ids=nxt, attention_mask=torch.cat([mask[:, :-2], ones], 1), past_key_values=cache)
+        assert handle._history.ids.shape == (2, 11)
+        fresh = model(input_ids=ids[:, :-2], attention_mask=mask[:, :-2], use_cache=True).past_key_values
+        expected = model(input_ids=nxt, attention_mask=torch.cat([mask[:, :-2], ones], 1), past_key_values=fresh)
+        torch.testing.assert_close(cropped.logits, expected.logits, atol=1e-6, rtol=0)
+
+        beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False,
+                               pad_token_id=0)
+        assert beams.shape == (2, 15)

@@ -25,6 +25,7 @@ import functools
 import inspect
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
@@ -118,6 +119,14 @@ class _History:
     ids: torch.Tensor           # [B, L]
     valid: torch.Tensor         # [B, L] bool
     pad_counts: Optional[torch.Tensor]   # [B] left pads of the prompt (BATCH_ADAPTIVE_INIT_POS), else None
+    cache: Optional[weakref.ref] = None  # the cache object that holds this history's KV
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Follow a beam-search reordering of the cache rows."""
+        idx = beam_idx.to(self.ids.device)
+        self.ids, self.valid = self.ids.index_select(0, idx), self.valid.index_select(0, idx)
+        if self.pad_counts is not None:
+            self.pad_counts = self.pad_counts.index_select(0, idx)
 
 
 class SepLLMHandle:
@@ -166,7 +175,9 @@ class SepLLMHandle:
                 call.update(call.pop(var_kw, None) or {})
             call[PLAN_KWARG] = self._step(call.get("input_ids"), call.get("attention_mask"),
                                           call.get("past_key_values"))
-            return original(**call)
+            out = original(**call)
+            self._bind_cache(getattr(out, "past_key_values", None))
+            return out
 
         self.model.forward = forward
         setattr(self.model, _HANDLE_ATTR, self)
@@ -222,12 +233,7 @@ class SepLLMHandle:
             prev_valid = torch.ones(bsz, 0, dtype=torch.bool, device=input_ids.device)
             pad_counts = None
         else:
-            hist = self._history
-            if hist is None or hist.ids.shape[1] != past_len or hist.ids.shape[0] != bsz:
-                tracked = "nothing" if hist is None else f"{tuple(hist.ids.shape)} (batch, tokens)"
-                raise SepLLMRuntimeError(
-                    f"the cache holds {past_len} tokens for batch {bsz} but this SepLLM handle tracked {tracked}; "
-                    "continue a sequence only with the past_key_values its previous call returned")
+            hist = self._continue(past_key_values, past_len, bsz)
             ids = torch.cat([hist.ids, input_ids], dim=1)
             prev_valid = hist.valid
             pad_counts = hist.pad_counts
@@ -249,6 +255,46 @@ class SepLLMHandle:
                 and self.meter.sequences % self.settings.print_ratio_intervals == 0):
             print(self.meter.summary(), flush=True)      # PRINT_KV_RATIO: every N-th prefill, this one included
         return plan
+
+    def _continue(self, cache: Any, past_len: int, bsz: int) -> _History:
+        """The tracked history that ``cache`` (holding ``past_len`` tokens) continues; follows a crop of the cache
+        (assisted decoding) and rejects any other cache."""
+        hist = self._history
+        if hist is None or hist.cache is None or hist.cache() is not cache:
+            raise SepLLMRuntimeError(
+                f"the cache holds {past_len} tokens but it is not the cache this SepLLM handle's last call returned; "
+                "continue a sequence only with the past_key_values of its previous call (start a new one without)")
+        if hist.ids.shape[0] != bsz or hist.ids.shape[1] < past_len:
+            raise SepLLMRuntimeError(f"the cache holds {past_len} tokens for batch {bsz} but this SepLLM handle "
+                                     f"tracked {tuple(hist.ids.shape)} (batch, tokens)")
+        if hist.ids.shape[1] > past_len:                   # the cache was cropped: drop the discarded tokens
+            hist.ids, hist.valid = hist.ids[:, :past_len], hist.valid[:, :past_len]
+        return hist
+
+    def _bind_cache(self, cache: Any) -> None:
+        """Remember which cache holds the tracked history and follow its beam-search reorderings."""
+        hist = self._history
+        if hist is None or cache is None:
+            return
+        if hist.cache is not None and hist.cache() is cache:
+            return
+        hist.cache = weakref.ref(cache)
+        if getattr(cache, "_sepllm_reorder_hooked", False) or not hasattr(cache, "reorder_cache"):
+            return
+        original = cache.reorder_cache
+        handle = weakref.ref(self)
+        cache_ref = weakref.ref(cache)
+
+        def reorder_cache(beam_idx: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            result = original(beam_idx, *args, **kwargs)
+            owner = handle()
+            if owner is not None and owner._history is not None and owner._history.cache is not None \
+                    and owner._history.cache() is cache_ref():
+                owner._history.reorder(beam_idx)
+            return result
+
+        cache.reorder_cache = reorder_cache              # this cache object only; no class is patched
+        cache._sepllm_reorder_hooked = True
 
     def global_keys(self, ids: torch.Tensor, pad_counts: Optional[torch.Tensor],
                     interval: Optional[int]) -> torch.Tensor:
