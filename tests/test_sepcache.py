@@ -367,3 +367,24 @@ def test_retention_is_time_averaged_kept_over_seen():
     assert r["time_averaged_kept_over_seen"] == pytest.approx(sum(kept) / sum(seen))   # same ratio in every layer
     assert r["seen_tokens_per_row"] == [seen[-1]] and r["kept_tokens_per_layer"] == [kept[-1]] * 2
     assert 0 < r["time_averaged_kept_over_seen"] < 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_prefill_attention_sepllm_matches_rule_mask(arch):
+    """prefill_attention='sepllm': the prompt's queries use the SepLLM rule (rules.allowed_mask, left-pad aware
+    initial tokens, padding never attended) — equal to a plain forward with that explicit 4-D mask."""
+    model = tiny_model(arch)
+    ids, mask = prompts(3)
+    valid = mask.bool()
+    glob = rules.global_key_bitmap(ids, SEPS, A, pad_counts=rules.left_pad_counts(mask))
+    allowed = rules.allowed_mask(glob, W, key_valid=valid) | torch.eye(ids.shape[1], dtype=torch.bool)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    ref = model(input_ids=ids, attention_mask=_float_mask(allowed), position_ids=positions).logits
+    cache = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
+                     prefill_attention="sepllm", model=model)
+    got = sepllm_forward(model, cache, ids, mask).logits
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    full = sepllm_forward(model, SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C,
+                                          separator_token_ids=SEPS, model=model), ids, mask).logits
+    assert not torch.allclose(full[valid], ref[valid], atol=1e-3)      # the rule really changed the prefill
+    assert cache.get_seq_length() <= C
