@@ -63,6 +63,22 @@ def test_left_padding_matches_unpadded_rows(pos_emb: str) -> None:
     assert torch.isfinite(batched).all()
 
 
+@pytest.mark.parametrize("pos_emb", ["rotary", "alibi"])
+def test_right_padding_takes_causal_path_with_same_real_logits(pos_emb: str) -> None:
+    torch.manual_seed(0)
+    model = GPTModel(tiny(pos_emb=pos_emb)).eval()
+    ids = torch.randint(1, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    assert model.attention_backend.prepare(ids, ids, mask).allowed is None
+    left = mask.flip(-1)
+    assert model.attention_backend.prepare(ids, ids, left).allowed is not None
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        alone = model(ids[1:, :6])
+    torch.testing.assert_close(batched[1, :6], alone[0], atol=1e-5, rtol=0)
+
+
 def test_position_ids_reach_the_model() -> None:
     torch.manual_seed(0)
     model = GPTModel(tiny()).eval()

@@ -57,7 +57,7 @@ def alibi_bias(slopes: Tensor, positions: Tensor) -> Tensor:
 class CausalState:
     """Per-micro-batch state of :class:`CausalSDPABackend`.
 
-    ``allowed`` is None when plain ``is_causal`` suffices (no padding), else a ``[B,1,S,S]`` bool mask
+    ``allowed`` is None when plain ``is_causal`` suffices (no padding or right padding only), else a ``[B,1,S,S]`` bool mask
     (True = attend). Padding queries are allowed to see themselves so that no softmax row is empty (their outputs
     are meaningless and must be ignored by the loss, as in Hugging Face). ``alibi_distance`` (ALiBi models only) is
     ``pos_q - pos_k`` as ``[B or 1, 1, S, S]`` fp32 with ``+inf`` where attention is not allowed, so each layer's
@@ -83,7 +83,7 @@ class CausalSDPABackend:
     def prepare(self, input_ids: Tensor, position_ids: Tensor, attention_mask_2d: Optional[Tensor]) -> CausalState:
         seq = input_ids.shape[1]
         allowed = None
-        if attention_mask_2d is not None:
+        if attention_mask_2d is not None and not only_trailing_padding(attention_mask_2d):
             causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
             diag = torch.eye(seq, dtype=torch.bool, device=input_ids.device)
             allowed = causal & (attention_mask_2d.to(torch.bool)[:, None, None, :] | diag)
@@ -107,6 +107,13 @@ class CausalSDPABackend:
             mask = (-alibi_slopes.to(torch.float32).view(1, -1, 1, 1) * distance).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)
+
+
+def only_trailing_padding(attention_mask_2d: Tensor) -> bool:
+    """True when every row is ``1..1 0..0`` (no padding, or right padding only). Causal attention then never lets a
+    real token see a padding key, so the fast ``is_causal`` path gives the same outputs for every real token."""
+    valid = attention_mask_2d.to(torch.bool)
+    return not bool((valid[:, 1:] & ~valid[:, :-1]).any())
 
 
 def _alibi_distance(positions: Tensor, allowed: Optional[Tensor]) -> Tensor:
