@@ -388,3 +388,34 @@ def test_prefill_attention_sepllm_matches_rule_mask(arch):
                                           separator_token_ids=SEPS, model=model), ids, mask).logits
     assert not torch.allclose(full[valid], ref[valid], atol=1e-3)      # the rule really changed the prefill
     assert cache.get_seq_length() <= C
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 500000.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+])
+def test_pe_shift_is_identity_before_compression_for_any_rope(rope):
+    """With no compression the cache index of every key is its text position, so PE shift must not change the
+    logits — true only if un-rotation/re-rotation use exactly the model's rotary tables (theta, scaling, yarn's
+    attention factor). A left-padded batch checks that positions count real tokens only."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_parameters=rope)
+    model = LlamaForCausalLM(cfg).eval()
+    ids, mask = prompts(3)
+    kw = dict(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=64, separator_token_ids=SEPS,
+              model=model)
+    plain, shifted = SepCache(**kw), SepCache(APPLY_PE_SHIFT=True, **kw)
+    a = sepllm_forward(model, plain, ids, mask).logits
+    b = sepllm_forward(model, shifted, ids, mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-5)
+    tok = a[:, -1].argmax(-1)[:, None]
+    for _ in range(5):
+        a = sepllm_forward(model, plain, tok).logits
+        b = sepllm_forward(model, shifted, tok).logits
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        tok = a[:, -1].argmax(-1)[:, None]
