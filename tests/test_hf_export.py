@@ -193,3 +193,17 @@ def test_bipe_position_table_needs_opt_in() -> None:
         to_hf_gpt_neox_state_dict(model.state_dict(), cfg)
     sd = to_hf_gpt_neox_state_dict(model.state_dict(), cfg, keep_bipe_embeddings=True)
     assert sd["gpt_neox.position_embeddings.weight"].shape == (cfg.seq_length, cfg.hidden_size)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_round_trip(tmp_path, tied: bool) -> None:
+    """The exported weights survive ``save_pretrained`` (safetensors, shared tied tensors) and reload identically."""
+    torch.manual_seed(0)
+    cfg = neox_cfg(no_weight_tying=not tied)
+    ours = GPTModel(cfg).eval()
+    hf = hf_neox(cfg, ours)
+    hf.save_pretrained(tmp_path)
+    reloaded = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=0)
