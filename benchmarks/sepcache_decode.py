@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Decode latency and KV memory: SepCache vs transformers' DynamicCache on a small random Llama (CPU by default).
 
-For each context length the context is prefilled in chunks (no grad) into each cache, then --steps greedy decode
-steps are timed one by one; the per-token time is the median step time (robust to a shared, noisy machine).
-Both caches run in the same process, on the same model and the same token ids, so the ratios are like for like.
+For each context length the context is prefilled in chunks (no grad) into each cache; then --steps rounds of greedy
+decoding are timed, each round stepping every (cache, context) pair once, so load changes on a shared machine hit
+all pairs alike. The per-token time is the median step time. Everything runs in one process, on the same model and
+the same token ids, so the ratios are like for like.
 
 Columns:
   cache               dynamic | sepcache
@@ -21,6 +22,7 @@ SepCache keeps a realistic mix of separators.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -81,50 +83,60 @@ def kv_bytes(cache) -> int:
                if t is not None)
 
 
-def run_one(model, kind: str, ids: torch.Tensor, args: argparse.Namespace, separators: list[int]) -> dict:
-    from transformers import DynamicCache
+class DecodeState:
+    """One (cache kind, context) pair: its cache, the next token and its timings."""
 
-    from megatron.sepllm.cache import SepCache
-    from megatron.sepllm.generation import sepllm_attention, sepllm_forward
+    def __init__(self, model, kind: str, ids: torch.Tensor, args: argparse.Namespace, separators: list[int]):
+        from transformers import DynamicCache
 
-    peak = 0
-    if kind == "dynamic":
-        cache = DynamicCache(config=model.config)
+        from megatron.sepllm.cache import SepCache
 
-        def step(tok: torch.Tensor, pos: int):
-            positions = torch.arange(pos, pos + tok.shape[1]).unsqueeze(0)
-            return model(input_ids=tok, position_ids=positions, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        ctx = torch.inference_mode()
-    else:
-        cache = SepCache(init_cache_size=args.init_cache_size, sep_cache_size=args.sep_cache_size,
-                         local_size=args.local_size, cache_size=args.cache_size, USE_MAX_SEP_CACHE=True,
-                         separator_token_ids=separators, model=model)
-
-        def step(tok: torch.Tensor, pos: int):
-            return sepllm_forward(model, cache, tok, logits_to_keep=1)
-        ctx = sepllm_attention(model)
-    length = ids.shape[1]
-    times = []
-    with torch.inference_mode(), ctx:
+        self.model, self.kind, self.context = model, kind, ids.shape[1]
+        self.times: list[float] = []
+        self.peak = 0
+        if kind == "dynamic":
+            self.cache = DynamicCache(config=model.config)
+        else:
+            self.cache = SepCache(init_cache_size=args.init_cache_size, sep_cache_size=args.sep_cache_size,
+                                  local_size=args.local_size, cache_size=args.cache_size, USE_MAX_SEP_CACHE=True,
+                                  separator_token_ids=separators, model=model)
+        self.pos = 0
         out = None
-        for start in range(0, length, args.prefill_chunk):
-            out = step(ids[:, start:start + args.prefill_chunk], start)
-            peak = max(peak, kv_bytes(cache))
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = length
-        for i in range(args.warmup + args.steps):
+        with self.mode():
+            for start in range(0, self.context, args.prefill_chunk):
+                out = self.forward(ids[:, start:start + args.prefill_chunk])
+        self.tok = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def mode(self):
+        from megatron.sepllm.generation import sepllm_attention
+
+        return sepllm_attention(self.model) if self.kind == "sepcache" else contextlib.nullcontext()
+
+    def forward(self, tok: torch.Tensor):
+        from megatron.sepllm.generation import sepllm_forward
+
+        if self.kind == "dynamic":
+            positions = torch.arange(self.pos, self.pos + tok.shape[1]).unsqueeze(0)
+            out = self.model(input_ids=tok, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1)
+        else:
+            out = sepllm_forward(self.model, self.cache, tok, logits_to_keep=1)
+        self.pos += tok.shape[1]
+        self.peak = max(self.peak, kv_bytes(self.cache))
+        return out
+
+    def timed_step(self, record: bool) -> None:
+        with self.mode():
             t0 = time.perf_counter()
-            out = step(tok, pos)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = self.forward(self.tok)
+            self.tok = out.logits[:, -1].argmax(-1, keepdim=True)
             dt = time.perf_counter() - t0
-            if i >= args.warmup:
-                times.append(dt)
-            peak = max(peak, kv_bytes(cache))
-            pos += 1
-    return {"cache": "sepcache" if kind == "sepcache" else "dynamic", "context": length,
-            "ms_per_token": 1e3 * statistics.median(times), "peak_mem_mb": peak / 2**20,
-            "cached_tokens": cache.get_seq_length()}
+        if record:
+            self.times.append(dt)
+
+    def row(self) -> dict:
+        return {"cache": self.kind, "context": self.context, "ms_per_token": 1e3 * statistics.median(self.times),
+                "peak_mem_mb": self.peak / 2**20, "cached_tokens": self.cache.get_seq_length()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -144,11 +156,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model = build_model(args)
     separators = list(range(10))          # ids 0..9 play the separators of this synthetic vocabulary
-    rows = []
-    for length in tqdm(contexts, desc="contexts", unit="ctx"):
-        ids = context_ids(args, length, separators)
-        for kind in ("dynamic", "sepcache"):
-            rows.append(run_one(model, kind, ids, args, separators))
+    states = []
+    with torch.inference_mode():
+        for length in tqdm(contexts, desc="prefill", unit="ctx"):
+            ids = context_ids(args, length, separators)
+            for kind in ("dynamic", "sepcache"):
+                states.append(DecodeState(model, kind, ids, args, separators))
+        # round-robin: every round times one step of every (cache, context), so load changes hit all alike
+        for r in tqdm(range(args.warmup + args.steps), desc="decode rounds", unit="round"):
+            for state in states:
+                state.timed_step(record=r >= args.warmup)
+    rows = [state.row() for state in states]
     dyn = {r["context"]: r["ms_per_token"] for r in rows if r["cache"] == "dynamic"}
     first = {}
     for r in rows:

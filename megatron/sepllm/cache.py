@@ -80,6 +80,8 @@ class SepCacheLayer(CacheLayerMixin):
         super().__init__()
         self.init_cache_size, self.sep_cache_size = int(init_cache_size), int(sep_cache_size)
         self.local_size, self.cache_size = int(local_size), int(cache_size)
+        # layers created with equal sizes evolve identically (same ids, same rule): they share one step plan
+        self.size_key = (self.init_cache_size, self.sep_cache_size, self.local_size, self.cache_size)
         self.ids: Optional[torch.Tensor] = None
         self.kind: Optional[torch.Tensor] = None
         self.pos: Optional[torch.Tensor] = None
@@ -241,7 +243,7 @@ class SepCache(Cache):
         token_index = torch.where(new_valid, count - 1, torch.full_like(count, -1))
         planned: dict = {}   # layers with equal sizes hold equal token sets: plan once, share the plan
         for layer in self.layers:
-            key = (layer.init_cache_size, layer.sep_cache_size, layer.local_size, layer.cache_size)
+            key = layer.size_key
             if key in planned:
                 first = planned[key]
                 layer.plan = first.plan
