@@ -12,6 +12,7 @@ from typing import Any
 _LAZY = {
     "SepCache": ("megatron.sepllm.cache", "SepCache"),
     "generate": ("megatron.sepllm.generation", "generate"),
+    "apply_sepllm": ("megatron.sepllm.hf_attention", "apply_sepllm"),
 }
 
 
