@@ -419,3 +419,22 @@ def test_pe_shift_is_identity_before_compression_for_any_rope(rope):
         b = sepllm_forward(model, shifted, tok).logits
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
         tok = a[:, -1].argmax(-1)[:, None]
+
+
+def test_generate_with_pe_shift_and_presets_on_gpt_neox():
+    """generate() builds the cache from the model (layer count, model_type preset, rotary) and runs PE shift."""
+    model = tiny_model("gpt_neox")
+    ids, mask = prompts(3)
+    out = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, init_cache_size=A,
+                         sep_cache_size=S, local_size=W, cache_size=C, APPLY_PE_SHIFT=True, USE_MAX_SEP_CACHE=True,
+                         separator_token_ids=SEPS, do_sample=False, max_new_tokens=30, min_new_tokens=30,
+                         pad_token_id=0, return_dict_in_generate=True, eviction_timing="after_step")
+    cache = out.past_key_values
+    assert cache.APPLY_PE_SHIFT and cache.rope_fn is not None and cache.eviction_timing == "after_step"
+    assert out.sequences.shape == (3, ids.shape[1] + 30)
+    assert max(cache.retention()["compressions_per_layer"]) > 0
+    preset = SepCache(layer_num=2, model=model)
+    assert preset.separator_token_ids[:9] == [15, 13, 32, 2, 28, 27, 209, 186, 187] and preset.PADDING_ID == 0
+    with pytest.raises(ValueError, match="fresh SepCache"):
+        model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, past_key_values=cache,
+                       max_new_tokens=2, pad_token_id=0)

@@ -120,8 +120,12 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
              SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: bool = False,
              separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
              APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
-             **model_kwargs: Any) -> Union[GenerateDecoderOnlyOutput, torch.LongTensor]:
+             eviction_timing: str = "in_update", **model_kwargs: Any) -> Union[GenerateDecoderOnlyOutput, torch.LongTensor]:
     """Greedy or sampled decoding with a SepCache (the ``custom_generate`` callable).
+
+    The SepCache arguments (sizes, ``SEP_ACCUMULATION``, ``USE_MAX_SEP_CACHE``, ``separator_token_ids``,
+    ``PADDING_ID``, ``APPLY_PE_SHIFT``, ``exact_window``, ``prefill_attention``, ``eviction_timing``) are those of
+    :class:`~megatron.sepllm.cache.SepCache`; separators default to the model_type preset.
 
     Honours ``do_sample``/``temperature``/``top_k``/``top_p`` (through the logits processors transformers prepared),
     ``eos_token_id`` and ``max_new_tokens`` (stopping criteria), left-padded batches (``attention_mask``), streamers,
@@ -147,7 +151,7 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
                          cache_size=cache_size, SEP_ACCUMULATION=SEP_ACCUMULATION,
                          USE_MAX_SEP_CACHE=USE_MAX_SEP_CACHE, separator_token_ids=separator_token_ids,
                          PADDING_ID=PADDING_ID, APPLY_PE_SHIFT=APPLY_PE_SHIFT, exact_window=exact_window,
-                         prefill_attention=prefill_attention, model=model)
+                         prefill_attention=prefill_attention, eviction_timing=eviction_timing, model=model)
     else:
         if cache.get_seq_length(0) > 0:
             raise ValueError("past_key_values must be a fresh SepCache: generate feeds the whole input_ids as the "
