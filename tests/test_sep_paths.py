@@ -114,3 +114,42 @@ def test_flex_forward_matches_reference(case, references, pg19_dir, neox_tokeniz
     for layer in range(len(windows)):
         out = backend(q, k, v, layer, plan, scale=HEAD_DIM ** -0.5, alibi_slopes=slopes)
         torch.testing.assert_close(out.double(), references[case, layer][0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode_kw", [
+    dict(mode="streamingllm", separator_token_ids=[-1]),
+    dict(mode="fixllm", USE_FIXED_SEP_INTERVALs=True, fixed_sep_intervals_list=[5, 3]),
+])
+def test_compact_other_modes_match_reference(mode_kw, pg19_dir, neox_tokenizer_file):
+    """StreamingLLM (initial + window) and FixLLM (per-layer intervals) through the compact path, fwd + bwd."""
+    ids = two_density_batch(pg19_dir, neox_tokenizer_file, 320)
+    cfg = make_sepllm_cfg(num_layers=2, prefill_windows=[48, 80], sep_attention_impl="compact", **mode_kw)
+    backend = SepLLMBackend(cfg, model_cfg(2, 2))
+    plan = backend.prepare(ids, torch.arange(320)[None].expand(2, -1), None)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 320, HEAD_DIM, generator=gen, requires_grad=True) for _ in range(3))
+    for layer, w in enumerate([48, 80]):
+        interval = cfg.fixed_sep_intervals_list[layer] if cfg.mode == "fixllm" else None
+        keep = reference_keep(ids, cfg, w, interval=interval)
+        ref = reference_attention(q, k, v, keep, 0.25)
+        out = backend(q, k, v, layer, plan, scale=0.25)
+        torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=0)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
+            torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=0)
+
+
+def test_compact_bf16_keeps_dtype_and_matches_fp32(pg19_dir, neox_tokenizer_file):
+    ids = two_density_batch(pg19_dir, neox_tokenizer_file, 256)
+    backend = SepLLMBackend(make_sepllm_cfg(num_layers=1, window=64, sep_attention_impl="compact"), model_cfg(1, 2))
+    plan = backend.prepare(ids, torch.arange(256)[None].expand(2, -1), None)
+    gen = torch.Generator().manual_seed(5)
+    q32, k32, v32 = (torch.randn(2, 2, 256, HEAD_DIM, generator=gen) for _ in range(3))
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q32, k32, v32))
+    out = backend(q, k, v, 0, plan, scale=0.25)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+    ref = reference_attention(q.detach().float(), k.detach().float(), v.detach().float(),
+                              reference_keep(ids, backend.cfg, 64), 0.25)
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=0)

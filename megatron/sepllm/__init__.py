@@ -13,6 +13,8 @@ _LAZY = {
     "SepCache": ("megatron.sepllm.cache", "SepCache"),
     "generate": ("megatron.sepllm.generation", "generate"),
     "apply_sepllm": ("megatron.sepllm.hf_attention", "apply_sepllm"),
+    "SepLLMBackend": ("megatron.sepllm.backend", "SepLLMBackend"),
+    "RetentionStats": ("megatron.sepllm.retention", "RetentionStats"),
 }
 
 
