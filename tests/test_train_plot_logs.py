@@ -63,3 +63,16 @@ def test_jsonl_is_appended_by_a_resumed_run(tmp_path):
     logger.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1]) == {"iteration": 31, "lm_loss": 6.0} and len(lines) == 35
+
+
+def test_wandb_offline_needs_no_network(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = RunLogger(tmp_path, wandb_cfg={"project": "sepllm-test", "mode": "offline", "run_name": "t"},
+                       run_config={"model": {"num_layers": 2}})
+    logger.log({"iteration": 1, "lm_loss": 3.0, "lr": 1e-3}, console=False)
+    logger.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
