@@ -35,7 +35,8 @@ import torch
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", default="2048,8192,32768", help="comma-separated context lengths (default: %(default)s)")
+    p.add_argument("--contexts", default="2048,8192,32768",
+                   help="comma-separated context lengths (default: %(default)s)")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per context (default 32)")
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps before timing (default 4)")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="prefill chunk size (default 1024)")

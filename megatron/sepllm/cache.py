@@ -274,7 +274,8 @@ class SepCache(Cache):
         pos_new = torch.where(kind_new != INVALID, pos.gather(1, idx), torch.full_like(idx, -1))
         return idx, kind_new, ids.gather(1, idx), pos_new
 
-    def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, positions: torch.Tensor, token_index: torch.Tensor) -> _StepPlan:
+    def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, positions: torch.Tensor,
+                    token_index: torch.Tensor) -> _StepPlan:
         bsz, q = ids.shape
         pre_idx = None
         if layer.ids is None:
@@ -446,7 +447,8 @@ class SepCache(Cache):
             layer.lazy_initialization(key_states, value_states)
         if self.APPLY_PE_SHIFT:
             if self.rope_fn is None:
-                raise RuntimeError("APPLY_PE_SHIFT=True needs the model's rotary settings: call cache.bind_model(model)")
+                raise RuntimeError("APPLY_PE_SHIFT=True needs the model's rotary settings: "
+                                   "call cache.bind_model(model)")
             cos, sin = self.rope_fn(key_states, plan.step_positions)
             key_states = unapply_rotary(key_states, cos, sin)     # stored without positional encoding
         if plan.pre_gather_idx is not None:

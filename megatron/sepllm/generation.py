@@ -120,7 +120,8 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
              SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: bool = False,
              separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
              APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
-             eviction_timing: str = "in_update", **model_kwargs: Any) -> Union[GenerateDecoderOnlyOutput, torch.LongTensor]:
+             eviction_timing: str = "in_update", **model_kwargs: Any
+             ) -> Union[GenerateDecoderOnlyOutput, torch.LongTensor]:
     """Greedy or sampled decoding with a SepCache (the ``custom_generate`` callable).
 
     The SepCache arguments (sizes, ``SEP_ACCUMULATION``, ``USE_MAX_SEP_CACHE``, ``separator_token_ids``,
