@@ -111,6 +111,10 @@ def test_local_model_directory(tool, tmp_path, neox_tokenizer_file, books):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_tokens"] == 150 and summary["final_cache_len"] <= 49
     assert summary["separator_token_ids"] == [15, 13, 32, 2, 28, 27, 209, 186, 187]
+    out2 = tmp_path / "preset"
+    assert tool.main(["--model", str(model_dir), "--data-dir", str(books), "--output-dir", str(out2),
+                      "--num-tokens", "20", "--no-progress", "--no-plots", "--separator-preset", "gpt_neox"]) == 0
+    assert len(json.loads((out2 / "summary.json").read_text())["separator_token_ids"]) == 20
 
 
 def test_cli_errors_are_one_line(tool, tmp_path, capsys, neox_tokenizer_file):

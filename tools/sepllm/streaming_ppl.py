@@ -77,6 +77,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="after_step = the reference streaming manager (a query sees <= c+1 keys); in_update = "
                         "SepCache (<= c keys) (default: %(default)s)")
     p.add_argument("--separator-ids", help="comma-separated separator ids; default: derived from the tokenizer")
+    p.add_argument("--separator-preset", choices=["llama", "llama-streaming", "gpt_neox", "falcon"],
+                   help="use a known family's list instead (spec §2); llama-streaming = the reference streaming "
+                        "manager's Llama-3 list (the SepCache list without BOS 128000)")
     p.add_argument("--bos-id", type=int, help="BOS id put before every line/book; default: the tokenizer's BOS "
                                               "(or <|endoftext|>)")
     p.add_argument("--num-tokens", type=int, default=20480, help="number of evaluated tokens (default 20480)")
@@ -190,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from megatron.sepllm.cache import SepCache
     from megatron.sepllm.generation import sepllm_attention, sepllm_forward
-    from megatron.sepllm.separator_presets import separator_ids_from_tokenizer
+    from megatron.sepllm.separator_presets import preset_for_model_type, separator_ids_from_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,6 +209,11 @@ def run(args: argparse.Namespace) -> dict:
             seps = [int(x) for x in args.separator_ids.split(",") if x.strip()]
         except ValueError:
             raise CliError(f"--separator-ids: expected comma-separated integers, got {args.separator_ids!r}")
+    elif args.separator_preset:
+        family = args.separator_preset.replace("-streaming", "")
+        seps = list(preset_for_model_type(family).separator_token_ids)
+        if args.separator_preset == "llama-streaming":
+            seps = [i for i in seps if i != 128000]
     else:
         seps = separator_ids_from_tokenizer(tok)
     checkpoints = sorted(int(x) for x in args.memory_checkpoints.split(",") if x.strip())
