@@ -5,15 +5,17 @@ For a query block ``[q0, q1)`` (``Bq`` queries) the keys split into two disjoint
 * the **band** ``[q0 - P, q1)`` (``P`` = window rounded up to a multiple of ``Bq``): a contiguous slice, evaluated with
   the rule as a small ``[Bq, P + Bq]`` mask (causal, window, global keys inside the band, padding);
 * the **compact** set: global keys (initial, separators, FixLLM positions) with position ``< q0 - P``. They are
-  causal and global for every query of the block, so they need no mask at all. They are gathered ONCE per layer
-  into a buffer ordered by position; block ``j`` uses a prefix of it (a view, no copy).
+  causal and global for every query of the block. They are gathered ONCE per layer into a buffer ordered by
+  position; block ``j`` uses a prefix of it (a view, no copy). Several consecutive blocks (a "super block" of
+  ~512 queries) share one kernel call over the prefix of their last block, with a cheap staircase mask: long query
+  runs keep the CPU kernel's tiles large, which measured faster than one call per block.
 
 Both sets are combined into ONE exact softmax. On CPU the two parts run through PyTorch's flash-attention CPU kernel
 (which returns the log-sum-exp) and are merged with ``logaddexp``; the backward pass calls the kernel's backward for
 each part with the *merged* output and log-sum-exp, which yields exactly the gradient of the joint softmax (the same
-identity ring/blockwise attention uses). Only the band carries a mask; the bulk of the work at long sequence length
-(the growing separator set) is mask-free. On other devices a generic engine concatenates the two key sets per block
-and calls public SDPA under autograd (same result, fewer savings).
+identity ring/blockwise attention uses). The bulk of the work at long sequence length (the growing separator set)
+runs without any per-entry rule evaluation. On other devices a generic engine concatenates the two key sets per
+block and calls public SDPA under autograd (same result, fewer savings).
 
 Layouts are built once per micro-batch and distinct pattern (``build_compact_layout``) and shared by all layers
 and heads.
@@ -108,18 +110,6 @@ class CompactLayout:
         """``[B, 1, Sp]`` bool: the query has at least one compact key (else its compact log-sum-exp is -inf)."""
         return (self.counts_t > 0).repeat_interleave(self.block, dim=1).unsqueeze(1)
 
-    def block_calls(self) -> list[tuple[slice, int, int]]:
-        """``(rows, block, n)`` compact calls: one per block when every row has the same count, else per row."""
-        calls = []
-        for j in range(self.num_blocks):
-            col = [self.counts[b][j] for b in range(self.batch)]
-            if all(c == col[0] for c in col):
-                if col[0] > 0:
-                    calls.append((slice(0, self.batch), j, col[0]))
-            else:
-                calls.extend((slice(b, b + 1), j, c) for b, c in enumerate(col) if c > 0)
-        return calls
-
 
 def build_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
                          position_ids: torch.Tensor, block: Optional[int] = None,
@@ -191,26 +181,10 @@ def _kv_bands(x: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
     return win.permute(0, 2, 1, 5, 3, 4).reshape(b * lay.num_blocks, h, r * lay.block, d)
 
 
-def _fold_bands(gb: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
-    """Adjoint of ``_kv_bands``: sum overlapping band gradients back to ``[B, H, S, D]``."""
-    h, d = gb.shape[1], gb.shape[3]
-    r, nb = lay.chunks_per_band, lay.num_blocks
-    g = gb.view(lay.batch, nb, h, r, lay.block, d)
-    out = gb.new_zeros(lay.batch, h, nb + r - 1, lay.block, d)
-    for i in range(r):
-        out[:, :, i:i + nb] += g[:, :, :, i].transpose(1, 2)
-    return out.view(lay.batch, h, (nb + r - 1) * lay.block, d)[:, :, lay.pad_left: lay.pad_left + lay.seq_len]
-
-
 def _gather_keys(x: torch.Tensor, lay: CompactLayout) -> torch.Tensor:
     """``[B, H, S, D]`` -> ``[B, H, N, D]`` global keys in position order."""
     idx = lay.comp_idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
     return torch.gather(x, 2, idx)
-
-
-def _scatter_keys(gc: torch.Tensor, lay: CompactLayout, like: torch.Tensor) -> torch.Tensor:
-    idx = lay.comp_idx[:, None, :, None].expand(-1, gc.shape[1], -1, gc.shape[3])
-    return torch.zeros_like(like).scatter_add_(2, idx, gc)
 
 
 def _alibi(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -224,14 +198,6 @@ def _band_mask(lay: CompactLayout, dtype: torch.dtype, slopes: Optional[torch.Te
         return lay.band_additive_mask(dtype)
     bias = _alibi(slopes, lay.band_q_pos, lay.band_k_pos)
     return bias.masked_fill(~lay.band_keep, float("-inf")).to(dtype)
-
-
-def _comp_mask(lay: CompactLayout, rows: slice, j: int, n: int, dtype: torch.dtype,
-               slopes: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if slopes is None:
-        return None
-    q_pos = lay.band_q_pos.view(lay.batch, lay.num_blocks, lay.block)[rows, j]
-    return _alibi(slopes, q_pos, lay.comp_pos[rows, :n]).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- CPU flash engine
