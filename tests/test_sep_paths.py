@@ -153,3 +153,46 @@ def test_compact_bf16_keeps_dtype_and_matches_fp32(pg19_dir, neox_tokenizer_file
     ref = reference_attention(q.detach().float(), k.detach().float(), v.detach().float(),
                               reference_keep(ids, backend.cfg, 64), 0.25)
     torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["flex", "compact"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_training_paths_match_reference(impl, case, references, pg19_dir, neox_tokenizer_file):
+    """On CUDA flex trains too (forward and backward); compact uses its generic engine. fp32 with TF32 off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        ids, mask2d, pos, (q, k, v), grad, slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file)
+        dev = torch.device("cuda")
+        qc, kc, vc = (t.detach().to(dev).requires_grad_() for t in (q, k, v))
+        backend = SepLLMBackend(_cfg(impl, windows, mask2d is not None),
+                                model_cfg(len(windows), q.shape[1], k.shape[1]))
+        plan = backend.prepare(ids.to(dev), pos.to(dev), None if mask2d is None else mask2d.to(dev))
+        for layer in range(len(windows)):
+            out = backend(qc, kc, vc, layer, plan, scale=HEAD_DIM ** -0.5,
+                          alibi_slopes=None if slopes is None else slopes.to(dev))
+            ref, ref_grads = references[case, layer]
+            torch.testing.assert_close(out.double().cpu(), ref, atol=1e-4, rtol=0)
+            grads = torch.autograd.grad(out, (qc, kc, vc), grad.to(dev))
+            for g, rg in zip(grads, ref_grads):
+                torch.testing.assert_close(g.double().cpu(), rg, atol=1e-3, rtol=0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.slow
+def test_flex_with_compiled_block_mask_matches_reference(references, pg19_dir, neox_tokenizer_file):
+    """RECOMPILE_SEP_ATTN_KERNEL=True builds the BlockMask through torch.compile(create_block_mask): same result."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    case = "S256_gqa_H"
+    ids, mask2d, pos, (q, k, v), grad, slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file,
+                                                                 requires_grad=False)
+    cfg = _cfg("flex", windows, False)
+    cfg.RECOMPILE_SEP_ATTN_KERNEL = True
+    backend = SepLLMBackend(cfg, model_cfg(len(windows), q.shape[1], k.shape[1]))
+    plan = backend.prepare(ids, pos, mask2d)
+    out = backend(q, k, v, 1, plan, scale=HEAD_DIM ** -0.5)
+    torch.testing.assert_close(out.double(), references[case, 1][0], atol=1e-5, rtol=0)
