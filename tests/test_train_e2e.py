@@ -102,3 +102,29 @@ def test_killed_deepy_run_resumes_bit_exactly(corpus, neox_tokenizer_file, tmp_p
     assert sorted(resumed) == [5, 6, 7, 8]
     for it in (5, 6, 7, 8):
         assert resumed[it] == reference[it], (it, resumed[it], reference[it])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_zero1_run_through_the_deepspeed_launcher_resumes_exactly(corpus, neox_tokenizer_file, tmp_path):
+    from megatron.training.distributed import find_free_port
+
+    run = tmp_path / "dp2"
+    cfg = _run_cfg(corpus, neox_tokenizer_file, run)
+    common = ["--num-gpus", "2", "--zero_optimization.stage", "1"]
+    proc = subprocess.run([sys.executable, "deepy.py", "train.py", str(cfg), *common,
+                           "--master-port", str(find_free_port())], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step4 = run / "ckpt" / "global_step4"
+    assert {p.name for p in step4.glob("*_rank*.pt")} == {"optim_rank0.pt", "optim_rank1.pt", "rng_rank0.pt",
+                                                          "rng_rank1.pt"}
+    reference = _losses(run / "logs")
+    proc = subprocess.run([sys.executable, "deepy.py", "train.py", str(cfg), *common,
+                           "--master-port", str(find_free_port()), "--load", str(step4), "--save",
+                           str(run / "ckpt2"), "--log-dir", str(run / "logs2")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = _losses(run / "logs2")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[i] == reference[i] for i in resumed), (resumed, reference)
