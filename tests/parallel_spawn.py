@@ -1,0 +1,42 @@
+"""Run a function in N gloo processes (torch.multiprocessing, spawn) for the parallelism tests.
+
+The function runs as ``fn(rank, world_size, *args)`` after ``init_process_group``; an assertion failing in any rank
+fails the test with that rank's traceback. A hard deadline kills hung ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron.training.distributed import find_free_port
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> None:
+    """Spawn ``world_size`` ranks running ``fn``; raise if any fails or the deadline passes."""
+    ctx = mp.start_processes(_entry, args=(fn, world_size, find_free_port(), args), nprocs=world_size, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise TimeoutError(f"distributed test did not finish within {timeout} s")
