@@ -488,6 +488,17 @@ class SepCache(Cache):
         cos_d, sin_d = self.rope_fn(x, dst)
         return apply_rotary(unapply_rotary(x, cos_s, sin_s), cos_d, sin_d)
 
+    def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Remove the model's rotary embedding applied at ``positions [B, n]`` from ``x [B, H, n, D]``."""
+        cos, sin = self.rope_fn(x, positions)
+        return unapply_rotary(x, cos, sin)
+
+    def rope_table(self, x: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` each ``[length, rotary_dim]`` for cache positions ``0..length-1`` (index with ``[B, L]``
+        position tensors to get ``[B, L, rotary_dim]``)."""
+        cos, sin = self.rope_fn(x, torch.arange(length, device=x.device).unsqueeze(0))
+        return cos[0], sin[0]
+
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Apply the model's rotary embedding at ``positions [B, L]`` to un-rotated ``x [B, H, L, D]``."""
         cos, sin = self.rope_fn(x, positions)

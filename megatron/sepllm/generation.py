@@ -28,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from megatron.sepllm.cache import SepCache
+from megatron.sepllm.pos_shift import apply_rotary
 
 ATTN_NAME = "sepllm_sdpa"
 
@@ -48,10 +49,12 @@ def _sepllm_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
         # streamed multi-token step with positional re-encoding: key positions change at every compression, so
         # each segment of queries between two compressions attends keys rotated for that segment
         outs = []
+        plan = cache.layers[layer_idx].plan
+        q_plain = cache.unrotate(query, plan.step_positions)          # queries without positional encoding
+        cos_tab, sin_tab = cache.rope_table(query, key.shape[-2])     # cos/sin of cache positions 0..K-1, once
         for start, end, key_pos, query_pos in segments:
-            k_rot = cache.rotate(key, key_pos)
-            q_seg = cache.reposition(query[:, :, start:end], cache.layers[layer_idx].plan.step_positions[:, start:end],
-                                     query_pos)
+            k_rot = apply_rotary(key, cos_tab[key_pos], sin_tab[key_pos])
+            q_seg = apply_rotary(q_plain[:, :, start:end], cos_tab[query_pos], sin_tab[query_pos])
             out, _ = sdpa_attention_forward(module, q_seg, k_rot, value, mask[:, :, start:end], dropout=dropout,
                                             scaling=scaling, is_causal=False, **kwargs)
             outs.append(out)
