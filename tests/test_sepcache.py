@@ -438,3 +438,17 @@ def test_generate_with_pe_shift_and_presets_on_gpt_neox():
     with pytest.raises(ValueError, match="fresh SepCache"):
         model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, past_key_values=cache,
                        max_new_tokens=2, pad_token_id=0)
+
+
+def test_generate_uses_a_fresh_user_cache():
+    model = tiny_model("llama")
+    ids, mask = prompts(3)
+    kw = dict(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
+              USE_MAX_SEP_CACHE=True)
+    cache = SepCache(model=model, **kw)
+    out = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, past_key_values=cache,
+                         max_new_tokens=12, pad_token_id=0, do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values is cache and cache.get_seq_length() > 0
+    same = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, max_new_tokens=12,
+                          pad_token_id=0, do_sample=False, **kw)
+    assert torch.equal(out.sequences, same)
