@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     model = GPTModel(cfg.model, cfg.sepllm)
     minimal_model = copy.deepcopy(model).to(args.device)
     ds_config = cfg.deepspeed_config(info.world_size, client_optimizer=True)
+    ds_config["gradient_clipping"] = 0.0  # as in the trainer for ZeRO-0 fp32: train_step clips with the norm
     engine = build_engine(model, build_optimizer(model, cfg.optimizer, device_type=args.device), ds_config,
                           args.device)
     scheduler = AnnealingLR(max_lr=1e-3, warmup_iters=1, lr_decay_iters=10 ** 6, decay_style="cosine", min_lr=1e-4)
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
     def ours_step() -> None:
         iteration[0] += 1
         scheduler.step(iteration[0], engine.optimizer.param_groups)
-        train_step(engine, ours_batches, 1, own_grad_norm=True)
+        loss, _ = train_step(engine, ours_batches, 1, own_grad_norm=True, clip=1.0)
+        float(loss)  # the loop reads the loss every iteration
 
     # minimal: same model/optimizer/batch, plain PyTorch, batches pre-loaded
     opt = torch.optim.AdamW(param_groups(minimal_model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)

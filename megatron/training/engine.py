@@ -58,4 +58,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     model = model.to(device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # an all-reduce over one rank is the identity; DeepSpeed would still flatten and copy every gradient
+        engine.enable_backward_allreduce = False
     return engine

@@ -88,8 +88,12 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: bool,
-               on_forward: Any = None) -> tuple[torch.Tensor, float | None]:
-    """One optimizer step over ``gas`` micro-batches; returns (mean local loss, global grad norm)."""
+               on_forward: Any = None, clip: float = 0.0) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over ``gas`` micro-batches; returns (mean local loss, global grad norm).
+
+    ``own_grad_norm`` (ZeRO-0 fp32, where DeepSpeed does not report the norm): we measure the norm at the
+    accumulation boundary and clip to ``clip`` ourselves in the same pass (DeepSpeed's clipping is then off).
+    """
     losses = []
     norm = None
     for _ in range(gas):
@@ -99,7 +103,10 @@ def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: b
             on_forward()
         engine.backward(loss)
         if own_grad_norm and engine.is_gradient_accumulation_boundary():
-            norm = _grad_norm(engine.module)  # grads are final (all-reduced) at the boundary, before clipping
+            # grads are final (all-reduced) at the boundary; one pass gives the norm and clips
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            norm = (float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip > 0
+                    else _grad_norm(engine.module))
         engine.step()
         losses.append(loss.detach().float())
     ds_norm = engine.get_global_grad_norm()
@@ -242,6 +249,9 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     set_seed(t.seed, info.rank)
     tokenizer = _build_tokenizer_and_vocab(cfg)
     ds_config = cfg.deepspeed_config(info.world_size, client_optimizer=True)
+    own_norm = int(t.zero_stage) == 0 and t.precision == "fp32"
+    if own_norm:
+        ds_config["gradient_clipping"] = 0.0  # clipped in train_step together with the norm we log
     micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     global_batch = ds_config["train_batch_size"]
     seq = cfg.model.seq_length
@@ -266,7 +276,6 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     iteration, consumed = _resume(cfg, engine, scheduler, info, logger)
     result = TrainResult(iteration=iteration, log_dir=lg.log_dir)
     eod = getattr(tokenizer, "eod", None)
-    own_norm = engine.zero_optimization_stage() == 0 and t.precision == "fp32"
     sep = cfg.sepllm
     retention = getattr(getattr(engine.module, "attention_backend", None), "retention", None)
     forward_calls = [0]
@@ -304,7 +313,7 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
         current[0] = iteration
         tick = time.perf_counter()
         lr = scheduler.step(iteration, engine.optimizer.param_groups)
-        local_loss, grad_norm = train_step(engine, batches, gas, own_norm, on_forward)
+        local_loss, grad_norm = train_step(engine, batches, gas, own_norm, on_forward, clip=t.gradient_clipping)
         loss = _mean_over_ranks(local_loss, info)
         if device == "cuda":
             torch.cuda.synchronize()
