@@ -145,7 +145,8 @@ class SepCache(Cache):
             grow until the cache exceeds ``c`` (reference SepCache, cheaper).
         prefill_attention: multi-token steps attend ``"full"`` causal (reference SepCache), ``"sepllm"`` (the SepLLM
             mask over the step, spec §1.3), or ``"stream"`` (each query sees exactly what token-by-token feeding
-            would show it: chunked streaming equals token-by-token streaming).
+            would show it: chunked streaming equals token-by-token streaming). Masked modes build a bool
+            ``[B, q, cached + q]`` mask, so feed very long inputs in chunks.
         eviction_timing: ``"in_update"`` (a decode query sees ``<= c`` keys) or ``"after_step"`` (the streaming
             manager's timing, ``<= c + 1``).
 
@@ -304,15 +305,20 @@ class SepCache(Cache):
                     ids_app, self.separator_token_ids)
                 allowed = rules.allowed_mask(global_keys, layer.local_size, q_offset=l_old, q_len=q,
                                              key_valid=valid_k)
+            elif l_old == 0 and bool(valid_k.all()):
+                allowed = None       # a plain causal prompt: SDPA's is_causal path, no [B, q, q] mask
             else:
                 causal = rules.causal_band(q, l_app, device=ids.device, q_offset=l_old)
                 allowed = causal.unsqueeze(0) & valid_k.unsqueeze(1)
-            # a fully padded query row would have no key: let it see itself (its output is never used)
-            diag = torch.zeros_like(allowed)
-            ar = torch.arange(q, device=ids.device)
-            diag[:, ar, l_old + ar] = True
-            allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
-            attn_mask = allowed.unsqueeze(1)
+            if allowed is None:
+                attn_mask = None
+            else:
+                # a fully padded query row would have no key: let it see itself (its output is never used)
+                diag = torch.zeros_like(allowed)
+                ar = torch.arange(q, device=ids.device)
+                diag[:, ar, l_old + ar] = True
+                allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
+                attn_mask = allowed.unsqueeze(1)
         return _StepPlan(ids_app=ids_app, kind_app=kind_app, pre_gather_idx=pre_idx, gather_idx=gather_idx,
                          kind_new=kind_new, ids_new=ids_new, pos_new=pos_new, attend_compressed=attend_compressed,
                          attn_mask=attn_mask, step_positions=positions, q_len=q)
