@@ -92,3 +92,28 @@ def test_separator_ids_outside_the_vocab_are_rejected(corpus, neox_tokenizer_fil
     cfg.sepllm.separator_token_ids = [13, 99999]
     with pytest.raises(ConfigError, match="99999"):
         pretrain(cfg)
+
+
+def test_sepllm_retention_is_logged_every_n_forward_calls(corpus, neox_tokenizer_file, tmp_path, capsys):
+    from megatron.config import load_config
+    from train_helpers import tiny_sepllm_keys
+
+    cfg = load_config(tiny_sepllm_keys(corpus, neox_tokenizer_file, tmp_path, PRINT_KV_RATIO=True,
+                                       print_ratio_intervals=3, gradient_accumulation_steps=2))
+    assert cfg.sepllm.mode == "sepllm"
+    pretrain(cfg)  # 4 iterations x 2 micro-batches = 8 forward calls -> reports after calls 3 and 6
+    rows = [r for r in _rows(tmp_path / "logs") if "retention/kv_retention/total" in r]
+    assert [(r["iteration"], r["train_forward_calls"]) for r in rows] == [(2, 3), (3, 6)]
+    for r in rows:
+        assert 0.0 < r["retention/attn_map_retention/total"] < 1.0  # window 8 of 32 tokens drops entries
+    assert capsys.readouterr().out.count("SepLLM retention after") == 2
+
+
+def test_load_equal_to_save_starts_fresh_then_resumes(corpus, neox_tokenizer_file, tmp_path):
+    ck = str(tmp_path / "ckpt")
+    first = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "a", train_iters=2, checkpoint__save=ck,
+                                 checkpoint__load=ck))
+    assert sorted(first.train_losses) == [1, 2]
+    again = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "b", train_iters=3, checkpoint__save=ck,
+                                 checkpoint__load=ck))
+    assert sorted(again.train_losses) == [3]  # picked up global_step2 through `latest`

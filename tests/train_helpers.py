@@ -53,3 +53,24 @@ def tiny_config(data_prefix: str, tokenizer_file: Path, run_dir: Path, *, train_
         section, key = dotted.split("__")
         setattr(getattr(cfg, section), key, value)
     return cfg
+
+
+def tiny_sepllm_keys(data_prefix: str, tokenizer_file: Path, run_dir: Path, **extra) -> dict:
+    """GPT-NeoX-style keys (as a user writes them) for a tiny SepLLM run; pass to ``load_config``."""
+    keys = {
+        "num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": 32,
+        "max-position-embeddings": 32, "pos-emb": "rotary", "rotary-pct": 0.25, "gpt-j-residual": True,
+        "no-weight-tying": True, "separator_token_ids": [15, 13, 32, 2, 28, 27, 209, 186, 187],
+        "prefill_local_window_size": 8, "generate_local_window_size": 8, "init_tok_max_idx": 2,
+        "USE_SEP_ATTN_KERNEL_ACCELERATOR": False,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.003, "betas": [0.9, 0.95], "eps": 1.0e-8}},
+        "min_lr": 0.0003, "lr-decay-style": "cosine", "warmup": 0.25,
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train-iters": 4,
+        "gradient_clipping": 1.0, "precision": "fp32", "device": "cpu",
+        "data-path": data_prefix, "split": "80,10,10", "num_workers": 0, "data_cache_dir": str(run_dir / "idx"),
+        "tokenizer-type": "HFTokenizer", "vocab-file": str(tokenizer_file),
+        "eval-interval": 1000, "eval-iters": 1, "do_test": False, "log-interval": 1,
+        "log_dir": str(run_dir / "logs"), "peak_flops": 1.0e11,
+    }
+    keys.update(extra)
+    return keys
