@@ -1,0 +1,174 @@
+"""The pipeline-stage modules: ``GPTModel``'s parts re-wrapped to take and return the tuples a pipeline sends.
+
+Every module between the embedding and the final norm maps ``(hidden [B,S,H], input_ids [B,S] int64)`` to the same
+tuple. Carrying the token ids along with the activations is how the SepLLM per-token information reaches every
+stage: the attention plan, the rotary tables and the BiPE ids are pure functions of the ids, so each stage
+recomputes them once per micro-batch (:class:`StageContext`) instead of shipping opaque plan objects between ranks.
+The ids cost ``8 B`` per token next to ``H x 2-4 B`` of activations and need no gradient (the pipeline engine sends
+gradients only for floating-point tensors).
+
+The parameter names inside each module match ``GPTModel``'s (``embed.*``, ``final_layernorm.*``, ``output_layer.*``;
+a transformer layer's ``layer.*`` is ``layers.<i>.*``) so that state dicts map one-to-one (``to_gpt_name``).
+
+No distributed logic here: these are plain ``nn.Module`` s, usable (and tested) without a process group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron.config.model import ModelConfig
+from megatron.config.sepllm import SepLLMConfig
+from megatron.model.attention import head_dim
+from megatron.model.attention_backend import AttentionBackend, build_attention_backend
+from megatron.model.embeddings import Embedding
+from megatron.model.gpt import bipe_separator_ids
+from megatron.model.norms import build_norm
+from megatron.model.positional import default_position_ids, rotary_cos_sin, rotary_ndims
+from megatron.model.transformer import TransformerLayer
+from megatron.sepllm.rules import bipe_position_ids
+
+StageTuple = tuple[Tensor, Tensor]
+
+
+class PipelineInputError(ValueError):
+    """A pipeline stage received something other than what the previous stage (or the data iterator) must send."""
+
+
+def _ids_of(inputs: Union[Tensor, tuple, list]) -> Tensor:
+    ids = inputs if isinstance(inputs, Tensor) else (inputs[0] if len(inputs) >= 1 else None)
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+        raise PipelineInputError(f"the first pipeline stage expects integer input_ids [batch, seq] (or a 1-tuple of "
+                                 f"them) from the data iterator, got {shape}")
+    return ids
+
+
+def _unpack(inputs: Any, who: str) -> StageTuple:
+    if not (isinstance(inputs, (tuple, list)) and len(inputs) == 2 and all(isinstance(t, Tensor) for t in inputs)):
+        raise PipelineInputError(f"{who} expects (hidden [B,S,H], input_ids [B,S]) from the previous stage, got "
+                                 f"{type(inputs).__name__}")
+    return inputs[0], inputs[1]
+
+
+class StageContext:
+    """What every layer of a stage needs besides its weights: positions, rotary tables and the attention plan.
+
+    One instance is shared by the layers of a pipeline (each rank only runs its own stage's layers). ``prepare``
+    memoises on the identity of the ``input_ids`` tensor: within a stage the same tensor object flows from layer to
+    layer, so the plan is built once per micro-batch per stage. The cached tensor is kept referenced, so its ``id``
+    cannot be reused by another tensor while cached; a different micro-batch simply replaces the entry.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig]) -> None:
+        self.cfg = model_cfg
+        self.use_bipe = bool(sepllm_cfg is not None and sepllm_cfg.USE_BiPE)
+        self.bipe_seps = bipe_separator_ids(sepllm_cfg) if self.use_bipe else []
+        hd = head_dim(model_cfg)
+        self.rotary_ndims = rotary_ndims(hd, model_cfg.rotary_pct) if model_cfg.pos_emb == "rotary" else 0
+        self.backend: AttentionBackend = build_attention_backend(model_cfg, sepllm_cfg)
+        self._cached_ids: Optional[Tensor] = None
+        self._cached: Any = None
+
+    def positions(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(relative, absolute)`` position ids, as ``GPTModel.positions`` computes them for an unpadded batch:
+        ``0..S-1`` for both, or with BiPE (inter-segment, intra-segment) ids from the separator tokens."""
+        if self.use_bipe:
+            intra, inter = bipe_position_ids(input_ids, self.bipe_seps)
+            return inter, intra
+        pos = default_position_ids(input_ids, None)
+        return pos, pos
+
+    def prepare(self, input_ids: Tensor, dtype: torch.dtype) -> tuple[Optional[tuple[Tensor, Tensor]], Any]:
+        """``(rotary cos/sin or None, backend state)`` for this micro-batch (memoised, see class docstring)."""
+        if self._cached_ids is input_ids and self._cached[0] == dtype:
+            return self._cached[1], self._cached[2]
+        rel, _ = self.positions(input_ids)
+        rotary = rotary_cos_sin(rel, self.rotary_ndims, self.cfg.rotary_emb_base, dtype) if self.rotary_ndims else None
+        state = self.backend.prepare(input_ids, rel, None)
+        self._cached_ids, self._cached = input_ids, (dtype, rotary, state)
+        return rotary, state
+
+
+class EmbeddingPipe(nn.Module):
+    """First stage: ``input_ids -> (embed(ids, positions), input_ids)``.
+
+    With tied input/output embeddings it is also built on the last stage (``with_position_table=False`` there: only
+    ``word_embeddings`` is used) and :func:`tied_head_forward` reads its weight; DeepSpeed keeps the copies in sync.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, context: StageContext, with_position_table: bool = True) -> None:
+        super().__init__()
+        cfg = model_cfg
+        learned = cfg.pos_emb == "learned" or context.use_bipe
+        max_positions = (cfg.max_position_embeddings or cfg.seq_length) if (learned and with_position_table) else None
+        self.embed = Embedding(cfg.padded_vocab_size, cfg.hidden_size, max_positions, cfg.hidden_dropout)
+        self.context = context
+
+    def forward(self, inputs: Union[Tensor, tuple]) -> StageTuple:
+        ids = _ids_of(inputs)
+        _, abs_pos = self.context.positions(ids)
+        table = self.embed.position_embeddings is not None
+        return self.embed(ids, abs_pos if table else None), ids
+
+    @staticmethod
+    def to_gpt_name(name: str) -> str:
+        return name
+
+
+class TransformerLayerPipe(nn.Module):
+    """One ``TransformerLayer`` on ``(hidden, input_ids)``; the stage's shared context supplies rotary and plan."""
+
+    def __init__(self, model_cfg: ModelConfig, layer_idx: int, context: StageContext) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer = TransformerLayer(model_cfg, layer_idx)
+        self.context = context
+
+    def forward(self, inputs: StageTuple) -> StageTuple:
+        x, ids = _unpack(inputs, f"transformer layer {self.layer_idx}")
+        rotary, state = self.context.prepare(ids, x.dtype)
+        return self.layer(x, rotary, self.context.backend, state), ids
+
+    def to_gpt_name(self, name: str) -> str:
+        return f"layers.{self.layer_idx}." + name[len("layer."):]
+
+
+class FinalNormPipe(nn.Module):
+    """``(hidden, input_ids) -> final_layernorm(hidden)``: the ids are not needed past the last layer."""
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        super().__init__()
+        self.final_layernorm = build_norm(model_cfg)
+
+    def forward(self, inputs: StageTuple) -> Tensor:
+        x, _ = _unpack(inputs, "the final norm")
+        return self.final_layernorm(x)
+
+    @staticmethod
+    def to_gpt_name(name: str) -> str:
+        return name
+
+
+class HeadPipe(nn.Module):
+    """Untied output layer: ``hidden -> logits`` (``no_weight_tying: true``)."""
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        super().__init__()
+        self.output_layer = nn.Linear(model_cfg.hidden_size, model_cfg.padded_vocab_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_layer(x)
+
+    @staticmethod
+    def to_gpt_name(name: str) -> str:
+        return name
+
+
+def tied_head_forward(embedding: EmbeddingPipe, x: Tensor) -> Tensor:
+    """Tied output layer: logits from the (pipeline-synchronised) word-embedding matrix, as ``GPTModel`` does."""
+    return F.linear(x, embedding.embed.word_embeddings.weight)
