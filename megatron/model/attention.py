@@ -52,15 +52,21 @@ class SelfAttention(nn.Module):
         self.scale = default_softmax_scale(self.head_dim)
         self.attention_dropout = cfg.attention_dropout
         self.use_alibi = cfg.pos_emb == "alibi"
+        # index of the first query head this module computes: 0 unless its heads were split off a larger set
+        # (tensor parallelism shards query_key_value by whole KV groups; the local head count is read from the
+        # projected tensor, so the only other thing that must know is the ALiBi slope table)
+        self.head_offset = 0
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.use_bias_in_attn_linear)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.use_bias_in_attn_linear)
 
     def split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, S, h]`` -> q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` using the grouped layout above."""
-        b, s, _ = x.shape
-        qkv = self.query_key_value(x).view(b, s, self.num_kv_heads, self.group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.group].reshape(b, s, self.num_heads, self.head_dim)
+        qkv = self.query_key_value(x)
+        b, s = qkv.shape[:2]  # from the projection: a sequence-sharded x is gathered inside it
+        hkv = qkv.shape[-1] // ((self.group + 2) * self.head_dim)  # num_kv_heads, or fewer on a column shard
+        qkv = qkv.view(b, s, hkv, self.group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.group].reshape(b, s, hkv * self.group, self.head_dim)
         k = qkv[:, :, :, self.group]
         v = qkv[:, :, :, self.group + 1]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -70,12 +76,14 @@ class SelfAttention(nn.Module):
         """``x`` ``[B, S, h]``; ``rotary`` the ``(cos, sin)`` of this micro-batch or None; ``backend``/``state`` the
         model's attention backend and what its ``prepare`` returned (the backend is passed, not stored, so that it is
         not registered once per layer)."""
-        b, s, _ = x.shape
         q, k, v = self.split_qkv(x)
+        b, s = q.shape[0], q.shape[2]
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        slopes = alibi_slopes(self.num_heads).to(x.device) if self.use_alibi else None
+        slopes = None
+        if self.use_alibi:
+            slopes = alibi_slopes(self.num_heads)[self.head_offset: self.head_offset + q.shape[1]].to(x.device)
         out = backend(q.contiguous(), k.contiguous(), v.contiguous(), self.layer_idx, state, scale=self.scale,
                            dropout_p=self.attention_dropout if self.training else 0.0, alibi_slopes=slopes)
-        return self.dense(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return self.dense(out.transpose(1, 2).reshape(b, s, q.shape[1] * self.head_dim))

@@ -1,0 +1,332 @@
+"""Megatron-style tensor (and sequence) parallelism applied around an unmodified ``GPTModel``.
+
+``apply_tensor_parallel(model, tp_group)`` cuts the model's weights in place (the split of every parameter is the
+table in :mod:`megatron.parallel.reshard`) and swaps the linear / embedding modules for sharded ones that keep the
+same parameter names, so a TP rank's ``state_dict()`` is its checkpoint shard:
+
+* ``attention.query_key_value`` and ``mlp.dense_h_to_4h``: column-parallel (whole KV groups per rank; the attention
+  reads its local head count from the projected tensor);
+* ``attention.dense`` and ``mlp.dense_4h_to_h``: row-parallel (partial sums all-reduced, bias added once);
+* ``embed.word_embeddings``: vocabulary-parallel; the output head (tied or ``output_layer``) is column-parallel over
+  the vocabulary, so ``model(ids)`` returns this rank's ``[B, S, V / tp]`` logits. :func:`vocab_parallel_lm_loss`
+  (same contract as ``megatron.model.loss.lm_loss``) computes the exact cross-entropy from them;
+  :func:`gather_logits` returns full logits when needed (evaluation, generation).
+* ``sequence_parallel=True``: between the blocks the residual stream is split on the sequence dim (norms, residual
+  adds and hidden dropout work on ``S / tp`` tokens); column-parallel inputs are all-gathered and row-parallel
+  outputs reduce-scattered instead of all-reduced. Parameters used on sequence shards (norms, row biases) get their
+  gradients summed over the TP group by a gradient hook.
+
+SepLLM needs nothing special: every TP rank holds the full ``input_ids`` (the batch is replicated over the TP group),
+so the backend's per-micro-batch plan is identical on all ranks and each rank runs it on its own heads.
+
+Why not DTensor ``parallelize_module``: DTensor parameters do not go through DeepSpeed (measured with DeepSpeed
+0.19.8: ``deepspeed.initialize`` fails in ``module.to(device)`` -- "Couldn't swap Linear.weight" -- for ZeRO stage 0 and
+1). Plain local shards with ``tensor_model_parallel`` / ``partition_dim`` attributes are what DeepSpeed's ZeRO and
+gradient clipping understand together with an ``mpu`` (:meth:`megatron.parallel.mesh.ParallelGroups.deepspeed_mpu`).
+
+Dropout: regions whose values differ per rank (attention probabilities of the local heads, sequence-parallel hidden
+dropout) draw their masks from a generator seeded per TP rank from one seed taken off the shared generator, so ranks
+keep their shared RNG in step (and activation-checkpoint recomputation reproduces the masks).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron.model.attention import kv_heads
+from megatron.model.gpt import GPTModel
+from megatron.model.mlp import ffn_width
+from megatron.parallel import tp_comm
+from megatron.parallel.reshard import ShardSpec, shard_spec, shard_tensor
+
+
+class TensorParallelError(ValueError):
+    """A model/config that cannot be split over the given tensor-parallel group; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TPInfo:
+    """What ``apply_tensor_parallel`` did (stored as ``model.tensor_parallel``)."""
+
+    group: Any
+    rank: int
+    size: int
+    sequence_parallel: bool
+
+
+def resolve_tp_group(tp_mesh_or_group: Any) -> Any:
+    """A ``ProcessGroup`` from a 1-D ``DeviceMesh``, a ``ParallelGroups`` or a ``ProcessGroup`` (returned as is)."""
+    if hasattr(tp_mesh_or_group, "tp_group"):
+        return tp_mesh_or_group.tp_group
+    if hasattr(tp_mesh_or_group, "get_group") and hasattr(tp_mesh_or_group, "mesh"):
+        if tp_mesh_or_group.ndim != 1:
+            raise TensorParallelError(f"apply_tensor_parallel needs a 1-D tensor-parallel mesh, got a "
+                                      f"{tp_mesh_or_group.ndim}-D mesh; pass mesh['tp']")
+        return tp_mesh_or_group.get_group()
+    return tp_mesh_or_group
+
+
+# --------------------------------------------------------------------------------------------------- sharded modules
+def _mark(param: nn.Parameter, spec: ShardSpec) -> nn.Parameter:
+    """Megatron / DeepSpeed attributes: this parameter is a TP shard (its norm is summed over the TP group)."""
+    param.tensor_model_parallel = True
+    param.model_parallel = True
+    param.partition_dim = spec.dim
+    param.partition_stride = spec.stride
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y_r = x W_r^T + b_r``: this rank's output features. Input enters the TP region (copy, or sequence gather)."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], spec: ShardSpec, info: TPInfo) -> None:
+        super().__init__()
+        self.weight = _mark(nn.Parameter(weight), spec)
+        self.bias = _mark(nn.Parameter(bias), spec) if bias is not None else None
+        self.group = info.group
+        self.sequence_parallel = info.sequence_parallel
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = tp_comm.gather_seq(x, self.group) if self.sequence_parallel else tp_comm.copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = sum_r x_r W_r^T + b``: partial products reduced over the TP group (scattered on the sequence under SP),
+    then the replicated bias is added once."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], spec: ShardSpec, info: TPInfo) -> None:
+        super().__init__()
+        self.weight = _mark(nn.Parameter(weight), spec)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.group = info.group
+        self.sequence_parallel = info.sequence_parallel
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight)
+        y = tp_comm.reduce_scatter_seq(y, self.group) if self.sequence_parallel else tp_comm.reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``[start, start + V/tp)`` of the word table; ids outside give 0 and the partial results are summed."""
+
+    def __init__(self, weight: Tensor, spec: ShardSpec, info: TPInfo, padding_idx: Optional[int] = None) -> None:
+        super().__init__()
+        self.weight = _mark(nn.Parameter(weight), spec)
+        self.group = info.group
+        self.num_embeddings_per_rank = weight.shape[0]
+        self.vocab_start = info.rank * weight.shape[0]
+        self.num_embeddings = weight.shape[0] * info.size
+        self.embedding_dim = weight.shape[1]
+        self.padding_idx = padding_idx
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings_per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return tp_comm.reduce_from_tp(out, self.group)
+
+
+# ---------------------------------------------------------------------------------------------------- dropout RNG
+class _PerRankRNG:
+    """Forward pre/post hooks: run a module's random ops on a generator state seeded per TP rank.
+
+    The seed is drawn from the shared default generator (which therefore advances identically on all TP ranks) and
+    offset by the TP rank; the shared state is restored afterwards.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.saved: list[tuple[Tensor, Optional[list[Tensor]]]] = []
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        if not module.training:
+            return
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.saved.append((torch.get_rng_state(), cuda))
+        torch.manual_seed(seed + 7919 * (self.rank + 1))
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not module.training or not self.saved:
+            return
+        cpu, cuda = self.saved.pop()
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _per_rank_rng(module: nn.Module, rank: int) -> None:
+    hooks = _PerRankRNG(rank)
+    module.register_forward_pre_hook(hooks.pre)
+    module.register_forward_hook(hooks.post)
+
+
+# ------------------------------------------------------------------------------------------------------- apply
+def _check_divisible(model: GPTModel, size: int) -> None:
+    cfg = model.cfg
+    hkv = kv_heads(cfg)
+    checks = [("num_kv_heads" if cfg.num_kv_heads is not None else "num_attention_heads", hkv),
+              ("num_attention_heads", cfg.num_attention_heads),
+              ("padded_vocab_size", cfg.padded_vocab_size), ("intermediate_size (MLP width)", ffn_width(cfg))]
+    for key, value in checks:
+        if value % size:
+            raise TensorParallelError(f"model config key '{key}' = {value} is not divisible by model_parallel_size = "
+                                      f"{size}; tensor parallelism splits it across ranks (whole KV groups per rank)")
+
+
+def _shard(name: str, param: Tensor, model: GPTModel, info: TPInfo) -> tuple[Tensor, ShardSpec]:
+    spec = shard_spec(name, model.cfg)
+    if spec is None:
+        raise TensorParallelError(f"internal: parameter {name!r} has no tensor-parallel split")
+    return shard_tensor(param.detach(), spec, info.rank, info.size, name=name), spec
+
+
+def _replace_linear(model: GPTModel, path: str, cls: type, info: TPInfo) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old: nn.Linear = getattr(parent, attr)
+    weight, spec = _shard(f"{path}.weight", old.weight, model, info)
+    bias = None
+    if old.bias is not None:
+        bias_spec = shard_spec(f"{path}.bias", model.cfg)
+        bias = (old.bias.detach().clone() if bias_spec is None
+                else shard_tensor(old.bias.detach(), bias_spec, info.rank, info.size, name=f"{path}.bias"))
+    setattr(parent, attr, cls(weight, bias, spec, info))
+
+
+def _allreduce_grad_hook(group: Any) -> Callable[[Tensor], Tensor]:
+    def hook(grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+    return hook
+
+
+def apply_tensor_parallel(model: GPTModel, tp_mesh_or_group: Any, sequence_parallel: bool = False) -> GPTModel:
+    """Shard ``model`` (built and initialised identically on every TP rank) over the TP group, in place.
+
+    ``tp_mesh_or_group``: the 1-D ``"tp"`` ``DeviceMesh``, a ``ParallelGroups``, or a ``ProcessGroup``. Returns the
+    same model, whose forward now returns vocab-sharded logits ``[B, S, V / tp]`` (see :func:`vocab_parallel_lm_loss`,
+    :func:`gather_logits`). Call it before building the optimizer / DeepSpeed engine. TP size 1 with
+    ``sequence_parallel=False`` leaves the model untouched.
+    """
+    if not isinstance(model, GPTModel):
+        raise TensorParallelError(f"apply_tensor_parallel expects a GPTModel, got {type(model).__name__}")
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise TensorParallelError("apply_tensor_parallel: this model is already tensor-parallel")
+    group = resolve_tp_group(tp_mesh_or_group)
+    if not dist.is_initialized():
+        raise TensorParallelError("apply_tensor_parallel: torch.distributed is not initialised")
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    info = TPInfo(group=group, rank=rank, size=size, sequence_parallel=bool(sequence_parallel))
+    if size == 1 and not sequence_parallel:
+        return model
+    _check_divisible(model, size)
+
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}"
+        _replace_linear(model, f"{p}.attention.query_key_value", ColumnParallelLinear, info)
+        _replace_linear(model, f"{p}.attention.dense", RowParallelLinear, info)
+        _replace_linear(model, f"{p}.mlp.dense_h_to_4h", ColumnParallelLinear, info)
+        _replace_linear(model, f"{p}.mlp.dense_4h_to_h", RowParallelLinear, info)
+        attention = layer.attention
+        attention.head_offset = rank * (attention.num_heads // size)
+        if attention.attention_dropout > 0:
+            _per_rank_rng(attention, rank)
+        if sequence_parallel:
+            for drop in (layer.attn_dropout, layer.mlp_dropout):
+                if drop.p > 0:
+                    _per_rank_rng(drop, rank)
+
+    emb = model.embed.word_embeddings
+    weight, spec = _shard("embed.word_embeddings.weight", emb.weight, model, info)
+    model.embed.word_embeddings = VocabParallelEmbedding(weight, spec, info, emb.padding_idx)
+    if model.output_layer is not None:
+        head, head_spec = _shard("output_layer.weight", model.output_layer.weight, model, info)
+        model.output_layer = ColumnParallelLinear(head, None, head_spec, info)  # GPTModel uses only .weight
+
+    # the output head is a column-parallel product with the final norm's output: enter the TP region there
+    if sequence_parallel:
+        model.embed.register_forward_hook(lambda m, a, out: tp_comm.scatter_seq(out, group))
+        model.final_layernorm.register_forward_hook(lambda m, a, out: tp_comm.gather_seq(out, group))
+        for name, param in model.named_parameters():
+            if shard_spec(name, model.cfg) is None and not name.startswith("embed."):
+                param.sequence_parallel = True  # used on sequence shards: partial gradient per rank
+                param.register_hook(_allreduce_grad_hook(group))
+    else:
+        model.final_layernorm.register_forward_hook(lambda m, a, out: tp_comm.copy_to_tp(out, group))
+    model.tensor_parallel = info
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------ loss
+def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, group: Any) -> Tensor:
+    """Per-token cross-entropy ``[...]`` from vocab-sharded ``logits [..., V / tp]`` (fp32, exact).
+
+    ``log(sum_v exp(z_v)) - z_label`` with the max and the sum reduced over the TP group; labels must be in
+    ``[0, V)`` (mask ignored positions yourself).
+    """
+    z = logits.to(torch.float32)
+    per_rank = z.shape[-1]
+    start = dist.get_rank(group) * per_rank
+    zmax = z.detach().amax(dim=-1, keepdim=True)
+    dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
+    z = z - zmax
+    sum_exp = tp_comm.reduce_from_tp(z.exp().sum(dim=-1), group)
+    local = labels - start
+    inside = (local >= 0) & (local < per_rank)
+    picked = z.gather(-1, local.clamp(0, per_rank - 1).unsqueeze(-1)).squeeze(-1)
+    target = tp_comm.reduce_from_tp(picked * inside.to(z.dtype), group)
+    return sum_exp.log() - target
+
+
+def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[Tensor] = None, *,
+                           group: Any) -> Tensor:
+    """``megatron.model.loss.lm_loss`` for vocab-sharded logits: mean over counted tokens (labels < 0 and
+    ``loss_mask == 0`` ignored), identical on every TP rank."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"vocab_parallel_lm_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                         f"disagree")
+    weights = (labels >= 0).to(torch.float32)
+    if loss_mask is not None:
+        if loss_mask.shape != labels.shape:
+            raise ValueError(f"vocab_parallel_lm_loss: loss_mask {tuple(loss_mask.shape)} must match labels "
+                             f"{tuple(labels.shape)}")
+        weights = weights * loss_mask.to(torch.float32)
+    per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def loss_fn_for(model: GPTModel) -> Callable[..., Tensor]:
+    """The loss the trainer should call for ``model``: ``lm_loss`` for a plain model, the vocab-parallel loss over
+    its TP group for a tensor-parallel one. Signature ``(logits, labels, loss_mask=None)``."""
+    info: Optional[TPInfo] = getattr(model, "tensor_parallel", None)
+    if info is None:
+        from megatron.model.loss import lm_loss
+
+        return lm_loss
+    return functools.partial(vocab_parallel_lm_loss, group=info.group)
+
+
+def gather_logits(logits: Tensor, model_or_group: Any) -> Tensor:
+    """Full ``[..., V]`` logits from this rank's vocab shard (differentiable); identity for a plain model."""
+    info = getattr(model_or_group, "tensor_parallel", None)
+    if isinstance(model_or_group, nn.Module):
+        if info is None:
+            return logits
+        group = info.group
+    else:
+        group = resolve_tp_group(model_or_group)
+    return tp_comm.gather_last_dim(logits, group)
