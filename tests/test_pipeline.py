@@ -60,8 +60,9 @@ def micro_batches(rows: torch.Tensor, micro: int) -> list[tuple[torch.Tensor, to
     return out
 
 
-def reference_steps(model: GPTModel, batches, gas: int, steps: int) -> tuple[list[float], dict]:
-    """Plain model, AdamW (the trainer's parameter groups), ``steps`` optimizer steps of ``gas`` micro-batches."""
+def reference_steps(model: GPTModel, batches, gas: int, steps: int, clip: float = 0.0) -> tuple[list[float], dict]:
+    """Plain model, AdamW (the trainer's parameter groups), ``steps`` optimizer steps of ``gas`` micro-batches,
+    gradients clipped to global norm ``clip`` (0 = off; asserted to be active when set)."""
     from megatron.training.optimizer import param_groups
 
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, eps=EPS)
@@ -75,23 +76,26 @@ def reference_steps(model: GPTModel, batches, gas: int, steps: int) -> tuple[lis
             loss = lm_loss(model(tokens), labels, mask)
             (loss / gas).backward()
             total += float(loss.detach())
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            assert norm > clip  # clipping really happens, so the pipeline's cross-stage norm is tested
         opt.step()
         losses.append(total / gas)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def ds_config(micro: int, gas: int, dp: int) -> dict:
+def ds_config(micro: int, gas: int, dp: int, zero: int = 0, clip: float = 0.0) -> dict:
     return {"train_batch_size": micro * gas * dp, "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": gas, "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 0},
-            "gradient_clipping": 0.0}
+            "gradient_accumulation_steps": gas, "steps_per_print": 10 ** 9, "zero_optimization": {"stage": zero},
+            "gradient_clipping": clip}
 
 
 def _pipeline_vs_reference(rank: int, world: int, cfg: ModelConfig, sep, stages: int, micro: int, gas: int,
-                           method: str, expect_parts) -> None:
+                           method: str, expect_parts, zero: int = 0, clip: float = 0.0) -> None:
     import deepspeed
 
     from megatron.parallel.pipeline import (build_pipeline_model, gather_gpt_state_dict, load_gpt_state_dict,
-                                            pipeline_data_iter, pipeline_train_step)
+                                            pipeline_data_iter, pipeline_eval_loss, pipeline_train_step)
     from megatron.training.batches import Batch
     from megatron.training.engine import quiet_deepspeed_logs
     from megatron.training.optimizer import param_groups
@@ -102,14 +106,14 @@ def _pipeline_vs_reference(rank: int, world: int, cfg: ModelConfig, sep, stages:
     reference = GPTModel(cfg, sep)
     start = {k: v.clone() for k, v in reference.state_dict().items()}
     batches = micro_batches(token_rows(micro * gas * steps), micro)
-    ref_losses, ref_state = reference_steps(reference, batches, gas, steps)
+    ref_losses, ref_state = reference_steps(reference, batches, gas, steps, clip)
 
     pipe = build_pipeline_model(cfg, sep, stages, partition_method=method)
     if expect_parts is not None:
         assert list(pipe.parts) == expect_parts
     load_gpt_state_dict(pipe, start)
     opt = torch.optim.AdamW(param_groups(pipe, 0.1), lr=LR, eps=EPS)
-    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=opt, config=ds_config(micro, gas, 1),
+    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=opt, config=ds_config(micro, gas, 1, zero, clip),
                                            dist_init_required=False)
     data = pipeline_data_iter(Batch(tokens=t, labels=l, loss_mask=m) for t, l, m in batches)
     losses = [float(pipeline_train_step(engine, data)) for _ in range(steps)]
@@ -119,6 +123,10 @@ def _pipeline_vs_reference(rank: int, world: int, cfg: ModelConfig, sep, stages:
     assert losses == pytest.approx(ref_losses, abs=1e-5), (losses, ref_losses)
     gathered = gather_gpt_state_dict(engine.module)
     assert set(gathered) == set(ref_state), set(gathered) ^ set(ref_state)
+    with torch.no_grad():  # evaluation through the pipeline = the updated reference model's loss
+        ref_eval = sum(float(lm_loss(reference(t), l, m)) for t, l, m in batches[:gas]) / gas
+    eval_data = pipeline_data_iter(Batch(tokens=t, labels=l, loss_mask=m) for t, l, m in batches[:gas])
+    assert float(pipeline_eval_loss(engine, eval_data)) == pytest.approx(ref_eval, abs=1e-5)
     for name, tensor in ref_state.items():
         torch.testing.assert_close(gathered[name], tensor, atol=2e-6, rtol=1e-5, msg=name)
     moved = max(float((ref_state[k] - start[k]).abs().max()) for k in start)
@@ -132,8 +140,9 @@ def _run(fn, *args):
 
 
 @pytest.mark.distributed
-def test_pp2_full_attention_matches_no_pipeline_tied():
-    _run(_pipeline_vs_reference, tiny_cfg(2), None, 2, 2, 3, "uniform", [0, 2, 5])
+def test_pp2_full_attention_matches_no_pipeline_tied_zero1_clipping():
+    # tied embedding on both stages: its gradient is summed across stages and counted once in the clipping norm
+    _run(_pipeline_vs_reference, tiny_cfg(2), None, 2, 2, 3, "uniform", [0, 2, 5], 1, 0.5)
 
 
 @pytest.mark.distributed
@@ -269,6 +278,21 @@ def test_pipe_parallel_size_meaning_and_bad_values():
     assert _deepspeed_partition_method("Parameters") == "parameters"
     with pytest.raises(PipelineConfigError, match="pipe_partition_method = 'balanced'"):
         _deepspeed_partition_method("balanced")
+
+
+def test_build_rejects_impossible_pipelines_before_any_communication():
+    from megatron.parallel.pipeline import build_pipeline_model
+
+    with pytest.raises(PipelineConfigError, match="pipe_parallel_size 0 means no pipeline engine"):
+        build_pipeline_model(tiny_cfg(2), None, 0)
+    with pytest.raises(PipelineConfigError, match="num_layers = 2 cannot fill pipe_parallel_size = 4"):
+        build_pipeline_model(tiny_cfg(2), None, 4)
+    with pytest.raises(PipelineConfigError, match="model_parallel_size = 2 with pipe_parallel_size = 2"):
+        build_pipeline_model(tiny_cfg(2), None, 2, model_parallel_size=2)
+    with pytest.raises(PipelineConfigError, match="pipe_partition_method = 'random'"):
+        build_pipeline_model(tiny_cfg(2), None, 2, partition_method="random")
+    with pytest.raises(ValueError, match="pos_emb"):  # GPTModel's own config checks run first
+        build_pipeline_model(tiny_cfg(2, pos_emb="sinusoid"), None, 2)
 
 
 def test_stage_inputs_are_checked():

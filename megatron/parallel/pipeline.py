@@ -147,14 +147,18 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
     if not isinstance(num_stages, int) or num_stages < 1:
         raise PipelineConfigError(f"number of pipeline stages = {num_stages!r}: expected >= 1 (pipe_parallel_size "
                                   f"0 means no pipeline engine: build GPTModel instead)")
-    if not dist.is_initialized():
-        raise PipelineConfigError("build_pipeline_model: torch.distributed is not initialised (call "
-                                  "megatron.training.distributed.init_distributed first)")
+    if model_parallel_size != 1:
+        raise PipelineConfigError(f"model_parallel_size = {model_parallel_size} with pipe_parallel_size = "
+                                  f"{num_stages}: pipeline stages are not tensor-parallel yet; use "
+                                  f"model_parallel_size 1 with pipelines (or pipe_parallel_size 0 with TP)")
     if model_cfg.num_layers < num_stages:
         raise PipelineConfigError(f"num_layers = {model_cfg.num_layers} cannot fill pipe_parallel_size = "
                                   f"{num_stages} stages: every stage needs at least one transformer layer")
     _validate_like_gpt(model_cfg, sepllm_cfg)
     method = _deepspeed_partition_method(partition_method)
+    if not dist.is_initialized():
+        raise PipelineConfigError("build_pipeline_model: torch.distributed is not initialised (call "
+                                  "megatron.training.distributed.init_distributed first)")
     import deepspeed
 
     # DeepSpeed's communication layer wraps the existing torch.distributed group (no new rendezvous)
