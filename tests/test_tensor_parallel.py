@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.config.model import ModelConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.loss import lm_loss
-from megatron.parallel.reshard import shard_spec, shard_tensor
+from megatron.parallel.reshard import is_gated, shard_spec, shard_tensor
 from megatron.parallel.tensor_parallel import apply_tensor_parallel, gather_logits, loss_fn_for
 from parallel_spawn import run_distributed
 from sep_helpers import make_sepllm_cfg
@@ -71,7 +71,7 @@ def _compare(rank: int, ref: GPTModel, tp: GPTModel, label: str, sequence_parall
     assert sorted(names) == sorted(ref_params), label
     for name, p in tp.named_parameters():
         expect = ref_params[name].grad
-        spec = shard_spec(name, tp.cfg)
+        spec = shard_spec(name, is_gated(tp.cfg))
         if spec is not None:
             expect = shard_tensor(expect, spec, rank, 2, name)
         assert p.grad is not None, f"{label}: no gradient for {name}"
@@ -125,3 +125,173 @@ def test_tp2_matches_tp1_sepllm_compact_and_dense():
 @pytest.mark.distributed
 def test_tp2_sequence_parallel_matches_tp1():
     run_distributed(_sp_cases, 2, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints (resharding)
+def _save_tp1_checkpoint(root, cfg: ModelConfig) -> GPTModel:
+    """A trainer-format TP=1 checkpoint folder ``root/global_step3`` of the seed-0 model."""
+    import json
+
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    step = root / "global_step3"
+    step.mkdir(parents=True)
+    torch.save(model.state_dict(), step / "model_states.pt")
+    (step / "meta.json").write_text(json.dumps({"iteration": 3, "world_size": 1}))
+    (root / "latest").write_text("global_step3\n")
+    return model
+
+
+def _checkpoint_cases(rank: int, world: int, root: str) -> None:
+    from pathlib import Path
+
+    from megatron.parallel.reshard import load_state_file, reshard_checkpoint, tp_model_file
+
+    root = Path(root)
+    ids, _, _ = _batch()
+    for name in ("neox", "llama_gqa"):
+        cfg = _model_cfg(**CASES[name])
+        torch.manual_seed(0)
+        ref = GPTModel(cfg)
+        with torch.no_grad():
+            ref_logits = ref(ids)
+        # (1) TP=1 checkpoint split into TP=2 by the CLI (run by the test before spawning): loads and gives the logits
+        torch.manual_seed(1)  # different weights before loading
+        tp = apply_tensor_parallel(GPTModel(cfg), dist.group.WORLD)
+        tp.load_state_dict(load_state_file(root / name / "tp2" / "global_step3" / tp_model_file(rank, 2)), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(gather_logits(tp(ids), tp), ref_logits, atol=ATOL, rtol=1e-4)
+        # (2) a TP=2 model's per-rank state dicts merged to TP=1 give the same logits
+        out = root / name / "from_tp2" / "global_step7"
+        if rank == 0:
+            out.mkdir(parents=True)
+        dist.barrier()
+        torch.save(tp.state_dict(), out / tp_model_file(rank, 2))
+        dist.barrier()
+        if rank == 0:
+            merged_dir = reshard_checkpoint(out, root / name / "merged", 1)
+            torch.manual_seed(2)
+            plain = GPTModel(cfg)
+            plain.load_state_dict(load_state_file(merged_dir / "model_states.pt"), strict=True)
+            with torch.no_grad():
+                torch.testing.assert_close(plain(ids), ref_logits, atol=ATOL, rtol=1e-4)
+            for key, value in ref.state_dict().items():
+                torch.testing.assert_close(plain.state_dict()[key], value, atol=0, rtol=0)
+        dist.barrier()
+
+
+@pytest.mark.distributed
+def test_tp_checkpoint_split_and_merge_round_trip(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("neox", "llama_gqa"):
+        _save_tp1_checkpoint(tmp_path / name / "tp1", _model_cfg(**CASES[name]))
+        proc = subprocess.run([sys.executable, str(repo / "tools" / "ckpts" / "reshard_tp.py"), "--load",
+                               str(tmp_path / name / "tp1"), "--save", str(tmp_path / name / "tp2"), "--tp", "2"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        step = tmp_path / name / "tp2" / "global_step3"
+        assert sorted(p.name for p in step.iterdir()) == ["meta.json", "mp_rank_00_model_states.pt",
+                                                           "mp_rank_01_model_states.pt"]
+        assert (tmp_path / name / "tp2" / "latest").read_text().strip() == "global_step3"
+    run_distributed(_checkpoint_cases, 2, str(tmp_path), timeout=120)
+
+
+# ------------------------------------------------------------------------------------- pure functions (no processes)
+def test_split_merge_round_trip_exact():
+    from megatron.parallel.reshard import merge_tp_state_dicts, split_tp_state_dict
+
+    for name in CASES:
+        cfg = _model_cfg(**CASES[name])
+        torch.manual_seed(0)
+        state = GPTModel(cfg).state_dict()
+        for tp in (2, 4):
+            shards = split_tp_state_dict(state, tp)
+            assert shards[0]["layers.0.attention.dense.weight"].shape == (32, 32 // tp)
+            merged = merge_tp_state_dicts(shards)
+            assert merged.keys() == state.keys()
+            for key in state:
+                assert torch.equal(merged[key], state[key]), (name, tp, key)
+
+
+def test_gated_mlp_split_keeps_value_and_gate_halves():
+    from megatron.parallel.reshard import infer_gated, merge_tensors, shard_spec, shard_tensor
+
+    rows = torch.arange(8.0).unsqueeze(1)  # value rows 0..3, gate rows 4..7
+    spec = shard_spec("layers.0.mlp.dense_h_to_4h.weight", gated=True)
+    assert spec.dim == 0 and spec.stride == 2
+    assert shard_tensor(rows, spec, 0, 2).flatten().tolist() == [0, 1, 4, 5]
+    assert shard_tensor(rows, spec, 1, 2).flatten().tolist() == [2, 3, 6, 7]
+    assert torch.equal(merge_tensors([shard_tensor(rows, spec, r, 2) for r in range(2)], spec), rows)
+    assert shard_spec("layers.0.mlp.dense_h_to_4h.weight", gated=False).stride == 1
+    gated_state = GPTModel(_model_cfg(**CASES["llama_gqa"])).state_dict()
+    assert infer_gated(gated_state) and not infer_gated(GPTModel(_model_cfg(**CASES["neox"])).state_dict())
+
+
+def test_qkv_split_gives_whole_kv_groups():
+    from megatron.parallel.reshard import shard_spec, shard_tensor
+
+    cfg = _model_cfg(**CASES["llama_gqa"])  # 4 q heads, 2 kv heads, head_dim 8: group = [q, q, k, v] x 8 rows
+    weight = GPTModel(cfg).state_dict()["layers.0.attention.query_key_value.weight"]
+    spec = shard_spec("layers.0.attention.query_key_value.weight", gated=True)
+    assert torch.equal(shard_tensor(weight, spec, 1, 2), weight[32:64])  # KV group 1: its 2 q heads, k, v
+    assert shard_spec("layers.0.attention.dense.weight", True).dim == 1
+    assert shard_spec("layers.0.attention.dense.bias", True) is None
+    assert shard_spec("embed.word_embeddings.weight", False).dim == 0
+    assert shard_spec("final_layernorm.weight", False) is None
+
+
+@pytest.mark.parametrize("change,tp,needle", [
+    (dict(num_attention_heads=4, num_kv_heads=1), 2, "'num_kv_heads' = 1 is not divisible by model_parallel_size = 2"),
+    (dict(num_attention_heads=2, hidden_size=32), 4, "'num_attention_heads' = 2"),
+    (dict(padded_vocab_size=66), 4, "'padded_vocab_size' = 66"),
+    (dict(intermediate_size=30), 4, "'intermediate_size (MLP width)' = 30"),
+])
+def test_incompatible_model_names_the_key(change, tp, needle):
+    from megatron.parallel.tensor_parallel import TensorParallelError, check_tp_compatible
+
+    with pytest.raises(TensorParallelError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        check_tp_compatible(_model_cfg(**change), tp)
+
+
+def test_sequence_parallel_needs_divisible_sequence():
+    from megatron.parallel.tensor_parallel import TensorParallelError, check_tp_compatible
+
+    check_tp_compatible(_model_cfg(seq_length=30), 2)
+    with pytest.raises(TensorParallelError, match="seq_length"):
+        check_tp_compatible(_model_cfg(seq_length=30), 4, sequence_parallel=True)
+
+
+def test_merge_rejects_shards_from_different_checkpoints():
+    from megatron.parallel.reshard import ReshardError, merge_tp_state_dicts, split_tp_state_dict
+
+    state = GPTModel(_model_cfg(**CASES["neox"])).state_dict()
+    shards = split_tp_state_dict(state, 2)
+    shards[1]["final_layernorm.weight"] = shards[1]["final_layernorm.weight"] + 1
+    with pytest.raises(ReshardError, match="final_layernorm.weight: replicated tensor differs"):
+        merge_tp_state_dicts(shards)
+    del shards[1]["final_layernorm.weight"]
+    with pytest.raises(ReshardError, match="different keys"):
+        merge_tp_state_dicts(shards)
+
+
+def test_reshard_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ckpts" / "reshard_tp.py"
+    proc = subprocess.run([sys.executable, str(tool), "--load", str(tmp_path / "nope"), "--save", str(tmp_path / "o"),
+                           "--tp", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "no checkpoint folder" in proc.stderr
+    step = tmp_path / "c" / "global_step1"
+    step.mkdir(parents=True)
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (step / "mp_rank_02_model_states.pt").write_bytes(b"")
+    proc = subprocess.run([sys.executable, str(tool), "--load", str(step), "--save", str(tmp_path / "o"), "--tp", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "ranks [0, 2]" in proc.stderr and "Traceback" not in proc.stderr

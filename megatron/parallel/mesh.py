@@ -135,6 +135,51 @@ class ParallelGroups:
         """The ``("dp", "tp")`` 2-D sub-mesh of this pipeline stage (FSDP2 + TP composition)."""
         return self.mesh["dp", "tp"]
 
+    def deepspeed_mpu(self) -> "DeepSpeedMPU":
+        """The ``mpu`` object ``deepspeed.initialize(..., mpu=...)`` takes: DeepSpeed then all-reduces gradients and
+        partitions ZeRO states over the data-parallel group only, and sums gradient norms of TP-sharded parameters
+        over the tensor-parallel group."""
+        return DeepSpeedMPU(self)
+
+
+class DeepSpeedMPU:
+    """Megatron-style ``mpu`` accessors over a :class:`ParallelGroups` (what DeepSpeed queries; holds no state of
+    its own)."""
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.groups = groups
+
+    def get_model_parallel_rank(self) -> int:
+        return self.groups.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.groups.tp_size
+
+    def get_model_parallel_group(self) -> Any:
+        return self.groups.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.groups.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.dp_size
+
+    def get_data_parallel_group(self) -> Any:
+        return self.groups.dp_group
+
+    def get_pipe_parallel_rank(self) -> int:
+        return self.groups.pp_rank
+
+    def get_pipe_parallel_world_size(self) -> int:
+        return self.groups.pp_size
+
+    def get_pipe_parallel_group(self) -> Any:
+        return self.groups.pp_group
+
 
 def build_parallel_groups(world_size: int, rank: int, tp: int, pp: int,
                           device_type: Optional[str] = None) -> ParallelGroups:
