@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     def f(x, spec):
-        return "-" if x is None else format(x, spec)
+        return format("-", spec.replace(".3f", "").replace(".1f", "")) if x is None else format(x, spec)
     head = f"{'impl':<12}{'w':>6}{'S':>7}{'density':>9}{'plan_ms':>9}{'fwd_ms':>10}{'fwd/causal':>11}" \
            f"{'fwd+bwd_ms':>12}{'fb/causal':>10}"
     lines = [head, "-" * len(head)]

@@ -232,14 +232,13 @@ class _CompactFlashCPU(torch.autograd.Function):
                 out_c[:, sl] = o.transpose(1, 2)
                 lse_c[:, :, sl] = l_
             lse_c = lse_c.masked_fill(~lay.has_compact(), float("-inf"))       # the kernel reports 0 for empty rows
-            merged = torch.logaddexp(lse, lse_c)
-            w_b = torch.exp(lse - merged).transpose(1, 2).unsqueeze(-1)
-            w_c = torch.exp(lse_c - merged).transpose(1, 2).unsqueeze(-1)
-            if out.dtype == torch.float32 or out.dtype == torch.float64:
-                out = out.mul_(w_b).add_(out_c.mul_(w_c))
+            # out = (e^lse * out + e^lse_c * out_c) / (e^lse + e^lse_c) = lerp(out, out_c, sigmoid(lse_c - lse))
+            w_c = torch.sigmoid(lse_c - lse).transpose(1, 2).unsqueeze(-1)    # lse is finite (diagonal in band)
+            if out.dtype in (torch.float32, torch.float64):
+                out = out.lerp_(out_c, w_c.to(out.dtype))
             else:
-                out = (out.float() * w_b + out_c.float() * w_c).to(q.dtype)
-            lse = merged
+                out = torch.lerp(out.float(), out_c.float(), w_c).to(q.dtype)
+            lse = torch.logaddexp(lse, lse_c)
         ctx.save_for_backward(qs, ks, vs, out, lse, slopes if slopes is not None else torch.empty(0))
         ctx.lay, ctx.scale, ctx.has_slopes = lay, scale, slopes is not None
         return out[:, : lay.seq_len].transpose(1, 2)
@@ -282,6 +281,8 @@ class _CompactFlashCPU(torch.autograd.Function):
 def _seq_major(x: torch.Tensor, lay: CompactLayout, lead: int) -> torch.Tensor:
     """``[B, H, S, D]`` -> ``[lead + B*Sp, H, D]``: rows of each batch padded to ``Sp``, ``lead`` zero rows first."""
     b, h, s, d = x.shape
+    if b == 1:  # one op: pad the single row in front (lead) and behind (to Sp)
+        return F.pad(x.transpose(1, 2), (0, 0, 0, 0, lead, lay.padded_len - s)).view(lead + lay.padded_len, h, d)
     out = x.new_empty(lead + b * lay.padded_len, h, d)
     out[:lead].zero_()
     rows = out[lead:].view(b, lay.padded_len, h, d)
