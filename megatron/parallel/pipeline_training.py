@@ -1,0 +1,116 @@
+"""What the training loop calls when ``pipe_parallel_size >= 1``: engine set-up, one step, weights for checkpoints.
+
+The loop's non-pipeline path is ``GPTModel -> build_optimizer -> build_engine -> (forward, backward, step) x gas``.
+With a pipeline the same building blocks are reused (``cfg.deepspeed_config``, ``build_optimizer``,
+``build_engine``: ``deepspeed.initialize`` returns a ``PipelineEngine`` for a ``PipelineModule``), and the
+micro-batch loop is replaced by ``engine.train_batch``, which runs the 1F1B schedule over ``gas`` micro-batches and
+then the optimizer step. Differences the loop must respect (all handled by the functions below):
+
+* data: slice the global batch by data-parallel rank / size (``PipelineRun.dp_rank`` / ``dp_size``), not by the
+  global rank: the stages of one pipeline must read the same samples (only the first and last stage read them);
+* the DeepSpeed config is resolved for the data-parallel size ``world / stages``;
+* the module is one stage: checkpoint the weights with :func:`pipeline_module_state` (``GPTModel`` layout, so a
+  pipeline checkpoint loads with or without a pipeline and with any stage count) and restore them with
+  :func:`load_pipeline_module_state`; optimizer state is per stage (save it on every rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from megatron.parallel.pipeline import (PipelineConfigError, build_pipeline_model, data_parallel_coords,
+                                        gather_gpt_state_dict, load_gpt_state_dict, pipeline_data_iter,
+                                        pipeline_eval_loss, pipeline_train_step, uses_pipeline_engine)
+
+
+@dataclass
+class PipelineRun:
+    """A built pipeline engine and where this rank sits (what the loop needs to size and slice its data)."""
+
+    engine: Any
+    num_stages: int
+    stage_id: int
+    dp_rank: int
+    dp_size: int
+    ds_config: dict
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self.ds_config["train_micro_batch_size_per_gpu"])
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return int(self.ds_config["gradient_accumulation_steps"])
+
+
+def pipeline_stage_count(cfg: Any) -> int:
+    """``0`` when the config asks for no pipeline engine (``pipe_parallel_size: 0``), else the number of stages."""
+    pp = cfg.parallel.pipe_parallel_size
+    return int(pp) if uses_pipeline_engine(pp if pp is not None else 0) else 0
+
+
+def build_pipeline_engine(cfg: Any, device: str, world_size: int, *, partition_method: str = "uniform",
+                          groups: Any = None) -> PipelineRun:
+    """Build the pipeline model, the client optimizer and the DeepSpeed ``PipelineEngine`` from a resolved
+    ``NeoXConfig`` (collective: every rank calls it). ``torch.distributed`` must be initialised; the global RNG
+    is not consumed (stage weights are seeded from ``training.seed``)."""
+    from megatron.training.engine import build_engine
+    from megatron.training.optimizer import build_optimizer
+
+    stages = pipeline_stage_count(cfg)
+    if stages == 0:
+        raise PipelineConfigError("pipe_parallel_size = 0 means no pipeline engine: build GPTModel instead")
+    tp = int(cfg.parallel.model_parallel_size or 1)
+    if world_size % (stages * tp):
+        raise PipelineConfigError(f"world size {world_size} is not divisible by pipe_parallel_size x "
+                                  f"model_parallel_size = {stages} x {tp}")
+    dp = world_size // (stages * tp)
+    zero = int((cfg.training.zero_optimization or {}).get("stage", cfg.training.zero_stage) or 0)
+    if zero >= 2:
+        raise PipelineConfigError(f"zero_optimization.stage = {zero} with pipe_parallel_size = {stages}: DeepSpeed's "
+                                  f"pipeline engine supports ZeRO stage 0 or 1 (as GPT-NeoX); use stage 1")
+    pipe = build_pipeline_model(cfg.model, cfg.sepllm, stages, model_parallel_size=tp,
+                                partition_method=partition_method, seed=int(cfg.training.seed), groups=groups)
+    ds_config = cfg.deepspeed_config(dp, client_optimizer=True)
+    optimizer = build_optimizer(pipe, cfg.optimizer, device_type=device)
+    engine = build_engine(pipe, optimizer, ds_config, device)
+    dp_rank, dp_size = data_parallel_coords(engine)
+    return PipelineRun(engine=engine, num_stages=stages, stage_id=int(pipe.stage_id), dp_rank=dp_rank,
+                       dp_size=dp_size, ds_config=ds_config)
+
+
+def pipeline_loop_step(engine: Any, batches: Iterator[Any]) -> tuple[Tensor, Optional[float]]:
+    """The loop's ``train_step`` for a pipeline: one optimizer step over ``gas`` trainer ``Batch`` es from
+    ``batches``. Returns (mean loss over micro-batches and data-parallel ranks, identical on every rank; global
+    gradient norm when DeepSpeed measured one, i.e. ZeRO-1 / bf16 / fp16, else None)."""
+    loss = pipeline_train_step(engine, pipeline_data_iter(batches))
+    norm = engine.get_global_grad_norm()
+    return loss.detach().float(), (float(norm) if norm is not None else None)
+
+
+def pipeline_loop_eval(engine: Any, batches: Iterator[Any], num_micro_batches: int) -> float:
+    """Mean loss of ``num_micro_batches`` micro-batches (no gradients), identical on every rank."""
+    return float(pipeline_eval_loss(engine, pipeline_data_iter(batches), num_micro_batches=num_micro_batches))
+
+
+def pipeline_module_state(engine: Any) -> dict[str, Tensor]:
+    """The whole model's weights in ``GPTModel`` layout (collective over the pipeline; CPU tensors)."""
+    return gather_gpt_state_dict(engine.module)
+
+
+@torch.no_grad()
+def load_pipeline_module_state(engine: Any, state: Mapping[str, Tensor]) -> None:
+    """Load ``GPTModel``-layout weights into this rank's stage; with ZeRO-1 / bf16 DeepSpeed's fp32 master copy is
+    refreshed from them (as DeepSpeed's own weights-only load does), so the next step starts from these weights."""
+    load_gpt_state_dict(engine.module, state)
+    restore = getattr(engine.optimizer, "_restore_from_bit16_weights", None)
+    if callable(restore):
+        restore()
+
+
+__all__ = ["PipelineRun", "build_pipeline_engine", "load_pipeline_module_state", "pipeline_loop_eval",
+           "pipeline_loop_step", "pipeline_module_state", "pipeline_stage_count"]
