@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -24,11 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def naive_loop(files: list[Path], tokenizer_file: Path, out_path: Path) -> list[np.ndarray]:
-    """Read, encode each whole book with ``tokenizers``, write with numpy: the baseline."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_file))
+def naive_loop(files: list[Path], tok, out_path: Path) -> list[np.ndarray]:
+    """Read, encode each whole book with a loaded ``tokenizers.Tokenizer``, write with numpy: the baseline."""
     arrays = []
     with open(out_path, "wb") as out:
         for f in files:
@@ -47,6 +46,12 @@ def run_ours(files: list[Path], tokenizer, prefix: str, workers: int) -> list[np
     return [np.asarray(ds[i][:-1]) for i in range(len(ds))]  # drop the EOD for the comparison
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the worker pools)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pg19-dir", default=str(SHARED / "data" / "pg19" / "test"), help="folder of PG-19 .txt books")
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="split the books into this many groups and run the methods round-robin per group, "
                    "rotating their order, so a busy shared machine slows every method alike (default: 5)")
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="also write rows [{method, workers, mb_per_s, ratio_vs_naive, seconds, identical}] to PATH")
+                   help="also write rows [{method, workers, mb_per_s, ratio_vs_naive, seconds, identical, cpu_s, "
+                   "mb_per_cpu_s}] to PATH (CPU time: this process plus its worker processes)")
     args = p.parse_args(argv)
 
     from megatron.tokenizer import build_tokenizer
@@ -70,28 +76,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks/prepare_data.py: error: no .txt files in {args.pg19_dir}", file=sys.stderr)
         return 1
     mb = sum(f.stat().st_size for f in files) / 1e6
-    tokenizer = build_tokenizer("HFTokenizer", args.tokenizer_file)
+    tokenizer = build_tokenizer("HFTokenizer", args.tokenizer_file)  # both sides get a loaded tokenizer
+    from tokenizers import Tokenizer
+
+    rust_tokenizer = Tokenizer.from_file(args.tokenizer_file)
     methods = [("naive", 1)] + [("ours", w) for w in args.workers]
     best: dict[tuple[str, int], float] = {}
+    best_cpu: dict[tuple[str, int], float] = {}
     outputs: dict[tuple[str, int], list[np.ndarray]] = {}
     n_groups = max(1, min(args.groups, len(files)))
     groups = [files[g::n_groups] for g in range(n_groups)]
     with tempfile.TemporaryDirectory() as tmp:
         for rep in tqdm(range(args.repeats), desc="repeats", disable=args.repeats == 1):
             total = {m: 0.0 for m in methods}
+            cpu_total = {m: 0.0 for m in methods}
             arrays_of: dict[tuple[str, int], list[np.ndarray]] = {m: [] for m in methods}
             for g, group in enumerate(tqdm(groups, desc=f"book groups (run {rep + 1})", leave=False)):
                 order = methods[g % len(methods):] + methods[: g % len(methods)]
                 for name, w in order:
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), cpu_seconds()
                     if name == "naive":
-                        arrays = naive_loop(group, Path(args.tokenizer_file), Path(tmp) / "naive.bin")
+                        arrays = naive_loop(group, rust_tokenizer, Path(tmp) / "naive.bin")
                     else:
                         arrays = run_ours(group, tokenizer, f"{tmp}/ours_w{w}", w)
                     total[(name, w)] += time.perf_counter() - start
+                    cpu_total[(name, w)] += cpu_seconds() - cpu_start
                     arrays_of[(name, w)].extend(arrays)
             for m in methods:
-                best[m] = min(best.get(m, float("inf")), total[m])
+                if total[m] < best.get(m, float("inf")):
+                    best[m], best_cpu[m] = total[m], cpu_total[m]
                 outputs[m] = arrays_of[m]
     ref = outputs[("naive", 1)]
     rows = []
@@ -102,14 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({
             "method": name, "workers": w, "mb_per_s": round(mb / secs, 3),
             "ratio_vs_naive": round(best[("naive", 1)] / secs, 3), "seconds": round(secs, 3),
-            "identical": identical,
+            "identical": identical, "cpu_s": round(best_cpu[(name, w)], 3),
+            "mb_per_cpu_s": round(mb / max(best_cpu[(name, w)], 1e-9), 3),
         })
     print(f"{len(files)} books, {mb:.2f} MB, tokenizer {Path(args.tokenizer_file).name}, best of {args.repeats}, "
           f"{n_groups} interleaved groups")
-    print(f"{'method':<8}{'workers':>8}{'seconds':>10}{'MB/s':>9}{'vs naive':>10}{'same ids':>10}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'method':<8}{'workers':>8}{'seconds':>10}{'MB/s':>9}{'vs naive':>10}{'CPU s':>8}{'MB/CPU-s':>10}"
+          f"{'same ids':>10}")
     for r in rows:
         print(f"{r['method']:<8}{r['workers']:>8}{r['seconds']:>10.2f}{r['mb_per_s']:>9.2f}"
-              f"{r['ratio_vs_naive']:>9.2f}x{str(r['identical']):>10}")
+              f"{r['ratio_vs_naive']:>9.2f}x{r['cpu_s']:>8.1f}{r['mb_per_cpu_s']:>10.2f}{str(r['identical']):>10}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return 0 if all(r["identical"] for r in rows) else 2
