@@ -44,6 +44,12 @@ from megatron.parallel.pipeline_stages import (EmbeddingPipe, FinalNormPipe, Hea
 
 PARTITION_METHODS = ("uniform", "parameters", "type:<regex>")
 TIED_EMBEDDING_KEY = "embed"
+# Every local pipeline layer may sit in a checkpointed chunk. DeepSpeed chunks a stage's layers by
+# ``activation_checkpoint_interval`` from the stage's first layer (embedding and norm included) and runs a chunk
+# without checkpointing if any member is not listed; listing them all means no transformer layer is ever left out
+# (non-reentrant checkpointing takes inputs without gradients, e.g. token ids). "partial" is how DeepSpeed wraps
+# the tied output head (``tied_head_forward``).
+CHECKPOINTABLE = ["EmbeddingPipe", "TransformerLayerPipe", "FinalNormPipe", "HeadPipe", "partial"]
 
 
 class PipelineConfigError(ValueError):
@@ -136,8 +142,10 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
     ``num_stages`` is the resolved stage count (``pipe_parallel_size`` 0 means no pipeline: do not call this).
     ``partition_method``: ``uniform`` (equal transformer-layer counts; the remainder goes to the first stages),
     ``parameters`` (balanced parameter counts, embedding/head included) or DeepSpeed's ``type:<regex>``.
-    ``checkpoint_activations`` / ``checkpoint_num_layers`` in ``model_cfg`` turn on activation checkpointing of
-    every ``checkpoint_num_layers`` transformer layers (non-reentrant ``torch.utils.checkpoint``; RNG restored).
+    ``checkpoint_activations`` / ``checkpoint_num_layers`` in ``model_cfg`` turn on activation checkpointing: each
+    stage's layers are recomputed in backward in chunks of ``checkpoint_num_layers`` pipeline layers (counted from
+    the stage's first layer, so the embedding / final norm / head count as layers in their chunk; non-reentrant
+    ``torch.utils.checkpoint``, RNG restored so dropout matches).
     ``groups`` (optional ``megatron.parallel.mesh.ParallelGroups``) is checked against the pipeline's topology.
     ``torch.distributed`` must be initialised. The returned module has ``attention_backend`` (this rank's
     backend, e.g. for SepLLM retention statistics) and ``stage_id`` / ``num_stages`` / ``parts`` from DeepSpeed.
@@ -174,7 +182,7 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
     pipe = PipelineModule(layers=layer_specs(model_cfg, sepllm_cfg, context), topology=topology, loss_fn=loss_fn,
                           partition_method=method, activation_checkpoint_interval=interval,
                           activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
-                          checkpointable_layers=[TransformerLayerPipe.__name__])
+                          checkpointable_layers=CHECKPOINTABLE)
     _init_local_weights(pipe, model_cfg, seed)
     pipe.attention_backend = context.backend
     _check_stage_has_layers(pipe)
