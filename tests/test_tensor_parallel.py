@@ -86,10 +86,18 @@ def _build_pair(cfg: ModelConfig, sep=None, sequence_parallel: bool = False):
 
 
 def _dense_cases(rank: int, world: int) -> None:
+    from megatron.parallel.tensor_parallel import clip_tp_grad_norm_, tp_grad_norm
+
     for name, kw in CASES.items():
         cfg = _model_cfg(**kw)
         ref, tp = _build_pair(cfg)
         _compare(rank, ref, tp, name)
+        ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+        torch.testing.assert_close(tp_grad_norm(tp), ref_norm, atol=1e-6, rtol=1e-5)
+        assert float(ref_norm) > 0.01
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+        clip_tp_grad_norm_(tp, 0.01)
+        torch.testing.assert_close(tp_grad_norm(tp), tp_grad_norm(ref), atol=1e-7, rtol=1e-5)
 
 
 def _sepllm_cases(rank: int, world: int) -> None:
@@ -110,6 +118,48 @@ def _sp_cases(rank: int, world: int) -> None:
     _compare(rank, ref, tp, "sp-sepllm-compact", sequence_parallel=True)
     ref, tp = _build_pair(_model_cfg(**CASES["neox"], checkpoint_activations=True), sequence_parallel=True)
     _compare(rank, ref, tp, "sp-activation-checkpointing", sequence_parallel=True)
+
+
+def _dropout_cases(rank: int, world: int) -> None:
+    """Dropout under TP + SP: masks differ between TP ranks (per-rank generator), the shared RNG stays in step, and
+    activation checkpointing recomputes the same masks (same loss and gradients as without it)."""
+    cfg = _model_cfg(**CASES["neox"], hidden_dropout=0.2, attention_dropout=0.2)
+    torch.manual_seed(0)
+    base = apply_tensor_parallel(GPTModel(cfg), dist.group.WORLD, sequence_parallel=True)
+    ckpt = copy.deepcopy(base)
+    ckpt.cfg.checkpoint_activations = True
+    assert not base.cfg.checkpoint_activations
+    ids, labels, mask = _batch()
+    seen = {}
+    base.layers[0].attn_dropout.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
+    results = []
+    for model in (base, ckpt):
+        model.train()
+        torch.manual_seed(5)
+        loss = loss_fn_for(model)(model(ids), labels, mask)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    from megatron.parallel.tensor_parallel import tp_grad_norm
+
+    assert getattr(ckpt.layers[0].attention.dense.weight, "tensor_model_parallel", False)  # re-marked on the copy
+    torch.testing.assert_close(tp_grad_norm(ckpt), tp_grad_norm(base), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    dropped = ((seen["y"] == 0) & (seen["x"] != 0)).to(torch.uint8)
+    assert 0 < dropped.float().mean() < 0.5
+    masks = [torch.empty_like(dropped) for _ in range(world)]
+    dist.all_gather(masks, dropped)
+    assert not torch.equal(masks[0], masks[1]), "TP ranks drew the same dropout mask"
+    states = [torch.empty_like(torch.get_rng_state()) for _ in range(world)]
+    dist.all_gather(states, torch.get_rng_state())
+    assert torch.equal(states[0], states[1]), "shared RNG state diverged between TP ranks"
+
+
+@pytest.mark.distributed
+def test_tp_dropout_rng_per_rank_and_recompute():
+    run_distributed(_dropout_cases, 2, timeout=120)
 
 
 @pytest.mark.distributed

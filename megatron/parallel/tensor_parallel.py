@@ -32,7 +32,7 @@ keep their shared RNG in step (and activation-checkpoint recomputation reproduce
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -60,6 +60,11 @@ class TPInfo:
     rank: int
     size: int
     sequence_parallel: bool
+    # ids of the parameters whose gradient hook (sequence parallelism) is registered; shared by copies of the model
+    grad_hooked: set = field(default_factory=set, compare=False, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> "TPInfo":
+        return self  # immutable, and a ProcessGroup cannot be copied: copies of the model share the group
 
 
 def resolve_tp_group(tp_mesh_or_group: Any) -> Any:
@@ -91,12 +96,12 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.weight = _mark(nn.Parameter(weight), spec)
         self.bias = _mark(nn.Parameter(bias), spec) if bias is not None else None
-        self.group = info.group
-        self.sequence_parallel = info.sequence_parallel
+        self.tp = info
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = tp_comm.gather_seq(x, self.group) if self.sequence_parallel else tp_comm.copy_to_tp(x, self.group)
+        group = self.tp.group
+        x = tp_comm.gather_seq(x, group) if self.tp.sequence_parallel else tp_comm.copy_to_tp(x, group)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -108,13 +113,13 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.weight = _mark(nn.Parameter(weight), spec)
         self.bias = nn.Parameter(bias) if bias is not None else None
-        self.group = info.group
-        self.sequence_parallel = info.sequence_parallel
+        self.tp = info
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight)
-        y = tp_comm.reduce_scatter_seq(y, self.group) if self.sequence_parallel else tp_comm.reduce_from_tp(y, self.group)
+        group = self.tp.group
+        y = tp_comm.reduce_scatter_seq(y, group) if self.tp.sequence_parallel else tp_comm.reduce_from_tp(y, group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -124,7 +129,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight: Tensor, spec: ShardSpec, info: TPInfo, padding_idx: Optional[int] = None) -> None:
         super().__init__()
         self.weight = _mark(nn.Parameter(weight), spec)
-        self.group = info.group
+        self.tp = info
         self.num_embeddings_per_rank = weight.shape[0]
         self.vocab_start = info.rank * weight.shape[0]
         self.num_embeddings = weight.shape[0] * info.size
@@ -136,7 +141,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.num_embeddings_per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return tp_comm.reduce_from_tp(out, self.group)
+        return tp_comm.reduce_from_tp(out, self.tp.group)
 
 
 # ---------------------------------------------------------------------------------------------------- dropout RNG
@@ -217,12 +222,39 @@ def _replace_linear(model: GPTModel, path: str, cls: type, info: TPInfo) -> None
     setattr(parent, attr, cls(weight, bias, spec, info))
 
 
-def _allreduce_grad_hook(group: Any) -> Callable[[Tensor], Tensor]:
-    def hook(grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=group)
-        return grad
-    return hook
+def _allreduce_grad(info: TPInfo, grad: Tensor) -> Tensor:
+    grad = grad.contiguous().clone()
+    dist.all_reduce(grad, group=info.group)
+    return grad
+
+
+def _ensure_param_state(info: TPInfo, sharded: dict[str, ShardSpec], sp_names: tuple[str, ...], model: nn.Module,
+                        args: Any) -> None:
+    """Forward pre-hook: (re-)attach what lives on the parameter objects -- the TP-shard attributes and, under
+    sequence parallelism, the gradient all-reduce hooks. ``copy.deepcopy`` of a ``Parameter`` keeps neither, so a
+    copied model gets them back at its first forward."""
+    for name, spec in sharded.items():
+        param = model.get_parameter(name)
+        if not getattr(param, "tensor_model_parallel", False):
+            _mark(param, spec)
+    for name in sp_names:
+        param = model.get_parameter(name)
+        if id(param) not in info.grad_hooked:
+            param.sequence_parallel = True  # used on sequence shards: partial gradient per rank
+            param.register_hook(functools.partial(_allreduce_grad, info))
+            info.grad_hooked.add(id(param))
+
+
+def _scatter_seq_hook(info: TPInfo, module: nn.Module, args: Any, out: Tensor) -> Tensor:
+    return tp_comm.scatter_seq(out, info.group)
+
+
+def _gather_seq_hook(info: TPInfo, module: nn.Module, args: Any, out: Tensor) -> Tensor:
+    return tp_comm.gather_seq(out, info.group)
+
+
+def _copy_to_tp_hook(info: TPInfo, module: nn.Module, args: Any, out: Tensor) -> Tensor:
+    return tp_comm.copy_to_tp(out, info.group)
 
 
 def apply_tensor_parallel(model: GPTModel, tp_mesh_or_group: Any, sequence_parallel: bool = False) -> GPTModel:
@@ -269,15 +301,17 @@ def apply_tensor_parallel(model: GPTModel, tp_mesh_or_group: Any, sequence_paral
         model.output_layer = ColumnParallelLinear(head, None, head_spec, info)  # GPTModel uses only .weight
 
     # the output head is a column-parallel product with the final norm's output: enter the TP region there
+    gated = is_gated(model.cfg)
+    sharded = {n: spec for n, _ in model.named_parameters() if (spec := shard_spec(n, gated)) is not None}
+    sp_names: tuple[str, ...] = ()
     if sequence_parallel:
-        model.embed.register_forward_hook(lambda m, a, out: tp_comm.scatter_seq(out, group))
-        model.final_layernorm.register_forward_hook(lambda m, a, out: tp_comm.gather_seq(out, group))
-        for name, param in model.named_parameters():
-            if shard_spec(name, is_gated(model.cfg)) is None and not name.startswith("embed."):
-                param.sequence_parallel = True  # used on sequence shards: partial gradient per rank
-                param.register_hook(_allreduce_grad_hook(group))
+        model.embed.register_forward_hook(functools.partial(_scatter_seq_hook, info))
+        model.final_layernorm.register_forward_hook(functools.partial(_gather_seq_hook, info))
+        sp_names = tuple(n for n, _ in model.named_parameters() if n not in sharded and not n.startswith("embed."))
     else:
-        model.final_layernorm.register_forward_hook(lambda m, a, out: tp_comm.copy_to_tp(out, group))
+        model.final_layernorm.register_forward_hook(functools.partial(_copy_to_tp_hook, info))
+    model.register_forward_pre_hook(functools.partial(_ensure_param_state, info, sharded, sp_names))
+    _ensure_param_state(info, sharded, sp_names, model, ())
     model.tensor_parallel = info
     return model
 
@@ -341,3 +375,44 @@ def gather_logits(logits: Tensor, model_or_group: Any) -> Tensor:
     else:
         group = resolve_tp_group(model_or_group)
     return tp_comm.gather_last_dim(logits, group)
+
+
+# ----------------------------------------------------------------------------------------------- gradient norm
+def tp_grad_norm(model: nn.Module) -> Tensor:
+    """Global L2 norm of the gradients of a tensor-parallel model, identical on every TP rank.
+
+    Sharded parameters (``tensor_model_parallel``) contribute their squared norms summed over the TP group;
+    replicated ones (complete, equal gradients on every TP rank) count once. For a plain model this is
+    ``torch.nn.utils.get_total_norm`` of its gradients. Use it where the trainer measures / clips the norm itself
+    (DeepSpeed ZeRO computes the same thing internally when given the ``mpu``).
+    """
+    info: Optional[TPInfo] = getattr(model, "tensor_parallel", None)
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().to(torch.float64).pow(2).sum().cpu()
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            replicated += sq
+    if info is not None and info.size > 1:
+        device = next(model.parameters()).device
+        box = sharded.to(device)
+        dist.all_reduce(box, group=info.group)
+        sharded = box.cpu()
+    return (sharded + replicated).sqrt().to(torch.float32)
+
+
+def clip_tp_grad_norm_(model: nn.Module, max_norm: float) -> float:
+    """Scale all gradients so that :func:`tp_grad_norm` is at most ``max_norm`` (same rule as
+    ``torch.nn.utils.clip_grad_norm_``: coefficient ``max_norm / (norm + 1e-6)``, capped at 1); returns the norm
+    before clipping."""
+    norm = float(tp_grad_norm(model))
+    coef = max_norm / (norm + 1e-6)
+    if max_norm > 0 and coef < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
+    return norm
