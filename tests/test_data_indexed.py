@@ -38,7 +38,8 @@ def _parse_idx(path: str) -> dict:
 def test_byte_layout_matches_megatron(tmp_path: Path) -> None:
     prefix = _write(tmp_path / "ds")
     idx = _parse_idx(prefix + ".idx")
-    assert idx == {"version": 1, "code": 8, "sizes": [3, 1, 5, 2], "pointers": [0, 6, 8, 18], "doc_idx": [0, 1, 2, 3, 4]}
+    assert idx == {"version": 1, "code": 8, "sizes": [3, 1, 5, 2], "pointers": [0, 6, 8, 18],
+                   "doc_idx": [0, 1, 2, 3, 4]}
     raw = np.fromfile(prefix + ".bin", dtype="<u2")
     assert raw.tolist() == [t for d in DOCS for t in d]
 

@@ -189,7 +189,8 @@ def test_get_separator_ids_cli(neox_tokenizer_file: Path, tmp_path: Path) -> Non
                          timeout=120)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
-        "get_separator_ids.py: error: vocab-file: file not found: /no/file.json (expected a Hugging Face tokenizer.json)"
+        "get_separator_ids.py: error: vocab-file: file not found: /no/file.json "
+        "(expected a Hugging Face tokenizer.json)"
     ]
 
 

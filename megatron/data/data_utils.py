@@ -8,7 +8,6 @@ prefixes in one list are blended by weight.
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Sequence
 
@@ -140,8 +139,3 @@ def build_train_valid_test_datasets(
         sources = [(ds, np.arange(len(ds), dtype=np.int64)) for ds in opened]
         out[i] = _blend(name, sources, weights, n, seq_length, seed, cache_dir)
     return out[0], out[1], out[2]
-
-
-def data_prefix_exists(prefix: str) -> bool:
-    p = normalize_prefix(prefix)
-    return os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx")

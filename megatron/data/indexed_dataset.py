@@ -256,7 +256,8 @@ class MMapIndexedDataset:
         if di.size == 0 or int(di[0]) != 0 or int(di[-1]) != n or (di.size > 1 and bool(np.any(np.diff(di) < 0))):
             raise IndexedDatasetError(
                 f"{path}: doc_idx must start at 0, never decrease and end at N={n} "
-                f"(got {di.size} entries, first {int(di[0]) if di.size else None}, last {int(di[-1]) if di.size else None})"
+                f"(got {di.size} entries, first {int(di[0]) if di.size else None}, "
+                f"last {int(di[-1]) if di.size else None})"
             )
         self._nbytes = int(self.sizes.astype(np.int64).sum()) * self.dtype.itemsize
 

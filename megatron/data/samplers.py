@@ -31,7 +31,9 @@ class PretrainingSampler:
         if micro_batch_size <= 0:
             raise DataError(f"micro_batch_size must be positive, got {micro_batch_size}")
         if data_parallel_size <= 0 or not 0 <= data_parallel_rank < data_parallel_size:
-            raise DataError(f"data_parallel_rank {data_parallel_rank} invalid for data_parallel_size {data_parallel_size}")
+            raise DataError(
+                f"data_parallel_rank {data_parallel_rank} invalid for data_parallel_size {data_parallel_size}"
+            )
         self.total_samples = int(total_samples)
         self.consumed_samples = int(consumed_samples)
         self.micro_batch_size = int(micro_batch_size)

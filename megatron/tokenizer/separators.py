@@ -53,6 +53,7 @@ def separator_ids(tokenizer: Any, chars: Sequence[str] = BASE_SEPARATORS, varian
     """Separator ids of ``tokenizer``, in candidate order.
 
     ``tokenizer`` is one of ours or anything with ``encode(text, add_special_tokens=False)`` (a transformers
-    tokenizer, a ``tokenizers.Tokenizer``). For GPT-NeoX-20B the base list is ``[15, 13, 32, 2, 28, 27, 209, 186, 187]``.
+    tokenizer, a ``tokenizers.Tokenizer``). For GPT-NeoX-20B the base list is
+    ``[15, 13, 32, 2, 28, 27, 209, 186, 187]``.
     """
     return [i for _, i in separator_table(tokenizer, chars, variants)]
