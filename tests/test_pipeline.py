@@ -311,3 +311,13 @@ def test_pipeline_loss_matches_lm_loss():
     mask = torch.tensor([[1.0, 1, 0, 1, 1], [0, 1, 1, 1, 1]])
     assert torch.equal(pipeline_lm_loss(logits, (labels, mask)), lm_loss(logits, labels, mask))
     assert torch.equal(pipeline_lm_loss(logits, labels), lm_loss(logits, labels))
+
+
+def test_empty_stage_is_refused_on_every_rank():
+    from types import SimpleNamespace
+
+    from megatron.parallel.pipeline import _check_stage_has_layers
+
+    _check_stage_has_layers(SimpleNamespace(parts=[0, 2, 5]), 2)  # [embed, L0] [L1, norm, head]
+    with pytest.raises(PipelineConfigError, match=r"stage 1 received no transformer layer \(partition \[0, 3, 5\]\)"):
+        _check_stage_has_layers(SimpleNamespace(parts=[0, 3, 5]), 2)  # [embed, L0, L1] [norm, head]

@@ -185,7 +185,7 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
                           checkpointable_layers=CHECKPOINTABLE)
     _init_local_weights(pipe, model_cfg, seed)
     pipe.attention_backend = context.backend
-    _check_stage_has_layers(pipe)
+    _check_stage_has_layers(pipe, model_cfg.num_layers)
     return pipe
 
 
@@ -195,10 +195,14 @@ def _validate_like_gpt(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig
         GPTModel(model_cfg, sepllm_cfg)
 
 
-def _check_stage_has_layers(pipe: Any) -> None:
-    if not any(isinstance(f, TransformerLayerPipe) for f in pipe.forward_funcs):
-        raise PipelineConfigError(f"pipeline stage {pipe.stage_id} received no transformer layer (partition "
-                                  f"{list(pipe.parts)}); use pipe_partition_method 'uniform' or fewer stages")
+def _check_stage_has_layers(pipe: Any, num_layers: int) -> None:
+    """Every stage must own a transformer layer (checked from the partition every rank knows, so all ranks fail
+    together instead of one rank failing and the others waiting in a collective)."""
+    parts = list(pipe.parts)
+    for stage in range(len(parts) - 1):
+        if not set(range(parts[stage], parts[stage + 1])) & set(range(1, num_layers + 1)):
+            raise PipelineConfigError(f"pipeline stage {stage} received no transformer layer (partition {parts}); "
+                                      f"use pipe_partition_method 'uniform' or fewer stages")
 
 
 def _init_local_weights(pipe: Any, model_cfg: ModelConfig, seed: int) -> None:
