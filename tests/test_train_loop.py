@@ -117,3 +117,14 @@ def test_load_equal_to_save_starts_fresh_then_resumes(corpus, neox_tokenizer_fil
     again = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "b", train_iters=3, checkpoint__save=ck,
                                  checkpoint__load=ck))
     assert sorted(again.train_losses) == [3]  # picked up global_step2 through `latest`
+
+
+def test_bf16_with_zero1_trains_and_resumes_exactly(corpus, neox_tokenizer_file, tmp_path):
+    kw = dict(train_iters=4, training__precision="bf16", training__bf16={"enabled": True},
+              training__zero_optimization={"stage": 1}, training__zero_stage=1, checkpoint__checkpoint_factor=2)
+    full = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "a", checkpoint__save=str(tmp_path / "ck"),
+                                **kw))
+    assert all(math.isfinite(v) for v in full.train_losses.values())
+    resumed = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "b",
+                                   checkpoint__load=str(tmp_path / "ck" / "global_step2"), **kw))
+    assert {i: resumed.train_losses[i] for i in (3, 4)} == {i: full.train_losses[i] for i in (3, 4)}

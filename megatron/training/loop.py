@@ -331,7 +331,8 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
                                    "step_time_ms": 1000.0 * interval.time_s / interval.iters,
                                    "consumed_samples": consumed, "mfu": mfu(tps, fpt, peak, info.world_size)}
             if t.precision == "fp16":
-                row["loss_scale"] = getattr(engine.optimizer, "cur_scale", None)
+                row["loss_scale"] = (getattr(engine.optimizer, "cur_scale", None)
+                                     or getattr(engine.optimizer, "loss_scale", None))
                 row["skipped_iters"] = engine.skipped_steps
             if lg.log_memory:
                 row["memory_gb"] = _memory_gb(device)
