@@ -112,8 +112,9 @@ def test_sepllm_retention_is_logged_every_n_forward_calls(corpus, neox_tokenizer
 def test_load_equal_to_save_starts_fresh_then_resumes(corpus, neox_tokenizer_file, tmp_path):
     ck = str(tmp_path / "ckpt")
     first = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "a", train_iters=2, checkpoint__save=ck,
-                                 checkpoint__load=ck))
+                                 checkpoint__load=ck, checkpoint__extra_save_iters=[0]))
     assert sorted(first.train_losses) == [1, 2]
+    assert [Path(p).name for p in first.checkpoints] == ["global_step0", "global_step2"]  # 0 = initial weights
     again = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "b", train_iters=3, checkpoint__save=ck,
                                  checkpoint__load=ck))
     assert sorted(again.train_losses) == [3]  # picked up global_step2 through `latest`
