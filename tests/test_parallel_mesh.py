@@ -63,7 +63,12 @@ def test_build_needs_initialised_process_group():
         build_parallel_groups(1, 0, 1, 1)
 
 
-def _check_groups(rank: int, world: int, tp: int) -> None:
+def _check_groups(rank: int, world: int) -> None:
+    for tp in (1, 2):
+        _check_groups_tp(rank, world, tp)
+
+
+def _check_groups_tp(rank: int, world: int, tp: int) -> None:
     g = build_parallel_groups(world, rank, tp=tp, pp=1, device_type="cpu")
     assert (g.tp_size, g.dp_size, g.pp_size) == (tp, world // tp, 1)
     assert dist.get_world_size(g.tp_group) == tp and dist.get_world_size(g.dp_group) == world // tp
@@ -80,9 +85,14 @@ def _check_groups(rank: int, world: int, tp: int) -> None:
     if world > 1:
         with pytest.raises(ParallelLayoutError, match="disagrees"):
             build_parallel_groups(world, (rank + 1) % world, tp=tp, pp=1)
+    mpu = g.deepspeed_mpu()
+    assert (mpu.get_model_parallel_world_size(), mpu.get_data_parallel_world_size()) == (tp, world // tp)
+    assert (mpu.get_model_parallel_rank(), mpu.get_data_parallel_rank()) == (g.tp_rank, g.dp_rank)
+    assert mpu.get_model_parallel_group() is g.tp_group and mpu.get_data_parallel_group() is g.dp_group
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp", [1, 2])
-def test_build_groups_two_processes(tp):
-    run_distributed(_check_groups, 2, tp, timeout=90)
+def test_build_groups_two_processes():
+    """TP=2 (one TP group, DP 1) and TP=1 (DP 2): sizes, coordinates, and collectives reach exactly the members."""
+    run_distributed(_check_groups, 2, timeout=120)
+
