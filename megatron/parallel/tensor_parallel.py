@@ -32,7 +32,7 @@ keep their shared RNG in step (and activation-checkpoint recomputation reproduce
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -60,8 +60,6 @@ class TPInfo:
     rank: int
     size: int
     sequence_parallel: bool
-    # ids of the parameters whose gradient hook (sequence parallelism) is registered; shared by copies of the model
-    grad_hooked: set = field(default_factory=set, compare=False, repr=False)
 
     def __deepcopy__(self, memo: dict) -> "TPInfo":
         return self  # immutable, and a ProcessGroup cannot be copied: copies of the model share the group
@@ -239,10 +237,9 @@ def _ensure_param_state(info: TPInfo, sharded: dict[str, ShardSpec], sp_names: t
             _mark(param, spec)
     for name in sp_names:
         param = model.get_parameter(name)
-        if id(param) not in info.grad_hooked:
-            param.sequence_parallel = True  # used on sequence shards: partial gradient per rank
+        if not getattr(param, "sequence_parallel", False):  # a fresh (or deep-copied) parameter: no hook yet
             param.register_hook(functools.partial(_allreduce_grad, info))
-            info.grad_hooked.add(id(param))
+            param.sequence_parallel = True  # used on sequence shards: partial gradient per rank
 
 
 def _scatter_seq_hook(info: TPInfo, module: nn.Module, args: Any, out: Tensor) -> Tensor:
