@@ -115,5 +115,8 @@ def build_loader(dataset: Any, consumed_samples: int, micro_batch: int, dp_rank:
     sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed_samples,
                                  micro_batch_size=micro_batch, data_parallel_rank=dp_rank,
                                  data_parallel_size=dp_size)
+    # A private generator: creating a loader iterator draws a worker base seed, and drawing it from the global torch
+    # RNG would shift dropout masks after a resume (the iterator is created at a different point of the stream).
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=False)
+                                       pin_memory=pin_memory, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(consumed_samples))
