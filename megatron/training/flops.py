@@ -24,8 +24,12 @@ def flops_per_token(model_cfg: ModelConfig, seq_length: int, vocab_size: int, ba
 
 
 def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024,
-                        repeats: int = 5) -> float:
-    """Best achieved FLOP/s of a square matmul on ``device`` (a practical peak, not a datasheet number)."""
+                        repeats: int = 10) -> float:
+    """Best achieved FLOP/s of a square matmul on ``device`` (a practical peak, not a datasheet number).
+
+    The best of ``repeats`` runs is kept because other processes only ever slow a run down; on a busy machine the
+    measured peak is still low, and MFU against it high (it can then exceed 100%: set ``peak_flops`` instead).
+    """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up (thread pools, kernels)
