@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "JSONL file, or a comma-separated list of those; one document per file / JSONL record")
     p.add_argument("--jsonl-keys", nargs="+", default=["text"],
                    help="JSONL keys to tokenize, one output per key (default: text)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    p.add_argument("--workers", type=int, default=1, help="parallel tokenizer workers: threads for HF/GPT-2 tokenizers (Rust, no GIL), "
+                   "processes for SentencePiece / char-level (default: 1)")
     p.add_argument("--output-prefix", default=None,
                    help="output path prefix; files are <prefix>_<key>_document.{bin,idx} "
                    "(default: DATA_DIR/<dataset>/<dataset>)")

@@ -70,6 +70,13 @@ def test_two_workers_write_identical_files(corpus: dict, neox, tmp_path: Path) -
                              task_chars=1000)  # many small tasks so both workers share the work
     for ext in (".bin", ".idx"):
         assert Path(r1[0].prefix + ext).read_bytes() == Path(r2[0].prefix + ext).read_bytes()
+    # a tokenizer that holds the GIL goes through the process pool instead of threads
+    char = build_tokenizer("CharLevelTokenizer")
+    assert not char.releases_gil and neox.releases_gil
+    c1 = tokenize_to_indexed(inputs, str(tmp_path / "c1"), tokenizer=char, workers=1, progress=False)
+    c2 = tokenize_to_indexed(inputs, str(tmp_path / "c2"), tokenizer=char, workers=2, progress=False, task_chars=1000)
+    for ext in (".bin", ".idx"):
+        assert Path(c1[0].prefix + ext).read_bytes() == Path(c2[0].prefix + ext).read_bytes()
 
 
 def test_preprocess_cli_keys_and_eod(corpus: dict, neox, neox_tokenizer_file: Path) -> None:

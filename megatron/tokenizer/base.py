@@ -37,6 +37,8 @@ class Tokenizer(ABC):
 
     #: short backend name, e.g. ``"HFTokenizer"``
     name: str = "Tokenizer"
+    #: True when ``tokenize_batch`` runs native code without the GIL (then threads parallelise it)
+    releases_gil: bool = False
 
     @property
     @abstractmethod

@@ -69,6 +69,8 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizer.json`` (e.g. GPT-NeoX-20B / Pythia). ``eod`` is ``<|endoftext|>``."""
 
     name = "HFTokenizer"
+    #: batch encoding runs in Rust with the GIL released, so worker threads (not processes) parallelise it
+    releases_gil = True
     _eod_tokens: tuple[str, ...] = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
     _pad_tokens: tuple[str, ...] = ("<|padding|>", "<pad>", "[PAD]")
 

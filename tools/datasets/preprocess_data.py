@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-file", default=None, help="tokenizer.json / vocab.json / SentencePiece .model")
     p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (only with a GPT-2 vocab.json)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-document id after every document")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    p.add_argument("--workers", type=int, default=1, help="parallel tokenizer workers: threads for HF/GPT-2 tokenizers (Rust, no GIL), "
+                   "processes for SentencePiece / char-level (default: 1)")
     p.add_argument("--log-interval", type=int, default=0,
                    help="without a progress bar (--no-progress), print progress every N documents (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
