@@ -96,3 +96,11 @@ def test_build_groups_two_processes():
     """TP=2 (one TP group, DP 1) and TP=1 (DP 2): sizes, coordinates, and collectives reach exactly the members."""
     run_distributed(_check_groups, 2, timeout=120)
 
+
+
+def test_package_exports_resolve():
+    import megatron.parallel as par
+
+    assert all(getattr(par, name) is not None for name in par.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        par.nope  # noqa: B018
