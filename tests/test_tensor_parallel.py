@@ -64,6 +64,8 @@ def _compare(rank: int, ref: GPTModel, tp: GPTModel, label: str, sequence_parall
     loss = loss_fn_for(tp)(local, labels, mask)
     loss.backward()
     full = gather_logits(local, tp)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 64\)"):
+        loss_fn_for(tp)(local, labels + VOCAB, mask)
     torch.testing.assert_close(full, ref_logits, atol=ATOL, rtol=1e-4, msg=lambda m: f"{label} logits: {m}")
     torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=1e-5, msg=lambda m: f"{label} loss: {m}")
     ref_params = dict(ref.named_parameters())

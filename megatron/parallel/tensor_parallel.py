@@ -323,6 +323,10 @@ def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, group: Any) -> 
     z = logits.to(torch.float32)
     per_rank = z.shape[-1]
     start = dist.get_rank(group) * per_rank
+    vocab = per_rank * dist.get_world_size(group)
+    if labels.numel() and (int(labels.max()) >= vocab or int(labels.min()) < 0):
+        raise ValueError(f"vocab_parallel_cross_entropy: labels must lie in [0, {vocab}) (the padded vocabulary), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
     zmax = z.detach().amax(dim=-1, keepdim=True)
     dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
     z = z - zmax
