@@ -106,9 +106,6 @@ BAD_CASES = [
     ("data-path-and-paths", _with(data__path="a", train__data__paths=["b"]), None,
      ["data_path is split", "cannot be combined with train/valid/test_data_paths"]),
     # features that are recognised but not built yet (megatron/config/unsupported.py)
-    ("unsupported-tp", _with(model__parallel__size=2), None, ["model_parallel_size=2", "not supported yet"]),
-    ("unsupported-pp", _with(pipe__parallel__size=2), None, ["pipe_parallel_size=2", "not supported yet"]),
-    ("unsupported-sp", _with(sequence_parallel=True), None, ["sequence_parallel=True", "not supported yet"]),
     ("unsupported-attention", _with(attention__config=[[["local"], 2]]), None,
      ["attention_config=['local']", "not supported yet"]),
     ("unsupported-offload", _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), None,

@@ -50,12 +50,6 @@ def _zero_offload(zero: dict) -> bool:
 
 UNSUPPORTED: list[tuple[str, Callable, Callable, str]] = [
     # (key, value getter, is-unsupported predicate on that value, advice)
-    ("model_parallel_size", lambda c: c.parallel.model_parallel_size, lambda v: v > 1,
-     "tensor parallelism is not built yet; use 1 (data parallel / ZeRO scale out instead)"),
-    ("pipe_parallel_size", lambda c: c.parallel.pipe_parallel_size, lambda v: v > 1,
-     "pipeline parallelism is not built yet; use 0 or 1"),
-    ("sequence_parallel", lambda c: c.parallel.sequence_parallel, bool,
-     "sequence parallelism is not built yet; use false"),
     ("attention_config", lambda c: sorted(set(c.model.attention_config or [])),
      lambda v: any(t not in _SUPPORTED_ATTENTION for t in v),
      "only 'global' and 'flash' attention types exist (SepLLM sparsity comes from the SepLLM keys, not from "

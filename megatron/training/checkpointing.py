@@ -6,8 +6,11 @@ Layout of ``<save>/``::
     global_step100/
         meta.json                 iteration, consumed samples, world size, ZeRO stage, LR schedule, parameter shapes
         config.yml                the resolved config of the run that wrote it
-        model_states.pt           full module state dict (rank 0)
-        optim_rank{R}.pt          optimizer state: rank 0 only for ZeRO-0; every rank's partition for ZeRO-1/2
+        model_states.pt           full module state dict (rank 0); under tensor parallelism instead one
+        mp_rank_XX_model_states.pt  per TP rank (written by data-parallel rank 0 of the first stage; the split of
+                                  every parameter is megatron.parallel.reshard's table, so any TP size loads it)
+        optim_rank{R}.pt          optimizer state: rank 0 only for ZeRO-0 without TP/PP; every rank's partition
+                                  for ZeRO-1/2 and every rank's own state under TP or PP
         rng_rank{R}.pt            python / numpy / torch (CPU, CUDA) generator states of rank R
 
 Why not ``engine.save_checkpoint``: DeepSpeed writes in place (a crash mid-save corrupts the newest checkpoint and
@@ -27,8 +30,9 @@ import re
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -45,6 +49,32 @@ _SCALER_KEY = "__loss_scaler_state__"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the current model/run."""
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where this rank sits for checkpoint I/O under tensor / pipeline parallelism (defaults: plain data parallel).
+
+    ``writes_model``: whether this rank writes its module-state file (None: global rank 0 only);
+    ``dp_group_ranks``: the global ranks of this rank's data-parallel group, whose ZeRO partitions it loads (None:
+    all ranks, the pure data-parallel case); ``pp_size``: pipeline stages (1 = no pipeline engine).
+    """
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_size: int = 1
+    writes_model: bool | None = None
+    dp_group_ranks: tuple[int, ...] | None = None
+
+    @property
+    def per_rank_optimizer(self) -> bool:
+        """TP shards / pipeline stages hold different optimizer states on every rank."""
+        return self.tp_size > 1 or self.pp_size > 1
+
+    def model_file(self) -> str:
+        from megatron.parallel.reshard import tp_model_file
+
+        return tp_model_file(self.tp_rank, self.tp_size)
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -131,11 +161,15 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *, rank: int, world_size: int,
                     client_state: dict[str, Any], config_yaml: str | None = None,
-                    keep_last_n: int | None = None) -> Path:
+                    keep_last_n: int | None = None, layout: CheckpointLayout | None = None,
+                    module_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``global_step{iteration}`` atomically on every rank (collective call); returns its final path.
 
     ``client_state`` must be JSON-serialisable (iteration counters, consumed samples, LR schedule state...).
+    ``module_state`` replaces ``engine.module.state_dict()`` (a pipeline engine passes the gathered GPTModel
+    layout); ``layout`` says which module/optimizer files this rank writes under TP / PP.
     """
+    layout = layout or CheckpointLayout()
     if int(engine.zero_optimization_stage()) >= 3:
         raise CheckpointError("checkpointing with ZeRO stage 3 (partitioned parameters) is not supported; "
                               "use zero_optimization.stage 0, 1 or 2")
@@ -148,10 +182,13 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
         tmp.mkdir()
     barrier()
 
-    module_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
-    if rank == 0:
-        _torch_save(module_state, tmp / MODEL_FILE)
-    if rank == 0 or _optimizer_is_partitioned(engine):
+    if module_state is None:
+        module_state = engine.module.state_dict()
+    module_state = {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
+    writes_model = layout.writes_model if layout.writes_model is not None else rank == 0
+    if writes_model:
+        _torch_save(module_state, tmp / layout.model_file())
+    if rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer:
         optim_state = dict(engine.optimizer.state_dict())
         optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
         _torch_save(_to_plain(optim_state), tmp / f"optim_rank{rank}.pt")
@@ -162,6 +199,9 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
             "iteration": iteration,
             "world_size": world_size,
             "zero_stage": int(engine.zero_optimization_stage()),
+            "tensor_parallel_size": layout.tp_size,
+            "pipe_parallel_size": layout.pp_size,
+            "optimizer_per_rank": layout.per_rank_optimizer,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_version": torch.__version__,
             "param_shapes": {k: list(v.shape) for k, v in module_state.items()},
@@ -277,18 +317,59 @@ def check_model_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, 
         raise CheckpointError(f"checkpoint {where} does not match the configured model ({' | '.join(parts)})")
 
 
+def _module_state_for(ckpt: Path, layout: CheckpointLayout) -> dict[str, torch.Tensor]:
+    """This rank's module state: the saved TP shards merged and re-split to the run's TP size when they differ."""
+    from megatron.parallel.reshard import ReshardError, find_tp_model_files, merge_tp_state_dicts, split_tp_state_dict
+
+    try:
+        files = find_tp_model_files(ckpt)
+    except ReshardError as exc:
+        raise CheckpointError(str(exc)) from exc
+    shards = []
+    for path in files:
+        state = _load_file(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint file {path} does not hold a state dict")
+        shards.append(state)
+    if len(shards) == layout.tp_size:
+        return shards[layout.tp_rank]
+    try:
+        merged = merge_tp_state_dicts(shards) if len(shards) > 1 else shards[0]
+        return split_tp_state_dict(merged, layout.tp_size)[layout.tp_rank] if layout.tp_size > 1 else merged
+    except (ReshardError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: cannot convert its {len(shards)} tensor-parallel shard(s) to "
+                              f"model_parallel_size {layout.tp_size}: {exc}") from exc
+
+
 def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, world_size: int,
-                    load_optim: bool = True, load_rng: bool = True) -> dict[str, Any]:
-    """Restore module, optimizer and RNG state in place; returns the checkpoint's meta (with ``client_state``)."""
+                    load_optim: bool = True, load_rng: bool = True, layout: CheckpointLayout | None = None,
+                    load_module: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, Any]:
+    """Restore module, optimizer and RNG state in place; returns the checkpoint's meta (with ``client_state``).
+
+    Module weights load under any tensor-parallel size (shards are merged / re-split); ``load_module`` replaces
+    the plain ``load_state_dict`` (a pipeline engine loads the GPTModel layout into its stage)."""
+    layout = layout or CheckpointLayout()
     ckpt = resolve_checkpoint_dir(load_dir)
     meta = read_meta(ckpt)
-    module_state = _load_file(ckpt / MODEL_FILE)
-    if not isinstance(module_state, dict):
-        raise CheckpointError(f"checkpoint file {ckpt / MODEL_FILE} does not hold a state dict")
-    check_model_shapes(module_state, engine.module, ckpt)
-    engine.module.load_state_dict(module_state, strict=True)
+    module_state = _module_state_for(ckpt, layout)
+    if load_module is not None:
+        try:
+            load_module(module_state)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {ckpt} does not match the configured model: {exc}") from exc
+    else:
+        check_model_shapes(module_state, engine.module, ckpt)
+        engine.module.load_state_dict(module_state, strict=True)
 
     if load_optim:
+        saved = (int(meta.get("tensor_parallel_size", 1)), int(meta.get("pipe_parallel_size", 1)))
+        if saved != (layout.tp_size, layout.pp_size):
+            raise CheckpointError(f"checkpoint {ckpt} holds optimizer state for model_parallel_size x pipe stages = "
+                                  f"{saved[0]} x {saved[1]}, the run uses {layout.tp_size} x {layout.pp_size}; set "
+                                  "no_load_optim to load weights only")
+        if meta.get("optimizer_per_rank") and int(meta["world_size"]) != world_size:
+            raise CheckpointError(f"checkpoint {ckpt} holds per-rank optimizer states for {meta['world_size']} ranks, "
+                                  f"the run has {world_size}; set no_load_optim to load weights only")
         partitioned = _optimizer_is_partitioned(engine)
         if partitioned != (int(meta.get("zero_stage", 0)) >= 1):
             raise CheckpointError(f"checkpoint {ckpt} was written with ZeRO stage {meta.get('zero_stage')}, the run "
@@ -298,15 +379,16 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
             if int(meta["world_size"]) != world_size:
                 raise CheckpointError(f"checkpoint {ckpt} holds ZeRO optimizer partitions for {meta['world_size']} "
                                       f"ranks, the run has {world_size}; set no_load_optim to load weights only")
-            states = [_restore_scaler(_load_file(ckpt / f"optim_rank{r}.pt"), engine.optimizer)
-                      for r in range(world_size)]
+            ranks = layout.dp_group_ranks if layout.dp_group_ranks is not None else range(world_size)
+            states = [_restore_scaler(_load_file(ckpt / f"optim_rank{r}.pt"), engine.optimizer) for r in ranks]
             engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
         else:
-            state = _restore_scaler(_load_file(ckpt / "optim_rank0.pt"), engine.optimizer)
+            optim_file = ckpt / (f"optim_rank{rank}.pt" if meta.get("optimizer_per_rank") else "optim_rank0.pt")
+            state = _restore_scaler(_load_file(optim_file), engine.optimizer)
             try:
                 engine.optimizer.load_state_dict(state)
             except (ValueError, KeyError, RuntimeError) as exc:
-                raise CheckpointError(f"optimizer state in {ckpt / 'optim_rank0.pt'} does not fit the configured "
+                raise CheckpointError(f"optimizer state in {optim_file} does not fit the configured "
                                       f"optimizer: {exc}") from exc
     if load_rng:
         rng_file = ckpt / f"rng_rank{rank}.pt"

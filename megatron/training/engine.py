@@ -47,9 +47,11 @@ def quiet_deepspeed_logs(level: int = logging.WARNING) -> None:
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
-                 device: str) -> Any:
+                 device: str, mpu: Any = None) -> Any:
     """Wrap ``model`` and our torch optimizer in a DeepSpeed engine (ZeRO / bf16 / fp16 / clipping / GAS from
-    ``ds_config``). The process group must already exist (``distributed.init_distributed``)."""
+    ``ds_config``). The process group must already exist (``distributed.init_distributed``). ``mpu`` (from
+    ``ParallelGroups.deepspeed_mpu()``) restricts gradient all-reduce / ZeRO partitioning to the data-parallel
+    group when the model is tensor-parallel."""
     import deepspeed
 
     ds_config = dict(ds_config)
@@ -57,7 +59,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     ds_config.pop("scheduler", None)  # the LR schedule is ours (lr_schedules.AnnealingLR)
     model = model.to(device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           dist_init_required=False)
+                                           dist_init_required=False, mpu=mpu)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # an all-reduce over one rank is the identity; DeepSpeed would still flatten and copy every gradient
         engine.enable_backward_allreduce = False

@@ -5,11 +5,18 @@ Order inside an iteration ``it`` (1-indexed): set the LR for ``it`` -> ``gradien
 -> save (``checkpoint_factor`` / ``extra_save_iters``) -> validate (``eval_interval``). A checkpoint taken after
 iteration ``k`` holds everything iteration ``k + 1`` depends on (weights, optimizer, RNG, consumed samples), so a
 resumed run reproduces the uninterrupted one bit for bit on the same hardware and world size.
+
+Parallelism (see :mod:`megatron.training.parallel_setup`): ranks are laid out ``(pipe, data, model)``; data loaders
+are sliced by DATA-parallel rank; ``model-parallel-size > 1`` shards the model with ``apply_tensor_parallel`` and
+gives DeepSpeed the mpu; ``pipe-parallel-size >= 2`` replaces the micro-batch loop by DeepSpeed's pipeline engine
+(``engine.train_batch``). ``pipe-parallel-size`` 0 and 1 both run the plain engine (numerically identical to a
+one-stage pipeline, and without the pipeline engine's ZeRO <= 1 restriction).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -24,12 +31,14 @@ from megatron.training.batches import Batch, make_batch
 from megatron.training.checkpointing import (CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint,
                                              should_save)
 from megatron.training.data_setup import DataSetupError, build_datasets, build_loader, ensure_data
-from megatron.training.distributed import DistInfo, barrier, init_distributed, set_seed
+from megatron.training.distributed import (DistInfo, barrier, capture_rng_state, init_distributed, restore_rng_state,
+                                           set_seed)
 from megatron.training.engine import build_engine, check_device_support, quiet_deepspeed_logs, resolve_device
 from megatron.training.flops import default_peak_flops, flops_per_token, mfu
 from megatron.training.logging import RunLogger
 from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
 from megatron.training.optimizer import build_optimizer
+from megatron.training.parallel_setup import ParallelPlan, plan_parallel
 
 
 class TrainingError(RuntimeError):
@@ -67,9 +76,10 @@ class _Interval:
 # steps
 
 
-def forward_loss(engine: Any, batch: Batch) -> torch.Tensor:
+def forward_loss(engine: Any, batch: Batch, loss_fn: Any = lm_loss) -> torch.Tensor:
+    """``loss_fn`` is ``lm_loss`` or, for a tensor-parallel model, the vocab-parallel loss over its TP group."""
     logits = engine(batch.tokens)
-    return lm_loss(logits, batch.labels, batch.loss_mask)
+    return loss_fn(logits, batch.labels, batch.loss_mask)
 
 
 def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> float:
@@ -88,7 +98,8 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: bool,
-               on_forward: Any = None, clip: float = 0.0) -> tuple[torch.Tensor, float | None]:
+               on_forward: Any = None, clip: float = 0.0,
+               loss_fn: Any = lm_loss) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``gas`` micro-batches; returns (mean local loss, global grad norm).
 
     ``own_grad_norm`` (ZeRO-0 fp32, where DeepSpeed does not report the norm): we measure the norm at the
@@ -98,12 +109,19 @@ def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: b
     norm = None
     for _ in range(gas):
         batch = next(batches)
-        loss = forward_loss(engine, batch)
+        loss = forward_loss(engine, batch, loss_fn)
         if on_forward is not None:
             on_forward()
         engine.backward(loss)
         if own_grad_norm and engine.is_gradient_accumulation_boundary():
             # grads are final (all-reduced) at the boundary; one pass gives the norm and clips
+            if getattr(engine.module, "tensor_parallel", None) is not None:
+                from megatron.parallel.tensor_parallel import clip_tp_grad_norm_, tp_grad_norm
+
+                norm = clip_tp_grad_norm_(engine.module, clip) if clip > 0 else float(tp_grad_norm(engine.module))
+                engine.step()
+                losses.append(loss.detach().float())
+                continue
             params = [p for p in engine.module.parameters() if p.grad is not None]
             norm = (float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip > 0
                     else _grad_norm(engine.module))
@@ -117,9 +135,18 @@ def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: b
 
 @torch.no_grad()
 def evaluate(engine: Any, dataset: Any, num_batches: int, micro_batch: int, info: DistInfo, eod: int | None,
-             eod_mask_loss: bool, device: str) -> float | None:
-    """Mean LM loss over the first ``num_batches`` micro-batches per rank of ``dataset`` (None when empty)."""
-    loader = build_loader(dataset, 0, micro_batch, info.rank, info.world_size, num_workers=0, pin_memory=False)
+             eod_mask_loss: bool, device: str, plan: ParallelPlan | None = None,
+             loss_fn: Any = lm_loss) -> float | None:
+    """Mean LM loss over the first ``num_batches`` micro-batches per data-parallel rank of ``dataset`` (None when
+    empty)."""
+    dp_rank, dp_size = (plan.dp_rank, plan.dp_size) if plan is not None else (info.rank, info.world_size)
+    loader = build_loader(dataset, 0, micro_batch, dp_rank, dp_size, num_workers=0, pin_memory=False)
+    if plan is not None and plan.pipeline and loader is not None:
+        from megatron.parallel.pipeline_training import pipeline_loop_eval
+
+        samples = (make_batch(sample, eod, eod_mask_loss, device) for sample in loader)
+        num_batches = min(num_batches, len(loader.batch_sampler))
+        return pipeline_loop_eval(engine, samples, num_batches) if num_batches > 0 else None
     if loader is None:
         return None
     engine.eval()
@@ -129,7 +156,7 @@ def evaluate(engine: Any, dataset: Any, num_batches: int, micro_batch: int, info
         for i, sample in enumerate(loader):
             if i >= num_batches:
                 break
-            total += forward_loss(engine, make_batch(sample, eod, eod_mask_loss, device)).double().cpu()
+            total += forward_loss(engine, make_batch(sample, eod, eod_mask_loss, device), loss_fn).double().cpu()
             count += 1
     finally:
         engine.train()
@@ -170,10 +197,6 @@ def _build_tokenizer_and_vocab(cfg: Any) -> Any:
 
 
 def _check_supported(cfg: Any) -> None:
-    p = cfg.parallel
-    if (p.model_parallel_size or 1) > 1 or (p.pipe_parallel_size or 0) > 1 or p.sequence_parallel:
-        raise TrainingError("tensor/pipeline/sequence parallelism is not supported by the trainer yet: set "
-                            "model-parallel-size 1, pipe-parallel-size 0 or 1, sequence-parallel false")
     if cfg.training.train_iters is None or cfg.training.train_iters < 0:
         raise TrainingError(f"train_iters must be set to a number >= 0, got {cfg.training.train_iters!r}")
     if cfg.training.zero_stage >= 3 and cfg.checkpoint.save:
@@ -188,7 +211,8 @@ def _make_scheduler(cfg: Any, train_iters: int) -> AnnealingLR:
                        lr_decay_iters=int(decay_iters), decay_style=ls.lr_decay_style, min_lr=float(ls.min_lr))
 
 
-def _resume(cfg: Any, engine: Any, scheduler: AnnealingLR, info: DistInfo, logger: RunLogger) -> tuple[int, int]:
+def _resume(cfg: Any, engine: Any, scheduler: AnnealingLR, info: DistInfo, logger: RunLogger,
+            plan: ParallelPlan) -> tuple[int, int]:
     """Load ``cfg.checkpoint.load`` if set; returns (start iteration, consumed train samples)."""
     ck = cfg.checkpoint
     if not ck.load:
@@ -199,7 +223,8 @@ def _resume(cfg: Any, engine: Any, scheduler: AnnealingLR, info: DistInfo, logge
         return 0, 0
     weights_only = ck.finetune or ck.no_load_optim
     meta = load_checkpoint(ck.load, engine, rank=info.rank, world_size=info.world_size,
-                           load_optim=not weights_only, load_rng=not (ck.no_load_rng or ck.finetune))
+                           load_optim=not weights_only, load_rng=not (ck.no_load_rng or ck.finetune),
+                           layout=plan.checkpoint_layout(), load_module=plan.module_loader(engine))
     if ck.finetune:
         logger.info(f"finetune: loaded weights from {meta['path']}, starting at iteration 0")
         return 0, 0
@@ -227,6 +252,13 @@ def pretrain(config: Any, *, stream: Any = None) -> TrainResult:
     device = resolve_device(t.device)
     check_device_support(device, t.precision, t.zero_stage)
     _check_supported(cfg)
+    try:  # the layout needs only the world size: refuse a bad one before any process-group work
+        from megatron.parallel.mesh import ParallelLayoutError, rank_layout
+
+        world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+        rank_layout(world, int(cfg.parallel.model_parallel_size or 1), int(cfg.parallel.pipe_parallel_size or 0))
+    except ParallelLayoutError as exc:
+        raise TrainingError(str(exc)) from exc
     info = init_distributed(device, cfg.parallel.distributed_backend)
     quiet_deepspeed_logs()
     is_main = info.rank == 0
@@ -248,8 +280,9 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
     set_seed(t.seed, info.rank)
     tokenizer = _build_tokenizer_and_vocab(cfg)
-    ds_config = cfg.deepspeed_config(info.world_size, client_optimizer=True)
-    own_norm = int(t.zero_stage) == 0 and t.precision == "fp32"
+    plan = plan_parallel(cfg, info, device)
+    ds_config = cfg.deepspeed_config(plan.dp_size, client_optimizer=True)
+    own_norm = int(t.zero_stage) == 0 and t.precision == "fp32" and not plan.pipeline
     if own_norm:
         ds_config["gradient_clipping"] = 0.0  # clipped in train_step together with the norm we log
     micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
@@ -257,23 +290,44 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     seq = cfg.model.seq_length
     logger.info(f"device {device} | world size {info.world_size} ({info.backend}) | precision {t.precision} | "
                 f"ZeRO {t.zero_stage} | global batch {global_batch} = micro {micro} x accum {gas} x dp "
-                f"{info.world_size} | seq {seq}")
+                f"{plan.dp_size} | seq {seq} | {plan.describe()}")
 
     ensure_data(cfg.data, cfg.tokenizer, logger.info, may_prepare=info.rank == 0)
     barrier()
     datasets = build_datasets(cfg, global_batch, t.train_iters)
 
-    model = GPTModel(cfg.model, cfg.sepllm)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg.optimizer, device_type=device)
-    engine = build_engine(model, optimizer, ds_config, device)
+    if plan.pipeline:
+        from megatron.parallel.pipeline_training import build_pipeline_engine
+
+        from megatron.parallel.pipeline_training import load_pipeline_module_state
+
+        # initialise the stages from the GPTModel the plain engine would build, and leave the global RNG where the
+        # plain engine leaves it: a pipeline run starts from the same weights and dropout stream as any other layout
+        reference = GPTModel(cfg.model, cfg.sepllm)
+        n_params = sum(p.numel() for p in reference.parameters())
+        rng_after_init = capture_rng_state()
+        run = build_pipeline_engine(cfg, device, info.world_size, groups=plan.groups)
+        restore_rng_state(rng_after_init)
+        if (run.dp_rank, run.dp_size) != (plan.dp_rank, plan.dp_size):
+            raise TrainingError(f"pipeline engine data-parallel coordinates {(run.dp_rank, run.dp_size)} differ from "
+                                f"the mesh's {(plan.dp_rank, plan.dp_size)}")
+        engine = run.engine
+        load_pipeline_module_state(engine, reference.state_dict())
+        del reference
+    else:
+        model = GPTModel(cfg.model, cfg.sepllm)
+        n_params = sum(p.numel() for p in model.parameters())
+        model = plan.shard_model(model)
+        optimizer = build_optimizer(model, cfg.optimizer, device_type=device)
+        engine = build_engine(model, optimizer, ds_config, device, mpu=plan.mpu())
+    loss_fn = plan.loss_fn(engine)
     scheduler = _make_scheduler(cfg, t.train_iters)
     fpt = flops_per_token(cfg.model, seq, cfg.model.padded_vocab_size)
     peak, peak_source = (lg.peak_flops, "configured") if lg.peak_flops else default_peak_flops(device)
     logger.info(f"model: {n_params / 1e6:.2f} M parameters, {fpt / 1e6:.1f} MFLOPs/token (fwd+bwd) | MFU peak: "
                 + (f"{peak / 1e12:.3f} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})"))
 
-    iteration, consumed = _resume(cfg, engine, scheduler, info, logger)
+    iteration, consumed = _resume(cfg, engine, scheduler, info, logger, plan)
     result = TrainResult(iteration=iteration, log_dir=lg.log_dir)
     eod = getattr(tokenizer, "eod", None)
     sep = cfg.sepllm
@@ -292,7 +346,7 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
                        console=not hasattr(retention, "format_line"))
 
     current = [iteration]
-    loader = build_loader(datasets.train, consumed, micro, info.rank, info.world_size,
+    loader = build_loader(datasets.train, consumed, micro, plan.dp_rank, plan.dp_size,
                           num_workers=cfg.data.num_workers, pin_memory=device == "cuda")
     if loader is None and iteration < t.train_iters:
         raise DataSetupError("the training split is empty: check data paths and split")
@@ -306,14 +360,20 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     interval = _Interval()
     last_saved = None
     if ck.save and iteration == 0 and 0 in set(ck.extra_save_iters or ()):
-        last_saved = _save(cfg, engine, scheduler, 0, consumed, info, logger, result)  # GPT-NeoX: the init weights
+        last_saved = _save(cfg, engine, scheduler, 0, consumed, info, logger, result, plan)  # the init weights
     engine.train()
     while iteration < t.train_iters:
         iteration += 1
         current[0] = iteration
         tick = time.perf_counter()
         lr = scheduler.step(iteration, engine.optimizer.param_groups)
-        local_loss, grad_norm = train_step(engine, batches, gas, own_norm, on_forward, clip=t.gradient_clipping)
+        if plan.pipeline:
+            from megatron.parallel.pipeline_training import pipeline_loop_step
+
+            local_loss, grad_norm = pipeline_loop_step(engine, batches)
+        else:
+            local_loss, grad_norm = train_step(engine, batches, gas, own_norm, on_forward, clip=t.gradient_clipping,
+                                               loss_fn=loss_fn)
         loss = _mean_over_ranks(local_loss, info)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -341,14 +401,16 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
             interval.reset()
 
         if ck.save and should_save(iteration, ck.checkpoint_factor, ck.extra_save_iters):
-            last_saved = _save(cfg, engine, scheduler, iteration, consumed, info, logger, result)
+            last_saved = _save(cfg, engine, scheduler, iteration, consumed, info, logger, result, plan)
         if t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters > 0:
-            _validate(cfg, engine, datasets.valid, "valid", iteration, micro, gas, info, eod, device, logger, result)
+            _validate(cfg, engine, datasets.valid, "valid", iteration, micro, gas, info, eod, device, logger, result,
+                      plan, loss_fn)
 
     if ck.save and last_saved != iteration and iteration > 0:  # GPT-NeoX also saves once at the end
-        _save(cfg, engine, scheduler, iteration, consumed, info, logger, result)
+        _save(cfg, engine, scheduler, iteration, consumed, info, logger, result, plan)
     if t.do_test and t.eval_iters > 0:
-        _validate(cfg, engine, datasets.test, "test", iteration, micro, gas, info, eod, device, logger, result)
+        _validate(cfg, engine, datasets.test, "test", iteration, micro, gas, info, eod, device, logger, result,
+                  plan, loss_fn)
     result.iteration = iteration
     result.wall_time_s = time.perf_counter() - started
     logger.info(f"done: {iteration} iterations in {result.wall_time_s:.1f} s")
@@ -356,22 +418,24 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
 
 
 def _save(cfg: Any, engine: Any, scheduler: AnnealingLR, iteration: int, consumed: int, info: DistInfo,
-          logger: RunLogger, result: TrainResult) -> int:
+          logger: RunLogger, result: TrainResult, plan: ParallelPlan) -> int:
     tick = time.perf_counter()
     client = {"iteration": iteration, "consumed_train_samples": consumed, "lr_scheduler": scheduler.state_dict(),
               "seed": cfg.training.seed}
     path = save_checkpoint(cfg.checkpoint.save, iteration, engine, rank=info.rank, world_size=info.world_size,
                            client_state=client, config_yaml=cfg.to_yaml(),
-                           keep_last_n=cfg.checkpoint.keep_last_n_checkpoints)
+                           keep_last_n=cfg.checkpoint.keep_last_n_checkpoints, layout=plan.checkpoint_layout(),
+                           module_state=plan.module_state(engine))
     result.checkpoints.append(str(path))
     logger.info(f"saved checkpoint {path} ({time.perf_counter() - tick:.2f} s)")
     return iteration
 
 
 def _validate(cfg: Any, engine: Any, dataset: Any, split: str, iteration: int, micro: int, gas: int,
-              info: DistInfo, eod: int | None, device: str, logger: RunLogger, result: TrainResult) -> None:
+              info: DistInfo, eod: int | None, device: str, logger: RunLogger, result: TrainResult,
+              plan: ParallelPlan, loss_fn: Any = lm_loss) -> None:
     loss = evaluate(engine, dataset, cfg.training.eval_iters * gas, micro, info, eod, cfg.training.eod_mask_loss,
-                    device)
+                    device, plan, loss_fn)
     if loss is None:
         logger.info(f"{split}: the {split} split is empty, skipped")
         return
