@@ -98,3 +98,42 @@ def test_two_rank_tp_and_pp_runs_match_one_process(mode, corpus, neox_tokenizer_
     assert set(merged) == set(plain)
     for k in plain:
         torch.testing.assert_close(merged[k], plain[k], atol=0, rtol=0, msg=k)
+
+
+def _zero_cfg(corpus: str, tokenizer: Path, run_dir: Path, stage: int, micro: int, **overrides):
+    return _cfg(corpus, tokenizer, run_dir, micro=micro, training__zero_optimization={"stage": stage},
+                training__zero_stage=stage, **overrides)
+
+
+def _train_zero_stages(rank: int, world_size: int, cfgs: list) -> None:
+    for cfg in cfgs:  # one spawn for all stages: process start-up dominates these tiny runs
+        pretrain(cfg)
+
+
+@pytest.mark.distributed
+def test_data_parallel_zero_0_to_3_matches_one_process_with_double_micro_batch(corpus, neox_tokenizer_file,
+                                                                               tmp_path):
+    """DP=2 with micro-batch 1 == one process with micro-batch 2 (same global batch) for ZeRO 0, 1, 2, 3, SepLLM."""
+    ref = pretrain(_zero_cfg(corpus, neox_tokenizer_file, tmp_path / "ref", 0, micro=2)).train_losses
+    cfgs = [_zero_cfg(corpus, neox_tokenizer_file, tmp_path / f"z{stage}", stage, micro=1) for stage in range(4)]
+    run_distributed(_train_zero_stages, 2, cfgs, timeout=240)
+    for stage in range(4):
+        rows = [json.loads(line) for line in (tmp_path / f"z{stage}" / "logs" / "metrics.jsonl").read_text()
+                .splitlines()]
+        assert rows[-1]["consumed_samples"] == 2 * ITERS
+        _assert_close(_losses(tmp_path / f"z{stage}" / "logs"), ref)
+
+
+@pytest.mark.distributed
+def test_dp2_checkpoint_resumes_with_dp1_on_the_same_loss_curve(corpus, neox_tokenizer_file, tmp_path):
+    """A ZeRO-0 DP=2 (micro 1) run saved after iteration 2 continues under DP=1 (micro 2) on the remaining samples
+    with the losses of an uninterrupted DP=1 run."""
+    ref = pretrain(_zero_cfg(corpus, neox_tokenizer_file, tmp_path / "ref", 0, micro=2)).train_losses
+    dp2 = tmp_path / "dp2"
+    cfg = _zero_cfg(corpus, neox_tokenizer_file, dp2, 0, micro=1, checkpoint__save=str(dp2 / "ckpt"),
+                    checkpoint__extra_save_iters=[2])
+    run_distributed(_train_zero_stages, 2, [cfg], timeout=180)
+    resumed = pretrain(_zero_cfg(corpus, neox_tokenizer_file, tmp_path / "dp1", 0, micro=2,
+                                 checkpoint__load=str(dp2 / "ckpt" / "global_step2")))
+    assert sorted(resumed.train_losses) == [3]
+    assert abs(resumed.train_losses[3] - ref[3]) <= 1e-5, (resumed.train_losses, ref)
