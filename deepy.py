@@ -9,6 +9,15 @@ hostfile/include/exclude/num_nodes > 1) runs in this interpreter; otherwise the 
 launcher (`deepspeed --num_gpus N`, `--hostfile`, `--include/--exclude`, `--num_nodes`, `--master_port`, ...).
 For multi-node runs the resolved file is written to the run's log_dir, which must be on a shared filesystem.
 
+Before launching, the hostfile (`host slots=N` lines; no duplicates, slots >= 1), include/exclude, host-name
+resolution and "world size divisible by model-parallel-size x pipe stages" are checked (one line, exit 2).
+Environment for the workers: `launcher.env`, WANDB_API_KEY / WANDB_BASE_URL / HF_TOKEN from this shell and, for
+the openmpi / mvapich / slurm runners, MASTER_ADDR / MASTER_PORT, written to `.deepspeed_env` (DeepSpeed exports
+its lines on every node).
+A hostfile launch on ONE machine without ssh (e.g. a `localhost slots=2` hostfile):
+  python deepy.py train.py cfg.yml --hostfile hf --no-ssh true --node-rank 0 --master-addr 127.0.0.1
+With no_ssh, run the same command once per node with that node's --node-rank.
+
 options:
   --dry-run   print the resolved-config path and the command that would run, then exit 0
   -h, --help  show this help and exit
@@ -53,11 +62,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from megatron.config import ConfigError, load_config
-    from megatron.training.launch import plan_launch, visible_gpu_count, write_deepspeed_env
+    from megatron.training.launch import (LaunchError, check_launch, plan_launch, visible_gpu_count, worker_env,
+                                          write_deepspeed_env)
 
     try:
         cfg = load_config(*files, overrides=overrides, for_training=Path(script).name == "train.py")
     except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        active = check_launch(cfg, visible_gpu_count())
+    except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config_path = _resolved_config_path(cfg)
@@ -69,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"command: {plan.shell()}")
         return 0
     env = dict(plan.env)
+    env.update(worker_env(cfg, active, os.environ))
     os.environ.update(env)
     if plan.mode == "inplace":
         sys.argv = [script, str(config_path)]

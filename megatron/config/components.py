@@ -174,5 +174,7 @@ class LauncherConfig:
     no_ssh: bool = opt(False, "Start each node's processes locally without ssh (DeepSpeed --no_ssh; run once per "
                               "node with --node_rank).")
     no_ssh_check: bool = opt(False, "Skip the passwordless-ssh check before a multi-node launch.")
+    node_rank: int = opt(-1, "With no_ssh: which hostfile node this invocation starts (0-based; run deepy once per "
+                             "node). -1 = unset.")
     force_multi: bool = opt(False, "Use the multi-node runner even for one node.")
     env: dict = opt({}, "Extra environment variables forwarded to every rank.")

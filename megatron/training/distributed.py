@@ -43,6 +43,9 @@ def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
     if backend is None or (device_type == "cpu" and backend == "nccl"):
         backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
+        from megatron.training.launch import rank_env_from_launcher
+
+        os.environ.update(rank_env_from_launcher(os.environ))  # started by mpirun / srun: ranks from their variables
         inherited_self_init = os.environ.get(_SELF_INIT) == "1" and os.environ.get("WORLD_SIZE") == "1"
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or inherited_self_init:
             # no launcher (or env copied from a parent that made its own 1-rank group): make ours on a free port
