@@ -162,3 +162,31 @@ def test_deepy_bad_hostfile_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "host localhost is listed twice" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_hostfile_launch_without_ssh_trains_two_tensor_parallel_ranks(tmp_path, pg19_dir, neox_tokenizer_file):
+    """The real DeepSpeed launcher from a `localhost slots=2` hostfile (no ssh, node_rank 0) trains 2 ranks with
+    model-parallel-size 2 and a SepLLM config for a few steps."""
+    import json
+
+    import yaml
+
+    from megatron.training.distributed import find_free_port
+    from train_helpers import make_tiny_corpus, tiny_sepllm_keys
+
+    prefix = make_tiny_corpus(tmp_path / "corpus", sorted(pg19_dir.glob("*.txt"))[0], neox_tokenizer_file)
+    keys = tiny_sepllm_keys(prefix, neox_tokenizer_file, tmp_path, **{"train-iters": 3, "model-parallel-size": 2})
+    cfg = tmp_path / "run.yml"
+    cfg.write_text(yaml.safe_dump(keys))
+    hf = _hostfile(tmp_path, "localhost slots=2\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "deepy.py", "train.py", str(cfg), "--hostfile", str(hf), "--no-ssh", "true",
+                           "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(find_free_port())],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "--no_ssh --node_rank 0" in proc.stdout
+    assert "world size 2 (gloo)" in proc.stdout and "tp 2 x pp 1 (no pipeline engine) x dp 1" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "lm_loss" in r] == [1, 2, 3]

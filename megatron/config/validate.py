@@ -156,7 +156,10 @@ def _resolve_parallel(p, launcher, device: str, ctx: _Ctx) -> None:
     _at_least(ctx, "parallel", "pipe_parallel_size", p.pipe_parallel_size, 0)
     if p.world_size is None:
         nodes, gpus = launcher.num_nodes, launcher.num_gpus
-        p.world_size = nodes * gpus if nodes and nodes > 0 and gpus and gpus > 0 else 1
+        # unknown until launch (hostfile slots, visible GPUs): assume the smallest layout; the launcher
+        # (megatron.training.launch.check_launch) and the trainer check the real world size
+        p.world_size = (nodes * gpus if nodes and nodes > 0 and gpus and gpus > 0
+                        else p.model_parallel_size * max(p.pipe_parallel_size, 1))
     given_dp = p.data_parallel_size
     p.data_parallel_size = derived.data_parallel_size(p.world_size, p.model_parallel_size, p.pipe_parallel_size)
     if given_dp is not None and given_dp != p.data_parallel_size:
