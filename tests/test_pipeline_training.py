@@ -191,25 +191,3 @@ def test_pp2_times_dp2_on_four_ranks_matches_plain_model():
     from parallel_spawn import run_distributed
 
     run_distributed(_pp2_dp2, 4, timeout=300.0)
-
-
-@pytest.mark.distributed
-def test_pipeline_overhead_benchmark_smoke(tmp_path):
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import pipeline_overhead
-
-    out = tmp_path / "rows.json"
-    rows = pipeline_overhead.main(["--layers", "2", "--hidden", "32", "--seq", "16", "--vocab", "64", "--steps", "1",
-                                   "--warmup", "0", "--rounds", "1", "--accum", "2", "--modes", "plain,pp1",
-                                   "--json", str(out)])
-    assert json.loads(out.read_text()) == rows
-    assert [r["mode"] for r in rows] == ["plain", "pp1"]
-    assert set(rows[0]) == {"mode", "processes", "stages", "global_batch", "micro_batch", "grad_accum", "seq_length",
-                            "attention", "step_ms", "ratio_vs_plain"}
-    assert rows[0]["ratio_vs_plain"] == 1.0 and rows[1]["step_ms"] > 0 and rows[1]["stages"] == 1
-    with pytest.raises(SystemExit):
-        pipeline_overhead.main(["--modes", "pp2"])  # no baseline

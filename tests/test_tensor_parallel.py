@@ -351,26 +351,3 @@ def test_reshard_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "not a readable torch state dict" in err
     assert main(["--load", str(step), "--save", str(tmp_path / "o"), "--tp", "0"]) == 2
     assert "--tp 0" in capsys.readouterr().err
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_tensor_parallel_overhead_benchmark_smoke(tmp_path):
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import tensor_parallel_overhead as bench
-
-    out = tmp_path / "rows.json"
-    rows = bench.main(["--layers", "1", "--hidden", "32", "--seq", "16", "--vocab", "64", "--steps", "1", "--warmup",
-                       "0", "--rounds", "1", "--accum", "1", "--modes", "plain,tp2_sp", "--json", str(out)])
-    assert json.loads(out.read_text()) == rows
-    assert [(r["mode"], r["tensor_parallel"], r["sequence_parallel"]) for r in rows] == [("plain", 1, False),
-                                                                                        ("tp2_sp", 2, True)]
-    assert set(rows[0]) == {"mode", "processes", "tensor_parallel", "sequence_parallel", "global_batch", "micro_batch",
-                            "grad_accum", "seq_length", "attention", "step_ms", "ratio_vs_plain"}
-    assert rows[0]["ratio_vs_plain"] == 1.0 and rows[1]["step_ms"] > 0
-    with pytest.raises(SystemExit):
-        bench.main(["--modes", "tp2"])  # no baseline

@@ -1,0 +1,200 @@
+"""Time per training step of DP=2, TP=2 and PP=2 against one process on the same global batch, through the real
+training loop (``megatron.training.pretrain``: DeepSpeed engine, data loader, SepLLM backend, logging).
+
+Modes (every mode trains the same tiny GPT on the same global batch ``G = 2 x micro`` per step, fp32, ZeRO-1):
+
+* ``single`` -- 1 process, micro-batch ``G`` (the baseline);
+* ``dp2``    -- 2 processes, data parallel, micro-batch ``G / 2`` each;
+* ``tp2``    -- 2 processes, ``model-parallel-size 2`` (column/row-parallel blocks, vocab-parallel head), micro ``G``;
+* ``tp2sp``  -- as ``tp2`` with ``sequence_parallel``;
+* ``pp2``    -- 2 processes, ``pipe-parallel-size 2`` (DeepSpeed pipeline engine, 1F1B), 2 micro-batches of ``G/2``.
+
+Each mode runs in fresh processes (gloo on CPU); rounds alternate the mode order so machine noise hits them alike.
+``step_ms`` is the median of the loop's logged ``step_time_ms`` after ``--warmup`` iterations (rank 0; every rank
+finishes a step together); ``ratio_vs_single`` = ``step_ms`` / the single-process median of the same run. On a CPU
+box with few cores two processes compete for the same cores: expect ratios >= 1 here; the point is the overhead of
+the parallel machinery, not a speed-up.
+
+Example: ``python benchmarks/parallel_overhead.py --iters 8 --rounds 2 --json parallel.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MODES = {"single": 1, "dp2": 2, "tp2": 2, "tp2sp": 2, "pp2": 2}  # mode -> processes
+PYTHIA_SEPARATORS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
+
+
+def parse_args(argv: Any = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", type=int, default=4, help="transformer layers")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--seq", type=int, default=128, help="sequence length")
+    p.add_argument("--micro", type=int, default=2, help="per-process micro-batch of dp2 (global batch = 2 x micro)")
+    p.add_argument("--attention", choices=["full", "sepllm"], default="sepllm",
+                   help="full causal attention or SepLLM (Pythia separators, window seq/4)")
+    p.add_argument("--iters", type=int, default=8, help="training iterations per mode and round")
+    p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the median")
+    p.add_argument("--rounds", type=int, default=2, help="rounds; the mode order alternates between rounds")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--modes", default="single,dp2,tp2,tp2sp,pp2", help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--workdir", default=None, help="folder for the tokenized corpus and run logs (default: a temp dir)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the rows (mode, processes, global_batch, step_ms, ratio_vs_single) as JSON")
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        p.error(f"--modes: unknown mode(s) {', '.join(unknown)}; expected a subset of {', '.join(MODES)}")
+    if "single" not in modes:
+        p.error("--modes must include 'single' (the baseline of the ratios)")
+    if args.iters <= args.warmup:
+        p.error(f"--iters {args.iters} must be larger than --warmup {args.warmup}")
+    args.mode_list = modes
+    return args
+
+
+def _corpus(workdir: Path) -> str:
+    """A small tokenized PG-19 slice (the shared data and tokenizer), built once per workdir."""
+    from megatron.data.preprocess import tokenize_to_indexed
+
+    prefix = workdir / "corpus" / "pg19"
+    if Path(str(prefix) + "_text_document.bin").is_file():
+        return str(prefix) + "_text_document"
+    books = sorted((REPO.parent / "shared" / "data" / "pg19" / "test").glob("*.txt"))
+    if not books:
+        raise SystemExit("error: no PG-19 books under ../shared/data/pg19/test")
+    docs = workdir / "corpus" / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    text = books[0].read_text(encoding="utf-8")[:400_000]
+    step = len(text) // 20
+    for i in range(20):
+        (docs / f"part{i}.txt").write_text(text[i * step:(i + 1) * step], encoding="utf-8")
+    tokenize_to_indexed(str(docs), str(prefix), tokenizer_type="HFTokenizer", vocab_file=str(_tokenizer()),
+                        progress=False)
+    return str(prefix) + "_text_document"
+
+
+def _tokenizer() -> Path:
+    return REPO.parent / "shared" / "tokenizers" / "20B_tokenizer.json"
+
+
+def build_config(args: argparse.Namespace, mode: str, data_prefix: str, run_dir: Path) -> Any:
+    """The resolved config of one mode (same model, weights and global batch in every mode)."""
+    from megatron.config import NeoXConfig
+    from megatron.config.sepllm import SepLLMConfig
+
+    cfg = NeoXConfig()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads = args.layers, args.hidden, args.heads
+    m.seq_length = m.max_position_embeddings = args.seq
+    m.pos_emb, m.rotary_pct, m.no_weight_tying = "rotary", 0.25, True
+    m.padded_vocab_size = 50432  # a multiple of 128 x 2: identical weights with and without TP
+    if args.attention == "full":
+        cfg.sepllm.USE_ORIGINAL_FULL_ATTEN, cfg.sepllm.mode = True, "full"
+    else:
+        w = max(args.seq // 4, 1)
+        cfg.sepllm = SepLLMConfig(separator_token_ids=list(PYTHIA_SEPARATORS), mode="sepllm",
+                                  prefill_windows=[w] * args.layers, generate_windows=[w] * args.layers,
+                                  prefill_local_window_size=w, generate_local_window_size=w)
+    cfg.optimizer.type, cfg.optimizer.lr = "Adam", 1e-3
+    cfg.lr_schedule.lr_decay_style, cfg.lr_schedule.warmup_iters = "constant", 0
+    cfg.data.data_path, cfg.data.split, cfg.data.num_workers = data_prefix, "100,0,0", 0
+    cfg.data.data_cache_dir = str(run_dir.parent / "index_cache")
+    cfg.tokenizer.tokenizer_type, cfg.tokenizer.vocab_file = "HFTokenizer", str(_tokenizer())
+    t = cfg.training
+    global_batch = 2 * args.micro
+    micro, gas = {"dp2": (args.micro, 1), "pp2": (args.micro, 2)}.get(mode, (global_batch, 1))
+    t.train_iters, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps = args.iters, micro, gas
+    t.train_batch_size = global_batch
+    t.batch_inputs = ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps"]
+    t.zero_optimization, t.zero_stage = {"stage": 1}, 1
+    t.gradient_clipping, t.seed, t.eval_interval, t.eval_iters, t.do_test = 1.0, 1234, 0, 0, False
+    t.device, t.precision = "cpu", "fp32"
+    cfg.parallel.model_parallel_size = 2 if mode in ("tp2", "tp2sp") else 1
+    cfg.parallel.sequence_parallel = mode == "tp2sp"
+    cfg.parallel.pipe_parallel_size = 2 if mode == "pp2" else 0
+    cfg.logging.log_interval, cfg.logging.log_dir, cfg.logging.peak_flops = 1, str(run_dir / "logs"), 1e11
+    return cfg
+
+
+def _worker(rank: int, world_size: int, port: int, cfg: Any, threads: int) -> None:
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    from megatron.training import pretrain
+
+    pretrain(cfg, stream=open(os.devnull, "w"))
+
+
+def run_mode(cfg: Any, processes: int, threads: int, timeout: float = 600.0) -> None:
+    """Train ``cfg`` on ``processes`` fresh gloo processes (spawned, so every mode starts cold alike)."""
+    import torch.multiprocessing as mp
+
+    from megatron.training.distributed import find_free_port
+
+    ctx = mp.start_processes(_worker, args=(processes, find_free_port(), cfg, threads), nprocs=processes,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise TimeoutError(f"benchmark mode did not finish within {timeout} s")
+
+
+def step_times(log_dir: Path, warmup: int) -> list[float]:
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time_ms"] for r in rows if "step_time_ms" in r and r["iteration"] > warmup]
+
+
+def main(argv: Any = None) -> list[dict]:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory(prefix="parallel-overhead-") as tmp:
+        work = Path(args.workdir) if args.workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        prefix = _corpus(work)
+        samples: dict[str, list[float]] = {m: [] for m in args.mode_list}
+        plan = [(r, m) for r in range(args.rounds)
+                for m in (args.mode_list if r % 2 == 0 else list(reversed(args.mode_list)))]
+        for rnd, mode in tqdm(plan, desc="modes x rounds", unit="run"):
+            run_dir = work / f"round{rnd}" / mode
+            run_mode(build_config(args, mode, prefix, run_dir), MODES[mode], args.threads)
+            samples[mode] += step_times(run_dir / "logs", args.warmup)
+    base = statistics.median(samples["single"])
+    rows = [{"mode": m, "processes": MODES[m], "global_batch": 2 * args.micro,
+             "step_ms": round(statistics.median(samples[m]), 3),
+             "ratio_vs_single": round(statistics.median(samples[m]) / base, 4)} for m in args.mode_list]
+    print(f"\nparallel overhead: {args.layers} layers, hidden {args.hidden}, seq {args.seq}, global batch "
+          f"{2 * args.micro}, {args.attention} attention, {args.threads} thread(s)/process, "
+          f"{args.rounds} round(s) x {args.iters - args.warmup} timed steps")
+    print(f"{'mode':<8} {'procs':>5} {'step_ms':>10} {'ratio_vs_single':>16}")
+    for r in rows:
+        print(f"{r['mode']:<8} {r['processes']:>5} {r['step_ms']:>10.1f} {r['ratio_vs_single']:>16.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
