@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from megatron.training import pretrain
+from megatron.training.checkpointing import CheckpointError
 from megatron.training.loop import TrainingError
 from megatron.training.parallel_setup import pipeline_engine_stages
 from parallel_spawn import run_distributed
@@ -137,3 +138,24 @@ def test_dp2_checkpoint_resumes_with_dp1_on_the_same_loss_curve(corpus, neox_tok
                                  checkpoint__load=str(dp2 / "ckpt" / "global_step2")))
     assert sorted(resumed.train_losses) == [3]
     assert abs(resumed.train_losses[3] - ref[3]) <= 1e-5, (resumed.train_losses, ref)
+
+
+@pytest.mark.distributed
+def test_checkpoints_load_across_tensor_parallel_sizes(corpus, neox_tokenizer_file, tmp_path):
+    """A TP=1 checkpoint loads into a TP=2 run and the TP=2 shards load into a TP=1 run (weights; the optimizer
+    state is per layout, so no_load_optim): both continue with the losses of the TP=1 run from the same weights."""
+    ref_dir = tmp_path / "ref"
+    ref = pretrain(_cfg(corpus, neox_tokenizer_file, ref_dir, **ZERO1, checkpoint__save=str(ref_dir / "ckpt"),
+                        checkpoint__extra_save_iters=[0])).train_losses
+    tp_dir = tmp_path / "tp2"
+    cfg = _cfg(corpus, neox_tokenizer_file, tp_dir, **ZERO1, parallel__model_parallel_size=2,
+               checkpoint__load=str(ref_dir / "ckpt" / "global_step0"), checkpoint__no_load_optim=True,
+               checkpoint__save=str(tp_dir / "ckpt"), checkpoint__extra_save_iters=[0])
+    run_distributed(_train_rank, 2, cfg, timeout=180)
+    _assert_close(_losses(tp_dir / "logs"), ref)
+    back = pretrain(_cfg(corpus, neox_tokenizer_file, tmp_path / "back", **ZERO1,
+                         checkpoint__load=str(tp_dir / "ckpt" / "global_step0"), checkpoint__no_load_optim=True))
+    _assert_close(back.train_losses, ref)
+    with pytest.raises(CheckpointError, match="model_parallel_size x pipe stages = 2 x 1, the run uses 1 x 1"):
+        pretrain(_cfg(corpus, neox_tokenizer_file, tmp_path / "strict", **ZERO1,
+                      checkpoint__load=str(tp_dir / "ckpt" / "global_step0")))
