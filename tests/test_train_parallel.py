@@ -21,6 +21,7 @@ from train_helpers import make_tiny_corpus, tiny_config
 
 ITERS = 3
 ZERO1 = {"training__zero_optimization": {"stage": 1}, "training__zero_stage": 1}
+EVAL = {"training__eval_interval": 2, "training__eval_iters": 2, "training__do_test": True}
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +70,24 @@ def test_world_size_not_divisible_by_tp_times_pp_fails_before_any_work(corpus, n
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["tp2", "tp2_sp", "pp2"])
 def test_two_rank_tp_and_pp_runs_match_one_process(mode, corpus, neox_tokenizer_file, tmp_path):
-    """TP=2 (with and without sequence parallelism) and PP=2 with a SepLLM config, ZeRO-1, checkpoint written by
-    the parallel run and loaded (weights) by a one-process run: same losses as the one-process run."""
-    ref = pretrain(_cfg(corpus, neox_tokenizer_file, tmp_path / "ref", **ZERO1,
-                        checkpoint__save=str(tmp_path / "ref" / "ckpt"), checkpoint__checkpoint_factor=2, checkpoint__extra_save_iters=[0]))
+    """TP=2 (with and without sequence parallelism) and PP=2 with a SepLLM config, ZeRO-1: same training,
+    validation and test losses as the one-process run; the checkpoints hold TP shards / gathered stage weights."""
+    ref = pretrain(_cfg(corpus, neox_tokenizer_file, tmp_path / "ref", **ZERO1, **EVAL,
+                        checkpoint__save=str(tmp_path / "ref" / "ckpt"), checkpoint__checkpoint_factor=2,
+                        checkpoint__extra_save_iters=[0]))
     par = {"tp2": {"parallel__model_parallel_size": 2},
            "tp2_sp": {"parallel__model_parallel_size": 2, "parallel__sequence_parallel": True},
            "pp2": {"parallel__pipe_parallel_size": 2}}[mode]
     run = tmp_path / mode
-    cfg = _cfg(corpus, neox_tokenizer_file, run, **ZERO1,
-               checkpoint__save=str(run / "ckpt"), checkpoint__checkpoint_factor=2, checkpoint__extra_save_iters=[0], **par)
+    cfg = _cfg(corpus, neox_tokenizer_file, run, **ZERO1, **EVAL, checkpoint__save=str(run / "ckpt"),
+               checkpoint__checkpoint_factor=2, checkpoint__extra_save_iters=[0], **par)
     run_distributed(_train_rank, 2, cfg, timeout=180)
     _assert_close(_losses(run / "logs"), ref.train_losses)
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    valid = {r["iteration"]: r["valid_lm_loss"] for r in rows if "valid_lm_loss" in r}
+    test = [r["test_lm_loss"] for r in rows if "test_lm_loss" in r]
+    assert sorted(valid) == sorted(ref.valid_losses) == [2] and len(test) == 1
+    assert abs(valid[2] - ref.valid_losses[2]) <= 1e-5 and abs(test[0] - ref.test_loss) <= 1e-5
     # the checkpoints hold TP shards (reshard.py's layout) / the gathered pipeline weights: the initial ones merge
     # to exactly the reference's
     assert sorted(p.name for p in (run / "ckpt").glob("global_step*")) == ["global_step0", "global_step2",
