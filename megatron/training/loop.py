@@ -176,12 +176,7 @@ def _memory_gb(device: str) -> float:
 
 
 def _build_tokenizer_and_vocab(cfg: Any) -> Any:
-    from megatron.config import padded_vocab_size
-
-    try:
-        from megatron.config import check_separator_ids
-    except ImportError:  # the package's lazy export may point at a module not written yet
-        from megatron.config.sepllm_checks import check_separator_ids
+    from megatron.config import check_separator_ids, padded_vocab_size
     from megatron.tokenizer import build_tokenizer
 
     tok = cfg.tokenizer
