@@ -46,3 +46,24 @@ def test_pythia_config_on_cpu_fails_before_any_work(tmp_path):
                       overrides=["--device", "cpu", "--log-dir", str(tmp_path / "logs"), "--save", str(tmp_path)])
     with pytest.raises(DeviceConfigError, match="fp16"):
         pretrain(cfg)
+
+
+@pytest.mark.parametrize("name, mode, impl", [
+    ("tiny-cpu-sepllm", "sepllm", "compact"),
+    ("tiny-cpu-streamingllm", "streamingllm", "dense"),
+    ("tiny-cpu-full", "full", None),
+])
+def test_tiny_cpu_attention_variants(name, mode, impl):
+    """The three comparison configs differ from tiny-cpu.yml only in their attention and run folders."""
+    from megatron.model.attention_backend import build_attention_backend
+
+    cfg = load_config(str(CONFIGS / f"{name}.yml"), for_training=True)
+    base = load_config(str(CONFIGS / "tiny-cpu.yml"), for_training=True)
+    assert cfg.sepllm.mode == mode
+    assert cfg.model == base.model and cfg.training == base.training and cfg.data == base.data
+    assert cfg.checkpoint.save == f"runs/{name}/checkpoints" and cfg.logging.log_dir == f"runs/{name}/logs"
+    backend = build_attention_backend(cfg.model, cfg.sepllm)
+    if impl is None:
+        assert type(backend).__name__ == "CausalSDPABackend"
+    else:
+        assert backend.resolve_impl("cpu") == impl
