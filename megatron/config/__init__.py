@@ -6,8 +6,7 @@ prints a resolved config. See ``docs/config_reference.md`` for every key.
 
 from __future__ import annotations
 
-from typing import Any
-
+from megatron._lazy import lazy_exports
 from megatron.config.components import (
     CheckpointConfig,
     DataConfig,
@@ -25,19 +24,12 @@ from megatron.config.neox import NeoXConfig
 from megatron.config.sepllm import SepLLMConfig
 
 _LAZY = {
-    "load_config": ("megatron.config.loader", "load_config"),
-    "padded_vocab_size": ("megatron.config.derived", "padded_vocab_size"),
-    "check_separator_ids": ("megatron.config.sepllm_checks", "check_separator_ids"),
+    "load_config": "megatron.config.loader",
+    "padded_vocab_size": "megatron.config.derived",
+    "check_separator_ids": "megatron.config.sepllm_checks",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module_name, attr = _LAZY[name]
-        return getattr(importlib.import_module(module_name), attr)
-    raise AttributeError(f"module 'megatron.config' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [

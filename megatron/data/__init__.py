@@ -5,8 +5,7 @@ Exports are resolved lazily so that the preprocessing CLIs start without importi
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron._lazy import lazy_exports
 
 _LAZY = {
     "BlendableDataset": "megatron.data.blendable_dataset",
@@ -28,14 +27,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megatron.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 __all__ = sorted(_LAZY)

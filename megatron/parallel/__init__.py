@@ -23,8 +23,7 @@ the rank with ``dp_rank == 0`` of each TP rank saves ``engine.module.state_dict(
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron._lazy import lazy_exports
 
 _EXPORTS = {
     "ParallelGroups": "megatron.parallel.mesh",
@@ -51,8 +50,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'megatron.parallel' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -7,24 +7,15 @@ public contracts.
 
 from __future__ import annotations
 
-from typing import Any
+from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "SepCache": ("megatron.sepllm.cache", "SepCache"),
-    "generate": ("megatron.sepllm.generation", "generate"),
-    "apply_sepllm": ("megatron.sepllm.hf_attention", "apply_sepllm"),
-    "SepLLMBackend": ("megatron.sepllm.backend", "SepLLMBackend"),
-    "RetentionStats": ("megatron.sepllm.retention", "RetentionStats"),
+    "SepCache": "megatron.sepllm.cache",
+    "generate": "megatron.sepllm.generation",
+    "apply_sepllm": "megatron.sepllm.hf_attention",
+    "SepLLMBackend": "megatron.sepllm.backend",
+    "RetentionStats": "megatron.sepllm.retention",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module_name, attr = _LAZY[name]
-        return getattr(importlib.import_module(module_name), attr)
-    raise AttributeError(f"module 'megatron.sepllm' has no attribute {name!r}")
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 __all__ = sorted(_LAZY)

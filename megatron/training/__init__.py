@@ -7,23 +7,14 @@ usable on their own (``lr_schedules.AnnealingLR``, ``checkpointing.save_checkpoi
 
 from __future__ import annotations
 
-from typing import Any
+from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "pretrain": ("megatron.training.loop", "pretrain"),
-    "TrainResult": ("megatron.training.loop", "TrainResult"),
-    "TrainingError": ("megatron.training.loop", "TrainingError"),
-    "CheckpointError": ("megatron.training.checkpointing", "CheckpointError"),
+    "pretrain": "megatron.training.loop",
+    "TrainResult": "megatron.training.loop",
+    "TrainingError": "megatron.training.loop",
+    "CheckpointError": "megatron.training.checkpointing",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module_name, attr = _LAZY[name]
-        return getattr(importlib.import_module(module_name), attr)
-    raise AttributeError(f"module 'megatron.training' has no attribute {name!r}")
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 __all__ = sorted(_LAZY)
