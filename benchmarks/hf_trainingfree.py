@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from megatron.sepllm.hf_attention import apply_sepllm  # noqa: E402
+from megatron.sepllm.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from megatron.sepllm.hf_config import sepllm_config_from_mapping  # noqa: E402
 
 
@@ -91,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def decode(cache: object) -> object:
             with torch.no_grad():
-                return model(input_ids=nxt, attention_mask=mask2, past_key_values=cache, use_cache=True)
+                return model(input_ids=nxt, attention_mask=mask2, use_cache=True, **cache_kwargs(model, cache))
 
         def fresh_cache() -> object:
-            return prefill().past_key_values
+            return output_cache(prefill())
 
         plain_pre = _median_ms(prefill, args.repeats, args.device)
         plain_dec = _median_ms(decode, args.repeats, args.device, setup=fresh_cache)

@@ -115,11 +115,12 @@ class DecodeState:
 
     def forward(self, tok: torch.Tensor):
         from megatron.sepllm.generation import sepllm_forward
+        from megatron.sepllm.hf_compat import cache_kwargs
 
         if self.kind == "dynamic":
             positions = torch.arange(self.pos, self.pos + tok.shape[1]).unsqueeze(0)
-            out = self.model(input_ids=tok, position_ids=positions, past_key_values=self.cache, use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(input_ids=tok, position_ids=positions, use_cache=True, logits_to_keep=1,
+                             **cache_kwargs(self.model, self.cache))
         else:
             out = sepllm_forward(self.model, self.cache, tok, logits_to_keep=1)
         self.pos += tok.shape[1]

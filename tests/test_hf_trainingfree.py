@@ -10,6 +10,7 @@ from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM, 
 from megatron.config.errors import ConfigError
 from megatron.sepllm import rules
 from megatron.sepllm.hf_attention import SepLLMRuntimeError, apply_sepllm
+from megatron.sepllm.hf_compat import cache_kwargs, output_cache
 from megatron.sepllm.hf_config import (TrainingFreeConfigError, load_trainingfree_config, resolve_for_model,
                                        sepllm_config_from_mapping)
 
@@ -151,7 +152,7 @@ def test_decode_step_matches_full_forward_with_decode_mask(kind):
     with apply_sepllm(model, _cfg()) as handle:
         pre = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         dec = model(input_ids=nxt, attention_mask=mask2, position_ids=pos[:, -1:] + 1,
-                    past_key_values=pre.past_key_values, use_cache=True)
+                    **cache_kwargs(model, output_cache(pre)), use_cache=True)
         stats = handle.retention()
     full = torch.cat([ids, nxt], 1)
     g = rules.global_key_bitmap(full, SEPS, 2, rules.left_pad_counts(mask))
@@ -271,9 +272,9 @@ def test_runtime_misuse_is_reported():
     ids, mask = _batch(seq=10, pad=2)
     with apply_sepllm(model, _cfg()):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        foreign = _tiny("llama")(input_ids=ids[:, :5], use_cache=True).past_key_values
+        foreign = output_cache(_tiny("llama")(input_ids=ids[:, :5], use_cache=True))
         with pytest.raises(SepLLMRuntimeError, match="the cache holds 5 tokens but it is not the cache"):
-            model(input_ids=ids[:, :1], past_key_values=foreign)
+            model(input_ids=ids[:, :1], **cache_kwargs(model, foreign))
         with pytest.raises(SepLLMRuntimeError, match="input_ids"):
             model(inputs_embeds=model.get_input_embeddings()(ids))
         with pytest.raises(SepLLMRuntimeError, match="2-D"):
@@ -301,20 +302,24 @@ def test_cache_reorder_and_crop_are_followed():
     nxt = torch.tensor([[5], [9]])
     ones = torch.ones(2, 1, dtype=mask.dtype)
     with apply_sepllm(model, _cfg()) as handle:
-        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
         cache.reorder_cache(torch.tensor([1, 0]))
         assert torch.equal(handle._history.ids, ids.flip(0))
-        reordered = model(input_ids=nxt, attention_mask=torch.cat([mask.flip(0), ones], 1), past_key_values=cache)
-        fresh = model(input_ids=ids.flip(0), attention_mask=mask.flip(0), use_cache=True).past_key_values
-        expected = model(input_ids=nxt, attention_mask=torch.cat([mask.flip(0), ones], 1), past_key_values=fresh)
+        reordered = model(input_ids=nxt, attention_mask=torch.cat([mask.flip(0), ones], 1),
+                          **cache_kwargs(model, cache))
+        fresh = output_cache(model(input_ids=ids.flip(0), attention_mask=mask.flip(0), use_cache=True))
+        expected = model(input_ids=nxt, attention_mask=torch.cat([mask.flip(0), ones], 1),
+                         **cache_kwargs(model, fresh))
         torch.testing.assert_close(reordered.logits, expected.logits, atol=1e-6, rtol=0)
 
-        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
         cache.crop(-2)
-        cropped = model(input_ids=nxt, attention_mask=torch.cat([mask[:, :-2], ones], 1), past_key_values=cache)
+        cropped = model(input_ids=nxt, attention_mask=torch.cat([mask[:, :-2], ones], 1),
+                        **cache_kwargs(model, cache))
         assert handle._history.ids.shape == (2, 11)
-        fresh = model(input_ids=ids[:, :-2], attention_mask=mask[:, :-2], use_cache=True).past_key_values
-        expected = model(input_ids=nxt, attention_mask=torch.cat([mask[:, :-2], ones], 1), past_key_values=fresh)
+        fresh = output_cache(model(input_ids=ids[:, :-2], attention_mask=mask[:, :-2], use_cache=True))
+        expected = model(input_ids=nxt, attention_mask=torch.cat([mask[:, :-2], ones], 1),
+                         **cache_kwargs(model, fresh))
         torch.testing.assert_close(cropped.logits, expected.logits, atol=1e-6, rtol=0)
 
         beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False,

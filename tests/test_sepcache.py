@@ -15,6 +15,7 @@ import megatron.sepllm as sepllm  # noqa: E402
 from megatron.sepllm import rules  # noqa: E402
 from megatron.sepllm.cache import SepCache  # noqa: E402
 from megatron.sepllm.generation import sepllm_forward  # noqa: E402
+from megatron.sepllm.hf_compat import cache_kwargs  # noqa: E402
 
 VOCAB = 48
 
@@ -136,8 +137,8 @@ def reference_generate(model, ids, mask, mode: str, steps: int):
     causal = rules.causal_band(width, width).unsqueeze(0) & valid.unsqueeze(1)
     causal = causal | torch.eye(width, dtype=torch.bool).unsqueeze(0)       # fully padded rows see themselves
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=_float_mask(causal), position_ids=positions, past_key_values=cache,
-                use_cache=True)
+    out = model(input_ids=ids, attention_mask=_float_mask(causal), position_ids=positions, use_cache=True,
+                **cache_kwargs(model, cache))
     sim = AmortizedSimulator(valid) if mode == "amortized" else None
     if sim is not None:
         sim.maybe_compress(_token_indexed(hist, valid))
@@ -160,7 +161,7 @@ def reference_generate(model, ids, mask, mode: str, steps: int):
             keep = sim.keep(slot_of, hist.shape[1])
         kept_sets.append([torch.nonzero(keep[b] & valid[b]).flatten() - (~valid[b]).sum() for b in range(bsz)])
         out = model(input_ids=nxt[:, None], attention_mask=_float_mask(keep[:, None, :]),
-                    position_ids=count[:, None].clone(), past_key_values=cache, use_cache=True)
+                    position_ids=count[:, None].clone(), use_cache=True, **cache_kwargs(model, cache))
         count = count + 1
     return hist[:, width:], torch.stack(logits, 1), kept_sets
 
@@ -224,7 +225,7 @@ def test_sepcache_matches_masked_full_cache(arch, batch, mode):
                          separator_token_ids=SEPS, PADDING_ID=0, exact_window=(mode == "exact"), do_sample=False,
                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, return_dict_in_generate=True,
                          output_logits=True, pad_token_id=0)
-    assert isinstance(gen.past_key_values, SepCache)
+    assert isinstance(gen.cache, SepCache) and gen.past_key_values is gen.cache   # both 5.x spellings
     assert torch.equal(gen.sequences[:, ids.shape[1]:], ref_logits.argmax(-1))
     torch.testing.assert_close(torch.stack(gen.logits, 1), ref_logits, atol=1e-5, rtol=1e-5)
 
@@ -436,8 +437,8 @@ def test_generate_with_pe_shift_and_presets_on_gpt_neox():
     preset = SepCache(layer_num=2, model=model)
     assert preset.separator_token_ids[:9] == [15, 13, 32, 2, 28, 27, 209, 186, 187] and preset.PADDING_ID == 0
     with pytest.raises(ValueError, match="fresh SepCache"):
-        model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, past_key_values=cache,
-                       max_new_tokens=2, pad_token_id=0)
+        model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate,
+                       **cache_kwargs(model, cache), max_new_tokens=2, pad_token_id=0)
 
 
 def test_generate_uses_a_fresh_user_cache():
@@ -446,8 +447,8 @@ def test_generate_uses_a_fresh_user_cache():
     kw = dict(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
               USE_MAX_SEP_CACHE=True)
     cache = SepCache(model=model, **kw)
-    out = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, past_key_values=cache,
-                         max_new_tokens=12, pad_token_id=0, do_sample=False, return_dict_in_generate=True)
+    out = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate,
+                         **cache_kwargs(model, cache), max_new_tokens=12, pad_token_id=0, do_sample=False, return_dict_in_generate=True)
     assert out.past_key_values is cache and cache.get_seq_length() > 0
     same = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, max_new_tokens=12,
                           pad_token_id=0, do_sample=False, **kw)

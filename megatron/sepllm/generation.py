@@ -3,8 +3,8 @@
 ``model.generate(**inputs, custom_generate=megatron.sepllm.generate, init_cache_size=4, sep_cache_size=128,
 local_size=256, cache_size=512, USE_MAX_SEP_CACHE=True, separator_token_ids=[...], PADDING_ID=..., ...)``
 dispatches here (transformers passes the arguments of this function's signature that ``_sample`` lacks, plus the
-prepared logits processors / stopping criteria / generation config). The returned ``past_key_values`` is the
-SepCache.
+prepared logits processors / stopping criteria / generation config). The returned output's cache (``.cache``, also
+readable as ``.past_key_values``) is the SepCache.
 
 How the pieces meet, without editing transformers:
 
@@ -23,11 +23,11 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from transformers import AttentionInterface
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from megatron.sepllm.cache import SepCache
+from megatron.sepllm.hf_compat import SepGenerateOutput, cache_kwargs, generate_output, pop_cache
 from megatron.sepllm.pos_shift import apply_rotary
 
 ATTN_NAME = "sepllm_sdpa"
@@ -102,7 +102,7 @@ def sepllm_forward(model: Any, cache: SepCache, input_ids: torch.Tensor,
     try:
         with ctx:
             return model(input_ids=input_ids, attention_mask=placeholder, position_ids=positions,
-                         past_key_values=cache, use_cache=True, sepllm_cache=cache, **model_kwargs)
+                         use_cache=True, sepllm_cache=cache, **cache_kwargs(model, cache), **model_kwargs)
     finally:
         cache.finish_step()
 
@@ -124,7 +124,7 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
              separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
              APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
              eviction_timing: str = "in_update", **model_kwargs: Any
-             ) -> Union[GenerateDecoderOnlyOutput, torch.LongTensor]:
+             ) -> Union[SepGenerateOutput, torch.LongTensor]:
     """Greedy or sampled decoding with a SepCache (the ``custom_generate`` callable).
 
     The SepCache arguments (sizes, ``SEP_ACCUMULATION``, ``USE_MAX_SEP_CACHE``, ``separator_token_ids``,
@@ -133,8 +133,9 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
 
     Honours ``do_sample``/``temperature``/``top_k``/``top_p`` (through the logits processors transformers prepared),
     ``eos_token_id`` and ``max_new_tokens`` (stopping criteria), left-padded batches (``attention_mask``), streamers,
-    ``output_scores``/``output_logits`` and ``return_dict_in_generate``. A ``past_key_values`` that is already a
-    SepCache is used as is; any other cache transformers prepared is ignored. Beam search and assistant models are not
+    ``output_scores``/``output_logits`` and ``return_dict_in_generate`` (the output carries the SepCache as both
+    ``.cache`` and ``.past_key_values``). A cache argument (``cache=`` on transformers >= 5.24, ``past_key_values=``
+    before) that is already a SepCache is used as is; any other cache transformers prepared is ignored. Beam search and assistant models are not
     supported (rows of a SepCache hold different token sets).
     """
     if generation_config is None or logits_processor is None or stopping_criteria is None:
@@ -145,7 +146,7 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     if synced_gpus:
         raise ValueError("SepCache generation does not support synced_gpus")
     attention_mask = model_kwargs.pop("attention_mask", None)
-    cache = model_kwargs.pop("past_key_values", None)
+    cache = pop_cache(model_kwargs)   # ``cache`` from transformers 5.24, ``past_key_values`` before
     for key in ("position_ids", "use_cache", "logits_to_keep", "cache_position"):
         model_kwargs.pop(key, None)
     if model_kwargs:
@@ -158,7 +159,7 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
                          prefill_attention=prefill_attention, eviction_timing=eviction_timing, model=model)
     else:
         if cache.get_seq_length(0) > 0:
-            raise ValueError("past_key_values must be a fresh SepCache: generate feeds the whole input_ids as the "
+            raise ValueError("the cache passed to generate must be a fresh SepCache: generate feeds the whole input_ids as the "
                              "prompt (continue a used cache with sepllm_forward instead)")
         cache.bind_model(model)
 
@@ -200,6 +201,6 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     if streamer is not None:
         streamer.end()
     if cfg.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits,
-                                         attentions=None, hidden_states=None, past_key_values=cache)
+        return generate_output(cache, sequences=input_ids, scores=scores, logits=raw_logits, attentions=None,
+                               hidden_states=None)
     return input_ids

@@ -34,6 +34,7 @@ import torch
 from megatron.config.sepllm import SepLLMConfig
 from megatron.sepllm import rules
 from megatron.sepllm.hf_config import TrainingFreeSettings, load_trainingfree_config, resolve_for_model
+from megatron.sepllm.hf_compat import CACHE_NAMES, output_cache
 from megatron.sepllm.hf_retention import RetentionMeter, _Counts
 
 ATTN_SDPA = "sepllm_mask_sdpa"
@@ -173,10 +174,10 @@ class SepLLMHandle:
             call = dict(signature.bind_partial(*args, **kwargs).arguments)
             if var_kw is not None:
                 call.update(call.pop(var_kw, None) or {})
-            call[PLAN_KWARG] = self._step(call.get("input_ids"), call.get("attention_mask"),
-                                          call.get("past_key_values"))
+            past = next((call[n] for n in CACHE_NAMES if call.get(n) is not None), None)
+            call[PLAN_KWARG] = self._step(call.get("input_ids"), call.get("attention_mask"), past)
             out = original(**call)
-            self._bind_cache(getattr(out, "past_key_values", None))
+            self._bind_cache(output_cache(out))
             return out
 
         self.model.forward = forward
@@ -263,7 +264,7 @@ class SepLLMHandle:
         if hist is None or hist.cache is None or hist.cache() is not cache:
             raise SepLLMRuntimeError(
                 f"the cache holds {past_len} tokens but it is not the cache this SepLLM handle's last call returned; "
-                "continue a sequence only with the past_key_values of its previous call (start a new one without)")
+                "continue a sequence only with the cache its previous call returned (start a new one without)")
         if hist.ids.shape[0] != bsz or hist.ids.shape[1] < past_len:
             raise SepLLMRuntimeError(f"the cache holds {past_len} tokens for batch {bsz} but this SepLLM handle "
                                      f"tracked {tuple(hist.ids.shape)} (batch, tokens)")

@@ -24,6 +24,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from megatron.sepllm.hf_attention import SepLLMHandle, apply_sepllm
+from megatron.sepllm.hf_compat import cache_kwargs
 from megatron.sepllm.hf_config import TrainingFreeConfigError, parse_override
 
 _SEPCACHE_SIZES = ("init_cache_size", "sep_cache_size", "local_size", "cache_size")
@@ -149,7 +150,7 @@ class SepLLMHFLM(HFLM):
         ctx = self.sepllm_handle.suspended() if self.sepllm_handle is not None else contextlib.nullcontext()
         with ctx:
             out = super()._model_generate(context, max_length, stop, custom_generate=sepllm.generate,
-                                          past_key_values=cache, **generation_kwargs)
+                                          **cache_kwargs(self.model, cache), **generation_kwargs)
         self._sepcache_stats.add(cache)
         return out
 

@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from megatron.sepllm.cache import SepCache
     from megatron.sepllm.generation import sepllm_attention, sepllm_forward
+    from megatron.sepllm.hf_compat import cache_kwargs
     from megatron.sepllm.separator_presets import preset_for_model_type, separator_ids_from_tokenizer
 
     if args.threads:
@@ -262,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
             del pending_fed[:take], pending_tgt[:take]
             if args.method == "full":
                 pos = torch.arange(done, done + take, device=device).unsqueeze(0)
-                out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+                out = model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
                 length = cache.get_seq_length()
             else:
                 out = sepllm_forward(model, cache, ids)
