@@ -105,7 +105,24 @@ class TrainingConfig:
     zero_stage: int = opt(0, "ZeRO stage, derived from zero_optimization.stage.", derived=True)
     eod_mask_loss: bool = opt(False, "Do not compute the loss on end-of-document tokens.")
     device: str = opt("auto", "auto | cpu | cuda. auto = cuda when available, else cpu.")
-    eval_tasks: Optional[list] = opt(None, "lm_eval task names for eval.py / in-training evaluation.")
+    eval_tasks: Optional[list] = opt(None, "lm_eval task names for eval.py (a list; a string is split at commas). "
+                                           "On the command line: `--eval_tasks lambada_openai piqa`.")
+    eval_num_fewshot: Optional[int] = opt(None, "eval.py: few-shot examples per prompt (lm_eval num_fewshot); None = "
+                                                "each task's own default.")
+    eval_limit: Optional[int] = opt(None, "eval.py: evaluate only the first N documents of each task (lm_eval "
+                                          "limit); None = all documents.")
+    eval_results_prefix: str = opt("", "eval.py: results go to `<prefix>_eval_results.json` (folders in the prefix "
+                                       "are created); empty = `eval_results_<date-time>.json` in the current "
+                                       "directory.")
+    eval_include_path: Optional[str] = opt(None, "eval.py: folder of extra lm_eval task YAMLs (lm_eval "
+                                                 "include_path), e.g. `eval_tasks/` for local JSONL tasks; its tasks "
+                                                 "are added to lm_eval's built-in ones.")
+    eval_batch_size: Optional[int] = opt(None, "eval.py: sequences per forward on each data-parallel rank (None = "
+                                               "train_micro_batch_size_per_gpu).")
+    eval_bootstrap_iters: int = opt(100000, "eval.py: bootstrap resamples for the stderr of non-mean metrics "
+                                            "(lm_eval bootstrap_iters; 0 = no stderr for those).")
+    eval_log_samples: bool = opt(False, "eval.py: also write every document's requests and responses to "
+                                        "`<results stem>_samples_<task>.jsonl`.")
     batch_inputs: list = field(default_factory=list, compare=False, repr=False,
                                metadata={"help": "Which batch keys the user gave (internal).", "internal": True})
 
@@ -120,6 +137,10 @@ class CheckpointConfig:
     no_load_optim: bool = opt(False, "Resume weights only, not the optimizer state.")
     no_load_rng: bool = opt(False, "Do not restore RNG states when resuming.")
     finetune: bool = opt(False, "Load weights only and restart the iteration count at 0 (implies no_load_optim).")
+    iteration: Optional[int] = opt(None, "Which checkpoint under `load` eval.py, generate.py and the converters read "
+                                         "(`global_stepN`); None = the one `latest` names. Training resumes from "
+                                         "`latest` only and refuses this key (point `load` at a `global_stepN` "
+                                         "folder instead).")
     checkpoint_scale: str = opt("linear", "Save schedule: linear (every checkpoint_factor iterations). "
                                           "Only linear is supported.")
 

@@ -46,7 +46,7 @@ DEEPSPEED_PASSTHROUGH = frozenset({
 })
 
 # Keys accepted and ignored (they only describe the author's environment, or are read by external tools).
-IGNORED = frozenset({"git_hash", "user_script", "iteration", "local_rank", "rank", "config_files"})
+IGNORED = frozenset({"git_hash", "user_script", "local_rank", "rank", "config_files"})
 
 
 def norm(key: str) -> str:

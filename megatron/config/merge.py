@@ -158,7 +158,8 @@ def deep_merge(base: dict, new: dict) -> dict:
 def parse_overrides(args: Iterable[str]) -> list[tuple[str, Any, str]]:
     """``["--a", "1", "--b.c=x", "--flag"]`` -> [(dotted key, parsed value, original text)].
 
-    Values are YAML scalars or flow lists (``1e-3``, ``true``, ``[1, 2]``, ``-1``); a flag with no value is ``true``.
+    Values are YAML scalars or flow lists (``1e-3``, ``true``, ``[1, 2]``, ``-1``); a flag with no value is ``true``;
+    several words after one key (``--eval_tasks lambada_openai piqa``) are a list.
     """
     args = list(args)
     out: list[tuple[str, Any, str]] = []
@@ -172,8 +173,18 @@ def parse_overrides(args: Iterable[str]) -> list[tuple[str, Any, str]]:
             key, text = body.split("=", 1)
             i += 1
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            key, text = body, args[i + 1]
-            i += 2
+            j = i + 1
+            while j < len(args) and not args[j].startswith("--"):
+                j += 1
+            key, words = body, args[i + 1:j]
+            i = j
+            if len(words) > 1:  # `--eval_tasks lambada_openai piqa`: several words are a list
+                if not key or any(not part for part in key.split(".")):
+                    raise ConfigError(f"command line: malformed key in {token!r}")
+                value = [parse_scalar(w, f"command line --{key}") for w in words]
+                out.append((key, value, f"--{key}={' '.join(words)}"))
+                continue
+            text = words[0]
         else:
             key, text = body, "true"
             i += 1

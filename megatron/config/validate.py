@@ -81,6 +81,8 @@ def _build_sections(merged: dict, ctx: _Ctx) -> dict[str, Any]:
         hints = typing.get_type_hints(cls)
         for name, raw in merged.get(section, {}).items():
             where = f"{ctx.src(section, name)}: key '{name}'"
+            if (section, name) == ("training", "eval_tasks") and isinstance(raw, str):
+                raw = [part.strip() for part in raw.split(",") if part.strip()]  # GPT-NeoX "a,b" / one name
             value = coerce(raw, hints[name], where)
             if (section, name) in ITEM_TYPES and value is not None:
                 value = coerce_items(value, ITEM_TYPES[(section, name)], where)
@@ -217,6 +219,9 @@ def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
     for name in ("eval_interval",):
         _at_least(ctx, "training", name, getattr(t, name), 1)
     _at_least(ctx, "training", "eval_iters", t.eval_iters, 0)
+    for name, low in (("eval_num_fewshot", 0), ("eval_limit", 1), ("eval_batch_size", 1),
+                      ("eval_bootstrap_iters", 0)):
+        _at_least(ctx, "training", name, getattr(t, name), low)
     t.batch_inputs = [k for k in derived.BATCH_KEYS if merged_training.get(k) is not None]
     try:
         t.train_batch_size, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps = (
@@ -319,6 +324,7 @@ def _check_rest(objs: dict, ctx: _Ctx) -> None:
     ck.checkpoint_scale = _one_of(ctx, "checkpoint", "checkpoint_scale", ck.checkpoint_scale, ("linear",))
     _at_least(ctx, "checkpoint", "checkpoint_factor", ck.checkpoint_factor, 1)
     _at_least(ctx, "checkpoint", "keep_last_n_checkpoints", ck.keep_last_n_checkpoints, 1)
+    _at_least(ctx, "checkpoint", "iteration", ck.iteration, 0)
     if ck.extra_save_iters is not None:
         _at_least(ctx, "checkpoint", "extra_save_iters", min(ck.extra_save_iters, default=0), 0)
     lg = objs["logging"]
@@ -391,6 +397,10 @@ def check_training_ready(cfg: NeoXConfig) -> None:
     if tok.tokenizer_type != "CharLevelTokenizer" and tok.vocab_file is None:
         missing.append(f"vocab_file (needed by tokenizer_type {tok.tokenizer_type})")
     where = ", ".join(cfg.sources) or "config"
+    if cfg.checkpoint.iteration is not None:
+        raise ConfigError(f"{where}: key 'iteration' = {cfg.checkpoint.iteration} picks the checkpoint eval.py / "
+                          f"generate.py / the converters read; training resumes from 'latest': set load to the "
+                          f"global_step{cfg.checkpoint.iteration} folder instead")
     if missing:
         raise ConfigError(f"{where}: missing required key(s) for training: {', '.join(missing)}")
     windows = cfg.sepllm.prefill_windows or []
