@@ -35,10 +35,12 @@ from megatron.training.distributed import (DistInfo, barrier, capture_rng_state,
                                            set_seed)
 from megatron.training.engine import build_engine, check_device_support, quiet_deepspeed_logs, resolve_device
 from megatron.training.flops import default_peak_flops, flops_per_token, mfu
+from megatron.training.interrupt import StopRequest, TrainingInterrupted
 from megatron.training.logging import RunLogger
 from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
 from megatron.training.optimizer import build_optimizer
 from megatron.training.parallel_setup import ParallelPlan, plan_parallel
+from megatron.training.preflight import check_output_dirs
 
 
 class TrainingError(RuntimeError):
@@ -90,21 +92,18 @@ def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> float:
     return float(value)
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
-
-
 def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: bool,
                on_forward: Any = None, clip: float = 0.0,
                loss_fn: Any = lm_loss) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``gas`` micro-batches; returns (mean local loss, global grad norm).
 
     ``own_grad_norm`` (ZeRO-0 fp32, where DeepSpeed does not report the norm): we measure the norm at the
-    accumulation boundary and clip to ``clip`` ourselves in the same pass (DeepSpeed's clipping is then off).
+    accumulation boundary and clip to ``clip`` ourselves in the same pass (DeepSpeed's clipping is then off). The
+    squares are summed in fp64 like DeepSpeed's ZeRO norm: an fp32 sum over the millions of entries of a CPU
+    embedding gradient is off by ~1e-4 relative, which changed the clipping and made ZeRO-0 and ZeRO-1..3 diverge.
     """
+    from megatron.parallel.tensor_parallel import clip_tp_grad_norm_, tp_grad_norm
+
     losses = []
     norm = None
     for _ in range(gas):
@@ -114,17 +113,9 @@ def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: b
             on_forward()
         engine.backward(loss)
         if own_grad_norm and engine.is_gradient_accumulation_boundary():
-            # grads are final (all-reduced) at the boundary; one pass gives the norm and clips
-            if getattr(engine.module, "tensor_parallel", None) is not None:
-                from megatron.parallel.tensor_parallel import clip_tp_grad_norm_, tp_grad_norm
-
-                norm = clip_tp_grad_norm_(engine.module, clip) if clip > 0 else float(tp_grad_norm(engine.module))
-                engine.step()
-                losses.append(loss.detach().float())
-                continue
-            params = [p for p in engine.module.parameters() if p.grad is not None]
-            norm = (float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip > 0
-                    else _grad_norm(engine.module))
+            # grads are final (all-reduced) at the boundary; one pass gives the norm and clips (a plain model is a
+            # tensor-parallel model of size 1 for these two)
+            norm = clip_tp_grad_norm_(engine.module, clip) if clip > 0 else float(tp_grad_norm(engine.module))
         engine.step()
         losses.append(loss.detach().float())
     ds_norm = engine.get_global_grad_norm()
@@ -194,8 +185,6 @@ def _build_tokenizer_and_vocab(cfg: Any) -> Any:
 def _check_supported(cfg: Any) -> None:
     if cfg.training.train_iters is None or cfg.training.train_iters < 0:
         raise TrainingError(f"train_iters must be set to a number >= 0, got {cfg.training.train_iters!r}")
-    if cfg.training.zero_stage >= 3 and cfg.checkpoint.save:
-        raise TrainingError("checkpointing with ZeRO stage 3 is not supported: use stage 1 or 2, or unset 'save'")
 
 
 def _make_scheduler(cfg: Any, train_iters: int) -> AnnealingLR:
@@ -230,6 +219,10 @@ def _resume(cfg: Any, engine: Any, scheduler: AnnealingLR, info: DistInfo, logge
         scheduler.load_state_dict(client["lr_scheduler"])
     engine.global_steps = iteration
     engine.global_samples = consumed
+    dropped = logger.drop_rows_after(iteration)
+    if dropped:
+        logger.info(f"{logger.metrics_path}: dropped {dropped} row(s) of iterations after {iteration}, written before "
+                    "this resume (the resumed run logs them again)")
     logger.info(f"resumed from {meta['path']} at iteration {iteration} ({consumed} samples consumed"
                 f"{', optimizer state not loaded' if weights_only else ''})")
     return iteration, consumed
@@ -254,6 +247,8 @@ def pretrain(config: Any, *, stream: Any = None) -> TrainResult:
         rank_layout(world, int(cfg.parallel.model_parallel_size or 1), int(cfg.parallel.pipe_parallel_size or 0))
     except ParallelLayoutError as exc:
         raise TrainingError(str(exc)) from exc
+    # unwritable or full output folders fail here, before minutes of set-up and training
+    check_output_dirs(cfg, dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0")))
     info = init_distributed(device, cfg.parallel.distributed_backend)
     quiet_deepspeed_logs()
     is_main = info.rank == 0
@@ -264,12 +259,14 @@ def pretrain(config: Any, *, stream: Any = None) -> TrainResult:
     logger = RunLogger(lg.log_dir, enabled=is_main, tensorboard_dir=lg.tensorboard_dir, wandb_cfg=wandb_cfg,
                        run_config=cfg.to_dict(), train_iters=t.train_iters, stream=stream)
     try:
-        return _run(cfg, info, device, logger, started)
+        with StopRequest() as stop:
+            return _run(cfg, info, device, logger, started, stop)
     finally:
         logger.close()
 
 
-def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: float) -> TrainResult:
+def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: float,
+         stop: StopRequest) -> TrainResult:
     from megatron.model.gpt import GPTModel
 
     t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
@@ -324,6 +321,11 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
 
     iteration, consumed = _resume(cfg, engine, scheduler, info, logger, plan)
     result = TrainResult(iteration=iteration, log_dir=lg.log_dir)
+    if iteration > 0 and iteration >= t.train_iters:
+        logger.info(f"checkpoint at iteration {iteration} already reached train_iters {t.train_iters}: nothing to "
+                    "train; raise --train-iters to continue")
+        result.wall_time_s = time.perf_counter() - started
+        return result
     eod = getattr(tokenizer, "eod", None)
     sep = cfg.sepllm
     retention = getattr(getattr(engine.module, "attention_backend", None), "retention", None)
@@ -353,11 +355,15 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
 
     batches = micro_batches()
     interval = _Interval()
+    start_iteration = iteration
     last_saved = None
     if ck.save and iteration == 0 and 0 in set(ck.extra_save_iters or ()):
         last_saved = _save(cfg, engine, scheduler, 0, consumed, info, logger, result, plan)  # the init weights
     engine.train()
     while iteration < t.train_iters:
+        if stop.agreed(device):  # every rank stops after the same iteration
+            _stop(cfg, engine, scheduler, iteration, consumed, info, logger, result, plan, stop, last_saved,
+                  start_iteration)
         iteration += 1
         current[0] = iteration
         tick = time.perf_counter()
@@ -410,6 +416,21 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     result.wall_time_s = time.perf_counter() - started
     logger.info(f"done: {iteration} iterations in {result.wall_time_s:.1f} s")
     return result
+
+
+def _stop(cfg: Any, engine: Any, scheduler: AnnealingLR, iteration: int, consumed: int, info: DistInfo,
+          logger: RunLogger, result: TrainResult, plan: ParallelPlan, stop: StopRequest,
+          last_saved: int | None, start_iteration: int) -> None:
+    """Save at the current iteration boundary (when ``save`` is set) and raise TrainingInterrupted."""
+    what = f"stopped by {stop.signal_name} after iteration {iteration}"
+    if iteration == start_iteration:
+        raise TrainingInterrupted(f"{what}: nothing trained in this run, no checkpoint written", stop.exit_code)
+    if not cfg.checkpoint.save:
+        raise TrainingInterrupted(f"{what}: no checkpoint written ('save' is not set)", stop.exit_code)
+    if last_saved != iteration:
+        _save(cfg, engine, scheduler, iteration, consumed, info, logger, result, plan)
+    raise TrainingInterrupted(f"{what}: checkpoint {Path(cfg.checkpoint.save) / f'global_step{iteration}'} saved; "
+                              f"resume with --load {cfg.checkpoint.save}", stop.exit_code)
 
 
 def _save(cfg: Any, engine: Any, scheduler: AnnealingLR, iteration: int, consumed: int, info: DistInfo,
