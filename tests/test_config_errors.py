@@ -43,7 +43,7 @@ BAD_CASES = [
     ("wrong-type-int", _with(train__iters="ten"), None, ["bad.yml", "key 'train_iters'", "expected an integer",
                                                          "'ten'"]),
     ("wrong-type-bool", _with(streamingLLM="maybe"), None, ["key 'streamingLLM'", "expected true or false"]),
-    ("wrong-type-list", _with(separator_token_ids=15), None, ["key 'separator_token_ids'", "expected a list"]),
+    ("wrong-type-list", _with(separator_token_ids={"dot": 15}), None, ["key 'separator_token_ids'", "expected a list"]),
     ("batch-triple", _with(train_batch_size=10, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2),
      None, ["bad.yml", "inconsistent batch sizes", "train_batch_size=10"]),
     ("batch-not-divisible", _with(train_batch_size=10, train_micro_batch_size_per_gpu=4), None,

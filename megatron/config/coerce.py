@@ -109,6 +109,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if base is list:
         if isinstance(value, tuple):
             value = list(value)
+        if isinstance(value, (str, int, float, bool)):
+            value = [value]  # `--train-data-paths path` / `train-data-paths: path`: a one-element list
         if not isinstance(value, list):
             raise _bad(where, value, "a list")
         item_args = typing.get_args(tp)

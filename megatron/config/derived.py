@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 
 from megatron.config.errors import ConfigError
 
+GATED_ACTIVATIONS = ("swiglu", "geglu")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -58,12 +59,30 @@ def resolve_batch_triple(global_bs: Optional[int], micro: Optional[int], accum: 
     return micro * accum * dp, micro, accum
 
 
-def rescale_batch_triple(global_bs: int, micro: int, accum: int, keep_global: bool,
-                         data_parallel_size: int) -> tuple[int, int, int]:
-    """The triple for a run on ``data_parallel_size`` ranks: micro kept; global kept when ``keep_global`` else accum."""
-    if keep_global:
-        return resolve_batch_triple(global_bs, micro, None, data_parallel_size)
-    return resolve_batch_triple(None, micro, accum, data_parallel_size)
+def resolve_given_batch(batch_inputs: Sequence[str], global_bs: Optional[int], micro: Optional[int],
+                        accum: Optional[int], data_parallel_size: int) -> tuple[int, int, int]:
+    """The triple for ``data_parallel_size`` ranks from the batch keys the user GAVE (``batch_inputs``).
+
+    Values derived for another data-parallel size are dropped and derived again, so a global batch the user gave is
+    kept (or refused when it cannot be split over these ranks), never silently scaled; one derived from micro x
+    accumulation follows the ranks. Without provenance (a config built in code) micro and accumulation count as given.
+    """
+    given = set(batch_inputs) or {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+    values = {"train_batch_size": global_bs, "train_micro_batch_size_per_gpu": micro,
+              "gradient_accumulation_steps": accum}
+    picked = [values[k] if k in given else None for k in BATCH_KEYS]
+    return resolve_batch_triple(*picked, data_parallel_size)
+
+
+def ffn_width(hidden_size: int, activation: str, intermediate_size: Optional[int]) -> int:
+    """MLP width after the (optional) gating: ``intermediate_size``, else 4 x hidden (gelu/relu), else Llama's
+    ``256 * ceil((8/3 * hidden) / 256)`` for swiglu/geglu. Pure, so config validation can check TP splits."""
+    if intermediate_size is not None:
+        return int(intermediate_size)
+    if activation in GATED_ACTIVATIONS:
+        multiple = 256
+        return multiple * ((int(2 * 4 * hidden_size / 3) + multiple - 1) // multiple)
+    return 4 * hidden_size
 
 
 def warmup_iters(warmup: float, decay_iters: int) -> int:

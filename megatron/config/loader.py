@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from megatron.config.errors import ConfigError
 from megatron.config.merge import merge_sources, parse_overrides
@@ -37,13 +37,17 @@ def _override_args(overrides: Optional[Union[Iterable[str], Mapping[str, Any]]])
 
 def load_config(*paths: Union[Source, Sequence[Source]],
                 overrides: Optional[Union[Iterable[str], Mapping[str, Any]]] = None,
-                for_training: bool = False) -> NeoXConfig:
+                for_training: bool = False,
+                world_size: Union[int, Callable[[Any], int], None] = None) -> NeoXConfig:
     """Read, merge (later wins, nested mappings deep-merged), override and validate configs.
 
     ``paths``: YAML files and/or already-parsed dicts (a list of them works too). ``overrides``: command-line tokens
     (``["--train-iters", "10", "--optimizer.params.lr=1e-3"]``) or a ``{dotted key: value}`` mapping.
     ``for_training=True`` also requires what ``train.py`` needs (train_iters, data, tokenizer file, num_layers
-    consistent with the SepLLM block). Raises ConfigError with a message naming file, key and expectation.
+    consistent with the SepLLM block). ``world_size``: the ranks of the launch, or a function of the launcher
+    section returning them (``deepy.py`` reads the hostfile / visible devices); the layout and the batch triple are
+    validated against it (None: ``world_size`` key, else num_nodes x num_gpus, else num_gpus). Raises ConfigError
+    with a message naming file, key and expectation.
     """
     sources: list[tuple[str, dict]] = []
     for i, src in enumerate(_flatten_sources(list(paths))):
@@ -55,7 +59,8 @@ def load_config(*paths: Union[Source, Sequence[Source]],
             raise ConfigError(f"config source #{i + 1}: expected a file path or a mapping, got {type(src).__name__}")
     parsed = _override_args(overrides)
     merged, origins = merge_sources(sources, parsed)
-    cfg = build_config(merged, origins, [name for name, _ in sources], [text for _, _, text in parsed])
+    cfg = build_config(merged, origins, [name for name, _ in sources], [text for _, _, text in parsed],
+                       world_size=world_size)
     if for_training:
         cfg.require_for_training()
     return cfg

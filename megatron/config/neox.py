@@ -102,8 +102,12 @@ class NeoXConfig:
         # Values computed from other keys are written (so the file shows what ran) but listed here, and loading
         # recomputes them: a later `--train-iters` still moves lr_decay_iters/warmup_iters, a pinned global batch
         # stays pinned, and the distributed backend follows the machine.
-        recompute = READ_ONLY_FIELDS | {(s, n) for s, n in derivable_fields()
-                                        if explicit is not None and f"{s}.{n}" not in explicit}
+        recompute = set(READ_ONLY_FIELDS) | {(s, n) for s, n in derivable_fields()
+                                             if explicit is not None and f"{s}.{n}" not in explicit}
+        if self.model.padded_vocab_size is not None:
+            # filled in from the tokenizer by the trainer (validation cannot derive it): a saved resolved config
+            # must reload to the same model, so the value is kept rather than recomputed
+            recompute.discard(("model", "padded_vocab_size"))
         out[DERIVED_KEYS_KEY] = sorted(f"{s}.{n}" for s, n in recompute)
         return out
 
@@ -122,17 +126,27 @@ class NeoXConfig:
     def deepspeed_config(self, data_parallel_size: int, client_optimizer: bool = False) -> dict:
         """The DeepSpeed JSON config for ``data_parallel_size`` ranks.
 
-        The batch triple is re-resolved for the real data-parallel size: the micro batch is kept; the global batch is
-        kept too when the user gave it without giving both micro batch and accumulation (then accumulation adapts);
-        otherwise accumulation is kept and the global batch scales with the data-parallel size, as in GPT-NeoX. ``client_optimizer=True`` leaves out the optimizer block
-        (the trainer passes a torch optimizer, the right choice on CPU where DeepSpeed's Adam needs a JIT build).
+        Validation resolved the batch triple for the launched data-parallel size; for that size it is used as is.
+        For another size (a config built or validated for different ranks) the batch keys the user gave are resolved
+        again (``derived.resolve_given_batch``): a given global batch is kept or refused with a ConfigError, never
+        scaled; a global batch derived from micro x accumulation follows the ranks (GPT-NeoX).
+        ``client_optimizer=True`` leaves out the optimizer block (the trainer passes a torch optimizer, the right
+        choice on CPU where DeepSpeed's Adam needs a JIT build).
         """
-        from megatron.config.derived import rescale_batch_triple
+        from megatron.config.derived import resolve_given_batch
 
         t = self.training
-        global_bs, micro, accum = rescale_batch_triple(
-            t.train_batch_size, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps,
-            keep_global=_global_batch_pinned(t.batch_inputs), data_parallel_size=data_parallel_size)
+        if data_parallel_size == self.parallel.data_parallel_size:
+            global_bs, micro, accum = (t.train_batch_size, t.train_micro_batch_size_per_gpu,
+                                       t.gradient_accumulation_steps)
+        else:
+            try:
+                global_bs, micro, accum = resolve_given_batch(
+                    t.batch_inputs, t.train_batch_size, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps,
+                    data_parallel_size)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (this run has data-parallel size {data_parallel_size}; the config was "
+                                  f"resolved for {self.parallel.data_parallel_size})") from None
         ds: dict[str, Any] = {
             "train_batch_size": global_bs,
             "train_micro_batch_size_per_gpu": micro,
@@ -158,12 +172,6 @@ class NeoXConfig:
         from megatron.config.validate import check_training_ready
 
         check_training_ready(self)
-
-
-def _global_batch_pinned(batch_inputs: list) -> bool:
-    """The user fixed the global batch and left one of micro batch / accumulation free to adapt."""
-    return "train_batch_size" in batch_inputs and not {"train_micro_batch_size_per_gpu",
-                                                        "gradient_accumulation_steps"} <= set(batch_inputs)
 
 
 __all__ = ["NeoXConfig", "SECTIONS", "ConfigError"]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import typing
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from megatron.config import derived
 from megatron.config.coerce import coerce, coerce_items, to_float
 from megatron.config.errors import ConfigError
+from megatron.config.layout import check_layout
 from megatron.config.merge import EXTRA, Origins
 from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, NeoXConfig
 from megatron.config.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
@@ -152,21 +153,35 @@ def _check_optimizer(o, ctx: _Ctx) -> None:
     o.params = {**typed, **extras}
 
 
-def _resolve_parallel(p, launcher, device: str, ctx: _Ctx) -> None:
+WorldSize = Union[int, Callable[[Any], int], None]
+
+
+def _world_size(p, launcher, launch_world: WorldSize, ctx: _Ctx) -> int:
+    """The ranks this config runs on: ``world_size`` if given, else the launch's (``launch_world``: a number, or a
+    function of the launcher section that reads the hostfile / visible devices), else ``num_nodes x num_gpus``,
+    ``num_gpus`` (one node), and finally ``model_parallel_size x pipe stages`` (unknown until launch)."""
+    launched = launch_world(launcher) if callable(launch_world) else launch_world
+    if p.world_size is not None:
+        if launched is not None and launched != p.world_size:
+            raise ConfigError(f"{ctx.src('parallel', 'world_size')}: world_size={p.world_size}, but the launch has "
+                              f"{launched} ranks; remove world_size or launch {p.world_size} processes")
+        return p.world_size
+    if launched is not None:
+        return int(launched)
+    nodes, gpus = launcher.num_nodes, launcher.num_gpus
+    if gpus is not None and gpus > 0:
+        if nodes is not None and nodes > 0:
+            return nodes * gpus
+        if not launcher.hostfile:
+            return gpus
+    return p.model_parallel_size * max(p.pipe_parallel_size, 1)
+
+
+def _resolve_parallel(p, launcher, device: str, launch_world: WorldSize, ctx: _Ctx) -> None:
     for name in ("model_parallel_size", "world_size"):
         _at_least(ctx, "parallel", name, getattr(p, name), 1)
     _at_least(ctx, "parallel", "pipe_parallel_size", p.pipe_parallel_size, 0)
-    if p.world_size is None:
-        nodes, gpus = launcher.num_nodes, launcher.num_gpus
-        # unknown until launch (hostfile slots, visible GPUs): assume the smallest layout; the launcher
-        # (megatron.training.launch.check_launch) and the trainer check the real world size
-        p.world_size = (nodes * gpus if nodes and nodes > 0 and gpus and gpus > 0
-                        else p.model_parallel_size * max(p.pipe_parallel_size, 1))
-    given_dp = p.data_parallel_size
-    p.data_parallel_size = derived.data_parallel_size(p.world_size, p.model_parallel_size, p.pipe_parallel_size)
-    if given_dp is not None and given_dp != p.data_parallel_size:
-        raise ConfigError(f"{ctx.src('parallel', 'data_parallel_size')}: data_parallel_size={given_dp} is derived "
-                          f"(world_size / (model x pipe parallel) = {p.data_parallel_size}); set world_size instead")
+    p.world_size = _world_size(p, launcher, launch_world, ctx)
     backend = _one_of(ctx, "parallel", "distributed_backend", p.distributed_backend, BACKENDS, normalise=True)
     if backend in (None, "auto", "nccl"):
         cuda = device != "cpu" and _cuda_available()
@@ -174,6 +189,16 @@ def _resolve_parallel(p, launcher, device: str, ctx: _Ctx) -> None:
             logger.info("distributed_backend 'nccl' needs CUDA; using 'gloo' on this CPU run")
         backend = "nccl" if cuda else "gloo"
     p.distributed_backend = backend
+
+
+def _resolve_layout(model, p, zero_stage: int, ctx: _Ctx) -> None:
+    """The one layout check (``megatron.config.layout``) for the resolved world size; sets the data-parallel size."""
+    given_dp = p.data_parallel_size
+    p.data_parallel_size = check_layout(model, p, zero_stage, p.world_size,
+                                        where=lambda key: ctx._by_field.get(key, "config"))
+    if given_dp is not None and given_dp != p.data_parallel_size:
+        raise ConfigError(f"{ctx.src('parallel', 'data_parallel_size')}: data_parallel_size={given_dp} is derived "
+                          f"(world_size / (model x pipe parallel) = {p.data_parallel_size}); set world_size instead")
 
 
 def _cuda_available() -> bool:
@@ -231,7 +256,6 @@ def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
         srcs = sorted({ctx.src("training", k) for k in t.batch_inputs} or {"default"})
         raise ConfigError(f"{', '.join(srcs)}: {exc}") from None
     _resolve_precision(t, merged_training, ctx)
-    _resolve_zero(t, ctx)
 
 
 def _resolve_precision(t, merged_training: dict, ctx: _Ctx) -> None:
@@ -353,8 +377,13 @@ def _check_derived_repeats(given: dict, objs: dict, ctx: _Ctx) -> None:
                               f"keys it is computed from")
 
 
-def build_config(merged: dict, origins: Origins, sources: list[str], overrides: list[str]) -> NeoXConfig:
-    """Validate the merged canonical dict into a ``NeoXConfig`` (raises ConfigError)."""
+def build_config(merged: dict, origins: Origins, sources: list[str], overrides: list[str],
+                 world_size: WorldSize = None) -> NeoXConfig:
+    """Validate the merged canonical dict into a ``NeoXConfig`` (raises ConfigError).
+
+    ``world_size``: the ranks of the launch (or a function of the launcher section returning them), against which
+    the layout and the batch triple are checked; None derives it from the config (see ``_world_size``).
+    """
     ctx = _Ctx(origins)
     objs = _build_sections(merged, ctx)
     given_derived = {(s, n): getattr(objs[s], n) for s, n in DERIVED_ONLY if n in merged.get(s, {})}
@@ -367,7 +396,9 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
     extra = dict(merged.get(EXTRA, {}))
     check_unsupported(SimpleNamespace(**objs, deepspeed_extra=extra), lambda key: ctx._by_field.get(key, "config"))
     _check_optimizer(objs["optimizer"], ctx)
-    _resolve_parallel(parallel, objs["launcher"], training.device, ctx)
+    _resolve_parallel(parallel, objs["launcher"], training.device, world_size, ctx)
+    _resolve_zero(training, ctx)
+    _resolve_layout(model, parallel, training.zero_stage, ctx)
     _resolve_training(training, parallel, merged.get("training", {}), ctx)
     model.precision = training.precision
     _resolve_schedule(objs["lr_schedule"], training, merged.get("lr_schedule", {}), ctx)

@@ -12,22 +12,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megatron.config import derived
 from megatron.config.model import ModelConfig
 
-GATED = ("swiglu", "geglu")
+GATED = derived.GATED_ACTIVATIONS
 ACTIVATIONS = ("gelu", "relu") + GATED
 
 
 def ffn_width(cfg: ModelConfig) -> int:
     """Hidden width of the MLP after the (optional) gating, from ``intermediate_size`` or the defaults above."""
-    if cfg.intermediate_size is not None:
-        if cfg.intermediate_size < 1:
-            raise ValueError(f"model config key 'intermediate_size' = {cfg.intermediate_size}: expected > 0")
-        return int(cfg.intermediate_size)
-    if cfg.activation in GATED:
-        multiple = 256
-        return multiple * ((int(2 * 4 * cfg.hidden_size / 3) + multiple - 1) // multiple)
-    return 4 * cfg.hidden_size
+    if cfg.intermediate_size is not None and cfg.intermediate_size < 1:
+        raise ValueError(f"model config key 'intermediate_size' = {cfg.intermediate_size}: expected > 0")
+    return derived.ffn_width(cfg.hidden_size, cfg.activation, cfg.intermediate_size)
 
 
 class MLP(nn.Module):

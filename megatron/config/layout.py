@@ -1,0 +1,68 @@
+"""The parallel layout check: one function, run by config validation for the launched world size.
+
+``check_layout`` answers "can ``world_size`` ranks run this model with this TP / PP / ZeRO setting?" before anything
+starts: the world size must divide by ``model_parallel_size x pipe stages``, tensor parallelism must split the query
+heads, the KV heads, the MLP width (and, with sequence parallelism, the sequence) evenly, a pipeline needs at least
+one layer per stage and DeepSpeed's pipeline engine allows ZeRO 0 or 1 only. ``deepy.py`` validates with the world
+size of the launch (hostfile slots, ``num_gpus``, visible devices), ``train.py`` with the world size its launcher
+set, and ``pretrain`` repeats the call for configs built in code. Pure: no torch, no process groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from megatron.config import derived
+from megatron.config.errors import ConfigError
+
+
+def pipeline_stages(pipe_parallel_size: int) -> int:
+    """GPT-NeoX ``pipe-parallel-size``: 0 (no pipeline engine) and 1 both mean one stage."""
+    return max(int(pipe_parallel_size or 0), 1)
+
+
+def check_layout(model: Any, parallel: Any, zero_stage: int, world_size: int,
+                 where: Callable[[str], str] = lambda key: "config") -> int:
+    """Raise ConfigError naming the keys when ``world_size`` ranks cannot run the layout; return the DP size.
+
+    ``model`` / ``parallel``: the ModelConfig and ParallelConfig; ``where(key)`` names the source of a key.
+    """
+    tp = int(parallel.model_parallel_size or 1)
+    pp = int(parallel.pipe_parallel_size or 0)
+    stages = pipeline_stages(pp)
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: expected >= 1")
+    if world_size % (tp * stages):
+        raise ConfigError(
+            f"{where('model_parallel_size')}: world size {world_size} is not divisible by model_parallel_size x "
+            f"pipe stages = {tp} x {stages} = {tp * stages}; launch a multiple of {tp * stages} processes or change "
+            f"model_parallel_size / pipe_parallel_size")
+    if tp > 1 or parallel.sequence_parallel:
+        kv = model.num_kv_heads if model.num_kv_heads is not None else model.num_attention_heads
+        ffn = derived.ffn_width(model.hidden_size, model.activation, model.intermediate_size)
+        checks = [("num_attention_heads", model.num_attention_heads),
+                  ("num_kv_heads" if model.num_kv_heads is not None else "num_attention_heads (= KV heads)", kv),
+                  ("intermediate_size (MLP width)", ffn)]
+        if parallel.sequence_parallel:
+            checks.append(("seq_length (sequence_parallel)", model.seq_length))
+        for key, value in checks:
+            if value % tp:
+                raise ConfigError(f"{where(key.split()[0])}: {key} = {value} is not divisible by model_parallel_size "
+                                  f"= {tp}; tensor parallelism splits it evenly across ranks")
+    if pp >= 2:
+        if zero_stage >= 2:
+            raise ConfigError(f"{where('zero_optimization')}: zero_optimization.stage = {zero_stage} with "
+                              f"pipe_parallel_size = {pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 "
+                              f"(as GPT-NeoX); use stage 1")
+        if model.num_layers < pp:
+            raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size = {pp} needs at least one layer "
+                              f"per stage, but num_layers = {model.num_layers}")
+    return world_size // (tp * stages)
+
+
+def check_config_layout(cfg: Any, world_size: int) -> int:
+    """``check_layout`` for a resolved NeoXConfig (used by ``pretrain`` on the real world size)."""
+    return check_layout(cfg.model, cfg.parallel, int(cfg.training.zero_stage), world_size)
+
+
+__all__ = ["check_config_layout", "check_layout", "pipeline_stages"]
