@@ -1,0 +1,233 @@
+"""``GPTModel`` <-> Hugging Face ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM``: what each HF class can represent,
+the HF config describing the same function, and the state-dict conversions (through the key tables of
+:mod:`megatron.model.convert.tables`).
+
+Every check raises ``ValueError`` naming the config key: an export that silently changes the function is worse than
+none. Rotary settings go into transformers 5.x ``rope_parameters`` (``rope_theta``, ``partial_rotary_factor``).
+``hidden_act`` is the activation ``GPTModel`` computes: exact (erf) GELU for ``gelu`` -- GPT-NeoX's
+``bias_gelu_fusion`` is only a kernel hint here and never changes the function (see ``megatron.model.gpt``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from torch import Tensor
+
+from megatron.config.model import ModelConfig
+from megatron.model.attention import head_dim, kv_heads
+from megatron.model.convert.tables import (
+    GPT_NEOX_TABLE,
+    LLAMA_TABLE,
+    clean_state_dict,
+    from_hf_state,
+    model_keys,
+    to_hf_state,
+)
+from megatron.model.mlp import GATED, ffn_width
+
+HF_CLASSES = {"neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def max_positions(cfg: ModelConfig) -> int:
+    return cfg.max_position_embeddings or cfg.seq_length
+
+
+def check_vocab(cfg: ModelConfig, vocab_size: Optional[int]) -> int:
+    """The HF vocabulary size: ``vocab_size`` (1..padded_vocab_size) or ``padded_vocab_size``."""
+    if cfg.padded_vocab_size is None:
+        raise ValueError("model config 'padded_vocab_size' is None: set it (the embedding rows) before exporting")
+    if vocab_size is None:
+        return cfg.padded_vocab_size
+    if not 0 < vocab_size <= cfg.padded_vocab_size:
+        raise ValueError(f"vocab_size = {vocab_size}: expected 1..padded_vocab_size ({cfg.padded_vocab_size})")
+    return vocab_size
+
+
+def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers 5.x ``rope_parameters`` for our rotary settings (``rotary_pct`` -> ``partial_rotary_factor``)."""
+    # always explicit: GPTNeoXConfig's own default partial_rotary_factor is 0.25
+    return {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base),
+            "partial_rotary_factor": float(cfg.rotary_pct)}
+
+
+# ------------------------------------------------------------------------------------------------------- GPT-NeoX
+def check_gpt_neox_compatible(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` if ``GPTNeoXForCausalLM`` cannot represent this architecture exactly."""
+    problems = []
+    if cfg.pos_emb != "rotary":
+        problems.append(f"pos_emb = {cfg.pos_emb!r} (HF GPT-NeoX has rotary only)")
+    if cfg.norm != "layernorm" or not cfg.use_bias_in_norms:
+        problems.append(f"norm = {cfg.norm!r}, use_bias_in_norms = {cfg.use_bias_in_norms} (needs LayerNorm with bias)")
+    if cfg.activation not in ("gelu", "relu"):
+        problems.append(f"activation = {cfg.activation!r} (HF GPT-NeoX MLP is not gated)")
+    if not cfg.use_bias_in_mlp:
+        problems.append("use_bias_in_mlp = False (HF GPT-NeoX MLP always has biases)")
+    if kv_heads(cfg) != cfg.num_attention_heads:
+        problems.append(f"num_kv_heads = {cfg.num_kv_heads} (HF GPT-NeoX has no grouped-query attention)")
+    if problems:
+        raise ValueError("cannot export to HF GPTNeoXForCausalLM: " + "; ".join(problems) +
+                         ". Use the Llama export for rmsnorm/swiglu/GQA models.")
+
+
+def to_hf_gpt_neox_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig,
+                              vocab_size: Optional[int] = None, keep_bipe_embeddings: bool = False,
+                              include_tied_head: bool = True) -> dict[str, Tensor]:
+    """``GPTModel`` state dict -> ``GPTNeoXForCausalLM`` state dict (tensors are shared, not copied).
+
+    ``vocab_size`` trims the padded embedding rows (default: keep ``padded_vocab_size`` rows). A BiPE model's
+    learned ``position_embeddings`` table, which plain HF GPT-NeoX would silently ignore, is an error unless
+    ``keep_bipe_embeddings`` (then written as ``gpt_neox.position_embeddings.weight`` for a SepLLM-aware class).
+    ``gpt_j_tied`` writes the shared norm as both HF layer norms (the same function). A tied head is written as
+    ``lm_head.weight`` only with ``include_tied_head`` (``load_state_dict`` wants it; safetensors files must not
+    hold it twice).
+    """
+    cfg = model_cfg
+    check_gpt_neox_compatible(cfg)
+    vocab = check_vocab(cfg, vocab_size)
+    state = clean_state_dict(model_state)
+    if "embed.position_embeddings.weight" in state and not keep_bipe_embeddings:
+        raise ValueError("the model has a learned position table (BiPE); HF GPTNeoXForCausalLM would ignore it. "
+                         "Pass keep_bipe_embeddings=True to export it for a SepLLM-aware class.")
+    _require(state, cfg, "GPTModel state dict")
+    out = to_hf_state(GPT_NEOX_TABLE, state, cfg, vocab)
+    if cfg.gpt_j_tied:
+        for i in range(cfg.num_layers):
+            q = f"gpt_neox.layers.{i}."
+            for p in ("weight", "bias"):
+                out[q + f"post_attention_layernorm.{p}"] = out[q + f"input_layernorm.{p}"].clone()
+    if not cfg.no_weight_tying and include_tied_head:
+        out["lm_head.weight"] = out["gpt_neox.embed_in.weight"]
+    return out
+
+
+def hf_gpt_neox_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **overrides: Any):
+    """``transformers.GPTNeoXConfig`` describing the same function as ``GPTModel(model_cfg)``.
+
+    ``vocab_size`` defaults to ``padded_vocab_size``; ``overrides`` (e.g. ``bos_token_id``, ``eos_token_id``,
+    ``dtype``) are passed through.
+    """
+    from transformers import GPTNeoXConfig
+
+    cfg = model_cfg
+    check_gpt_neox_compatible(cfg)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=check_vocab(cfg, vocab_size),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=ffn_width(cfg),
+        hidden_act=cfg.activation,
+        rope_parameters=rope_parameters(cfg),
+        attention_dropout=cfg.attention_dropout,
+        hidden_dropout=cfg.hidden_dropout,
+        max_position_embeddings=max_positions(cfg),
+        initializer_range=cfg.init_method_std,
+        layer_norm_eps=cfg.layernorm_epsilon,
+        use_parallel_residual=cfg.gpt_j_residual,
+        tie_word_embeddings=not cfg.no_weight_tying,
+        attention_bias=cfg.use_bias_in_attn_linear,
+    )
+    kwargs.update(overrides)
+    return GPTNeoXConfig(**kwargs)
+
+
+def from_hf_gpt_neox_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig,
+                                sepllm_cfg: Any = None) -> dict[str, Tensor]:
+    """``GPTNeoXForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_gpt_neox_state_dict``).
+
+    Embedding rows are zero-padded up to ``padded_vocab_size``. ``gpt_j_tied`` is refused (HF has two norms).
+    """
+    cfg = model_cfg
+    check_gpt_neox_compatible(cfg)
+    if cfg.gpt_j_tied:
+        raise ValueError("model config key 'gpt_j_tied' = True cannot load HF GPT-NeoX weights (two separate norms)")
+    expected = model_keys(cfg, sepllm_cfg)
+    if "gpt_neox.position_embeddings.weight" in hf_state and "embed.position_embeddings.weight" not in expected:
+        expected.append("embed.position_embeddings.weight")  # a SepLLM-aware export of a BiPE model
+    if cfg.no_weight_tying and "lm_head.weight" not in hf_state:
+        raise KeyError("HF GPT-NeoX state dict: missing key 'lm_head.weight' for an untied model")
+    return from_hf_state(GPT_NEOX_TABLE, hf_state, cfg, expected, "HF GPT-NeoX state dict")
+
+
+# ---------------------------------------------------------------------------------------------------------- Llama
+def check_llama_compatible(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` if ``LlamaForCausalLM`` cannot represent this architecture exactly."""
+    problems = []
+    if cfg.pos_emb != "rotary" or cfg.rotary_pct != 1.0:
+        problems.append(f"pos_emb = {cfg.pos_emb!r}, rotary_pct = {cfg.rotary_pct} (Llama rotates the full head)")
+    if cfg.norm != "rmsnorm":
+        problems.append(f"norm = {cfg.norm!r} (Llama uses rmsnorm)")
+    if cfg.activation not in GATED:
+        problems.append(f"activation = {cfg.activation!r} (Llama's MLP is gated: swiglu or geglu)")
+    if cfg.gpt_j_residual:
+        problems.append("gpt_j_residual = True (Llama is sequential)")
+    if problems:
+        raise ValueError("cannot export to HF LlamaForCausalLM: " + "; ".join(problems))
+
+
+def to_hf_llama_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig,
+                           vocab_size: Optional[int] = None, include_tied_head: bool = True) -> dict[str, Tensor]:
+    """``GPTModel`` state dict -> ``LlamaForCausalLM`` state dict (QKV and gated MLP split by the table's codecs)."""
+    cfg = model_cfg
+    check_llama_compatible(cfg)
+    vocab = check_vocab(cfg, vocab_size)
+    state = clean_state_dict(model_state)
+    _require(state, cfg, "GPTModel state dict")
+    out = to_hf_state(LLAMA_TABLE, state, cfg, vocab)
+    if not cfg.no_weight_tying and include_tied_head:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def hf_llama_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **overrides: Any):
+    """``transformers.LlamaConfig`` describing the same function as ``GPTModel(model_cfg)``."""
+    from transformers import LlamaConfig
+
+    cfg = model_cfg
+    check_llama_compatible(cfg)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=check_vocab(cfg, vocab_size),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=ffn_width(cfg),
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=kv_heads(cfg),
+        head_dim=head_dim(cfg),
+        hidden_act="silu" if cfg.activation == "swiglu" else "gelu",
+        max_position_embeddings=max_positions(cfg),
+        initializer_range=cfg.init_method_std,
+        rms_norm_eps=cfg.rms_norm_epsilon,
+        tie_word_embeddings=not cfg.no_weight_tying,
+        rope_parameters=rope_parameters(cfg),
+        attention_bias=cfg.use_bias_in_attn_linear,
+        attention_dropout=cfg.attention_dropout,
+        mlp_bias=cfg.use_bias_in_mlp,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def from_hf_llama_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig,
+                             sepllm_cfg: Any = None) -> dict[str, Tensor]:
+    """``LlamaForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_llama_state_dict``): q/k/v
+    are re-interleaved into the grouped fused-QKV layout, up/gate concatenated as ``[value; gate]``."""
+    cfg = model_cfg
+    check_llama_compatible(cfg)
+    if cfg.no_weight_tying and "lm_head.weight" not in hf_state:
+        raise KeyError("HF Llama state dict: missing key 'lm_head.weight' for an untied model")
+    return from_hf_state(LLAMA_TABLE, hf_state, cfg, model_keys(cfg, sepllm_cfg), "HF Llama state dict")
+
+
+def _require(state: Mapping[str, Tensor], cfg: ModelConfig, what: str) -> None:
+    """Every key ``GPTModel(cfg)`` has must be in ``state`` (the tables skip absent keys, e.g. bias-free layers)."""
+    missing = [k for k in model_keys(cfg) if k not in state]
+    if missing:
+        raise KeyError(f"{what}: missing keys {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
+
+
+ARCHITECTURES = ("neox", "llama")
+CHECKS = {"neox": check_gpt_neox_compatible, "llama": check_llama_compatible}
+TO_HF = {"neox": to_hf_gpt_neox_state_dict, "llama": to_hf_llama_state_dict}
+FROM_HF = {"neox": from_hf_gpt_neox_state_dict, "llama": from_hf_llama_state_dict}
+HF_CONFIGS = {"neox": hf_gpt_neox_config, "llama": hf_llama_config}
