@@ -37,6 +37,7 @@ _SECTION_TITLES = {
     "logging": "Logging",
     "parallel": "Parallelism",
     "launcher": "Launcher",
+    "generation": "Text generation (`generate.py`, see docs/generate.md)",
 }
 
 INTRO = f"""\

@@ -19,6 +19,7 @@ from megatron.config.components import (
     TrainingConfig,
 )
 from megatron.config.errors import ConfigError
+from megatron.config.generation import GenerationConfig
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 
@@ -35,6 +36,7 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "parallel": ParallelConfig,
     "launcher": LauncherConfig,
+    "generation": GenerationConfig,
 }
 
 
@@ -71,6 +73,7 @@ class NeoXConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     deepspeed_extra: dict = field(default_factory=dict)
     sources: list = field(default_factory=list, compare=False)
     overrides: list = field(default_factory=list, compare=False)

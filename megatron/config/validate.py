@@ -15,6 +15,7 @@ from typing import Any, Callable, Union
 from megatron.config import derived
 from megatron.config.coerce import coerce, coerce_items, to_float
 from megatron.config.errors import ConfigError
+from megatron.config.generation import check_generation
 from megatron.config.layout import check_layout
 from megatron.config.merge import EXTRA, Origins
 from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, NeoXConfig
@@ -404,6 +405,7 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
     _resolve_schedule(objs["lr_schedule"], training, merged.get("lr_schedule", {}), ctx)
     _check_data(objs["data"], ctx)
     _check_rest(objs, ctx)
+    check_generation(objs["generation"], ctx.where("generation"))
 
     # sep_attention_impl only picks an execution path; alone it does not turn a GPT-NeoX config into a SepLLM one.
     sep_keys = set(merged.get("sepllm", {})) - set(DERIVED_FIELDS) - {"sep_attention_impl"}

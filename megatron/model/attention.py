@@ -72,10 +72,11 @@ class SelfAttention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]], backend: AttentionBackend,
-                state: Any) -> Tensor:
+                state: Any, kv_cache: Any = None) -> Tensor:
         """``x`` ``[B, S, h]``; ``rotary`` the ``(cos, sin)`` of this micro-batch or None; ``backend``/``state`` the
         model's attention backend and what its ``prepare`` returned (the backend is passed, not stored, so that it is
-        not registered once per layer)."""
+        not registered once per layer). ``kv_cache`` (inference, ``megatron.inference.kv_cache``): this step's keys
+        and values are stored there and the cache decides which stored keys the queries attend."""
         q, k, v = self.split_qkv(x)
         b, s = q.shape[0], q.shape[2]
         if rotary is not None:
@@ -84,6 +85,10 @@ class SelfAttention(nn.Module):
         slopes = None
         if self.use_alibi:
             slopes = alibi_slopes(self.num_heads)[self.head_offset: self.head_offset + q.shape[1]].to(x.device)
-        out = backend(q.contiguous(), k.contiguous(), v.contiguous(), self.layer_idx, state, scale=self.scale,
-                           dropout_p=self.attention_dropout if self.training else 0.0, alibi_slopes=slopes)
+        if kv_cache is not None:
+            out = kv_cache.attend(self.layer_idx, q.contiguous(), k.contiguous(), v.contiguous(), backend, state,
+                                  scale=self.scale, alibi_slopes=slopes)
+        else:
+            out = backend(q.contiguous(), k.contiguous(), v.contiguous(), self.layer_idx, state, scale=self.scale,
+                          dropout_p=self.attention_dropout if self.training else 0.0, alibi_slopes=slopes)
         return self.dense(out.transpose(1, 2).reshape(b, s, q.shape[1] * self.head_dim))

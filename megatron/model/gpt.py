@@ -143,9 +143,15 @@ class GPTModel(nn.Module):
         return inter, intra
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None) -> Tensor:
+                attention_mask: Optional[Tensor] = None, kv_cache: Any = None) -> Tensor:
         """``input_ids [B, S]`` (+ optional ``position_ids [B, S]``, 2-D ``attention_mask`` 1 = real, 0 = pad)
-        -> logits ``[B, S, padded_vocab_size]`` in the model's dtype."""
+        -> logits ``[B, S, padded_vocab_size]`` in the model's dtype.
+
+        ``kv_cache`` (inference, see ``megatron.inference.kv_cache``): ``input_ids`` are only the new tokens of this
+        step (the prompt first, then one token per step) and ``attention_mask`` their 0/1 padding mask; the cache
+        supplies the positions and the attention over the stored keys."""
+        if kv_cache is not None:
+            return self._forward_cached(input_ids, attention_mask, kv_cache)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -163,6 +169,27 @@ class GPTModel(nn.Module):
                   if self.rotary_ndims else None)
         state = self.attention_backend.prepare(input_ids, rel_pos, attention_mask)
         x = self.run_layers(x, rotary, state)
+        x = self.final_layernorm(x)
+        weight = self.output_layer.weight if self.output_layer is not None else self.embed.word_embeddings.weight
+        return F.linear(x, weight)
+
+    def _forward_cached(self, input_ids: Tensor, attention_mask: Optional[Tensor], kv_cache: Any) -> Tensor:
+        """One decoding step through ``kv_cache`` (positions count each row's real tokens, as without a cache)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, new tokens], got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask of a cached step must be [batch, new tokens] like input_ids "
+                             f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+        if self.use_bipe:
+            raise ValueError("USE_BiPE positions depend on the whole sequence: decode without a KV cache")
+        positions = kv_cache.begin_step(input_ids, attention_mask)
+        x = self.embed(input_ids, positions if self.embed.position_embeddings is not None else None)
+        rotary = (rotary_cos_sin(positions, self.rotary_ndims, self.cfg.rotary_emb_base, x.dtype)
+                  if self.rotary_ndims else None)
+        state = kv_cache.prepare(self.attention_backend, input_ids, positions, attention_mask)
+        for layer in self.layers:
+            x = layer(x, rotary, self.attention_backend, state, kv_cache)
+        kv_cache.end_step()
         x = self.final_layernorm(x)
         weight = self.output_layer.weight if self.output_layer is not None else self.embed.word_embeddings.weight
         return F.linear(x, weight)

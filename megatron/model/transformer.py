@@ -39,9 +39,9 @@ class TransformerLayer(nn.Module):
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]], backend: AttentionBackend,
-                state: Any) -> Tensor:
+                state: Any, kv_cache: Any = None) -> Tensor:
         h1 = self.input_layernorm(x)
-        attn = self.attn_dropout(self.attention(h1, rotary, backend, state))
+        attn = self.attn_dropout(self.attention(h1, rotary, backend, state, kv_cache))
         if self.parallel:
             h2 = h1 if self.post_attention_layernorm is None else self.post_attention_layernorm(x)
             return x + attn + self.mlp_dropout(self.mlp(h2))

@@ -1,0 +1,120 @@
+"""The decoding loop: a batch of token prompts (left padded) -> generated tokens, with a KV cache or recomputing.
+
+One cache per prompt batch (reset for the next one). Rows stop at the end-of-document token (``finished``) or after
+``max_new_tokens``; a model with a learned position table also stops at its last position (with a ``message``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from megatron.inference.kv_cache import KVCacheError, KVCacheSettings, build_kv_cache
+from megatron.inference.sampling import SamplingSettings, next_tokens
+
+TokenCallback = Callable[[int, int], None]   # (row, token id) as soon as it is chosen
+
+
+class GenerationError(ValueError):
+    """Generation cannot run with these inputs / settings (one line for the user)."""
+
+
+@dataclass
+class GeneratedTokens:
+    """What one prompt produced: ``tokens`` excludes the end-of-document token that ``finished`` it."""
+
+    tokens: list = field(default_factory=list)
+    finished: bool = False
+    message: Optional[str] = None
+    step_logits: list = field(default_factory=list)   # per step [V] float32 (only with keep_logits)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(ids [B, L], mask [B, L])``: prompts right-aligned, padding on the left (mask 0)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("every prompt needs at least one token (an empty text encodes to nothing; "
+                              "unconditional generation starts from the end-of-document token)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def position_limit(model: Any) -> Optional[int]:
+    """Number of positions a learned table allows (None: rotary / ALiBi / none have no table limit)."""
+    table = model.embed.position_embeddings
+    return None if table is None else int(table.num_embeddings)
+
+
+@torch.no_grad()
+def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: Optional[int],
+                   sampling: SamplingSettings = SamplingSettings(), vocab_size: Optional[int] = None,
+                   recompute: bool = False, cache_settings: KVCacheSettings = KVCacheSettings(),
+                   generator: Optional[torch.Generator] = None, on_token: Optional[TokenCallback] = None,
+                   keep_logits: bool = False, pad_id: int = 0, cache: Any = None) -> list[GeneratedTokens]:
+    """Generate for every prompt (token ids) of one batch. ``cache``: a cache to reuse (reset here); by default one
+    is built from ``cache_settings``. ``on_token(row, id)`` streams tokens; ``keep_logits`` records each step's
+    logits (tests)."""
+    ids, mask = left_pad(prompts, pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    bsz, width = ids.shape
+    limit = position_limit(model)
+    lengths = mask.sum(-1)
+    if limit is not None and int(lengths.max()) > limit:
+        raise GenerationError(f"a prompt has {int(lengths.max())} tokens but the model's learned position table has "
+                              f"{limit} positions (max_position_embeddings)")
+    if not recompute:
+        try:
+            if cache is None:
+                cache = build_kv_cache(model, cache_settings, capacity=width + max_new_tokens)
+            else:
+                cache.reset()
+        except KVCacheError as exc:
+            raise GenerationError(str(exc)) from None
+    results = [GeneratedTokens() for _ in range(bsz)]
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    padded = bool((mask == 0).any())
+    if recompute:
+        logits = model(ids, attention_mask=mask if padded else None)[:, -1]
+    else:
+        logits = model(ids, attention_mask=mask, kv_cache=cache)[:, -1]
+    for step in range(max_new_tokens):
+        tok = next_tokens(logits, sampling, vocab_size, generator)
+        for row in range(bsz):
+            if done[row]:
+                continue
+            t = int(tok[row])
+            if keep_logits:
+                results[row].step_logits.append(logits[row].float().cpu())
+            if eos_id is not None and t == eos_id:
+                results[row].finished = True
+                done[row] = True
+                continue
+            results[row].tokens.append(t)
+            if on_token is not None:
+                on_token(row, t)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if limit is not None and int(lengths.max()) + step + 1 >= limit:
+            for row in range(bsz):
+                if not done[row]:
+                    results[row].message = (f"stopped at the model's last position (max_position_embeddings = "
+                                            f"{limit})")
+            break
+        if recompute:
+            ids = torch.cat([ids, tok.unsqueeze(1)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = model(ids, attention_mask=mask if padded else None)[:, -1]
+        else:
+            logits = model(tok.unsqueeze(1), attention_mask=torch.ones_like(tok).unsqueeze(1), kv_cache=cache)[:, -1]
+    return results
+
+
+__all__ = ["GeneratedTokens", "GenerationError", "TokenCallback", "generate_batch", "left_pad", "position_limit"]

@@ -1,0 +1,309 @@
+"""KV caches for decoding with our own ``GPTModel`` (``model(ids, attention_mask=..., kv_cache=cache)``).
+
+Two kinds, one interface (``begin_step`` -> ``prepare`` -> ``attend`` per layer -> ``end_step``, driven by
+``GPTModel.forward``):
+
+* :class:`PlainKVCache` keeps every key/value (full-attention models). Buffers grow by doubling, so a step writes
+  in place instead of re-concatenating the whole history.
+* :class:`SepKVCache` (SepLLM / StreamingLLM-trained models) keeps, per layer and row, the initial tokens, the
+  separators and the local window. It *is* :class:`megatron.sepllm.cache.SepCache` underneath: the same planning
+  code decides which slots survive, so there is one eviction rule in the project. Two settings:
+
+  - ``compressed`` (default): separators capped at ``sep_cache_size`` (the most recent ones), so the memory is flat
+    over arbitrarily long generation. With ``exact_window`` (default) every decode query sees exactly
+    initial + kept separators + the last ``w`` tokens (the trained decode rule of spec §1.3 with a cap), and the
+    cache is trimmed every step; without it, SepCache's reference timing applies (the local region grows until the
+    stored length exceeds ``cache_size``; cheaper, but a row's compression then depends on the longest row of its
+    batch).
+  - ``uncapped``: every separator is kept (the training rule exactly; memory grows with the separator frequency).
+
+Keys keep the rotary positions they were computed with (as in training; no positional re-encoding). The prompt
+(the first, multi-token step) runs through the model's own SepLLM attention path with the training (prefill)
+windows and left-padding-aware initial tokens; decode steps attend the cache. A cache serves one prompt batch:
+call :meth:`reset` (or build a new one) for the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.config.generation import KV_CACHE_KINDS
+
+#: SepLLM modes a cache can serve; the others (FixLLM, self-adjusting softmax) and BiPE decode with recompute.
+CACHEABLE_SEPLLM_MODES = ("sepllm", "streamingllm")
+
+
+class KVCacheError(ValueError):
+    """A cache cannot serve this model / these settings (the message names the key and what to do)."""
+
+
+@dataclass(frozen=True)
+class KVCacheSettings:
+    """Which cache and how big. ``None`` sizes come from the model's training config (see ``build_kv_cache``)."""
+
+    kind: str = "auto"
+    init_cache_size: Optional[int] = None
+    sep_cache_size: int = 64
+    local_size: Optional[int] = None
+    cache_size: Optional[int] = None
+    exact_window: bool = True
+
+
+def _positions(valid: Tensor, seen: Tensor) -> Tensor:
+    """Position of each new token: real tokens count on from ``seen`` (per row), padding gets 0 (HF convention)."""
+    count = seen.unsqueeze(1) + valid.to(torch.long).cumsum(-1)
+    return torch.where(valid, count - 1, torch.zeros_like(count))
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], *, scale: float,
+          alibi_slopes: Optional[Tensor], q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """Attention of ``q [B,Hq,q,D]`` over ``k/v [B,Hkv,K,D]``; ``allowed`` bool ``[B,1,q,K]`` (None = all);
+    ALiBi adds ``-slope * (pos_q - pos_k)``."""
+    gqa = k.shape[1] != q.shape[1]
+    mask: Optional[Tensor] = allowed
+    if alibi_slopes is not None:
+        dist = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).to(torch.float32).unsqueeze(1)   # [B,1,q,K]
+        bias = -alibi_slopes.to(torch.float32).view(1, -1, 1, 1) * dist
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, float("-inf"))
+        mask = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+class PlainKVCache:
+    """Every key/value of every row, left padding kept as invalid slots (full-attention models)."""
+
+    def __init__(self, num_layers: int, capacity: int = 64) -> None:
+        self.num_layers = int(num_layers)
+        self.initial_capacity = max(int(capacity), 1)
+        self.peak_kv_bytes = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new prompt batch)."""
+        self.keys: list[Optional[Tensor]] = [None] * self.num_layers
+        self.values: list[Optional[Tensor]] = [None] * self.num_layers
+        self.length = 0
+        self.valid: Optional[Tensor] = None     # [B, cap] bool
+        self.pos: Optional[Tensor] = None       # [B, cap] long
+        self.seen: Optional[Tensor] = None      # [B] real tokens so far
+        self._step: Optional[tuple[int, int, Tensor]] = None   # (old length, q, positions)
+
+    # ------------------------------------------------------------------ step protocol (called by GPTModel)
+    def begin_step(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        """Declare the step's ids ``[B, q]`` (and 0/1 padding mask); returns their position ids ``[B, q]``."""
+        bsz, q = input_ids.shape
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                 else attention_mask.to(torch.bool))
+        if self.seen is None:
+            self.seen = torch.zeros(bsz, dtype=torch.long, device=input_ids.device)
+            cap = max(self.initial_capacity, q)
+            self.valid = torch.zeros(bsz, cap, dtype=torch.bool, device=input_ids.device)
+            self.pos = torch.zeros(bsz, cap, dtype=torch.long, device=input_ids.device)
+        elif self.seen.shape[0] != bsz:
+            raise KVCacheError(f"batch size changed from {self.seen.shape[0]} to {bsz}; reset the cache first")
+        positions = _positions(valid, self.seen)
+        self._grow(self.length + q)
+        self.valid[:, self.length:self.length + q] = valid
+        self.pos[:, self.length:self.length + q] = positions
+        self.seen = self.seen + valid.sum(-1)
+        self._step = (self.length, q, positions)
+        return positions
+
+    def prepare(self, backend: Any, input_ids: Tensor, positions: Tensor, attention_mask: Optional[Tensor]) -> Any:
+        """The prompt step (empty cache) runs the model's own attention backend: returns its per-batch state."""
+        old, _, _ = self._step
+        return backend.prepare(input_ids, positions, attention_mask) if old == 0 else None
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, backend: Any, state: Any, *, scale: float,
+               alibi_slopes: Optional[Tensor] = None) -> Tensor:
+        """Store the step's keys/values for ``layer_idx`` and return the attention output ``[B, Hq, q, D]``."""
+        old, n, positions = self._step
+        end = old + n
+        if self.keys[layer_idx] is None:
+            cap = self.valid.shape[1]
+            self.keys[layer_idx] = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+            self.values[layer_idx] = v.new_zeros(v.shape[0], v.shape[1], cap, v.shape[3])
+        elif self.keys[layer_idx].shape[2] < self.valid.shape[1]:
+            self.keys[layer_idx] = _grow_buffer(self.keys[layer_idx], self.valid.shape[1], old)
+            self.values[layer_idx] = _grow_buffer(self.values[layer_idx], self.valid.shape[1], old)
+        self.keys[layer_idx][:, :, old:end] = k
+        self.values[layer_idx][:, :, old:end] = v
+        if old == 0:
+            return backend(q, k, v, layer_idx, state, scale=scale, dropout_p=0.0, alibi_slopes=alibi_slopes)
+        valid = self.valid[:, :end]
+        allowed: Optional[Tensor] = None
+        if n > 1 or not bool(valid.all()):
+            causal = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=old)
+            allowed = (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)
+        return _sdpa(q, self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end], allowed, scale=scale,
+                     alibi_slopes=alibi_slopes, q_pos=positions, k_pos=self.pos[:, :end])
+
+    def end_step(self) -> None:
+        old, n, _ = self._step
+        self.length = old + n
+        self._step = None
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
+
+    # ------------------------------------------------------------------ introspection
+    def kv_bytes(self) -> int:
+        """Bytes of the keys/values held for the tokens seen (the growing part of decode memory)."""
+        return sum(t[:, :, :self.length].numel() * t.element_size() for t in self.keys + self.values
+                   if t is not None)
+
+    def _grow(self, need: int) -> None:
+        cap = self.valid.shape[1]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], new_cap - cap)], dim=1)
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(self.pos.shape[0], new_cap - cap)], dim=1)
+
+
+def _grow_buffer(buf: Tensor, cap: int, used: int) -> Tensor:
+    out = buf.new_zeros(buf.shape[0], buf.shape[1], cap, buf.shape[3])
+    out[:, :, :used] = buf[:, :, :used]
+    return out
+
+
+class SepKVCache:
+    """SepLLM-compressed cache for ``GPTModel`` (see the module docstring); sizes are per layer."""
+
+    def __init__(self, model_cfg: Any, sepllm_cfg: Any, settings: KVCacheSettings) -> None:
+        from megatron.sepllm import checks
+        from megatron.sepllm.backend import SepLLMBackend
+        from megatron.sepllm.cache import SepCache
+
+        num_layers = int(model_cfg.num_layers)
+        uncapped = settings.kind == "uncapped"
+        a = max(sepllm_cfg.num_initial, 0) if settings.init_cache_size is None else int(settings.init_cache_size)
+        if settings.local_size is not None:
+            windows = [int(settings.local_size)] * num_layers
+        else:
+            windows = [checks.effective_window(sepllm_cfg, w) for w in generate_windows(sepllm_cfg, num_layers)]
+        seps = checks.separator_ids_for_mode(sepllm_cfg)
+        s = 0 if (uncapped or not seps) else int(settings.sep_cache_size)
+        if settings.cache_size is not None:
+            sizes = [int(settings.cache_size)] * num_layers
+        else:
+            sizes = [a + s + 2 * w for w in windows]
+        for layer, (w, c) in enumerate(zip(windows, sizes)):
+            if a + s + w > c:
+                raise KVCacheError(f"cache_size = {c} is smaller than init_cache_size + sep_cache_size + local window "
+                                   f"= {a} + {s} + {w} = {a + s + w} (layer {layer}); raise cache_size")
+        self.settings = settings
+        self.sizes = {"init_cache_size": a, "sep_cache_size": s, "local_size": windows, "cache_size": sizes}
+        self._make = lambda: SepCache(a, s, windows, sizes, SEP_ACCUMULATION=True, USE_MAX_SEP_CACHE=not uncapped,
+                                      separator_token_ids=seps or [-1], PADDING_ID=sepllm_cfg.PADDING_ID,
+                                      layer_num=num_layers, exact_window=uncapped or settings.exact_window,
+                                      prefill_attention="full")
+        # the prompt runs the model's SepLLM attention with left-padding-aware initial tokens (spec §1.4)
+        self.prefill_backend = SepLLMBackend(dataclasses.replace(sepllm_cfg, BATCH_ADAPTIVE_INIT_POS=True),
+                                             model_cfg)
+        self.peak_kv_bytes = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new prompt batch)."""
+        self.cache = self._make()
+        self._prefill = True
+        self._positions: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ step protocol (called by GPTModel)
+    def begin_step(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        self._prefill = self.cache.layers[0].ids is None
+        if not self._prefill and input_ids.shape[1] != 1:
+            raise KVCacheError("SepKVCache decodes one token per step after the prompt; got "
+                               f"{input_ids.shape[1]} tokens (reset the cache for a new prompt)")
+        positions = self.cache.set_step_tokens(input_ids, attention_mask)
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                 else attention_mask.to(torch.bool))
+        self._positions = torch.where(valid, positions, torch.zeros_like(positions))
+        return self._positions
+
+    def prepare(self, backend: Any, input_ids: Tensor, positions: Tensor, attention_mask: Optional[Tensor]) -> Any:
+        if not self._prefill:
+            return None
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.prefill_backend.prepare(input_ids, positions, mask)
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, backend: Any, state: Any, *, scale: float,
+               alibi_slopes: Optional[Tensor] = None) -> Tensor:
+        k_att, v_att = self.cache.update(k, v, layer_idx)
+        if self._prefill:
+            return self.prefill_backend(q, k, v, layer_idx, state, scale=scale, dropout_p=0.0,
+                                        alibi_slopes=alibi_slopes)
+        allowed = self.cache.step_attention_mask(layer_idx)
+        k_pos = self.cache.layers[layer_idx].pos.clamp(min=0) if alibi_slopes is not None else self._positions
+        return _sdpa(q, k_att, v_att, allowed, scale=scale, alibi_slopes=alibi_slopes, q_pos=self._positions,
+                     k_pos=k_pos)
+
+    def end_step(self) -> None:
+        self.cache.finish_step()
+        self._prefill = False
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
+
+    # ------------------------------------------------------------------ introspection
+    def kv_bytes(self) -> int:
+        """Bytes of the keys/values held between steps (what SepLLM bounds)."""
+        return self.cache.kv_bytes()
+
+    def retention(self) -> dict:
+        """SepCache's retention statistics (kept / seen KV)."""
+        return self.cache.retention()
+
+    def layer_contents(self, layer_idx: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, kind, token_index)`` of one layer (see ``SepCache.layer_contents``)."""
+        return self.cache.layer_contents(layer_idx)
+
+
+def generate_windows(sepllm_cfg: Any, num_layers: int) -> list[int]:
+    """Per-layer decode windows: the derived ``generate_windows``, else the per-layer list / the single window."""
+    if sepllm_cfg.generate_windows is not None:
+        return [int(w) for w in sepllm_cfg.generate_windows]
+    if sepllm_cfg.USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS and sepllm_cfg.generate_win_loc_size_list:
+        return [int(w) for w in sepllm_cfg.generate_win_loc_size_list]
+    return [int(sepllm_cfg.generate_local_window_size)] * num_layers
+
+
+def resolve_kind(model: Any, kind: str) -> str:
+    """``auto`` -> ``compressed`` for SepLLM/StreamingLLM-trained models, ``plain`` for full attention."""
+    if kind not in KV_CACHE_KINDS:
+        raise KVCacheError(f"kv_cache = {kind!r}: expected one of {', '.join(KV_CACHE_KINDS)}")
+    mode = "full" if model.sepllm_cfg is None else model.sepllm_cfg.mode
+    if kind == "auto":
+        return "plain" if mode == "full" else "compressed"
+    if kind == "plain" and mode != "full":
+        raise KVCacheError(f"kv_cache = 'plain' on a model trained with SepLLM mode {mode!r}: a plain cache would "
+                           f"let decode queries see keys the model never attended in training; use 'compressed' or "
+                           f"'uncapped'")
+    if kind in ("compressed", "uncapped") and mode == "full":
+        raise KVCacheError(f"kv_cache = {kind!r} needs a SepLLM- or StreamingLLM-trained model; this model uses full "
+                           f"attention (use 'plain' or 'auto')")
+    return kind
+
+
+def build_kv_cache(model: Any, settings: KVCacheSettings = KVCacheSettings(), capacity: int = 64
+                   ) -> "PlainKVCache | SepKVCache":
+    """The cache ``model`` decodes with. Raises :class:`KVCacheError` for models no cache can serve (BiPE, FixLLM,
+    self-adjusting softmax: decode those with ``recompute``)."""
+    if getattr(model, "use_bipe", False):
+        raise KVCacheError("USE_BiPE models derive positions from the whole token sequence: decode them with "
+                           "recompute: true (no KV cache)")
+    mode = "full" if model.sepllm_cfg is None else model.sepllm_cfg.mode
+    if mode != "full" and mode not in CACHEABLE_SEPLLM_MODES:
+        raise KVCacheError(f"SepLLM mode {mode!r} has no KV cache: decode it with recompute: true")
+    kind = resolve_kind(model, settings.kind)
+    if kind == "plain":
+        return PlainKVCache(len(model.layers), capacity)
+    return SepKVCache(model.cfg, model.sepllm_cfg, dataclasses.replace(settings, kind=kind))
+
+
+__all__ = ["CACHEABLE_SEPLLM_MODES", "KV_CACHE_KINDS", "KVCacheError", "KVCacheSettings", "PlainKVCache",
+           "SepKVCache", "build_kv_cache", "generate_windows", "resolve_kind"]
