@@ -79,6 +79,16 @@ def expand_inputs(inputs: Sequence[str | os.PathLike] | str) -> list[Path]:
     return files
 
 
+def _check_encodable(text: str, where: str) -> None:
+    """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``); no tokenizer can encode it (HF tokenizers raise a
+    bare TypeError), so name the record instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PrepareError(f"{where} holds a lone UTF-16 surrogate \\u{ord(text[exc.start]):04x} at character "
+                           f"{exc.start}, which is not text; fix or drop the record") from None
+
+
 def iter_documents(files: Sequence[Path], keys: Sequence[str]) -> Iterator[tuple[list[str], int]]:
     """Yield ``(texts per key, raw bytes)`` per document: one per text file, one per JSONL record.
 
@@ -114,6 +124,7 @@ def iter_documents(files: Sequence[Path], keys: Sequence[str]) -> Iterator[tuple
                     value = record[key]
                     if not isinstance(value, str):
                         raise PrepareError(f"{path}:{lineno}: key {key!r} holds {type(value).__name__}, expected text")
+                    _check_encodable(value, f"{path}:{lineno}: key {key!r}")
                     texts.append(value)
                 yield texts, len(line.encode("utf-8"))
 

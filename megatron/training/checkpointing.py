@@ -10,15 +10,19 @@ Layout of ``<save>/``::
         mp_rank_XX_model_states.pt  per TP rank (written by data-parallel rank 0 of the first stage; the split of
                                   every parameter is megatron.parallel.reshard's table, so any TP size loads it)
         optim_rank{R}.pt          optimizer state: rank 0 only for ZeRO-0 without TP/PP; every rank's partition
-                                  for ZeRO-1/2 and every rank's own state under TP or PP
+                                  for ZeRO-1/2/3 and every rank's own state under TP or PP
         rng_rank{R}.pt            python / numpy / torch (CPU, CUDA) generator states of rank R
 
 Why not ``engine.save_checkpoint``: DeepSpeed writes in place (a crash mid-save corrupts the newest checkpoint and
 its ``latest`` file already points at it) and its loader unpickles arbitrary objects. We write everything into
 ``global_stepN.tmp-XXXX/``, rename the folder only when every rank has finished, then replace ``latest`` atomically.
-A crash at any point leaves the previous checkpoint and ``latest`` intact. ZeRO-1/2 optimizer partitions are saved
+A crash at any point leaves the previous checkpoint and ``latest`` intact; a failed write (full disk, permissions)
+on any rank removes the temp folder on every rank's behalf and raises :class:`CheckpointSaveError` on all ranks alike
+(the ranks agree on the outcome, so none is left waiting in a barrier). ZeRO-1/2/3 optimizer partitions are saved
 per rank from DeepSpeed's own ``state_dict`` (made pickle-free) and restored through its ``load_state_dict``, so
-resuming them requires the same data-parallel world size. ZeRO-3 (partitioned parameters) is not supported here.
+resuming them requires the same data-parallel world size. Under ZeRO-3 the module state is gathered with DeepSpeed's
+``GatheredParameters`` one submodule at a time into the same full-model ``model_states.pt`` as any other stage, so
+every checkpoint loads into any stage and converts with the same tools.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from megatron.training.distributed import barrier, broadcast_object, capture_rng_state, restore_rng_state
 
@@ -49,6 +54,10 @@ _SCALER_KEY = "__loss_scaler_state__"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the current model/run."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (no space, permissions, ...); the previous checkpoint and ``latest`` are intact."""
 
 
 @dataclass(frozen=True)
@@ -139,17 +148,91 @@ def _optimizer_is_partitioned(engine: Any) -> bool:
     return int(engine.zero_optimization_stage()) >= 1
 
 
+def _stage_family(stage: int) -> str:
+    """Optimizer-state formats: plain (ZeRO-0), flat fp32 partitions (ZeRO-1/2), parameter partitions (ZeRO-3)."""
+    return "plain" if stage == 0 else ("zero12" if stage in (1, 2) else "zero3")
+
+
+def _partitions_parameters(engine: Any) -> bool:
+    """ZeRO-3: every rank holds only a slice of each parameter (the module's own tensors are placeholders)."""
+    return int(engine.zero_optimization_stage()) >= 3
+
+
+def _zero3_submodules(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
+    return module.named_modules(remove_duplicate=False)
+
+
+def zero3_module_state(engine: Any, keep: bool) -> dict[str, torch.Tensor] | None:
+    """Full module state dict of a ZeRO-3 engine (collective: every rank of the data-parallel group must call).
+
+    Gathers one submodule's parameters at a time with DeepSpeed's ``GatheredParameters`` (read-only) so the peak
+    extra memory is one layer; ranks with ``keep`` False take part in the gathers but return None. Keys and order
+    are those of ``module.state_dict()`` (tied parameters appear under every name, as there)."""
+    import deepspeed
+
+    module = engine.module
+    wanted = list(module.state_dict().keys())
+    state: dict[str, torch.Tensor] = {}
+    for prefix, sub in _zero3_submodules(module):
+        params = list(sub.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if keep:
+                dot = f"{prefix}." if prefix else ""
+                for name, param in sub.named_parameters(recurse=False):
+                    state[dot + name] = param.detach().to("cpu", copy=True)
+                for name, buf in sub.named_buffers(recurse=False):
+                    if buf is not None and name not in sub._non_persistent_buffers_set:
+                        state[dot + name] = buf.detach().to("cpu", copy=True)
+    if not keep:
+        return None
+    return {k: state[k] for k in wanted if k in state}
+
+
+def zero3_param_shapes(engine: Any) -> dict[str, tuple[int, ...]]:
+    """Full shapes of a ZeRO-3 module's state entries (parameters report ``ds_shape``, buffers their own shape)."""
+    shapes = {}
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        shapes[name] = tuple(getattr(tensor, "ds_shape", tensor.shape))
+    return shapes
+
+
+def _zero3_load_module(engine: Any, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy a full module state into a ZeRO-3 engine's partitions (collective) and refresh its fp32 master copy."""
+    import deepspeed
+
+    module = engine.module
+    current = zero3_param_shapes(engine)
+    _check_shapes({k: tuple(v.shape) for k, v in state.items()}, current, where)
+    for prefix, sub in _zero3_submodules(module):
+        params = list(sub.parameters(recurse=False))
+        dot = f"{prefix}." if prefix else ""
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            with torch.no_grad():
+                for name, param in sub.named_parameters(recurse=False):
+                    param.data.copy_(state[dot + name].to(param.dtype))
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf is not None and dot + name in state:
+                with torch.no_grad():
+                    buf.copy_(state[dot + name].to(buf.dtype))
+    engine.optimizer._restore_from_bit16_weights()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # save
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Write a sibling temp file, fsync, rename over ``path``; on failure the temp file is removed."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -159,39 +242,32 @@ def _torch_save(obj: Any, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *, rank: int, world_size: int,
-                    client_state: dict[str, Any], config_yaml: str | None = None,
-                    keep_last_n: int | None = None, layout: CheckpointLayout | None = None,
-                    module_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``global_step{iteration}`` atomically on every rank (collective call); returns its final path.
+def _io_error(exc: OSError) -> str:
+    """``No space left on device (ENOSPC): /path/file`` -- one short phrase for the error line."""
+    import errno
 
-    ``client_state`` must be JSON-serialisable (iteration counters, consumed samples, LR schedule state...).
-    ``module_state`` replaces ``engine.module.state_dict()`` (a pipeline engine passes the gathered GPTModel
-    layout); ``layout`` says which module/optimizer files this rank writes under TP / PP.
-    """
-    layout = layout or CheckpointLayout()
-    if int(engine.zero_optimization_stage()) >= 3:
-        raise CheckpointError("checkpointing with ZeRO stage 3 (partitioned parameters) is not supported; "
-                              "use zero_optimization.stage 0, 1 or 2")
-    root = Path(save_dir)
-    final = root / checkpoint_name(iteration)
-    tmp_name = broadcast_object(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
-    tmp = root / tmp_name
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    barrier()
+    name = errno.errorcode.get(exc.errno or -1)
+    text = (exc.strerror or str(exc) or type(exc).__name__) + (f" ({name})" if name else "")
+    return f"{text}: {exc.filename}" if getattr(exc, "filename", None) else text
 
-    if module_state is None:
-        module_state = engine.module.state_dict()
-    module_state = {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
-    writes_model = layout.writes_model if layout.writes_model is not None else rank == 0
+
+def _first_error(local: str | None) -> str | None:
+    """Collective: every rank learns the first failure of any rank (None when all succeeded)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, local)
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+
+
+def _write_rank_files(tmp: Path, engine: Any, rank: int, world_size: int, iteration: int,
+                      client_state: dict[str, Any], config_yaml: str | None, layout: CheckpointLayout,
+                      module_state: dict[str, torch.Tensor] | None, optim_state: dict[str, Any] | None,
+                      writes_model: bool) -> None:
     if writes_model:
         _torch_save(module_state, tmp / layout.model_file())
-    if rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer:
-        optim_state = dict(engine.optimizer.state_dict())
-        optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
-        _torch_save(_to_plain(optim_state), tmp / f"optim_rank{rank}.pt")
+    if optim_state is not None:
+        _torch_save(optim_state, tmp / f"optim_rank{rank}.pt")
     _torch_save(capture_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         meta = {
@@ -204,16 +280,83 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
             "optimizer_per_rank": layout.per_rank_optimizer,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_version": torch.__version__,
-            "param_shapes": {k: list(v.shape) for k, v in module_state.items()},
+            "param_shapes": {k: list(v.shape) for k, v in (module_state or {}).items()},
             "client_state": client_state,
         }
         _atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
         if config_yaml is not None:
             _atomic_write_text(tmp / CONFIG_FILE, config_yaml)
-    barrier()
+
+
+def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *, rank: int, world_size: int,
+                    client_state: dict[str, Any], config_yaml: str | None = None,
+                    keep_last_n: int | None = None, layout: CheckpointLayout | None = None,
+                    module_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``global_step{iteration}`` atomically on every rank (collective call); returns its final path.
+
+    ``client_state`` must be JSON-serialisable (iteration counters, consumed samples, LR schedule state...).
+    ``module_state`` replaces ``engine.module.state_dict()`` (a pipeline engine passes the gathered GPTModel
+    layout); ``layout`` says which module/optimizer files this rank writes under TP / PP. Raises
+    :class:`CheckpointSaveError` on every rank when any rank fails to write: the temp folder is removed, the
+    previous checkpoint and ``latest`` stay as they were.
+    """
+    layout = layout or CheckpointLayout()
+    root = Path(save_dir)
+    final = root / checkpoint_name(iteration)
+    tmp_name = broadcast_object(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    tmp = root / tmp_name
+    writes_model = layout.writes_model if layout.writes_model is not None else rank == 0
+    error = None
     if rank == 0:
-        _publish(tmp, final)
-        _atomic_write_text(root / LATEST_FILE, final.name + "\n")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            error = _io_error(exc)
+    error = _first_error(error)
+
+    published = False
+    if error is None:
+        zero3 = _partitions_parameters(engine)
+        if zero3 and hasattr(engine.optimizer, "checkpoint_event_prologue"):
+            engine.optimizer.checkpoint_event_prologue()  # re-partition every parameter before reading partitions
+        if module_state is None and zero3:
+            module_state = zero3_module_state(engine, keep=writes_model or rank == 0)
+        elif module_state is None:
+            module_state = engine.module.state_dict()
+        if module_state is not None:
+            module_state = {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
+        optim_state = None
+        if rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer:
+            optim_state = dict(engine.optimizer.state_dict())
+            optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
+            optim_state = _to_plain(optim_state)
+        if zero3 and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
+            engine.optimizer.checkpoint_event_epilogue()
+        try:
+            _write_rank_files(tmp, engine, rank, world_size, iteration, client_state, config_yaml, layout,
+                              module_state, optim_state, writes_model)
+        except OSError as exc:
+            error = _io_error(exc)
+        error = _first_error(error)
+        if error is None and rank == 0:
+            try:
+                _publish(tmp, final)
+                published = True
+                _atomic_write_text(root / LATEST_FILE, final.name + "\n")
+            except OSError as exc:
+                error = _io_error(exc)
+        error = _first_error(error)
+
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if published:  # renamed, but `latest` could not be replaced: it still names the previous checkpoint
+                shutil.rmtree(final, ignore_errors=True)
+        barrier()
+        raise CheckpointSaveError(f"saving checkpoint {final.name} in {root} failed: {error}; the partial folder was "
+                                  f"removed, the previous checkpoint and '{LATEST_FILE}' are unchanged")
+    if rank == 0:
         _prune(root, keep_last_n, keep=final)
     barrier()
     return final
@@ -247,6 +390,26 @@ def _prune(root: Path, keep_last_n: int | None, keep: Path) -> None:
 # load
 
 
+def read_latest(latest: Path) -> str:
+    """The folder name held by a ``latest`` file; a clear error for an empty, binary or path-like content."""
+    try:
+        raw = latest.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {latest}: {exc.strerror or exc}") from exc
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{latest} is not a text file (binary content, {len(raw)} bytes); expected one line "
+                              "naming a global_stepN folder, e.g. 'global_step100'") from None
+    if not name:
+        raise CheckpointError(f"{latest} is empty; expected the name of a global_stepN folder")
+    if "\n" in name or "/" in name or "\\" in name or name in (".", "..") or not name.isprintable():
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise CheckpointError(f"{latest} holds {shown!r}; expected one line naming a global_stepN folder "
+                              "inside the same directory, e.g. 'global_step100'")
+    return name
+
+
 def resolve_checkpoint_dir(load_dir: str | os.PathLike) -> Path:
     """``load_dir`` may be a run folder (uses ``latest``) or one ``global_stepN`` folder. Clear errors otherwise."""
     path = Path(load_dir)
@@ -258,9 +421,7 @@ def resolve_checkpoint_dir(load_dir: str | os.PathLike) -> Path:
         return path
     latest = path / LATEST_FILE
     if latest.exists():
-        name = latest.read_text(encoding="utf-8").strip()
-        if not name:
-            raise CheckpointError(f"{latest} is empty; expected the name of a global_stepN folder")
+        name = read_latest(latest)
         target = path / name
         if not (target / META_FILE).is_file():
             raise CheckpointError(f"{latest} points to {target}, which is not a complete checkpoint "
@@ -301,11 +462,15 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def check_model_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, where: Path) -> None:
     """Raise naming every missing, unexpected or differently shaped key."""
-    current = module.state_dict()
+    _check_shapes({k: tuple(v.shape) for k, v in saved.items()},
+                  {k: tuple(v.shape) for k, v in module.state_dict().items()}, where)
+
+
+def _check_shapes(saved: dict[str, tuple[int, ...]], current: dict[str, tuple[int, ...]], where: Path) -> None:
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
-    differing = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
-                 for k in sorted(set(saved) & set(current)) if tuple(saved[k].shape) != tuple(current[k].shape)]
+    differing = [f"{k}: checkpoint {saved[k]} vs model {current[k]}"
+                 for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
     if missing or unexpected or differing:
         parts = []
         if differing:
@@ -352,7 +517,12 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
     ckpt = resolve_checkpoint_dir(load_dir)
     meta = read_meta(ckpt)
     module_state = _module_state_for(ckpt, layout)
-    if load_module is not None:
+    zero3 = _partitions_parameters(engine)
+    if zero3 and hasattr(engine.optimizer, "checkpoint_event_prologue"):
+        engine.optimizer.checkpoint_event_prologue()
+    if zero3 and load_module is None:
+        _zero3_load_module(engine, module_state, ckpt)
+    elif load_module is not None:
         try:
             load_module(module_state)
         except (KeyError, ValueError) as exc:
@@ -371,7 +541,7 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
             raise CheckpointError(f"checkpoint {ckpt} holds per-rank optimizer states for {meta['world_size']} ranks, "
                                   f"the run has {world_size}; set no_load_optim to load weights only")
         partitioned = _optimizer_is_partitioned(engine)
-        if partitioned != (int(meta.get("zero_stage", 0)) >= 1):
+        if _stage_family(int(meta.get("zero_stage", 0))) != _stage_family(int(engine.zero_optimization_stage())):
             raise CheckpointError(f"checkpoint {ckpt} was written with ZeRO stage {meta.get('zero_stage')}, the run "
                                   f"uses stage {engine.zero_optimization_stage()}; set no_load_optim to load "
                                   "weights only")
@@ -390,6 +560,8 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise CheckpointError(f"optimizer state in {optim_file} does not fit the configured "
                                       f"optimizer: {exc}") from exc
+    if zero3 and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
+        engine.optimizer.checkpoint_event_epilogue()
     if load_rng:
         rng_file = ckpt / f"rng_rank{rank}.pt"
         if not rng_file.exists() and rank > 0:

@@ -18,21 +18,32 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from megatron.training.loop import TrainingError
     from megatron.training.lr_schedules import LRScheduleError
     from megatron.training.optimizer import OptimizerConfigError
+    from megatron.training.preflight import OutputPathError
 
     return (ConfigError, DataError, TokenizerError, CheckpointError, DataSetupError, DeviceConfigError,
-            TrainingError, LRScheduleError, OptimizerConfigError)
+            TrainingError, LRScheduleError, OptimizerConfigError, OutputPathError)
 
 
 def run_training(cfg: Any, plot: bool = True) -> int:
-    """Train; on rank 0 write ``loss.png`` next to ``metrics.jsonl``. Returns the process exit code."""
+    """Train; on rank 0 write ``loss.png`` next to ``metrics.jsonl``. Returns the process exit code: 0 done, 1 a run
+    problem, 2 a config / user-input problem (bad config, unwritable output folder), 130 / 143 stopped by SIGINT /
+    SIGTERM (after saving a checkpoint when ``save`` is set)."""
     from megatron.config import ConfigError
+    from megatron.training.interrupt import TrainingInterrupted
     from megatron.training.loop import pretrain
+    from megatron.training.preflight import OutputPathError
 
     try:
         result = pretrain(cfg)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: the user chose not to wait for the checkpoint
+        print("interrupted: aborted without saving a checkpoint", file=sys.stderr)
+        return 130
     except _known_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return 2 if isinstance(exc, (ConfigError, OutputPathError)) else 1
     if plot and int(os.environ.get("RANK", "0")) == 0 and result.log_dir:
         from megatron.training.plotting import PlotError, plot_run
 

@@ -18,12 +18,23 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe scalar: tensors become floats, NaN/inf become None (JSON has no spelling for them)."""
+    """JSON-safe scalar: tensors become floats, NaN/inf become None (JSON has no spelling for them), strings lose
+    lone surrogates (U+FFFD instead: they have no UTF-8 encoding, and strict JSON readers reject their escapes)."""
     if hasattr(value, "item") and callable(value.item):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return _valid_text(value)
     return value
+
+
+def _valid_text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def format_console_line(row: Mapping[str, Any], train_iters: int | None = None) -> str:
@@ -81,11 +92,11 @@ class RunLogger:
         """Record one event; ``row['iteration']`` is the step for TensorBoard/wandb."""
         if not self.enabled:
             return
-        clean = {k: _clean(v) for k, v in row.items()}
+        clean = {_valid_text(str(k)): _clean(v) for k, v in row.items()}
         if console:
             self.info(format_console_line(clean, self.train_iters))
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(clean) + "\n")
+            self._jsonl.write(json.dumps(clean, ensure_ascii=False) + "\n")
             self._jsonl.flush()
         step = int(clean.get("iteration", 0))
         scalars = {k: v for k, v in clean.items() if k != "iteration" and isinstance(v, (int, float))
@@ -97,6 +108,30 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def drop_rows_after(self, iteration: int) -> int:
+        """Remove rows with ``iteration`` > ``iteration`` from metrics.jsonl (atomic rewrite); returns how many.
+
+        Called on resume: the rows a run wrote after the checkpoint it resumes from are about to be written again,
+        and a file holding both would plot as two overlapping curves."""
+        path = self.metrics_path
+        if not self.enabled or path is None or self._jsonl is None:
+            return 0
+        self._jsonl.close()
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        kept = [line for line in lines if not _row_after(line, iteration)]
+        if len(kept) != len(lines):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "w", encoding="utf-8") as handle:
+                    handle.writelines(kept)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        return len(lines) - len(kept)
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
@@ -107,6 +142,15 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _row_after(line: str, iteration: int) -> bool:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return False  # not ours to judge: keep it
+    it = row.get("iteration") if isinstance(row, dict) else None
+    return isinstance(it, (int, float)) and not isinstance(it, bool) and it > iteration
 
 
 def _tb_tag(key: str) -> str:

@@ -13,8 +13,8 @@ class PlotError(ValueError):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of ``metrics.jsonl``; ``run_dir`` may also be the file itself. Later rows for an iteration win (a resumed
-    run appends)."""
+    """Rows of ``metrics.jsonl`` as one run; ``run_dir`` may also be the file itself. Rows replayed after a resume
+    supersede the earlier ones (see :func:`drop_replayed`)."""
     path = run_dir if run_dir.is_file() else run_dir / METRICS_FILE
     if not path.is_file():
         raise PlotError(f"{path} not found: expected the log directory of a run (it holds {METRICS_FILE})")
@@ -26,7 +26,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise PlotError(f"{path}:{n}: not a JSON object ({exc.msg})") from exc
-    return rows
+    return drop_replayed(rows)
+
+
+def drop_replayed(rows: list[dict]) -> list[dict]:
+    """One curve from a file that several resumed runs appended to.
+
+    A training row (``lm_loss``) whose iteration is not above the previous training row's marks a resume: every
+    earlier row (train, valid, test, retention) with an iteration at or above it belongs to the abandoned
+    continuation and is dropped. Files rewritten on resume (the trainer now drops those rows itself) pass
+    unchanged."""
+    kept: list[dict] = []
+    last_train = None
+    for row in rows:
+        it = row.get("iteration")
+        if row.get("lm_loss") is not None and isinstance(it, (int, float)):
+            if last_train is not None and it <= last_train:
+                kept = [r for r in kept if not (isinstance(r.get("iteration"), (int, float)) and r["iteration"] >= it)]
+            last_train = it
+        kept.append(row)
+    return kept
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
