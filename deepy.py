@@ -1,16 +1,24 @@
 #!/usr/bin/env python
 """Resolve configs and launch a script (train.py, eval.py, ...) on 1 process, N local processes or N nodes.
 
-usage: python deepy.py SCRIPT.py CONFIG.yml [MORE.yml ...] [--key value ...] [--dry-run]
+usage: python deepy.py SCRIPT.py CONFIG.yml [MORE.yml ...] [--key value ...] [--dry-run] [--help]
 
 The configs are merged and validated here (a bad config prints one line and exits 2), written once as a resolved
-YAML file, and SCRIPT gets that single file. One local process (num_gpus 1, or no GPU and num_gpus unset, no
+YAML file, and SCRIPT gets that single file (a temporary file when the config has no log_dir, removed when SCRIPT
+ends). One local process (num_gpus 1, or no GPU and num_gpus unset, no
 hostfile/include/exclude/num_nodes > 1) runs in this interpreter; otherwise the command is handed to the DeepSpeed
 launcher (`deepspeed --num_gpus N`, `--hostfile`, `--include/--exclude`, `--num_nodes`, `--master_port`, ...).
 For multi-node runs the resolved file is written to the run's log_dir, which must be on a shared filesystem.
 
 Before launching, the hostfile (`host slots=N` lines; no duplicates, slots >= 1), include/exclude, host-name
-resolution and "world size divisible by model-parallel-size x pipe stages" are checked (one line, exit 2).
+resolution and num_gpus against the visible CUDA devices are checked, and the config is validated for the world
+size of the launch (hostfile slots, num_gpus, else all visible GPUs, else 1): world size divisible by
+model-parallel-size x pipe stages, heads / KV heads / MLP width divisible by model-parallel-size, ZeRO 0-1 with a
+pipeline, and the batch triple for data-parallel size = world / (TP x PP) (a given train_batch_size that does not
+fit is an error). One line, exit 2. The layout and the global batch actually used are printed before launching.
+On a machine without CUDA devices, num_gpus N starts N CPU processes (gloo).
+The DeepSpeed launcher runs from this interpreter (python -m deepspeed.launcher.runner), so
+`.venv/bin/python deepy.py ...` works without an activated venv.
 Environment for the workers: `launcher.env`, WANDB_API_KEY / WANDB_BASE_URL / HF_TOKEN from this shell and, for
 the openmpi / mvapich / slurm runners, MASTER_ADDR / MASTER_PORT, written to `.deepspeed_env` (DeepSpeed exports
 its lines on every node).
@@ -19,8 +27,11 @@ A hostfile launch on ONE machine without ssh (e.g. a `localhost slots=2` hostfil
 With no_ssh, run the same command once per node with that node's --node-rank.
 
 options:
-  --dry-run   print the resolved-config path and the command that would run, then exit 0
-  -h, --help  show this help and exit
+  --dry-run   print the resolved-config path, the layout and the command that would run, then exit 0
+  -h, --help  show this help and exit (also after SCRIPT and the configs)
+
+Every config key (and --key override) is documented in docs/config_reference.md; `python -m megatron.config
+CONFIG.yml` prints a resolved config.
 """
 
 from __future__ import annotations
@@ -34,19 +45,29 @@ from pathlib import Path
 from typing import Sequence
 
 
-def _resolved_config_path(cfg) -> Path:
+def _resolved_config_path(cfg) -> tuple[Path, bool]:
+    """Where the resolved config goes: ``<log_dir>/resolved_config.yml``, else a temp file (second value True)."""
     if cfg.logging.log_dir:
         folder = Path(cfg.logging.log_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / "resolved_config.yml"
+        return folder / "resolved_config.yml", False
     handle, name = tempfile.mkstemp(prefix="sepllm-config-", suffix=".yml")
     os.close(handle)
-    return Path(name)
+    return Path(name), True
+
+
+def describe_layout(cfg) -> str:
+    """One line: the launched world size split into DP x TP x PP and the global batch actually used."""
+    p, t = cfg.parallel, cfg.training
+    stages = max(int(p.pipe_parallel_size or 0), 1)
+    return (f"layout: world size {p.world_size} = dp {p.data_parallel_size} x tp {p.model_parallel_size} x pp "
+            f"{stages} | global batch {t.train_batch_size} = micro {t.train_micro_batch_size_per_gpu} x accum "
+            f"{t.gradient_accumulation_steps} x dp {p.data_parallel_size}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
+    if not args or any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())
         return 0 if args else 2
     dry_run = "--dry-run" in args
@@ -62,27 +83,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from megatron.config import ConfigError, load_config
-    from megatron.training.launch import (LaunchError, check_launch, plan_launch, visible_gpu_count, worker_env,
-                                          write_deepspeed_env)
+    from megatron.training.launch import LaunchError, check_launch, launch_world_size, plan_launch, visible_gpu_count
 
+    visible = visible_gpu_count()
     try:
-        cfg = load_config(*files, overrides=overrides, for_training=Path(script).name == "train.py")
-    except ConfigError as exc:
+        cfg = load_config(*files, overrides=overrides, for_training=Path(script).name == "train.py",
+                          world_size=lambda launcher: launch_world_size(launcher, visible))
+        active = check_launch(cfg, visible)
+    except (ConfigError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(describe_layout(cfg), flush=True)
+    config_path, temporary = _resolved_config_path(cfg)
     try:
-        active = check_launch(cfg, visible_gpu_count())
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    config_path = _resolved_config_path(cfg)
-    config_path.write_text(cfg.to_yaml(), encoding="utf-8")
-    plan = plan_launch(cfg.launcher, script, [str(config_path)], visible_gpu_count())
-    if dry_run:
-        print(f"resolved config: {config_path}")
-        print(f"mode: {plan.mode}")
-        print(f"command: {plan.shell()}")
-        return 0
+        config_path.write_text(cfg.to_yaml(), encoding="utf-8")
+        plan = plan_launch(cfg.launcher, script, [str(config_path)], visible)
+        if dry_run:
+            print(f"resolved config: {config_path}" + (" (temporary, removed on exit; set log_dir to keep it)"
+                                                       if temporary else ""))
+            print(f"mode: {plan.mode}")
+            print(f"command: {plan.shell()}")
+            return 0
+        return _run(plan, cfg, active, script, config_path)
+    finally:
+        if temporary:
+            config_path.unlink(missing_ok=True)
+
+
+def _run(plan, cfg, active, script: str, config_path: Path) -> int:
+    """Run ``script`` in this interpreter or through the DeepSpeed launcher; returns its exit code."""
+    from megatron.training.launch import worker_env, write_deepspeed_env
+
     env = dict(plan.env)
     env.update(worker_env(cfg, active, os.environ))
     os.environ.update(env)

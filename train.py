@@ -4,9 +4,13 @@
 usage: python train.py CONFIG.yml [MORE.yml ...] [--key value ...]
        python deepy.py train.py CONFIG.yml [...]      (same, launching N processes when configured)
 
-Configs merge left to right; --key value overrides any key (see `python -m megatron.config --help`). On a bad
-config, missing data or an unusable checkpoint it prints one line naming the problem and exits non-zero (2 for a
-config error). Under the DeepSpeed launcher every rank runs this file.
+Configs merge left to right; --key value overrides any key (see `python -m megatron.config --help`). Every key is
+documented in docs/config_reference.md. On a bad config, missing data or an unusable checkpoint it prints one line
+naming the problem and exits non-zero (2 for a config error). Under a launcher every rank runs this file and the
+config is validated for the world size the launcher set (WORLD_SIZE, or the MPI / srun variables).
+
+options:
+  -h, --help  show this help and exit
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
+    if not args or any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())
         return 0 if args else 2
     args = [a for a in args if not a.startswith("--local_rank")]  # older launchers append --local_rank=N
@@ -27,10 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: give at least one config file before the --key value overrides", file=sys.stderr)
         return 2
 
+    import os
+
     from megatron.config import ConfigError, load_config
+    from megatron.training.launch import launched_world_size
 
     try:
-        cfg = load_config(*files, overrides=overrides, for_training=True)
+        cfg = load_config(*files, overrides=overrides, for_training=True, world_size=launched_world_size(os.environ))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,8 @@ import pytest
 from megatron.config import LauncherConfig
 from megatron.training.launch import build_deepspeed_command, needs_launcher, plan_launch
 
+RUNNER = [sys.executable, "-m", "deepspeed.launcher.runner"]  # the launcher of THIS interpreter, not PATH's
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,14 +29,14 @@ def test_all_visible_gpus_by_default_like_gpt_neox():
 
 def test_local_multi_process_command():
     cmd = build_deepspeed_command(LauncherConfig(num_gpus=2, master_port=29600), "train.py", ["r.yml"])
-    assert cmd == ["deepspeed", "--num_gpus", "2", "--master_port", "29600", "train.py", "r.yml"]
+    assert cmd == RUNNER + ["--num_gpus", "2", "--master_port", "29600", "train.py", "r.yml"]
 
 
 def test_hostfile_multi_node_command():
     lc = LauncherConfig(hostfile="/etc/hosts.ds", num_nodes=2, num_gpus=8, master_addr="10.0.0.1",
                         launcher="pdsh", master_port=29500)
     cmd = build_deepspeed_command(lc, "train.py", ["r.yml"])
-    assert cmd == ["deepspeed", "--hostfile", "/etc/hosts.ds", "--num_nodes", "2", "--num_gpus", "8",
+    assert cmd == RUNNER + ["--hostfile", "/etc/hosts.ds", "--num_nodes", "2", "--num_gpus", "8",
                    "--master_port", "29500", "--master_addr", "10.0.0.1", "--launcher", "pdsh", "train.py", "r.yml"]
 
 
@@ -50,7 +52,7 @@ def test_command_is_accepted_by_the_deepspeed_launcher_parser():
 
     lc = LauncherConfig(hostfile="hf", num_nodes=2, num_gpus=8, master_addr="10.0.0.1", no_ssh=True)
     cmd = build_deepspeed_command(lc, "train.py", ["r.yml"])
-    args = parse_args(cmd[1:])
+    args = parse_args(cmd[len(RUNNER):])
     assert (args.hostfile, args.num_nodes, args.num_gpus, args.master_addr, args.no_ssh) == (
         "hf", 2, 8, "10.0.0.1", True)
     assert args.user_script == "train.py" and args.user_args == ["r.yml"]
@@ -75,8 +77,9 @@ def test_dry_run_resolves_and_plans(tmp_path):
                   "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "mode: deepspeed" in proc.stdout
-    assert f"deepspeed --num_gpus 2 --master_port 29500 train.py {tmp_path / 'logs' / 'resolved_config.yml'}" \
-        in proc.stdout
+    assert (f"{sys.executable} -m deepspeed.launcher.runner --num_gpus 2 --master_port 29500 train.py "
+            f"{tmp_path / 'logs' / 'resolved_config.yml'}") in proc.stdout
+    assert "layout: world size 2 = dp 2 x tp 1 x pp 1 | global batch 8 = micro 4 x accum 1 x dp 2" in proc.stdout
     from megatron.config import load_config
 
     resolved = load_config(str(tmp_path / "logs" / "resolved_config.yml"))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from megatron.config import LauncherConfig, NeoXConfig
-from megatron.training.launch import (LaunchError, build_deepspeed_command, check_launch, parse_hostfile,
-                                      rank_env_from_launcher, select_resources, worker_env)
+from megatron.training.launch import (LaunchError, build_deepspeed_command, check_launch, launch_world_size,
+                                      parse_hostfile, rank_env_from_launcher, select_resources, worker_env)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,22 +68,19 @@ def test_resource_selection_matches_deepspeed():
 def test_check_launch_world_size_and_resolution(tmp_path):
     hf = _hostfile(tmp_path, "worker-0 slots=3\n")
     cfg = _cfg(hostfile=str(hf))
-    cfg.parallel.model_parallel_size = 2
-    with pytest.raises(LaunchError, match=r"world size 3 is not divisible by model_parallel_size x pipe stages = "
-                                          r"2 x 1 = 2"):
-        check_launch(cfg, 0, resolve=_resolve_all)
+    assert launch_world_size(cfg.launcher, 0) == 3  # the layout of 3 ranks is checked by config validation
     cfg.launcher.num_gpus = 2
     assert check_launch(cfg, 0, resolve=_resolve_all) == {"worker-0": [0, 1]}
+    assert launch_world_size(cfg.launcher, 0) == 2
 
     def fail(host):
         raise socket.gaierror(host)
 
     with pytest.raises(LaunchError, match="host\\(s\\) worker-0 do not resolve"):
         check_launch(cfg, 0, resolve=fail)
-    local = _cfg(num_gpus=3)
-    local.parallel.pipe_parallel_size = 2
-    with pytest.raises(LaunchError, match="world size 3"):
-        check_launch(local, 0)
+    assert launch_world_size(_cfg(num_gpus=3).launcher, 0) == 3  # no CUDA device: 3 CPU processes
+    with pytest.raises(LaunchError, match=r"num_gpus=3, but only 2 CUDA device\(s\) are visible"):
+        check_launch(_cfg(num_gpus=3), 2)
     with pytest.raises(LaunchError, match="no_ssh needs node_rank"):
         check_launch(_cfg(hostfile=str(hf), no_ssh=True), 0, resolve=_resolve_all)
     with pytest.raises(LaunchError, match="launcher='torque'"):
@@ -95,7 +92,7 @@ def _runner_cmd(lc: LauncherConfig, pool: dict, active: dict, exports: dict):
     from deepspeed.launcher import multinode_runner as mr
     from deepspeed.launcher.runner import parse_args
 
-    args = parse_args(build_deepspeed_command(lc, "train.py", ["r.yml"])[1:])
+    args = parse_args(build_deepspeed_command(lc, "train.py", ["r.yml"])[3:])
     cls = {"pdsh": mr.PDSHRunner, "openmpi": mr.OpenMPIRunner, "mvapich": mr.MVAPICHRunner,
            "slurm": mr.SlurmRunner}[args.launcher]
     runner = cls(args, "WORLD") if cls is mr.PDSHRunner else cls(args, "WORLD", pool)
@@ -110,7 +107,7 @@ def test_exact_command_lines_per_launcher(launcher):
     lc = LauncherConfig(hostfile="/job/hostfile", launcher=launcher, master_addr="10.0.0.1", master_port=29600,
                         comment="sepllm" if launcher == "slurm" else None)
     cmd = build_deepspeed_command(lc, "train.py", ["r.yml"])
-    expected = ["deepspeed", "--hostfile", "/job/hostfile", "--master_port", "29600", "--master_addr", "10.0.0.1",
+    expected = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", "/job/hostfile", "--master_port", "29600", "--master_addr", "10.0.0.1",
                 "--launcher", launcher]
     assert cmd == expected + (["--launcher_args=--comment=sepllm"] if launcher == "slurm" else []) + ["train.py", "r.yml"]
     pool = {"worker-0": 2, "worker-1": 2}
@@ -135,7 +132,7 @@ def test_exact_command_lines_per_launcher(launcher):
 def test_no_ssh_single_machine_command_and_worker_env():
     lc = LauncherConfig(hostfile="hf", no_ssh=True, node_rank=0, master_addr="127.0.0.1", master_port=29700)
     assert build_deepspeed_command(lc, "train.py", ["r.yml"]) == [
-        "deepspeed", "--hostfile", "hf", "--master_port", "29700", "--master_addr", "127.0.0.1", "--launcher",
+        sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", "hf", "--master_port", "29700", "--master_addr", "127.0.0.1", "--launcher",
         "pdsh", "--no_ssh", "--node_rank", "0", "train.py", "r.yml"]
     cfg = _cfg(launcher="openmpi", env={"NCCL_DEBUG": "INFO"})
     env = worker_env(cfg, {"worker-0": [0]}, {"WANDB_API_KEY": "secret", "HOME": "/root"})

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron.config import ConfigError
 from megatron.training import pretrain
 from megatron.training.checkpointing import CheckpointError
-from megatron.training.loop import TrainingError
 from megatron.training.parallel_setup import pipeline_engine_stages
 from parallel_spawn import run_distributed
 from sep_helpers import make_sepllm_cfg
@@ -61,8 +61,8 @@ def test_pipe_parallel_size_meaning():
 
 def test_world_size_not_divisible_by_tp_times_pp_fails_before_any_work(corpus, neox_tokenizer_file, tmp_path):
     cfg = _cfg(corpus, neox_tokenizer_file, tmp_path, parallel__model_parallel_size=2)
-    with pytest.raises(TrainingError, match=r"world size 1 is not divisible by model_parallel_size x pipe stages = "
-                                            r"2 x 1 = 2"):
+    with pytest.raises(ConfigError, match=r"world size 1 is not divisible by model_parallel_size x pipe stages = "
+                                          r"2 x 1 = 2"):
         pretrain(cfg)
     assert not (tmp_path / "logs").exists()
 

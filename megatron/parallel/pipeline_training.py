@@ -65,14 +65,14 @@ def build_pipeline_engine(cfg: Any, device: str, world_size: int, *, partition_m
     if stages == 0:
         raise PipelineConfigError("pipe_parallel_size = 0 means no pipeline engine: build GPTModel instead")
     tp = int(cfg.parallel.model_parallel_size or 1)
-    if world_size % (stages * tp):
-        raise PipelineConfigError(f"world size {world_size} is not divisible by pipe_parallel_size x "
-                                  f"model_parallel_size = {stages} x {tp}")
-    dp = world_size // (stages * tp)
+    from megatron.config import ConfigError
+    from megatron.config.layout import check_layout
+
     zero = int((cfg.training.zero_optimization or {}).get("stage", cfg.training.zero_stage) or 0)
-    if zero >= 2:
-        raise PipelineConfigError(f"zero_optimization.stage = {zero} with pipe_parallel_size = {stages}: DeepSpeed's "
-                                  f"pipeline engine supports ZeRO stage 0 or 1 (as GPT-NeoX); use stage 1")
+    try:  # the layout check of config validation (world size, ZeRO <= 1 under a pipeline, TP splits)
+        dp = check_layout(cfg.model, cfg.parallel, zero, world_size)
+    except ConfigError as exc:
+        raise PipelineConfigError(str(exc)) from None
     pipe = build_pipeline_model(cfg.model, cfg.sepllm, stages, model_parallel_size=tp,
                                 partition_method=partition_method, seed=int(cfg.training.seed), groups=groups)
     ds_config = cfg.deepspeed_config(dp, client_optimizer=True)

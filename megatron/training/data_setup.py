@@ -75,6 +75,26 @@ def ensure_data(data_cfg: Any, tokenizer_cfg: Any, info: Callable[[str], None], 
                             merge_file=tokenizer_cfg.merge_file, append_eod=True, progress=True)
 
 
+def check_token_ids(data_cfg: Any, vocab_size: int, tokenizer_name: str) -> None:
+    """Every token id of every configured dataset must lie in ``[0, vocab_size)`` of the run's tokenizer.
+
+    Data tokenized with another tokenizer otherwise fails mid-run (IndexError in the embedding) or trains silently on
+    the wrong rows. Raises ConfigError (a config / input problem, exit 2) naming the data, the id and the vocabulary.
+    The min / max are cached next to the data (``megatron.data.token_range``), so only the first start scans it.
+    """
+    from megatron.config import ConfigError
+    from megatron.data.token_range import token_range
+
+    for prefix in dict.fromkeys(configured_prefixes(data_cfg)):
+        found = token_range(prefix, cache_dir=data_cfg.data_cache_dir)
+        if found.max_id is not None and found.max_id >= vocab_size:
+            raise ConfigError(f"data {prefix}: max token id {found.max_id} >= vocabulary size {vocab_size} of the "
+                              f"tokenizer ({tokenizer_name}); the data was tokenized with another tokenizer: "
+                              f"re-tokenize it or set tokenizer-type / vocab-file to the one it was made with")
+        if found.min_id is not None and found.min_id < 0:
+            raise ConfigError(f"data {prefix}: negative token id {found.min_id}; the .bin file is not token data")
+
+
 def build_datasets(cfg: Any, global_batch: int, train_iters: int) -> SplitDatasets:
     """Train/valid/test datasets sized for ``train_iters`` steps and the evaluation schedule.
 

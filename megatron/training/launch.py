@@ -2,8 +2,10 @@
 
 The decision and the command line are pure functions of the resolved launcher config, so they are unit-tested
 without starting anything. Before a launch, :func:`check_launch` validates the hostfile (syntax, slots, duplicate
-hosts), include/exclude (known hosts and slots), host-name resolution and that the world size divides by
-``model-parallel-size x pipe stages``; each problem is one :class:`LaunchError` sentence.
+hosts), include/exclude (known hosts and slots), host-name resolution and ``num_gpus`` against the visible CUDA
+devices; each problem is one :class:`LaunchError` sentence. :func:`launch_world_size` gives config validation the
+number of ranks, so the parallel layout and the batch triple are checked for the real launch. The launcher runs
+from this interpreter (:func:`launcher_prefix`), never a ``deepspeed`` found on PATH.
 
 Runners (``launcher``): ``pdsh`` (ssh to every host, DeepSpeed's per-node launcher there), ``openmpi``
 (``mpirun``), ``mvapich`` (``mpirun``, MVAPICH2-GDR), ``slurm`` (``srun``); the MPI / srun runners start the script
@@ -53,11 +55,19 @@ def needs_launcher(launcher_cfg: Any, visible_gpus: int) -> bool:
     return bool(procs > 1 or multi_node or lc.hostfile or lc.include or lc.exclude or lc.force_multi)
 
 
+def launcher_prefix() -> list[str]:
+    """DeepSpeed's launcher started from THIS interpreter (``python -m deepspeed.launcher.runner``, what the
+    ``deepspeed`` script runs): works from ``.venv/bin/python deepy.py ...`` without an activated venv on PATH, and
+    the workers it starts run the same interpreter."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
 def build_deepspeed_command(launcher_cfg: Any, script: str, script_args: Sequence[str],
-                            launcher_bin: str = "deepspeed") -> list[str]:
-    """The ``deepspeed`` launcher command line for ``script`` with ``script_args`` (flags only when set)."""
+                            launcher_bin: Optional[Sequence[str]] = None) -> list[str]:
+    """The DeepSpeed launcher command line for ``script`` with ``script_args`` (flags only when set);
+    ``launcher_bin`` defaults to :func:`launcher_prefix`."""
     lc = launcher_cfg
-    cmd = [launcher_bin]
+    cmd = list(launcher_prefix() if launcher_bin is None else launcher_bin)
     if lc.hostfile:
         cmd += ["--hostfile", str(lc.hostfile)]
     if lc.include:
@@ -177,37 +187,54 @@ def check_resolvable(hosts: Sequence[str], resolve: Callable[[str], Any] = socke
                           f"/ /etc/hosts")
 
 
-def check_world_size(world_size: int, model_parallel_size: int, pipe_parallel_size: int) -> None:
-    from megatron.parallel.mesh import ParallelLayoutError, rank_layout
+def local_process_count(launcher_cfg: Any, visible_gpus: int) -> int:
+    """Processes of a launch without hostfile: ``num_gpus``, else all visible GPUs, else 1 (one CPU process).
 
-    try:
-        rank_layout(world_size, int(model_parallel_size or 1), int(pipe_parallel_size or 0))
-    except ParallelLayoutError as exc:
-        raise LaunchError(str(exc)) from exc
+    With CUDA devices visible, ``num_gpus`` may not exceed them (ranks would share or miss a device). Without any
+    (a CPU-only machine) ``num_gpus N`` starts N CPU processes over gloo, each with its own share of the cores; the
+    global batch then counts N data-parallel ranks, and ``deepy.py`` prints it before launching.
+    """
+    lc = launcher_cfg
+    if lc.num_gpus is None:
+        return max(visible_gpus, 1)
+    if visible_gpus > 0 and lc.num_gpus > visible_gpus:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise LaunchError(f"launcher num_gpus={lc.num_gpus}, but only {visible_gpus} CUDA device(s) are visible"
+                          + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "")
+                          + f"; set num_gpus <= {visible_gpus}")
+    return int(lc.num_gpus)
+
+
+def launch_world_size(launcher_cfg: Any, visible_gpus: int) -> int:
+    """Ranks of the launch: the selected hostfile slots, else :func:`local_process_count` (raises LaunchError)."""
+    lc = launcher_cfg
+    if not lc.hostfile:
+        return local_process_count(lc, visible_gpus)
+    active = select_resources(parse_hostfile(lc.hostfile), lc.include, lc.exclude, lc.num_nodes,
+                              None if (lc.include or lc.exclude) else lc.num_gpus)
+    return sum(len(ids) for ids in active.values())
 
 
 def check_launch(cfg: Any, visible_gpus: int,
                  resolve: Callable[[str], Any] = socket.gethostbyname) -> dict[str, list[int]]:
     """Validate a launch before anything starts; returns the hosts and slots it will use (``{}`` for a local run
-    without a hostfile)."""
+    without a hostfile). The parallel layout of the launched world size is checked by config validation
+    (``load_config(world_size=...)``, :mod:`megatron.config.layout`)."""
     lc = cfg.launcher
     if lc.launcher not in LAUNCHERS:
         raise LaunchError(f"launcher={lc.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
     if lc.no_ssh and lc.hostfile and lc.node_rank < 0:
         raise LaunchError("launcher no_ssh needs node_rank (which hostfile node this invocation starts, 0-based)")
-    tp, pp = cfg.parallel.model_parallel_size, cfg.parallel.pipe_parallel_size
     if not lc.hostfile:
         if lc.include or lc.exclude:
             raise LaunchError("launcher include/exclude need a hostfile")
-        procs = lc.num_gpus if lc.num_gpus is not None else max(visible_gpus, 1)
-        check_world_size(procs, tp, pp)
+        local_process_count(lc, visible_gpus)
         return {}
     active = select_resources(parse_hostfile(lc.hostfile), lc.include, lc.exclude, lc.num_nodes,
                               None if (lc.include or lc.exclude) else lc.num_gpus)
     if lc.no_ssh and lc.node_rank >= len(active):
         raise LaunchError(f"launcher node_rank={lc.node_rank}: the launch has {len(active)} node(s)")
     check_resolvable(list(active), resolve)
-    check_world_size(sum(len(ids) for ids in active.values()), tp, pp)
     return active
 
 
@@ -240,6 +267,12 @@ def rank_env_from_launcher(environ: Mapping[str, str]) -> dict[str, str]:
     return {}
 
 
+def launched_world_size(environ: Mapping[str, str]) -> Optional[int]:
+    """The world size a launcher gave this process (``WORLD_SIZE``, or the MPI / srun variables), None if none."""
+    value = environ.get("WORLD_SIZE") or rank_env_from_launcher(environ).get("WORLD_SIZE")
+    return int(value) if value and value.isdigit() else None
+
+
 def write_deepspeed_env(env: dict[str, str], path: str) -> None:
     """DeepSpeed's multi-node runners export the variables listed in ``.deepspeed_env`` on every node."""
     with open(path, "w", encoding="utf-8") as handle:
@@ -248,7 +281,10 @@ def write_deepspeed_env(env: dict[str, str], path: str) -> None:
 
 
 def visible_gpu_count() -> int:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+    """CUDA devices this machine shows; 0 without importing torch on CPU-only builds / machines (slow import)."""
+    from megatron.config.validate import _cuda_available
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not _cuda_available():
         return 0
     try:
         import torch

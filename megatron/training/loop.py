@@ -30,7 +30,8 @@ from megatron.model.loss import lm_loss
 from megatron.training.batches import Batch, make_batch
 from megatron.training.checkpointing import (CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint,
                                              should_save)
-from megatron.training.data_setup import DataSetupError, build_datasets, build_loader, ensure_data
+from megatron.training.data_setup import (DataSetupError, build_datasets, build_loader, check_token_ids,
+                                          ensure_data)
 from megatron.training.distributed import (DistInfo, barrier, capture_rng_state, init_distributed, restore_rng_state,
                                            set_seed)
 from megatron.training.engine import build_engine, check_device_support, quiet_deepspeed_logs, resolve_device
@@ -240,13 +241,12 @@ def pretrain(config: Any, *, stream: Any = None) -> TrainResult:
     device = resolve_device(t.device)
     check_device_support(device, t.precision, t.zero_stage)
     _check_supported(cfg)
-    try:  # the layout needs only the world size: refuse a bad one before any process-group work
-        from megatron.parallel.mesh import ParallelLayoutError, rank_layout
+    # the layout needs only the world size: refuse a bad one before any process-group work (config validation ran
+    # the same check for the launch; this covers configs built in code and launches of a different size)
+    from megatron.config.layout import check_config_layout
 
-        world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
-        rank_layout(world, int(cfg.parallel.model_parallel_size or 1), int(cfg.parallel.pipe_parallel_size or 0))
-    except ParallelLayoutError as exc:
-        raise TrainingError(str(exc)) from exc
+    check_config_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized()
+                        else dist.get_world_size())
     # unwritable or full output folders fail here, before minutes of set-up and training
     check_output_dirs(cfg, dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0")))
     info = init_distributed(device, cfg.parallel.distributed_backend)
@@ -286,6 +286,8 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
 
     ensure_data(cfg.data, cfg.tokenizer, logger.info, may_prepare=info.rank == 0)
     barrier()
+    tok = cfg.tokenizer
+    check_token_ids(cfg.data, tokenizer.vocab_size, " ".join(filter(None, (tok.tokenizer_type, tok.vocab_file))))
     datasets = build_datasets(cfg, global_batch, t.train_iters)
 
     if plan.pipeline:
