@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -215,10 +215,14 @@ def tokenize_to_indexed(
     progress: bool = True,
     task_chars: int = TASK_CHARS,
     log_interval: int = 0,
+    fix_text: Callable[[str], str] | None = None,
+    num_docs: int | None = None,
 ) -> list[PrepareResult]:
     """Tokenize ``inputs`` into one ``.bin/.idx`` per key at ``<output_prefix>_<key>_document``.
 
     One document per text file / JSONL record; ``eod`` appended when ``append_eod``; empty documents are skipped.
+    ``fix_text`` (e.g. ``ftfy.fix_text``) is applied to every text before tokenizing; ``num_docs`` (GPT-NeoX
+    ``--num-docs``, when known) makes the progress bar count documents against that total instead of bytes.
     Raises :class:`PrepareError` for missing inputs, missing JSONL keys and a corpus with no documents.
     """
     if tokenizer is None:
@@ -243,8 +247,11 @@ def tokenize_to_indexed(
         from tqdm import tqdm
 
         compressed = any(f.name.endswith(".gz") for f in files)  # sizes on disk are not text bytes
-        bar = tqdm(total=None if compressed else total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                   dynamic_ncols=True)
+        if num_docs:
+            bar = tqdm(total=num_docs, unit="doc", desc="tokenizing", dynamic_ncols=True)
+        else:
+            bar = tqdm(total=None if compressed else total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                       dynamic_ncols=True)
 
     def write(results: list[list[np.ndarray]], nbytes: int) -> None:
         nonlocal done_bytes
@@ -257,13 +264,16 @@ def tokenize_to_indexed(
                 builders[k].add_document(np.concatenate([ids, eod]) if append_eod else ids)
         done_bytes += nbytes
         if bar is not None:
-            bar.update(nbytes)
+            bar.update(len(results) if num_docs else nbytes)
         elif log_interval and docs_seen[0] // log_interval > (docs_seen[0] - len(results)) // log_interval:
             secs = time.perf_counter() - start
             print(f"processed {docs_seen[0]} documents ({done_bytes / 1e6 / secs:.2f} MB/s)", flush=True)
 
     try:
-        tasks = _batched(iter_documents(files, keys), task_chars)
+        docs = iter_documents(files, keys)
+        if fix_text is not None:
+            docs = (([fix_text(t) for t in texts], nbytes) for texts, nbytes in docs)
+        tasks = _batched(docs, task_chars)
         if workers == 1:
             for batch, nbytes in tasks:
                 write(encode_batch(tokenizer, batch, dtype), nbytes)

@@ -34,11 +34,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-interval", type=int, default=0,
                    help="without a progress bar (--no-progress), print progress every N documents (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    neox = p.add_argument_group("GPT-NeoX compatibility")
+    neox.add_argument("--dataset-impl", default="mmap", metavar="IMPL",
+                      help="output format; only mmap (Megatron MMIDIDX .bin/.idx) is written (default: mmap)")
+    neox.add_argument("--ftfy", action="store_true",
+                      help="repair mojibake / broken Unicode with ftfy.fix_text before tokenizing (needs the ftfy "
+                      "package: pip install ftfy)")
+    neox.add_argument("--num-docs", type=int, default=None, metavar="N",
+                      help="number of documents in the input, when known: the progress bar counts documents to N")
     return p
+
+
+def _fix_text(use_ftfy: bool):
+    """``ftfy.fix_text`` for --ftfy (a one-line error when ftfy is not installed), else None."""
+    if not use_ftfy:
+        return None
+    try:
+        import ftfy
+    except ImportError:
+        raise UsageError("--ftfy needs the ftfy package, which is not installed: pip install ftfy (or drop "
+                         "--ftfy)") from None
+    return ftfy.fix_text
+
+
+class UsageError(ValueError):
+    """A flag value this tool cannot honour (exit 2)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        if args.dataset_impl != "mmap":
+            raise UsageError(f"--dataset-impl {args.dataset_impl}: only mmap is supported (Megatron MMIDIDX .bin/.idx, "
+                             f"what GPT-NeoX and this trainer read); drop the flag or pass --dataset-impl mmap")
+        if args.num_docs is not None and args.num_docs < 1:
+            raise UsageError(f"--num-docs {args.num_docs}: expected a number of documents >= 1")
+        fix_text = _fix_text(args.ftfy)
+    except UsageError as exc:
+        print(f"preprocess_data.py: error: {exc}", file=sys.stderr)
+        return 2
     results = tokenize_to_indexed(
         args.input,
         args.output_prefix,
@@ -50,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         log_interval=args.log_interval,
+        fix_text=fix_text,
+        num_docs=args.num_docs,
     )
     for r in results:
         print(f"wrote {r.prefix}.bin/.idx: {r.documents} documents, {r.tokens} tokens ({r.mb_per_s:.2f} MB/s)")
