@@ -167,12 +167,18 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    pipe_parallel_size: int = opt(1, "Pipeline stages. GPT-NeoX meaning: 0 = no pipeline engine, 1 = one stage "
-                                     "(same model). >1 not supported yet.")
-    model_parallel_size: int = opt(1, "Tensor-parallel size. >1 not supported yet.")
-    sequence_parallel: bool = opt(False, "Megatron sequence parallelism. Not supported yet.")
-    world_size: Optional[int] = opt(None, "Total ranks. Derived: num_nodes x num_gpus when both are set, else 1. "
-                                          "The launcher passes the real value.", derived=True)
+    pipe_parallel_size: int = opt(1, "Pipeline stages (GPT-NeoX meaning): 0 or 1 = the plain DeepSpeed engine, N >= "
+                                     "2 = DeepSpeed's pipeline engine with N stages (ZeRO 0 or 1, at least one "
+                                     "layer per stage).")
+    model_parallel_size: int = opt(1, "Tensor-parallel size: attention heads, KV heads and the MLP width must divide "
+                                      "by it; the padded vocabulary is a multiple of make_vocab_size_divisible_by x "
+                                      "this.")
+    sequence_parallel: bool = opt(False, "Megatron sequence parallelism (with model_parallel_size): norms / dropout "
+                                         "run on seq_length / TP tokens; seq_length must divide by TP.")
+    world_size: Optional[int] = opt(None, "Total ranks. Derived: the launch's ranks (deepy.py: hostfile slots, "
+                                          "num_gpus, else visible GPUs; train.py: WORLD_SIZE), else num_nodes x "
+                                          "num_gpus, else num_gpus, else model_parallel_size x pipe stages. Given "
+                                          "explicitly it must equal the launch's.", derived=True)
     data_parallel_size: Optional[int] = opt(None, "Derived: world_size / (model_parallel_size x pipeline stages).",
                                             derived=True)
     distributed_backend: Optional[str] = opt(None, "nccl | gloo. None/auto: nccl with CUDA, gloo on CPU; nccl on a "
@@ -185,7 +191,9 @@ class LauncherConfig:
     include: Optional[str] = opt(None, "DeepSpeed --include host/GPU filter, e.g. `worker-0:0,1@worker-1`.")
     exclude: Optional[str] = opt(None, "DeepSpeed --exclude host/GPU filter.")
     num_nodes: int = opt(-1, "Nodes to use from the hostfile (-1 = all).")
-    num_gpus: Optional[int] = opt(None, "Processes (devices) per node (None = all visible).")
+    num_gpus: Optional[int] = opt(None, "Processes (devices) per node (None = all visible GPUs, 1 on CPU). Not "
+                                        "more than the visible CUDA devices; on a machine without CUDA, N CPU "
+                                        "processes over gloo.")
     master_port: int = opt(29500, "Rendezvous port.")
     master_addr: Optional[str] = opt(None, "Rendezvous address (None = first host / localhost).")
     launcher: str = opt("pdsh", "Multi-node runner: pdsh | openmpi | mvapich | slurm.")

@@ -61,6 +61,10 @@ and `megatron/config/field_help.py`. Do not edit by hand: a test fails when this
   `NeoXConfig.to_yaml()`, saved with every checkpoint) uses blocks, and loads back to an equal config. It writes
   every value, and lists under `derived_keys` the ones computed from other keys (not given by the user); loading
   recomputes those, so overriding `--train-iters` on a saved config still moves a derived `lr_decay_iters`.
+  `padded_vocab_size`, once the trainer filled it in from the tokenizer, is kept, so a checkpoint's `config.yml`
+  reloads to the same model.
+* **Lists.** A single value for a list key (`train-data-paths: data/x_text_document`,
+  `--train-data-paths data/x_text_document`) is a one-element list.
 * **Command line.** After the files: `--key value` or `--key=value`; dotted keys reach into blocks
   (`--optimizer.params.lr 1e-3`, `--fp16.enabled true`, `--model.num_layers 4`); values are YAML scalars or flow
   lists (`1e-3`, `true`, `null`, `[1, 2]`); a bare `--flag` means true. Overrides apply after all files.
@@ -77,11 +81,22 @@ and `megatron/config/field_help.py`. Do not edit by hand: a test fails when this
 `train_batch_size = train_micro_batch_size_per_gpu x gradient_accumulation_steps x data-parallel size`. Give any
 two (all three must agree). One given: micro alone -> accumulation 1; accumulation alone -> micro 1; global alone ->
 accumulation 1. None: micro 1, accumulation 1. The data-parallel size is `world_size / (model_parallel_size x
-max(pipe_parallel_size, 1))`, with `world_size` from the key, else `num_nodes x num_gpus`, else 1.
-`NeoXConfig.deepspeed_config(data_parallel_size)` re-resolves the triple for the real number of ranks: the micro
-batch is kept; the global batch is kept when the user gave it without pinning both other keys (accumulation adapts),
-otherwise accumulation is kept and the global batch scales (GPT-NeoX behaviour, e.g. the reference configs' 32 x 4
-on 8 GPUs = 1024).
+max(pipe_parallel_size, 1))` for the world size of the launch: `deepy.py` validates with the ranks it will start
+(hostfile slots, `num_gpus`, else the visible GPUs, else 1) and prints `layout: world size W = dp x tp x pp | global
+batch G = micro x accum x dp`; `train.py` with the `WORLD_SIZE` its launcher set; `load_config(world_size=N)` in
+code; otherwise the `world_size` key, `num_nodes x num_gpus`, `num_gpus`, else `model_parallel_size x pipe stages`.
+A `train_batch_size` you give is never rescaled: if it does not fit the launched ranks the config is refused
+(exit 2). Micro x accumulation without a global batch scales with the ranks (GPT-NeoX behaviour, e.g. the
+reference configs' 32 x 4 on 8 GPUs = 1024). `NeoXConfig.deepspeed_config(data_parallel_size)` resolves the keys
+you gave again for another data-parallel size under the same rules.
+
+## Parallel layout
+
+Checked once, at validation, for the launch's world size (`megatron/config/layout.py`, also run by `pretrain` for
+configs built in code): the world size divides by `model_parallel_size x pipe stages`; under tensor parallelism
+`num_attention_heads`, the KV heads and the MLP width divide by `model_parallel_size` (and `seq_length` with
+`sequence_parallel`); `pipe_parallel_size >= 2` allows ZeRO stage 0 or 1 and needs `num_layers >= stages`. Each
+failure is one line naming the keys and values (exit 2), before anything is launched.
 
 ## SepLLM modes
 
@@ -204,9 +219,6 @@ def render_reference() -> str:
 
 
 _WHEN = {
-    "model_parallel_size": "> 1",
-    "pipe_parallel_size": "> 1",
-    "sequence_parallel": "true",
     "attention_config": "an entry other than global / flash",
     "zero_optimization": "cpu_offload, offload_optimizer or offload_param enabled",
     "scheduler": "present",
