@@ -2,7 +2,7 @@
 """Tokenize a named corpus or local text/JSONL files into Megatron .bin/.idx files (GPT-NeoX compatible CLI).
 
 Examples:
-  python prepare_data.py pg19_sample -t HFTokenizer -v ../shared/tokenizers/20B_tokenizer.json
+  python prepare_data.py pg19_sample -t HFTokenizer -v megatron/tokenizer/assets/20B_tokenizer.json
   python prepare_data.py mybooks --input books/ -t HFTokenizer -v 20B_tokenizer.json --workers 2
   python prepare_data.py web --input a.jsonl,b.jsonl --jsonl-keys text -t GPT2BPETokenizer -v vocab.json -m merges.txt
 """

@@ -21,8 +21,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, timeout=120)
 
 
-def test_cli_prints_resolved_config(shared_dir: Path) -> None:
-    src = shared_dir / "reference_configs" / "sepllm-160m-on-pythia-with-pile_deduped-n64-kernel.yml"
+def test_cli_prints_resolved_config(reference_configs_dir: Path) -> None:
+    src = reference_configs_dir / "sepllm-160m-on-pythia-with-pile_deduped-n64-kernel.yml"
     proc = _run(str(src), "--train-iters", "20", "--sep_attention_impl", "compact")
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)

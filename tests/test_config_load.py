@@ -222,18 +222,18 @@ REFERENCE = {
 }
 
 
-def test_every_reference_config_is_covered(shared_dir: Path) -> None:
-    assert sorted(p.name for p in (shared_dir / "reference_configs").glob("*.yml")) == sorted(REFERENCE)
+def test_every_reference_config_is_covered(reference_configs_dir: Path) -> None:
+    assert sorted(p.name for p in (reference_configs_dir).glob("*.yml")) == sorted(REFERENCE)
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_reference_configs_load(shared_dir: Path, tmp_path: Path, name: str) -> None:
+def test_reference_configs_load(reference_configs_dir: Path, tmp_path: Path, name: str) -> None:
     data = tmp_path / "data_text_document"
     vocab = tmp_path / "tokenizer.json"
     path_overrides = ["--train-data-paths", f"[{data}]", "--valid-data-paths", f"[{data}]",
                       "--test-data-paths", f"[{data}]", "--vocab-file", str(vocab)]
     mode, windows = REFERENCE[name]
-    src = shared_dir / "reference_configs" / name
+    src = reference_configs_dir / name
     if name.startswith("llama3"):
         cfg = load_config(src, overrides=path_overrides)
         assert cfg.sepllm.Layer_num == 32 and cfg.model.num_layers == 2  # Layer_num never sets num_layers
@@ -264,12 +264,12 @@ def _rich_config() -> dict:
 
 
 @pytest.mark.parametrize("source", ["rich", "llama3", "vanilla"])
-def test_round_trip(shared_dir: Path, tmp_path: Path, source: str) -> None:
+def test_round_trip(reference_configs_dir: Path, tmp_path: Path, source: str) -> None:
     if source == "rich":
         cfg = load_config(_rich_config())
     else:
         name = "llama3_sepllm_a3_n256.yml" if source == "llama3" else "vanilla-160m-full-attention.yml"
-        cfg = load_config(shared_dir / "reference_configs" / name)
+        cfg = load_config(reference_configs_dir / name)
     saved = _write(tmp_path / "resolved.yml", cfg.to_yaml())
     again = load_config(saved)
     assert isinstance(again, NeoXConfig) and again == cfg
@@ -277,8 +277,8 @@ def test_round_trip(shared_dir: Path, tmp_path: Path, source: str) -> None:
     assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
 
 
-def test_saved_config_recomputes_derived_values(tmp_path: Path, shared_dir: Path) -> None:
-    cfg = load_config(shared_dir / "reference_configs" / "streamingllm-160m-n64.yml")
+def test_saved_config_recomputes_derived_values(tmp_path: Path, reference_configs_dir: Path) -> None:
+    cfg = load_config(reference_configs_dir / "streamingllm-160m-n64.yml")
     saved = yaml.safe_load(cfg.to_yaml())
     assert "lr_schedule.warmup_iters" in saved["derived_keys"] and "sepllm.mode" in saved["derived_keys"]
     assert "training.train_micro_batch_size_per_gpu" not in saved["derived_keys"]
@@ -326,8 +326,8 @@ def test_warmup_rounds_half_up() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- DeepSpeed view
-def test_deepspeed_config(shared_dir: Path) -> None:
-    cfg = load_config(shared_dir / "reference_configs" / "streamingllm-160m-n64.yml")
+def test_deepspeed_config(reference_configs_dir: Path) -> None:
+    cfg = load_config(reference_configs_dir / "streamingllm-160m-n64.yml")
     ds = cfg.deepspeed_config(8)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         1024, 32, 4)
@@ -353,9 +353,9 @@ def test_deepspeed_config(shared_dir: Path) -> None:
 
 @pytest.mark.parametrize("name", ["sepllm-160m-on-pythia-with-pile_deduped-n64-kernel.yml",
                                   "vanilla-160m-full-attention.yml"])
-def test_deepspeed_accepts_the_generated_config(shared_dir: Path, name: str) -> None:
+def test_deepspeed_accepts_the_generated_config(reference_configs_dir: Path, name: str) -> None:
     ds_config = pytest.importorskip("deepspeed.runtime.config")
-    cfg = load_config(shared_dir / "reference_configs" / name)
+    cfg = load_config(reference_configs_dir / name)
     assert "fp16" not in cfg.training.fp16 and "cpu_offload" not in cfg.training.zero_optimization
     parsed = ds_config.DeepSpeedConfig(cfg.deepspeed_config(1))  # world size 1 outside torch.distributed
     assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (

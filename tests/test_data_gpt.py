@@ -204,7 +204,7 @@ def test_real_text_samples(tmp_path: Path, neox_tokenizer_file: Path, pg19_dir: 
     from megatron.tokenizer import build_tokenizer
 
     tok = build_tokenizer("HFTokenizer", str(neox_tokenizer_file))
-    books = [pg19_dir / "31974.txt", pg19_dir / "8788.txt"]
+    books = [pg19_dir / "12204.txt", pg19_dir / "9315.txt"]
     prefix = tokenize_to_indexed([str(b) for b in books], str(tmp_path / "pg"), tokenizer=tok, progress=False)[0].prefix
     train, _, _ = build_train_valid_test_datasets([prefix], None, "1", 128, 1234, (64, 0, 0))
     assert Path(train.cache_paths["doc_idx"]).parent == tmp_path  # cached next to the data by default

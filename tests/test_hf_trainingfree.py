@@ -228,8 +228,8 @@ def test_retention_on_spec_worked_example():
     assert "final-step KV retention 0.5000" in line and "\n" not in line
 
 
-def test_reference_configs_load_with_layer_num_override(shared_dir):
-    ref = shared_dir / "reference_configs"
+def test_reference_configs_load_with_layer_num_override(reference_configs_dir):
+    ref = reference_configs_dir
     model_cfg = LlamaConfig(vocab_size=128256, num_hidden_layers=2)
     sep = resolve_for_model(load_trainingfree_config(ref / "llama3_sepllm_a3_n256.yml", {"Layer_num": 2}), model_cfg)
     assert sep.mode == "sepllm" and sep.separator_ids == (13, 11, 30, 0, 26, 25, 198, 220, 128000)
@@ -239,10 +239,10 @@ def test_reference_configs_load_with_layer_num_override(shared_dir):
     assert stream.mode == "streamingllm" and stream.separator_ids == () and stream.generate_windows == (256, 256)
 
 
-def test_bad_input_errors(tmp_path, shared_dir):
+def test_bad_input_errors(tmp_path, reference_configs_dir):
     model = _tiny("llama")
     with pytest.raises(TrainingFreeConfigError, match=r"'Layer_num' = 32 but the model has num_hidden_layers=2"):
-        apply_sepllm(model, shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml")
+        apply_sepllm(model, reference_configs_dir / "llama3_sepllm_a3_n256.yml")
     with pytest.raises(TrainingFreeConfigError, match=r"contains 128000, outside the model's vocabulary \[0, 64\)"):
         apply_sepllm(model, _cfg(separator_token_ids=[13, 128000]))
     bad = tmp_path / "bad.yml"

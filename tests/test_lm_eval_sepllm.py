@@ -22,13 +22,13 @@ def _load_cli():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, shared_dir):
+def tiny_llama_dir(tmp_path_factory, gpt2_tokenizer_file):
     """A 2-layer Llama whose vocabulary covers both the GPT-2 tokenizer and the Llama-3 separator ids (128000)."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(shared_dir / "tokenizers" / "gpt2.json"),
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(gpt2_tokenizer_file),
                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     cfg = LlamaConfig(vocab_size=128256, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
@@ -68,10 +68,10 @@ def _evaluate(lm, tasks, limit):
 
 
 @pytest.mark.slow
-def test_both_reference_configs_run_offline_and_report_retention(tiny_llama_dir, shared_dir, in_repo, capsys):
+def test_both_reference_configs_run_offline_and_report_retention(tiny_llama_dir, reference_configs_dir, in_repo, capsys):
     from megatron.sepllm.lm_eval_model import SepLLMHFLM
 
-    ref = shared_dir / "reference_configs"
+    ref = reference_configs_dir
     # SepLLM: windows shrunk so the short PG-19 sentences are really sparsified
     lm = SepLLMHFLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32", batch_size=4,
                     sepllm_config=str(ref / "llama3_sepllm_a3_n256.yml"),
@@ -97,7 +97,7 @@ def test_both_reference_configs_run_offline_and_report_retention(tiny_llama_dir,
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
-def test_mask_path_loglikelihoods_equal_direct_masked_forward(kind, request, shared_dir, tmp_path):
+def test_mask_path_loglikelihoods_equal_direct_masked_forward(kind, request, reference_configs_dir, tmp_path):
     """The numbers lm_eval scores are those of the SepLLM-masked model (not of the plain one)."""
     from lm_eval.api.instance import Instance
 
@@ -106,7 +106,7 @@ def test_mask_path_loglikelihoods_equal_direct_masked_forward(kind, request, sha
 
     if kind == "llama":
         model_dir = request.getfixturevalue("tiny_llama_dir")
-        config = shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml"
+        config = reference_configs_dir / "llama3_sepllm_a3_n256.yml"
     else:
         model_dir = request.getfixturevalue("tiny_neox_dir")
         config = tmp_path / "pythia_sepllm.yml"          # Pythia separators (spec §1.1), a=3
@@ -133,11 +133,11 @@ def test_mask_path_loglikelihoods_equal_direct_masked_forward(kind, request, sha
 
 
 @pytest.mark.slow
-def test_cli_sepcache_generation_and_mask_path(tiny_llama_dir, shared_dir, in_repo, tmp_path, capsys):
+def test_cli_sepcache_generation_and_mask_path(tiny_llama_dir, reference_configs_dir, in_repo, tmp_path, capsys):
     cli = _load_cli()
     out = tmp_path / "results.json"
     rc = cli.main(["--model-path", str(tiny_llama_dir),
-                   "--sepllm-config", str(shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml"),
+                   "--sepllm-config", str(reference_configs_dir / "llama3_sepllm_a3_n256.yml"),
                    "--sepllm-override", "Layer_num=2", "--sepllm-override", "prefill_local_window_size=4",
                    "--tasks", "sepllm_pg19_gen", "--include-path", str(INCLUDE), "--batch-size", "4",
                    "--limit", "4", "--device", "cpu", "--sepcache", "--init-cache-size", "2",
@@ -152,15 +152,15 @@ def test_cli_sepcache_generation_and_mask_path(tiny_llama_dir, shared_dir, in_re
     assert "SepCache time-averaged KV retention" in capsys.readouterr().out
 
 
-def test_cli_bad_input_is_one_clear_line(tiny_llama_dir, shared_dir, in_repo, capsys):
+def test_cli_bad_input_is_one_clear_line(tiny_llama_dir, reference_configs_dir, in_repo, capsys):
     cli = _load_cli()
     base = ["--model-path", str(tiny_llama_dir), "--tasks", "sepllm_pg19_mc", "--include-path", str(INCLUDE),
             "--device", "cpu", "--limit", "2"]
-    rc = cli.main(base + ["--sepllm-config", str(shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml")])
+    rc = cli.main(base + ["--sepllm-config", str(reference_configs_dir / "llama3_sepllm_a3_n256.yml")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("lm_eval_sepllm: error:") and "'Layer_num' = 32" in err[-1]
     assert not any("Traceback" in line for line in err)
-    rc = cli.main(base + ["--sepllm-config", str(shared_dir / "reference_configs" / "llama3_sepllm_a3_n256.yml"),
+    rc = cli.main(base + ["--sepllm-config", str(reference_configs_dir / "llama3_sepllm_a3_n256.yml"),
                           "--sepllm-override", "Layer_num=2", "--sepllm-override", "prefil_local_window_size=4"])
     assert rc == 2 and "unknown key 'prefil_local_window_size'" in capsys.readouterr().err
     rc = cli.main(base[:2] + ["--tasks", "no_such_task", "--include-path", str(INCLUDE), "--sepcache"])

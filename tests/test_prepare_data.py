@@ -34,7 +34,7 @@ def neox(neox_tokenizer_file: Path):
 
 @pytest.fixture()
 def corpus(tmp_path: Path, pg19_dir: Path) -> dict:
-    book = (pg19_dir / "37443.txt").read_text(encoding="utf-8")
+    book = (pg19_dir / "9315.txt").read_text(encoding="utf-8")
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(book[:3000], encoding="utf-8")
     b.write_text(book[3000:5000], encoding="utf-8")
@@ -218,9 +218,10 @@ def test_api_errors(tmp_path: Path, neox) -> None:
         tokenize_to_indexed(str(tmp_path), str(tmp_path / "o"))
 
 
-def test_benchmark_smoke(tmp_path: Path, shared_dir: Path) -> None:
+def test_benchmark_smoke(tmp_path: Path, pg19_dir: Path, neox_tokenizer_file: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = _run(REPO / "benchmarks" / "prepare_data.py", "--limit", "2", "--workers", "1", "2", "--json", out)
+    proc = _run(REPO / "benchmarks" / "prepare_data.py", "--limit", "2", "--workers", "1", "2", "--json", out,
+                "--pg19-dir", pg19_dir, "--tokenizer-file", neox_tokenizer_file)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [(r["method"], r["workers"]) for r in rows] == [("naive", 1), ("ours", 1), ("ours", 2)]

@@ -33,7 +33,7 @@ def test_config_parses_loads_and_builds_backend(name):
     assert text.startswith("#") and "Naming of this config family" in text
     raw = yaml.safe_load(text)
     assert raw["num-layers"] == 12 and raw["hidden-size"] == 768 and raw["seq-length"] == 2048
-    assert raw["vocab-file"] == "../shared/tokenizers/20B_tokenizer.json"
+    assert raw["vocab-file"] == "megatron/tokenizer/assets/20B_tokenizer.json"  # bundled
     loader = pytest.importorskip("megatron.config.loader")
     cfg = loader.load_config(path)
     mode, windows = EXPECTED[name]

@@ -5,7 +5,7 @@ Each separator string (. , ? ! ; : space tab newline, and with --variants the sa
 spaces) is encoded without special tokens; strings that encode to exactly one id are kept, duplicates dropped.
 
 Examples:
-  python tools/sepllm/get_separator_ids.py -t HFTokenizer -v ../shared/tokenizers/20B_tokenizer.json
+  python tools/sepllm/get_separator_ids.py -t HFTokenizer -v megatron/tokenizer/assets/20B_tokenizer.json
   python tools/sepllm/get_separator_ids.py --hf-name-or-path ./my_hf_model --variants --json seps.json
 """
 

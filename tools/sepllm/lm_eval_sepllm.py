@@ -4,7 +4,7 @@
 Example (from the repository root):
 
     python tools/sepllm/lm_eval_sepllm.py --model-path ./tiny-llama \\
-        --sepllm-config /work/shared/reference_configs/llama3_sepllm_a3_n256.yml --sepllm-override Layer_num=2 \\
+        --sepllm-config tests/fixtures/reference_configs/llama3_sepllm_a3_n256.yml --sepllm-override Layer_num=2 \\
         --tasks sepllm_pg19_mc --include-path tests/fixtures/lm_eval --batch-size 4 --limit 8 --output results.json
 
 Retention statistics are printed and stored in the output JSON under ``"sepllm_retention"``.

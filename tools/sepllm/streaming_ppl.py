@@ -39,8 +39,15 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "pg19" / "test"
-DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "tokenizers" / "20B_tokenizer.json"
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from megatron.data.corpus_registry import SHIPPED_DIR  # noqa: E402
+from megatron.tokenizer import BUNDLED_NEOX_TOKENIZER  # noqa: E402
+
+DEFAULT_DATA = SHIPPED_DIR / "pg19_sample"      # the five bundled books; pass --data-dir for a bigger corpus
+DEFAULT_TOKENIZER = BUNDLED_NEOX_TOKENIZER
+LINES_PER_BATCH = 256
 
 
 class CliError(Exception):
@@ -128,10 +135,11 @@ def token_stream(data_dir: Path, tok, bos: int, protocol: str) -> Iterator[tuple
         text = book.read_text(encoding="utf-8", errors="replace")
         if protocol == "per-line":
             lines = text.splitlines()
-            for enc in tok.encode_batch(lines, add_special_tokens=False):
-                ids = [bos] + enc.ids
-                if len(ids) > 1:
-                    yield ids[:-1], ids[1:]
+            for start in range(0, len(lines), LINES_PER_BATCH):   # bounded batches: memory stays flat on long books
+                for enc in tok.encode_batch(lines[start:start + LINES_PER_BATCH], add_special_tokens=False):
+                    ids = [bos] + enc.ids
+                    if len(ids) > 1:
+                        yield ids[:-1], ids[1:]
         else:
             ids = [bos] + tok.encode(text, add_special_tokens=False).ids
             if len(ids) > 1:
