@@ -1,0 +1,81 @@
+"""The ``sepllm`` block of an exported ``config.json``: the SepLLM settings a model was trained with, so that
+``apply_sepllm(model)`` and ``custom_generate=megatron.sepllm.generate`` find them on the HF model alone.
+
+Layout (``config.json["sepllm"]``)::
+
+    {"mode": "sepllm",                          # full | sepllm | streamingllm | fixllm (as trained)
+     "separator_token_ids": [...], "PADDING_ID": 0, "init_tok_max_idx": 2, "Layer_num": 12,
+     "prefill_local_window_size": 64, "generate_local_window_size": 64, ... every training-free SepLLM key ...,
+     "sep_cache": {"init_cache_size": 3, "sep_cache_size": 64, "local_size": [...], "cache_size": [...]}}
+
+Everything except ``mode`` and ``sep_cache`` is a valid training-free SepLLM config (``megatron.sepllm.hf_config``).
+``sep_cache`` holds the SepCache defaults: ``a`` initial tokens, the decode window of every layer as the local size,
+the SepCache default separator budget, and ``cache_size = a + s + 2w`` (a compression every ``w`` tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+BLOCK_KEY = "sepllm"
+SEP_CACHE_KEY = "sep_cache"
+DEFAULT_SEP_CACHE_SIZE = 64
+# SepLLMConfig keys the training-free HF path reads (the rest are training-only switches)
+TRAININGFREE_KEYS = ("separator_token_ids", "PADDING_ID", "prefill_local_window_size", "generate_local_window_size",
+                     "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS",
+                     "prefill_loc_win_size_list", "generate_win_loc_size_list", "init_tok_max_idx",
+                     "USE_ORIGINAL_FULL_ATTEN", "streamingLLM", "BATCH_ADAPTIVE_INIT_POS", "EXCLUDE_DIAGONAL",
+                     "USE_FIXED_SEP_INTERVALs", "fixed_sep_intervals_list")
+UNEXPORTABLE = {"USE_BiPE": "BiPE positions (a learned intra-segment table and inter-segment rotary ids)",
+                "USE_SA_SOFTMAX": "self-adjusting softmax", "USE_SA_SOFTMAX_NO_DENO": "self-adjusting softmax"}
+
+
+def check_exportable(sepllm_cfg: Any) -> None:
+    """Raise ``ValueError`` naming the key when the attention was trained with something HF attention lacks."""
+    for key, what in UNEXPORTABLE.items():
+        if getattr(sepllm_cfg, key, False):
+            raise ValueError(f"SepLLM config key '{key}' = True: {what} has no Hugging Face equivalent, so the "
+                             f"exported model would compute a different function")
+
+
+def build_block(sepllm_cfg: Any, num_layers: int) -> dict[str, Any]:
+    """The ``sepllm`` block for a model trained with ``sepllm_cfg`` (a resolved ``SepLLMConfig``)."""
+    check_exportable(sepllm_cfg)
+    block: dict[str, Any] = {"mode": sepllm_cfg.mode}
+    for key in TRAININGFREE_KEYS:
+        value = getattr(sepllm_cfg, key)
+        block[key] = list(value) if isinstance(value, (list, tuple)) else value
+    block["Layer_num"] = num_layers
+    if sepllm_cfg.mode in ("sepllm", "streamingllm"):  # FixLLM has no cache eviction rule
+        a = max(int(sepllm_cfg.init_tok_max_idx) + 1, 0)
+        windows = [int(w) for w in (sepllm_cfg.generate_windows or [sepllm_cfg.generate_local_window_size] * num_layers)]
+        s = DEFAULT_SEP_CACHE_SIZE if sepllm_cfg.mode == "sepllm" else 0
+        block[SEP_CACHE_KEY] = {"init_cache_size": a, "sep_cache_size": s, "local_size": windows,
+                                "cache_size": [a + s + 2 * w for w in windows]}
+    return block
+
+
+def model_block(model_or_config: Any) -> Optional[dict[str, Any]]:
+    """The ``sepllm`` block of an HF model (or its config), or None when it has none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    block = getattr(config, BLOCK_KEY, None)
+    if block is None:
+        return None
+    if not isinstance(block, Mapping) or "mode" not in block:
+        raise ValueError(f"config.json key '{BLOCK_KEY}' must be a mapping with a 'mode' entry, got {block!r}")
+    return dict(block)
+
+
+def sepllm_settings(block: Mapping[str, Any]) -> dict[str, Any]:
+    """The training-free SepLLM keys of a block (what ``sepllm_config_from_mapping`` reads)."""
+    return {k: v for k, v in block.items() if k not in ("mode", SEP_CACHE_KEY)}
+
+
+def sep_cache_defaults(block: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """SepCache keyword defaults from a block: sizes, ``separator_token_ids`` and ``PADDING_ID`` ({} if none)."""
+    if not block or SEP_CACHE_KEY not in block:
+        return {}
+    out = dict(block[SEP_CACHE_KEY])
+    out["separator_token_ids"] = list(block.get("separator_token_ids") or []) if block["mode"] == "sepllm" else [-1]
+    out["PADDING_ID"] = block.get("PADDING_ID")
+    return out
