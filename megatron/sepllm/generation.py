@@ -28,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from megatron.sepllm.cache import SepCache
 from megatron.sepllm.hf_compat import SepGenerateOutput, cache_kwargs, generate_output, pop_cache
+from megatron.sepllm.hf_config import sep_cache_arguments
 from megatron.sepllm.pos_shift import apply_rotary
 
 ATTN_NAME = "sepllm_sdpa"
@@ -118,8 +119,9 @@ def build_sep_cache(model: Any, init_cache_size: Union[int, Sequence[int]] = 4,
 @torch.no_grad()
 def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = None, stopping_criteria: Any = None,
              generation_config: Any = None, synced_gpus: bool = False, streamer: Any = None,
-             init_cache_size: Union[int, Sequence[int]] = 4, sep_cache_size: Union[int, Sequence[int]] = 64,
-             local_size: Union[int, Sequence[int]] = 256, cache_size: Union[int, Sequence[int]] = 512,
+             init_cache_size: Union[int, Sequence[int], None] = None,
+             sep_cache_size: Union[int, Sequence[int], None] = None,
+             local_size: Union[int, Sequence[int], None] = None, cache_size: Union[int, Sequence[int], None] = None,
              SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: bool = False,
              separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
              APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
@@ -129,7 +131,8 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
 
     The SepCache arguments (sizes, ``SEP_ACCUMULATION``, ``USE_MAX_SEP_CACHE``, ``separator_token_ids``,
     ``PADDING_ID``, ``APPLY_PE_SHIFT``, ``exact_window``, ``prefill_attention``, ``eviction_timing``) are those of
-    :class:`~megatron.sepllm.cache.SepCache`; separators default to the model_type preset.
+    :class:`~megatron.sepllm.cache.SepCache`. Unset sizes and separators come from the ``sepllm`` block of an exported
+    model's config (what it was trained with), else sizes 4 / 64 / 256 / 512 and the model_type separator preset.
 
     Honours ``do_sample``/``temperature``/``top_k``/``top_p`` (through the logits processors transformers prepared),
     ``eos_token_id`` and ``max_new_tokens`` (stopping criteria), left-padded batches (``attention_mask``), streamers,
@@ -152,6 +155,9 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     if model_kwargs:
         raise TypeError(f"SepCache generation got unsupported model kwargs {sorted(model_kwargs)}")
     if not isinstance(cache, SepCache):
+        init_cache_size, sep_cache_size, local_size, cache_size, separator_token_ids, PADDING_ID = sep_cache_arguments(
+            model, init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
+            cache_size=cache_size, separator_token_ids=separator_token_ids, PADDING_ID=PADDING_ID).values()
         cache = SepCache(init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
                          cache_size=cache_size, SEP_ACCUMULATION=SEP_ACCUMULATION,
                          USE_MAX_SEP_CACHE=USE_MAX_SEP_CACHE, separator_token_ids=separator_token_ids,

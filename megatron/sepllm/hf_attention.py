@@ -33,7 +33,8 @@ import torch
 
 from megatron.config.sepllm import SepLLMConfig
 from megatron.sepllm import rules
-from megatron.sepllm.hf_config import TrainingFreeSettings, load_trainingfree_config, resolve_for_model
+from megatron.sepllm.hf_config import (TrainingFreeSettings, load_trainingfree_config, resolve_for_model,
+                                       sepllm_config_from_model)
 from megatron.sepllm.hf_compat import CACHE_NAMES, output_cache
 from megatron.sepllm.hf_retention import RetentionMeter, _Counts
 
@@ -385,18 +386,23 @@ class SepLLMHandle:
         self.meter.reset()
 
 
-def apply_sepllm(model: Any, sepllm_cfg: Union[SepLLMConfig, str, os.PathLike],
+def apply_sepllm(model: Any, sepllm_cfg: Union[SepLLMConfig, str, os.PathLike, None] = None,
                  overrides: Optional[dict] = None, attn_impl: Optional[str] = None) -> SepLLMHandle:
     """Make ``model`` (an HF decoder, e.g. Llama or GPT-NeoX) run training-free SepLLM attention.
 
     ``sepllm_cfg`` is a ``SepLLMConfig`` or a path to a training-free YAML (``overrides`` are applied on top of the
-    file). ``attn_impl`` picks ``"sdpa"`` or ``"eager"`` (default: eager if the model uses eager, else sdpa).
+    file); None reads the settings the model was trained with from the ``sepllm`` block of its config (models
+    exported by ``tools/ckpts/convert_neox_to_hf.py``). ``attn_impl`` picks ``"sdpa"`` or ``"eager"`` (default: eager if the model uses eager, else sdpa).
     ``USE_ORIGINAL_FULL_ATTEN=True`` leaves the model untouched. Raises ``TrainingFreeConfigError`` on settings
     that do not fit the model.
     """
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise SepLLMRuntimeError("apply_sepllm was already applied to this model; call handle.remove() first")
-    if not isinstance(sepllm_cfg, SepLLMConfig):
+    if sepllm_cfg is None:
+        if overrides:
+            raise ValueError("overrides apply to a YAML path; without one the model's 'sepllm' block is used as is")
+        sepllm_cfg = sepllm_config_from_model(model)
+    elif not isinstance(sepllm_cfg, SepLLMConfig):
         sepllm_cfg = load_trainingfree_config(sepllm_cfg, overrides)
     elif overrides:
         raise ValueError("overrides apply to a YAML path; edit the SepLLMConfig object directly instead")

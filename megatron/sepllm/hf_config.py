@@ -188,3 +188,45 @@ def resolve_for_model(cfg: SepLLMConfig, model_config: Any) -> TrainingFreeSetti
         batch_adaptive_init_pos=bool(cfg.BATCH_ADAPTIVE_INIT_POS) and mode != "full",
         print_kv_ratio=bool(cfg.PRINT_KV_RATIO) and mode != "full",
         print_ratio_intervals=int(cfg.print_ratio_intervals))
+
+
+# ----------------------------------------------------------------------------------------- settings carried by a model
+SEP_CACHE_FALLBACKS = {"init_cache_size": 4, "sep_cache_size": 64, "local_size": 256, "cache_size": 512}
+
+
+def sepllm_config_from_model(model: Any) -> SepLLMConfig:
+    """The SepLLM settings an exported model was trained with: the ``sepllm`` block of its ``config.json`` (written
+    by ``tools/ckpts/convert_neox_to_hf.py``), validated like a training-free YAML."""
+    from megatron.model.convert.sepllm_block import model_block, sepllm_settings
+
+    try:
+        block = model_block(model)
+    except ValueError as exc:
+        raise TrainingFreeConfigError(str(exc)) from exc
+    if block is None:
+        raise TrainingFreeConfigError("the model's config has no 'sepllm' block (only models exported by "
+                                      "tools/ckpts/convert_neox_to_hf.py carry one); pass a SepLLMConfig or a "
+                                      "training-free YAML path")
+    cfg = sepllm_config_from_mapping(sepllm_settings(block))
+    if derive_mode(cfg) != block["mode"]:
+        raise TrainingFreeConfigError(f"config.json 'sepllm' block: mode = {block['mode']!r} but its keys describe "
+                                      f"{derive_mode(cfg)!r}")
+    return cfg
+
+
+def sep_cache_arguments(model: Any, **given: Any) -> dict[str, Any]:
+    """SepCache sizes / separators for ``generate``: explicit values win, then the model's ``sepllm`` block (an
+    exported SepLLM / StreamingLLM model: its initial tokens, separators and decode windows), then SepCache's
+    defaults; ``separator_token_ids`` / ``PADDING_ID`` left None fall back to the model-type preset."""
+    from megatron.model.convert.sepllm_block import model_block, sep_cache_defaults
+
+    try:
+        from_model = sep_cache_defaults(model_block(model))
+    except ValueError as exc:
+        raise TrainingFreeConfigError(str(exc)) from exc
+    out = {}
+    for key, value in given.items():
+        if value is None:
+            value = from_model.get(key, SEP_CACHE_FALLBACKS.get(key))
+        out[key] = value
+    return out
