@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from megatron.config import NeoXConfig
 
@@ -74,3 +78,56 @@ def tiny_sepllm_keys(data_prefix: str, tokenizer_file: Path, run_dir: Path, **ex
     }
     keys.update(extra)
     return keys
+
+
+def pretrain_with_weights(cfg: NeoXConfig) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``pretrain(cfg)``, the initial and the trained weights (full tensors, gathered from ZeRO-3 shards: collective
+    under data parallelism).
+
+    Equal losses alone hide a constant gradient scale (Adam and clipping undo it): parallel-equivalence tests
+    compare the weight updates and the logged grad norms too.
+    """
+    from megatron.training import loop
+
+    engines: list[Any] = []
+    initial: dict[str, torch.Tensor] = {}
+    build = loop.build_engine
+
+    def capture(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        initial.update((n, p.detach().clone()) for n, p in model.named_parameters())
+        engines.append(build(model, *args, **kwargs))
+        return engines[-1]
+
+    loop.build_engine = capture
+    try:
+        result = loop.pretrain(cfg)
+    finally:
+        loop.build_engine = build
+    (engine,) = engines
+    named = list(engine.module.named_parameters())
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return result, initial, {n: p.detach().clone() for n, p in named}
+    return result, initial, {n: p.detach().clone() for n, p in named}
+
+
+def logged_grad_norms(log_dir: Path) -> dict[int, float]:
+    """``{iteration: grad_norm}`` of the training rows of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["grad_norm"] for r in rows if "lm_loss" in r}
+
+
+def update_mismatch(initial: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+                    want: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per parameter ``||(got - initial) - (want - initial)|| / ||want - initial||``: how far one run's weight update
+    is from another's (both from ``initial``). Elementwise tolerances do not fit Adam: an entry whose gradient is
+    rounding noise (e.g. the key bias, which softmax ignores) moves by ~lr in a random direction."""
+    assert sorted(got) == sorted(want) == sorted(initial)
+    out = {}
+    for name, w0 in initial.items():
+        assert got[name].shape == want[name].shape == w0.shape, name
+        ref = (want[name] - w0).double()
+        out[name] = float((got[name].double() - want[name].double()).norm() / ref.norm().clamp_min(1e-30))
+    return out
