@@ -132,7 +132,8 @@ def _to_plain(obj: Any) -> Any:
 
 
 def _restore_scaler(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
-    """Apply a saved loss-scaler state onto the live scaler object and drop it from ``state``."""
+    """Apply a saved loss-scaler state onto the live scaler object, which then stands in ``state`` for the saved
+    one (ZeRO-3's loader requires the key; ZeRO-1/2 fall back to the live scaler without it)."""
     saved = state.get("loss_scaler")
     if isinstance(saved, dict) and _SCALER_KEY in saved:
         state = dict(state)
@@ -141,6 +142,7 @@ def _restore_scaler(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
         if live is not None:
             for key, value in saved[_SCALER_KEY].items():
                 setattr(live, key, value)
+            state["loss_scaler"] = live
     return state
 
 
