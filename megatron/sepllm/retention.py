@@ -51,6 +51,21 @@ class RetentionStats:
     def _ratio(kept: int, total: int) -> float:
         return float(kept) / float(total) if total else 1.0
 
+    def counts(self) -> dict:
+        """The raw counters as plain data, e.g. to sum them over data-parallel ranks with :meth:`add_counts`."""
+        return {"kv": [list(c) for c in self._kv], "attn_map": [list(c) for c in self._map],
+                "forward_calls": self.forward_calls}
+
+    def add_counts(self, counts: dict) -> None:
+        """Add another tracker's :meth:`counts` (same number of layers) to this one."""
+        if len(counts["kv"]) != self.num_layers:
+            raise ValueError(f"retention counts of {len(counts['kv'])} layers cannot be added to {self.num_layers}")
+        for mine, theirs in ((self._kv, counts["kv"]), (self._map, counts["attn_map"])):
+            for layer, (kept, total) in enumerate(theirs):
+                mine[layer][0] += int(kept)
+                mine[layer][1] += int(total)
+        self.forward_calls += int(counts["forward_calls"])
+
     def as_dict(self) -> dict[str, float]:
         """``kv_retention/layer_XX``, ``kv_retention/total``, ``attn_map_retention/...`` and ``forward_calls``."""
         out: dict[str, float] = {}

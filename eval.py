@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Evaluate a trained checkpoint with lm_eval, running our own model (SepLLM / StreamingLLM / full attention as
+trained), on one process or split over data-parallel ranks.
+
+usage: python deepy.py eval.py CONFIG.yml [MORE.yml ...] --eval_tasks TASK [TASK ...] [--key value ...]
+       python eval.py CONFIG.yml [...] --eval_tasks TASK [TASK ...]     (one process, no launcher)
+
+The checkpoint is the config's `load` (a run's checkpoint folder, following `latest`, or one global_stepN
+folder); the model is built from the given config(s), which must describe the trained model (the training YAML).
+Keys (also settable in YAML; see docs/config_reference.md and docs/eval.md):
+  --eval_tasks T [T ...]      lm_eval task names (built-in ones need the Hugging Face hub or its cache)
+  --iteration N               evaluate global_stepN instead of the one `latest` names
+  --eval_num_fewshot K        few-shot examples (default: each task's own)
+  --eval_limit N              first N documents of each task only
+  --eval_results_prefix P     write P_eval_results.json (default eval_results_<date-time>.json)
+  --eval_include_path DIR     extra task YAMLs, e.g. eval_tasks/ (local JSONL tasks, works offline)
+  --eval_batch_size B         sequences per forward per rank (default train_micro_batch_size_per_gpu)
+  --eval_bootstrap_iters N    stderr bootstrap resamples (lm_eval default 100000)
+  --eval_log_samples true     also write every document's requests and responses (JSONL per task)
+Exit status: 0 done; 2 bad config, unknown task, missing checkpoint or tokenizer (one `error:` line); 1 the
+evaluation itself failed.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if args else 2
+    args = [a for a in args if not a.startswith("--local_rank")]  # older launchers append --local_rank=N
+    split = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
+    files, overrides = args[:split], args[split:]
+    if not files:
+        print("error: give at least one config file before the --key value overrides", file=sys.stderr)
+        return 2
+
+    from megatron.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(*files, overrides=overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from megatron.evaluation.cli import run_eval_cli
+
+    return run_eval_cli(cfg, files, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

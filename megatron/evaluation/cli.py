@@ -1,0 +1,50 @@
+"""``eval.py``'s body: process group (when launched on several ranks), the run, and one clear line per failure."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Problems with what the user gave (config, tasks, checkpoint path, tokenizer): exit 2."""
+    from megatron.config import ConfigError
+    from megatron.evaluation.lm import EvalRequestError
+    from megatron.evaluation.runner import EvalError
+    from megatron.tokenizer import TokenizerError
+    from megatron.training.checkpointing import CheckpointError
+
+    return ConfigError, EvalError, EvalRequestError, TokenizerError, CheckpointError
+
+
+def run_eval_cli(cfg: Any, config_files: Sequence[str], overrides: Sequence[str]) -> int:
+    """Run :func:`megatron.evaluation.runner.run_evaluation` on this rank; returns the exit status."""
+    from megatron.evaluation.lm import DataParallel
+    from megatron.evaluation.runner import run_evaluation
+
+    dp = DataParallel()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        from megatron.training.distributed import init_distributed
+
+        device = cfg.training.device
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        info = init_distributed(device, cfg.parallel.distributed_backend)
+        dp = DataParallel(rank=info.rank, world_size=info.world_size)
+    try:
+        run_evaluation(cfg, config_files=config_files, overrides=overrides, dp=dp)
+    except _input_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"error: evaluation failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if dp.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0

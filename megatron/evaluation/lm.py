@@ -1,0 +1,241 @@
+"""``NeoXLM``: our own ``GPTModel`` behind lm_eval's public ``TemplateLM`` API (loglikelihood, rolling
+loglikelihood, generate_until), with the attention the model was trained with.
+
+Every rank of a data-parallel run builds the same request lists (lm_eval runs unchanged on each rank with
+``rank = 0, world_size = 1``); the model work is what is split: requests are sorted by length (longest first, as
+lm_eval's ``hf`` model does), rank ``r`` takes every ``world``-th of them, runs them in batches and the results are
+all-gathered back into request order. So every rank returns the full, identical result list and lm_eval's metrics
+equal a one-process run's, whatever the number of ranks.
+
+Scoring mirrors lm_eval's ``hf`` model exactly: ``(context + continuation)[-(max_length + 1):][:-1]`` as input,
+right padding (a causal model's real positions never see it), log-softmax over the whole (padded) vocabulary in
+fp32. Generation is greedy, recomputing the whole sequence each step; rows are right-padded and each row reads the
+logits at its own last token, so padding never shifts positions or SepLLM's initial tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's default when a task sets no max_gen_toks
+
+
+class EvalRequestError(ValueError):
+    """A request the evaluator cannot serve as asked (e.g. sampling); one line naming the task setting."""
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Where this process sits among the evaluation ranks (``group`` None = the default process group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None
+
+    def gather(self, local: list) -> list:
+        """Concatenation of every rank's ``local`` list, in rank order (identity on one rank)."""
+        if self.world_size == 1:
+            return list(local)
+        import torch.distributed as dist
+
+        boxes: list = [None] * self.world_size
+        dist.all_gather_object(boxes, local, group=self.group)
+        return [item for box in boxes for item in box]
+
+
+class NeoXLM(TemplateLM):
+    """lm_eval model over a ``GPTModel``; ``tokenizer`` is a ``megatron.tokenizer.Tokenizer``."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int = 1,
+                 max_length: Optional[int] = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+                 device: str | torch.device = "cpu", dp: DataParallel = DataParallel(),
+                 show_progress: Optional[bool] = None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size}: expected >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self._batch_size = int(batch_size)
+        self._max_length = int(max_length or getattr(model, "max_positions"))
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = torch.device(device)
+        self.dp = dp
+        self.show_progress = dp.rank == 0 if show_progress is None else show_progress
+        self.model_calls = 0  # forwards run by this rank (benchmarks / tests read it)
+
+    # ----------------------------------------------------------------------------------------- lm_eval plumbing
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eod)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs: Any) -> list[int]:
+        return list(self.tokenizer.tokenize(string))
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.detokenize(list(tokens))
+
+    def get_model_info(self) -> dict:
+        """Merged into lm_eval's ``results["config"]``."""
+        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_dtype": str(next(self.model.parameters()).dtype), "data_parallel_size": self.dp.world_size}
+
+    # ----------------------------------------------------------------------------------------- splitting
+    def _split_run(self, n: int, sort_key: Callable[[int], Any], run_batch: Callable[[list[int]], list],
+                   desc: str, disable_tqdm: bool) -> list:
+        """Sort request indices, run this rank's share in batches, all-gather, return results in request order."""
+        order = sorted(range(n), key=sort_key)
+        mine = order[self.dp.rank::self.dp.world_size]
+        local: list[tuple[int, Any]] = []
+        bar = tqdm(total=len(mine), desc=desc, disable=disable_tqdm or not self.show_progress)
+        for start in range(0, len(mine), self.batch_size):
+            batch = mine[start:start + self.batch_size]
+            local.extend(zip(batch, run_batch(batch)))
+            bar.update(len(batch))
+        bar.close()
+        merged = dict(self.dp.gather(local))
+        if len(merged) != n:
+            raise RuntimeError(f"{desc}: gathered {len(merged)} results for {n} requests")
+        return [merged[i] for i in range(n)]
+
+    @torch.no_grad()
+    def _forward(self, rows: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Right-padded forward of ``rows``; returns logits ``[B, S, V]`` and the row lengths."""
+        lengths = [len(r) for r in rows]
+        width = max(lengths)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        ids = ids.to(self.device)
+        padded = min(lengths) < width
+        self.model_calls += 1
+        logits = self.model(ids, attention_mask=mask.to(self.device) if padded else None)
+        return logits, lengths
+
+    # ----------------------------------------------------------------------------------------- loglikelihood
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        inputs, conts = [], []
+        for _, context_enc, continuation_enc in requests:
+            if not context_enc or not continuation_enc:
+                raise EvalRequestError("a loglikelihood request has an empty context or continuation after "
+                                       "tokenization")
+            if len(continuation_enc) > self.max_length:
+                raise EvalRequestError(f"a continuation of {len(continuation_enc)} tokens exceeds the model's "
+                                       f"maximum length {self.max_length}")
+            inputs.append((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
+            conts.append(continuation_enc)
+
+        def run(batch: list[int]) -> list[tuple[float, bool]]:
+            logits, lengths = self._forward([inputs[i] for i in batch])
+            out = []
+            for row, i in enumerate(batch):
+                cont = conts[i]
+                picked = logits[row, lengths[row] - len(cont):lengths[row]]
+                logp = F.log_softmax(picked.float(), dim=-1)
+                target = torch.tensor(cont, dtype=torch.long, device=logp.device)
+                total = float(logp.gather(-1, target.unsqueeze(-1)).sum())
+                greedy = bool((logp.argmax(dim=-1) == target).all())
+                out.append((total, greedy))
+            return out
+
+        results = self._split_run(len(requests), lambda i: (-len(inputs[i]) - 1, tuple(inputs[i])), run,
+                                  "loglikelihood requests", disable_tqdm)
+        for (request_str, _, _), answer in zip(requests, results):
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return results
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood over disjoint windows of ``max_length`` tokens (lm_eval's ``hf`` rule)."""
+        windows, owner = [], []
+        for n, (string,) in enumerate(req.args for req in requests):
+            for window in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None,) + window)
+                owner.append(n)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owner, scores):
+            totals[n] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ----------------------------------------------------------------------------------------- generation
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation of each context until a stop string, end of text or ``max_gen_toks`` tokens."""
+        eos = self.tok_decode([self.eot_token_id])
+        prepared = []
+        for context, gen_kwargs in (req.args for req in requests):
+            if not isinstance(gen_kwargs, dict):
+                raise EvalRequestError(f"generate_until: generation_kwargs must be a mapping, got {gen_kwargs!r}")
+            kw = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            if kw.get("do_sample") or float(kw.get("temperature") or 0.0) > 0.0:
+                raise EvalRequestError(f"generate_until: sampling (do_sample={kw.get('do_sample')}, temperature="
+                                       f"{kw.get('temperature')}) is not supported; eval.py decodes greedily "
+                                       f"(set do_sample: false in the task's generation_kwargs)")
+            until = handle_stop_sequences(kw.get("until"), eos=eos)
+            max_gen = int(kw["max_gen_toks"])
+            if max_gen >= self.max_length:
+                raise EvalRequestError(f"generate_until: max_gen_toks = {max_gen} must be below the model's "
+                                       f"maximum length {self.max_length}")
+            ids = self.tok_encode(context)[-(self.max_length - max_gen):]
+            prepared.append((ids or [self.prefix_token_id], until, max_gen))
+
+        def run(batch: list[int]) -> list[str]:
+            return self._greedy([prepared[i] for i in batch])
+
+        results = self._split_run(len(prepared), lambda i: (-len(prepared[i][0]), i), run,
+                                  "generate_until requests", disable_tqdm)
+        for req, text in zip(requests, results):
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return results
+
+    def _greedy(self, items: list[tuple[list[int], list[str], int]]) -> list[str]:
+        rows = [list(ids) for ids, _, _ in items]
+        new: list[list[int]] = [[] for _ in items]
+        active = list(range(len(items)))
+        while active:
+            logits, lengths = self._forward([rows[i] for i in active])
+            last = logits[torch.arange(len(active), device=logits.device),
+                          torch.tensor(lengths, device=logits.device) - 1]
+            next_tokens = last.float().argmax(dim=-1).tolist()
+            still = []
+            for i, tok in zip(active, next_tokens):
+                rows[i].append(tok)
+                new[i].append(tok)
+                _, until, max_gen = items[i]
+                text = self.tok_decode(new[i])
+                done = (tok == self.eot_token_id or len(new[i]) >= max_gen
+                        or any(stop and stop in text for stop in until))
+                if not done:
+                    still.append(i)
+            active = still
+        return [postprocess_generated_text(self.tok_decode(toks), until, None)
+                for toks, (_, until, _) in zip(new, items)]
+
+
+__all__ = ["DEFAULT_MAX_GEN_TOKS", "DataParallel", "EvalRequestError", "NeoXLM"]
