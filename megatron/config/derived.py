@@ -134,12 +134,3 @@ def precision_from_blocks(fp16: Optional[dict], bf16: Optional[dict], given: Opt
     if given is not None and from_blocks is not None and given != from_blocks:
         raise ConfigError(f"precision={given!r} contradicts the enabled {from_blocks} block")
     return from_blocks or given or "fp32"
-
-
-def data_parallel_size(world_size: int, model_parallel_size: int, pipe_parallel_size: int) -> int:
-    """world / (TP x PP); GPT-NeoX pipe_parallel_size 0 means one stage."""
-    stages = max(pipe_parallel_size, 1)
-    if world_size % (model_parallel_size * stages):
-        raise ConfigError(f"world_size={world_size} is not divisible by model_parallel_size={model_parallel_size} x "
-                          f"pipe_parallel_size={stages}")
-    return world_size // (model_parallel_size * stages)
