@@ -1,4 +1,9 @@
-"""Trained checkpoints leave the framework: the shared loader (``megatron.model.convert.load_trained_model``)."""
+"""Trained checkpoints leave the framework: the shared loader (``megatron.model.convert.load_trained_model``), the
+HF export / import tools (``tools/ckpts/convert_neox_to_hf.py``, ``convert_hf_to_neox.py``) and the ``sepllm`` block
+read by ``apply_sepllm`` / SepCache generation.
+
+Models are tiny Pythia- and Llama-shaped networks trained a few steps here; HF logits must equal ours to 1e-5 (fp32)
+and ours -> HF -> ours must give back bit-identical weights."""
 
 from __future__ import annotations
 
@@ -7,11 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 
+import json
+import subprocess
+import sys
+
+import transformers
+
 from megatron.config import ConfigError
 from megatron.model.convert import load_trained_model, read_full_model_state
 from megatron.training import pretrain
 from megatron.training.checkpointing import CheckpointError
+from parallel_spawn import run_distributed
+from sep_helpers import make_sepllm_cfg
 from train_helpers import make_tiny_corpus, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools" / "ckpts"))
+import convert_hf_to_neox  # noqa: E402
+import convert_neox_to_hf  # noqa: E402
 
 BOOK = Path(__file__).resolve().parents[1] / "megatron" / "data" / "corpora" / "pg19_sample" / "12204.txt"
 
@@ -78,3 +96,126 @@ def test_loader_bad_input_is_one_line(pythia_run, tmp_path):
         with pytest.raises(exc, match=pattern) as info:
             load_trained_model(load_dir, **kwargs)
         assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+LLAMA = {"model__norm": "rmsnorm", "model__activation": "swiglu", "model__num_kv_heads": 2, "model__rotary_pct": 1.0,
+         "model__gpt_j_residual": False, "model__no_weight_tying": False, "model__use_bias_in_attn_linear": False,
+         "model__use_bias_in_mlp": False, "model__use_bias_in_norms": False, "model__rms_norm_epsilon": 1e-6,
+         "model__intermediate_size": 96, "model__rotary_emb_base": 500000}
+
+
+@pytest.fixture(scope="module")
+def llama_sepllm_run(corpus, neox_tokenizer_file, tmp_path_factory):
+    """A Llama-shaped tiny model (RMSNorm, SwiGLU, GQA, tied embeddings) trained 2 steps with SepLLM attention."""
+    run = tmp_path_factory.mktemp("llama")
+    cfg = tiny_config(corpus, neox_tokenizer_file, run, train_iters=2, checkpoint__save=str(run / "ckpt"),
+                      checkpoint__checkpoint_factor=2, **LLAMA)
+    cfg.sepllm = make_sepllm_cfg(num_layers=2, window=8, init_tok_max_idx=1, prefill_local_window_size=8,
+                                 generate_local_window_size=8)
+    pretrain(cfg)
+    return run / "ckpt"
+
+
+def _ids(rows: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 50000, (rows, seq), generator=torch.Generator().manual_seed(seed))
+    ids[:, ::5] = 13  # separators every few tokens
+    return ids
+
+
+def _export(ckpt: Path, out: Path, *extra: str) -> Path:
+    assert convert_neox_to_hf.main(["--input_dir", str(ckpt), "--output_dir", str(out), *extra]) == 0
+    return out
+
+
+def _hf(path: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _assert_same_weights(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+def test_pythia_export_logits_files_and_round_trip(pythia_run, tmp_path):
+    hf_dir = _export(pythia_run, tmp_path / "hf")
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                       "tokenizer_config.json"]
+    assert not list(tmp_path.glob(".hf.tmp-*"))
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["GPTNeoXForCausalLM"] and config["hidden_act"] == "gelu"
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+    assert config["use_parallel_residual"] is True and config["tie_word_embeddings"] is False
+    assert config["eos_token_id"] == config["pad_token_id"] == 0 and config["dtype"] == "float32"
+    assert config["sepllm"]["mode"] == "full" and "sep_cache" not in config["sepllm"]
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>" and tok("Hello world").input_ids == [12092, 1533]
+
+    ours = load_trained_model(pythia_run).model
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(_hf(hf_dir)(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=0)
+
+    assert convert_hf_to_neox.main(["--hf_dir", str(hf_dir), "--output_dir", str(tmp_path / "back")]) == 0
+    back = load_trained_model(tmp_path / "back")
+    _assert_same_weights(back.model.state_dict(), read_full_model_state(pythia_run / "global_step3"))
+    assert back.iteration == 0 and back.config.tokenizer.vocab_file == str(tmp_path / "back" / "tokenizer.json")
+    yml = (tmp_path / "back" / "model.yml").read_text()
+    assert "rotary_pct: 0.25" in yml and "gpt_j_residual: true" in yml and "no_weight_tying: true" in yml
+
+
+def test_precision_is_honoured_and_shards_have_an_index(pythia_run, tmp_path):
+    from megatron.model.convert.export import export_to_hf
+
+    hf_dir = _export(pythia_run, tmp_path / "bf16", "--precision", "bf16", "--no_save_tokenizer")
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "model.safetensors"]
+    hf = _hf(hf_dir)
+    assert hf.dtype == torch.bfloat16
+    want = load_trained_model(pythia_run).model.state_dict()
+    assert torch.equal(hf.state_dict()["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"],
+                       want["layers.1.mlp.dense_h_to_4h.weight"].to(torch.bfloat16))
+    result = export_to_hf(pythia_run, tmp_path / "sharded", save_tokenizer=False, max_shard_bytes=4_000_000)
+    index = json.loads((result.output_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and shards == sorted(p.name for p in result.output_dir.glob("model-*.safetensors"))
+    ids = _ids(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_hf(result.output_dir)(input_ids=ids).logits,
+                                   load_trained_model(pythia_run).model(ids), atol=1e-5, rtol=0)
+
+
+def test_llama_sepllm_export_logits_block_and_round_trip(llama_sepllm_run, tmp_path):
+    import megatron.sepllm
+    from megatron.sepllm import apply_sepllm
+
+    hf_dir = _export(llama_sepllm_run, tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_act"] == "silu"
+    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is True
+    assert config["rms_norm_eps"] == 1e-6 and config["rope_parameters"]["rope_theta"] == 500000.0
+    block = config["sepllm"]
+    assert block["mode"] == "sepllm" and block["separator_token_ids"] == [15, 13, 32, 2, 28, 27, 209, 186, 187]
+    assert block["init_tok_max_idx"] == 1 and block["Layer_num"] == 2
+    assert block["sep_cache"] == {"init_cache_size": 2, "sep_cache_size": 64, "local_size": [8, 8],
+                                  "cache_size": [82, 82]}
+
+    trained = load_trained_model(llama_sepllm_run)
+    ids = _ids()
+    hf = _hf(hf_dir)
+    handle = apply_sepllm(hf)  # settings from the config.json block alone
+    assert handle.settings.mode == "sepllm" and handle.settings.num_initial == 2
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, trained.model(ids), atol=1e-5, rtol=0)
+    handle.remove()
+    # SepCache generation takes its sizes and separators from the block when none are given
+    out = hf.generate(input_ids=ids[:1, :12], custom_generate=megatron.sepllm.generate, do_sample=False,
+                      max_new_tokens=4, return_dict_in_generate=True, pad_token_id=0)
+    cache = out.past_key_values
+    assert cache.separator_token_ids == block["separator_token_ids"]
+    assert [(layer.init_cache_size, layer.local_size, layer.cache_size) for layer in cache.layers] == [(2, 8, 82)] * 2
+
+    assert convert_hf_to_neox.main(["--hf_dir", str(hf_dir), "--output_dir", str(tmp_path / "back")]) == 0
+    back = load_trained_model(tmp_path / "back")
+    _assert_same_weights(back.model.state_dict(), read_full_model_state(llama_sepllm_run / "global_step2"))
+    assert back.config.sepllm.mode == "sepllm" and back.config.sepllm.init_tok_max_idx == 1
