@@ -63,12 +63,14 @@ def test_plain_cache_greedy_equals_recompute(keys):
     assert_same_run(cached, full)
 
 
-def test_uncapped_sepllm_cache_greedy_equals_recompute():
-    """Every separator kept + exact window = the training rule: equal to running the model's own SepLLM attention
-    over the whole sequence each step."""
-    model = tiny_model(**SEPLLM)
+@pytest.mark.parametrize("keys,kind", [(SEPLLM, "uncapped"), ({**SEPLLM, "streamingLLM": True}, "compressed")],
+                         ids=["sepllm-uncapped", "streamingllm"])
+def test_training_rule_cache_greedy_equals_recompute(keys, kind):
+    """Every separator kept (or none, StreamingLLM) + exact window = the training rule: equal to running the model's
+    own SepLLM attention over the whole sequence each step."""
+    model = tiny_model(**keys)
     cached = generate_batch(model, [PROMPT], max_new_tokens=30, eos_id=None, keep_logits=True,
-                            cache_settings=KVCacheSettings(kind="uncapped"))
+                            cache_settings=KVCacheSettings(kind=kind))
     full = generate_batch(model, [PROMPT], max_new_tokens=30, eos_id=None, keep_logits=True, recompute=True)
     assert_same_run(cached, full)
 
