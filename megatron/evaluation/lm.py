@@ -147,21 +147,33 @@ class NeoXLM(TemplateLM):
             inputs.append((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
             conts.append(continuation_enc)
 
-        def run(batch: list[int]) -> list[tuple[float, bool]]:
-            logits, lengths = self._forward([inputs[i] for i in batch])
+        # requests with the same model input (e.g. the one-token answers of a multiple-choice question) share one row
+        groups: dict[tuple, list[int]] = {}
+        for i, inp in enumerate(inputs):
+            groups.setdefault(tuple(inp), []).append(i)
+        unique = list(groups.values())
+
+        def run(batch: list[int]) -> list[list[tuple[float, bool]]]:
+            logits, lengths = self._forward([inputs[unique[g][0]] for g in batch])
             out = []
-            for row, i in enumerate(batch):
-                cont = conts[i]
-                picked = logits[row, lengths[row] - len(cont):lengths[row]]
-                logp = F.log_softmax(picked.float(), dim=-1)
-                target = torch.tensor(cont, dtype=torch.long, device=logp.device)
-                total = float(logp.gather(-1, target.unsqueeze(-1)).sum())
-                greedy = bool((logp.argmax(dim=-1) == target).all())
-                out.append((total, greedy))
+            for row, g in enumerate(batch):
+                scores = []
+                for i in unique[g]:
+                    cont = conts[i]
+                    picked = logits[row, lengths[row] - len(cont):lengths[row]]
+                    logp = F.log_softmax(picked.float(), dim=-1)
+                    target = torch.tensor(cont, dtype=torch.long, device=logp.device)
+                    total = float(logp.gather(-1, target.unsqueeze(-1)).sum())
+                    scores.append((total, bool((logp.argmax(dim=-1) == target).all())))
+                out.append(scores)
             return out
 
-        results = self._split_run(len(requests), lambda i: (-len(inputs[i]) - 1, tuple(inputs[i])), run,
-                                  "loglikelihood requests", disable_tqdm)
+        per_group = self._split_run(len(unique), lambda g: (-len(inputs[unique[g][0]]), tuple(inputs[unique[g][0]])),
+                                    run, "loglikelihood requests", disable_tqdm)
+        results: list = [None] * len(requests)
+        for members, scores in zip(unique, per_group):
+            for i, score in zip(members, scores):
+                results[i] = score
         for (request_str, _, _), answer in zip(requests, results):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
