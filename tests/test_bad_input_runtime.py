@@ -273,3 +273,83 @@ def test_text_the_writers_cannot_encode(tmp_path, neox_tokenizer_file, capsys):
     assert err[0] == (f"prepare_data.py: error: {src}:2: key 'text' holds a lone UTF-16 surrogate \\ud800 at "
                       "character 4, which is not text; fix or drop the record")
     assert not list(tmp_path.glob("out*"))
+
+
+def _two_rank_faults(rank: int, world_size: int, cfgs: dict, out: str) -> None:
+    """Per rank: ZeRO-3 save/resume, ENOSPC on rank 1 only, SIGINT to rank 1 only; results as JSON per rank."""
+    from megatron.training import loop
+    from megatron.training.checkpointing import CheckpointSaveError
+    from megatron.training.interrupt import TrainingInterrupted
+
+    result: dict = {"full": pretrain(cfgs["full"]).train_losses, "resumed": pretrain(cfgs["resumed"]).train_losses}
+
+    real_save = checkpointing._torch_save
+
+    def full_disk_on_rank1(obj, path):
+        if rank == 1 and Path(path).name.startswith("optim_rank"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(obj, path)
+
+    checkpointing._torch_save = full_disk_on_rank1
+    try:
+        pretrain(cfgs["disk_full"])
+    except CheckpointSaveError as exc:
+        result["disk_full"] = str(exc)
+    finally:
+        checkpointing._torch_save = real_save
+
+    real_step = loop.train_step
+    steps = [0]
+
+    def signal_rank1_in_iteration_2(*args, **kwargs):
+        steps[0] += 1
+        if rank == 1 and steps[0] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-iteration, on one rank only
+        return real_step(*args, **kwargs)
+
+    loop.train_step = signal_rank1_in_iteration_2
+    try:
+        pretrain(cfgs["sigint"])
+    except TrainingInterrupted as exc:
+        result["sigint"] = [str(exc), exc.exit_code]
+    finally:
+        loop.train_step = real_step
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.distributed
+def test_two_ranks_zero3_resume_and_faults_on_one_rank(corpus, neox_tokenizer_file, tmp_path):
+    """DP=2 under ZeRO-3: the resumed run repeats the uninterrupted losses; a full disk on rank 1 only and a SIGINT
+    to rank 1 only end both ranks the same way (no hang), with the same checkpoints left behind."""
+    from parallel_spawn import run_distributed
+
+    z3 = dict(training__zero_optimization={"stage": 3}, training__zero_stage=3, micro=1)
+    ck, ck2 = tmp_path / "ck", tmp_path / "ck2"
+    cfgs = {
+        "full": tiny_config(corpus, neox_tokenizer_file, tmp_path / "full", train_iters=4, checkpoint__save=str(ck),
+                            checkpoint__checkpoint_factor=2, **z3),
+        "resumed": tiny_config(corpus, neox_tokenizer_file, tmp_path / "res", train_iters=4,
+                               checkpoint__load=str(ck / "global_step2"), **z3),
+        "disk_full": tiny_config(corpus, neox_tokenizer_file, tmp_path / "df", train_iters=5, checkpoint__load=str(ck),
+                                 checkpoint__save=str(ck), **z3),
+        "sigint": tiny_config(corpus, neox_tokenizer_file, tmp_path / "sig", train_iters=50,
+                              checkpoint__save=str(ck2), checkpoint__checkpoint_factor=100, **z3),
+    }
+    run_distributed(_two_rank_faults, 2, cfgs, str(tmp_path), timeout=300)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    full = {int(k): v for k, v in results[0]["full"].items()}
+    resumed = {int(k): v for k, v in results[0]["resumed"].items()}
+    assert sorted(resumed) == [3, 4] and resumed == {i: full[i] for i in (3, 4)}
+    assert read_meta(ck / "global_step4")["world_size"] == 2
+    assert sorted(p.name for p in (ck / "global_step4").glob("optim_rank*.pt")) == ["optim_rank0.pt",
+                                                                                    "optim_rank1.pt"]
+    for res in results:  # both ranks fail the same save with rank 1's error
+        assert res["disk_full"].startswith(f"saving checkpoint global_step5 in {ck} failed: rank 1: No space left on "
+                                           "device (ENOSPC)")
+    assert (ck / "latest").read_text() == "global_step4\n"
+    assert sorted(p.name for p in ck.iterdir()) == ["global_step2", "global_step4", "latest"]
+    msgs = [res["sigint"] for res in results]
+    assert msgs[1] == [f"stopped by SIGINT after iteration 2: checkpoint {ck2 / 'global_step2'} saved; resume with "
+                       f"--load {ck2}", 130]
+    assert msgs[0][0].startswith("stopped by a signal on another rank after iteration 2: ")
+    assert (ck2 / "latest").read_text() == "global_step2\n" and read_meta(ck2 / "global_step2")["iteration"] == 2

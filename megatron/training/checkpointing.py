@@ -335,20 +335,22 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
             optim_state = _to_plain(optim_state)
         if zero3 and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
             engine.optimizer.checkpoint_event_epilogue()
+        local = None
         try:
             _write_rank_files(tmp, engine, rank, world_size, iteration, client_state, config_yaml, layout,
                               module_state, optim_state, writes_model)
         except OSError as exc:
-            error = _io_error(exc)
-        error = _first_error(error)
-        if error is None and rank == 0:
-            try:
-                _publish(tmp, final)
-                published = True
-                _atomic_write_text(root / LATEST_FILE, final.name + "\n")
-            except OSError as exc:
-                error = _io_error(exc)
-        error = _first_error(error)
+            local = _io_error(exc)
+        error = _first_error(local)
+        if error is None:
+            if rank == 0:
+                try:
+                    _publish(tmp, final)
+                    published = True
+                    _atomic_write_text(root / LATEST_FILE, final.name + "\n")
+                except OSError as exc:
+                    local = _io_error(exc)
+            error = _first_error(local)
 
     if error is not None:
         if rank == 0:
