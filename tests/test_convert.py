@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import json
+import re
 import subprocess
 import sys
 
@@ -219,3 +220,93 @@ def test_llama_sepllm_export_logits_block_and_round_trip(llama_sepllm_run, tmp_p
     back = load_trained_model(tmp_path / "back")
     _assert_same_weights(back.model.state_dict(), read_full_model_state(llama_sepllm_run / "global_step2"))
     assert back.config.sepllm.mode == "sepllm" and back.config.sepllm.init_tok_max_idx == 1
+
+
+def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "ckpts" / script), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(pythia_run, tmp_path, capsys):
+    other_shape = tmp_path / "wide.yml"
+    other_shape.write_text((pythia_run / "global_step3" / "config.yml").read_text()
+                           .replace("hidden_size: 64", "hidden_size: 128"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    (tmp_path / "a_file").write_text("x")
+    alibi = tmp_path / "alibi.yml"
+    alibi.write_text((pythia_run / "global_step3" / "config.yml").read_text().replace("pos_emb: rotary", "pos_emb: alibi"))
+    out = str(tmp_path / "out")
+    cases = [
+        (["--input_dir", str(tmp_path / "empty"), "--output_dir", out], r"no checkpoint found in .*empty: expected a "
+                                                                         r"'latest' file"),
+        (["--input_dir", str(pythia_run), "--config_file", str(other_shape), "--output_dir", out],
+         r"does not match the configured model \(shape mismatch: "),
+        (["--input_dir", str(pythia_run), "--output_dir", out, "--architecture", "gpt2"],
+         r"argument --architecture: invalid choice: 'gpt2'"),
+        (["--input_dir", str(pythia_run), "--output_dir", out, "--architecture", "llama"],
+         r"cannot export to HF LlamaForCausalLM: .*norm = 'layernorm'"),
+        (["--input_dir", str(pythia_run), "--config_file", str(alibi), "--output_dir", out],
+         r"cannot export to HF GPTNeoXForCausalLM: pos_emb = 'alibi'"),
+        (["--input_dir", str(pythia_run), "--output_dir", "/proc/sepllm-export"], r"--output_dir /proc/sepllm-export: "
+                                                                                  r"cannot write in /proc"),
+        (["--input_dir", str(pythia_run), "--output_dir", str(tmp_path / "a_file" / "out")],
+         r"parent folder .*a_file does not exist"),
+        (["--input_dir", str(pythia_run), "--output_dir", str(tmp_path / "taken")], r"exists and is not an empty folder"),
+        (["--input_dir", str(pythia_run), "--output_dir", out, "--pad-token-id", "60000"],
+         r"--pad-token-id 60000: outside the vocabulary \[0, 50304\)"),
+    ]
+    for args, pattern in cases:
+        try:
+            code = convert_neox_to_hf.main(args)
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("convert_neox_to_hf: error: "), err
+        assert re.search(pattern, lines[0]), (pattern, lines[0])
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*tmp-*")), args
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["x"]
+    not_hf = _cli("convert_hf_to_neox.py", "--hf_dir", str(pythia_run), "--output_dir", out)
+    assert not_hf.returncode == 2 and not_hf.stderr.strip().splitlines() == [
+        f"convert_hf_to_neox: error: --hf_dir {pythia_run}: no config.json (expected a Hugging Face model folder)"]
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------- TP=2 / PP=2 checkpoints
+def _train_layouts(rank: int, world_size: int, cfgs: list) -> None:
+    for cfg in cfgs:  # one spawn for both layouts: process start-up dominates these tiny runs
+        pretrain(cfg)
+
+
+@pytest.mark.distributed
+def test_tp2_and_pp2_checkpoints_export_with_equal_logits(corpus, neox_tokenizer_file, tmp_path):
+    """Pythia-shaped TP=2 (sharded files) and Llama-shaped PP=2 runs: the export's HF logits equal the merged model's,
+    and converting back with --tp 2 gives the same shards again."""
+    cfgs = {}
+    for name, extra in (("tp2", {"parallel__model_parallel_size": 2}),
+                        ("pp2", {"parallel__pipe_parallel_size": 2, **LLAMA})):
+        run = tmp_path / name
+        cfg = tiny_config(corpus, neox_tokenizer_file, run, train_iters=2, checkpoint__save=str(run / "ckpt"),
+                          checkpoint__checkpoint_factor=2, **extra)
+        cfg.model.padded_vocab_size = 50432
+        cfgs[name] = cfg
+    run_distributed(_train_layouts, 2, list(cfgs.values()), timeout=240)
+    step = tmp_path / "tp2" / "ckpt" / "global_step2"
+    assert sorted(p.name for p in step.glob("*model_states.pt")) == ["mp_rank_00_model_states.pt",
+                                                                    "mp_rank_01_model_states.pt"]
+    ids = _ids(seed=3)
+    for name, arch in (("tp2", "GPTNeoXForCausalLM"), ("pp2", "LlamaForCausalLM")):
+        hf_dir = _export(tmp_path / name / "ckpt", tmp_path / f"hf-{name}")
+        assert json.loads((hf_dir / "config.json").read_text())["architectures"] == [arch]
+        ours = load_trained_model(tmp_path / name / "ckpt").model
+        with torch.no_grad():
+            torch.testing.assert_close(_hf(hf_dir)(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=0)
+    back = tmp_path / "back-tp2"
+    assert convert_hf_to_neox.main(["--hf_dir", str(tmp_path / "hf-tp2"), "--output_dir", str(back), "--tp", "2"]) == 0
+    for f in ("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"):
+        _assert_same_weights(torch.load(back / "global_step0" / f, weights_only=True),
+                             torch.load(step / f, weights_only=True))
+    assert "model-parallel-size: 2" in (back / "model.yml").read_text()
