@@ -329,6 +329,7 @@ def test_bipe_model_needs_recompute(tmp_path, capsys):
     assert len(rows) == 1 and (row["length"] == 6 or row["finished"])
 
 
+@pytest.mark.slow
 def test_deepy_launches_generate(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one. two\nthree\n")
