@@ -11,10 +11,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron.training import pretrain
 from megatron.training.engine import DeviceConfigError
-from train_helpers import make_tiny_corpus, tiny_config
+from train_helpers import (WEIGHT_CHECK_ADAM_EPS, logged_grad_norms, make_tiny_corpus, pretrain_with_weights, tiny_config,
+                           update_mismatch)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +73,29 @@ def test_resume_is_bitwise_exact_and_logs_follow_the_contract(corpus, neox_token
 
 
 def test_gradient_accumulation_matches_a_bigger_micro_batch(corpus, neox_tokenizer_file, tmp_path):
-    big = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "a", train_iters=3, micro=4, gas=1))
-    acc = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "b", train_iters=3, micro=2, gas=2))
-    for it in (1, 2, 3):
-        assert acc.train_losses[it] == pytest.approx(big.train_losses[it], rel=1e-5, abs=1e-5)
+    """micro 2 x accumulation 2 == micro 4 (ZeRO-0, our own norm and clipping) == micro 2 x accumulation 2 under
+    ZeRO-1 (DeepSpeed's norm and clipping): same losses, logged gradient norms and weight updates. The norms are
+    what catches a gradient scale (a sum instead of a mean over micro-batches), which Adam and clipping hide from the
+    losses and the weights."""
+    runs = {}
+    for name, kw in {"big": dict(micro=4, gas=1), "acc": dict(micro=2, gas=2),
+                     "acc_zero1": dict(micro=2, gas=2, training__zero_optimization={"stage": 1},
+                                       training__zero_stage=1)}.items():
+        runs[name] = pretrain_with_weights(tiny_config(corpus, neox_tokenizer_file, tmp_path / name, train_iters=3,
+                                                       optimizer__eps=WEIGHT_CHECK_ADAM_EPS, **kw))
+    big, initial, big_weights = runs["big"]
+    big_norms = logged_grad_norms(tmp_path / "big" / "logs")
+    assert sorted(big_norms) == [1, 2, 3] and all(n > 1.0 for n in big_norms.values())  # clipped to 1.0: clip on
+    for name in ("acc", "acc_zero1"):
+        result, init, weights = runs[name]
+        for key, w0 in initial.items():
+            torch.testing.assert_close(init[key], w0, rtol=0, atol=0, msg=key)
+        norms = logged_grad_norms(tmp_path / name / "logs")
+        for it in (1, 2, 3):
+            assert result.train_losses[it] == pytest.approx(big.train_losses[it], rel=1e-5, abs=1e-5)
+            assert norms[it] == pytest.approx(big_norms[it], rel=1e-6, abs=0), (name, it)
+        mismatch = update_mismatch(initial, weights, big_weights)
+        assert max(mismatch.values()) <= 5e-5, (name, mismatch)  # measured <= 7e-6
     # the updates matter: later losses differ from the first one, so equal losses mean equal updates
     assert big.train_losses[3] != big.train_losses[1]
 
