@@ -310,3 +310,27 @@ def test_tp2_and_pp2_checkpoints_export_with_equal_logits(corpus, neox_tokenizer
         _assert_same_weights(torch.load(back / "global_step0" / f, weights_only=True),
                              torch.load(step / f, weights_only=True))
     assert "model-parallel-size: 2" in (back / "model.yml").read_text()
+
+
+def test_imported_checkpoint_finetunes_like_the_original(pythia_run, corpus, neox_tokenizer_file, tmp_path):
+    """convert_hf_to_neox output: model.yml describes the same model, and --finetune from it trains exactly like
+    --finetune from the checkpoint it was exported from."""
+    from megatron.config import load_config
+
+    hf_dir = _export(pythia_run, tmp_path / "hf", "--no_save_tokenizer")
+    assert convert_hf_to_neox.main(["--hf_dir", str(hf_dir), "--output_dir", str(tmp_path / "imported")]) == 0
+    original = load_trained_model(pythia_run).config.model
+    generated = load_config(tmp_path / "imported" / "model.yml").model
+    import dataclasses
+
+    from megatron.model.mlp import ffn_width
+
+    assert ffn_width(generated) == ffn_width(original) == 256  # written explicitly, the run derived it
+    assert dataclasses.replace(generated, intermediate_size=None) == original
+    losses = []
+    for load in (pythia_run, tmp_path / "imported"):
+        run = tmp_path / f"ft-{load.name}"
+        cfg = tiny_config(corpus, neox_tokenizer_file, run, train_iters=2, checkpoint__load=str(load),
+                          checkpoint__finetune=True)
+        losses.append(pretrain(cfg).train_losses)
+    assert sorted(losses[0]) == [1, 2] and losses[0] == losses[1]
