@@ -308,11 +308,15 @@ def test_unconditional_and_interactive_modes(tmp_path):
     (["--text_gen_type", "file"], 2, "key 'text_gen_type': expected one of unconditional"),
     (["--top_p", "1.5"], 2, "key 'top_p': expected a value in [0, 1]"),
     (["--load", "missing_dir"], 1, "missing_dir"),
+    (["--sample_input_file", "bin.txt"], 2, "sample_input_file bin.txt: not UTF-8 text"),
+    (["--sample_input_file", "blank.txt"], 2, "sample_input_file blank.txt: no prompts"),
 ])
-def test_bad_input_is_one_line(tmp_path, capsys, override, code, message):
+def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, override, code, message):
     cfg = write_run(tmp_path, text_gen_type="input-file", sample_input_file=str(tmp_path / "p.txt"))
     (tmp_path / "p.txt").write_text("x\n")
-    os.chdir(tmp_path)
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    monkeypatch.chdir(tmp_path)
     assert run_generation([str(cfg)], override) == code
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and message in err[0]

@@ -127,7 +127,10 @@ def load_session(files: Sequence[str], overrides: Sequence[str]) -> Session:
 
 def read_prompts(path: str, prompt_end: str) -> list[str]:
     """The prompts of ``sample_input_file``: split at ``prompt_end``, blank pieces dropped."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"sample_input_file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return [p for p in text.split(prompt_end) if p.strip()]
 
 
@@ -216,7 +219,7 @@ def run_generation(files: Sequence[str], overrides: Sequence[str]) -> int:
             write_samples(session, prompts, gen.sample_output_file)
         else:
             write_samples(session, [""] * gen.num_samples, gen.sample_output_file)
-    except (ConfigError, UsageError, GenerationError, UnicodeDecodeError) as exc:
+    except (ConfigError, UsageError, GenerationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (CheckpointError, OSError) as exc:
