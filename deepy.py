@@ -94,6 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(describe_layout(cfg), flush=True)
+    from megatron.training.preflight import OutputPathError, check_output_dirs
+
+    try:  # an unwritable or full save / log folder: one line now, not a traceback or a failed first checkpoint
+        check_output_dirs(cfg, rank=0)
+    except OutputPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config_path, temporary = _resolved_config_path(cfg)
     try:
         config_path.write_text(cfg.to_yaml(), encoding="utf-8")

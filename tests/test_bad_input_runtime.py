@@ -130,6 +130,18 @@ def _sigint_subprocess(ctx: Ctx, capsys) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def _deepy_log_dir_blocked(ctx: Ctx, capsys) -> tuple[int, str, str]:
+    blocker = ctx.tmp / "a-file"
+    blocker.write_text("a file where a folder is expected\n")
+    keys = tiny_sepllm_keys(ctx.corpus, ctx.tokenizer, ctx.tmp / "run", **{
+        "save": str(ctx.save), "load": str(ctx.save), "log_dir": str(blocker / "logs")})
+    cfg_file = ctx.tmp / "run.yml"
+    cfg_file.write_text(yaml.safe_dump(keys))
+    proc = subprocess.run([sys.executable, str(REPO / "deepy.py"), "train.py", str(cfg_file)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def _already_done(ctx: Ctx):
     return ctx.cfg(train_iters=2)
 
@@ -140,6 +152,7 @@ CASES = [
      "error: checkpoint.save: cannot write to"),
     ("log-dir-not-writable", _in_process(lambda c: _not_a_folder(c, "logging__log_dir")), 2,
      "error: logging.log_dir: cannot write to"),
+    ("deepy-log-dir-not-writable", _deepy_log_dir_blocked, 2, "error: logging.log_dir: cannot write to "),
     ("disk-full-mid-save", _in_process(_disk_full_mid_save), 1,
      "error: saving checkpoint global_step3 in {save} failed: No space left on device (ENOSPC)"),
     ("binary-latest", _in_process(_binary_latest), 1,
