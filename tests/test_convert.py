@@ -76,7 +76,8 @@ def test_loader_overrides_and_config_files(pythia_run, tmp_path):
     over = load_trained_model(pythia_run, overrides=["--sep_attention_impl", "dense"])
     assert over.config.sepllm.sep_attention_impl == "dense"
     yml = tmp_path / "train.yml"
-    yml.write_text((pythia_run / "global_step3" / "config.yml").read_text().replace("hidden_size: 64", "hidden_size: 128"))
+    saved = (pythia_run / "global_step3" / "config.yml").read_text()
+    yml.write_text(saved.replace("hidden_size: 64", "hidden_size: 128"))
     with pytest.raises(CheckpointError, match=r"does not match the configured model \(shape mismatch: "):
         load_trained_model(pythia_run, config_files=[yml])
 
@@ -236,7 +237,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(pythia_run, tmp_path, c
     (tmp_path / "taken" / "x").write_text("x")
     (tmp_path / "a_file").write_text("x")
     alibi = tmp_path / "alibi.yml"
-    alibi.write_text((pythia_run / "global_step3" / "config.yml").read_text().replace("pos_emb: rotary", "pos_emb: alibi"))
+    alibi.write_text(other_shape.read_text().replace("hidden_size: 128", "hidden_size: 64")
+                     .replace("pos_emb: rotary", "pos_emb: alibi"))
     out = str(tmp_path / "out")
     cases = [
         (["--input_dir", str(tmp_path / "empty"), "--output_dir", out], r"no checkpoint found in .*empty: expected a "
@@ -253,7 +255,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(pythia_run, tmp_path, c
                                                                                   r"cannot write in /proc"),
         (["--input_dir", str(pythia_run), "--output_dir", str(tmp_path / "a_file" / "out")],
          r"parent folder .*a_file does not exist"),
-        (["--input_dir", str(pythia_run), "--output_dir", str(tmp_path / "taken")], r"exists and is not an empty folder"),
+        (["--input_dir", str(pythia_run), "--output_dir", str(tmp_path / "taken")],
+         r"exists and is not an empty folder"),
         (["--input_dir", str(pythia_run), "--output_dir", out, "--pad-token-id", "60000"],
          r"--pad-token-id 60000: outside the vocabulary \[0, 50304\)"),
     ]

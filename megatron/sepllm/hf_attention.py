@@ -392,7 +392,8 @@ def apply_sepllm(model: Any, sepllm_cfg: Union[SepLLMConfig, str, os.PathLike, N
 
     ``sepllm_cfg`` is a ``SepLLMConfig`` or a path to a training-free YAML (``overrides`` are applied on top of the
     file); None reads the settings the model was trained with from the ``sepllm`` block of its config (models
-    exported by ``tools/ckpts/convert_neox_to_hf.py``). ``attn_impl`` picks ``"sdpa"`` or ``"eager"`` (default: eager if the model uses eager, else sdpa).
+    exported by ``tools/ckpts/convert_neox_to_hf.py``). ``attn_impl`` picks ``"sdpa"`` or ``"eager"`` (default:
+    eager if the model uses eager, else sdpa).
     ``USE_ORIGINAL_FULL_ATTEN=True`` leaves the model untouched. Raises ``TrainingFreeConfigError`` on settings
     that do not fit the model.
     """

@@ -47,7 +47,8 @@ class TrainedModel:
 
 
 def find_checkpoint_dir(load_dir: str | os.PathLike, iteration: int | None = None) -> Path:
-    """The ``global_stepN`` folder to read: ``load_dir`` itself, the one ``latest`` names, or ``global_step{iteration}``.
+    """The ``global_stepN`` folder to read: ``load_dir`` itself, the one ``latest`` names, or
+    ``global_step{iteration}``.
 
     Raises :class:`CheckpointError` with one line naming the path when nothing usable is there."""
     path = Path(load_dir)

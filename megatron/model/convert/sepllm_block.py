@@ -48,7 +48,8 @@ def build_block(sepllm_cfg: Any, num_layers: int) -> dict[str, Any]:
     block["Layer_num"] = num_layers
     if sepllm_cfg.mode in ("sepllm", "streamingllm"):  # FixLLM has no cache eviction rule
         a = max(int(sepllm_cfg.init_tok_max_idx) + 1, 0)
-        windows = [int(w) for w in (sepllm_cfg.generate_windows or [sepllm_cfg.generate_local_window_size] * num_layers)]
+        windows = [int(w) for w in
+                   (sepllm_cfg.generate_windows or [sepllm_cfg.generate_local_window_size] * num_layers)]
         s = DEFAULT_SEP_CACHE_SIZE if sepllm_cfg.mode == "sepllm" else 0
         block[SEP_CACHE_KEY] = {"init_cache_size": a, "sep_cache_size": s, "local_size": windows,
                                 "cache_size": [a + s + 2 * w for w in windows]}
