@@ -74,7 +74,7 @@ def test_world_size_not_divisible_by_tp_times_pp_fails_before_any_work(corpus, n
 @pytest.mark.parametrize("mode", ["tp2", "tp2_sp", "pp2"])
 def test_two_rank_tp_and_pp_runs_match_one_process(mode, corpus, neox_tokenizer_file, tmp_path):
     """TP=2 (with and without sequence parallelism) and PP=2 with a SepLLM config, ZeRO-1: same training,
-    validation and test losses as the one-process run; the checkpoints hold TP shards / gathered stage weights."""
+    validation and test losses and gradient norms as the one-process run; the checkpoints hold TP shards / gathered stage weights."""
     ref = pretrain(_cfg(corpus, neox_tokenizer_file, tmp_path / "ref", **ZERO1, **EVAL,
                         checkpoint__save=str(tmp_path / "ref" / "ckpt"), checkpoint__checkpoint_factor=2,
                         checkpoint__extra_save_iters=[0]))
@@ -86,6 +86,7 @@ def test_two_rank_tp_and_pp_runs_match_one_process(mode, corpus, neox_tokenizer_
                checkpoint__checkpoint_factor=2, checkpoint__extra_save_iters=[0], **par)
     run_distributed(_train_rank, 2, cfg, timeout=180)
     _assert_close(_losses(run / "logs"), ref.train_losses)
+    _assert_norms_close(logged_grad_norms(run / "logs"), logged_grad_norms(tmp_path / "ref" / "logs"))
     rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     valid = {r["iteration"]: r["valid_lm_loss"] for r in rows if "valid_lm_loss" in r}
     test = [r["test_lm_loss"] for r in rows if "test_lm_loss" in r]
@@ -171,7 +172,7 @@ def test_data_parallel_zero_0_to_3_matches_one_process_with_double_micro_batch(c
 @pytest.mark.distributed
 def test_dp2_checkpoint_resumes_with_dp1_on_the_same_loss_curve(corpus, neox_tokenizer_file, tmp_path):
     """A ZeRO-0 DP=2 (micro 1) run saved after iteration 2 continues under DP=1 (micro 2) on the remaining samples
-    with the losses of an uninterrupted DP=1 run."""
+    with the loss and gradient norm of an uninterrupted DP=1 run."""
     ref = pretrain(_zero_cfg(corpus, neox_tokenizer_file, tmp_path / "ref", 0, micro=2)).train_losses
     dp2 = tmp_path / "dp2"
     cfg = _zero_cfg(corpus, neox_tokenizer_file, dp2, 0, micro=1, checkpoint__save=str(dp2 / "ckpt"),
@@ -181,6 +182,8 @@ def test_dp2_checkpoint_resumes_with_dp1_on_the_same_loss_curve(corpus, neox_tok
                                  checkpoint__load=str(dp2 / "ckpt" / "global_step2")))
     assert sorted(resumed.train_losses) == [3]
     assert abs(resumed.train_losses[3] - ref[3]) <= 1e-5, (resumed.train_losses, ref)
+    assert logged_grad_norms(tmp_path / "dp1" / "logs")[3] == pytest.approx(
+        logged_grad_norms(tmp_path / "ref" / "logs")[3], rel=1e-6, abs=0)
 
 
 @pytest.mark.distributed
