@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,7 +137,15 @@ def _run(plan, cfg, active, script: str, config_path: Path) -> int:
     if env:
         write_deepspeed_env(env, ".deepspeed_env")
     print(f"launching: {plan.shell()}", flush=True)
-    return subprocess.call(list(plan.command))
+    proc = subprocess.Popen(list(plan.command))
+    # Ctrl-C reaches every process of the terminal's group: the ranks stop after the same iteration, save and exit
+    # 130, and the launcher reports it. This process only waits for them (no KeyboardInterrupt traceback here, and
+    # no kill of the launcher while the ranks are saving).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

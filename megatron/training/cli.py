@@ -36,7 +36,8 @@ def run_training(cfg: Any, plot: bool = True) -> int:
     try:
         result = pretrain(cfg)
     except TrainingInterrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stopped at the same iteration: one line says it
+            print(f"interrupted: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: the user chose not to wait for the checkpoint
         print("interrupted: aborted without saving a checkpoint", file=sys.stderr)

@@ -4,7 +4,8 @@ Ctrl-C reaches every rank (the terminal signals the whole process group) and Dee
 SIGTERM to each rank, giving them 30 s before SIGKILL. :class:`StopRequest` turns both signals into a flag; the loop
 asks :meth:`StopRequest.agreed` once per iteration, which all-reduces the flag so that every rank stops after the
 same iteration and the checkpoint it then writes is collective-safe. A second signal while the flag is set aborts at
-once (KeyboardInterrupt), for a user who does not want to wait for the save.
+once (KeyboardInterrupt), for a user who does not want to wait for the save; the launcher's SIGTERM that follows the
+terminal's SIGINT is not a second request.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal_name is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: abort without saving")
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = name
+        elif name == self.signal_name:  # the same signal again (Ctrl-C twice): the user will not wait for the save
+            raise KeyboardInterrupt(f"second {name}: abort without saving")
+        # a different one (the launcher's SIGTERM right after the terminal's SIGINT): already stopping
 
     @property
     def exit_code(self) -> int:
