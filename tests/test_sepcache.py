@@ -82,9 +82,9 @@ def exact_window_keep(hist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class AmortizedSimulator:
-    """Plain-list re-statement of the reference SepCache schedule (spec §3.4 / A.5, per row, USE_MAX_SEP_CACHE):
-    compress when the stored length exceeds C; keep initial ++ most recent S separators that left the window ++
-    last W tokens."""
+    """Plain-list re-statement of the reference SepCache schedule (spec §3.4 / A.6, per row, USE_MAX_SEP_CACHE):
+    never compress the prompt; compress a decode step when the stored length reaches C; keep initial ++ most recent
+    S separators that left the window ++ last W tokens."""
 
     def __init__(self, valid_prompt: torch.Tensor):
         self.rows = []     # per row: list of (token_index, kind) with kind in {"pad", "init", "sep", "local"}
@@ -107,7 +107,7 @@ class AmortizedSimulator:
             self.count[b] = n + 1
 
     def maybe_compress(self, hist_ids: torch.Tensor) -> None:
-        if max(len(r) for r in self.rows) <= C:
+        if max(len(r) for r in self.rows) < C:
             return
         for b, entries in enumerate(self.rows):
             init = [e for e in entries if e[1] == "init"]
@@ -139,9 +139,7 @@ def reference_generate(model, ids, mask, mode: str, steps: int):
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=_float_mask(causal), position_ids=positions, use_cache=True,
                 **cache_kwargs(model, cache))
-    sim = AmortizedSimulator(valid) if mode == "amortized" else None
-    if sim is not None:
-        sim.maybe_compress(_token_indexed(hist, valid))
+    sim = AmortizedSimulator(valid) if mode == "amortized" else None   # the prompt is never compressed
     logits, kept_sets = [], []
     count = mask.sum(-1)
     for step in range(steps):
@@ -281,28 +279,74 @@ def test_sampling_is_seed_reproducible_and_eos_stops():
     assert stopped.shape[1] <= greedy.shape[1]
 
 
+def _rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int) -> torch.Tensor:
+    """Textbook GPT-NeoX rotary embedding (half-split pairs, first ``rotary_dim`` dims) of ``x [H, L, D]`` at
+    ``positions [L]``; negative positions undo it. Written here so the reference shares nothing with pos_shift.py."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    angle = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angle.cos(), angle.sin()
+    half = rotary_dim // 2
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+@torch.no_grad()
 def test_pe_shift_uses_model_rotary_and_matches_manual_reencoding():
-    """APPLY_PE_SHIFT: keys at cache indices 0..n-1 and the query at n-1. Before any compression (and with no padding)
-    cache index == text position, so logits must equal the plain run; after compression they must differ."""
+    """APPLY_PE_SHIFT: every decode step's logits equal a plain HF forward over a DynamicCache holding the kept
+    tokens' keys rotated to their slot index 0..n-2 (their un-rotated keys and values recorded by this reference's
+    own earlier steps) and the new token at position n-1. Before any compression slot == text position, so the
+    logits also equal the un-shifted cache's; after compression they differ from them."""
     model = tiny_model("gpt_neox")
-    ids, mask = prompts(1)
+    config = model.config
+    theta = float(config.rope_parameters["rope_theta"])
+    head_dim = config.hidden_size // config.num_attention_heads
+    rotary_dim = int(head_dim * config.rope_parameters["partial_rotary_factor"])
+    layers = config.num_hidden_layers
+    ids, _ = prompts(1)
     base = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
                     model=model)
     shifted = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, separator_token_ids=SEPS,
                        APPLY_PE_SHIFT=True, model=model)
     short = ids[:, :12]
-    torch.testing.assert_close(sepllm_forward(model, shifted, short).logits, sepllm_forward(model, base, short).logits,
-                               atol=1e-5, rtol=1e-5)
+    got = sepllm_forward(model, shifted, short).logits
+    torch.testing.assert_close(got, sepllm_forward(model, base, short).logits, atol=1e-5, rtol=1e-5)
+
+    # reference prefill: a plain forward; record every token's keys without rotary ([H, t, D]) and values
+    ref_cache = DynamicCache(config=config)
+    ref = model(input_ids=short, use_cache=True, **cache_kwargs(model, ref_cache)).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    positions = torch.arange(short.shape[1])
+    keys = [_rope_at(ref_cache.layers[i].keys[0], -positions, theta, rotary_dim) for i in range(layers)]
+    values = [ref_cache.layers[i].values[0] for i in range(layers)]
+
     tok = short[:, -1:]
-    differs = False
+    shifted_slots = differs = 0
     for _ in range(30):
-        o1, o2 = sepllm_forward(model, base, tok), sepllm_forward(model, shifted, tok)
+        got = sepllm_forward(model, shifted, tok).logits
+        plain = sepllm_forward(model, base, tok).logits
+        t = keys[0].shape[1]                                   # text position of the new token
+        ref_cache = DynamicCache(config=config)
+        for i in range(layers):
+            kept = shifted.layers[i].pos[0]                    # text positions of the attended keys, new one last
+            assert kept[-1] == t and bool((kept[:-1] >= 0).all()) and bool((kept[:-1] < t).all())
+            slots = torch.arange(len(kept) - 1)
+            ref_cache.update(_rope_at(keys[i][:, kept[:-1]], slots, theta, rotary_dim)[None],
+                             values[i][:, kept[:-1]][None], i)
+        n = len(shifted.layers[0].pos[0])
+        ref = model(input_ids=tok, position_ids=torch.tensor([[n - 1]]), use_cache=True,
+                    **cache_kwargs(model, ref_cache)).logits
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        for i in range(layers):                                # the new token's key, un-rotated from slot n-1
+            new_key = _rope_at(ref_cache.layers[i].keys[0, :, -1:], torch.tensor([-(n - 1)]), theta, rotary_dim)
+            keys[i] = torch.cat([keys[i], new_key], dim=1)
+            values[i] = torch.cat([values[i], ref_cache.layers[i].values[0, :, -1:]], dim=1)
         if shifted.layers[0].num_compressions == 0:
-            torch.testing.assert_close(o2.logits, o1.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
         else:
-            differs |= not torch.allclose(o2.logits, o1.logits, atol=1e-4)
-        tok = o1.logits[:, -1].argmax(-1)[:, None]
-    assert differs
+            shifted_slots += n - 1 < t
+            differs += not torch.allclose(got, plain, atol=1e-4)
+        tok = got[:, -1].argmax(-1)[:, None]
+    assert shifted_slots > 10 and differs > 0   # compressions happened, re-encoding moved keys, and it mattered
 
 
 def test_pe_shift_reads_rope_theta_from_model():
