@@ -100,6 +100,16 @@ def _disk_full_mid_save(ctx: Ctx):
     return ctx.cfg(train_iters=3)
 
 
+def _disk_too_small(ctx: Ctx):
+    real = shutil.disk_usage
+
+    def usage(path):  # the write probe passes (64 KiB), one checkpoint (26 MB of fp32 weights) cannot fit
+        return real(path)._replace(free=1 << 20) if Path(path) == ctx.save else real(path)
+
+    ctx.monkeypatch.setattr(shutil, "disk_usage", usage)
+    return ctx.cfg(train_iters=3)
+
+
 def _binary_latest(ctx: Ctx):
     garbage = b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage"
     (ctx.save / "latest").write_bytes(garbage)
@@ -155,6 +165,8 @@ CASES = [
     ("deepy-log-dir-not-writable", _deepy_log_dir_blocked, 2, "error: logging.log_dir: cannot write to "),
     ("disk-full-mid-save", _in_process(_disk_full_mid_save), 1,
      "error: saving checkpoint global_step3 in {save} failed: No space left on device (ENOSPC)"),
+    ("disk-too-small", _in_process(_disk_too_small), 2,
+     "error: checkpoint.save: {save} has 0.00 GiB free, less than the 0.02 GiB of one checkpoint's weights alone"),
     ("binary-latest", _in_process(_binary_latest), 1,
      "error: {save}/latest is not a text file (binary content, 18 bytes); expected one line naming a global_stepN"),
     ("already-done", _in_process(_already_done), 0,
@@ -184,6 +196,8 @@ def test_fault_ends_in_one_line_and_loses_nothing(name, run, code, message, base
         assert len(lines) == 1 and message in lines[0], err
     if name.endswith("not-writable"):
         assert "model:" not in out  # found before the model (and data) were built
+    if name == "disk-too-small":
+        assert "iteration 3" not in out and "resumed from" not in out  # before the checkpoint load and training
     if name == "disk-full-mid-save":
         assert ctx.extra["calls"][-2:] == ["model_states.pt", "optim_rank0.pt"]  # failed half-way through the save
     if name == "sigint":
@@ -366,3 +380,20 @@ def test_two_ranks_zero3_resume_and_faults_on_one_rank(corpus, neox_tokenizer_fi
                        f"--load {ck2}", 130]
     assert msgs[0][0].startswith("stopped by a signal on another rank after iteration 2: ")
     assert (ck2 / "latest").read_text() == "global_step2\n" and read_meta(ck2 / "global_step2")["iteration"] == 2
+
+
+def test_checkpoint_space_estimate_and_warning(tmp_path, monkeypatch):
+    from megatron.training.preflight import OutputPathError, check_checkpoint_space, checkpoint_bytes
+
+    assert checkpoint_bytes(1000, "fp32", 0, "AdamW") == (4000, 12_000)   # weights + two fp32 moments
+    assert checkpoint_bytes(1000, "bf16", 1, "Adam") == (2000, 14_000)    # + the fp32 master copy
+    assert checkpoint_bytes(1000, "fp32", 3, "SGD", momentum=0.9) == (4000, 12_000)
+    assert checkpoint_bytes(1000, "fp32", 0, "SGD") == (4000, 4000)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=3 * 1024 ** 3))
+    assert check_checkpoint_space(tmp_path, 2 * 1024 ** 3, 2 * 1024 ** 3) is None
+    assert check_checkpoint_space(tmp_path, 2 * 1024 ** 3, 4 * 1024 ** 3) == (
+        f"checkpoint.save: {tmp_path} has 3.00 GiB free, one checkpoint is expected to take about 4.00 GiB (weights "
+        "+ optimizer state): the first save may fail")
+    with pytest.raises(OutputPathError, match=r"has 3.00 GiB free, less than the 4.00 GiB of one checkpoint's"):
+        check_checkpoint_space(tmp_path, 4 * 1024 ** 3, 8 * 1024 ** 3)

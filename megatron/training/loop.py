@@ -188,6 +188,29 @@ def _check_supported(cfg: Any) -> None:
         raise TrainingError(f"train_iters must be set to a number >= 0, got {cfg.training.train_iters!r}")
 
 
+def _check_checkpoint_space(cfg: Any, n_params: int, info: DistInfo, logger: RunLogger) -> None:
+    """Rank 0 measures, every rank gets the verdict (so all fail together, before any collective of training)."""
+    from megatron.training.distributed import broadcast_object
+    from megatron.training.preflight import OutputPathError, check_checkpoint_space, checkpoint_bytes
+
+    verdict: tuple[str, str] | None = None
+    if info.rank == 0:
+        t = cfg.training
+        sizes = checkpoint_bytes(n_params, t.precision, int(t.zero_stage), str(cfg.optimizer.type or "adamw"),
+                                 float(getattr(cfg.optimizer, "momentum", 0.0) or 0.0))
+        try:
+            warning = check_checkpoint_space(cfg.checkpoint.save, *sizes)
+            verdict = ("warning", warning) if warning else None
+        except OutputPathError as exc:
+            verdict = ("error", str(exc))
+    verdict = broadcast_object(verdict)
+    if verdict is None:
+        return
+    if verdict[0] == "error":
+        raise OutputPathError(verdict[1])
+    logger.info(f"warning: {verdict[1]}")
+
+
 def _make_scheduler(cfg: Any, train_iters: int) -> AnnealingLR:
     ls = cfg.lr_schedule
     decay_iters = ls.lr_decay_iters or train_iters
@@ -314,6 +337,8 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
         model = plan.shard_model(model)
         optimizer = build_optimizer(model, cfg.optimizer, device_type=device)
         engine = build_engine(model, optimizer, ds_config, device, mpu=plan.mpu())
+    if ck.save:  # a disk too small for one checkpoint fails now, not at the first save
+        _check_checkpoint_space(cfg, n_params, info, logger)
     loss_fn = plan.loss_fn(engine)
     scheduler = _make_scheduler(cfg, t.train_iters)
     fpt = flops_per_token(cfg.model, seq, cfg.model.padded_vocab_size)

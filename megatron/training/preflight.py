@@ -55,3 +55,34 @@ def check_output_dirs(cfg: Any, rank: int) -> None:
             targets.append(("logging.tensorboard_dir", cfg.logging.tensorboard_dir))
     for key, path in targets:
         probe_writable(path, key)
+
+
+def checkpoint_bytes(n_params: int, precision: str, zero_stage: int, optimizer_type: str,
+                     momentum: float = 0.0) -> tuple[int, int]:
+    """(certain, expected) size of one checkpoint on disk, all ranks together.
+
+    ``certain``: the module state alone (2 bytes per parameter in bf16/fp16, else 4), which every save writes;
+    ``expected``: plus the optimizer state (Adam/AdamW: two fp32 moments; SGD: one with momentum) and the fp32 master
+    copy that mixed precision and ZeRO-1/2/3 store with the optimizer partitions."""
+    module = n_params * (2 if precision in ("bf16", "fp16") else 4)
+    kind = optimizer_type.lower()
+    moments = 2 if kind in ("adam", "adamw") else (1 if momentum else 0)
+    master = 1 if precision in ("bf16", "fp16") or zero_stage >= 1 else 0
+    return module, module + n_params * 4 * (moments + master)
+
+
+def check_checkpoint_space(save: str | os.PathLike, certain: int, expected: int) -> str | None:
+    """Raise OutputPathError when ``save`` has less free space than one module state (every checkpoint would
+    fail); return a warning line when it has less than the expected size of one checkpoint; None when it fits."""
+    import shutil
+
+    free = shutil.disk_usage(save).free
+    gib = 1024 ** 3
+    if free < certain:
+        raise OutputPathError(f"checkpoint.save: {save} has {free / gib:.2f} GiB free, less than the "
+                              f"{certain / gib:.2f} GiB of one checkpoint's weights alone; free space or choose "
+                              "another folder")
+    if free < expected:
+        return (f"checkpoint.save: {save} has {free / gib:.2f} GiB free, one checkpoint is expected to take about "
+                f"{expected / gib:.2f} GiB (weights + optimizer state): the first save may fail")
+    return None
