@@ -397,3 +397,21 @@ def test_checkpoint_space_estimate_and_warning(tmp_path, monkeypatch):
         "+ optimizer state): the first save may fail")
     with pytest.raises(OutputPathError, match=r"has 3.00 GiB free, less than the 4.00 GiB of one checkpoint's"):
         check_checkpoint_space(tmp_path, 4 * 1024 ** 3, 8 * 1024 ** 3)
+
+
+def test_stop_request_second_signal_rules():
+    """Ctrl-C sets the flag; the launcher's SIGTERM that follows is no second request; Ctrl-C again aborts."""
+    from megatron.training.interrupt import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.agreed("cpu") and stop.signal_name == "SIGINT" and stop.exit_code == 130
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT: abort without saving"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.exit_code == 143
