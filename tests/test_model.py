@@ -332,10 +332,11 @@ def test_backend_factory_and_exposure() -> None:
 
 
 def test_backend_factory_sepllm_mode_uses_sepllm_backend() -> None:
-    pytest.importorskip("megatron.sepllm.backend")
+    from megatron.sepllm.backend import SepLLMBackend
+
     cfg = SepLLMConfig(separator_token_ids=[SEP], mode="sepllm", prefill_windows=[4, 4], generate_windows=[4, 4])
     backend = build_attention_backend(tiny(), cfg)
-    assert type(backend).__name__ == "SepLLMBackend"
+    assert type(backend) is SepLLMBackend
 
 
 def test_fusion_flags_fall_back_with_one_info_log(caplog: pytest.LogCaptureFixture) -> None:
@@ -365,8 +366,24 @@ def test_bad_config_raises_clear_error(change: dict, match: str) -> None:
 
 
 def test_attention_config_accepts_neox_forms() -> None:
-    GPTModel(tiny(attention_config=[[["global"], 2]]))
-    GPTModel(tiny(attention_config=["flash", "global"]))
+    """GPT-NeoX's ``[[pattern, count]]`` form and per-layer lists expand to one type per layer; global and flash are
+    both dense causal attention, so the model computes exactly what it computes without the key."""
+    from megatron.model.gpt import expand_attention_config
+
+    forms = [
+        (None, ["global", "global"]),
+        ([[["global"], 2]], ["global", "global"]),
+        (["flash", "global"], ["flash", "global"]),
+        ([[["flash", "global"], 2]], ["flash", "global"]),     # the pattern repeats to fill `count` layers
+        ([[["global"], 1], [["flash"], 1]], ["global", "flash"]),
+    ]
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    want = GPTModel(tiny()).eval()(ids)
+    for spec, types in forms:
+        assert expand_attention_config(tiny(attention_config=spec)) == types, spec
+        torch.manual_seed(0)
+        torch.testing.assert_close(GPTModel(tiny(attention_config=spec)).eval()(ids), want, rtol=0, atol=0)
 
 
 def test_bipe_without_separators_raises() -> None:

@@ -1,18 +1,15 @@
-"""GPTModel wired to the SepLLM backend through the attention interface (skipped if the backend is absent)."""
+"""GPTModel wired to the SepLLM backend through the attention interface."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 from megatron.model import GPTModel, lm_loss
 from megatron.sepllm.rules import allowed_mask, global_key_bitmap
-
-pytest.importorskip("megatron.sepllm.backend")
 
 VOCAB, SEP = 64, 7
 LAYERS = 2
