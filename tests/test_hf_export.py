@@ -65,6 +65,28 @@ def test_gpt_neox_logits_identical(parallel: bool, rotary_pct: float) -> None:
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
+def test_bias_gelu_fusion_trains_tanh_gelu_and_exports_it() -> None:
+    """GPT-NeoX's fused bias+GeLU is the tanh approximation: our MLP computes it, the export names it
+    (``gelu_pytorch_tanh``) and HF logits match; HF's MLP with erf ``gelu`` would compute something else."""
+    torch.manual_seed(0)
+    cfg = neox_cfg(bias_gelu_fusion=True)
+    ours = GPTModel(cfg).eval()
+    assert hf_gpt_neox_config(cfg).hidden_act == "gelu_pytorch_tanh"
+    assert hf_gpt_neox_config(neox_cfg()).hidden_act == "gelu"
+    hf = hf_neox(cfg, ours)
+    h = 3 * torch.randn(4, cfg.hidden_size)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        pre = ours.layers[0].mlp.dense_h_to_4h(h)
+        tanh_gelu = 0.5 * pre * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (pre + 0.044715 * pre ** 3)))
+        expected = ours.layers[0].mlp.dense_4h_to_h(tanh_gelu)
+        torch.testing.assert_close(ours.layers[0].mlp(h), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(hf.gpt_neox.layers[0].mlp(h), expected, atol=1e-6, rtol=1e-5)
+        erf_hf = hf_neox(neox_cfg(), ours)
+        assert (erf_hf.gpt_neox.layers[0].mlp(h) - expected).abs().max() > 1e-5
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
 def test_gpt_neox_tied_embeddings_and_gpt_j_tied() -> None:
     torch.manual_seed(0)
     cfg = neox_cfg(no_weight_tying=False, gpt_j_tied=True)

@@ -8,6 +8,16 @@ from typing import Any, Optional, Sequence
 from megatron.config.errors import ConfigError
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
+TANH_GELU_HF_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+
+
+def gelu_approximation(activation: str, bias_gelu_fusion: bool) -> str:
+    """How ``gelu`` is computed: GPT-NeoX's fused bias+GeLU kernel is the tanh approximation, so a model trained with
+    ``bias_gelu_fusion`` computes tanh-GELU (``"tanh"``); otherwise exact erf GELU (``"none"``). Gated GEGLU is always
+    exact. Returned in ``torch.nn.functional.gelu``'s ``approximate`` spelling."""
+    return "tanh" if activation == "gelu" and bias_gelu_fusion else "none"
+
+
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 

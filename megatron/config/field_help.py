@@ -42,7 +42,8 @@ MODEL_HELP: dict[str, str] = {
     "output_layer_parallelism": "GPT-NeoX output-layer split (column); accepted for compatibility.",
     "scaled_masked_softmax_fusion": "Kernel hint (fused masked softmax); falls back to PyTorch, results unchanged.",
     "scaled_upper_triang_masked_softmax_fusion": "Kernel hint (fused causal softmax); falls back to PyTorch.",
-    "bias_gelu_fusion": "Kernel hint (fused bias+GeLU); falls back to PyTorch.",
+    "bias_gelu_fusion": "GPT-NeoX's fused bias+GeLU: the tanh approximation of GeLU (as upstream's kernel computes it), "
+                        "run in PyTorch; off = exact erf GeLU.",
     "rope_fusion": "Kernel hint (fused RoPE); forced off with USE_BiPE.",
     "layernorm_fusion": "Kernel hint (fused LayerNorm); falls back to PyTorch.",
     "partition_activations": "Accepted GPT-NeoX activation-checkpointing hint (only meaningful with tensor parallel).",

@@ -27,13 +27,16 @@ def ffn_width(cfg: ModelConfig) -> int:
 
 
 class MLP(nn.Module):
-    """``h -> ffn -> h`` with the activation of ``cfg.activation`` (exact erf GELU, as HF's ``"gelu"``)."""
+    """``h -> ffn -> h`` with the activation of ``cfg.activation``: ``gelu`` is exact erf GELU (HF ``"gelu"``), or the
+    tanh approximation when ``bias_gelu_fusion`` is set, as GPT-NeoX's fused kernel computes it (HF
+    ``"gelu_pytorch_tanh"``); the rule is ``derived.gelu_approximation``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.activation not in ACTIVATIONS:
             raise ValueError(f"model config key 'activation' = {cfg.activation!r}: expected one of {ACTIVATIONS}")
         self.activation = cfg.activation
+        self.gelu_approximate = derived.gelu_approximation(cfg.activation, cfg.bias_gelu_fusion)
         self.ffn = ffn_width(cfg)
         out = 2 * self.ffn if cfg.activation in GATED else self.ffn
         self.dense_h_to_4h = nn.Linear(cfg.hidden_size, out, bias=cfg.use_bias_in_mlp)
@@ -42,7 +45,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.dense_h_to_4h(x)
         if self.activation == "gelu":
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approximate)
         elif self.activation == "relu":
             h = F.relu(h)
         else:

@@ -4,8 +4,8 @@ the HF config describing the same function, and the state-dict conversions (thro
 
 Every check raises ``ValueError`` naming the config key: an export that silently changes the function is worse than
 none. Rotary settings go into transformers 5.x ``rope_parameters`` (``rope_theta``, ``partial_rotary_factor``).
-``hidden_act`` is the activation ``GPTModel`` computes: exact (erf) GELU for ``gelu`` -- GPT-NeoX's
-``bias_gelu_fusion`` is only a kernel hint here and never changes the function (see ``megatron.model.gpt``).
+``hidden_act`` is the activation ``GPTModel`` computes: exact (erf) GELU for ``gelu``, and HF's
+``gelu_pytorch_tanh`` when ``bias_gelu_fusion`` made it the tanh approximation (``derived.gelu_approximation``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
+from megatron.config import derived
 from megatron.config.model import ModelConfig
 from megatron.model.attention import head_dim, kv_heads
 from megatron.model.convert.tables import (
@@ -52,6 +53,13 @@ def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- GPT-NeoX
+def hf_hidden_act(cfg: ModelConfig) -> str:
+    """HF ``hidden_act`` of the non-gated MLP: the function the model was trained with."""
+    if cfg.activation == "gelu" and derived.gelu_approximation(cfg.activation, cfg.bias_gelu_fusion) == "tanh":
+        return "gelu_pytorch_tanh"
+    return cfg.activation
+
+
 def check_gpt_neox_compatible(cfg: ModelConfig) -> None:
     """Raise ``ValueError`` if ``GPTNeoXForCausalLM`` cannot represent this architecture exactly."""
     problems = []
@@ -117,7 +125,7 @@ def hf_gpt_neox_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads,
         intermediate_size=ffn_width(cfg),
-        hidden_act=cfg.activation,
+        hidden_act=hf_hidden_act(cfg),
         rope_parameters=rope_parameters(cfg),
         attention_dropout=cfg.attention_dropout,
         hidden_dropout=cfg.hidden_dropout,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from megatron.config import derived
 from megatron.config.errors import ConfigError
 from megatron.model.convert.hf import FROM_HF
 from megatron.model.convert.sepllm_block import sepllm_settings
@@ -90,8 +91,12 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
         raise ImportHFError(f"{where}: missing or invalid key {exc}") from exc
     act = raw.get("hidden_act", "gelu")
     if arch == "neox":
-        if act not in ("gelu", "relu"):
-            raise ImportHFError(f"{where}: hidden_act = {act!r}: GPTModel computes 'gelu' (erf) or 'relu' for GPT-NeoX")
+        tanh_gelu = act in derived.TANH_GELU_HF_NAMES     # GPT-NeoX's fused bias+GeLU computes tanh-GELU
+        if act not in ("gelu", "relu") and not tanh_gelu:
+            raise ImportHFError(f"{where}: hidden_act = {act!r}: GPTModel computes 'gelu' (erf), tanh-GELU "
+                                f"({', '.join(derived.TANH_GELU_HF_NAMES)}) or 'relu' for GPT-NeoX")
+        keys["bias_gelu_fusion"] = tanh_gelu
+        act = "gelu" if tanh_gelu else act
         theta, pct = _rope(raw, where, 0.25)
         keys.update(rotary_pct=pct, rotary_emb_base=theta, norm="layernorm",
                     layernorm_epsilon=float(raw.get("layer_norm_eps", 1e-5)), activation=act,
