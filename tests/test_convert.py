@@ -254,7 +254,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(pythia_run, tmp_path, c
         (["--input_dir", str(pythia_run), "--output_dir", "/proc/sepllm-export"], r"--output_dir /proc/sepllm-export: "
                                                                                   r"cannot write in /proc"),
         (["--input_dir", str(pythia_run), "--output_dir", str(tmp_path / "a_file" / "out")],
-         r"parent folder .*a_file does not exist"),
+         r"cannot create parent folder .*a_file \(File exists\)"),
         (["--input_dir", str(pythia_run), "--output_dir", str(tmp_path / "taken")],
          r"exists and is not an empty folder"),
         (["--input_dir", str(pythia_run), "--output_dir", out, "--pad-token-id", "60000"],

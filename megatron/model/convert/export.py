@@ -52,8 +52,11 @@ def make_temp_beside(output_dir: Path) -> Path:
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ExportError(f"--output_dir {output_dir}: exists and is not an empty folder; choose a new path")
     parent = output_dir.absolute().parent
-    if not parent.is_dir():
-        raise ExportError(f"--output_dir {output_dir}: parent folder {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)          # like mkdir -p: hf/run1 works without creating hf/
+    except OSError as exc:
+        raise ExportError(f"--output_dir {output_dir}: cannot create parent folder {parent} "
+                          f"({exc.strerror or exc})") from exc
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"--output_dir {output_dir}: parent folder {parent} is not writable")
     tmp = parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -158,7 +158,12 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
         raise ImportHFError(f"--tp {tp} --pp {pp}: both must be >= 1")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ImportHFError(f"--output_dir {out}: exists and is not an empty folder; choose a new path")
-    if not out.absolute().parent.is_dir() or not os.access(out.absolute().parent, os.W_OK | os.X_OK):
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImportHFError(f"--output_dir {out}: cannot create parent folder {out.absolute().parent} "
+                            f"({exc.strerror or exc})") from exc
+    if not os.access(out.absolute().parent, os.W_OK | os.X_OK):
         raise ImportHFError(f"--output_dir {out}: parent folder {out.absolute().parent} is missing or not writable")
     if not src.is_dir():
         raise ImportHFError(f"--hf_dir {src}: not a folder")
