@@ -15,12 +15,13 @@ Columns:
   model             full | sepllm
   runner            see above
   new_tokens        N
-  ms_per_token      wall time of the whole generate call (prefill included) / N, best of --repeats
+  ms_per_token      wall time of the whole generate call (prefill included) / N, best of --repeats rounds
+                    (each round runs every length and runner once, interleaving them)
   tokens_per_sec    1000 / ms_per_token
   ratio_vs_hf       tokens_per_sec / hf_generate's tokens_per_sec at the same N (> 1 = ours faster)
   ratio_vs_first_n  ms_per_token / the same runner's ms_per_token at the first N (flatness; SepLLM target <= 1.2)
   same_tokens_as_hf ours_plain only: length of the common prefix of our and HF's greedy tokens (numerics check)
-  kv_mb             KV bytes held by our cache at the end (MiB)
+  kv_mb             KV bytes held by our cache after generating N tokens (MiB)
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
     p.add_argument("--window", type=int, default=64, help="SepLLM local window (default 64)")
     p.add_argument("--sep-cache-size", type=int, default=64, help="SepLLM cache separators (default 64)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per measurement, best kept (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="rounds over all lengths and runners; best kept (default 2)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--skip-hf-sepcache", action="store_true", help="leave out the hf_sepcache runner")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompt (default 0)")
@@ -80,15 +81,6 @@ def build_models(args: argparse.Namespace, max_len: int) -> tuple[Any, Any, Any,
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return full, sepllm, hf, seps
-
-
-def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -134,26 +126,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     for _, _, fn in runners:      # warm-up: first-call allocations and dispatch
         fn(4)
+    # rounds: every round times every (length, runner) once, so load changes on a shared machine hit all alike;
+    # the best round of each pair is kept
+    caches = {"ours_plain": plain_cache, "ours_compressed": sep_cache}
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+    kv_bytes: dict[tuple[int, int], int] = {}
+    measured = [(i, r) for i, r in enumerate(runners) if not (r[0] == "sepllm" and r[1] == "hf_generate")]
+    for _ in tqdm(range(args.repeats), desc="rounds", file=sys.stderr):
+        for n in lengths:
+            for i, (_, runner, fn) in measured:
+                start = time.perf_counter()
+                tokens = fn(n)
+                seconds = time.perf_counter() - start
+                if len(tokens) != n:
+                    raise RuntimeError(f"{runner} produced {len(tokens)} tokens, expected {n}")
+                if (n, i) not in best or seconds < best[(n, i)][0]:
+                    best[(n, i)] = (seconds, tokens)
+                if runner in caches:
+                    kv_bytes[(n, i)] = caches[runner].kv_bytes()
+    hf_index = next(i for i, r in enumerate(runners) if r[1] == "hf_generate")   # same HF model for both
     rows: list[dict] = []
-    hf_tokens: dict[int, list[int]] = {}
-    for n in tqdm(lengths, desc="new tokens", file=sys.stderr):
-        for model_name, runner, fn in runners:
-            if model_name == "sepllm" and runner == "hf_generate" and n in hf_tokens:
-                base = next(r for r in rows if r["model"] == "full" and r["runner"] == "hf_generate"
-                            and r["new_tokens"] == n)
-                rows.append({**base, "model": "sepllm"})   # same HF model and call: measured once
-                continue
-            seconds, tokens = best_time(lambda: fn(n), args.repeats)
-            if len(tokens) != n:
-                raise RuntimeError(f"{runner} produced {len(tokens)} tokens, expected {n}")
+    for n in lengths:
+        for i, (model_name, runner, _) in enumerate(runners):
+            seconds, tokens = best[(n, hf_index if runner == "hf_generate" else i)]
             row = {"model": model_name, "runner": runner, "new_tokens": n, "ms_per_token": 1000 * seconds / n}
-            if runner == "hf_generate":
-                hf_tokens[n] = tokens
             if runner == "ours_plain":
-                ref = hf_tokens[n]
-                row["same_tokens_as_hf"] = next((i for i, (x, y) in enumerate(zip(tokens, ref)) if x != y), n)
-            if runner.startswith("ours"):
-                row["kv_mb"] = (plain_cache if runner == "ours_plain" else sep_cache).kv_bytes() / 2 ** 20
+                ref = best[(n, hf_index)][1]
+                row["same_tokens_as_hf"] = next((k for k, (x, y) in enumerate(zip(tokens, ref)) if x != y), n)
+            if runner in caches:
+                row["kv_mb"] = kv_bytes[(n, i)] / 2 ** 20
             rows.append(row)
     for row in rows:
         row["tokens_per_sec"] = 1000.0 / row["ms_per_token"]
