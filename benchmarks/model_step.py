@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             ours = GPTModel(cfg).to(dev).train()
             if name == "pythia":
                 hf = transformers.GPTNeoXForCausalLM(hf_gpt_neox_config(cfg, attn_implementation="sdpa"))
-                hf.load_state_dict(to_hf_gpt_neox_state_dict(ours.state_dict(), cfg), strict=False)
+                hf.load_state_dict(to_hf_gpt_neox_state_dict(ours.state_dict(), cfg))
             else:
                 hf = transformers.LlamaForCausalLM(hf_llama_config(cfg, attn_implementation="sdpa"))
-                hf.load_state_dict(to_hf_llama_state_dict(ours.state_dict(), cfg), strict=False)
+                hf.load_state_dict(to_hf_llama_state_dict(ours.state_dict(), cfg))
             hf = hf.to(dev).train()
             base, mine = time_pair((hf_loss(hf), ours_loss(ours)), (list(hf.parameters()), list(ours.parameters())),
                                    dev, args.warmup, args.repeats)

@@ -15,8 +15,8 @@ import torch
 
 from megatron.training import pretrain
 from megatron.training.engine import DeviceConfigError
-from train_helpers import (WEIGHT_CHECK_ADAM_EPS, logged_grad_norms, make_tiny_corpus, pretrain_with_weights, tiny_config,
-                           update_mismatch)
+from train_helpers import (WEIGHT_CHECK_ADAM_EPS, logged_grad_norms, make_tiny_corpus, pretrain_with_weights,
+                           tiny_config, update_mismatch)
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,8 @@ def test_world_size_not_divisible_by_tp_times_pp_fails_before_any_work(corpus, n
 @pytest.mark.parametrize("mode", ["tp2", "tp2_sp", "pp2"])
 def test_two_rank_tp_and_pp_runs_match_one_process(mode, corpus, neox_tokenizer_file, tmp_path):
     """TP=2 (with and without sequence parallelism) and PP=2 with a SepLLM config, ZeRO-1: same training,
-    validation and test losses and gradient norms as the one-process run; the checkpoints hold TP shards / gathered stage weights."""
+    validation and test losses and gradient norms as the one-process run; the checkpoints hold TP shards / gathered
+    stage weights."""
     ref = pretrain(_cfg(corpus, neox_tokenizer_file, tmp_path / "ref", **ZERO1, **EVAL,
                         checkpoint__save=str(tmp_path / "ref" / "ckpt"), checkpoint__checkpoint_factor=2,
                         checkpoint__extra_save_iters=[0]))
