@@ -201,7 +201,8 @@ def test_cli_runs_through_deepy_and_writes_results(checkpoints, tmp_path):
                                                                          r"not exist"),
     (["--eval_tasks", "pg19_local_cloze", "--iteration", "7"], r"no complete checkpoint for iteration 7 in .*"
                                                               r"available iterations: \[5\]"),
-    (["--eval_tasks", "pg19_local_cloze", "--load", "null"], r"key 'load' is not set"),
+    (["--eval_tasks", "pg19_local_cloze", "--load", "null", "--save", "null"], r"eval.py needs key 'load' \(or "
+                                                                                r"'save'\)"),
     (["--eval_limit", "0"], r"key 'eval_limit': expected a value >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, checkpoints, tmp_path):

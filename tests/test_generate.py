@@ -304,7 +304,7 @@ def test_unconditional_and_interactive_modes(tmp_path):
 
 @pytest.mark.parametrize("override,code,message", [
     (["--sample_input_file", "nope.txt"], 2, "sample_input_file nope.txt: no such file"),
-    (["--load", "null"], 2, "generate.py needs key 'load'"),
+    (["--load", "null", "--save", "null"], 2, "generate.py needs key 'load' (or 'save')"),
     (["--text_gen_type", "file"], 2, "key 'text_gen_type': expected one of unconditional"),
     (["--top_p", "1.5"], 2, "key 'top_p': expected a value in [0, 1]"),
     (["--load", "missing_dir"], 1, "missing_dir"),
@@ -320,6 +320,17 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, override, code, me
     assert run_generation([str(cfg)], override) == code
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and message in err[0]
+
+
+def test_training_config_with_only_save_reads_the_saved_checkpoint(tmp_path):
+    """The training YAML works unchanged after training: without ``load`` the run's ``save`` folder is read."""
+    cfg = write_run(tmp_path, text_gen_type="input-file", sample_input_file=str(tmp_path / "p.txt"))
+    (tmp_path / "p.txt").write_text("Hi, you.\n")
+    assert run_generation([str(cfg)], ["--load", "null", "--save", str(tmp_path / "checkpoints")]) == 0
+    via_save = (tmp_path / "out" / "samples.jsonl").read_text()
+    assert run_generation([str(cfg)], []) == 0
+    assert (tmp_path / "out" / "samples.jsonl").read_text().splitlines()[0].split('"duration_seconds"')[0] == \
+        via_save.splitlines()[0].split('"duration_seconds"')[0]
 
 
 def test_bipe_model_needs_recompute(tmp_path, capsys):

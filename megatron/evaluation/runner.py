@@ -125,7 +125,7 @@ def _dtype(cfg: Any, device: torch.device) -> torch.dtype:
 def run_evaluation(cfg: Any, *, config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = (),
                    dp: DataParallel = DataParallel(), include_defaults: bool = True,
                    print_table: bool = True) -> EvalOutcome:
-    """Evaluate the checkpoint in ``cfg.checkpoint.load`` on ``cfg.training.eval_tasks``.
+    """Evaluate the checkpoint in ``load`` (else ``save``) on ``cfg.training.eval_tasks``.
 
     ``config_files`` (+ command-line ``overrides``): the YAML(s) the model is built from (default: the resolved
     config saved in the checkpoint).
@@ -135,16 +135,14 @@ def run_evaluation(cfg: Any, *, config_files: Sequence[str | os.PathLike] = (), 
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
-    from megatron.model.convert.checkpoint import load_trained_model
+    from megatron.model.convert.checkpoint import checkpoint_to_read, load_trained_model
     from megatron.tokenizer import build_tokenizer
 
     t, ck = cfg.training, cfg.checkpoint
-    if not ck.load:
-        raise EvalError("key 'load' is not set: eval.py evaluates the checkpoint in `load` (a run's checkpoint "
-                        "folder or one global_stepN folder)")
+    source = checkpoint_to_read(ck, "eval.py")
     manager, tasks = resolve_tasks(list(t.eval_tasks or []), t.eval_include_path, include_defaults)
     device = _device(cfg)
-    trained = load_trained_model(ck.load, config_files=config_files, overrides=list(overrides), iteration=ck.iteration,
+    trained = load_trained_model(source, config_files=config_files, overrides=list(overrides), iteration=ck.iteration,
                                  dtype=_dtype(cfg, device))
     mcfg = trained.config
     tokenizer = build_tokenizer(mcfg.tokenizer.tokenizer_type, mcfg.tokenizer.vocab_file, mcfg.tokenizer.merge_file)

@@ -77,14 +77,13 @@ def load_session(files: Sequence[str], overrides: Sequence[str]) -> Session:
     """Config, checkpoint, tokenizer. Raises ConfigError / UsageError (exit 2) or CheckpointError (exit 1)."""
     from megatron.config import load_config
     from megatron.model.convert import load_trained_model
+    from megatron.model.convert.checkpoint import checkpoint_to_read
     from megatron.tokenizer.base import TokenizerError
     from megatron.tokenizer.factory import build_tokenizer
 
     cfg = load_config(*files, overrides=list(overrides))
     gen = cfg.generation
-    if not cfg.checkpoint.load:
-        raise UsageError("generate.py needs key 'load': the checkpoint folder (a run's checkpoints/ with `latest`, "
-                         "or one global_stepN folder)")
+    source = checkpoint_to_read(cfg.checkpoint, "generate.py")
     if gen.text_gen_type == "input-file":
         if not gen.sample_input_file:
             raise UsageError("text_gen_type 'input-file' needs key 'sample_input_file'")
@@ -104,7 +103,7 @@ def load_session(files: Sequence[str], overrides: Sequence[str]) -> Session:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
     if device == "cpu" and dtype == torch.float16:
         dtype = torch.float32   # fp16 matmuls are not a CPU thing; results only get more exact
-    trained = load_trained_model(cfg.checkpoint.load, config_files=list(files), overrides=list(overrides),
+    trained = load_trained_model(source, config_files=list(files), overrides=list(overrides),
                                  dtype=dtype)
     model = trained.model.to(device)
     if tokenizer.vocab_size > model.cfg.padded_vocab_size:

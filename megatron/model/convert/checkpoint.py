@@ -46,6 +46,16 @@ class TrainedModel:
     checkpoint_dir: Path          # the global_stepN folder actually read
 
 
+def checkpoint_to_read(checkpoint_cfg: Any, tool: str) -> str:
+    """The checkpoint folder an inference tool (``eval.py``, ``generate.py``) reads: ``load``, or else the run's own
+    ``save`` folder, so the training config works unchanged after training (GPT-NeoX configs usually set both)."""
+    source = checkpoint_cfg.load or checkpoint_cfg.save
+    if not source:
+        raise ConfigError(f"{tool} needs key 'load' (or 'save'): the checkpoint folder (a run's checkpoints/ with "
+                          "`latest`, or one global_stepN folder)")
+    return str(source)
+
+
 def find_checkpoint_dir(load_dir: str | os.PathLike, iteration: int | None = None) -> Path:
     """The ``global_stepN`` folder to read: ``load_dir`` itself, the one ``latest`` names, or
     ``global_step{iteration}``.
