@@ -233,6 +233,10 @@ def test_zero3_saves_and_resumes_on_the_uninterrupted_loss_curve(corpus, neox_to
     saved = torch.load(tmp_path / "ck" / "global_step2" / "model_states.pt", weights_only=True)
     shapes = {k: list(v.shape) for k, v in base_run[1].items()}
     assert {k: list(v.shape) for k, v in saved.items()} == shapes == meta["param_shapes"]
+    from megatron.model.convert.checkpoint import load_trained_model  # converts like any other checkpoint
+
+    trained = load_trained_model(tmp_path / "ck", iteration=2)
+    assert all(torch.equal(v, saved[k]) for k, v in trained.model.state_dict().items())
 
     resumed = pretrain(tiny_config(corpus, neox_tokenizer_file, tmp_path / "b", train_iters=4,
                                    checkpoint__load=str(tmp_path / "ck" / "global_step2"), **kw))
