@@ -44,8 +44,12 @@ MODEL_HELP: dict[str, str] = {
     "scaled_upper_triang_masked_softmax_fusion": "Kernel hint (fused causal softmax); falls back to PyTorch.",
     "bias_gelu_fusion": "GPT-NeoX's fused bias+GeLU: the tanh approximation of GeLU (as upstream's kernel computes it), "
                         "run in PyTorch; off = exact erf GeLU.",
-    "rope_fusion": "Kernel hint (fused RoPE); forced off with USE_BiPE.",
-    "layernorm_fusion": "Kernel hint (fused LayerNorm); falls back to PyTorch.",
+    "rope_fusion": "Fused rotary kernel for q and k (csrc/, docs/kernels.md) with pos_emb rotary; forced off with "
+                   "USE_BiPE. Without a GPU or the built extension: one warning, PyTorch path.",
+    "layernorm_fusion": "Fused LayerNorm kernel, with the residual add folded in where the block allows "
+                        "(docs/kernels.md), with norm layernorm. Unavailable: one warning, PyTorch path.",
+    "rmsnorm_fusion": "Fused RMSNorm kernel, with the residual add folded in where the block allows "
+                      "(docs/kernels.md), with norm rmsnorm. Unavailable: one warning, PyTorch path.",
     "partition_activations": "Accepted GPT-NeoX activation-checkpointing hint (only meaningful with tensor parallel).",
     "synchronize_each_layer": "Accepted GPT-NeoX hint (CUDA synchronize per layer for debugging).",
     "precision": "Copy of training.precision, so model code need not look elsewhere (derived, do not set).",

@@ -40,13 +40,14 @@ class ModelConfig:
     checkpoint_num_layers: int = 1
     attention_config: Optional[list] = None      # GPT-NeoX [[["global"], n]] expanded to one entry per layer
     output_layer_parallelism: str = "column"
-    # Fusion / kernel hints accepted from GPT-NeoX configs. They select optional accelerators when available and
-    # fall back to the PyTorch implementation otherwise (logged once), so they never change results.
+    # Fusion / kernel keys accepted from GPT-NeoX configs. rope/layernorm/rmsnorm select the compiled kernels of
+    # csrc/ when available (megatron.kernels.plan); the rest are hints. Unavailable: one warning, PyTorch path.
     scaled_masked_softmax_fusion: bool = False
     scaled_upper_triang_masked_softmax_fusion: bool = False
     bias_gelu_fusion: bool = False
     rope_fusion: bool = False
     layernorm_fusion: bool = False
+    rmsnorm_fusion: bool = False
     partition_activations: bool = False
     synchronize_each_layer: bool = False
     precision: str = "fp32"                      # derived from the fp16 / bf16 DeepSpeed blocks: fp32 | fp16 | bf16

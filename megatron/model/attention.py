@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from megatron.config.model import ModelConfig
 from megatron.model.attention_backend import AttentionBackend, default_softmax_scale
-from megatron.model.positional import alibi_slopes, apply_rotary
+from megatron.kernels.plan import fusion_plan
+from megatron.model.positional import alibi_slopes, apply_rotary_qk
 
 
 def kv_heads(cfg: ModelConfig) -> int:
@@ -52,6 +53,7 @@ class SelfAttention(nn.Module):
         self.scale = default_softmax_scale(self.head_dim)
         self.attention_dropout = cfg.attention_dropout
         self.use_alibi = cfg.pos_emb == "alibi"
+        self.rope_fused = fusion_plan(cfg).rope  # rope_fusion with the kernels available
         # index of the first query head this module computes: 0 unless its heads were split off a larger set
         # (tensor parallelism shards query_key_value by whole KV groups; the local head count is read from the
         # projected tensor, so the only other thing that must know is the ALiBi slope table)
@@ -81,7 +83,7 @@ class SelfAttention(nn.Module):
         b, s = q.shape[0], q.shape[2]
         if rotary is not None:
             cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary_qk(q, k, cos, sin, self.rope_fused)
         slopes = None
         if self.use_alibi:
             slopes = alibi_slopes(self.num_heads)[self.head_offset: self.head_offset + q.shape[1]].to(x.device)

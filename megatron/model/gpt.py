@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
+from megatron.kernels.plan import log_fusion_choice
 from megatron.model.attention import head_dim
 from megatron.model.attention_backend import AttentionBackend, build_attention_backend
 from megatron.model.embeddings import Embedding
@@ -35,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 POS_EMBS = ("learned", "rotary", "alibi", "none")
 FULL_ATTENTION_TYPES = ("global", "flash")  # both are dense causal attention; "flash" only named a kernel
-FUSION_FLAGS = ("rope_fusion", "bias_gelu_fusion", "scaled_masked_softmax_fusion",
-                "scaled_upper_triang_masked_softmax_fusion", "layernorm_fusion")
 
 
 def expand_attention_config(cfg: ModelConfig) -> list[str]:
@@ -109,10 +108,7 @@ class GPTModel(nn.Module):
                              if cfg.no_weight_tying else None)
         self.attention_backend: AttentionBackend = build_attention_backend(cfg, sepllm_cfg)
         self.init_weights()
-        fused = [f for f in FUSION_FLAGS if getattr(cfg, f, False)]
-        if fused:
-            logger.info("fused kernels requested (%s): no compiled kernel is available, using the PyTorch "
-                        "implementation (same results)", ", ".join(fused))
+        log_fusion_choice(cfg, logger)  # one message per model for fusion keys that cannot be honoured
 
     def init_weights(self) -> None:
         """(Re-)initialise all parameters with the configured init methods (e.g. after building on ``meta`` and

@@ -4,14 +4,22 @@ RMSNorm follows the Llama / ``torch.nn.functional.rms_norm`` formula ``w * x / s
 fp32, so that a Llama export is a weight copy. GPT-NeoX's own RMSNorm puts eps outside the root
 (``x / (rms(x) + eps)``); with the default eps (1e-8) the two differ by far less than bf16 resolution.
 RMSNorm and ScaleNorm carry no bias (as in GPT-NeoX); LayerNorm's bias follows ``use_bias_in_norms``.
+
+With ``layernorm_fusion`` / ``rmsnorm_fusion`` and the kernels available (``megatron.kernels.plan``), the fused
+variants below replace them: same parameters, state dict and init, and ``forward(x, residual)`` returns
+``(norm(x + residual), x + residual)`` from one kernel (``fuses_residual``), which ``TransformerLayer`` uses.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from megatron.config.model import ModelConfig
+from megatron.kernels.norms import fused_add_norm, fused_norm
+from megatron.kernels.plan import fusion_plan
 
 
 class RMSNorm(nn.Module):
@@ -31,6 +39,28 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class FusedLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed by the ``megatron::norm_fwd`` op, optionally with the residual add folded in."""
+
+    fuses_residual = True
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        if residual is None:
+            return fused_norm(x, self.weight, self.bias, self.eps, rms=False)
+        return fused_add_norm(x, residual, self.weight, self.bias, self.eps, rms=False)
+
+
+class FusedRMSNorm(RMSNorm):
+    """:class:`RMSNorm` computed by the ``megatron::norm_fwd`` op, optionally with the residual add folded in."""
+
+    fuses_residual = True
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        if residual is None:
+            return fused_norm(x, self.weight, None, self.eps, rms=True)
+        return fused_add_norm(x, residual, self.weight, None, self.eps, rms=True)
+
+
 class ScaleNorm(nn.Module):
     """ScaleNorm (Nguyen & Salazar 2019): ``g * x / max(||x||, eps)`` with a single learned scalar ``g``."""
 
@@ -48,11 +78,13 @@ class ScaleNorm(nn.Module):
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:
-    """The norm selected by ``cfg.norm`` with its matching epsilon key."""
+    """The norm selected by ``cfg.norm`` with its matching epsilon key (fused when the plan says so)."""
+    plan = fusion_plan(cfg)
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=cfg.use_bias_in_norms)
+        cls = FusedLayerNorm if plan.layernorm else nn.LayerNorm
+        return cls(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=cfg.use_bias_in_norms)
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_epsilon)
+        return (FusedRMSNorm if plan.rmsnorm else RMSNorm)(cfg.hidden_size, eps=cfg.rms_norm_epsilon)
     if cfg.norm == "scalenorm":
         return ScaleNorm(cfg.hidden_size, eps=cfg.scalenorm_epsilon)
     raise ValueError(f"model config key 'norm' = {cfg.norm!r}: expected one of 'layernorm', 'rmsnorm', 'scalenorm'")

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from megatron.kernels.rope import fused_rope
+
 
 def rotary_ndims(head_dim: int, rotary_pct: float) -> int:
     """Number of rotated dims per head (GPT-NeoX / HF: ``int(head_dim * rotary_pct)``; must be even)."""
@@ -51,6 +53,14 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :nd], x[..., nd:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def apply_rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    """:func:`apply_rotary` on q and k ``[B, H, S, D]``, or with ``fused`` the one-pass ``megatron::rope`` op
+    (``rope_fusion``; same formula, float32 math, see ``megatron.kernels.rope``)."""
+    if fused:
+        return fused_rope(q, k, cos, sin, layout="bhsd")
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def alibi_slopes(num_heads: int) -> Tensor:

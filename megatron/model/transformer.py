@@ -4,7 +4,8 @@
 * parallel (``gpt_j_residual``, Pythia): ``out = x + attn(ln1(x)) + mlp(ln2(x))``
 * parallel tied (``gpt_j_tied``): ``out = x + attn(ln1(x)) + mlp(ln1(x))`` -- one norm, no ``post_attention_layernorm``.
 
-Hidden dropout is applied to each branch output before the residual add (as HF GPT-NeoX).
+Hidden dropout is applied to each branch output before the residual add (as HF GPT-NeoX). With a fused norm
+(``layernorm_fusion`` / ``rmsnorm_fusion``) the sequential block computes ``h`` and ``ln2(h)`` in one kernel.
 """
 
 from __future__ import annotations
@@ -45,5 +46,8 @@ class TransformerLayer(nn.Module):
         if self.parallel:
             h2 = h1 if self.post_attention_layernorm is None else self.post_attention_layernorm(x)
             return x + attn + self.mlp_dropout(self.mlp(h2))
+        if getattr(self.post_attention_layernorm, "fuses_residual", False):
+            normed, h = self.post_attention_layernorm(attn, residual=x)
+            return h + self.mlp_dropout(self.mlp(normed))
         h = x + attn
         return h + self.mlp_dropout(self.mlp(self.post_attention_layernorm(h)))
