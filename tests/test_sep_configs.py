@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from megatron.config.loader import load_config
 from megatron.model.attention_backend import CausalSDPABackend, build_attention_backend
 
 from sep_helpers import PYTHIA_SEPS
@@ -34,8 +35,7 @@ def test_config_parses_loads_and_builds_backend(name):
     raw = yaml.safe_load(text)
     assert raw["num-layers"] == 12 and raw["hidden-size"] == 768 and raw["seq-length"] == 2048
     assert raw["vocab-file"] == "megatron/tokenizer/assets/20B_tokenizer.json"  # bundled
-    loader = pytest.importorskip("megatron.config.loader")
-    cfg = loader.load_config(path)
+    cfg = load_config(path)
     mode, windows = EXPECTED[name]
     assert cfg.sepllm.mode == mode
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (12, 768, 12)
