@@ -100,7 +100,10 @@ class DecodeState:
         else:
             self.cache = SepCache(init_cache_size=args.init_cache_size, sep_cache_size=args.sep_cache_size,
                                   local_size=args.local_size, cache_size=args.cache_size, USE_MAX_SEP_CACHE=True,
-                                  separator_token_ids=separators, model=model)
+                                  separator_token_ids=separators, model=model,
+                                  # chunks evict like token-by-token feeding (a plain multi-token step is never
+                                  # compressed, as in the reference), so the cache stays within its budget
+                                  prefill_attention="stream")
         self.pos = 0
         out = None
         with self.mode():

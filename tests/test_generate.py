@@ -76,9 +76,11 @@ def test_training_rule_cache_greedy_equals_recompute(keys, kind):
 
 
 def simulate_visible(ids, prompt_len, a, s, w, c, exact):
-    """Independent SepCache eviction on a list of (token index, kind): visible key set of every decode query."""
+    """Independent SepCache eviction on a list of (token index, kind): visible key set of every decode query.
+    The prompt is never compressed (reference); a decode step compresses when the stored length reaches c (or, with
+    the exact window, when more than w local tokens are held)."""
     def needs(kept):
-        return sum(k == "L" for _, k in kept) > w if exact else len(kept) > c
+        return sum(k == "L" for _, k in kept) > w if exact else len(kept) >= c
 
     def compress(kept):
         local = [i for i, k in kept if k == "L"]
@@ -89,8 +91,6 @@ def simulate_visible(ids, prompt_len, a, s, w, c, exact):
                 if k == "I" or i in keep_s or i in window]
 
     kept = [(i, "I" if i < a else "L") for i in range(prompt_len)]
-    if needs(kept):
-        kept = compress(kept)
     rows = {}
     for t in range(prompt_len, len(ids)):
         kept.append((t, "L"))

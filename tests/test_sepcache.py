@@ -228,8 +228,9 @@ def test_sepcache_matches_masked_full_cache(arch, batch, mode):
     torch.testing.assert_close(torch.stack(gen.logits, 1), ref_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_query_sees_at_most_cache_size_keys():
-    """The documented bound: a decode query attends at most cache_size keys (checked on what update returns)."""
+def test_decode_query_sees_at_most_cache_size_minus_one_keys():
+    """The reference's bound: a decode step compresses when the stored length reaches cache_size, so its query
+    attends at most cache_size - 1 keys (checked on what update returns), and the prompt is stored whole."""
     model = tiny_model("llama")
     ids, mask = prompts(3)
     cache = SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, USE_MAX_SEP_CACHE=True,
@@ -247,9 +248,13 @@ def test_decode_query_sees_at_most_cache_size_keys():
 
     cache.update = spy
     out = sepllm_forward(model, cache, ids, mask)
+    assert cache.get_seq_length() == ids.shape[1] > C          # the reference never compresses a prompt
+    lengths = []
     for _ in range(60):
         out = sepllm_forward(model, cache, out.logits[:, -1].argmax(-1)[:, None])
-    assert len(seen) == 60 * 2 and max(seen) <= C and max(seen) == C
+        lengths.append(cache.get_seq_length())
+    assert len(seen) == 60 * 2 and max(seen) == C - 1
+    assert max(lengths) == C - 1 and lengths[0] < C - 1       # the first decode step compressed the prompt
 
 
 def test_sampling_is_seed_reproducible_and_eos_stops():
@@ -365,9 +370,12 @@ def test_presets_and_errors():
     assert SepCache(layer_num=2, model_type="gpt_neox").separator_token_ids[:3] == [15, 13, 32]
     with pytest.raises(ValueError, match="separator_token_ids"):
         SepCache(layer_num=2)
-    with pytest.raises(ValueError, match="cache_size=19"):
-        SepCache(layer_num=2, separator_token_ids=SEPS, init_cache_size=4, sep_cache_size=8, local_size=8,
-                 cache_size=19)
+    for c in (19, 20):    # the reference requires a + s + w < c strictly
+        with pytest.raises(ValueError, match=rf"cache_size={c} must be > init_cache_size \+ sep_cache_size"):
+            SepCache(layer_num=2, separator_token_ids=SEPS, init_cache_size=4, sep_cache_size=8, local_size=8,
+                     cache_size=c)
+    assert SepCache(layer_num=2, separator_token_ids=SEPS, init_cache_size=4, sep_cache_size=8, local_size=8,
+                    cache_size=21).layers[0].cache_size == 21
     with pytest.raises(ValueError, match="eviction_timing"):
         SepCache(layer_num=2, separator_token_ids=SEPS, eviction_timing="later")
     with pytest.raises(ValueError, match="local_size has 3 entries"):
@@ -432,7 +440,9 @@ def test_prefill_attention_sepllm_matches_rule_mask(arch):
     full = sepllm_forward(model, SepCache(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C,
                                           separator_token_ids=SEPS, model=model), ids, mask).logits
     assert not torch.allclose(full[valid], ref[valid], atol=1e-3)      # the rule really changed the prefill
-    assert cache.get_seq_length() <= C
+    assert cache.get_seq_length() == ids.shape[1]                      # a prompt is stored whole (reference)
+    sepllm_forward(model, cache, got[:, -1].argmax(-1)[:, None])
+    assert cache.get_seq_length() < C                                  # the first decode step compresses it
 
 
 @pytest.mark.parametrize("rope", [

@@ -13,8 +13,8 @@ Two kinds, one interface (``begin_step`` -> ``prepare`` -> ``attend`` per layer 
     over arbitrarily long generation. With ``exact_window`` (default) every decode query sees exactly
     initial + kept separators + the last ``w`` tokens (the trained decode rule of spec §1.3 with a cap), and the
     cache is trimmed every step; without it, SepCache's reference timing applies (the local region grows until the
-    stored length exceeds ``cache_size``; cheaper, but a row's compression then depends on the longest row of its
-    batch).
+    stored length reaches ``cache_size``, so a decode query sees at most ``cache_size - 1`` keys; cheaper, but a
+    row's compression then depends on the longest row of its batch).
   - ``uncapped``: every separator is kept (the training rule exactly; memory grows with the separator frequency).
 
 Keys keep the rotary positions they were computed with (as in training; no positional re-encoding). The prompt
@@ -194,9 +194,10 @@ class SepKVCache:
         else:
             sizes = [a + s + 2 * w for w in windows]
         for layer, (w, c) in enumerate(zip(windows, sizes)):
-            if a + s + w > c:
-                raise KVCacheError(f"cache_size = {c} is smaller than init_cache_size + sep_cache_size + local window "
-                                   f"= {a} + {s} + {w} = {a + s + w} (layer {layer}); raise cache_size")
+            if a + s + w >= c:
+                raise KVCacheError(f"cache_size = {c} is smaller than or equal to init_cache_size + sep_cache_size "
+                                   f"+ local window = {a} + {s} + {w} = {a + s + w} (layer {layer}); it must be larger "
+                                   f"(SepCache compresses when it reaches cache_size): raise cache_size")
         self.settings = settings
         self.sizes = {"init_cache_size": a, "sep_cache_size": s, "local_size": windows, "cache_size": sizes}
         self._make = lambda: SepCache(a, s, windows, sizes, SEP_ACCUMULATION=True, USE_MAX_SEP_CACHE=not uncapped,
@@ -221,7 +222,8 @@ class SepKVCache:
         if not self._prefill and input_ids.shape[1] != 1:
             raise KVCacheError("SepKVCache decodes one token per step after the prompt; got "
                                f"{input_ids.shape[1]} tokens (reset the cache for a new prompt)")
-        positions = self.cache.set_step_tokens(input_ids, attention_mask)
+        # the prompt is always followed by one-token steps: it may store what the first decode step keeps
+        positions = self.cache.set_step_tokens(input_ids, attention_mask, followed_by_decode=self._prefill)
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(torch.bool))
         self._positions = torch.where(valid, positions, torch.zeros_like(positions))

@@ -35,6 +35,7 @@ Design (what differs from the reference SepCache, and why):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -43,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from megatron.sepllm import rules
 from megatron.sepllm.pos_shift import RopeFn, apply_rotary, cache_positions, rope_fn_from_model, unapply_rotary
+from megatron.sepllm.reference_args import RopeParams, check_layout, check_reference_state
 from megatron.sepllm.separator_presets import resolve_separators
 
 IntOrList = Union[int, Sequence[int]]
@@ -67,6 +69,9 @@ class _StepPlan:
     q_len: int
     # prefill_attention="stream" with APPLY_PE_SHIFT: (q_start, q_end, key_positions [B, K], query_positions [B, n])
     segments: Optional[list] = None
+    # a multi-token step stored what the next decode step's compression keeps (retention counts the appended slots,
+    # which is what the reference holds after such a step)
+    early_compression: bool = False
 
 
 class SepCacheLayer(CacheLayerMixin):
@@ -159,9 +164,23 @@ class SepCache(Cache):
                  separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
                  model_type: Optional[str] = None, tokenizer: Any = None, layer_num: Optional[int] = None,
                  APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
-                 eviction_timing: str = "in_update", model: Any = None, **unsupported: Any):
+                 eviction_timing: str = "in_update", model: Any = None, SEP_PADDING_IN_BATCH: bool = False,
+                 PRINT_KV_RATIO_INSIDE: bool = False, print_KV_inside_per_steps: int = 1000,
+                 APPLY_PES_INSIDE: bool = True, base: Optional[float] = None, pe_dim: Optional[int] = None,
+                 pe_scaling_factor: Optional[float] = None, max_position_embeddings: Optional[int] = None,
+                 partial_rotation_size: Optional[int] = None, _rope_unsqueeze_dim: int = 1, _rope_seq_dim: int = 1,
+                 k_seq_dim: int = 2, v_seq_dim: int = 2, **unsupported: Any):
+        check_reference_state(unsupported)
         if unsupported:
             raise TypeError(f"SepCache got unsupported arguments {sorted(unsupported)}")
+        check_layout(_rope_unsqueeze_dim=_rope_unsqueeze_dim, _rope_seq_dim=_rope_seq_dim, k_seq_dim=k_seq_dim,
+                     v_seq_dim=v_seq_dim)
+        if SEP_PADDING_IN_BATCH:
+            warnings.warn("SepCache: SEP_PADDING_IN_BATCH has no effect here: every row keeps its own separators "
+                          "(ragged rows with a validity mask), so rows are neither padded with filler tokens nor "
+                          "truncated to the batch minimum", UserWarning, stacklevel=2)
+        if int(print_KV_inside_per_steps) < 1:
+            raise ValueError(f"print_KV_inside_per_steps must be >= 1, got {print_KV_inside_per_steps}")
         if model is not None:
             layer_num = layer_num if layer_num is not None else _num_layers(model)
             model_type = model_type if model_type is not None else getattr(model.config, "model_type", None)
@@ -193,9 +212,19 @@ class SepCache(Cache):
         self.exact_window = bool(exact_window)
         self.prefill_attention = prefill_attention
         self.eviction_timing = eviction_timing
+        self.SEP_PADDING_IN_BATCH = bool(SEP_PADDING_IN_BATCH)
+        self.PRINT_KV_RATIO_INSIDE = bool(PRINT_KV_RATIO_INSIDE)
+        self.print_KV_inside_per_steps = int(print_KV_inside_per_steps)
+        self.APPLY_PES_INSIDE = bool(APPLY_PES_INSIDE)
+        self.rope_params = RopeParams.from_args(base=base, pe_dim=pe_dim, pe_scaling_factor=pe_scaling_factor,
+                                                max_position_embeddings=max_position_embeddings,
+                                                partial_rotation_size=partial_rotation_size)
         self.rope_fn: Optional[RopeFn] = None
+        if self.APPLY_PE_SHIFT and self.APPLY_PES_INSIDE and self.rope_params.explicit:
+            self.rope_fn = self.rope_params.rope_fn()     # the reference's own tables, from the given parameters
         self.valid_seen: Optional[torch.Tensor] = None   # [B] number of real tokens seen per row
         self.tokens_seen = 0                             # number of token slots fed per row (padding included)
+        self.steps = 0                                   # forwards fed (for PRINT_KV_RATIO_INSIDE)
         if model is not None:
             self.bind_model(model)
 
@@ -207,6 +236,7 @@ class SepCache(Cache):
             raise ValueError(f"SepCache has {len(self.layers)} layers but the model has {n}")
         if self.APPLY_PE_SHIFT and self.rope_fn is None:
             self.rope_fn = rope_fn_from_model(model)
+            self.rope_params.check_against(self.rope_fn, model)
         return self
 
     @property
@@ -214,9 +244,14 @@ class SepCache(Cache):
         return -1 if self.valid_seen is None else int(self.valid_seen.shape[0])
 
     # ----- step planning -----
-    def set_step_tokens(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def set_step_tokens(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                        followed_by_decode: bool = False) -> torch.Tensor:
         """Declare the ids ``[B, q]`` (and their 0/1 padding mask ``[B, q]``) of the next forward; returns the
-        ``position_ids [B, q]`` to pass to the model (each row counts only its real tokens, like HF generate)."""
+        ``position_ids [B, q]`` to pass to the model (each row counts only its real tokens, like HF generate).
+
+        ``followed_by_decode``: the caller promises that the next step (if any) feeds one token (``generate`` after
+        the prompt). A multi-token step is never compressed (reference), but with this promise it may store right
+        away what the next decode step's compression would keep — identical results, less memory in between."""
         if input_ids.dim() != 2:
             raise ValueError(f"set_step_tokens expects input_ids [B, q], got shape {tuple(input_ids.shape)}")
         bsz, q = input_ids.shape
@@ -258,25 +293,32 @@ class SepCache(Cache):
             if q > 1 and self.prefill_attention == "stream":
                 layer.plan = self._plan_stream(layer, input_ids, kind_new_tok, positions, token_index)
             else:
-                layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, positions, token_index)
+                layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, positions, token_index,
+                                              followed_by_decode=followed_by_decode and q > 1)
             planned[key] = layer
         self.valid_seen = count[:, -1].clone()
         self.tokens_seen += q
         return positions
 
-    def _needs_compression(self, layer: SepCacheLayer, kind: torch.Tensor) -> bool:
-        if self.exact_window:
-            return bool(((kind == LOCAL).sum(-1) > layer.local_size).any())
-        return kind.shape[-1] > layer.cache_size
+    def _needs_compression(self, layer: SepCacheLayer, kind: torch.Tensor, extra: int = 0) -> bool:
+        """Would the stored slots ``kind`` (plus ``extra`` tokens still to come) be compressed?
 
-    def _compress_meta(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor, pos: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx, kind_new = self._compress_indices(layer, ids, kind)
+        ``in_update`` (the reference SepCache): when the stored length reaches ``cache_size``, so a decode query sees
+        at most ``cache_size - 1`` keys. ``after_step`` (the streaming manager): when it exceeds ``cache_size``."""
+        if self.exact_window:
+            return bool(((kind == LOCAL).sum(-1) + extra > layer.local_size).any())
+        if self.eviction_timing == "after_step":
+            return kind.shape[-1] + extra > layer.cache_size
+        return kind.shape[-1] + extra >= layer.cache_size
+
+    def _compress_meta(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor, pos: torch.Tensor,
+                       window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx, kind_new = self._compress_indices(layer, ids, kind, window)
         pos_new = torch.where(kind_new != INVALID, pos.gather(1, idx), torch.full_like(idx, -1))
         return idx, kind_new, ids.gather(1, idx), pos_new
 
     def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, positions: torch.Tensor,
-                    token_index: torch.Tensor) -> _StepPlan:
+                    token_index: torch.Tensor, followed_by_decode: bool = False) -> _StepPlan:
         bsz, q = ids.shape
         pre_idx = None
         if layer.ids is None:
@@ -291,8 +333,19 @@ class SepCache(Cache):
         l_app = ids_app.shape[-1]
         gather_idx = None
         kind_new, ids_new, pos_new = kind_app, ids_app, pos_app
-        if self.eviction_timing == "in_update" and self._needs_compression(layer, kind_app):
-            gather_idx, kind_new, ids_new, pos_new = self._compress_meta(layer, ids_app, kind_app, pos_app)
+        early = False
+        if self.eviction_timing == "in_update":
+            if q == 1:
+                if self._needs_compression(layer, kind_app):
+                    gather_idx, kind_new, ids_new, pos_new = self._compress_meta(layer, ids_app, kind_app, pos_app)
+            elif followed_by_decode and self._needs_compression(layer, kind_app, extra=1):
+                # The reference never compresses a multi-token step; the decode step after it compresses
+                # ``stored + token``. Keeping the window one short now stores exactly what that compression keeps
+                # (same leaving tokens, same separators, same budget growth); the decode step then appends its token
+                # without compressing. Same kept sets and logits at every step, less memory from here on.
+                gather_idx, kind_new, ids_new, pos_new = self._compress_meta(layer, ids_app, kind_app, pos_app,
+                                                                             window=layer.local_size - 1)
+                early = True
         attend_compressed = q == 1
         if attend_compressed:
             valid_k = kind_new != INVALID
@@ -321,7 +374,7 @@ class SepCache(Cache):
                 attn_mask = allowed.unsqueeze(1)
         return _StepPlan(ids_app=ids_app, kind_app=kind_app, pre_gather_idx=pre_idx, gather_idx=gather_idx,
                          kind_new=kind_new, ids_new=ids_new, pos_new=pos_new, attend_compressed=attend_compressed,
-                         attn_mask=attn_mask, step_positions=positions, q_len=q)
+                         attn_mask=attn_mask, step_positions=positions, q_len=q, early_compression=early)
 
     def _plan_stream(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, positions: torch.Tensor,
                      token_index: torch.Tensor) -> _StepPlan:
@@ -370,8 +423,8 @@ class SepCache(Cache):
                 n = 1
             elif after:
                 n = max(1, layer.cache_size + 1 - kind.shape[-1])
-            else:
-                n = layer.cache_size - kind.shape[-1]
+            else:   # in_update: tokens up to a stored length of cache_size - 1 need no compression
+                n = layer.cache_size - 1 - kind.shape[-1]
             n = min(n, q - i)
             if n <= 0:     # in_update: this token's append triggers compression before its own attention
                 n = 1
@@ -403,10 +456,11 @@ class SepCache(Cache):
                          attend_compressed=False, attn_mask=allowed.unsqueeze(1), step_positions=positions, q_len=q,
                          segments=segments)
 
-    def _compress_indices(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compress_indices(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor,
+                          window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row keep decision (initial -> separators -> last ``w`` local), packed right, left-filled invalid."""
-        w, s = layer.local_size, layer.sep_cache_size
+        w = layer.local_size if window is None else window
+        s = layer.sep_cache_size
         is_local = kind == LOCAL
         local_rank = is_local.flip(-1).to(torch.long).cumsum(-1).flip(-1)      # 1 = most recent local slot
         in_window = is_local & (local_rank <= w)
@@ -472,7 +526,7 @@ class SepCache(Cache):
             k_att, v_att, kind_att = layer.keys, layer.values, plan.kind_new
         else:
             k_att, v_att, kind_att = keys_app, values_app, plan.kind_app
-        layer.last_kept = int((layer.kind != INVALID).sum())
+        layer.last_kept = int(((plan.kind_app if plan.early_compression else layer.kind) != INVALID).sum())
         layer.kept_total += layer.last_kept
         layer.seen_total += int(self.valid_seen.sum())
         if self.APPLY_PE_SHIFT and plan.segments is None:
@@ -518,9 +572,14 @@ class SepCache(Cache):
         return plan.attn_mask
 
     def finish_step(self) -> None:
-        """Drop the per-step plans (called after the forward)."""
+        """Drop the per-step plans (called after the forward); print the KV ratio when asked to."""
         for layer in self.layers:
             layer.plan = None
+        self.steps += 1
+        if self.PRINT_KV_RATIO_INSIDE and self.steps % self.print_KV_inside_per_steps == 0:
+            r = self.retention()
+            print(f"SepCache step {self.steps}: KV kept/seen (time-averaged) = "
+                  f"{r['time_averaged_kept_over_seen']:.4f}, current = {r['current_kept_over_seen']:.4f}", flush=True)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()
@@ -582,6 +641,7 @@ def _check_sizes(layer: int, a: int, s: int, w: int, c: int) -> None:
     if a < 0 or s < 0 or w < 1:
         raise ValueError(f"layer {layer}: need init_cache_size >= 0, sep_cache_size >= 0, local_size >= 1; "
                          f"got a={a}, s={s}, w={w}")
-    if a + s + w > c:
-        raise ValueError(f"layer {layer}: cache_size={c} must be >= init_cache_size + sep_cache_size + local_size = "
-                         f"{a}+{s}+{w}={a + s + w} (leave slack: with equality the cache compresses on every token)")
+    if a + s + w >= c:
+        raise ValueError(f"layer {layer}: cache_size={c} must be > init_cache_size + sep_cache_size + local_size = "
+                         f"{a}+{s}+{w}={a + s + w} (the reference requires a + s + w < c: the cache compresses when "
+                         f"it reaches c and keeps at most a + s + w)")

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from megatron.sepllm.cache import SepCache
+from megatron.sepllm.cache import SepCache, _num_layers
 from megatron.sepllm.hf_compat import SepGenerateOutput, cache_kwargs, generate_output, pop_cache
 from megatron.sepllm.hf_config import sep_cache_arguments
 from megatron.sepllm.pos_shift import apply_rotary
@@ -92,10 +92,12 @@ def sepllm_attention(model: Any) -> Iterator[Any]:
 
 
 def sepllm_forward(model: Any, cache: SepCache, input_ids: torch.Tensor,
-                   attention_mask: Optional[torch.Tensor] = None, **model_kwargs: Any) -> Any:
+                   attention_mask: Optional[torch.Tensor] = None, followed_by_decode: bool = False,
+                   **model_kwargs: Any) -> Any:
     """One forward step of ``input_ids [B, q]`` (``attention_mask [B, q]``: 0/1 for these tokens only) through
-    ``model`` with ``cache``; returns the model output. Fast path for streaming: no generate overhead."""
-    positions = cache.set_step_tokens(input_ids, attention_mask)
+    ``model`` with ``cache``; returns the model output. Fast path for streaming: no generate overhead.
+    ``followed_by_decode``: see :meth:`SepCache.set_step_tokens` (set by ``generate`` for the prompt)."""
+    positions = cache.set_step_tokens(input_ids, attention_mask, followed_by_decode=followed_by_decode)
     bsz, q = input_ids.shape
     # A ready 4-D mask makes transformers skip its own mask construction; the attention function uses the cache's.
     placeholder = torch.ones(bsz, 1, q, 1, dtype=torch.bool, device=input_ids.device)
@@ -109,7 +111,7 @@ def sepllm_forward(model: Any, cache: SepCache, input_ids: torch.Tensor,
 
 
 def build_sep_cache(model: Any, init_cache_size: Union[int, Sequence[int]] = 4,
-                    sep_cache_size: Union[int, Sequence[int]] = 64, local_size: Union[int, Sequence[int]] = 256,
+                    sep_cache_size: Union[int, Sequence[int]] = 128, local_size: Union[int, Sequence[int]] = 256,
                     cache_size: Union[int, Sequence[int]] = 512, **kwargs: Any) -> SepCache:
     """A SepCache sized for ``model`` (layer count, model_type presets, rotary settings)."""
     return SepCache(init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
@@ -125,14 +127,25 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
              SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: bool = False,
              separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
              APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
-             eviction_timing: str = "in_update", **model_kwargs: Any
+             eviction_timing: str = "in_update", SEP_PADDING_IN_BATCH: bool = False,
+             PRINT_KV_RATIO_INSIDE: bool = False, print_KV_inside_per_steps: int = 1000,
+             APPLY_PES_INSIDE: bool = True, base: Optional[float] = None, pe_dim: Optional[int] = None,
+             pe_scaling_factor: Optional[float] = None, max_position_embeddings: Optional[int] = None,
+             partial_rotation_size: Optional[int] = None, _rope_unsqueeze_dim: int = 1, _rope_seq_dim: int = 1,
+             k_seq_dim: int = 2, v_seq_dim: int = 2, layer_num: Optional[int] = None, model_type: Optional[str] = None,
+             past_tok_ids: Any = None, key_cache: Any = None, value_cache: Any = None, _seen_tokens: Any = None,
+             _kept_kv_ratio: Any = None, _shifted_position_ids: Any = None, **model_kwargs: Any
              ) -> Union[SepGenerateOutput, torch.LongTensor]:
     """Greedy or sampled decoding with a SepCache (the ``custom_generate`` callable).
 
     The SepCache arguments (sizes, ``SEP_ACCUMULATION``, ``USE_MAX_SEP_CACHE``, ``separator_token_ids``,
-    ``PADDING_ID``, ``APPLY_PE_SHIFT``, ``exact_window``, ``prefill_attention``, ``eviction_timing``) are those of
+    ``PADDING_ID``, ``APPLY_PE_SHIFT``, ``exact_window``, ``prefill_attention``, ``eviction_timing`` and the reference's
+    own options ``SEP_PADDING_IN_BATCH``, ``PRINT_KV_RATIO_INSIDE``, ``print_KV_inside_per_steps``,
+    ``APPLY_PES_INSIDE`` with ``base`` / ``pe_dim`` / ``pe_scaling_factor`` / ``max_position_embeddings`` /
+    ``partial_rotation_size``, the layout options and the empty reference state arguments) are those of
     :class:`~megatron.sepllm.cache.SepCache`. Unset sizes and separators come from the ``sepllm`` block of an exported
-    model's config (what it was trained with), else sizes 4 / 64 / 256 / 512 and the model_type separator preset.
+    model's config (what it was trained with), else the hub ``generate``'s defaults 4 / 128 / 256 / 512 and the
+    model_type separator preset. ``layer_num`` / ``model_type``, when given, must agree with the model.
 
     Honours ``do_sample``/``temperature``/``top_k``/``top_p`` (through the logits processors transformers prepared),
     ``eos_token_id`` and ``max_new_tokens`` (stopping criteria), left-padded batches (``attention_mask``), streamers,
@@ -158,11 +171,23 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
         init_cache_size, sep_cache_size, local_size, cache_size, separator_token_ids, PADDING_ID = sep_cache_arguments(
             model, init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
             cache_size=cache_size, separator_token_ids=separator_token_ids, PADDING_ID=PADDING_ID).values()
+        if layer_num is not None and int(layer_num) != _num_layers(model):
+            raise ValueError(f"layer_num={layer_num} but the model has {_num_layers(model)} layers")
         cache = SepCache(init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
                          cache_size=cache_size, SEP_ACCUMULATION=SEP_ACCUMULATION,
                          USE_MAX_SEP_CACHE=USE_MAX_SEP_CACHE, separator_token_ids=separator_token_ids,
                          PADDING_ID=PADDING_ID, APPLY_PE_SHIFT=APPLY_PE_SHIFT, exact_window=exact_window,
-                         prefill_attention=prefill_attention, eviction_timing=eviction_timing, model=model)
+                         prefill_attention=prefill_attention, eviction_timing=eviction_timing, model=model,
+                         model_type=model_type, SEP_PADDING_IN_BATCH=SEP_PADDING_IN_BATCH,
+                         PRINT_KV_RATIO_INSIDE=PRINT_KV_RATIO_INSIDE,
+                         print_KV_inside_per_steps=print_KV_inside_per_steps, APPLY_PES_INSIDE=APPLY_PES_INSIDE,
+                         base=base, pe_dim=pe_dim, pe_scaling_factor=pe_scaling_factor,
+                         max_position_embeddings=max_position_embeddings,
+                         partial_rotation_size=partial_rotation_size, _rope_unsqueeze_dim=_rope_unsqueeze_dim,
+                         _rope_seq_dim=_rope_seq_dim, k_seq_dim=k_seq_dim, v_seq_dim=v_seq_dim,
+                         past_tok_ids=past_tok_ids, key_cache=key_cache, value_cache=value_cache,
+                         _seen_tokens=_seen_tokens, _kept_kv_ratio=_kept_kv_ratio,
+                         _shifted_position_ids=_shifted_position_ids)
     else:
         if cache.get_seq_length(0) > 0:
             raise ValueError("the cache passed to generate must be a fresh SepCache: generate feeds the whole input_ids as the "
@@ -183,7 +208,7 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     prompt_mask = attention_mask if attention_mask is not None else None
 
     with sepllm_attention(model):
-        out = sepllm_forward(model, cache, input_ids, prompt_mask, logits_to_keep=1)
+        out = sepllm_forward(model, cache, input_ids, prompt_mask, followed_by_decode=True, logits_to_keep=1)
         while True:
             next_logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
             next_scores = logits_processor(input_ids, next_logits)

@@ -83,7 +83,8 @@ def _model_dims(model_config: Any) -> tuple[int, int]:
                                       "SepLLM supports decoder-only HF models") from exc
 
 
-def _windows(cfg: SepLLMConfig, per_layer: bool, list_key: str, scalar_key: str, num_layers: int) -> tuple[int, ...]:
+def _windows(cfg: SepLLMConfig, per_layer: bool, list_key: str, scalar_key: str, num_layers: int,
+             decode: bool = False) -> tuple[int, ...]:
     if per_layer:
         windows = getattr(cfg, list_key)
         if windows is None:
@@ -99,7 +100,9 @@ def _windows(cfg: SepLLMConfig, per_layer: bool, list_key: str, scalar_key: str,
     for i, w in enumerate(windows):
         if w < 1:
             raise TrainingFreeConfigError(f"'{key}' = {w} (layer {i}): every local window must be >= 1")
-    extra = 0 if cfg.EXCLUDE_DIAGONAL else 1        # EXCLUDE_DIAGONAL=False: the window holds w+1 tokens (spec §1.3)
+    # EXCLUDE_DIAGONAL=False: a prefill window holds w+1 tokens (spec §1.3). The reference's decode rule never reads
+    # the flag: a decode query always sees the last w keys (itself included).
+    extra = 0 if (cfg.EXCLUDE_DIAGONAL or decode) else 1
     return tuple(int(w) + extra for w in windows)
 
 
@@ -177,7 +180,7 @@ def resolve_for_model(cfg: SepLLMConfig, model_config: Any) -> TrainingFreeSetti
         prefill = _windows(cfg, cfg.USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS, "prefill_loc_win_size_list",
                            "prefill_local_window_size", num_layers)
         generate = _windows(cfg, cfg.USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS, "generate_win_loc_size_list",
-                            "generate_local_window_size", num_layers)
+                            "generate_local_window_size", num_layers, decode=True)
     cfg.mode = mode
     cfg.prefill_windows = list(prefill)
     cfg.generate_windows = list(generate)
@@ -191,7 +194,8 @@ def resolve_for_model(cfg: SepLLMConfig, model_config: Any) -> TrainingFreeSetti
 
 
 # ----------------------------------------------------------------------------------------- settings carried by a model
-SEP_CACHE_FALLBACKS = {"init_cache_size": 4, "sep_cache_size": 64, "local_size": 256, "cache_size": 512}
+#: the hub ``generate``'s defaults (transformers-community/sep_cache shows sep_cache_size=128)
+SEP_CACHE_FALLBACKS = {"init_cache_size": 4, "sep_cache_size": 128, "local_size": 256, "cache_size": 512}
 
 
 def sepllm_config_from_model(model: Any) -> SepLLMConfig:
