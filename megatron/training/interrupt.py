@@ -21,9 +21,10 @@ import torch.distributed as dist
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on a signal after a clean iteration boundary; ``exit_code`` is 128 + the signal number
-    (130 for SIGINT, 143 for SIGTERM), what a shell reports for a process ended by that signal."""
+    (130 for SIGINT, 143 for SIGTERM), what a shell reports for a process ended by that signal. A KeyboardInterrupt,
+    so callers that treat Ctrl-C specially (benchmarks, ``except Exception`` blocks) keep doing so."""
 
     def __init__(self, message: str, exit_code: int = 128 + int(signal.SIGINT)) -> None:
         super().__init__(message)
