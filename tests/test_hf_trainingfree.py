@@ -325,3 +325,35 @@ def test_cache_reorder_and_crop_are_followed():
         beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False,
                                pad_token_id=0)
         assert beams.shape == (2, 15)
+
+
+def test_exclude_diagonal_false_widens_prefill_only():
+    """EXCLUDE_DIAGONAL=False: a prefill window holds w+1 tokens; a decode query still sees exactly the last w keys
+    (itself included) — the reference's decode rule never reads the flag."""
+    model = _tiny("llama")
+    ids, mask = _batch(seq=12, pad=3)
+    seq = ids.shape[1]
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    nxt = torch.tensor([[9], [9]])
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    with apply_sepllm(model, _cfg(EXCLUDE_DIAGONAL=False)) as handle:
+        pre = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        dec = model(input_ids=nxt, attention_mask=mask2, position_ids=pos[:, -1:] + 1,
+                    **cache_kwargs(model, output_cache(pre)), use_cache=True)
+        assert handle.settings.prefill_windows == (5, 5) and handle.settings.generate_windows == (3, 3)
+    full = torch.cat([ids, nxt], 1)
+    g = rules.global_key_bitmap(full, SEPS, 2, rules.left_pad_counts(mask))
+    valid2 = mask2.bool()
+    prefill_rows = rules.allowed_mask(g[:, :seq], 5, key_valid=mask) | torch.eye(seq, dtype=torch.bool)
+    prefill_rows = torch.cat([prefill_rows, torch.zeros(2, seq, 1, dtype=torch.bool)], 2)
+    # decode row written out: valid AND (global OR one of the last 3 positions)
+    last3 = torch.zeros(seq + 1, dtype=torch.bool)
+    last3[-3:] = True
+    decode_row = valid2 & (g | last3)
+    ref_mask = torch.cat([prefill_rows, decode_row[:, None]], 1).unsqueeze(1)
+    ref = model(input_ids=full, attention_mask=ref_mask, position_ids=torch.cat([pos, pos[:, -1:] + 1], 1)).logits
+    torch.testing.assert_close(pre.logits, ref[:, :seq], atol=1e-5, rtol=0)
+    torch.testing.assert_close(dec.logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+    wider = last3.clone()
+    wider[-4] = True
+    assert bool((valid2 & (g | wider) != decode_row).any())      # one more key would have changed the row

@@ -24,6 +24,7 @@ import megatron.sepllm as sepllm  # noqa: E402
 from megatron.sepllm.cache import SepCache  # noqa: E402
 from megatron.sepllm.generation import sepllm_forward  # noqa: E402
 from megatron.sepllm.hf_compat import cache_kwargs  # noqa: E402
+from megatron.sepllm.pos_shift import rope_fn_from_model  # noqa: E402
 from test_sepcache import SEPS, VOCAB, one_thread, tiny_model  # noqa: F401  (autouse fixture)
 
 A, S, W, C = 4, 16, 32, 64          # the issue's side-by-side setting
@@ -189,3 +190,104 @@ def test_generate_matches_the_reference_schedule():
     assert pos[0][kind[0] > 0].tolist() == ref.kept
     assert out.cache.retention()["time_averaged_kept_over_seen"] == pytest.approx(ref.kept_sum / ref.seen_sum,
                                                                                    rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference's own call, with all its keyword arguments, through custom_generate=megatron.sepllm.generate
+# ---------------------------------------------------------------------------------------------------------------
+def reference_call(**overrides):
+    """The hub generate's keyword arguments (transformers-community/sep_cache), every one spelled out."""
+    kw = dict(init_cache_size=A, sep_cache_size=S, local_size=W, cache_size=C, SEP_ACCUMULATION=True,
+              USE_MAX_SEP_CACHE=True, SEP_PADDING_IN_BATCH=False, separator_token_ids=SEPS, PADDING_ID=0,
+              past_tok_ids=None, key_cache=None, value_cache=None, PRINT_KV_RATIO_INSIDE=False,
+              print_KV_inside_per_steps=1000, _seen_tokens=0, _kept_kv_ratio=None, APPLY_PE_SHIFT=True,
+              APPLY_PES_INSIDE=True, _shifted_position_ids=None, _rope_unsqueeze_dim=1, _rope_seq_dim=1,
+              pe_scaling_factor=1.0, pe_dim=8, max_position_embeddings=8192, base=5000.0, k_seq_dim=2,
+              v_seq_dim=2, layer_num=2, model_type="llama")
+    kw.update(overrides)
+    return kw
+
+
+def _prompts(batch: int, length: int = 90):
+    g = torch.Generator().manual_seed(11)
+    ids = torch.tensor([_ids(length, g, True) for _ in range(batch)])
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):          # left padding of different lengths
+        mask[b, :7 * b] = 0
+        ids[b, :7 * b] = 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, steps, **kw):
+    return model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, do_sample=False,
+                          max_new_tokens=steps, min_new_tokens=steps, return_dict_in_generate=True,
+                          output_logits=True, pad_token_id=0, **kw)
+
+
+def test_reference_call_runs_unchanged_and_each_option_keeps_its_meaning(capsys):
+    model = tiny_model("llama")        # head_dim 8, rope_theta 5000: the reference's tables with these equal ours
+    ids, mask = _prompts(3)
+    steps = 60
+    inside = _generate(model, ids, mask, steps, **reference_call(PRINT_KV_RATIO_INSIDE=True,
+                                                                 print_KV_inside_per_steps=20))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("SepCache step")]
+    assert [line.split(":")[0] for line in printed] == ["SepCache step 20", "SepCache step 40", "SepCache step 60"]
+    final = inside.cache.retention()["time_averaged_kept_over_seen"]
+    assert printed[-1].split("= ")[1].split(",")[0] == f"{final:.4f}"
+    # APPLY_PES_INSIDE=False: the caller's (the model's own) rotary tables; identical to the inside tables here
+    model_tables = _generate(model, ids, mask, steps, **reference_call(APPLY_PES_INSIDE=False))
+    assert torch.equal(inside.sequences, model_tables.sequences)
+    torch.testing.assert_close(torch.stack(inside.logits), torch.stack(model_tables.logits), atol=1e-5, rtol=1e-5)
+    assert capsys.readouterr().out == ""                      # PRINT_KV_RATIO_INSIDE=False prints nothing
+    # the inside tables really come from base/pe_dim: the reference's default base (10000) changes the logits
+    other_base = _generate(model, ids, mask, 3, **reference_call(base=10000.0))
+    x, pos = torch.zeros(1, 1, 1, 8), torch.arange(C).unsqueeze(0)
+    theirs, ours = other_base.cache.rope_fn(x, pos), inside.cache.rope_fn(x, pos)
+    model_cos, model_sin = rope_fn_from_model(model)(x, pos)
+    torch.testing.assert_close(ours[0], model_cos, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours[1], model_sin, atol=1e-6, rtol=0)
+    assert (theirs[1] - model_sin).abs().max() > 0.1
+    assert (torch.stack(other_base.logits) - torch.stack(inside.logits[:3])).abs().max() > 5e-5   # > the 1e-5 above
+    # SEP_PADDING_IN_BATCH: accepted, said once, no effect (rows keep their own separators)
+    with pytest.warns(UserWarning, match="SEP_PADDING_IN_BATCH has no effect"):
+        padded = _generate(model, ids, mask, steps, **reference_call(SEP_PADDING_IN_BATCH=True))
+    assert torch.equal(padded.sequences, inside.sequences)
+    assert sum(inside.cache.retention()["compressions_per_layer"]) > 0
+
+
+def test_reference_call_partial_rotation_on_gpt_neox():
+    model = tiny_model("gpt_neox")     # head_dim 8, rotary_pct 0.5: 4 rotated dims, rope theta 10000
+    ids, mask = _prompts(2)
+    kw = reference_call(model_type="gpt_neox", pe_dim=4, partial_rotation_size=4, base=10000.0)
+    inside = _generate(model, ids, mask, 40, **kw)
+    outside = _generate(model, ids, mask, 40, **{**kw, "APPLY_PES_INSIDE": False})
+    assert torch.equal(inside.sequences, outside.sequences)
+    torch.testing.assert_close(torch.stack(inside.logits), torch.stack(outside.logits), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="partial_rotation_size=8 but GPTNeoXForCausalLM rotates 4 dims"):
+        _generate(model, ids, mask, 2, **{**kw, "APPLY_PES_INSIDE": False, "partial_rotation_size": 8,
+                                          "pe_dim": None})
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"_rope_seq_dim": 2}, r"_rope_seq_dim=2 is not supported.*expected _rope_seq_dim=1"),
+    ({"k_seq_dim": 1}, r"k_seq_dim=1 is not supported"),
+    ({"past_tok_ids": [torch.zeros(1, 3, dtype=torch.long)]}, r"past_tok_ids carries state from another cache"),
+    ({"_seen_tokens": 5}, r"_seen_tokens carries state"),
+    ({"layer_num": 3}, r"layer_num=3 but the model has 2 layers"),
+    ({"cache_size": A + S + W}, rf"cache_size={A + S + W} must be > init_cache_size"),
+    ({"pe_dim": 6, "partial_rotation_size": 4}, r"pe_dim=6 and partial_rotation_size=4 disagree"),
+    ({"print_KV_inside_per_steps": 0}, r"print_KV_inside_per_steps must be >= 1"),
+])
+def test_reference_options_refused_with_one_clear_message(override, message):
+    model = tiny_model("llama")
+    ids, mask = _prompts(1)
+    with pytest.raises(ValueError, match=message):
+        _generate(model, ids, mask, 2, **reference_call(**override))
+
+
+def test_generate_defaults_are_the_hub_generate_defaults():
+    model = tiny_model("llama")
+    ids, mask = _prompts(1, length=10)
+    out = _generate(model, ids, mask, 2, separator_token_ids=SEPS)
+    assert [(layer.init_cache_size, layer.sep_cache_size, layer.local_size, layer.cache_size)
+            for layer in out.cache.layers] == [(4, 128, 256, 512)] * 2
