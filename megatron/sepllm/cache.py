@@ -14,15 +14,17 @@ Design (what differs from the reference SepCache, and why):
   attention mask, never from a pad id).
 * **Initial tokens** are each row's first ``init_cache_size`` *valid* tokens (left padding aware, spec §1.4 done with
   the mask instead of the pad id).
-* **Bound.** Compression happens inside ``update`` before attention. A decode step (one query) attends at most
-  ``cache_size`` keys per row: after appending the new token the cache is compressed whenever its stored length
-  exceeds ``cache_size`` (or, with ``exact_window=True``, whenever a row holds more than ``local_size`` local tokens),
-  leaving ``a + |seps| + w <= a + s + w <= cache_size``. The stored length between steps never exceeds
-  ``cache_size``. ``eviction_timing="after_step"`` reproduces the streaming manager instead (spec §3.2, §7 item 6):
-  the overflow of a step is evicted at the start of the next one, so a decode query sees at most ``cache_size + 1``
-  keys (the reference streaming-perplexity numbers were measured that way).
-  A multi-token step (prefill / chunked prefill) attends the stored cache plus its own tokens (the prompt needs its
-  own keys), then stores the compressed result, so the prompt length is not bounded but memory after the step is.
+* **Bound (the reference's).** A decode step (one query) compresses inside ``update``, before attention, when the
+  stored length after appending its token reaches ``cache_size`` (or, with ``exact_window=True``, when a row holds
+  more than ``local_size`` local tokens), leaving ``a + |seps| + w <= a + s + w < cache_size``: a decode query attends
+  at most ``cache_size - 1`` keys and the stored length between decode steps stays below ``cache_size``.
+  ``eviction_timing="after_step"`` reproduces the streaming manager instead (spec §3.2, §7 item 6): the cache is
+  compressed when it exceeds ``cache_size``, at the start of the next step, so a decode query sees at most
+  ``cache_size + 1`` keys (the reference streaming-perplexity numbers were measured that way).
+  A multi-token step (prompt, chunk) is never compressed, as in the reference: it attends the stored cache plus its
+  own tokens and stores them all; the next decode step compresses. ``set_step_tokens(..., followed_by_decode=True)``
+  (``generate``) stores right away what that decode step would keep — identical results, less memory.
+  ``prefill_attention="stream"`` instead evicts inside a multi-token step on the token-by-token schedule.
 * **Decode semantics.** ``exact_window=False`` (default, the reference SepCache): between compressions the local
   region grows from ``w`` to the budget, so a query sees the kept initial tokens and separators plus *at least* the
   last ``w`` tokens. ``exact_window=True``: the cache is trimmed every step, so a decode query sees exactly
@@ -30,7 +32,11 @@ Design (what differs from the reference SepCache, and why):
   ``rules.decode_keep_mask``, with at most ``s`` separators).
 * **Positional re-encoding** (``APPLY_PE_SHIFT``): keys are stored without rotary embedding and rotated again every
   step with their index among the row's valid slots; the query gets the index of the current token. The rotary tables
-  come from the model's own rotary module (``bind_model``), so theta, scaling and partial rotary are the model's.
+  come from the model's own rotary module (``bind_model``), so theta, scaling and partial rotary are the model's
+  (or, with ``APPLY_PES_INSIDE`` and explicit ``base``/``pe_dim``, plain RoPE tables from those). Kept on purpose
+  where the reference differs: the reference writes the rotated keys back and rotates them again every step, so from
+  the second step on its keys carry "original position + slot" instead of "slot"; here the stored keys stay
+  un-rotated and each step rotates a copy, matching an independent computation.
 """
 
 from __future__ import annotations
@@ -136,7 +142,7 @@ class SepCache(Cache):
 
     Args:
         init_cache_size, sep_cache_size, local_size, cache_size: ``a, s, w, c`` — ints or per-layer lists of length
-            ``layer_num``; ``a + s + w <= c`` per layer (leave slack: the cache compresses when it exceeds ``c``).
+            ``layer_num``; ``a + s + w < c`` per layer (the cache compresses when its stored length reaches ``c``).
         SEP_ACCUMULATION: keep the separators of earlier compressions (else only those leaving the window now).
         USE_MAX_SEP_CACHE: cap the separators at ``s`` keeping the most recent; without it the budget (``s`` and
             ``c`` of that layer) grows by the overflow, like the reference.
@@ -152,8 +158,14 @@ class SepCache(Cache):
             mask over the step, spec §1.3), or ``"stream"`` (each query sees exactly what token-by-token feeding
             would show it: chunked streaming equals token-by-token streaming). Masked modes build a bool
             ``[B, q, cached + q]`` mask, so feed very long inputs in chunks.
-        eviction_timing: ``"in_update"`` (a decode query sees ``<= c`` keys) or ``"after_step"`` (the streaming
-            manager's timing, ``<= c + 1``).
+        eviction_timing: ``"in_update"`` (the reference SepCache: a decode query sees ``<= c - 1`` keys) or
+            ``"after_step"`` (the streaming manager's timing, ``<= c + 1``).
+        SEP_PADDING_IN_BATCH, PRINT_KV_RATIO_INSIDE, print_KV_inside_per_steps, APPLY_PES_INSIDE, base, pe_dim,
+            pe_scaling_factor, max_position_embeddings, partial_rotation_size, _rope_unsqueeze_dim, _rope_seq_dim,
+            k_seq_dim, v_seq_dim and the empty state arguments (past_tok_ids, key_cache, value_cache, _seen_tokens,
+            _kept_kv_ratio, _shifted_position_ids): the reference's options, see
+            :mod:`megatron.sepllm.reference_args` (``SEP_PADDING_IN_BATCH`` has no effect: rows are never aligned;
+            ``PRINT_KV_RATIO_INSIDE`` prints the retention every ``print_KV_inside_per_steps`` forwards).
 
     Use it through :func:`megatron.sepllm.generation.generate` or :func:`megatron.sepllm.generation.sepllm_forward`,
     which call :meth:`set_step_tokens` before each forward and route attention through the per-layer masks.
