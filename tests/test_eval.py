@@ -154,6 +154,114 @@ def test_same_per_example_loglikelihoods_as_lm_eval_hf(kind, checkpoints, neox_t
         assert saved["sepllm_retention"] is None
 
 
+def _gen_requests(n: int = 6, max_gen: int = 16) -> list:
+    """lm_eval generate_until requests over the first ``n`` PG-19 prompts (ragged lengths)."""
+    from lm_eval.api.instance import Instance
+
+    docs = [json.loads(line) for line in (TASKS_DIR / "pg19_local.jsonl").read_text().splitlines()[:n]]
+    kwargs = {"until": ["\n"], "max_gen_toks": max_gen, "do_sample": False}
+    return [Instance(request_type="generate_until", doc=d, arguments=(d["prompt"], dict(kwargs)), idx=0)
+            for d in docs]
+
+
+def _neox_lm(trained, batch_size: int = 3):
+    from megatron.evaluation.lm import NeoXLM
+    from megatron.tokenizer import build_tokenizer
+
+    tok = trained.config.tokenizer
+    return NeoXLM(trained.model, build_tokenizer(tok.tokenizer_type, tok.vocab_file, tok.merge_file),
+                  batch_size=batch_size, show_progress=False)
+
+
+def test_generate_until_decodes_with_the_generate_window(checkpoints, neox_tokenizer_file):
+    """A decode window (3) unlike the prefill window (6): cached generation follows the decode rule, as lm_eval's
+    `hf` model under apply_sepllm does (mask-only generation), and differs from decoding with the prefill window."""
+    import dataclasses
+
+    from lm_eval.models.huggingface import HFLM
+    from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    from megatron.model.convert import load_trained_model
+    from megatron.model.hf_export import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
+    from megatron.sepllm.hf_attention import apply_sepllm
+
+    load = load_config(checkpoints["sepllm"]).checkpoint.load
+    trained = load_trained_model(load, config_files=[checkpoints["sepllm"]],
+                                 overrides=["--generate_local_window_size", "3"])
+    assert trained.config.sepllm.generate_local_window_size == 3
+    assert trained.config.sepllm.prefill_local_window_size == 6
+    lm = _neox_lm(trained)
+    assert lm.generation_cache().settings.kind == "uncapped"
+    ours = lm.generate_until(_gen_requests())
+
+    hf = GPTNeoXForCausalLM(hf_gpt_neox_config(trained.config.model, eos_token_id=0)).eval()
+    hf.load_state_dict(to_hf_gpt_neox_state_dict(trained.model.state_dict(), trained.config.model), strict=True)
+    sep = dataclasses.replace(trained.config.sepllm, Layer_num=trained.config.model.num_layers,
+                              USE_SEP_ATTN_KERNEL_ACCELERATOR=False, sep_attention_impl="dense")
+    apply_sepllm(hf, sep, attn_impl="sdpa")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(neox_tokenizer_file), eos_token="<|endoftext|>")
+    theirs = HFLM(pretrained=hf, tokenizer=tok, batch_size=1, max_length=96, device="cpu").generate_until(
+        _gen_requests(), disable_tqdm=True)
+    assert ours == theirs
+    assert sum(len(t) for t in ours) > 6 * 10      # real continuations, not empty strings
+
+    same_windows = load_trained_model(load, config_files=[checkpoints["sepllm"]])
+    assert _neox_lm(same_windows).generate_until(_gen_requests()) != ours
+
+
+def test_generation_prompts_count_into_the_retention_totals(checkpoints):
+    """Cached generation adds each prompt's SepLLM counts (padding excluded) to the model's retention tracker: the
+    totals equal the model's own forward over every prompt alone."""
+    from megatron.model.convert import load_trained_model
+    from megatron.sepllm.retention import RetentionStats
+
+    trained = load_trained_model(load_config(checkpoints["sepllm"]).checkpoint.load,
+                                 config_files=[checkpoints["sepllm"]])
+    backend = trained.model.attention_backend
+    lm = _neox_lm(trained)
+    backend.retention = RetentionStats(backend.num_layers)
+    lm.generation_cache()                       # built against the tracker the model holds now
+    requests = _gen_requests(max_gen=4)
+    lm.generate_until(requests)
+    got = backend.retention.counts()
+
+    backend.retention = RetentionStats(backend.num_layers)
+    with torch.no_grad():
+        for req in requests:
+            ids = lm.tok_encode(req.args[0])
+            trained.model(torch.tensor([ids]))
+    want = backend.retention.counts()
+    assert got["kv"] == want["kv"] and got["attn_map"] == want["attn_map"]
+    assert got["forward_calls"] == 2 and want["forward_calls"] == 6      # 6 prompts in 2 batches of 3
+
+
+def test_generate_until_without_a_cache_recomputes_each_prompt(neox_tokenizer_file, tmp_path):
+    """BiPE has no KV cache: each prompt is decoded alone by recomputing the sequence; the text equals an
+    independent greedy loop over the full forward."""
+    from megatron.model.convert import load_trained_model
+
+    keys = dict(_model_keys(neox_tokenizer_file, sepllm=True), USE_BiPE=True, BiPE_seps=PYTHIA_SEPS)
+    trained = load_trained_model(_write_checkpoint(tmp_path / "bipe", keys, 5, seed=3))
+    lm = _neox_lm(trained)
+    assert lm.generation_cache() is None
+    requests = _gen_requests(n=3, max_gen=6)
+    got = lm.generate_until(requests)
+    want = []
+    with torch.no_grad():
+        for req in requests:
+            ids = lm.tok_encode(req.args[0])
+            new: list[int] = []
+            while len(new) < 6:
+                tok = int(trained.model(torch.tensor([ids + new]))[0, -1].argmax())
+                if tok == lm.eot_token_id:
+                    break
+                new.append(tok)
+                if "\n" in lm.tok_decode(new):
+                    break
+            want.append(lm.tok_decode(new).split("\n")[0])
+    assert got == want and any(want)
+
+
 def _dp_rank(rank: int, world: int, cfg_file: str, out_dir: str) -> None:
     results = _ours(Path(cfg_file), Path(out_dir), dp=DataParallel(rank=rank, world_size=world))
     if rank == 0:

@@ -9,8 +9,11 @@ equal a one-process run's, whatever the number of ranks.
 
 Scoring mirrors lm_eval's ``hf`` model exactly: ``(context + continuation)[-(max_length + 1):][:-1]`` as input,
 right padding (a causal model's real positions never see it), log-softmax over the whole (padded) vocabulary in
-fp32. Generation is greedy, recomputing the whole sequence each step; rows are right-padded and each row reads the
-logits at its own last token, so padding never shifts positions or SepLLM's initial tokens.
+fp32. Generation is greedy on ``megatron.inference``'s cached decoding (left-padded batches, one KV cache reused
+across batches): a plain cache for full attention, the ``uncapped`` SepLLM cache for SepLLM / StreamingLLM models
+(initial tokens + every separator + the generate window: the decode rule the model was trained with, which is also
+what ``apply_sepllm`` gives an HF model). Models no cache can serve (BiPE, FixLLM, self-adjusting softmax) recompute
+the whole sequence each step, one prompt at a time, so padding never shifts their positions or initial tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
+
+from megatron.inference.generator import GeneratedTokens, generate_batch
+from megatron.inference.kv_cache import KVCacheError, KVCacheSettings, build_kv_cache
+from megatron.inference.stopping import StopStrings
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's default when a task sets no max_gen_toks
 
@@ -69,7 +76,8 @@ class NeoXLM(TemplateLM):
         self._device = torch.device(device)
         self.dp = dp
         self.show_progress = dp.rank == 0 if show_progress is None else show_progress
-        self.model_calls = 0  # forwards run by this rank (benchmarks / tests read it)
+        self._decode_cache: Any = None   # built on the first generate_until batch (see generation_cache)
+        self._decode_cache_built = False
 
     # ----------------------------------------------------------------------------------------- lm_eval plumbing
     @property
@@ -129,7 +137,6 @@ class NeoXLM(TemplateLM):
             mask[i, :len(r)] = 1
         ids = ids.to(self.device)
         padded = min(lengths) < width
-        self.model_calls += 1
         logits = self.model(ids, attention_mask=mask.to(self.device) if padded else None)
         return logits, lengths
 
@@ -211,9 +218,9 @@ class NeoXLM(TemplateLM):
                                        f"(set do_sample: false in the task's generation_kwargs)")
             until = handle_stop_sequences(kw.get("until"), eos=eos)
             max_gen = int(kw["max_gen_toks"])
-            if max_gen >= self.max_length:
-                raise EvalRequestError(f"generate_until: max_gen_toks = {max_gen} must be below the model's "
-                                       f"maximum length {self.max_length}")
+            if max_gen < 1 or max_gen >= self.max_length:
+                raise EvalRequestError(f"generate_until: max_gen_toks = {max_gen} must be >= 1 and below the "
+                                       f"model's maximum length {self.max_length}")
             ids = self.tok_encode(context)[-(self.max_length - max_gen):]
             prepared.append((ids or [self.prefix_token_id], until, max_gen))
 
@@ -226,28 +233,37 @@ class NeoXLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return results
 
+    def generation_cache(self) -> Any:
+        """The KV cache ``generate_until`` decodes with, built once and reset per batch: ``plain`` for full attention,
+        ``uncapped`` for SepLLM / StreamingLLM (the trained decode rule; ``compressed`` would cap the separators);
+        None for models no cache can serve (decoded by recomputing, one prompt at a time)."""
+        if not self._decode_cache_built:
+            cfg = getattr(self.model, "sepllm_cfg", None)
+            kind = "plain" if cfg is None or cfg.mode == "full" else "uncapped"
+            # generation prompts count into the same SepLLM retention totals as the scoring forwards
+            retention = getattr(getattr(self.model, "attention_backend", None), "retention", None)
+            try:
+                self._decode_cache = build_kv_cache(self.model, KVCacheSettings(kind=kind), capacity=self.max_length,
+                                                    retention=retention)
+            except KVCacheError:
+                self._decode_cache = None
+            self._decode_cache_built = True
+        return self._decode_cache
+
     def _greedy(self, items: list[tuple[list[int], list[str], int]]) -> list[str]:
-        rows = [list(ids) for ids, _, _ in items]
-        new: list[list[int]] = [[] for _ in items]
-        active = list(range(len(items)))
-        while active:
-            logits, lengths = self._forward([rows[i] for i in active])
-            last = logits[torch.arange(len(active), device=logits.device),
-                          torch.tensor(lengths, device=logits.device) - 1]
-            next_tokens = last.float().argmax(dim=-1).tolist()
-            still = []
-            for i, tok in zip(active, next_tokens):
-                rows[i].append(tok)
-                new[i].append(tok)
-                _, until, max_gen = items[i]
-                text = self.tok_decode(new[i])
-                done = (tok == self.eot_token_id or len(new[i]) >= max_gen
-                        or any(stop and stop in text for stop in until))
-                if not done:
-                    still.append(i)
-            active = still
-        return [postprocess_generated_text(self.tok_decode(toks), until, None)
-                for toks, (_, until, _) in zip(new, items)]
+        eot = self.eot_token_id
+        cache = self.generation_cache()
+        out: list[GeneratedTokens] = []
+        if cache is not None:
+            out = generate_batch(self.model, [ids for ids, _, _ in items], max_new_tokens=[m for _, _, m in items],
+                                 eos_id=eot, cache=cache, pad_id=eot,
+                                 stop=StopStrings(self.tok_decode, [until for _, until, _ in items]))
+        else:
+            for ids, until, max_gen in items:
+                out.extend(generate_batch(self.model, [ids], max_new_tokens=max_gen, eos_id=eot, recompute=True,
+                                          stop=StopStrings(self.tok_decode, [until])))
+        return [postprocess_generated_text(self.tok_decode(r.tokens), until, None)
+                for r, (_, until, _) in zip(out, items)]
 
 
 __all__ = ["DEFAULT_MAX_GEN_TOKS", "DataParallel", "EvalRequestError", "NeoXLM"]

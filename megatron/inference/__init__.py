@@ -14,6 +14,7 @@ _LAZY = {
     "GeneratedTokens": "megatron.inference.generator",
     "KVCacheError": "megatron.inference.kv_cache",
     "SamplingSettings": "megatron.inference.sampling",
+    "StopStrings": "megatron.inference.stopping",
     "generate_batch": "megatron.inference.generator",
 }
 

@@ -1,7 +1,9 @@
 """The decoding loop: a batch of token prompts (left padded) -> generated tokens, with a KV cache or recomputing.
 
-One cache per prompt batch (reset for the next one). Rows stop at the end-of-document token (``finished``) or after
-``max_new_tokens``; a model with a learned position table also stops at its last position (with a ``message``).
+One cache per prompt batch (reset for the next one). Rows stop at the end-of-document token (``finished``), after
+their ``max_new_tokens`` (one limit for the batch or one per row), or when a ``stop`` check says so (``stopped``; e.g.
+:class:`megatron.inference.stopping.StopStrings` for lm_eval's stop strings); a model with a learned position table
+also stops at its last position (with a ``message``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from megatron.inference.kv_cache import KVCacheError, KVCacheSettings, build_kv_
 from megatron.inference.sampling import SamplingSettings, next_tokens
 
 TokenCallback = Callable[[int, int], None]   # (row, token id) as soon as it is chosen
+StopCheck = Callable[[int, list], bool]      # (row, its tokens so far incl. the newest) -> True ends that row
 
 
 class GenerationError(ValueError):
@@ -28,6 +31,7 @@ class GeneratedTokens:
 
     tokens: list = field(default_factory=list)
     finished: bool = False
+    stopped: bool = False                              # ended by the ``stop`` check (its last token included)
     message: Optional[str] = None
     step_logits: list = field(default_factory=list)   # per step [V] float32 (only with keep_logits)
 
@@ -53,14 +57,18 @@ def position_limit(model: Any) -> Optional[int]:
 
 
 @torch.no_grad()
-def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: Optional[int],
-                   sampling: SamplingSettings = SamplingSettings(), vocab_size: Optional[int] = None,
-                   recompute: bool = False, cache_settings: KVCacheSettings = KVCacheSettings(),
-                   generator: Optional[torch.Generator] = None, on_token: Optional[TokenCallback] = None,
-                   keep_logits: bool = False, pad_id: int = 0, cache: Any = None) -> list[GeneratedTokens]:
-    """Generate for every prompt (token ids) of one batch. ``cache``: a cache to reuse (reset here); by default one
-    is built from ``cache_settings``. ``on_token(row, id)`` streams tokens; ``keep_logits`` records each step's
-    logits (tests)."""
+def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                   eos_id: Optional[int], sampling: SamplingSettings = SamplingSettings(),
+                   vocab_size: Optional[int] = None, recompute: bool = False,
+                   cache_settings: KVCacheSettings = KVCacheSettings(), generator: Optional[torch.Generator] = None,
+                   on_token: Optional[TokenCallback] = None, keep_logits: bool = False, pad_id: int = 0,
+                   cache: Any = None, stop: Optional[StopCheck] = None) -> list[GeneratedTokens]:
+    """Generate for every prompt (token ids) of one batch. ``max_new_tokens``: one limit, or one per prompt.
+    ``cache``: a cache to reuse (reset here); by default one is built from ``cache_settings``. ``on_token(row, id)``
+    streams tokens; ``stop(row, tokens)`` is asked after each token a row keeps and ends the row when True;
+    ``keep_logits`` records each step's logits (tests)."""
+    limits = _row_limits(max_new_tokens, len(prompts))
+    max_new_tokens = max(limits)
     ids, mask = left_pad(prompts, pad_id)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
@@ -100,6 +108,11 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
             results[row].tokens.append(t)
             if on_token is not None:
                 on_token(row, t)
+            if stop is not None and stop(row, results[row].tokens):
+                results[row].stopped = True
+                done[row] = True
+            elif len(results[row].tokens) >= limits[row]:
+                done[row] = True
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         if limit is not None and int(lengths.max()) + step + 1 >= limit:
@@ -117,4 +130,16 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     return results
 
 
-__all__ = ["GeneratedTokens", "GenerationError", "TokenCallback", "generate_batch", "left_pad", "position_limit"]
+def _row_limits(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:
+    """One token limit per row (validated: every limit >= 1)."""
+    limits = ([int(max_new_tokens)] * rows if isinstance(max_new_tokens, int)
+              else [int(n) for n in max_new_tokens])
+    if len(limits) != rows:
+        raise GenerationError(f"max_new_tokens has {len(limits)} limits for {rows} prompts")
+    if not limits or min(limits) < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1 for every prompt, got {max_new_tokens}")
+    return limits
+
+
+__all__ = ["GeneratedTokens", "GenerationError", "StopCheck", "TokenCallback", "generate_batch", "left_pad",
+           "position_limit"]

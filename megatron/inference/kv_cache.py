@@ -175,7 +175,11 @@ def _grow_buffer(buf: Tensor, cap: int, used: int) -> Tensor:
 class SepKVCache:
     """SepLLM-compressed cache for ``GPTModel`` (see the module docstring); sizes are per layer."""
 
-    def __init__(self, model_cfg: Any, sepllm_cfg: Any, settings: KVCacheSettings) -> None:
+    def __init__(self, model_cfg: Any, sepllm_cfg: Any, settings: KVCacheSettings,
+                 retention: Any = None) -> None:
+        """``retention``: a ``RetentionStats`` the prompt forwards add their counts to (e.g. the model's own, so an
+        evaluation counts generation prompts with its scoring forwards); by default the prefill backend keeps its
+        own."""
         from megatron.sepllm import checks
         from megatron.sepllm.backend import SepLLMBackend
         from megatron.sepllm.cache import SepCache
@@ -207,6 +211,8 @@ class SepKVCache:
         # the prompt runs the model's SepLLM attention with left-padding-aware initial tokens (spec §1.4)
         self.prefill_backend = SepLLMBackend(dataclasses.replace(sepllm_cfg, BATCH_ADAPTIVE_INIT_POS=True),
                                              model_cfg)
+        if retention is not None:
+            self.prefill_backend.retention = retention
         self.peak_kv_bytes = 0
         self.reset()
 
@@ -291,10 +297,11 @@ def resolve_kind(model: Any, kind: str) -> str:
     return kind
 
 
-def build_kv_cache(model: Any, settings: KVCacheSettings = KVCacheSettings(), capacity: int = 64
-                   ) -> "PlainKVCache | SepKVCache":
+def build_kv_cache(model: Any, settings: KVCacheSettings = KVCacheSettings(), capacity: int = 64,
+                   retention: Any = None) -> "PlainKVCache | SepKVCache":
     """The cache ``model`` decodes with. Raises :class:`KVCacheError` for models no cache can serve (BiPE, FixLLM,
-    self-adjusting softmax: decode those with ``recompute``)."""
+    self-adjusting softmax: decode those with ``recompute``). ``retention``: see :class:`SepKVCache` (unused by the
+    plain cache: full attention keeps everything)."""
     if getattr(model, "use_bipe", False):
         raise KVCacheError("USE_BiPE models derive positions from the whole token sequence: decode them with "
                            "recompute: true (no KV cache)")
@@ -304,7 +311,7 @@ def build_kv_cache(model: Any, settings: KVCacheSettings = KVCacheSettings(), ca
     kind = resolve_kind(model, settings.kind)
     if kind == "plain":
         return PlainKVCache(len(model.layers), capacity)
-    return SepKVCache(model.cfg, model.sepllm_cfg, dataclasses.replace(settings, kind=kind))
+    return SepKVCache(model.cfg, model.sepllm_cfg, dataclasses.replace(settings, kind=kind), retention=retention)
 
 
 __all__ = ["CACHEABLE_SEPLLM_MODES", "KV_CACHE_KINDS", "KVCacheError", "KVCacheSettings", "PlainKVCache",
