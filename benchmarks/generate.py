@@ -15,8 +15,10 @@ Columns:
   model             full | sepllm
   runner            see above
   new_tokens        N
-  ms_per_token      wall time of the whole generate call (prefill included) / N, best of --repeats rounds
+  ms_per_token      time of the whole generate call (prefill included) / N by --clock (wall, or process CPU
+                    time), best of --repeats rounds
                     (each round runs every length and runner once, interleaving them)
+  wall_ms_per_token, cpu_ms_per_token   both clocks of that best round
   tokens_per_sec    1000 / ms_per_token
   ratio_vs_hf       tokens_per_sec / hf_generate's tokens_per_sec at the same N (> 1 = ours faster)
   ratio_vs_first_n  ms_per_token / the same runner's ms_per_token at the first N (flatness; SepLLM target <= 1.2)
@@ -50,6 +52,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sep-cache-size", type=int, default=64, help="SepLLM cache separators (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all lengths and runners; best kept (default 2)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="wall",
+                   help="time behind ms_per_token and the ratios: wall clock, or this process's CPU time (steadier "
+                        "on a shared machine; meaningful with --threads 1) (default %(default)s)")
     p.add_argument("--skip-hf-sepcache", action="store_true", help="leave out the hf_sepcache runner")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompt (default 0)")
     p.add_argument("--json", dest="json_path", help="also write the rows as a JSON list to this path")
@@ -129,27 +134,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # rounds: every round times every (length, runner) once, so load changes on a shared machine hit all alike;
     # the best round of each pair is kept
     caches = {"ours_plain": plain_cache, "ours_compressed": sep_cache}
-    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+    best: dict[tuple[int, int], tuple[float, list[int], float, float]] = {}
     kv_bytes: dict[tuple[int, int], int] = {}
     measured = [(i, r) for i, r in enumerate(runners) if not (r[0] == "sepllm" and r[1] == "hf_generate")]
     for _ in tqdm(range(args.repeats), desc="rounds", file=sys.stderr):
         for n in lengths:
             for i, (_, runner, fn) in measured:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 tokens = fn(n)
-                seconds = time.perf_counter() - start
+                wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                seconds = cpu if args.clock == "cpu" else wall
                 if len(tokens) != n:
                     raise RuntimeError(f"{runner} produced {len(tokens)} tokens, expected {n}")
                 if (n, i) not in best or seconds < best[(n, i)][0]:
-                    best[(n, i)] = (seconds, tokens)
+                    best[(n, i)] = (seconds, tokens, wall, cpu)
                 if runner in caches:
                     kv_bytes[(n, i)] = caches[runner].kv_bytes()
     hf_index = next(i for i, r in enumerate(runners) if r[1] == "hf_generate")   # same HF model for both
     rows: list[dict] = []
     for n in lengths:
         for i, (model_name, runner, _) in enumerate(runners):
-            seconds, tokens = best[(n, hf_index if runner == "hf_generate" else i)]
-            row = {"model": model_name, "runner": runner, "new_tokens": n, "ms_per_token": 1000 * seconds / n}
+            seconds, tokens, wall, cpu = best[(n, hf_index if runner == "hf_generate" else i)]
+            row = {"model": model_name, "runner": runner, "new_tokens": n, "ms_per_token": 1000 * seconds / n,
+                   "wall_ms_per_token": 1000 * wall / n, "cpu_ms_per_token": 1000 * cpu / n}
             if runner == "ours_plain":
                 ref = best[(n, hf_index)][1]
                 row["same_tokens_as_hf"] = next((k for k, (x, y) in enumerate(zip(tokens, ref)) if x != y), n)
@@ -170,11 +177,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"# generate: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}, prompt "
+    print(f"# generate ({args.clock} clock): {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}, prompt "
           f"{args.prompt_len}, SepLLM window {args.window} / separators {args.sep_cache_size}, threads "
           f"{torch.get_num_threads()}")
-    cols = ["model", "runner", "new_tokens", "ms_per_token", "tokens_per_sec", "ratio_vs_hf", "ratio_vs_first_n",
-            "same_tokens_as_hf", "kv_mb"]
+    cols = ["model", "runner", "new_tokens", "ms_per_token", "wall_ms_per_token", "cpu_ms_per_token", "tokens_per_sec",
+            "ratio_vs_hf", "ratio_vs_first_n", "same_tokens_as_hf", "kv_mb"]
     print(" | ".join(cols))
     for r in rows:
         cells = []
