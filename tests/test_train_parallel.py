@@ -71,9 +71,10 @@ def test_world_size_not_divisible_by_tp_times_pp_fails_before_any_work(corpus, n
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["tp2", "tp2_sp", "pp2"])
+@pytest.mark.parametrize("mode", ["tp2", "tp2_sp", "pp2", "pp2_zero0"])
 def test_two_rank_tp_and_pp_runs_match_one_process(mode, corpus, neox_tokenizer_file, tmp_path):
-    """TP=2 (with and without sequence parallelism) and PP=2 with a SepLLM config, ZeRO-1: same training,
+    """TP=2 (with and without sequence parallelism) and PP=2 with a SepLLM config, ZeRO-1 (and PP=2 with ZeRO-0,
+    whose clipping DeepSpeed's pipeline engine once did with the first stage's norm only): same training,
     validation and test losses and gradient norms as the one-process run; the checkpoints hold TP shards / gathered
     stage weights."""
     ref = pretrain(_cfg(corpus, neox_tokenizer_file, tmp_path / "ref", **ZERO1, **EVAL,
@@ -81,9 +82,11 @@ def test_two_rank_tp_and_pp_runs_match_one_process(mode, corpus, neox_tokenizer_
                         checkpoint__extra_save_iters=[0]))
     par = {"tp2": {"parallel__model_parallel_size": 2},
            "tp2_sp": {"parallel__model_parallel_size": 2, "parallel__sequence_parallel": True},
-           "pp2": {"parallel__pipe_parallel_size": 2}}[mode]
+           "pp2": {"parallel__pipe_parallel_size": 2},
+           "pp2_zero0": {"parallel__pipe_parallel_size": 2}}[mode]
+    zero = {"training__zero_optimization": {"stage": 0}, "training__zero_stage": 0} if mode == "pp2_zero0" else ZERO1
     run = tmp_path / mode
-    cfg = _cfg(corpus, neox_tokenizer_file, run, **ZERO1, **EVAL, checkpoint__save=str(run / "ckpt"),
+    cfg = _cfg(corpus, neox_tokenizer_file, run, **zero, **EVAL, checkpoint__save=str(run / "ckpt"),
                checkpoint__checkpoint_factor=2, checkpoint__extra_save_iters=[0], **par)
     run_distributed(_train_rank, 2, cfg, timeout=180)
     _assert_close(_losses(run / "logs"), ref.train_losses)

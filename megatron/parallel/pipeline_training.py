@@ -17,9 +17,10 @@ then the optimizer step. Differences the loop must respect (all handled by the f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from megatron.parallel.pipeline import (PipelineConfigError, build_pipeline_model, data_parallel_coords,
@@ -78,15 +79,49 @@ def build_pipeline_engine(cfg: Any, device: str, world_size: int, *, partition_m
     ds_config = cfg.deepspeed_config(dp, client_optimizer=True)
     optimizer = build_optimizer(pipe, cfg.optimizer, device_type=device)
     engine = build_engine(pipe, optimizer, ds_config, device)
+    engine.clip_fp32_gradients = _fp32_clipper(engine)
     dp_rank, dp_size = data_parallel_coords(engine)
     return PipelineRun(engine=engine, num_stages=stages, stage_id=int(pipe.stage_id), dp_rank=dp_rank,
                        dp_size=dp_size, ds_config=ds_config)
 
 
+def _fp32_clipper(engine: Any) -> Callable[[], None]:
+    """The clipping DeepSpeed's pipeline engine runs for fp32 without ZeRO (``engine.clip_fp32_gradients``).
+
+    DeepSpeed's own version counts a non-tensor-parallel parameter only on the rank with model-parallel rank 0 of
+    the pipe x tensor group, i.e. on the first stage: the later stages' weights were left out of the norm, which
+    clipped differently from one process (losses 1.5e-4 apart by step 3 on the tiny test model), and it logged no
+    norm. This one uses the ZeRO-1 rule (every stage counts its parameters, tensor-parallel shards on every TP rank,
+    replicated ones on TP rank 0, tied copies marked ``ds_pipe_replicated`` once), sums squares in fp64, clips with
+    ``torch.nn.utils.clip_grad_norm_``'s coefficient and leaves the norm for ``engine.get_global_grad_norm()``.
+    """
+
+    def clip() -> None:
+        grid = engine.grid
+        tp_rank = grid.get_slice_parallel_rank()
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        device = params[0].grad.device if params else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for p in params:
+            if getattr(p, "ds_pipe_replicated", False):
+                continue
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                total += p.grad.detach().to(torch.float64).pow(2).sum()
+        dist.all_reduce(total, group=grid.get_model_parallel_group())
+        norm = float(total.sqrt())
+        coef = float(engine.gradient_clipping()) / (norm + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                p.grad.detach().mul_(coef)
+        engine._global_grad_norm = norm
+
+    return clip
+
+
 def pipeline_loop_step(engine: Any, batches: Iterator[Any]) -> tuple[Tensor, Optional[float]]:
     """The loop's ``train_step`` for a pipeline: one optimizer step over ``gas`` trainer ``Batch`` es from
     ``batches``. Returns (mean loss over micro-batches and data-parallel ranks, identical on every rank; global
-    gradient norm when DeepSpeed measured one, i.e. ZeRO-1 / bf16 / fp16, else None)."""
+    gradient norm when one was measured, i.e. ZeRO-1 / bf16 / fp16, or fp32 with clipping on, else None)."""
     loss = pipeline_train_step(engine, pipeline_data_iter(batches))
     norm = engine.get_global_grad_norm()
     return loss.detach().float(), (float(norm) if norm is not None else None)
