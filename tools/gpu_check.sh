@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One-command GPU check: on a fresh GPU machine with this repository, install what is missing, build the fused
+# kernels, run every gpu-marked test, the fused-kernel benchmark and the GPU rows of benchmarks/sep_attention.py and
+# benchmarks/train_step.py, and write everything into one folder:
+#   pytest_gpu.xml (JUnit), kernel_status.txt, fused_kernels.json/.txt, sep_attention_gpu.json/.txt,
+#   train_step_gpu.json/.txt, steps.json (exit code and seconds of each step), summary.txt (short text summary).
+# Budget: under 8 minutes on one GPU (each step has its own time limit, so a stuck step cannot eat the rest).
+#
+# usage: tools/gpu_check.sh [--out DIR] [--skip-install] [--dry-run] [-h|--help]
+#   --out DIR        result folder (default runs/gpu_check-<UTC time>)
+#   --skip-install   do not pip install (use the current environment as it is)
+#   --dry-run        print the steps and their commands, run nothing, write nothing
+# Environment: PYTHON (default python3), GPU_CHECK_ARCH (TORCH_CUDA_ARCH_LIST for the build; default: this GPU only).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+OUT=""
+DRY=0
+INSTALL=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; OUT="$2"; shift 2 ;;
+    --out=*) OUT="${1#--out=}"; shift ;;
+    --skip-install) INSTALL=0; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ -n "$OUT" ] || OUT="$ROOT/runs/gpu_check-$(date -u +%Y%m%dT%H%M%SZ)"
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+TOK="$ROOT/megatron/tokenizer/assets/20B_tokenizer.json"
+BOOKS="$ROOT/megatron/data/corpora/pg19_sample"
+VIEW="$OUT/shared_view"   # the layout benchmarks/sep_attention.py reads, made of the bundled assets
+
+# name | time limit (s) | command (run from the repository root; $OUT, $PY, $VIEW expanded at run time)
+STEPS=(
+  "install|300|if [ $INSTALL = 1 ]; then \$PY -c 'import torch' 2>/dev/null || \$PY -m pip install torch && \$PY -m pip install --no-build-isolation -e '.[dev]' -c requirements/constraints.txt; else echo 'install skipped'; fi"
+  "kernels|300|\$PY -c 'from megatron.kernels import kernel_status as k; s = k(); print(s.available, s.reason); raise SystemExit(0 if s.available else 1)' > \"\$OUT/kernel_status.txt\" 2>&1; rc=\$?; cat \"\$OUT/kernel_status.txt\"; exit \$rc"
+  "gpu_tests|240|\$PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml \"\$OUT/pytest_gpu.xml\""
+  "fused_kernels|200|\$PY benchmarks/fused_kernels.py --device cuda --dtype bfloat16 --seq-lens 2048 8192 --repeats 10 --warmup 3 --json \"\$OUT/fused_kernels.json\" | tee \"\$OUT/fused_kernels.txt\""
+  "sep_attention|120|mkdir -p \"\$VIEW/tokenizers\" \"\$VIEW/data/pg19\" && ln -sfn \"$TOK\" \"\$VIEW/tokenizers/20B_tokenizer.json\" && ln -sfn \"$BOOKS\" \"\$VIEW/data/pg19/test\" && \$PY benchmarks/sep_attention.py --device cuda --dtype bfloat16 --seq-lens 4096 8192 --windows 256 --repeats 3 --shared-dir \"\$VIEW\" --json \"\$OUT/sep_attention_gpu.json\" | tee \"\$OUT/sep_attention_gpu.txt\""
+  "train_step|120|\$PY benchmarks/train_step.py --device cuda --tokenizer \"$TOK\" --steps 5 --rounds 3 --json \"\$OUT/train_step_gpu.json\" | tee \"\$OUT/train_step_gpu.txt\""
+)
+
+if [ "$DRY" = 1 ]; then
+  echo "gpu_check dry run: results would go to $OUT"
+  for step in "${STEPS[@]}"; do
+    IFS='|' read -r name limit cmd <<< "$step"
+    echo "[$name] (limit ${limit}s) $cmd"
+  done
+  exit 0
+fi
+
+mkdir -p "$OUT" || { echo "error: cannot create result folder $OUT" >&2; exit 1; }
+cd "$ROOT" || exit 1
+if [ -z "${GPU_CHECK_ARCH:-}" ]; then
+  GPU_CHECK_ARCH="$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
+fi
+[ -n "$GPU_CHECK_ARCH" ] && export TORCH_CUDA_ARCH_LIST="$GPU_CHECK_ARCH"
+export PY OUT VIEW
+echo "[" > "$OUT/steps.json"
+{
+  echo "gpu_check $(date -u +%FT%TZ) in $ROOT (commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
+} > "$OUT/summary.txt"
+failed=0
+first=1
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name limit cmd <<< "$step"
+  echo "== $name (limit ${limit}s)"
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" bash -o pipefail -c "$cmd" > >(tee "$OUT/$name.log") 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  [ "$rc" = 0 ] || failed=1
+  [ "$first" = 1 ] || echo "," >> "$OUT/steps.json"
+  first=0
+  printf '{"step": "%s", "exit_code": %d, "seconds": %d, "timed_out": %s}' "$name" "$rc" "$secs" \
+    "$([ "$rc" = 124 ] || [ "$rc" = 137 ] && echo true || echo false)" >> "$OUT/steps.json"
+  echo "$name: exit $rc in ${secs}s" >> "$OUT/summary.txt"
+done
+echo "]" >> "$OUT/steps.json"
+{
+  echo "--- kernels: $(cat "$OUT/kernel_status.txt" 2>/dev/null | tail -1)"
+  "$PY" - "$OUT/pytest_gpu.xml" <<'PYEOF' 2>/dev/null || echo "--- gpu tests: no JUnit file"
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+print("--- gpu tests: " + ", ".join(f"{k} {suite.get(k)}" for k in ("tests", "failures", "errors", "skipped")))
+PYEOF
+  echo "--- fused kernels (speedup vs eager, fraction of peak):"
+  grep -E '^(rope|add_layernorm|add_rmsnorm|layernorm|rmsnorm) +(fused|compile)' "$OUT/fused_kernels.txt" 2>/dev/null
+} >> "$OUT/summary.txt"
+cat "$OUT/summary.txt"
+exit "$failed"
