@@ -143,7 +143,6 @@ def test_config_errors_are_clear(kw, match):
 
 
 def test_flex_refuses_cpu_training_with_clear_error():
-    pytest.importorskip("torch.nn.attention.flex_attention")
     backend = SepLLMBackend(make_sepllm_cfg(num_layers=1, sep_attention_impl="flex"), model_cfg(num_layers=1))
     ids = torch.randint(0, 400, (1, 128))
     q, k, v = (torch.randn(1, 2, 128, 16, requires_grad=True) for _ in range(3))

@@ -105,7 +105,6 @@ def test_compact_generic_engine_matches_reference(case, references, pg19_dir, ne
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_flex_forward_matches_reference(case, references, pg19_dir, neox_tokenizer_file):
-    pytest.importorskip("torch.nn.attention.flex_attention")
     ids, mask2d, pos, (q, k, v), grad, slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file,
                                                                  requires_grad=False)
     backend = SepLLMBackend(_cfg("flex", windows, mask2d is not None), model_cfg(len(windows), q.shape[1], k.shape[1]))
@@ -186,7 +185,6 @@ def test_gpu_training_paths_match_reference(impl, case, references, pg19_dir, ne
 @pytest.mark.slow
 def test_flex_with_compiled_block_mask_matches_reference(references, pg19_dir, neox_tokenizer_file):
     """RECOMPILE_SEP_ATTN_KERNEL=True builds the BlockMask through torch.compile(create_block_mask): same result."""
-    pytest.importorskip("torch.nn.attention.flex_attention")
     case = "S256_gqa_H"
     ids, mask2d, pos, (q, k, v), grad, slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file,
                                                                  requires_grad=False)
