@@ -294,7 +294,14 @@ def test_model_fusion_on_equals_off(kernels_available: None, norm: str, flag: st
         torch.testing.assert_close(p_on.grad, p_off.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_unavailable_kernels_one_warning_and_the_plain_model(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU-machine answer of the real probe, also on a GPU machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(plan, "kernel_status", build.kernel_status.__wrapped__)
+
+
+def test_unavailable_kernels_one_warning_and_the_plain_model(no_cuda: None, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
         model = GPTModel(tiny(rope_fusion=True, layernorm_fusion=True, rmsnorm_fusion=True, bias_gelu_fusion=True))
     records = [r for r in caplog.records if "fused kernels requested" in r.getMessage()]
@@ -362,9 +369,7 @@ def test_build_lock_times_out_instead_of_hanging_and_is_released(tmp_path: Path)
         pass
 
 
-def test_status_without_cuda_names_the_reason() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only behaviour")
-    status = build.kernel_status()
+def test_status_without_cuda_names_the_reason(no_cuda: None) -> None:
+    status = build.kernel_status.__wrapped__()
     assert status.available is False and status.reason.startswith("no CUDA device") and status.module is None
     assert build.build_tag("8.0") != build.build_tag("9.0") and len(build.build_tag("8.0")) == 16

@@ -340,7 +340,10 @@ def test_backend_factory_sepllm_mode_uses_sepllm_backend() -> None:
     assert type(backend) is SepLLMBackend
 
 
-def test_fusion_flags_fall_back_with_one_info_log(caplog: pytest.LogCaptureFixture) -> None:
+def test_fusion_flags_fall_back_with_one_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron.kernels import KernelStatus, plan
+
+    monkeypatch.setattr(plan, "kernel_status", lambda: KernelStatus(False, "no kernels (test)"))
     with caplog.at_level(logging.INFO, logger="megatron.model.gpt"):
         GPTModel(tiny(rope_fusion=True, bias_gelu_fusion=True, layernorm_fusion=True))
     records = [r for r in caplog.records if "fused kernels requested" in r.getMessage()]
