@@ -5,8 +5,6 @@ torch.compile fullgraph, activation checkpointing), the model wiring and the fus
 from __future__ import annotations
 
 import logging
-import math
-import os
 import stat
 import threading
 import time
