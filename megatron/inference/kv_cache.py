@@ -82,7 +82,6 @@ class PlainKVCache:
     def __init__(self, num_layers: int, capacity: int = 64) -> None:
         self.num_layers = int(num_layers)
         self.initial_capacity = max(int(capacity), 1)
-        self.peak_kv_bytes = 0
         self.reset()
 
     def reset(self) -> None:
@@ -93,6 +92,7 @@ class PlainKVCache:
         self.valid: Optional[Tensor] = None     # [B, cap] bool
         self.pos: Optional[Tensor] = None       # [B, cap] long
         self.seen: Optional[Tensor] = None      # [B] real tokens so far
+        self.padded = False                      # some stored slot is padding (then decode steps need a mask)
         self._step: Optional[tuple[int, int, Tensor]] = None   # (old length, q, positions)
 
     # ------------------------------------------------------------------ step protocol (called by GPTModel)
@@ -108,6 +108,8 @@ class PlainKVCache:
             self.pos = torch.zeros(bsz, cap, dtype=torch.long, device=input_ids.device)
         elif self.seen.shape[0] != bsz:
             raise KVCacheError(f"batch size changed from {self.seen.shape[0]} to {bsz}; reset the cache first")
+        if attention_mask is not None and not self.padded:
+            self.padded = not bool(valid.all())
         positions = _positions(valid, self.seen)
         self._grow(self.length + q)
         self.valid[:, self.length:self.length + q] = valid
@@ -137,9 +139,9 @@ class PlainKVCache:
         self.values[layer_idx][:, :, old:end] = v
         if old == 0:
             return backend(q, k, v, layer_idx, state, scale=scale, dropout_p=0.0, alibi_slopes=alibi_slopes)
-        valid = self.valid[:, :end]
         allowed: Optional[Tensor] = None
-        if n > 1 or not bool(valid.all()):
+        if n > 1 or self.padded:
+            valid = self.valid[:, :end]
             causal = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=old)
             allowed = (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)
         return _sdpa(q, self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end], allowed, scale=scale,
@@ -149,7 +151,6 @@ class PlainKVCache:
         old, n, _ = self._step
         self.length = old + n
         self._step = None
-        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
 
     # ------------------------------------------------------------------ introspection
     def kv_bytes(self) -> int:
@@ -213,7 +214,6 @@ class SepKVCache:
                                              model_cfg)
         if retention is not None:
             self.prefill_backend.retention = retention
-        self.peak_kv_bytes = 0
         self.reset()
 
     def reset(self) -> None:
@@ -230,10 +230,10 @@ class SepKVCache:
                                f"{input_ids.shape[1]} tokens (reset the cache for a new prompt)")
         # the prompt is always followed by one-token steps: it may store what the first decode step keeps
         positions = self.cache.set_step_tokens(input_ids, attention_mask, followed_by_decode=self._prefill)
-        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                 else attention_mask.to(torch.bool))
-        self._positions = torch.where(valid, positions, torch.zeros_like(positions))
-        return self._positions
+        if attention_mask is not None:      # padding gets position 0, as without a cache
+            positions = torch.where(attention_mask.to(torch.bool), positions, torch.zeros_like(positions))
+        self._positions = positions
+        return positions
 
     def prepare(self, backend: Any, input_ids: Tensor, positions: Tensor, attention_mask: Optional[Tensor]) -> Any:
         if not self._prefill:
@@ -255,7 +255,6 @@ class SepKVCache:
     def end_step(self) -> None:
         self.cache.finish_step()
         self._prefill = False
-        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
 
     # ------------------------------------------------------------------ introspection
     def kv_bytes(self) -> int:
