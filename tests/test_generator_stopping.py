@@ -1,4 +1,5 @@
-"""generate_batch's stop check (StopStrings), per-row token limits, and SepKVCache prompt retention counts."""
+"""generate_batch's stop check (StopStrings), per-row token limits, SepKVCache prompt retention counts, and the
+model's ``logits_to_keep`` that decoding uses."""
 
 from __future__ import annotations
 
@@ -82,3 +83,21 @@ def test_sep_cache_counts_prompts_into_the_given_retention_tracker():
     assert got["kv"] == want["kv"] and got["attn_map"] == want["attn_map"]
     assert got["kv"][0][1] == sum(len(p) for p in PROMPTS + PROMPTS[:1])   # last-row totals: one per real key
     assert got["forward_calls"] == 2
+
+
+@pytest.mark.parametrize("keys", [{"USE_ORIGINAL_FULL_ATTEN": True}, SEPLLM], ids=["full", "sepllm"])
+def test_logits_to_keep_gives_the_last_positions_logits(keys):
+    model = _model(**keys)
+    ids = torch.tensor([[0, 0] + PROMPTS[1], PROMPTS[0][:5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        torch.testing.assert_close(model(ids, attention_mask=mask, logits_to_keep=2), full[:, -2:], atol=1e-6,
+                                   rtol=0)
+        cached = build_kv_cache(model)
+        whole = model(ids, attention_mask=mask, kv_cache=cached)
+        cached.reset()
+        torch.testing.assert_close(model(ids, attention_mask=mask, kv_cache=cached, logits_to_keep=1),
+                                   whole[:, -1:], atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match=r"logits_to_keep must be >= 0 \(0 = every position\), got -1"):
+            model(ids, logits_to_keep=-1)

@@ -90,9 +90,9 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     padded = bool((mask == 0).any())
     if recompute:
-        logits = model(ids, attention_mask=mask if padded else None)[:, -1]
+        logits = model(ids, attention_mask=mask if padded else None, logits_to_keep=1)[:, -1]
     else:
-        logits = model(ids, attention_mask=mask, kv_cache=cache)[:, -1]
+        logits = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
     for step in range(max_new_tokens):
         tok = next_tokens(logits, sampling, vocab_size, generator)
         for row in range(bsz):
@@ -124,7 +124,7 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
         if recompute:
             ids = torch.cat([ids, tok.unsqueeze(1)], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = model(ids, attention_mask=mask if padded else None)[:, -1]
+            logits = model(ids, attention_mask=mask if padded else None, logits_to_keep=1)[:, -1]
         else:
             logits = model(tok.unsqueeze(1), attention_mask=torch.ones_like(tok).unsqueeze(1), kv_cache=cache)[:, -1]
     return results

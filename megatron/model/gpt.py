@@ -139,15 +139,18 @@ class GPTModel(nn.Module):
         return inter, intra
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, kv_cache: Any = None) -> Tensor:
+                attention_mask: Optional[Tensor] = None, kv_cache: Any = None, logits_to_keep: int = 0) -> Tensor:
         """``input_ids [B, S]`` (+ optional ``position_ids [B, S]``, 2-D ``attention_mask`` 1 = real, 0 = pad)
-        -> logits ``[B, S, padded_vocab_size]`` in the model's dtype.
+        -> logits ``[B, S, padded_vocab_size]`` in the model's dtype. ``logits_to_keep = n > 0``: logits of the last
+        ``n`` positions only (decoding needs one; the output projection is most of a small model's prompt cost).
 
         ``kv_cache`` (inference, see ``megatron.inference.kv_cache``): ``input_ids`` are only the new tokens of this
         step (the prompt first, then one token per step) and ``attention_mask`` their 0/1 padding mask; the cache
         supplies the positions and the attention over the stored keys."""
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         if kv_cache is not None:
-            return self._forward_cached(input_ids, attention_mask, kv_cache)
+            return self._forward_cached(input_ids, attention_mask, kv_cache, logits_to_keep)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -165,11 +168,18 @@ class GPTModel(nn.Module):
                   if self.rotary_ndims else None)
         state = self.attention_backend.prepare(input_ids, rel_pos, attention_mask)
         x = self.run_layers(x, rotary, state)
+        return self._logits(x, logits_to_keep)
+
+    def _logits(self, x: Tensor, logits_to_keep: int) -> Tensor:
+        """Final norm and output projection of the last ``logits_to_keep`` positions (0 = all)."""
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.final_layernorm(x)
         weight = self.output_layer.weight if self.output_layer is not None else self.embed.word_embeddings.weight
         return F.linear(x, weight)
 
-    def _forward_cached(self, input_ids: Tensor, attention_mask: Optional[Tensor], kv_cache: Any) -> Tensor:
+    def _forward_cached(self, input_ids: Tensor, attention_mask: Optional[Tensor], kv_cache: Any,
+                        logits_to_keep: int = 0) -> Tensor:
         """One decoding step through ``kv_cache`` (positions count each row's real tokens, as without a cache)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, new tokens], got shape {tuple(input_ids.shape)}")
@@ -186,9 +196,7 @@ class GPTModel(nn.Module):
         for layer in self.layers:
             x = layer(x, rotary, self.attention_backend, state, kv_cache)
         kv_cache.end_step()
-        x = self.final_layernorm(x)
-        weight = self.output_layer.weight if self.output_layer is not None else self.embed.word_embeddings.weight
-        return F.linear(x, weight)
+        return self._logits(x, logits_to_keep)
 
     def run_layers(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]], state: Any) -> Tensor:
         """All layers, in chunks of ``checkpoint_num_layers`` recomputed in backward when activation checkpointing
