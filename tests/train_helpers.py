@@ -121,7 +121,8 @@ def logged_grad_norms(log_dir: Path) -> dict[int, float]:
 
 # Adam's default eps (1e-8) turns an entry whose gradient is rounding noise into a ~lr step of random sign, so
 # two equivalent runs end ~1e-3 apart in a few entries. Runs whose weights are compared use this eps: updates
-# stay Adam-like for real gradients, noise stays noise-sized, and a gradient scale is no longer invisible to Adam.
+# stay Adam-like for real gradients and noise stays noise-sized. (A gradient scale is still undone by clipping when
+# the norm exceeds gradient_clipping: the logged grad norms are what catches it.)
 WEIGHT_CHECK_ADAM_EPS = 1e-3
 
 
