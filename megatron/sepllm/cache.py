@@ -213,7 +213,8 @@ class SepCache(Cache):
         layers = []
         for i in range(layer_num):
             a, s, w, c = (per_layer[k][i] for k in ("init_cache_size", "sep_cache_size", "local_size", "cache_size"))
-            _check_sizes(i, a, s, w, c)
+            # the streaming manager's StreamingLLM (after_step, no separators) keeps exactly a + w = c
+            _check_sizes(i, a, s, w, c, allow_equal=eviction_timing == "after_step" and s == 0)
             layers.append(SepCacheLayer(a, s, w, c))
         super().__init__(layers=layers)
         self.separator_token_ids, self.PADDING_ID = resolve_separators(separator_token_ids, PADDING_ID, model_type,
@@ -649,11 +650,11 @@ def _per_layer(name: str, value: IntOrList, layer_num: int) -> list[int]:
     return values
 
 
-def _check_sizes(layer: int, a: int, s: int, w: int, c: int) -> None:
+def _check_sizes(layer: int, a: int, s: int, w: int, c: int, allow_equal: bool = False) -> None:
     if a < 0 or s < 0 or w < 1:
         raise ValueError(f"layer {layer}: need init_cache_size >= 0, sep_cache_size >= 0, local_size >= 1; "
                          f"got a={a}, s={s}, w={w}")
-    if a + s + w >= c:
+    if a + s + w > c or (a + s + w == c and not allow_equal):
         raise ValueError(f"layer {layer}: cache_size={c} must be > init_cache_size + sep_cache_size + local_size = "
                          f"{a}+{s}+{w}={a + s + w} (the reference requires a + s + w < c: the cache compresses when "
                          f"it reaches c and keeps at most a + s + w)")

@@ -29,6 +29,7 @@ forward), summary.json (PPL, tokens/s, memory, settings), ppl.png and cache.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
@@ -47,7 +48,6 @@ from megatron.tokenizer import BUNDLED_NEOX_TOKENIZER  # noqa: E402
 
 DEFAULT_DATA = SHIPPED_DIR / "pg19_sample"      # the five bundled books; pass --data-dir for a bigger corpus
 DEFAULT_TOKENIZER = BUNDLED_NEOX_TOKENIZER
-LINES_PER_BATCH = 256
 
 
 class CliError(Exception):
@@ -126,24 +126,11 @@ def resolve_bos(tok, bos_id: Optional[int]) -> int:
     raise CliError("--bos-id: the tokenizer has no known BOS token; pass --bos-id")
 
 
-def token_stream(data_dir: Path, tok, bos: int, protocol: str) -> Iterator[tuple[list[int], list[int]]]:
-    """Yields (fed ids, target ids) per line (per-line) or per book (whole-book), in sorted file order."""
+def list_books(data_dir: Path) -> list[Path]:
     books = sorted(data_dir.glob("*.txt"))
     if not books:
         raise CliError(f"--data-dir: no *.txt files in {data_dir}")
-    for book in books:
-        text = book.read_text(encoding="utf-8", errors="replace")
-        if protocol == "per-line":
-            lines = text.splitlines()
-            for start in range(0, len(lines), LINES_PER_BATCH):   # bounded batches: memory stays flat on long books
-                for enc in tok.encode_batch(lines[start:start + LINES_PER_BATCH], add_special_tokens=False):
-                    ids = [bos] + enc.ids
-                    if len(ids) > 1:
-                        yield ids[:-1], ids[1:]
-        else:
-            ids = [bos] + tok.encode(text, add_special_tokens=False).ids
-            if len(ids) > 1:
-                yield ids[:-1], ids[1:]
+    return books
 
 
 def build_model(args: argparse.Namespace, vocab_size: int):
@@ -193,16 +180,74 @@ def kv_bytes(cache) -> int:
                if t is not None)
 
 
+class RecordFile:
+    """Per-forward records appended to a raw file next to the output (not held in memory: RSS stays flat over
+    millions of tokens), turned into ``<name>.npy`` at the end (written to a temp file, then renamed)."""
+
+    def __init__(self, path: Path, dtype: str, width: int = 1):
+        import numpy as np
+
+        self.path, self.dtype, self.width = path, np.dtype(dtype), width
+        self.part = path.with_name(path.name + ".part")
+        self.file = open(self.part, "wb")
+        self.rows = 0
+
+    def append(self, values) -> None:
+        import numpy as np
+
+        arr = np.ascontiguousarray(values, dtype=self.dtype)
+        self.file.write(arr.tobytes())
+        self.rows += arr.shape[0] if self.width > 1 else arr.size
+
+    def finish(self) -> Path:
+        import shutil
+
+        import numpy as np
+
+        self.file.close()
+        shape = (self.rows,) if self.width == 1 else (self.rows, self.width)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                        "fortran_order": False, "shape": shape})
+            with open(self.part, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(tmp, self.path)
+        self.part.unlink()
+        return self.path
+
+    def discard(self) -> None:
+        self.file.close()
+        self.part.unlink(missing_ok=True)
+
+
+def build_cache(args: argparse.Namespace, model, seps: list[int]):
+    """The KV cache of ``--method`` and the settings recorded in the summary."""
+    from transformers import DynamicCache
+
+    from megatron.sepllm.cache import SepCache
+
+    a, s, w, c = args.init_cache_size, args.sep_cache_size, args.local_size, args.cache_size
+    if args.method == "full":
+        return DynamicCache(config=model.config), {}
+    if args.method == "streamingllm":
+        s, w, seps = 0, c - a, [-1]     # the streaming manager's StreamingLLM: w = c - a
+    cache = SepCache(init_cache_size=a, sep_cache_size=s, local_size=w, cache_size=c, USE_MAX_SEP_CACHE=True,
+                     SEP_ACCUMULATION=True, separator_token_ids=seps, APPLY_PE_SHIFT=args.pos_shift,
+                     prefill_attention="stream", eviction_timing=args.eviction_timing, model=model)
+    return cache, {"init_cache_size": a, "sep_cache_size": s, "local_size": w, "cache_size": c,
+                   "pos_shift": args.pos_shift, "eviction_timing": args.eviction_timing}
+
+
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
     from tqdm import tqdm
-    from transformers import DynamicCache
 
-    from megatron.sepllm.cache import SepCache
     from megatron.sepllm.generation import sepllm_attention, sepllm_forward
     from megatron.sepllm.hf_compat import cache_kwargs
     from megatron.sepllm.separator_presets import preset_for_model_type, separator_ids_from_tokenizer
+    from megatron.sepllm.stream_tokens import TokenFeed, token_stream
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,6 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         raise CliError(f"--data-dir: not a directory: {data_dir}")
+    books = list_books(data_dir)
     tok = load_tokenizer(args)
     bos = resolve_bos(tok, args.bos_id)
     if args.separator_ids:
@@ -225,92 +271,104 @@ def run(args: argparse.Namespace) -> dict:
             seps = [i for i in seps if i != 128000]
     else:
         seps = separator_ids_from_tokenizer(tok)
-    checkpoints = sorted(int(x) for x in args.memory_checkpoints.split(",") if x.strip())
+    try:
+        checkpoints = sorted(int(x) for x in args.memory_checkpoints.split(",") if x.strip())
+    except ValueError:
+        raise CliError(f"--memory-checkpoints: expected comma-separated token counts, got {args.memory_checkpoints!r}")
     model = build_model(args, tok.get_vocab_size())
     device = torch.device(args.device)
+    cache, settings = build_cache(args, model, seps)
+    sep_cache = args.method != "full"
 
-    a, s, w, c = args.init_cache_size, args.sep_cache_size, args.local_size, args.cache_size
-    if args.method == "full":
-        cache = DynamicCache(config=model.config)
-        settings = {}
-    else:
-        if args.method == "streamingllm":
-            s, w, seps = 0, c - a, [-1]
-        cache = SepCache(init_cache_size=a, sep_cache_size=s, local_size=w, cache_size=c, USE_MAX_SEP_CACHE=True,
-                         SEP_ACCUMULATION=True, separator_token_ids=seps, APPLY_PE_SHIFT=args.pos_shift,
-                         prefill_attention="stream", eviction_timing=args.eviction_timing, model=model)
-        settings = {"init_cache_size": a, "sep_cache_size": s, "local_size": w, "cache_size": c,
-                    "pos_shift": args.pos_shift, "eviction_timing": args.eviction_timing}
-
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nll_file = RecordFile(out_dir / "nll.npy", "float32")
+    len_file = RecordFile(out_dir / "cache_len.npy", "int64", width=2)
     n = args.num_tokens
-    nll = np.zeros(n, dtype=np.float32)
-    cache_len: list[tuple[int, int]] = []
+    nll_sum = 0.0
     mem_at: dict = {}
     peak_kv = 0
     done = 0
-    pending_fed: list[int] = []
-    pending_tgt: list[int] = []
-    stream = token_stream(data_dir, tok, bos, args.protocol)
+    feed = TokenFeed(token_stream(books, tok, bos, args.protocol))
     bar = tqdm(total=n, unit="tok", disable=args.no_progress, desc=f"{args.method}/{args.protocol}")
-    ctx = sepllm_attention(model) if args.method != "full" else torch.inference_mode()
+    ctx = sepllm_attention(model) if sep_cache else contextlib.nullcontext()
+    kv_of = cache.kv_bytes if sep_cache else (lambda: kv_bytes(cache))
+    row = np.zeros((1, 2), dtype=np.int64)
     t0 = time.perf_counter()
-    with torch.inference_mode(), ctx:
-        while done < n:
-            while len(pending_fed) < args.chunk_size:
-                try:
-                    fed, tgt = next(stream)
-                except StopIteration:
+    try:
+        with torch.inference_mode(), ctx:
+            while done < n:
+                chunk = feed.take(min(args.chunk_size, n - done))
+                if chunk is None:
                     break
-                pending_fed += fed
-                pending_tgt += tgt
-            if not pending_fed:
-                break
-            take = min(args.chunk_size, n - done, len(pending_fed))
-            ids = torch.tensor([pending_fed[:take]], device=device)
-            tgt = torch.tensor(pending_tgt[:take], device=device)
-            del pending_fed[:take], pending_tgt[:take]
-            if args.method == "full":
-                pos = torch.arange(done, done + take, device=device).unsqueeze(0)
-                out = model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
-                length = cache.get_seq_length()
-            else:
-                out = sepllm_forward(model, cache, ids)
-                length = cache.get_seq_length(0)
-            losses = torch.nn.functional.cross_entropy(out.logits[0].float(), tgt, reduction="none")
-            nll[done:done + take] = losses.cpu().numpy()
-            before = done
-            done += take
-            peak_kv = max(peak_kv, kv_bytes(cache))
-            cache_len.append((done, length))
-            for cp in checkpoints:
-                if before < cp <= done:
-                    mem_at[str(cp)] = {"peak_kv_cache_mb": peak_kv / 2**20, "kv_cache_mb": kv_bytes(cache) / 2**20,
-                                       "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
-            bar.update(take)
+                fed, tgt = chunk
+                take = len(fed)
+                ids = torch.from_numpy(fed).unsqueeze(0).to(device)
+                if sep_cache:
+                    out = sepllm_forward(model, cache, ids)
+                    length = cache.get_seq_length(0)
+                else:
+                    pos = torch.arange(done, done + take, device=device).unsqueeze(0)
+                    out = model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+                    length = cache.get_seq_length()
+                losses = torch.nn.functional.cross_entropy(out.logits[0].float(), torch.from_numpy(tgt).to(device),
+                                                           reduction="none").cpu().numpy()
+                nll_file.append(losses)
+                nll_sum += float(losses.sum(dtype=np.float64))
+                before = done
+                done += take
+                kv_now = kv_of()
+                peak_kv = max(peak_kv, kv_now)
+                row[0, 0], row[0, 1] = done, length
+                len_file.append(row)
+                for cp in checkpoints:
+                    if before < cp <= done:
+                        mem_at[str(cp)] = {"peak_kv_cache_mb": peak_kv / 2**20, "kv_cache_mb": kv_now / 2**20,
+                                           "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(),
+                                           "tokens_per_s": done / (time.perf_counter() - t0)}
+                bar.update(take)
+    except BaseException:
+        nll_file.discard()
+        len_file.discard()
+        raise
+    finally:
+        feed.close()
     bar.close()
     wall = time.perf_counter() - t0
-    nll = nll[:done]
+    final_len = int(row[0, 1]) if done else 0
+    rss_end, peak_end = rss_mb(), peak_rss_mb()
+    nll_path, len_path = nll_file.finish(), len_file.finish()
     if done < n:
         print(f"streaming_ppl: corpus exhausted after {done} tokens (asked for {n})", file=sys.stderr)
+    mean = nll_sum / done if done else float("nan")
     summary = {
         "method": args.method, "protocol": args.protocol, "model": args.model or f"tiny-random-{args.tiny_random}",
-        "num_tokens": int(done), "ppl": float(math.exp(float(nll.mean()))) if done else float("nan"),
-        "mean_nll": float(nll.mean()) if done else float("nan"), "tokens_per_s": done / wall if wall else 0.0,
+        "num_tokens": int(done), "ppl": float(math.exp(mean)) if done else float("nan"),
+        "mean_nll": mean, "tokens_per_s": done / wall if wall else 0.0,
         "wall_s": wall, "chunk_size": args.chunk_size, "peak_kv_cache_mb": peak_kv / 2**20,
-        "final_cache_len": cache_len[-1][1] if cache_len else 0, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(),
+        "final_cache_len": final_len, "rss_mb": rss_end, "peak_rss_mb": peak_end,
         "memory_at_tokens": mem_at, "separator_token_ids": seps if args.method == "sepllm" else [],
         "bos_id": bos, "dtype": args.dtype, **settings,
     }
-    if args.method != "full":
+    if sep_cache:
         summary["retention"] = cache.retention()
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "nll.npy", nll)
-    np.save(out_dir / "cache_len.npy", np.asarray(cache_len, dtype=np.int64))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if not args.no_plots and done:
-        plot(out_dir, nll, cache_len, summary)
+        plot(out_dir, np.load(nll_path, mmap_mode="r"), np.load(len_path, mmap_mode="r"), summary)
     return summary
+
+
+def _binned(x, y, bins: int):
+    """Per-bin (x mid, min, mean, max) of a long series, for plots that stay readable at millions of points."""
+    import numpy as np
+
+    edges = np.linspace(0, len(y), min(bins, len(y)) + 1).astype(np.int64)
+    lo, mid, hi, xs = [], [], [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        if b > a:
+            seg = np.asarray(y[a:b], dtype=np.float64)
+            lo.append(seg.min()), mid.append(seg.mean()), hi.append(seg.max()), xs.append(x[(a + b - 1) // 2])
+    return np.asarray(xs), np.asarray(lo), np.asarray(mid), np.asarray(hi)
 
 
 def plot(out_dir: Path, nll, cache_len, summary: dict) -> None:
@@ -320,27 +378,39 @@ def plot(out_dir: Path, nll, cache_len, summary: dict) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    x = np.arange(1, len(nll) + 1)
+    count = len(nll)
+    x = np.arange(1, count + 1)
+    cs = np.cumsum(np.asarray(nll, dtype=np.float64))
+    step = max(1, count // 4000)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(x, np.exp(np.cumsum(nll) / x), label="running PPL")
-    win = min(1024, len(nll))
+    ax.plot(x[step - 1::step], np.exp(cs[step - 1::step] / x[step - 1::step]), label="running PPL")
+    win = min(max(1024, count // 200), count)
     if win > 1:
-        mov = np.convolve(nll, np.ones(win) / win, mode="valid")
-        ax.plot(np.arange(win, len(nll) + 1), np.exp(mov), label=f"PPL of the last {win} tokens", alpha=0.7)
+        mov = (cs[win - 1:] - np.concatenate([[0.0], cs[:-win]])) / win
+        ax.plot(x[win - 1:][::step], np.exp(mov[::step]), label=f"PPL of the last {win} tokens", alpha=0.7)
     ax.set_xlabel("tokens processed")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
-    ax.set_title(f"{summary['method']} / {summary['protocol']}: PPL {summary['ppl']:.2f}")
+    if count >= 100_000:
+        ax.set_xscale("log")
+    ax.set_title(f"{summary['method']} / {summary['protocol']}: PPL {summary['ppl']:.2f} over {count:,} tokens")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "ppl.png", dpi=100)
     plt.close(fig)
     cl = np.asarray(cache_len)
+    xs, lo, _, hi = _binned(cl[:, 0], cl[:, 1], 2000)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(cl[:, 0], cl[:, 1])
+    ax.fill_between(xs, lo, hi, step="mid", alpha=0.5, label="cached tokens (min-max per bin)")
+    ax.plot(xs, hi, linewidth=0.8)
+    if "cache_size" in summary:
+        ax.axhline(summary["cache_size"], color="black", linestyle="--", linewidth=0.8,
+                   label=f"cache_size c = {summary['cache_size']}")
+        ax.set_ylim(0, summary["cache_size"] * 1.15)
     ax.set_xlabel("tokens processed")
     ax.set_ylabel("cached tokens (layer 0)")
-    ax.set_title(f"{summary['method']}: KV cache size")
+    ax.set_title(f"{summary['method']}: KV cache size (peak {summary['peak_kv_cache_mb']:.2f} MiB)")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out_dir / "cache.png", dpi=100)
     plt.close(fig)
