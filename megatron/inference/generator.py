@@ -126,7 +126,7 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits = model(ids, attention_mask=mask if padded else None, logits_to_keep=1)[:, -1]
         else:
-            logits = model(tok.unsqueeze(1), attention_mask=torch.ones_like(tok).unsqueeze(1), kv_cache=cache)[:, -1]
+            logits = model(tok.unsqueeze(1), kv_cache=cache)[:, -1]   # decode steps: no padding
     return results
 
 
