@@ -50,12 +50,14 @@ class GenerationConfig:
     local_cache_size: Optional[int] = opt(None, "Local window of the SepLLM cache (None = the training config's "
                                                 "generate_local_window_size, per layer when set per layer).")
     cache_size: Optional[int] = opt(None, "SepCache budget: with sep_cache_exact_window false, the cache is compressed "
-                                          "whenever it holds more than cache_size tokens (None = init + sep + 2 x "
-                                          "window); must be >= init_cache_size + sep_cache_size + window.")
+                                          "when it reaches cache_size tokens, so a decode query sees at most "
+                                          "cache_size - 1 keys (None = init + sep + 2 x window); must be > "
+                                          "init_cache_size + sep_cache_size + window.")
     sep_cache_exact_window: bool = opt(True, "True: trim the cache every step, so each decode query sees exactly the "
                                              "initial tokens, the kept separators and the last window (the trained "
                                              "decode rule; rows independent of their batch). False: SepCache's "
-                                             "reference timing (local region grows up to cache_size; cheaper).")
+                                             "reference timing (local region grows until the cache reaches cache_size; "
+                                             "cheaper).")
 
 
 def check_generation(gen: GenerationConfig, where: Callable[[str], str]) -> None:
