@@ -177,9 +177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"# generate ({args.clock} clock): {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}, prompt "
-          f"{args.prompt_len}, SepLLM window {args.window} / separators {args.sep_cache_size}, threads "
-          f"{torch.get_num_threads()}")
+    print(f"# generate ({args.clock} clock): {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab "
+          f"{args.vocab}, prompt {args.prompt_len}, SepLLM window {args.window} / separators {args.sep_cache_size}, "
+          f"threads {torch.get_num_threads()}")
     cols = ["model", "runner", "new_tokens", "ms_per_token", "wall_ms_per_token", "cpu_ms_per_token", "tokens_per_sec",
             "ratio_vs_hf", "ratio_vs_first_n", "same_tokens_as_hf", "kv_mb"]
     print(" | ".join(cols))
