@@ -49,7 +49,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from megatron.sepllm import rules
-from megatron.sepllm.pos_shift import RopeFn, apply_rotary, cache_positions, rope_fn_from_model, unapply_rotary
+from megatron.sepllm.hf_compat import cache_kwarg
+from megatron.sepllm.pos_shift import (RopeFn, apply_rotary, cache_positions, find_rotary_module, rope_fn_from_model,
+                                      unapply_rotary)
 from megatron.sepllm.reference_args import RopeParams, check_layout, check_reference_state
 from megatron.sepllm.separator_presets import resolve_separators
 
@@ -78,6 +80,50 @@ class _StepPlan:
     # a multi-token step stored what the next decode step's compression keeps (retention counts the appended slots,
     # which is what the reference holds after such a step)
     early_compression: bool = False
+    kept_count: Optional[int] = None    # valid slots kept after the step (filled by the first layer's update)
+
+
+class _RopeTables:
+    """cos/sin for the positional re-encoding, computed once instead of per layer and step: a table of cache
+    positions ``0..n-1`` (grown by doubling; cache positions never exceed the stored length) and the current step's
+    absolute positions (shared by every layer of the step). Only for rotary tables that do not depend on the longest
+    position seen (``static``); dynamic ones (dynamic NTK, longrope) are asked every time."""
+
+    def __init__(self, fn: RopeFn, static: bool):
+        self.fn, self.static = fn, static
+        self.cos: Optional[torch.Tensor] = None
+        self.sin: Optional[torch.Tensor] = None
+        self.step_positions: Optional[torch.Tensor] = None
+        self.step_cs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def step(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[B, q, r]`` of the step's absolute positions (one computation per step)."""
+        if self.step_positions is not positions or self.step_cs is None or self.step_cs[0].dtype != x.dtype:
+            self.step_positions, self.step_cs = positions, self.fn(x, positions)
+        return self.step_cs
+
+    def table(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[n', r]`` (``n' >= n``) of cache positions ``0..n'-1``."""
+        if self.cos is None or self.cos.shape[0] < n or self.cos.dtype != x.dtype or self.cos.device != x.device:
+            size = max(n, 64, 2 * (0 if self.cos is None else self.cos.shape[0]))
+            cos, sin = self.fn(x, torch.arange(size, device=x.device).unsqueeze(0))
+            self.cos, self.sin = cos[0], sin[0]
+        return self.cos, self.sin
+
+    def at(self, x: torch.Tensor, positions: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[B, L, r]`` of cache ``positions [B, L]`` (all ``< bound``)."""
+        if not self.static:
+            return self.fn(x, positions)
+        cos, sin = self.table(x, bound)
+        return cos[positions], sin[positions]
+
+    def span(self, x: torch.Tensor, start: int, stop: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[B, stop - start, r]`` of the contiguous cache positions ``start..stop-1`` (every row)."""
+        if not self.static:
+            pos = torch.arange(start, stop, device=x.device).unsqueeze(0).expand(batch, -1)
+            return self.fn(x, pos)
+        cos, sin = self.table(x, stop)
+        return cos[start:stop].unsqueeze(0).expand(batch, -1, -1), sin[start:stop].unsqueeze(0).expand(batch, -1, -1)
 
 
 class SepCacheLayer(CacheLayerMixin):
@@ -233,10 +279,14 @@ class SepCache(Cache):
                                                 max_position_embeddings=max_position_embeddings,
                                                 partial_rotation_size=partial_rotation_size)
         self.rope_fn: Optional[RopeFn] = None
+        self._rope: Optional[_RopeTables] = None
         if self.APPLY_PE_SHIFT and self.APPLY_PES_INSIDE and self.rope_params.explicit:
             self.rope_fn = self.rope_params.rope_fn()     # the reference's own tables, from the given parameters
+            self._rope = _RopeTables(self.rope_fn, static=True)
         self.valid_seen: Optional[torch.Tensor] = None   # [B] number of real tokens seen per row
         self.tokens_seen = 0                             # number of token slots fed per row (padding included)
+        self.seen_sum = 0                                # valid_seen.sum() as an int (set once per step)
+        self.forward_cache_kwarg: Optional[str] = None   # the model forward's cache argument name (bind_model)
         self.steps = 0                                   # forwards fed (for PRINT_KV_RATIO_INSIDE)
         if model is not None:
             self.bind_model(model)
@@ -247,9 +297,12 @@ class SepCache(Cache):
         n = _num_layers(model)
         if n != len(self.layers):
             raise ValueError(f"SepCache has {len(self.layers)} layers but the model has {n}")
+        self.forward_cache_kwarg = cache_kwarg(model)     # read once: inspecting the signature every step is slow
         if self.APPLY_PE_SHIFT and self.rope_fn is None:
             self.rope_fn = rope_fn_from_model(model)
             self.rope_params.check_against(self.rope_fn, model)
+            rope_type = str(getattr(find_rotary_module(model), "rope_type", "default"))
+            self._rope = _RopeTables(self.rope_fn, static=not ("dynamic" in rope_type or "longrope" in rope_type))
         return self
 
     @property
@@ -310,6 +363,7 @@ class SepCache(Cache):
                                               followed_by_decode=followed_by_decode and q > 1)
             planned[key] = layer
         self.valid_seen = count[:, -1].clone()
+        self.seen_sum = int(self.valid_seen.sum())
         self.tokens_seen += q
         return positions
 
@@ -522,7 +576,7 @@ class SepCache(Cache):
             if self.rope_fn is None:
                 raise RuntimeError("APPLY_PE_SHIFT=True needs the model's rotary settings: "
                                    "call cache.bind_model(model)")
-            cos, sin = self.rope_fn(key_states, plan.step_positions)
+            cos, sin = self._rope.step(key_states, plan.step_positions)
             key_states = unapply_rotary(key_states, cos, sin)     # stored without positional encoding
         if plan.pre_gather_idx is not None:
             layer.keys, layer.values = _gather_slots(layer.keys, plan.pre_gather_idx), _gather_slots(
@@ -539,21 +593,29 @@ class SepCache(Cache):
             k_att, v_att, kind_att = layer.keys, layer.values, plan.kind_new
         else:
             k_att, v_att, kind_att = keys_app, values_app, plan.kind_app
-        layer.last_kept = int(((plan.kind_app if plan.early_compression else layer.kind) != INVALID).sum())
+        if plan.kept_count is None:      # one count per plan (layers with equal sizes share it)
+            plan.kept_count = int(((plan.kind_app if plan.early_compression else plan.kind_new) != INVALID).sum())
+        layer.last_kept = plan.kept_count
         layer.kept_total += layer.last_kept
-        layer.seen_total += int(self.valid_seen.sum())
+        layer.seen_total += self.seen_sum
         if self.APPLY_PE_SHIFT and plan.segments is None:
             valid_att = kind_att != INVALID
-            pos = cache_positions(valid_att)
-            cos, sin = self.rope_fn(k_att, pos)
+            n_att, q = k_att.shape[-2], plan.q_len
+            if bool(valid_att.all()):     # every slot valid: positions 0..n-1, a slice of the table
+                cos, sin = self._rope.span(k_att, 0, n_att, k_att.shape[0])
+                dst = self._rope.span(k_att, n_att - q, n_att, k_att.shape[0])
+            else:
+                pos = cache_positions(valid_att)
+                cos, sin = self._rope.at(k_att, pos, n_att)
+                dst = self._rope.at(k_att, pos[:, -q:], n_att)
             k_att = apply_rotary(k_att, cos, sin)
-            layer.query_shift = (plan.step_positions, pos[:, -plan.q_len:])
+            layer.query_shift = (self._rope.step(k_att, plan.step_positions), dst)
         return k_att, v_att
 
     def shift_query(self, layer_idx: int, query_states: torch.Tensor) -> torch.Tensor:
         """Re-rotate the step's queries from their absolute positions to their index in the cache (PE shift)."""
-        src, dst = self.layers[layer_idx].query_shift
-        return self.reposition(query_states, src, dst)
+        (cos_s, sin_s), (cos_d, sin_d) = self.layers[layer_idx].query_shift
+        return apply_rotary(unapply_rotary(query_states, cos_s, sin_s), cos_d, sin_d)
 
     def reposition(self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [B, H, n, D]`` encoded at positions ``src [B, n]`` to positions ``dst [B, n]``."""

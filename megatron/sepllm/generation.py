@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from megatron.sepllm.cache import SepCache, _num_layers
-from megatron.sepllm.hf_compat import SepGenerateOutput, cache_kwargs, generate_output, pop_cache
+from megatron.sepllm.hf_compat import SepGenerateOutput, cache_kwarg, generate_output, pop_cache
 from megatron.sepllm.hf_config import sep_cache_arguments
 from megatron.sepllm.pos_shift import apply_rotary
 
@@ -104,8 +104,9 @@ def sepllm_forward(model: Any, cache: SepCache, input_ids: torch.Tensor,
     ctx = contextlib.nullcontext() if model.config._attn_implementation == ATTN_NAME else sepllm_attention(model)
     try:
         with ctx:
+            name = cache.forward_cache_kwarg or cache_kwarg(model)
             return model(input_ids=input_ids, attention_mask=placeholder, position_ids=positions,
-                         use_cache=True, sepllm_cache=cache, **cache_kwargs(model, cache), **model_kwargs)
+                         use_cache=True, sepllm_cache=cache, **{name: cache}, **model_kwargs)
     finally:
         cache.finish_step()
 
