@@ -33,6 +33,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.py
+
+from corpus import TOKENIZER, pg19_books  # noqa: E402
 
 MODES = {"single": 1, "dp2": 2, "tp2": 2, "tp2sp": 2, "pp2": 2}  # mode -> processes
 PYTHIA_SEPARATORS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
@@ -70,15 +73,13 @@ def parse_args(argv: Any = None) -> argparse.Namespace:
 
 
 def _corpus(workdir: Path) -> str:
-    """A small tokenized PG-19 slice (the shared data and tokenizer), built once per workdir."""
+    """A small tokenized PG-19 slice (``corpus.pg19_books``, bundled tokenizer), built once per workdir."""
     from megatron.data.preprocess import tokenize_to_indexed
 
     prefix = workdir / "corpus" / "pg19"
     if Path(str(prefix) + "_text_document.bin").is_file():
         return str(prefix) + "_text_document"
-    books = sorted((REPO.parent / "shared" / "data" / "pg19" / "test").glob("*.txt"))
-    if not books:
-        raise SystemExit("error: no PG-19 books under ../shared/data/pg19/test")
+    books = pg19_books()
     docs = workdir / "corpus" / "docs"
     docs.mkdir(parents=True, exist_ok=True)
     text = books[0].read_text(encoding="utf-8")[:400_000]
@@ -91,7 +92,7 @@ def _corpus(workdir: Path) -> str:
 
 
 def _tokenizer() -> Path:
-    return REPO.parent / "shared" / "tokenizers" / "20B_tokenizer.json"
+    return TOKENIZER
 
 
 def build_config(args: argparse.Namespace, mode: str, data_prefix: str, run_dir: Path) -> Any:

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.py
+
+from corpus import TOKENIZER, pg19_dir  # noqa: E402
 
 
 def naive_loop(files: list[Path], tok, out_path: Path) -> list[np.ndarray]:
@@ -54,8 +56,10 @@ def cpu_seconds() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pg19-dir", default=str(SHARED / "data" / "pg19" / "test"), help="folder of PG-19 .txt books")
-    p.add_argument("--tokenizer-file", default=str(SHARED / "tokenizers" / "20B_tokenizer.json"),
+    p.add_argument("--pg19-dir", default=str(pg19_dir()),
+                   help="folder of PG-19 .txt books (default: the 75 shared books beside the checkout when present, "
+                        "else the 5 bundled ones)")
+    p.add_argument("--tokenizer-file", default=str(TOKENIZER),
                    help="HF tokenizer.json used by every method (default: GPT-NeoX-20B)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N books (sorted by name)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure (default: 1 2)")

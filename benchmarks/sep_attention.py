@@ -33,6 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.py
+
+from corpus import TOKENIZER, pg19_books  # noqa: E402
 from megatron.config.model import ModelConfig  # noqa: E402
 from megatron.config.sepllm import SepLLMConfig  # noqa: E402
 from megatron.sepllm.backend import SepLLMBackend  # noqa: E402
@@ -57,8 +60,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64, help="head dimension D")
     p.add_argument("--num-initial", type=int, default=3, help="initial tokens a (init_tok_max_idx = a - 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="q/k/v dtype")
-    p.add_argument("--shared-dir", type=Path, default=REPO.parent / "shared",
-                   help="folder with data/pg19/test/*.txt and tokenizers/20B_tokenizer.json")
+    p.add_argument("--pg19-dir", type=Path, default=None,
+                   help="folder of PG-19 *.txt books (default: the 75 shared books beside the checkout when present, "
+                        "else the 5 bundled ones); the tokenizer is the bundled GPT-NeoX-20B one")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice); 1 gives steadier ratios on a busy machine")
     p.add_argument("--no-backward", action="store_true", help="time forward only (skip forward+backward)")
@@ -66,15 +70,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_ids(shared: Path, batch: int, seq_len: int) -> torch.Tensor:
+def load_ids(pg19: Optional[Path], batch: int, seq_len: int) -> torch.Tensor:
     """``[batch, seq_len]`` ids: each row a different PG-19 book (books concatenated if one is too short)."""
     from tokenizers import Tokenizer
 
-    tok_file = shared / "tokenizers" / "20B_tokenizer.json"
-    books = sorted((shared / "data" / "pg19" / "test").glob("*.txt"))
-    if not tok_file.is_file() or not books:
-        raise SystemExit(f"error: PG-19 books or tokenizer not found under {shared} (see --shared-dir)")
-    tok = Tokenizer.from_file(str(tok_file))
+    books = pg19_books(pg19)
+    tok = Tokenizer.from_file(str(TOKENIZER))
     rows, i = [], 0
     while len(rows) < batch:
         ids: list[int] = []
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     backward = not args.no_backward
     rows: list[dict] = []
     jobs = [(w, s) for w in args.windows for s in args.seq_lens]
-    all_ids = load_ids(args.shared_dir, args.batch, max(args.seq_lens))
+    all_ids = load_ids(args.pg19_dir, args.batch, max(args.seq_lens))
     for w, s in tqdm(jobs, desc="sep_attention", unit="config", file=sys.stderr):
         ids = all_ids[:, :s].to(device)
         pos = torch.arange(s, device=device)[None].expand(args.batch, s)

@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megatron.tokenizer import BUNDLED_NEOX_TOKENIZER  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -46,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and method")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before the first round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median round is reported")
-    p.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "tokenizers" / "20B_tokenizer.json"),
+    p.add_argument("--tokenizer", default=str(BUNDLED_NEOX_TOKENIZER),
                    help="GPT-NeoX-20B tokenizer.json used to tokenize the bundled PG-19 sample")
     p.add_argument("--num-workers", type=int, default=0,
                    help="data-loader worker processes for ours (0 = load in the training process: on a 2-core "

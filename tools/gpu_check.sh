@@ -32,15 +32,14 @@ done
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 TOK="$ROOT/megatron/tokenizer/assets/20B_tokenizer.json"
 BOOKS="$ROOT/megatron/data/corpora/pg19_sample"
-VIEW="$OUT/shared_view"   # the layout benchmarks/sep_attention.py reads, made of the bundled assets
 
-# name | time limit (s) | command (run from the repository root; $OUT, $PY, $VIEW expanded at run time)
+# name | time limit (s) | command (run from the repository root; $OUT, $PY expanded at run time)
 STEPS=(
   "install|300|if [ $INSTALL = 1 ]; then \$PY -c 'import torch' 2>/dev/null || \$PY -m pip install torch && \$PY -m pip install --no-build-isolation -e '.[dev]' -c requirements/constraints.txt; else echo 'install skipped'; fi"
   "kernels|300|\$PY -c 'from megatron.kernels import kernel_status as k; s = k(); print(s.available, s.reason); raise SystemExit(0 if s.available else 1)' > \"\$OUT/kernel_status.txt\" 2>&1; rc=\$?; cat \"\$OUT/kernel_status.txt\"; exit \$rc"
   "gpu_tests|240|\$PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml \"\$OUT/pytest_gpu.xml\""
   "fused_kernels|200|\$PY benchmarks/fused_kernels.py --device cuda --dtype bfloat16 --seq-lens 2048 8192 --repeats 10 --warmup 3 --json \"\$OUT/fused_kernels.json\" | tee \"\$OUT/fused_kernels.txt\""
-  "sep_attention|120|mkdir -p \"\$VIEW/tokenizers\" \"\$VIEW/data/pg19\" && ln -sfn \"$TOK\" \"\$VIEW/tokenizers/20B_tokenizer.json\" && ln -sfn \"$BOOKS\" \"\$VIEW/data/pg19/test\" && \$PY benchmarks/sep_attention.py --device cuda --dtype bfloat16 --seq-lens 4096 8192 --windows 256 --repeats 3 --shared-dir \"\$VIEW\" --json \"\$OUT/sep_attention_gpu.json\" | tee \"\$OUT/sep_attention_gpu.txt\""
+  "sep_attention|120|\$PY benchmarks/sep_attention.py --device cuda --dtype bfloat16 --seq-lens 4096 8192 --windows 256 --repeats 3 --pg19-dir \"$BOOKS\" --json \"\$OUT/sep_attention_gpu.json\" | tee \"\$OUT/sep_attention_gpu.txt\""
   "train_step|120|\$PY benchmarks/train_step.py --device cuda --tokenizer \"$TOK\" --steps 5 --rounds 3 --json \"\$OUT/train_step_gpu.json\" | tee \"\$OUT/train_step_gpu.txt\""
 )
 
@@ -59,7 +58,7 @@ if [ -z "${GPU_CHECK_ARCH:-}" ]; then
   GPU_CHECK_ARCH="$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
 fi
 [ -n "$GPU_CHECK_ARCH" ] && export TORCH_CUDA_ARCH_LIST="$GPU_CHECK_ARCH"
-export PY OUT VIEW
+export PY OUT
 echo "[" > "$OUT/steps.json"
 {
   echo "gpu_check $(date -u +%FT%TZ) in $ROOT (commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))"
