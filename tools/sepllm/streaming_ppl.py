@@ -325,7 +325,8 @@ def run(args: argparse.Namespace) -> dict:
                     if before < cp <= done:
                         mem_at[str(cp)] = {"peak_kv_cache_mb": peak_kv / 2**20, "kv_cache_mb": kv_now / 2**20,
                                            "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(),
-                                           "tokens_per_s": done / (time.perf_counter() - t0)}
+                                           "tokens_per_s": done / (time.perf_counter() - t0),
+                                           "ppl": math.exp(nll_sum / done), "at_tokens": done}
                 bar.update(take)
     except BaseException:
         nll_file.discard()
