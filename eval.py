@@ -5,8 +5,8 @@ trained), on one process or split over data-parallel ranks.
 usage: python deepy.py eval.py CONFIG.yml [MORE.yml ...] --eval_tasks TASK [TASK ...] [--key value ...]
        python eval.py CONFIG.yml [...] --eval_tasks TASK [TASK ...]     (one process, no launcher)
 
-The checkpoint is the config's `load` (a run's checkpoint folder, following `latest`, or one global_stepN
-folder); the model is built from the given config(s), which must describe the trained model (the training YAML).
+The checkpoint is the config's `load`, else its `save` (a run's checkpoint folder, following `latest`, or one
+global_stepN folder); the model is built from the given config(s), which must describe the trained model (the training YAML).
 Keys (also settable in YAML; see docs/config_reference.md and docs/eval.md):
   --eval_tasks T [T ...]      lm_eval task names (built-in ones need the Hugging Face hub or its cache)
   --iteration N               evaluate global_stepN instead of the one `latest` names
@@ -26,18 +26,14 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from megatron.entry_args import split_entry_args
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if args else 2
-    args = [a for a in args if not a.startswith("--local_rank")]  # older launchers append --local_rank=N
-    split = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
-    files, overrides = args[:split], args[split:]
-    if not files:
-        print("error: give at least one config file before the --key value overrides", file=sys.stderr)
-        return 2
+    parsed = split_entry_args(argv, __doc__)
+    if isinstance(parsed, int):
+        return parsed
+    files, overrides = parsed
 
     from megatron.config import ConfigError, load_config
 

@@ -4,8 +4,9 @@
 usage: python deepy.py generate.py CONFIG.yml [MORE.yml ...] [--key value ...]
        python generate.py CONFIG.yml [...] [--key value ...]          (same, without the launcher)
 
-The model comes from the config's `load` (a run's checkpoints/ folder with `latest`, or one global_stepN folder),
-built with the architecture of the given config(s); the tokenizer from tokenizer_type / vocab_file.
+The model comes from the config's `load`, else its `save` (a run's checkpoints/ folder with `latest`, or one
+global_stepN folder), built with the architecture of the given config(s); the tokenizer from tokenizer_type /
+vocab_file.
 Keys (YAML or --key value; every key: docs/config_reference.md, guide: docs/generate.md):
   text_gen_type        unconditional | input-file | interactive
   sample_input_file    input-file mode: prompts separated by prompt_end (default a newline)
@@ -26,18 +27,14 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from megatron.entry_args import split_entry_args
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if args else 2
-    args = [a for a in args if not a.startswith("--local_rank")]
-    split = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
-    files, overrides = args[:split], args[split:]
-    if not files:
-        print("error: give at least one config file before the --key value overrides", file=sys.stderr)
-        return 2
+    parsed = split_entry_args(argv, __doc__)
+    if isinstance(parsed, int):
+        return parsed
+    files, overrides = parsed
 
     from megatron.inference.cli import run_generation
 

@@ -18,18 +18,14 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from megatron.entry_args import split_entry_args
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or any(a in ("-h", "--help") for a in args):
-        print(__doc__.strip())
-        return 0 if args else 2
-    args = [a for a in args if not a.startswith("--local_rank")]  # older launchers append --local_rank=N
-    split = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
-    files, overrides = args[:split], args[split:]
-    if not files:
-        print("error: give at least one config file before the --key value overrides", file=sys.stderr)
-        return 2
+    parsed = split_entry_args(argv, __doc__)
+    if isinstance(parsed, int):
+        return parsed
+    files, overrides = parsed
 
     import os
 
