@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron.atomic_io import atomic_open
 from megatron.data.errors import DataError
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.sample_index import build_doc_idx, build_sample_idx, build_shuffle_idx, num_epochs_needed
@@ -35,15 +35,8 @@ def default_cache_dir(data_prefix: str) -> Path:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 class GPTDataset(torch.utils.data.Dataset):

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
+from megatron.atomic_io import atomic_write_text
 from megatron.data.indexed_dataset import MMapIndexedDataset, data_file_path, normalize_prefix
 
 CHUNK_TOKENS = 1 << 26  # 64 Mi tokens per numpy reduction (128 MiB of uint16)
@@ -55,13 +55,11 @@ def _read_cache(path: Path, stamp: dict) -> Optional[TokenRange]:
 
 def _write_cache(path: Path, stamp: dict, found: TokenRange) -> None:
     """Atomic (temp + rename); a read-only data folder just means no cache."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({**stamp, "min_id": found.min_id, "max_id": found.max_id}), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({**stamp, "min_id": found.min_id, "max_id": found.max_id}),
+                          make_parents=True)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def scan_token_range(prefix: str, progress: bool = True) -> TokenRange:

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from megatron.atomic_io import atomic_open, atomic_write_text
 from megatron.evaluation.lm import DataParallel, NeoXLM
 
 
@@ -82,11 +83,8 @@ def _write_json(path: Path, payload: Any) -> None:
     """Atomic write (temp file + rename) so a crash never leaves half a results file."""
     from lm_eval.utils import handle_non_serializable
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n",
+                      make_parents=True)
 
 
 def _write_samples(stem: Path, samples: dict) -> list[Path]:
@@ -95,11 +93,9 @@ def _write_samples(stem: Path, samples: dict) -> list[Path]:
     written = []
     for task, rows in samples.items():
         path = stem.with_name(f"{stem.name}_samples_{task}.jsonl")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tmp.open("w", encoding="utf-8") as fh:
+        with atomic_open(path) as fh:
             for row in rows:
                 fh.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
         written.append(path)
     return written
 

@@ -7,7 +7,6 @@ checkpoint or a failure during the run.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
 import torch
 
+from megatron.atomic_io import atomic_open
 from megatron.inference.generator import GenerationError, generate_batch
 from megatron.inference.kv_cache import KVCacheSettings
 from megatron.inference.sampling import SamplingSettings
@@ -145,25 +145,18 @@ def write_samples(session: Session, contexts: Sequence[str], output: str) -> lis
 
     batch = max(int(session.cfg.training.train_micro_batch_size_per_gpu or 1), 1)
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     samples: list[Sample] = []
     seconds = 0.0
-    try:
-        with tmp.open("w", encoding="utf-8") as fh, tqdm(total=len(contexts), desc="generate", unit="sample",
+    with atomic_open(path, make_parents=True) as fh, tqdm(total=len(contexts), desc="generate", unit="sample",
                                                           file=sys.stderr) as bar:
-            for chunk in _batches(contexts, batch):
-                rows = session.generate(chunk)
-                seconds += rows[0].duration_seconds
-                for sample in rows:
-                    fh.write(sample.to_json() + "\n")
-                    samples.append(sample)
-                fh.flush()
-                bar.update(len(chunk))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        for chunk in _batches(contexts, batch):
+            rows = session.generate(chunk)
+            seconds += rows[0].duration_seconds
+            for sample in rows:
+                fh.write(sample.to_json() + "\n")
+                samples.append(sample)
+            fh.flush()
+            bar.update(len(chunk))
     tokens = sum(s.length for s in samples)
     print(f"generate: wrote {len(samples)} samples ({tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s) "
           f"to {path}", file=sys.stderr)

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from megatron.atomic_io import atomic_write_text
 from megatron.training.distributed import barrier, broadcast_object, capture_rng_state, restore_rng_state
 
 FORMAT_VERSION = 1
@@ -223,20 +224,6 @@ def _zero3_load_module(engine: Any, state: dict[str, torch.Tensor], where: Path)
 # save
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a sibling temp file, fsync, rename over ``path``; on failure the temp file is removed."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _torch_save(obj: Any, path: Path) -> None:
     with open(path, "wb") as handle:
         torch.save(obj, handle)
@@ -285,9 +272,9 @@ def _write_rank_files(tmp: Path, engine: Any, rank: int, world_size: int, iterat
             "param_shapes": {k: list(v.shape) for k, v in (module_state or {}).items()},
             "client_state": client_state,
         }
-        _atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
         if config_yaml is not None:
-            _atomic_write_text(tmp / CONFIG_FILE, config_yaml)
+            atomic_write_text(tmp / CONFIG_FILE, config_yaml)
 
 
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *, rank: int, world_size: int,
@@ -347,7 +334,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
                 try:
                     _publish(tmp, final)
                     published = True
-                    _atomic_write_text(root / LATEST_FILE, final.name + "\n")
+                    atomic_write_text(root / LATEST_FILE, final.name + "\n")
                 except OSError as exc:
                     local = _io_error(exc)
             error = _first_error(local)

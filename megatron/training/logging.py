@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
+from megatron.atomic_io import atomic_open
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -120,15 +122,8 @@ class RunLogger:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
         kept = [line for line in lines if not _row_after(line, iteration)]
         if len(kept) != len(lines):
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            try:
-                with open(tmp, "w", encoding="utf-8") as handle:
-                    handle.writelines(kept)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_open(path) as handle:
+                handle.writelines(kept)
         self._jsonl = open(path, "a", encoding="utf-8")
         return len(lines) - len(kept)
 
