@@ -223,6 +223,31 @@ def test_llama_sepllm_export_logits_block_and_round_trip(llama_sepllm_run, tmp_p
     assert back.config.sepllm.mode == "sepllm" and back.config.sepllm.init_tok_max_idx == 1
 
 
+@pytest.mark.parametrize("exact_window", [True, False])
+def test_converted_sepllm_model_decodes_like_our_generate(llama_sepllm_run, tmp_path, exact_window):
+    """The same greedy tokens (and logits) through HF + SepCache on the exported model as through our own cached
+    decoding (``generate.py``'s compressed cache), over enough steps for the cache to compress many times; SepCache
+    sizes on the HF side come from the exported ``sepllm`` block alone."""
+    import megatron.sepllm
+    from megatron.inference.generator import generate_batch
+    from megatron.inference.kv_cache import KVCacheSettings
+
+    hf = _hf(_export(llama_sepllm_run, tmp_path / "hf"))
+    trained = load_trained_model(llama_sepllm_run)
+    prompt = _ids(rows=1, seq=7, seed=3)        # shorter than a + w: the prompt's SepLLM mask is plain causal
+    new_tokens = 200                            # the caches hold at most 82 keys: several compressions
+    ours = generate_batch(trained.model, [prompt[0].tolist()], max_new_tokens=new_tokens, eos_id=None,
+                          cache_settings=KVCacheSettings(kind="compressed", exact_window=exact_window),
+                          keep_logits=True, pad_id=0)[0]
+    out = hf.generate(input_ids=prompt, custom_generate=megatron.sepllm.generate, do_sample=False,
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, exact_window=exact_window,
+                      USE_MAX_SEP_CACHE=True, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    assert max(out.cache.retention()["compressions_per_layer"]) > 1
+    assert out.sequences[0, prompt.shape[1]:].tolist() == ours.tokens
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0, :, :50277], torch.stack(ours.step_logits)[:, :50277],
+                               atol=1e-4, rtol=1e-4)
+
+
 def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "tools" / "ckpts" / script), *args], capture_output=True,
                           text=True, timeout=120)
