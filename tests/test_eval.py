@@ -173,9 +173,11 @@ def _neox_lm(trained, batch_size: int = 3):
                   batch_size=batch_size, show_progress=False)
 
 
-def test_generate_until_decodes_with_the_generate_window(checkpoints, neox_tokenizer_file):
+@pytest.mark.parametrize("exclude_diagonal", ["true", "false"])
+def test_generate_until_decodes_with_the_generate_window(exclude_diagonal, checkpoints, neox_tokenizer_file):
     """A decode window (3) unlike the prefill window (6): cached generation follows the decode rule, as lm_eval's
-    `hf` model under apply_sepllm does (mask-only generation), and differs from decoding with the prefill window."""
+    `hf` model under apply_sepllm does (mask-only generation), and differs from decoding with the prefill window.
+    EXCLUDE_DIAGONAL=False widens the prefill window only (a decode query sees the last 3 keys either way)."""
     import dataclasses
 
     from lm_eval.models.huggingface import HFLM
@@ -186,10 +188,12 @@ def test_generate_until_decodes_with_the_generate_window(checkpoints, neox_token
     from megatron.sepllm.hf_attention import apply_sepllm
 
     load = load_config(checkpoints["sepllm"]).checkpoint.load
+    diag = ["--EXCLUDE_DIAGONAL", exclude_diagonal]
     trained = load_trained_model(load, config_files=[checkpoints["sepllm"]],
-                                 overrides=["--generate_local_window_size", "3"])
+                                 overrides=["--generate_local_window_size", "3", *diag])
     assert trained.config.sepllm.generate_local_window_size == 3
     assert trained.config.sepllm.prefill_local_window_size == 6
+    assert trained.config.sepllm.EXCLUDE_DIAGONAL is (exclude_diagonal == "true")
     lm = _neox_lm(trained)
     assert lm.generation_cache().settings.kind == "uncapped"
     ours = lm.generate_until(_gen_requests())
@@ -205,7 +209,8 @@ def test_generate_until_decodes_with_the_generate_window(checkpoints, neox_token
     assert ours == theirs
     assert sum(len(t) for t in ours) > 6 * 10      # real continuations, not empty strings
 
-    same_windows = load_trained_model(load, config_files=[checkpoints["sepllm"]])
+    assert lm.generation_cache().sizes["local_size"] == [3, 3]
+    same_windows = load_trained_model(load, config_files=[checkpoints["sepllm"]], overrides=diag)
     assert _neox_lm(same_windows).generate_until(_gen_requests()) != ours
 
 

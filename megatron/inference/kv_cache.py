@@ -191,7 +191,9 @@ class SepKVCache:
         if settings.local_size is not None:
             windows = [int(settings.local_size)] * num_layers
         else:
-            windows = [checks.effective_window(sepllm_cfg, w) for w in generate_windows(sepllm_cfg, num_layers)]
+            # a decode query sees the last w keys, itself included, whatever EXCLUDE_DIAGONAL says (spec §1.3: the
+            # reference's decode rule never reads the flag; apply_sepllm on HF models decodes the same way)
+            windows = generate_windows(sepllm_cfg, num_layers)
         seps = checks.separator_ids_for_mode(sepllm_cfg)
         s = 0 if (uncapped or not seps) else int(settings.sep_cache_size)
         if settings.cache_size is not None:
