@@ -82,7 +82,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cache-size", type=int, default=324, help="c: cache budget (default 324)")
     p.add_argument("--eviction-timing", choices=["after_step", "in_update"], default="after_step",
                    help="after_step = the reference streaming manager (a query sees <= c+1 keys); in_update = "
-                        "SepCache (<= c keys) (default: %(default)s)")
+                        "SepCache (<= c - 1 keys) (default: %(default)s)")
     p.add_argument("--separator-ids", help="comma-separated separator ids; default: derived from the tokenizer")
     p.add_argument("--separator-preset", choices=["llama", "llama-streaming", "gpt_neox", "falcon"],
                    help="use a known family's list instead (spec §2); llama-streaming = the reference streaming "
