@@ -83,25 +83,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: give at least one config file after the script", file=sys.stderr)
         return 2
 
-    from megatron.config import ConfigError, load_config
-    from megatron.training.launch import LaunchError, check_launch, launch_world_size, plan_launch, visible_gpu_count
+    from megatron.config import load_config
+    from megatron.errors import NeoxError, report_error
+    from megatron.training.launch import check_launch, launch_world_size, plan_launch, visible_gpu_count
 
     visible = visible_gpu_count()
     try:
         cfg = load_config(*files, overrides=overrides, for_training=Path(script).name == "train.py",
                           world_size=lambda launcher: launch_world_size(launcher, visible))
         active = check_launch(cfg, visible)
-    except (ConfigError, LaunchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(describe_layout(cfg), flush=True)
-    from megatron.training.preflight import OutputPathError, check_output_dirs
+        print(describe_layout(cfg), flush=True)
+        from megatron.training.preflight import check_output_dirs
 
-    try:  # an unwritable or full save / log folder: one line now, not a traceback or a failed first checkpoint
+        # an unwritable or full save / log folder: one line now, not a traceback or a failed first checkpoint
         check_output_dirs(cfg, rank=0)
-    except OutputPathError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except NeoxError as exc:
+        return report_error(exc)
     config_path, temporary = _resolved_config_path(cfg)
     try:
         config_path.write_text(cfg.to_yaml(), encoding="utf-8")

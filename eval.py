@@ -35,13 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return parsed
     files, overrides = parsed
 
-    from megatron.config import ConfigError, load_config
+    from megatron.config import load_config
+    from megatron.errors import NeoxError, report_error
 
     try:
         cfg = load_config(*files, overrides=overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except NeoxError as exc:
+        return report_error(exc)
 
     from megatron.evaluation.cli import run_eval_cli
 

@@ -29,14 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import os
 
-    from megatron.config import ConfigError, load_config
+    from megatron.config import load_config
+    from megatron.errors import NeoxError, report_error
     from megatron.training.launch import launched_world_size
 
     try:
         cfg = load_config(*files, overrides=overrides, for_training=True, world_size=launched_world_size(os.environ))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except NeoxError as exc:
+        return report_error(exc)
 
     from megatron.training.cli import run_training
 

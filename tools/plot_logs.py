@@ -21,16 +21,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", default=None, help="plot title (default: the run directory)")
     args = parser.parse_args(argv)
 
-    from megatron.training.plotting import PlotError, plot_run
+    from megatron.errors import NeoxError, report_error
+    from megatron.training.plotting import plot_run
 
     run_dir = args.run_log_dir
     default_dir = run_dir.parent if run_dir.is_file() else run_dir
     output = args.output or default_dir / "loss.png"
     try:
         plot_run(run_dir, output, args.title)
-    except PlotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except NeoxError as exc:
+        return report_error(exc)
     print(output)
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megatron.errors import UserInputError
 
-class ConfigError(Exception):
+
+class ConfigError(UserInputError):
     """A config file, key or value that cannot be used. The message names the source, the key and what was expected."""

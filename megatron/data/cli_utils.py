@@ -5,20 +5,19 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from megatron.data.errors import DataError
-from megatron.tokenizer.base import TokenizerError
+from megatron.errors import NeoxError, report_error
 
-#: errors that mean "bad input", reported without a traceback
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (DataError, TokenizerError, OSError)
+#: errors reported without a traceback: the project's family (data, tokenizer, usage) and unreadable files
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (NeoxError, OSError)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], prog: str, argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; expected errors print ``<prog>: error: <message>`` and return 1, Ctrl-C returns 130."""
+    """Run ``main(argv)``; expected errors print ``<prog>: error: <message>`` and return the error's exit code (a
+    data or tokenizer problem, or an unreadable file: 1; a flag this tool cannot honour: 2), Ctrl-C returns 130."""
     try:
         return main(argv)
     except EXPECTED_ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc, prog)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from megatron.errors import RunError
 
-class DataError(ValueError):
+
+class DataError(RunError, ValueError):
     """Base class: bad data input, named by file/key/value."""
 
 

@@ -7,19 +7,17 @@ import sys
 from typing import Any, Sequence
 
 
-def _input_errors() -> tuple[type[BaseException], ...]:
-    """Problems with what the user gave (config, tasks, checkpoint path, tokenizer): exit 2."""
-    from megatron.config import ConfigError
-    from megatron.evaluation.lm import EvalRequestError
-    from megatron.evaluation.runner import EvalError
+def _named_inputs() -> tuple[type[BaseException], ...]:
+    """Run-time classes that are input here: eval reads the checkpoint and tokenizer the user named: exit 2."""
     from megatron.tokenizer import TokenizerError
     from megatron.training.checkpointing import CheckpointError
 
-    return ConfigError, EvalError, EvalRequestError, TokenizerError, CheckpointError
+    return TokenizerError, CheckpointError
 
 
 def run_eval_cli(cfg: Any, config_files: Sequence[str], overrides: Sequence[str]) -> int:
     """Run :func:`megatron.evaluation.runner.run_evaluation` on this rank; returns the exit status."""
+    from megatron.errors import NeoxError, report_error
     from megatron.evaluation.lm import DataParallel
     from megatron.evaluation.runner import run_evaluation
 
@@ -35,9 +33,8 @@ def run_eval_cli(cfg: Any, config_files: Sequence[str], overrides: Sequence[str]
         dp = DataParallel(rank=info.rank, world_size=info.world_size)
     try:
         run_evaluation(cfg, config_files=config_files, overrides=overrides, dp=dp)
-    except _input_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except NeoxError as exc:
+        return report_error(exc, input_kinds=_named_inputs())
     except (RuntimeError, OSError) as exc:
         print(f"error: evaluation failed: {exc}", file=sys.stderr)
         return 1

@@ -31,11 +31,12 @@ from tqdm import tqdm
 from megatron.inference.generator import GeneratedTokens, generate_batch
 from megatron.inference.kv_cache import KVCacheError, KVCacheSettings, build_kv_cache
 from megatron.inference.stopping import StopStrings
+from megatron.errors import UserInputError
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's default when a task sets no max_gen_toks
 
 
-class EvalRequestError(ValueError):
+class EvalRequestError(UserInputError, ValueError):
     """A request the evaluator cannot serve as asked (e.g. sampling); one line naming the task setting."""
 
 

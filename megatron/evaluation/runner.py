@@ -23,9 +23,10 @@ import torch
 
 from megatron.atomic_io import atomic_open, atomic_write_text
 from megatron.evaluation.lm import DataParallel, NeoXLM
+from megatron.errors import UserInputError
 
 
-class EvalError(ValueError):
+class EvalError(UserInputError, ValueError):
     """The evaluation cannot run as configured (tasks, paths, keys); one line, exit 2."""
 
 

@@ -16,12 +16,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 import torch
 
 from megatron.atomic_io import atomic_open
-from megatron.inference.generator import GenerationError, generate_batch
+from megatron.inference.generator import generate_batch
 from megatron.inference.kv_cache import KVCacheSettings
 from megatron.inference.sampling import SamplingSettings
+from megatron.errors import UserInputError
 
 
-class UsageError(ValueError):
+class UsageError(UserInputError, ValueError):
     """A config / input problem (exit 2)."""
 
 
@@ -195,8 +196,7 @@ def interactive(session: Session, stdin: TextIO = sys.stdin, stdout: TextIO = sy
 
 def run_generation(files: Sequence[str], overrides: Sequence[str]) -> int:
     """The whole of ``generate.py`` after argument splitting; returns the exit code."""
-    from megatron.config import ConfigError
-    from megatron.training.checkpointing import CheckpointError
+    from megatron.errors import NeoxError, report_error
 
     try:
         session = load_session(files, overrides)
@@ -211,10 +211,9 @@ def run_generation(files: Sequence[str], overrides: Sequence[str]) -> int:
             write_samples(session, prompts, gen.sample_output_file)
         else:
             write_samples(session, [""] * gen.num_samples, gen.sample_output_file)
-    except (ConfigError, UsageError, GenerationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, OSError) as exc:
+    except NeoxError as exc:
+        return report_error(exc)
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

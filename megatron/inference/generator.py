@@ -16,12 +16,13 @@ from torch import Tensor
 
 from megatron.inference.kv_cache import KVCacheError, KVCacheSettings, build_kv_cache
 from megatron.inference.sampling import SamplingSettings, next_tokens
+from megatron.errors import UserInputError
 
 TokenCallback = Callable[[int, int], None]   # (row, token id) as soon as it is chosen
 StopCheck = Callable[[int, list], bool]      # (row, its tokens so far incl. the newest) -> True ends that row
 
 
-class GenerationError(ValueError):
+class GenerationError(UserInputError, ValueError):
     """Generation cannot run with these inputs / settings (one line for the user)."""
 
 

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.config.generation import KV_CACHE_KINDS
+from megatron.errors import UserInputError
 
 #: SepLLM modes a cache can serve; the others (FixLLM, self-adjusting softmax) and BiPE decode with recompute.
 CACHEABLE_SEPLLM_MODES = ("sepllm", "streamingllm")
 
 
-class KVCacheError(ValueError):
+class KVCacheError(UserInputError, ValueError):
     """A cache cannot serve this model / these settings (the message names the key and what to do)."""
 
 

@@ -19,11 +19,12 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.errors import UserInputError
 
 MESH_DIM_NAMES = ("pp", "dp", "tp")
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(UserInputError, ValueError):
     """World size / TP / PP that cannot form a layout; the message names the keys and values involved."""
 
 

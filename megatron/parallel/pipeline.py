@@ -38,6 +38,7 @@ from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.init import init_weights
+from megatron.errors import UserInputError
 from megatron.model.loss import lm_loss
 from megatron.parallel.pipeline_stages import (EmbeddingPipe, FinalNormPipe, HeadPipe, StageContext,
                                                TransformerLayerPipe, tied_head_forward)
@@ -52,7 +53,7 @@ TIED_EMBEDDING_KEY = "embed"
 CHECKPOINTABLE = ["EmbeddingPipe", "TransformerLayerPipe", "FinalNormPipe", "HeadPipe", "partial"]
 
 
-class PipelineConfigError(ValueError):
+class PipelineConfigError(UserInputError, ValueError):
     """A pipeline setting that cannot work (message names the key, the value and what is expected)."""
 
 

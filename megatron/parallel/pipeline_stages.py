@@ -31,11 +31,12 @@ from megatron.model.norms import build_norm
 from megatron.model.positional import default_position_ids, rotary_cos_sin, rotary_ndims
 from megatron.model.transformer import TransformerLayer
 from megatron.sepllm.rules import bipe_position_ids
+from megatron.errors import UserInputError
 
 StageTuple = tuple[Tensor, Tensor]
 
 
-class PipelineInputError(ValueError):
+class PipelineInputError(UserInputError, ValueError):
     """A pipeline stage received something other than what the previous stage (or the data iterator) must send."""
 
 

@@ -26,9 +26,10 @@ from torch import Tensor
 
 from megatron.config.model import ModelConfig
 from megatron.model.mlp import GATED
+from megatron.errors import UserInputError
 
 
-class ReshardError(ValueError):
+class ReshardError(UserInputError, ValueError):
     """A state dict that cannot be merged/split as asked; the message names the key and the shapes."""
 
 

@@ -46,9 +46,10 @@ from megatron.model.gpt import GPTModel
 from megatron.model.mlp import ffn_width
 from megatron.parallel import tp_comm
 from megatron.parallel.reshard import ShardSpec, is_gated, shard_spec, shard_tensor
+from megatron.errors import UserInputError
 
 
-class TensorParallelError(ValueError):
+class TensorParallelError(UserInputError, ValueError):
     """A model/config that cannot be split over the given tensor-parallel group; the message names the key."""
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Sequence
+from megatron.errors import RunError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(RunError, ValueError):
     """A tokenizer could not be built or used (bad file, unknown type, unknown token)."""
 
 

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from megatron.atomic_io import atomic_write_text
 from megatron.training.distributed import barrier, broadcast_object, capture_rng_state, restore_rng_state
+from megatron.errors import RunError
 
 FORMAT_VERSION = 1
 LATEST_FILE = "latest"
@@ -53,7 +54,7 @@ STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
 _SCALER_KEY = "__loss_scaler_state__"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the current model/run."""
 
 

@@ -8,30 +8,13 @@ from pathlib import Path
 from typing import Any
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from megatron.config import ConfigError
-    from megatron.data.errors import DataError
-    from megatron.tokenizer import TokenizerError
-    from megatron.training.checkpointing import CheckpointError
-    from megatron.training.data_setup import DataSetupError
-    from megatron.training.engine import DeviceConfigError
-    from megatron.training.loop import TrainingError
-    from megatron.training.lr_schedules import LRScheduleError
-    from megatron.training.optimizer import OptimizerConfigError
-    from megatron.training.preflight import OutputPathError
-
-    return (ConfigError, DataError, TokenizerError, CheckpointError, DataSetupError, DeviceConfigError,
-            TrainingError, LRScheduleError, OptimizerConfigError, OutputPathError)
-
-
 def run_training(cfg: Any, plot: bool = True) -> int:
     """Train; on rank 0 write ``loss.png`` next to ``metrics.jsonl``. Returns the process exit code: 0 done, 1 a run
     problem, 2 a config / user-input problem (bad config, unwritable output folder), 130 / 143 stopped by SIGINT /
     SIGTERM (after saving a checkpoint when ``save`` is set)."""
-    from megatron.config import ConfigError
+    from megatron.errors import NeoxError, report_error
     from megatron.training.interrupt import TrainingInterrupted
     from megatron.training.loop import pretrain
-    from megatron.training.preflight import OutputPathError
 
     try:
         result = pretrain(cfg)
@@ -42,9 +25,8 @@ def run_training(cfg: Any, plot: bool = True) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: the user chose not to wait for the checkpoint
         print("interrupted: aborted without saving a checkpoint", file=sys.stderr)
         return 130
-    except _known_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, (ConfigError, OutputPathError)) else 1
+    except NeoxError as exc:
+        return report_error(exc)
     if plot and int(os.environ.get("RANK", "0")) == 0 and result.log_dir:
         from megatron.training.plotting import PlotError, plot_run
 

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from megatron.errors import RunError
 
 
-class DataSetupError(RuntimeError):
+class DataSetupError(RunError, RuntimeError):
     """The configured data cannot be found or built."""
 
 

@@ -6,9 +6,10 @@ import logging
 from typing import Any
 
 import torch
+from megatron.errors import UserInputError
 
 
-class DeviceConfigError(ValueError):
+class DeviceConfigError(UserInputError, ValueError):
     """A requested setting cannot run on the selected device."""
 
 

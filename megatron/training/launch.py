@@ -24,13 +24,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
+from megatron.errors import UserInputError
 
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
 FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN")
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
 
-class LaunchError(ValueError):
+class LaunchError(UserInputError, ValueError):
     """The launch cannot start as configured (hostfile, hosts, include/exclude, world size); one sentence."""
 
 

@@ -42,9 +42,10 @@ from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
 from megatron.training.optimizer import build_optimizer
 from megatron.training.parallel_setup import ParallelPlan, plan_parallel
 from megatron.training.preflight import check_output_dirs
+from megatron.errors import RunError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError, RuntimeError):
     """The run cannot start or continue (with a message that says why)."""
 
 

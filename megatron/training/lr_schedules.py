@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
+from megatron.errors import UserInputError
 
 DECAY_STYLES = ("constant", "linear", "cosine")
 
 
-class LRScheduleError(ValueError):
+class LRScheduleError(UserInputError, ValueError):
     """A schedule parameter is out of range."""
 
 

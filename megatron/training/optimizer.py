@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from megatron.errors import UserInputError
 
 OPTIMIZER_TYPES = ("adam", "adamw", "sgd")
 
 
-class OptimizerConfigError(ValueError):
+class OptimizerConfigError(UserInputError, ValueError):
     """The ``optimizer`` config block asks for something we cannot build."""
 
 

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 from megatron.training.logging import METRICS_FILE
+from megatron.errors import RunError
 
 
-class PlotError(ValueError):
+class PlotError(RunError, ValueError):
     """The run folder has no usable metrics."""
 
 

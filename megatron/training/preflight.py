@@ -12,11 +12,12 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+from megatron.errors import UserInputError
 
 PROBE_BYTES = 64 * 1024  # enough to hit a full disk (a 1-byte file can fit in an already allocated block)
 
 
-class OutputPathError(ValueError):
+class OutputPathError(UserInputError, ValueError):
     """An output folder named in the config cannot be created or written."""
 
 

@@ -38,17 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron.config.errors import ConfigError
+    from megatron.errors import NeoxError, report_error
     from megatron.model.convert.import_hf import import_from_hf
 
     try:
         result = import_from_hf(args.hf_dir, args.output_dir, tp=args.tp, pp=args.pp)
-    except (ConfigError, ValueError) as exc:
-        print(f"convert_hf_to_neox: error: {exc}", file=sys.stderr)
-        return 2
+    except (NeoxError, ValueError) as exc:  # the HF folder is this tool's input
+        return report_error(exc, "convert_hf_to_neox", exit_code=2)
     except OSError as exc:
-        print(f"convert_hf_to_neox: error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc, "convert_hf_to_neox")
     print(f"wrote {result.checkpoint_dir} ({result.architecture}) and {result.yaml_file}")
     return 0
 

@@ -51,9 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron.config.errors import ConfigError
+    from megatron.errors import NeoxError, report_error
     from megatron.model.convert.export import export_to_hf
-    from megatron.training.checkpointing import CheckpointError
 
     try:
         result = export_to_hf(args.input_dir, args.output_dir, config_file=args.config_file,
@@ -61,12 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                               save_tokenizer=not args.no_save_tokenizer,
                               vocab_is_hf_tokenizer=args.vocab_is_hf_tokenizer, pad_token_id=args.pad_token_id,
                               iteration=args.iteration, progress=True)
-    except (ConfigError, CheckpointError, ValueError) as exc:
-        print(f"convert_neox_to_hf: error: {exc}", file=sys.stderr)
-        return 2
+    except (NeoxError, ValueError) as exc:  # the checkpoint and config are this tool's input
+        return report_error(exc, "convert_neox_to_hf", exit_code=2)
     except OSError as exc:
-        print(f"convert_neox_to_hf: error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc, "convert_neox_to_hf")
     print(f"wrote {result.output_dir} ({result.architecture}, {str(result.dtype).replace('torch.', '')}, iteration "
           f"{result.iteration}): {', '.join(result.files)}")
     return 0

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron.parallel.reshard import ReshardError, reshard_checkpoint
+from megatron.errors import NeoxError, report_error
+from megatron.parallel.reshard import reshard_checkpoint
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -36,9 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         dst = reshard_checkpoint(args.load, args.save, args.tp, check_replicated=not args.no_check_replicated)
-    except (ReshardError, OSError, json.JSONDecodeError) as exc:
-        print(f"reshard_tp: error: {exc}", file=sys.stderr)
-        return 2
+    except (NeoxError, OSError, json.JSONDecodeError) as exc:  # the checkpoint is this tool's input
+        return report_error(exc, "reshard_tp", exit_code=2)
     print(f"wrote TP={args.tp} checkpoint {dst} (model weights only: resume with no_load_optim: true)")
     return 0
 

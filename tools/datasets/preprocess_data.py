@@ -14,6 +14,7 @@ from typing import Sequence
 from megatron.data.cli_utils import run_cli
 from megatron.data.preprocess import tokenize_to_indexed
 from megatron.tokenizer import TOKENIZER_TYPES
+from megatron.errors import UserInputError, report_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def _fix_text(use_ftfy: bool):
     return ftfy.fix_text
 
 
-class UsageError(ValueError):
+class UsageError(UserInputError, ValueError):
     """A flag value this tool cannot honour (exit 2)."""
 
 
@@ -70,9 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.num_docs is not None and args.num_docs < 1:
             raise UsageError(f"--num-docs {args.num_docs}: expected a number of documents >= 1")
         fix_text = _fix_text(args.ftfy)
-    except UsageError as exc:
-        print(f"preprocess_data.py: error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:  # a flag problem: exit 2 (run_cli reports data and tokenizer problems)
+        return report_error(exc, "preprocess_data.py")
     results = tokenize_to_indexed(
         args.input,
         args.output_prefix,
