@@ -57,6 +57,15 @@ def test_warmup_fraction_or_iterations():
     assert resolve_warmup_iters(None, 1000) == 0
 
 
+def test_warmup_fraction_rounds_like_config_validation():
+    from megatron.config.derived import warmup_iters
+
+    # halves round up (GPT-NeoX's truncation gave 0 and 2 here); the schedule and the validated config agree
+    assert resolve_warmup_iters(0.5, 1) == 1 == warmup_iters(0.5, 1)
+    assert resolve_warmup_iters(0.25, 10) == 3 == warmup_iters(0.25, 10)
+    assert resolve_warmup_iters(0.299, 10) == 3
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(decay_style="exponential"), "lr_decay_style"),
     (dict(min_lr=2.0), "min_lr"),

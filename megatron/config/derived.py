@@ -7,7 +7,12 @@ from typing import Any, Optional, Sequence
 
 from megatron.config.errors import ConfigError
 
+# The choices of the model keys, defined here once: config validation checks them, the model builds from them.
+POS_EMBS = ("learned", "rotary", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm", "scalenorm")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = ("gelu", "relu") + GATED_ACTIVATIONS
+FULL_ATTENTION_TYPES = ("global", "flash")  # both are dense causal attention; "flash" only named a kernel
 TANH_GELU_HF_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 

@@ -32,9 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = (None, "online", "offline", "disabled")
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
 BACKENDS = (None, "auto", "nccl", "gloo")
-POS_EMBS = ("learned", "rotary", "alibi", "none")
-NORMS = ("layernorm", "rmsnorm", "scalenorm")
-ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
+POS_EMBS, NORMS, ACTIVATIONS = derived.POS_EMBS, derived.NORMS, derived.ACTIVATIONS
 
 # Element types of list fields (the dataclasses only say ``list``).
 ITEM_TYPES: dict[tuple[str, str], type] = {

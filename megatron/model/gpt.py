@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron.config import derived
+from megatron.config.errors import ConfigError
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 from megatron.kernels.plan import log_fusion_choice
@@ -34,31 +36,20 @@ from megatron.sepllm.rules import bipe_position_ids, left_pad_counts
 
 logger = logging.getLogger(__name__)
 
-POS_EMBS = ("learned", "rotary", "alibi", "none")
-FULL_ATTENTION_TYPES = ("global", "flash")  # both are dense causal attention; "flash" only named a kernel
+POS_EMBS = derived.POS_EMBS
+FULL_ATTENTION_TYPES = derived.FULL_ATTENTION_TYPES
 
 
 def expand_attention_config(cfg: ModelConfig) -> list[str]:
-    """Per-layer attention types from GPT-NeoX's ``[[["global"], n], ...]`` form or an already expanded list.
+    """Per-layer attention types (config validation's :func:`megatron.config.derived.expand_attention_config`, for
+    configs built in code that never went through validation).
 
     Only dense causal attention (``global``/``flash``) exists here; the sparsity pattern comes from SepLLM instead.
     """
-    if cfg.attention_config is None:
-        return ["global"] * cfg.num_layers
-    types: list[str] = []
-    for entry in cfg.attention_config:
-        if isinstance(entry, str):
-            types.append(entry)
-        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], int):
-            names, count = entry
-            names = [names] if isinstance(names, str) else list(names)
-            types.extend((names * count)[:count])  # GPT-NeoX repeats the pattern to fill count layers
-        else:
-            raise ValueError(f"model config key 'attention_config': cannot read entry {entry!r}; expected "
-                             f"[[\"global\"], num_layers] or a list of per-layer names")
-    if len(types) != cfg.num_layers:
-        raise ValueError(f"model config key 'attention_config' gives {len(types)} layers, expected num_layers = "
-                         f"{cfg.num_layers}")
+    try:
+        types = derived.expand_attention_config(cfg.attention_config, cfg.num_layers)
+    except ConfigError as exc:  # the model's own errors are ValueErrors naming the model config
+        raise ValueError(f"model config key {exc}") from None
     unsupported = sorted({t for t in types if t not in FULL_ATTENTION_TYPES})
     if unsupported:
         raise ValueError(f"model config key 'attention_config' = {unsupported}: only {FULL_ATTENTION_TYPES} are "

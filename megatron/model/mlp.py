@@ -16,7 +16,7 @@ from megatron.config import derived
 from megatron.config.model import ModelConfig
 
 GATED = derived.GATED_ACTIVATIONS
-ACTIVATIONS = ("gelu", "relu") + GATED
+ACTIVATIONS = derived.ACTIVATIONS
 
 
 def ffn_width(cfg: ModelConfig) -> int:

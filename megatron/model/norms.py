@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from megatron.config import derived
 from megatron.config.model import ModelConfig
 from megatron.kernels.norms import fused_add_norm, fused_norm
 from megatron.kernels.plan import fusion_plan
@@ -87,4 +88,4 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
         return (FusedRMSNorm if plan.rmsnorm else RMSNorm)(cfg.hidden_size, eps=cfg.rms_norm_epsilon)
     if cfg.norm == "scalenorm":
         return ScaleNorm(cfg.hidden_size, eps=cfg.scalenorm_epsilon)
-    raise ValueError(f"model config key 'norm' = {cfg.norm!r}: expected one of 'layernorm', 'rmsnorm', 'scalenorm'")
+    raise ValueError(f"model config key 'norm' = {cfg.norm!r}: expected one of {', '.join(map(repr, derived.NORMS))}")

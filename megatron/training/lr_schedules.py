@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
+
+from megatron.config import derived
 from megatron.errors import UserInputError
 
 DECAY_STYLES = ("constant", "linear", "cosine")
@@ -30,13 +32,15 @@ class LRScheduleError(UserInputError, ValueError):
 
 
 def resolve_warmup_iters(warmup: float | int | None, lr_decay_iters: int) -> int:
-    """Warmup given as a fraction of ``lr_decay_iters`` (< 1.0, GPT-NeoX ``warmup``) or as an iteration count."""
+    """Warmup given as a fraction of ``lr_decay_iters`` (< 1.0, GPT-NeoX ``warmup``) or as an iteration count. A
+    fraction is rounded by config validation's rule (:func:`megatron.config.derived.warmup_iters`), so a schedule
+    built here and one built from a validated config agree."""
     if warmup is None:
         return 0
     if warmup < 0:
         raise LRScheduleError(f"warmup must be >= 0, got {warmup!r}")
     if isinstance(warmup, float) and warmup < 1.0:
-        return int(warmup * lr_decay_iters)
+        return derived.warmup_iters(warmup, lr_decay_iters)
     return int(warmup)
 
 
