@@ -215,7 +215,10 @@ class Run:
         self.backend = TimedBackend(model.attention_backend, self.clock)
         model.attention_backend = self.backend
         ds_config = cfg.deepspeed_config(info.world_size, client_optimizer=True)
-        ds_config["gradient_clipping"] = 0.0               # as the trainer does for ZeRO-0: train_step clips
+        # the trainer's rule: ZeRO-0 fp32 measures and clips the norm in train_step, else DeepSpeed clips
+        self.own_norm = cfg.training.precision == "fp32"
+        if self.own_norm:
+            ds_config["gradient_clipping"] = 0.0
         self.engine = build_engine(model, build_optimizer(model, cfg.optimizer, device_type=args.device), ds_config,
                                    args.device)
         self.scheduler = AnnealingLR(max_lr=1e-3, warmup_iters=1, lr_decay_iters=10 ** 6, decay_style="cosine",
@@ -231,7 +234,7 @@ class Run:
 
         self.iteration += 1
         self.scheduler.step(self.iteration, self.engine.optimizer.param_groups)
-        loss, _ = train_step(self.engine, self._batches, 1, own_grad_norm=True, clip=1.0)
+        loss, _ = train_step(self.engine, self._batches, 1, own_grad_norm=self.own_norm, clip=1.0)
         return float(loss)                                 # the loop reads the loss every iteration
 
     def instrumented_step(self) -> dict[str, float]:
@@ -252,10 +255,17 @@ class Run:
         return 1.0 if retention is None else retention.as_dict()["attn_map_retention/total"]
 
     def validate(self) -> Optional[float]:
+        from megatron.model.loss import lm_loss
         from megatron.training.loop import evaluate
+        from megatron.training.parallel_setup import ParallelPlan
+        from megatron.training.steppers import PlainStepper
 
-        return evaluate(self.engine, self.datasets.valid, self.args.eval_iters, self.args.micro, self.info,
-                        self.eod, False, self.args.device)
+        stepper = PlainStepper(engine=self.engine, n_params=0, gas=1, own_grad_norm=False, clip=0.0, loss_fn=lm_loss,
+                               info=self.info)
+        plan = ParallelPlan(tp_size=1, pp_stages=0, sequence_parallel=False, dp_rank=self.info.rank,
+                            dp_size=self.info.world_size)
+        return evaluate(stepper, self.datasets.valid, self.args.eval_iters, self.args.micro, plan, self.eod, False,
+                        self.args.device)
 
 
 def ideal_ratio(share: float, attention_ratio: float) -> float:

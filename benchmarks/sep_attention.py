@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.p
 from corpus import TOKENIZER, pg19_books  # noqa: E402
 from megatron.config.model import ModelConfig  # noqa: E402
 from megatron.config.sepllm import SepLLMConfig  # noqa: E402
+from megatron.sepllm.auto_table import TABLE_PATH as AUTO_TABLE  # noqa: E402
+from megatron.sepllm.auto_table import table_entries, write_table  # noqa: E402
 from megatron.sepllm.backend import SepLLMBackend  # noqa: E402
 from megatron.sepllm.retention import pattern_counts  # noqa: E402
 
@@ -67,6 +69,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="torch intra-op threads (default: torch's choice); 1 gives steadier ratios on a busy machine")
     p.add_argument("--no-backward", action="store_true", help="time forward only (skip forward+backward)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as a JSON list to this path")
+    p.add_argument("--write-auto-table", nargs="?", type=Path, const=AUTO_TABLE, default=None, metavar="PATH",
+                   help="record the fastest trainable path (fwd+bwd) per (S, w) for this device type in the table "
+                        "that sep_attention_impl 'auto' consults (PATH defaults to megatron/sepllm/auto_table.json; "
+                        "other device types' entries are kept)")
     return p.parse_args(argv)
 
 
@@ -192,6 +198,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device} requested but CUDA is not available", file=sys.stderr)
         return 2
+    if args.write_auto_table is not None and args.no_backward:
+        print("error: --write-auto-table needs forward+backward times (drop --no-backward)", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = run(args)
@@ -202,6 +211,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
         print(f"wrote {len(rows)} rows to {args.json}")
+    if args.write_auto_table is not None:
+        entries = table_entries(rows)
+        device_type = torch.device(args.device).type
+        source = {"command": "benchmarks/sep_attention.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
+                  "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
+                  "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        write_table(device_type, entries, source, args.write_auto_table)
+        print(f"wrote {len(entries)} {device_type} entries to {args.write_auto_table}: "
+              + ", ".join(f"S={e['seq']} w={e['window']} -> {e['impl']}" for e in entries))
     return 0
 
 

@@ -63,10 +63,12 @@ def test_gpu_check_dry_run_help_and_bad_argument(tmp_path: Path) -> None:
     out = run("bash", str(CHECK), "--dry-run", "--out", str(target))
     assert out.returncode == 0, out.stderr
     names = [line.split("]")[0][1:] for line in out.stdout.splitlines() if line.startswith("[")]
-    assert names == ["install", "kernels", "gpu_tests", "fused_kernels", "sep_attention", "train_step"]
+    assert names == ["install", "kernels", "gpu_tests", "fused_kernels", "sep_attention", "train_step",
+                     "long_context"]
     assert "pytest tests -m gpu" in out.stdout and "--junitxml" in out.stdout
     assert "benchmarks/fused_kernels.py --device cuda" in out.stdout
     assert "benchmarks/sep_attention.py --device cuda" in out.stdout and "train_step.py --device cuda" in out.stdout
+    assert "benchmarks/long_context.py --device cuda" in out.stdout
     assert str(target) in out.stdout and not target.exists()  # a dry run writes nothing
     assert run("bash", str(CHECK), "--help").stdout.startswith("One-command GPU check")
     bad = run("bash", str(CHECK), "--nope")

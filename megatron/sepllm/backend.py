@@ -7,10 +7,10 @@ retention counters; ``__call__`` runs one layer. Execution paths (``sep_attentio
 * ``dense``   -- boolean mask into SDPA (reference "NOkernel" semantics, supports dropout and SA softmax);
 * ``flex``    -- FlexAttention BlockMask from the ``[B, S]`` bit-vector (GPU training; CPU forward only);
 * ``compact`` -- gathered global keys + banded window in one exact softmax (work ~ kept keys; CPU/GPU training);
-* ``auto``    -- ``USE_SEP_ATTN_KERNEL_ACCELERATOR: False`` => dense. Otherwise compact on CPU (measured: see
-  ``benchmarks/sep_attention.py``) and flex on CUDA. The CUDA choice is a documented rule, not a measurement: no GPU
-  was available while writing this; FlexAttention's Triton kernel is fused forward and backward there, while the
-  compact path's GPU engine is a per-block SDPA loop. Benchmark both on your GPU with the benchmark script.
+* ``auto``    -- ``USE_SEP_ATTN_KERNEL_ACCELERATOR: False`` => dense. Otherwise the measured table
+  (``megatron.sepllm.auto_table``, written by ``benchmarks/sep_attention.py --write-auto-table``) for this device
+  type, sequence length and window; where it has no entry, the written rule: compact on CPU, flex on CUDA (the CUDA
+  table stays empty until a GPU run fills it).
 
 Layers whose window covers the sequence (H/HT layers, ``mode: full``) run plain causal SDPA on the fast path.
 """
@@ -24,7 +24,7 @@ import torch
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.sepllm import checks
+from megatron.sepllm import auto_table, checks
 from megatron.sepllm.compact import build_compact_layout, compact_attention
 from megatron.sepllm.dense import alibi_bias, build_dense_mask, causal_attention, masked_sdpa
 from megatron.sepllm.plan import PatternPlan, SepPlan, build_plan
@@ -70,8 +70,9 @@ class SepLLMBackend:
                            sepllm_cfg.sep_attention_impl)
 
     # ------------------------------------------------------------------------------------------- path selection
-    def resolve_impl(self, device: torch.device) -> str:
-        """The execution path for ``device``: explicit ``sep_attention_impl`` wins, else the ``auto`` rule."""
+    def resolve_impl(self, device: torch.device, seq_len: Optional[int] = None) -> str:
+        """The execution path for ``device``: explicit ``sep_attention_impl`` wins, else ``auto``: the measured
+        table at ``seq_len`` (see ``auto_table``), else the written rule."""
         cfg = self.cfg
         if cfg.mode in checks.DENSE_ONLY_MODES:
             impl = "dense"
@@ -80,7 +81,11 @@ class SepLLMBackend:
         elif not cfg.USE_SEP_ATTN_KERNEL_ACCELERATOR:
             impl = "dense"
         else:
-            impl = "flex" if torch.device(device).type == "cuda" else "compact"
+            dev_type = torch.device(device).type
+            sparse = [w for w in self.layer_windows if seq_len is None or w < seq_len]
+            impl = auto_table.lookup(dev_type, seq_len, min(sparse)) if sparse else None
+            if impl is None:
+                impl = "flex" if dev_type == "cuda" else "compact"
         key = (impl, torch.device(device).type)
         if key not in self._logged:
             self._logged.add(key)
@@ -100,7 +105,7 @@ class SepLLMBackend:
     def prepare(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask_2d: Optional[torch.Tensor]) -> SepPlan:
         """Build the micro-batch plan shared by all layers and add its counts to ``self.retention``."""
-        impl = self.resolve_impl(input_ids.device)
+        impl = self.resolve_impl(input_ids.device, int(input_ids.shape[-1]))
         plan = build_plan(input_ids, position_ids, attention_mask_2d, impl=impl, mode=self.cfg.mode,
                           layer_windows=self.layer_windows, layer_intervals=self.layer_intervals,
                           separator_ids=self.separator_ids, num_initial=self.num_initial,
