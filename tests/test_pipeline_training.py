@@ -1,4 +1,4 @@
-"""The training-loop glue for pipelines (megatron.parallel.pipeline_training), 2 gloo processes, with the trainer's
+"""The training-loop glue for pipelines (megatron.training.pipeline_training), 2 gloo processes, with the trainer's
 own building blocks (NeoXConfig.deepspeed_config, build_optimizer, build_engine, Batch)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from megatron.config import NeoXConfig
 from megatron.parallel.pipeline import PipelineConfigError
-from megatron.parallel.pipeline_training import pipeline_stage_count
+from megatron.training.pipeline_training import pipeline_stage_count
 from test_pipeline import SEQ, VOCAB, micro_batches, sep_cfg, token_rows
 
 
@@ -33,7 +33,7 @@ def tiny_neox(pp: int, zero: int = 1) -> NeoXConfig:
 def _loop_like_run(rank: int, world: int) -> None:
     from megatron.model.gpt import GPTModel
     from megatron.model.loss import lm_loss
-    from megatron.parallel.pipeline_training import (build_pipeline_engine, load_pipeline_module_state,
+    from megatron.training.pipeline_training import (build_pipeline_engine, load_pipeline_module_state,
                                                      pipeline_loop_eval, pipeline_loop_step, pipeline_module_state)
     from megatron.training.batches import Batch
     from megatron.training.engine import quiet_deepspeed_logs
@@ -106,7 +106,7 @@ def test_stage_count_and_refusals():
 
 
 def test_build_refuses_zero2_and_bad_world_size():
-    from megatron.parallel.pipeline_training import build_pipeline_engine
+    from megatron.training.pipeline_training import build_pipeline_engine
 
     with pytest.raises(PipelineConfigError, match="zero_optimization.stage = 2 with pipe_parallel_size = 2"):
         build_pipeline_engine(tiny_neox(2, zero=2), "cpu", 2)
@@ -117,7 +117,7 @@ def test_build_refuses_zero2_and_bad_world_size():
 
 
 def _bf16_close_to_fp32(rank: int, world: int) -> None:
-    from megatron.parallel.pipeline_training import build_pipeline_engine, pipeline_loop_step
+    from megatron.training.pipeline_training import build_pipeline_engine, pipeline_loop_step
     from megatron.training.batches import Batch
     from megatron.training.engine import quiet_deepspeed_logs
 
@@ -148,7 +148,7 @@ def _pp2_dp2(rank: int, world: int) -> None:
     with micro-batch 2m over the same global batch."""
     from megatron.model.gpt import GPTModel
     from megatron.model.loss import lm_loss
-    from megatron.parallel.pipeline_training import build_pipeline_engine, pipeline_loop_step, pipeline_module_state
+    from megatron.training.pipeline_training import build_pipeline_engine, pipeline_loop_step, pipeline_module_state
     from megatron.training.batches import Batch
     from megatron.training.engine import quiet_deepspeed_logs
     from megatron.training.optimizer import build_optimizer

@@ -87,22 +87,22 @@ def pretrain_with_weights(cfg: NeoXConfig) -> tuple[Any, dict[str, torch.Tensor]
     Equal losses alone hide a constant gradient scale (Adam and clipping undo it): parallel-equivalence tests
     compare the weight updates and the logged grad norms too.
     """
-    from megatron.training import loop
+    from megatron.training import loop, steppers
 
     engines: list[Any] = []
     initial: dict[str, torch.Tensor] = {}
-    build = loop.build_engine
+    build = steppers.build_engine
 
     def capture(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         initial.update((n, p.detach().clone()) for n, p in model.named_parameters())
         engines.append(build(model, *args, **kwargs))
         return engines[-1]
 
-    loop.build_engine = capture
+    steppers.build_engine = capture
     try:
         result = loop.pretrain(cfg)
     finally:
-        loop.build_engine = build
+        steppers.build_engine = build
     (engine,) = engines
     named = list(engine.module.named_parameters())
     if engine.zero_optimization_stage() == 3:

@@ -10,15 +10,25 @@ set, and ``pretrain`` repeats the call for configs built in code. Pure: no torch
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from megatron.config import derived
 from megatron.config.errors import ConfigError
 
 
-def pipeline_stages(pipe_parallel_size: int) -> int:
-    """GPT-NeoX ``pipe-parallel-size``: 0 (no pipeline engine) and 1 both mean one stage."""
-    return max(int(pipe_parallel_size or 0), 1)
+def pipeline_engine_stages(pipe_parallel_size: Optional[int]) -> int:
+    """The one rule for ``pipe-parallel-size``: 0 (or unset) and 1 run the plain engine (returns 0; a one-stage
+    pipeline computes the same numbers, and the plain engine allows ZeRO 2/3 and per-forward hooks); N >= 2 runs
+    DeepSpeed's pipeline engine with N stages (returns N)."""
+    pp = int(pipe_parallel_size or 0)
+    if pp < 0:
+        raise ValueError(f"pipe_parallel_size = {pp}: expected 0, 1 or a number of stages >= 2")
+    return pp if pp >= 2 else 0
+
+
+def pipeline_stages(pipe_parallel_size: Optional[int]) -> int:
+    """Pipeline stages the ranks are split into (1 without the pipeline engine), by :func:`pipeline_engine_stages`."""
+    return pipeline_engine_stages(pipe_parallel_size) or 1
 
 
 def check_layout(model: Any, parallel: Any, zero_stage: int, world_size: int,
@@ -65,4 +75,4 @@ def check_config_layout(cfg: Any, world_size: int) -> int:
     return check_layout(cfg.model, cfg.parallel, int(cfg.training.zero_stage), world_size)
 
 
-__all__ = ["check_config_layout", "check_layout", "pipeline_stages"]
+__all__ = ["check_config_layout", "check_layout", "pipeline_engine_stages", "pipeline_stages"]

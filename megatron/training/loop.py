@@ -32,16 +32,15 @@ from megatron.training.checkpointing import (CheckpointError, list_checkpoints, 
                                              should_save)
 from megatron.training.data_setup import (DataSetupError, build_datasets, build_loader, check_token_ids,
                                           ensure_data)
-from megatron.training.distributed import (DistInfo, barrier, capture_rng_state, init_distributed, restore_rng_state,
-                                           set_seed)
-from megatron.training.engine import build_engine, check_device_support, quiet_deepspeed_logs, resolve_device
+from megatron.training.distributed import DistInfo, barrier, init_distributed, set_seed
+from megatron.training.engine import check_device_support, quiet_deepspeed_logs, resolve_device
 from megatron.training.flops import default_peak_flops, flops_per_token, mfu
 from megatron.training.interrupt import StopRequest, TrainingInterrupted
 from megatron.training.logging import RunLogger
 from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
-from megatron.training.optimizer import build_optimizer
 from megatron.training.parallel_setup import ParallelPlan, plan_parallel
 from megatron.training.preflight import check_output_dirs
+from megatron.training.steppers import PlainStepper, Stepper, build_stepper
 from megatron.errors import RunError
 
 
@@ -61,6 +60,17 @@ class TrainResult:
     log_dir: str | None = None
     tokens_per_sec: float | None = None
     wall_time_s: float = 0.0
+
+
+@dataclass
+class RunState:
+    """Where the run is: read by the step hooks, the log, checkpoints and the stop handler."""
+
+    iteration: int
+    consumed: int
+    start_iteration: int
+    last_saved: int | None = None
+    forward_calls: int = 0
 
 
 @dataclass
@@ -127,35 +137,15 @@ def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: b
 
 
 @torch.no_grad()
-def evaluate(engine: Any, dataset: Any, num_batches: int, micro_batch: int, info: DistInfo, eod: int | None,
-             eod_mask_loss: bool, device: str, plan: ParallelPlan | None = None,
-             loss_fn: Any = lm_loss) -> float | None:
+def evaluate(stepper: Stepper, dataset: Any, num_batches: int, micro_batch: int, plan: ParallelPlan,
+             eod: int | None, eod_mask_loss: bool, device: str) -> float | None:
     """Mean LM loss over the first ``num_batches`` micro-batches per data-parallel rank of ``dataset`` (None when
     empty)."""
-    dp_rank, dp_size = (plan.dp_rank, plan.dp_size) if plan is not None else (info.rank, info.world_size)
-    loader = build_loader(dataset, 0, micro_batch, dp_rank, dp_size, num_workers=0, pin_memory=False)
-    if plan is not None and plan.pipeline and loader is not None:
-        from megatron.parallel.pipeline_training import pipeline_loop_eval
-
-        samples = (make_batch(sample, eod, eod_mask_loss, device) for sample in loader)
-        num_batches = min(num_batches, len(loader.batch_sampler))
-        return pipeline_loop_eval(engine, samples, num_batches) if num_batches > 0 else None
+    loader = build_loader(dataset, 0, micro_batch, plan.dp_rank, plan.dp_size, num_workers=0, pin_memory=False)
     if loader is None:
         return None
-    engine.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    try:
-        for i, sample in enumerate(loader):
-            if i >= num_batches:
-                break
-            total += forward_loss(engine, make_batch(sample, eod, eod_mask_loss, device), loss_fn).double().cpu()
-            count += 1
-    finally:
-        engine.train()
-    if count == 0:
-        return None
-    return _mean_over_ranks(total / count, info)
+    batches = (make_batch(sample, eod, eod_mask_loss, device) for sample in loader)
+    return stepper.eval_loss(batches, min(num_batches, len(loader.batch_sampler)))
 
 
 def _memory_gb(device: str) -> float:
@@ -291,8 +281,6 @@ def pretrain(config: Any, *, stream: Any = None) -> TrainResult:
 
 def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: float,
          stop: StopRequest) -> TrainResult:
-    from megatron.model.gpt import GPTModel
-
     t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
     set_seed(t.seed, info.rank)
     tokenizer = _build_tokenizer_and_vocab(cfg)
@@ -314,33 +302,10 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     check_token_ids(cfg.data, tokenizer.vocab_size, " ".join(filter(None, (tok.tokenizer_type, tok.vocab_file))))
     datasets = build_datasets(cfg, global_batch, t.train_iters)
 
-    if plan.pipeline:
-        from megatron.parallel.pipeline_training import build_pipeline_engine
-
-        from megatron.parallel.pipeline_training import load_pipeline_module_state
-
-        # initialise the stages from the GPTModel the plain engine would build, and leave the global RNG where the
-        # plain engine leaves it: a pipeline run starts from the same weights and dropout stream as any other layout
-        reference = GPTModel(cfg.model, cfg.sepllm)
-        n_params = sum(p.numel() for p in reference.parameters())
-        rng_after_init = capture_rng_state()
-        run = build_pipeline_engine(cfg, device, info.world_size, groups=plan.groups)
-        restore_rng_state(rng_after_init)
-        if (run.dp_rank, run.dp_size) != (plan.dp_rank, plan.dp_size):
-            raise TrainingError(f"pipeline engine data-parallel coordinates {(run.dp_rank, run.dp_size)} differ from "
-                                f"the mesh's {(plan.dp_rank, plan.dp_size)}")
-        engine = run.engine
-        load_pipeline_module_state(engine, reference.state_dict())
-        del reference
-    else:
-        model = GPTModel(cfg.model, cfg.sepllm)
-        n_params = sum(p.numel() for p in model.parameters())
-        model = plan.shard_model(model)
-        optimizer = build_optimizer(model, cfg.optimizer, device_type=device)
-        engine = build_engine(model, optimizer, ds_config, device, mpu=plan.mpu())
+    stepper = build_stepper(cfg, plan, info, device, ds_config, own_norm)
+    engine, n_params = stepper.engine, stepper.n_params
     if ck.save:  # a disk too small for one checkpoint fails now, not at the first save
         _check_checkpoint_space(cfg, n_params, info, logger)
-    loss_fn = plan.loss_fn(engine)
     scheduler = _make_scheduler(cfg, t.train_iters)
     fpt = flops_per_token(cfg.model, seq, cfg.model.padded_vocab_size)
     peak, peak_source = (lg.peak_flops, "configured") if lg.peak_flops else default_peak_flops(device)
@@ -357,20 +322,21 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     eod = getattr(tokenizer, "eod", None)
     sep = cfg.sepllm
     retention = getattr(getattr(engine.module, "attention_backend", None), "retention", None)
-    forward_calls = [0]
+    state = RunState(iteration=iteration, consumed=consumed, start_iteration=iteration)
 
     def on_forward() -> None:
-        forward_calls[0] += 1
+        state.forward_calls += 1
         if (sep.PRINT_KV_RATIO and retention is not None and sep.print_ratio_intervals > 0
-                and forward_calls[0] % sep.print_ratio_intervals == 0):
+                and state.forward_calls % sep.print_ratio_intervals == 0):
             stats = {f"retention/{k}": v for k, v in retention.as_dict().items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "forward_calls"}
             if hasattr(retention, "format_line"):
                 logger.info(retention.format_line())
-            logger.log({"iteration": current[0], "train_forward_calls": forward_calls[0], **stats},
+            logger.log({"iteration": state.iteration, "train_forward_calls": state.forward_calls, **stats},
                        console=not hasattr(retention, "format_line"))
 
-    current = [iteration]
+    if isinstance(stepper, PlainStepper):  # the pipeline engine runs its forwards inside train_batch: no hook
+        stepper.on_forward = on_forward
     loader = build_loader(datasets.train, consumed, micro, plan.dp_rank, plan.dp_size,
                           num_workers=cfg.data.num_workers, pin_memory=device == "cuda")
     if loader is None and iteration < t.train_iters:
@@ -383,31 +349,23 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
 
     batches = micro_batches()
     interval = _Interval()
-    start_iteration = iteration
-    last_saved = None
     if ck.save and iteration == 0 and 0 in set(ck.extra_save_iters or ()):
-        last_saved = _save(cfg, engine, scheduler, 0, consumed, info, logger, result, plan)  # the init weights
+        state.last_saved = _save(cfg, engine, scheduler, state, info, logger, result, plan)  # the init weights
     engine.train()
-    while iteration < t.train_iters:
+    while state.iteration < t.train_iters:
         if stop.agreed(device):  # every rank stops after the same iteration
-            _stop(cfg, engine, scheduler, iteration, consumed, info, logger, result, plan, stop, last_saved,
-                  start_iteration)
-        iteration += 1
-        current[0] = iteration
+            _stop(cfg, engine, scheduler, state, info, logger, result, plan, stop)
+        state.iteration += 1
+        iteration = state.iteration
         tick = time.perf_counter()
         lr = scheduler.step(iteration, engine.optimizer.param_groups)
-        if plan.pipeline:
-            from megatron.parallel.pipeline_training import pipeline_loop_step
-
-            local_loss, grad_norm = pipeline_loop_step(engine, batches)
-        else:
-            local_loss, grad_norm = train_step(engine, batches, gas, own_norm, on_forward, clip=t.gradient_clipping,
-                                               loss_fn=loss_fn)
+        local_loss, grad_norm = stepper.train_step(batches)
         loss = _mean_over_ranks(local_loss, info)
         if device == "cuda":
             torch.cuda.synchronize()
         interval.time_s += time.perf_counter() - tick
-        consumed += global_batch
+        state.consumed += global_batch
+        consumed = state.consumed
         interval.loss_sum += loss
         interval.iters += 1
         interval.tokens += global_batch * seq
@@ -430,39 +388,39 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
             interval.reset()
 
         if ck.save and should_save(iteration, ck.checkpoint_factor, ck.extra_save_iters):
-            last_saved = _save(cfg, engine, scheduler, iteration, consumed, info, logger, result, plan)
+            state.last_saved = _save(cfg, engine, scheduler, state, info, logger, result, plan)
         if t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters > 0:
-            _validate(cfg, engine, datasets.valid, "valid", iteration, micro, gas, info, eod, device, logger, result,
-                      plan, loss_fn)
+            _validate(cfg, stepper, datasets.valid, "valid", iteration, micro, gas, eod, device, logger, result, plan)
 
-    if ck.save and last_saved != iteration and iteration > 0:  # GPT-NeoX also saves once at the end
-        _save(cfg, engine, scheduler, iteration, consumed, info, logger, result, plan)
+    iteration = state.iteration
+    if ck.save and state.last_saved != iteration and iteration > 0:  # GPT-NeoX also saves once at the end
+        _save(cfg, engine, scheduler, state, info, logger, result, plan)
     if t.do_test and t.eval_iters > 0:
-        _validate(cfg, engine, datasets.test, "test", iteration, micro, gas, info, eod, device, logger, result,
-                  plan, loss_fn)
+        _validate(cfg, stepper, datasets.test, "test", iteration, micro, gas, eod, device, logger, result, plan)
     result.iteration = iteration
     result.wall_time_s = time.perf_counter() - started
     logger.info(f"done: {iteration} iterations in {result.wall_time_s:.1f} s")
     return result
 
 
-def _stop(cfg: Any, engine: Any, scheduler: AnnealingLR, iteration: int, consumed: int, info: DistInfo,
-          logger: RunLogger, result: TrainResult, plan: ParallelPlan, stop: StopRequest,
-          last_saved: int | None, start_iteration: int) -> None:
+def _stop(cfg: Any, engine: Any, scheduler: AnnealingLR, state: RunState, info: DistInfo, logger: RunLogger,
+          result: TrainResult, plan: ParallelPlan, stop: StopRequest) -> None:
     """Save at the current iteration boundary (when ``save`` is set) and raise TrainingInterrupted."""
+    iteration = state.iteration
     what = f"stopped by {stop.signal_name} after iteration {iteration}"
-    if iteration == start_iteration:
+    if iteration == state.start_iteration:
         raise TrainingInterrupted(f"{what}: nothing trained in this run, no checkpoint written", stop.exit_code)
     if not cfg.checkpoint.save:
         raise TrainingInterrupted(f"{what}: no checkpoint written ('save' is not set)", stop.exit_code)
-    if last_saved != iteration:
-        _save(cfg, engine, scheduler, iteration, consumed, info, logger, result, plan)
+    if state.last_saved != iteration:
+        _save(cfg, engine, scheduler, state, info, logger, result, plan)
     raise TrainingInterrupted(f"{what}: checkpoint {Path(cfg.checkpoint.save) / f'global_step{iteration}'} saved; "
                               f"resume with --load {cfg.checkpoint.save}", stop.exit_code)
 
 
-def _save(cfg: Any, engine: Any, scheduler: AnnealingLR, iteration: int, consumed: int, info: DistInfo,
-          logger: RunLogger, result: TrainResult, plan: ParallelPlan) -> int:
+def _save(cfg: Any, engine: Any, scheduler: AnnealingLR, state: RunState, info: DistInfo, logger: RunLogger,
+          result: TrainResult, plan: ParallelPlan) -> int:
+    iteration, consumed = state.iteration, state.consumed
     tick = time.perf_counter()
     client = {"iteration": iteration, "consumed_train_samples": consumed, "lr_scheduler": scheduler.state_dict(),
               "seed": cfg.training.seed}
@@ -475,11 +433,10 @@ def _save(cfg: Any, engine: Any, scheduler: AnnealingLR, iteration: int, consume
     return iteration
 
 
-def _validate(cfg: Any, engine: Any, dataset: Any, split: str, iteration: int, micro: int, gas: int,
-              info: DistInfo, eod: int | None, device: str, logger: RunLogger, result: TrainResult,
-              plan: ParallelPlan, loss_fn: Any = lm_loss) -> None:
-    loss = evaluate(engine, dataset, cfg.training.eval_iters * gas, micro, info, eod, cfg.training.eod_mask_loss,
-                    device, plan, loss_fn)
+def _validate(cfg: Any, stepper: Stepper, dataset: Any, split: str, iteration: int, micro: int, gas: int,
+              eod: int | None, device: str, logger: RunLogger, result: TrainResult, plan: ParallelPlan) -> None:
+    loss = evaluate(stepper, dataset, cfg.training.eval_iters * gas, micro, plan, eod, cfg.training.eod_mask_loss,
+                    device)
     if loss is None:
         logger.info(f"{split}: the {split} split is empty, skipped")
         return

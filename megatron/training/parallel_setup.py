@@ -18,16 +18,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from megatron.config.layout import pipeline_engine_stages
 from megatron.model.loss import lm_loss
 from megatron.training.checkpointing import CheckpointLayout
-
-
-def pipeline_engine_stages(pipe_parallel_size: Optional[int]) -> int:
-    """Stages run by DeepSpeed's pipeline engine: 0 means the plain engine (``pipe-parallel-size`` 0 or 1)."""
-    pp = int(pipe_parallel_size or 0)
-    if pp < 0:
-        raise ValueError(f"pipe_parallel_size = {pp}: expected 0, 1 or a number of stages >= 2")
-    return pp if pp >= 2 else 0
 
 
 @dataclass
@@ -84,14 +77,14 @@ class ParallelPlan:
         """GPTModel-layout weights for the checkpoint (collective under a pipeline), None = the module's own."""
         if not self.pipeline:
             return None
-        from megatron.parallel.pipeline_training import pipeline_module_state
+        from megatron.training.pipeline_training import pipeline_module_state
 
         return pipeline_module_state(engine)
 
     def module_loader(self, engine: Any) -> Optional[Callable[[dict[str, torch.Tensor]], None]]:
         if not self.pipeline:
             return None
-        from megatron.parallel.pipeline_training import load_pipeline_module_state
+        from megatron.training.pipeline_training import load_pipeline_module_state
 
         return lambda state: load_pipeline_module_state(engine, state)
 

@@ -1,4 +1,8 @@
-"""What the training loop calls when ``pipe_parallel_size >= 1``: engine set-up, one step, weights for checkpoints.
+"""The pipeline engine for the training loop: engine set-up, one step, weights for checkpoints.
+
+The loop uses it when :func:`megatron.config.layout.pipeline_engine_stages` says so (``pipe_parallel_size >= 2``);
+:func:`build_pipeline_engine` also builds a one-stage pipeline when asked directly (``pipe_parallel_size: 1``), which
+the tests use to show it computes what the plain engine computes.
 
 The loop's non-pipeline path is ``GPTModel -> build_optimizer -> build_engine -> (forward, backward, step) x gas``.
 With a pipeline the same building blocks are reused (``cfg.deepspeed_config``, ``build_optimizer``,
@@ -49,7 +53,8 @@ class PipelineRun:
 
 
 def pipeline_stage_count(cfg: Any) -> int:
-    """``0`` when the config asks for no pipeline engine (``pipe_parallel_size: 0``), else the number of stages."""
+    """Stages :func:`build_pipeline_engine` builds: ``0`` for ``pipe_parallel_size: 0``, else that many (1 included;
+    the training loop itself runs 0 and 1 on the plain engine, by ``pipeline_engine_stages``)."""
     pp = cfg.parallel.pipe_parallel_size
     return int(pp) if uses_pipeline_engine(pp if pp is not None else 0) else 0
 
