@@ -139,6 +139,8 @@ class TimedBackend:
         self.enabled = False
 
     def __getattr__(self, name: str) -> Any:       # retention, resolve_impl, ... of the wrapped backend
+        if name == "inner":                        # not yet set (copy/unpickle): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def prepare(self, input_ids, position_ids, attention_mask_2d):
@@ -329,7 +331,9 @@ def throughput_rows(args: argparse.Namespace, seq: int, runs: dict[str, Run]) ->
 
 def _impl(run: Run) -> str:
     inner = run.backend.inner
-    return inner.resolve_impl(torch.device(run.args.device)) if hasattr(inner, "resolve_impl") else "sdpa_causal"
+    if not hasattr(inner, "resolve_impl"):
+        return "sdpa_causal"
+    return inner.resolve_impl(torch.device(run.args.device), run.seq)
 
 
 def budget_curves(args: argparse.Namespace, seq: int, runs: dict[str, Run]) -> dict[str, dict]:
