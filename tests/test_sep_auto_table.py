@@ -1,4 +1,4 @@
-"""``sep_attention_impl: auto`` follows the measured table (megatron/sepllm/auto_table.py) and the benchmark writes it."""
+"""``sep_attention_impl: auto`` follows the measured table (megatron/sepllm/auto_table.py); the benchmark writes it."""
 
 from __future__ import annotations
 

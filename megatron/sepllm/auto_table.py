@@ -53,12 +53,14 @@ def load_table(path: Path) -> dict:
     return _validate(table, path)
 
 
-def lookup(device_type: str, seq_len: Optional[int], window: int, path: Optional[Path] = None) -> Optional[str]:
+def lookup(device_type: str, seq_len: Optional[int], window: int,
+           path: Optional[Path] = None) -> Optional[str]:
     """The measured fastest path for ``(device_type, seq_len, window)``, or None where nothing applies
     (``path`` defaults to the shipped table)."""
     if seq_len is None:
         return None
-    entries = [e for e in load_table(Path(path or TABLE_PATH)).get(device_type, {}).get("entries", []) if e["seq"] <= seq_len]
+    device_entries = load_table(Path(path or TABLE_PATH)).get(device_type, {}).get("entries", [])
+    entries = [e for e in device_entries if e["seq"] <= seq_len]
     if not entries:
         return None
     best_seq = max(e["seq"] for e in entries)
