@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +152,11 @@ def test_sepllm_streams_100k_tokens_at_flat_memory(tool, tmp_path, pg19_dir):
     common = ["--tiny-random", "llama", "--tiny-layers", "1", "--tiny-hidden", "32", "--tokenizer", str(tokenizer),
               "--data-dir", str(pg19_dir), "--no-progress", "--no-plots", "--chunk-size", "512"]
     sep_out, full_out = tmp_path / "sep", tmp_path / "full"
-    assert tool.main(common + ["--num-tokens", "100000", "--memory-checkpoints", "10000,50000,100000",
-                               "--protocol", "whole-book", "--output-dir", str(sep_out)]) == 0
+    # its own process: RSS is then this stream's alone, not the test session's
+    run = subprocess.run([sys.executable, str(TOOL), *common, "--num-tokens", "100000", "--memory-checkpoints",
+                          "10000,50000,100000", "--protocol", "whole-book", "--threads", "1", "--output-dir",
+                          str(sep_out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
     assert tool.main(common + ["--method", "full", "--num-tokens", "20000", "--memory-checkpoints",
                                "10000,20000", "--output-dir", str(full_out)]) == 0
     sep = json.loads((sep_out / "summary.json").read_text())
