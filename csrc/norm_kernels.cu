@@ -7,22 +7,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "float_conversions.cuh"
 #include "fused_kernels.h"
 
 namespace megatron_fused {
 namespace {
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Sum over the block; every thread gets the result. Safe to call repeatedly (syncs before reusing shared memory).
 __device__ float block_sum(float value) {

@@ -32,6 +32,7 @@ import torch
 EXTENSION_NAME = "megatron_fused_kernels"
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("fused_kernels.cpp", "rope_kernels.cu", "norm_kernels.cu")
+HEADERS = ("fused_kernels.h", "float_conversions.cuh")
 DEFAULT_LOCK_TIMEOUT_S = 600.0
 
 
@@ -63,7 +64,7 @@ def build_root() -> Path:
 def build_tag(archs: str) -> str:
     """Hash of everything a build depends on: sources, torch and CUDA versions, Python, architectures."""
     digest = hashlib.sha256()
-    for name in SOURCES + ("fused_kernels.h",):
+    for name in SOURCES + HEADERS:
         digest.update(name.encode())
         digest.update((CSRC_DIR / name).read_bytes())
     digest.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version_info[:2]}|{archs}".encode())
