@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from megatron.atomic_io import atomic_write_text
+from megatron.errors import UserInputError
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 TRAINABLE = ("compact", "dense", "flex")
 
 
-class AutoTableError(ValueError):
+class AutoTableError(UserInputError, ValueError):
     """The table file is malformed (names the file and the entry)."""
 
 

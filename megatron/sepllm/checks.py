@@ -11,13 +11,14 @@ from typing import Optional
 import torch
 
 from megatron.config.sepllm import SepLLMConfig
+from megatron.errors import UserInputError
 
 MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
 IMPLS = ("auto", "dense", "flex", "compact")
 DENSE_ONLY_MODES = ("sa", "sa_no_deno")
 
 
-class SepAttentionConfigError(ValueError):
+class SepAttentionConfigError(UserInputError, ValueError):
     """A SepLLM attention setting is invalid; the message names the key, the value and what was expected."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from megatron.config.sepllm import SepLLMConfig
+from megatron.errors import RunError
 from megatron.sepllm import rules
 from megatron.sepllm.hf_config import (TrainingFreeSettings, load_trainingfree_config, resolve_for_model,
                                        sepllm_config_from_model)
@@ -44,7 +45,7 @@ PLAN_KWARG = "sepllm_mask_plan"
 _HANDLE_ATTR = "_sepllm_mask_handle"
 
 
-class SepLLMRuntimeError(RuntimeError):
+class SepLLMRuntimeError(RunError, RuntimeError):
     """The mask path was driven in a way it cannot serve (no token ids, a foreign cache, a 4-D mask, ...)."""
 
 
