@@ -81,6 +81,8 @@ class _StepPlan:
     # which is what the reference holds after such a step)
     early_compression: bool = False
     kept_count: Optional[int] = None    # valid slots kept after the step (filled by the first layer's update)
+    # decode fast path (batch 1, canonical layout): the new storage is old[a:b] for each (a, b), then the new token
+    keep_slices: Optional[list] = None
 
 
 class _RopeTables:
@@ -147,6 +149,9 @@ class SepCacheLayer(CacheLayerMixin):
         self.seen_total = 0      # sum over updates of valid seen tokens (all rows)
         self.last_kept = 0
         self.num_compressions = 0
+        # batch-1 decode fast path: (n_initial, n_separator, n_local) when the stored kinds are exactly
+        # INITIAL * n_initial ++ SEPARATOR * n_separator ++ LOCAL * n_local (no invalid slot); None = unknown
+        self.layout: Optional[tuple[int, int, int]] = None
 
     # ----- CacheLayerMixin interface -----
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -177,6 +182,7 @@ class SepCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.ids = self.kind = self.pos = None
         self.plan = None
+        self.layout = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -265,6 +271,8 @@ class SepCache(Cache):
         super().__init__(layers=layers)
         self.separator_token_ids, self.PADDING_ID = resolve_separators(separator_token_ids, PADDING_ID, model_type,
                                                                        tokenizer)
+        self._separator_set = frozenset(int(t) for t in self.separator_token_ids)
+        self._kinds: dict = {}      # canonical layout -> kinds tensor (decode fast path)
         self.SEP_ACCUMULATION = bool(SEP_ACCUMULATION)
         self.USE_MAX_SEP_CACHE = bool(USE_MAX_SEP_CACHE)
         self.APPLY_PE_SHIFT = bool(APPLY_PE_SHIFT)
@@ -333,6 +341,8 @@ class SepCache(Cache):
             raise ValueError(f"batch size changed from {self.valid_seen.shape[0]} to {bsz}; start a new SepCache")
         if any(layer.plan is not None for layer in self.layers):
             raise RuntimeError("set_step_tokens called twice without a forward pass in between")
+        if q == 1 and bsz == 1 and self._plan_decode_fast(input_ids, new_valid, attention_mask is not None):
+            return self._fast_positions
         # Padding may only lead a row: a pad after a real token would break the left-packed layout.
         seen_before = self.valid_seen.unsqueeze(1) > 0
         after_real = torch.cumsum(new_valid.to(torch.long), dim=-1) > 0
@@ -351,6 +361,7 @@ class SepCache(Cache):
                 layer.plan = first.plan
                 layer.sep_cache_size, layer.cache_size = first.sep_cache_size, first.cache_size
                 layer.num_compressions = first.num_compressions
+                layer.layout = None
                 continue
             kind_new_tok = torch.where(new_valid, torch.where(count <= layer.init_cache_size,
                                                               torch.full_like(count, INITIAL),
@@ -361,11 +372,101 @@ class SepCache(Cache):
             else:
                 layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, positions, token_index,
                                               followed_by_decode=followed_by_decode and q > 1)
+            layer.layout = None
             planned[key] = layer
         self.valid_seen = count[:, -1].clone()
         self.seen_sum = int(self.valid_seen.sum())
         self.tokens_seen += q
         return positions
+
+    def _plan_decode_fast(self, input_ids: torch.Tensor, new_valid: torch.Tensor, masked: bool) -> bool:
+        """Plan a batch-1 one-token step without the general planner, when the outcome is cheap to state: the
+        stored kinds are INITIAL* SEPARATOR* LOCAL* (all valid) and the step either only appends, or (exact
+        window, accumulated separators) drops the oldest local token — keeping it as a separator if it is one —
+        and the oldest separators over the cap. Same kept slots, order and counters as ``_compress_indices``
+        (tests compare both paths); returns False (nothing changed) whenever another case applies."""
+        if self.eviction_timing != "in_update" or self.layers[0].ids is None:
+            return False
+        if masked and not bool(new_valid.all()):
+            return False
+        seen = int(self.valid_seen[0])
+        for layer in self.layers:      # check every layer first: all or none take the fast path
+            if layer.layout is None:
+                layer.layout = _canonical_layout(layer.kind)
+            if layer.layout is None:
+                return False
+        positions = self.valid_seen.view(1, 1).clone()
+        new_initial = seen + 1 <= self.layers[0].init_cache_size
+        dev = input_ids.device
+        planned: dict = {}
+        plans = []
+        for layer in self.layers:
+            key = (layer.size_key, layer.layout)
+            if key in planned:
+                plans.append((layer, planned[key]))
+                continue
+            n_init, n_sep, n_local = layer.layout
+            length = n_init + n_sep + n_local
+            is_initial = seen + 1 <= layer.init_cache_size
+            if is_initial != new_initial or (is_initial and n_sep + n_local):
+                return False
+            new_layout = (n_init + 1, n_sep, n_local) if is_initial else (n_init, n_sep, n_local + 1)
+            slices = [(0, length)]
+            n_compress = 0
+            grow = 0
+            if self.exact_window:
+                if new_layout[2] > layer.local_size:
+                    if new_layout[2] != layer.local_size + 1 or not self.SEP_ACCUMULATION:
+                        return False
+                    leaving = n_init + n_sep
+                    is_sep = int(layer.ids[0, leaving]) in self._separator_set
+                    n_cand = n_sep + (1 if is_sep else 0)
+                    s = layer.sep_cache_size
+                    drop = max(0, n_cand - s) if self.USE_MAX_SEP_CACHE else 0
+                    if not self.USE_MAX_SEP_CACHE and n_cand > s:
+                        grow = n_cand - s
+                    keep_sep_end = leaving + 1 if is_sep else leaving     # separators are n_init..keep_sep_end
+                    slices = [(0, n_init), (n_init + drop, keep_sep_end), (leaving + 1, length)]
+                    slices = [(a, b) for a, b in slices if b > a]
+                    new_layout = (n_init, n_cand - drop, layer.local_size)
+                    n_compress = 1
+            elif length + 1 >= layer.cache_size:
+                return False
+            planned[key] = (slices, new_layout, n_compress, grow)
+            plans.append((layer, planned[key]))
+        built: dict = {}     # one plan per group of layers holding equal slots
+        for layer, group in plans:
+            slices, new_layout, n_compress, grow = group
+            plan = built.get(id(group))
+            if plan is None:
+                ids_new = _cat_slices(layer.ids, slices, input_ids)
+                kind_new = self._kind_table(new_layout, dev)
+                plan = built[id(group)] = _StepPlan(
+                    ids_app=ids_new, kind_app=kind_new, pre_gather_idx=None, gather_idx=None, kind_new=kind_new,
+                    ids_new=ids_new, pos_new=_cat_slices(layer.pos, slices, positions), attend_compressed=True,
+                    attn_mask=None, step_positions=positions, q_len=1, kept_count=sum(new_layout),
+                    keep_slices=slices)
+            layer.plan = plan
+            layer.layout = new_layout
+            layer.num_compressions += n_compress
+            if grow:
+                layer.cache_size += grow
+                layer.sep_cache_size += grow
+        self.valid_seen = self.valid_seen + 1
+        self.seen_sum = seen + 1
+        self.tokens_seen += 1
+        self._fast_positions = positions
+        return True
+
+    def _kind_table(self, layout: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """``[1, L]`` kinds of a canonical layout, built once per layout (never written in place)."""
+        kind = self._kinds.get(layout)
+        if kind is None or kind.device != device:
+            n_init, n_sep, n_local = layout
+            kind = torch.tensor([[INITIAL] * n_init + [SEPARATOR] * n_sep + [LOCAL] * n_local], dtype=torch.int8,
+                                device=device)
+            self._kinds[layout] = kind
+        return kind
 
     def _needs_compression(self, layer: SepCacheLayer, kind: torch.Tensor, extra: int = 0) -> bool:
         """Would the stored slots ``kind`` (plus ``extra`` tokens still to come) be compressed?
@@ -578,16 +679,21 @@ class SepCache(Cache):
                                    "call cache.bind_model(model)")
             cos, sin = self._rope.step(key_states, plan.step_positions)
             key_states = unapply_rotary(key_states, cos, sin)     # stored without positional encoding
-        if plan.pre_gather_idx is not None:
+        if plan.keep_slices is not None:     # decode fast path: one copy, straight into the new storage
+            layer.keys = _cat_slices(layer.keys, plan.keep_slices, key_states, dim=-2)
+            layer.values = _cat_slices(layer.values, plan.keep_slices, value_states, dim=-2)
+            keys_app, values_app = layer.keys, layer.values
+        elif plan.pre_gather_idx is not None:
             layer.keys, layer.values = _gather_slots(layer.keys, plan.pre_gather_idx), _gather_slots(
                 layer.values, plan.pre_gather_idx)
-        keys_app = torch.cat([layer.keys, key_states], dim=-2)
-        values_app = torch.cat([layer.values, value_states], dim=-2)
-        if plan.gather_idx is not None:
-            layer.keys, layer.values = _gather_slots(keys_app, plan.gather_idx), _gather_slots(values_app,
-                                                                                              plan.gather_idx)
-        else:
-            layer.keys, layer.values = keys_app, values_app
+        if plan.keep_slices is None:
+            keys_app = torch.cat([layer.keys, key_states], dim=-2)
+            values_app = torch.cat([layer.values, value_states], dim=-2)
+            if plan.gather_idx is not None:
+                layer.keys, layer.values = _gather_slots(keys_app, plan.gather_idx), _gather_slots(values_app,
+                                                                                                  plan.gather_idx)
+            else:
+                layer.keys, layer.values = keys_app, values_app
         layer.ids, layer.kind, layer.pos = plan.ids_new, plan.kind_new, plan.pos_new
         if plan.attend_compressed:
             k_att, v_att, kind_att = layer.keys, layer.values, plan.kind_new
@@ -695,6 +801,25 @@ def _gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if idx.shape[0] == 1:   # batch 1: a plain index_select is cheaper than gather
         return x.index_select(2, idx[0])
     return x.gather(2, idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+
+def _canonical_layout(kind: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """``(n_initial, n_separator, n_local)`` if batch-1 ``kind [1, L]`` is INITIAL* SEPARATOR* LOCAL*, else None."""
+    if kind.shape[0] != 1:
+        return None
+    values = kind[0].tolist()
+    if any(b < a for a, b in zip(values, values[1:])) or (values and values[0] == INVALID):
+        return None
+    return values.count(INITIAL), values.count(SEPARATOR), values.count(LOCAL)
+
+
+def _cat_slices(x: torch.Tensor, slices: list, tail: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``x``'s slices ``[a, b)`` along ``dim`` followed by ``tail`` (one copy)."""
+    if dim == -1:
+        parts = [x[..., a:b] for a, b in slices]
+    else:
+        parts = [x[:, :, a:b] for a, b in slices]
+    return torch.cat(parts + [tail], dim=dim)
 
 
 def _num_layers(model: Any) -> int:
