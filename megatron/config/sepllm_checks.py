@@ -19,23 +19,19 @@ from megatron.config.derived import per_layer_windows
 from megatron.config.errors import ConfigError
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
+from megatron.config.sepllm_settings import MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, is_real_id_list, mode_of
+
+__all__ = ["DERIVED_FIELDS", "MODES", "NO_SEPARATORS", "SEP_ATTENTION_IMPLS", "check_separator_ids", "resolve_sepllm"]
 
 logger = logging.getLogger("megatron.config")
 
-MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
-SEP_ATTENTION_IMPLS = ("auto", "dense", "flex", "compact")
 DERIVED_FIELDS = ("mode", "prefill_windows", "generate_windows")
-NO_SEPARATORS = [-1]
 
 # Mode switches that cannot be combined (the kernel flag is deliberately absent: it only picks a path).
 _SWITCHES = ("USE_ORIGINAL_FULL_ATTEN", "streamingLLM", "USE_FIXED_SEP_INTERVALs", "USE_SA_SOFTMAX",
              "USE_SA_SOFTMAX_NO_DENO")
 
 Where = Callable[[str], str]  # key -> "source file" for messages
-
-
-def _is_real_id_list(ids: object) -> bool:
-    return isinstance(ids, list) and len(ids) > 0 and list(ids) != NO_SEPARATORS
 
 
 def _force(sep: SepLLMConfig, name: str, value: object, reason: str, quiet: bool) -> None:
@@ -72,25 +68,11 @@ def _check_exclusive(sep: SepLLMConfig, where: Where) -> None:
         a, b = on[0], on[1]
         raise ConfigError(f"{a}=True ({where(a)}) and {b}=True ({where(b)}) select different attention modes; "
                           f"set at most one of {', '.join(_SWITCHES)}")
-    if (sep.USE_SA_SOFTMAX or sep.USE_SA_SOFTMAX_NO_DENO) and _is_real_id_list(sep.separator_token_ids):
+    if (sep.USE_SA_SOFTMAX or sep.USE_SA_SOFTMAX_NO_DENO) and is_real_id_list(sep.separator_token_ids):
         key = "USE_SA_SOFTMAX" if sep.USE_SA_SOFTMAX else "USE_SA_SOFTMAX_NO_DENO"
         raise ConfigError(f"{key}=True ({where(key)}) runs self-adjusting softmax on the causal mask and cannot be "
                           f"combined with SepLLM separators: separator_token_ids={sep.separator_token_ids} "
                           f"({where('separator_token_ids')}); set separator_token_ids to [-1]")
-
-
-def _mode(sep: SepLLMConfig) -> str:
-    if sep.USE_ORIGINAL_FULL_ATTEN:
-        return "full"
-    if sep.streamingLLM:
-        return "streamingllm"
-    if sep.USE_FIXED_SEP_INTERVALs:
-        return "fixllm"
-    if sep.USE_SA_SOFTMAX:
-        return "sa"
-    if sep.USE_SA_SOFTMAX_NO_DENO:
-        return "sa_no_deno"
-    return "sepllm"
 
 
 def _check_layer_list(name: str, values: object, num_layers: int, layers_from: str, where: Where,
@@ -125,7 +107,7 @@ def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bo
     _check_exclusive(sep, where)
     if sep.USE_ORIGINAL_FULL_ATTEN:
         _full_attention_rewrite(sep, model, quiet=not has_sepllm_keys)
-    mode = _mode(sep)
+    mode = mode_of(sep)
 
     for key in ("prefill_k", "generate_k"):
         if getattr(sep, key) != 0:
@@ -154,7 +136,7 @@ def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bo
                               f"init_tok_max_idx must be >= 0, got {sep.init_tok_max_idx}")
     if mode == "sepllm":
         ids = sep.separator_token_ids
-        if not _is_real_id_list(ids):
+        if not is_real_id_list(ids):
             raise ConfigError(f"SepLLM attention needs separator_token_ids ({where('separator_token_ids')}), a "
                               f"non-empty list of token ids other than [-1], got {ids!r}; or select another mode "
                               f"(USE_ORIGINAL_FULL_ATTEN, streamingLLM, USE_FIXED_SEP_INTERVALs)")
@@ -163,7 +145,7 @@ def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bo
                           "USE_FIXED_SEP_INTERVALs")
 
     if sep.USE_BiPE:
-        if not _is_real_id_list(sep.BiPE_seps):
+        if not is_real_id_list(sep.BiPE_seps):
             raise ConfigError(f"USE_BiPE=True ({where('USE_BiPE')}) needs BiPE_seps, a non-empty list of separator "
                               f"token ids, got {sep.BiPE_seps!r} ({where('BiPE_seps')})")
         if model.pos_emb not in ("rotary", "alibi"):

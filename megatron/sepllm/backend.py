@@ -51,15 +51,13 @@ class SepLLMBackend:
                  compact_engine: str = "auto"):
         self.cfg = sepllm_cfg
         self.num_layers = int(model_cfg.num_layers)
-        checks.check_backend_config(sepllm_cfg, self.num_layers)
-        windows = checks.resolve_prefill_windows(sepllm_cfg, self.num_layers)
-        self.layer_windows = [checks.effective_window(sepllm_cfg, w) for w in windows]
-        if sepllm_cfg.mode == "fixllm":
-            self.layer_intervals: list[Optional[int]] = list(checks.resolve_fixed_intervals(sepllm_cfg, self.num_layers))
-        else:
-            self.layer_intervals = [None] * self.num_layers
-        self.separator_ids = checks.separator_ids_for_mode(sepllm_cfg)
-        self.num_initial = max(sepllm_cfg.num_initial, 0)
+        self.settings = checks.check_backend_config(sepllm_cfg, self.num_layers)
+        self.layer_windows = list(self.settings.prefill_windows)
+        self.layer_intervals: list[Optional[int]] = (list(self.settings.fixed_intervals)
+                                                     if self.settings.fixed_intervals is not None
+                                                     else [None] * self.num_layers)
+        self.separator_ids = list(self.settings.separator_ids) or None
+        self.num_initial = self.settings.num_initial
         self.compact_block_size = compact_block_size
         self.compact_engine = compact_engine
         self.retention = RetentionStats(self.num_layers)
@@ -74,7 +72,7 @@ class SepLLMBackend:
         """The execution path for ``device``: explicit ``sep_attention_impl`` wins, else ``auto``: the measured
         table at ``seq_len`` (see ``auto_table``), else the written rule."""
         cfg = self.cfg
-        if cfg.mode in checks.DENSE_ONLY_MODES:
+        if self.settings.mode in checks.DENSE_ONLY_MODES:
             impl = "dense"
         elif cfg.sep_attention_impl != "auto":
             impl = cfg.sep_attention_impl
@@ -89,7 +87,7 @@ class SepLLMBackend:
         key = (impl, torch.device(device).type)
         if key not in self._logged:
             self._logged.add(key)
-            logger.info("SepLLM attention: mode=%s, sep_attention_impl=%s -> %s path on %s", cfg.mode,
+            logger.info("SepLLM attention: mode=%s, sep_attention_impl=%s -> %s path on %s", self.settings.mode,
                         cfg.sep_attention_impl, impl, key[1])
         return impl
 
@@ -106,7 +104,7 @@ class SepLLMBackend:
                 attention_mask_2d: Optional[torch.Tensor]) -> SepPlan:
         """Build the micro-batch plan shared by all layers and add its counts to ``self.retention``."""
         impl = self.resolve_impl(input_ids.device, int(input_ids.shape[-1]))
-        plan = build_plan(input_ids, position_ids, attention_mask_2d, impl=impl, mode=self.cfg.mode,
+        plan = build_plan(input_ids, position_ids, attention_mask_2d, impl=impl, mode=self.settings.mode,
                           layer_windows=self.layer_windows, layer_intervals=self.layer_intervals,
                           separator_ids=self.separator_ids, num_initial=self.num_initial,
                           batch_adaptive_init=self.cfg.BATCH_ADAPTIVE_INIT_POS)

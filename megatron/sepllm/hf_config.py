@@ -2,14 +2,15 @@
 
 The training-free YAML files (``llama3_*.yml``) hold only SepLLM keys plus ``Layer_num``. They are read by the
 project's config loader (``megatron.config.load_config``: safe YAML, unknown keys and ill-typed values rejected);
-this module resolves the resulting ``SepLLMConfig`` against a concrete HF model config into :class:`TrainingFreeSettings`: the mode, per-layer prefill/decode windows, FixLLM
-intervals and the separator ids, each checked against the model (layer count, vocabulary size).
+this module resolves the resulting ``SepLLMConfig`` against a concrete HF model config into :class:`TrainingFreeSettings`
+(the project's one ``SepLLMSettings``, built by ``megatron.config.sepllm_settings.settings_of``): the mode, per-layer
+prefill/decode windows, FixLLM intervals and the separator ids, plus the HF path's own checks against the model
+(layer count, vocabulary size, the modes it can run).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import yaml
@@ -17,8 +18,9 @@ import yaml
 from megatron.config import load_config
 from megatron.config.errors import ConfigError
 from megatron.config.sepllm import SepLLMConfig
+from megatron.config.sepllm_settings import SepLLMSettings, mode_of, settings_of
 
-MODES = ("full", "sepllm", "streamingllm", "fixllm")
+MODES = ("full", "sepllm", "streamingllm", "fixllm")  # the modes the training-free HF path runs
 # The reference's kernel switches only concern training; a training-free file that omits them means "off".
 _TRAININGFREE_BASE = {"USE_SEP_ATTN_KERNEL_ACCELERATOR": False, "RECOMPILE_SEP_ATTN_KERNEL": False}
 
@@ -27,26 +29,8 @@ class TrainingFreeConfigError(ConfigError, ValueError):
     """A training-free SepLLM setting cannot be used; the message names the source, key, value and expectation."""
 
 
-@dataclass(frozen=True)
-class TrainingFreeSettings:
-    """Everything the HF mask path needs, resolved for one model (one entry per layer in the lists)."""
-
-    mode: str
-    num_layers: int
-    separator_ids: tuple[int, ...]
-    num_initial: int
-    prefill_windows: tuple[int, ...]
-    generate_windows: tuple[int, ...]
-    fixed_intervals: Optional[tuple[int, ...]]
-    batch_adaptive_init_pos: bool
-    print_kv_ratio: bool
-    print_ratio_intervals: int
-
-    def layer_pattern(self, layer_idx: int, decode: bool) -> tuple[int, Optional[int]]:
-        """``(window, fixed_interval)`` of one layer for a prefill (``decode=False``) or a decode step."""
-        windows = self.generate_windows if decode else self.prefill_windows
-        interval = None if self.fixed_intervals is None else self.fixed_intervals[layer_idx]
-        return windows[layer_idx], interval
+#: the settings ``apply_sepllm`` reads: the project's one resolved SepLLM view (kept under its old name)
+TrainingFreeSettings = SepLLMSettings
 
 
 def sepllm_config_from_mapping(raw: Mapping[str, Any]) -> SepLLMConfig:
@@ -83,42 +67,14 @@ def _model_dims(model_config: Any) -> tuple[int, int]:
                                       "SepLLM supports decoder-only HF models") from exc
 
 
-def _windows(cfg: SepLLMConfig, per_layer: bool, list_key: str, scalar_key: str, num_layers: int,
-             decode: bool = False) -> tuple[int, ...]:
-    if per_layer:
-        windows = getattr(cfg, list_key)
-        if windows is None:
-            raise TrainingFreeConfigError(f"'{list_key}' must be a list of {num_layers} windows when the per-layer "
-                                          "flag is True")
-        if len(windows) != num_layers:
-            raise TrainingFreeConfigError(f"'{list_key}' has {len(windows)} entries, expected Layer_num="
-                                          f"{num_layers} (one window per layer)")
-        key = list_key
-    else:
-        windows = [getattr(cfg, scalar_key)] * num_layers
-        key = scalar_key
-    for i, w in enumerate(windows):
-        if w < 1:
-            raise TrainingFreeConfigError(f"'{key}' = {w} (layer {i}): every local window must be >= 1")
-    # EXCLUDE_DIAGONAL=False: a prefill window holds w+1 tokens (spec §1.3). The reference's decode rule never reads
-    # the flag: a decode query always sees the last w keys (itself included).
-    extra = 0 if (cfg.EXCLUDE_DIAGONAL or decode) else 1
-    return tuple(int(w) + extra for w in windows)
-
-
 def derive_mode(cfg: SepLLMConfig) -> str:
-    """Mode by the reference's priority: full > FixLLM > StreamingLLM > SepLLM (spec §1.2, §4.2)."""
-    if cfg.USE_ORIGINAL_FULL_ATTEN:
-        return "full"
-    if cfg.USE_FIXED_SEP_INTERVALs:
-        return "fixllm"
-    if cfg.streamingLLM:
-        return "streamingllm"
-    return "sepllm"
+    """The mode ``cfg``'s switches select (the one rule: ``megatron.config.sepllm_settings.mode_of``)."""
+    return mode_of(cfg)
 
 
 def resolve_for_model(cfg: SepLLMConfig, model_config: Any) -> TrainingFreeSettings:
-    """Check ``cfg`` against the HF ``model_config`` and resolve per-layer settings; fills ``cfg``'s derived fields."""
+    """Check ``cfg`` against the HF ``model_config`` and resolve per-layer settings (the one resolver,
+    ``settings_of``, plus what only the training-free HF path requires: its modes and the model's vocabulary)."""
     num_layers, vocab = _model_dims(model_config)
     if cfg.Layer_num is None:
         raise TrainingFreeConfigError(f"'Layer_num' is required and must equal the model's num_hidden_layers="
@@ -137,60 +93,15 @@ def resolve_for_model(cfg: SepLLMConfig, model_config: Any) -> TrainingFreeSetti
     if cfg.sep_attention_impl not in ("auto", "dense"):
         raise TrainingFreeConfigError(f"'sep_attention_impl' = {cfg.sep_attention_impl!r}: the training-free HF "
                                       "path is mask-based; expected 'auto' or 'dense'")
-    for key in ("prefill_k", "generate_k"):
-        if getattr(cfg, key) != 0:
-            raise TrainingFreeConfigError(f"'{key}' = {getattr(cfg, key)}: deprecated in the reference, must be 0")
     if not 0 <= cfg.PADDING_ID < vocab:
         raise TrainingFreeConfigError(f"'PADDING_ID' = {cfg.PADDING_ID} is outside the model's vocabulary "
                                       f"[0, {vocab})")
-    if cfg.print_ratio_intervals < 1:
-        raise TrainingFreeConfigError(f"'print_ratio_intervals' = {cfg.print_ratio_intervals}: expected >= 1")
-    mode = derive_mode(cfg)
-    if cfg.init_tok_max_idx < -1:
-        raise TrainingFreeConfigError(f"'init_tok_max_idx' = {cfg.init_tok_max_idx}: expected >= -1")
-    if mode == "streamingllm" and cfg.init_tok_max_idx < 0:
-        raise TrainingFreeConfigError("'init_tok_max_idx' must be >= 0 with streamingLLM=True (attention sinks)")
-
-    separator_ids: tuple[int, ...] = ()
-    if mode == "sepllm":
-        seps = cfg.separator_token_ids
-        if not seps or list(seps) == [-1]:
-            raise TrainingFreeConfigError(f"'separator_token_ids' = {seps!r}: SepLLM mode needs a non-empty list of "
-                                          "real token ids (use streamingLLM=True for no separators)")
-        for s in seps:
-            if not 0 <= s < vocab:
-                raise TrainingFreeConfigError(f"'separator_token_ids' contains {s}, outside the model's vocabulary "
-                                              f"[0, {vocab})")
-        separator_ids = tuple(dict.fromkeys(int(s) for s in seps))
-
-    fixed: Optional[tuple[int, ...]] = None
-    if mode == "fixllm":
-        intervals = cfg.fixed_sep_intervals_list
-        if intervals is None or len(intervals) != num_layers:
-            raise TrainingFreeConfigError(f"'fixed_sep_intervals_list' = {intervals!r}: FixLLM needs one interval "
-                                          f"per layer (Layer_num={num_layers})")
-        for i, v in enumerate(intervals):
-            if v < 1:
-                raise TrainingFreeConfigError(f"'fixed_sep_intervals_list'[{i}] = {v}: expected >= 1")
-        fixed = tuple(int(v) for v in intervals)
-
-    if mode == "full":
-        prefill = generate = tuple([0] * num_layers)
-    else:
-        prefill = _windows(cfg, cfg.USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS, "prefill_loc_win_size_list",
-                           "prefill_local_window_size", num_layers)
-        generate = _windows(cfg, cfg.USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS, "generate_win_loc_size_list",
-                            "generate_local_window_size", num_layers, decode=True)
-    cfg.mode = mode
-    cfg.prefill_windows = list(prefill)
-    cfg.generate_windows = list(generate)
-    return TrainingFreeSettings(
-        mode=mode, num_layers=num_layers, separator_ids=separator_ids,
-        num_initial=max(cfg.init_tok_max_idx + 1, 0) if mode != "full" else 0,
-        prefill_windows=prefill, generate_windows=generate, fixed_intervals=fixed,
-        batch_adaptive_init_pos=bool(cfg.BATCH_ADAPTIVE_INIT_POS) and mode != "full",
-        print_kv_ratio=bool(cfg.PRINT_KV_RATIO) and mode != "full",
-        print_ratio_intervals=int(cfg.print_ratio_intervals))
+    settings = settings_of(cfg, num_layers, error=TrainingFreeConfigError)
+    for s in settings.separator_ids:
+        if not 0 <= s < vocab:
+            raise TrainingFreeConfigError(f"'separator_token_ids' contains {s}, outside the model's vocabulary "
+                                          f"[0, {vocab})")
+    return settings
 
 
 # ----------------------------------------------------------------------------------------- settings carried by a model

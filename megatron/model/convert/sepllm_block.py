@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from megatron.config.sepllm_settings import settings_of
+
 BLOCK_KEY = "sepllm"
 SEP_CACHE_KEY = "sep_cache"
 DEFAULT_SEP_CACHE_SIZE = 64
@@ -41,16 +43,15 @@ def check_exportable(sepllm_cfg: Any) -> None:
 def build_block(sepllm_cfg: Any, num_layers: int) -> dict[str, Any]:
     """The ``sepllm`` block for a model trained with ``sepllm_cfg`` (a resolved ``SepLLMConfig``)."""
     check_exportable(sepllm_cfg)
-    block: dict[str, Any] = {"mode": sepllm_cfg.mode}
+    block: dict[str, Any] = {"mode": settings_of(sepllm_cfg, num_layers).mode}
     for key in TRAININGFREE_KEYS:
         value = getattr(sepllm_cfg, key)
         block[key] = list(value) if isinstance(value, (list, tuple)) else value
     block["Layer_num"] = num_layers
-    if sepllm_cfg.mode in ("sepllm", "streamingllm"):  # FixLLM has no cache eviction rule
-        a = max(int(sepllm_cfg.init_tok_max_idx) + 1, 0)
-        windows = [int(w) for w in
-                   (sepllm_cfg.generate_windows or [sepllm_cfg.generate_local_window_size] * num_layers)]
-        s = DEFAULT_SEP_CACHE_SIZE if sepllm_cfg.mode == "sepllm" else 0
+    settings = settings_of(sepllm_cfg, num_layers)
+    if settings.mode in ("sepllm", "streamingllm"):  # FixLLM has no cache eviction rule
+        a, windows = settings.num_initial, list(settings.generate_windows)
+        s = DEFAULT_SEP_CACHE_SIZE if settings.mode == "sepllm" else 0
         block[SEP_CACHE_KEY] = {"init_cache_size": a, "sep_cache_size": s, "local_size": windows,
                                 "cache_size": [a + s + 2 * w for w in windows]}
     return block

@@ -1,0 +1,155 @@
+"""The one resolved view of a SepLLM config: a frozen :class:`SepLLMSettings` and the one resolver that builds it.
+
+``resolve_sepllm`` (``config/sepllm_checks.py``) checks the user's keys against the model and fills the derived
+fields of a ``SepLLMConfig``; :func:`settings_of` turns such a config (or one built directly with the derived fields
+set, as tests and notebooks do) into the per-layer facts every consumer reads: the training backend, ``apply_sepllm``,
+SepCache defaults and the converters' ``sepllm`` block. The mode rule (:func:`mode_of`) and the window rules live
+here only, so the consumers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from megatron.config.derived import per_layer_windows
+from megatron.config.errors import ConfigError
+
+MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
+SEP_ATTENTION_IMPLS = ("auto", "dense", "flex", "compact")
+DENSE_ONLY_MODES = ("sa", "sa_no_deno")
+NO_SEPARATORS = [-1]
+
+
+class SepLLMSettingsError(ConfigError, ValueError):
+    """A SepLLM setting is invalid; the message names the key, the value and what was expected."""
+
+
+def is_real_id_list(ids: object) -> bool:
+    """True for a non-empty id list other than the "no separators" marker ``[-1]``."""
+    return isinstance(ids, (list, tuple)) and len(ids) > 0 and list(ids) != NO_SEPARATORS
+
+
+def mode_of(sep: Any) -> str:
+    """The attention mode the reference switches select (at most one is on once the config is checked)."""
+    if sep.USE_ORIGINAL_FULL_ATTEN:
+        return "full"
+    if sep.streamingLLM:
+        return "streamingllm"
+    if sep.USE_FIXED_SEP_INTERVALs:
+        return "fixllm"
+    if sep.USE_SA_SOFTMAX:
+        return "sa"
+    if sep.USE_SA_SOFTMAX_NO_DENO:
+        return "sa_no_deno"
+    return "sepllm"
+
+
+@dataclass(frozen=True)
+class SepLLMSettings:
+    """Everything an attention path needs, resolved for one model (one entry per layer in the window lists).
+
+    ``prefill_windows`` are the tokens a training / prefill query may see locally (``EXCLUDE_DIAGONAL=False`` adds
+    the diagonal, spec §1.3); ``generate_windows`` are the decode windows, which the reference never widens.
+    """
+
+    mode: str
+    num_layers: int
+    impl: str
+    separator_ids: tuple[int, ...]
+    num_initial: int
+    prefill_windows: tuple[int, ...]
+    generate_windows: tuple[int, ...]
+    fixed_intervals: Optional[tuple[int, ...]]
+    batch_adaptive_init_pos: bool
+    print_kv_ratio: bool
+    print_ratio_intervals: int
+
+    def layer_pattern(self, layer_idx: int, decode: bool) -> tuple[int, Optional[int]]:
+        """``(window, fixed_interval)`` of one layer for a prefill (``decode=False``) or a decode step."""
+        windows = self.generate_windows if decode else self.prefill_windows
+        interval = None if self.fixed_intervals is None else self.fixed_intervals[layer_idx]
+        return windows[layer_idx], interval
+
+
+def _layer_ints(values: Sequence[Any], key: str, num_layers: int, what: str,
+                error: type[ConfigError]) -> tuple[int, ...]:
+    if len(values) != num_layers:
+        raise error(f"'{key}' has {len(values)} entries but the model has num_layers={num_layers}; expected one "
+                    f"per layer")
+    for i, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise error(f"'{key}'[{i}] = {v!r}: {what} must be integers >= 1")
+    return tuple(int(v) for v in values)
+
+
+def _windows(sep: Any, phase: str, num_layers: int, error: type[ConfigError]) -> tuple[int, ...]:
+    derived = sep.prefill_windows if phase == "prefill" else sep.generate_windows
+    if phase == "prefill":
+        switch, scalar, lst = ("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "prefill_local_window_size",
+                               "prefill_loc_win_size_list")
+    else:
+        switch, scalar, lst = ("USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS", "generate_local_window_size",
+                               "generate_win_loc_size_list")
+    if derived is not None:
+        values, key = list(derived), f"{phase}_windows"
+    elif getattr(sep, switch):
+        if getattr(sep, lst) is None:
+            raise error(f"{switch}=True needs '{lst}' (one window per layer)")
+        values, key = list(getattr(sep, lst)), lst
+    else:
+        values, key = per_layer_windows(False, getattr(sep, scalar), None, num_layers), scalar
+    return _layer_ints(values, key, num_layers, "local windows", error)
+
+
+def _fixed_intervals(sep: Any, num_layers: int, error: type[ConfigError]) -> tuple[int, ...]:
+    intervals = sep.fixed_sep_intervals_list
+    if intervals is None:
+        raise error("mode 'fixllm' (USE_FIXED_SEP_INTERVALs=True) needs 'fixed_sep_intervals_list'")
+    intervals = list(intervals)
+    if len(intervals) == 1 and num_layers > 1:
+        intervals = intervals * num_layers
+    return _layer_ints(intervals, "fixed_sep_intervals_list", num_layers, "intervals", error)
+
+
+def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMSettingsError) -> SepLLMSettings:
+    """Resolve a ``SepLLMConfig`` for a model of ``num_layers`` layers; raises ``error`` naming the key and value.
+
+    The derived fields (``mode``, ``prefill_windows``, ``generate_windows``) win when set; otherwise they are derived
+    from the reference keys by the same rules as the config system. ``sep`` is not modified.
+    """
+    mode = sep.mode if sep.mode is not None else mode_of(sep)
+    if mode not in MODES:
+        raise error(f"SepLLM 'mode' = {mode!r}: expected one of {', '.join(MODES)}")
+    if sep.sep_attention_impl not in SEP_ATTENTION_IMPLS:
+        raise error(f"'sep_attention_impl' = {sep.sep_attention_impl!r}: expected one of "
+                    f"{', '.join(SEP_ATTENTION_IMPLS)}")
+    if sep.init_tok_max_idx < -1:
+        raise error(f"'init_tok_max_idx' = {sep.init_tok_max_idx}: expected >= -1")
+    if sep.prefill_k != 0 or sep.generate_k != 0:
+        raise error("'prefill_k' / 'generate_k' are deprecated in SepLLM and must stay 0")
+    if sep.print_ratio_intervals < 1:
+        raise error(f"'print_ratio_intervals' = {sep.print_ratio_intervals}: expected >= 1")
+    if mode in DENSE_ONLY_MODES and sep.sep_attention_impl in ("flex", "compact"):
+        raise error(f"'sep_attention_impl' = {sep.sep_attention_impl!r} with self-adjusting softmax (mode {mode!r}): "
+                    "SA softmax runs on the dense path only; use 'dense' or 'auto'")
+    if mode == "streamingllm" and sep.init_tok_max_idx < 0:
+        raise error("'init_tok_max_idx' must be >= 0 with streamingLLM=True (attention sinks)")
+    separator_ids: tuple[int, ...] = ()
+    if mode == "sepllm":
+        if not is_real_id_list(sep.separator_token_ids):
+            raise error(f"'separator_token_ids' = {sep.separator_token_ids!r}: SepLLM mode needs a non-empty list of "
+                        "real token ids (use streamingLLM=True for no separators)")
+        separator_ids = tuple(dict.fromkeys(int(s) for s in sep.separator_token_ids))
+    fixed = _fixed_intervals(sep, num_layers, error) if mode == "fixllm" else None
+    prefill = _windows(sep, "prefill", num_layers, error)
+    generate = _windows(sep, "generate", num_layers, error)
+    if not sep.EXCLUDE_DIAGONAL:
+        prefill = tuple(w + 1 for w in prefill)
+    sparse = mode != "full"
+    return SepLLMSettings(
+        mode=mode, num_layers=num_layers, impl=sep.sep_attention_impl, separator_ids=separator_ids,
+        num_initial=max(int(sep.init_tok_max_idx) + 1, 0) if sparse else 0,
+        prefill_windows=prefill, generate_windows=generate, fixed_intervals=fixed,
+        batch_adaptive_init_pos=bool(sep.BATCH_ADAPTIVE_INIT_POS) and sparse,
+        print_kv_ratio=bool(sep.PRINT_KV_RATIO) and sparse, print_ratio_intervals=int(sep.print_ratio_intervals))
