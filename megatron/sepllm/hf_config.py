@@ -2,7 +2,8 @@
 
 The training-free YAML files (``llama3_*.yml``) hold only SepLLM keys plus ``Layer_num``. They are read by the
 project's config loader (``megatron.config.load_config``: safe YAML, unknown keys and ill-typed values rejected);
-this module resolves the resulting ``SepLLMConfig`` against a concrete HF model config into :class:`TrainingFreeSettings`
+this module resolves the resulting ``SepLLMConfig`` against a concrete HF model config into
+:class:`TrainingFreeSettings`
 (the project's one ``SepLLMSettings``, built by ``megatron.config.sepllm_settings.settings_of``): the mode, per-layer
 prefill/decode windows, FixLLM intervals and the separator ids, plus the HF path's own checks against the model
 (layer count, vocabulary size, the modes it can run).
@@ -96,6 +97,10 @@ def resolve_for_model(cfg: SepLLMConfig, model_config: Any) -> TrainingFreeSetti
     if not 0 <= cfg.PADDING_ID < vocab:
         raise TrainingFreeConfigError(f"'PADDING_ID' = {cfg.PADDING_ID} is outside the model's vocabulary "
                                       f"[0, {vocab})")
+    if cfg.mode != mode_of(cfg):
+        raise TrainingFreeConfigError(f"SepLLM 'mode' = {cfg.mode!r} but the config's switches select "
+                                      f"{mode_of(cfg)!r}: build the config with load_trainingfree_config or "
+                                      "sepllm_config_from_mapping so its derived fields are filled")
     settings = settings_of(cfg, num_layers, error=TrainingFreeConfigError)
     for s in settings.separator_ids:
         if not 0 <= s < vocab:
