@@ -182,20 +182,21 @@ class SepKVCache:
         """``retention``: a ``RetentionStats`` the prompt forwards add their counts to (e.g. the model's own, so an
         evaluation counts generation prompts with its scoring forwards); by default the prefill backend keeps its
         own."""
-        from megatron.sepllm import checks
+        from megatron.config.sepllm_settings import settings_of
         from megatron.sepllm.backend import SepLLMBackend
         from megatron.sepllm.cache import SepCache
 
         num_layers = int(model_cfg.num_layers)
+        resolved = settings_of(sepllm_cfg, num_layers)          # the one SepLLM resolver (mode, windows, ids)
         uncapped = settings.kind == "uncapped"
-        a = max(sepllm_cfg.num_initial, 0) if settings.init_cache_size is None else int(settings.init_cache_size)
+        a = resolved.num_initial if settings.init_cache_size is None else int(settings.init_cache_size)
         if settings.local_size is not None:
             windows = [int(settings.local_size)] * num_layers
         else:
             # a decode query sees the last w keys, itself included, whatever EXCLUDE_DIAGONAL says (spec §1.3: the
             # reference's decode rule never reads the flag; apply_sepllm on HF models decodes the same way)
-            windows = generate_windows(sepllm_cfg, num_layers)
-        seps = checks.separator_ids_for_mode(sepllm_cfg)
+            windows = list(resolved.generate_windows)
+        seps = list(resolved.separator_ids)
         s = 0 if (uncapped or not seps) else int(settings.sep_cache_size)
         if settings.cache_size is not None:
             sizes = [int(settings.cache_size)] * num_layers
@@ -273,15 +274,6 @@ class SepKVCache:
         return self.cache.layer_contents(layer_idx)
 
 
-def generate_windows(sepllm_cfg: Any, num_layers: int) -> list[int]:
-    """Per-layer decode windows: the derived ``generate_windows``, else the per-layer list / the single window."""
-    if sepllm_cfg.generate_windows is not None:
-        return [int(w) for w in sepllm_cfg.generate_windows]
-    if sepllm_cfg.USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS and sepllm_cfg.generate_win_loc_size_list:
-        return [int(w) for w in sepllm_cfg.generate_win_loc_size_list]
-    return [int(sepllm_cfg.generate_local_window_size)] * num_layers
-
-
 def resolve_kind(model: Any, kind: str) -> str:
     """``auto`` -> ``compressed`` for SepLLM/StreamingLLM-trained models, ``plain`` for full attention."""
     if kind not in KV_CACHE_KINDS:
@@ -317,4 +309,4 @@ def build_kv_cache(model: Any, settings: KVCacheSettings = KVCacheSettings(), ca
 
 
 __all__ = ["CACHEABLE_SEPLLM_MODES", "KV_CACHE_KINDS", "KVCacheError", "KVCacheSettings", "PlainKVCache",
-           "SepKVCache", "build_kv_cache", "generate_windows", "resolve_kind"]
+           "SepKVCache", "build_kv_cache", "resolve_kind"]

@@ -8,17 +8,15 @@ availability) is checked here.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megatron.config.sepllm import SepLLMConfig
-from megatron.config.sepllm_settings import (DENSE_ONLY_MODES, MODES, SepLLMSettings, SepLLMSettingsError, mode_of,
+from megatron.config.sepllm_settings import (DENSE_ONLY_MODES, MODES, SepLLMSettings, SepLLMSettingsError,
                                              settings_of)
 from megatron.config.sepllm_settings import SEP_ATTENTION_IMPLS as IMPLS
 
 __all__ = ["DENSE_ONLY_MODES", "IMPLS", "MODES", "SepAttentionConfigError", "check_backend_config",
-           "check_flex_available", "separator_ids_for_mode", "torch_version_at_least"]
+           "check_flex_available", "torch_version_at_least"]
 
 
 class SepAttentionConfigError(SepLLMSettingsError):
@@ -54,7 +52,3 @@ def check_flex_available() -> None:
         raise SepAttentionConfigError(f"'sep_attention_impl' = 'flex' but FlexAttention is unavailable: {exc}") from exc
 
 
-def separator_ids_for_mode(cfg: SepLLMConfig) -> Optional[list[int]]:
-    """Separator ids that make keys global in this mode (None = no separators); the mode by the one rule."""
-    mode = cfg.mode if cfg.mode is not None else mode_of(cfg)
-    return [int(s) for s in cfg.separator_token_ids] if mode == "sepllm" else None
