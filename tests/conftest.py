@@ -1,4 +1,5 @@
-"""Shared test fixtures: the assets bundled with the repository (the suite never needs ../shared)."""
+"""Shared test fixtures: the assets bundled with the repository (the suite never needs the shared folder beside
+the checkout)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The repository stands alone: nothing the main job or the suite runs refers to ../shared, and every asset the
-shipped configs name is inside the repository."""
+"""The repository stands alone: nothing the main job or the suite runs refers to the shared folder beside the
+checkout, and every asset the shipped configs name is inside the repository."""
 
 from __future__ import annotations
 
