@@ -19,7 +19,8 @@ from megatron.config.derived import per_layer_windows
 from megatron.config.errors import ConfigError
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.config.sepllm_settings import MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, is_real_id_list, mode_of
+from megatron.config.sepllm_settings import (MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, WINDOW_KEYS, is_real_id_list,
+                                             mode_of)
 
 __all__ = ["DERIVED_FIELDS", "MODES", "NO_SEPARATORS", "SEP_ATTENTION_IMPLS", "check_separator_ids", "resolve_sepllm"]
 
@@ -168,12 +169,7 @@ def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bo
 
 
 def _windows(sep: SepLLMConfig, phase: str, num_layers: int, layers_from: str, where: Where) -> list[int]:
-    if phase == "prefill":
-        switch, scalar, lst = ("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "prefill_local_window_size",
-                               "prefill_loc_win_size_list")
-    else:
-        switch, scalar, lst = ("USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS", "generate_local_window_size",
-                               "generate_win_loc_size_list")
+    switch, scalar, lst = WINDOW_KEYS[phase]
     use_list = getattr(sep, switch)
     if use_list:
         _check_layer_list(lst, getattr(sep, lst), num_layers, layers_from, where, switch)

@@ -83,14 +83,17 @@ def _layer_ints(values: Sequence[Any], key: str, num_layers: int, what: str,
     return tuple(int(v) for v in values)
 
 
+#: per phase: (per-layer switch, single-window key, per-layer list key), in the reference's spellings
+WINDOW_KEYS = {
+    "prefill": ("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "prefill_local_window_size", "prefill_loc_win_size_list"),
+    "generate": ("USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS", "generate_local_window_size",
+                 "generate_win_loc_size_list"),
+}
+
+
 def _windows(sep: Any, phase: str, num_layers: int, error: type[ConfigError]) -> tuple[int, ...]:
     derived = sep.prefill_windows if phase == "prefill" else sep.generate_windows
-    if phase == "prefill":
-        switch, scalar, lst = ("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "prefill_local_window_size",
-                               "prefill_loc_win_size_list")
-    else:
-        switch, scalar, lst = ("USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS", "generate_local_window_size",
-                               "generate_win_loc_size_list")
+    switch, scalar, lst = WINDOW_KEYS[phase]
     if derived is not None:
         values, key = list(derived), f"{phase}_windows"
     elif getattr(sep, switch):
