@@ -79,7 +79,7 @@ def _build(args: argparse.Namespace, root: Path) -> tuple[Any, Any, Any]:
     from megatron.config import load_config
     from megatron.model.convert import load_trained_model
     from megatron.model.gpt import GPTModel
-    from megatron.model.hf_export import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
+    from megatron.model.convert.hf import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
 
     overrides = [] if args.sepllm else ["--USE_ORIGINAL_FULL_ATTEN", "true"]
     cfg = load_config(args.config, overrides=overrides)
@@ -100,7 +100,7 @@ def _build(args: argparse.Namespace, root: Path) -> tuple[Any, Any, Any]:
     hf = GPTNeoXForCausalLM(hf_gpt_neox_config(trained.config.model, eos_token_id=0)).eval()
     hf.load_state_dict(to_hf_gpt_neox_state_dict(trained.model.state_dict(), trained.config.model), strict=True)
     if args.sepllm and trained.config.sepllm.mode != "full":
-        from megatron.sepllm.hf_attention import apply_sepllm
+        from megatron.sepllm.hf.trainingfree import apply_sepllm
 
         sep = dataclasses.replace(trained.config.sepllm, Layer_num=trained.config.model.num_layers,
                                   USE_SEP_ATTN_KERNEL_ACCELERATOR=False, sep_attention_impl="dense")

@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megatron.sepllm.hf_attention import apply_sepllm  # noqa: E402
-from megatron.sepllm.hf_compat import cache_kwargs, output_cache  # noqa: E402
-from megatron.sepllm.hf_config import sepllm_config_from_mapping  # noqa: E402
+from megatron.sepllm.hf.trainingfree import apply_sepllm  # noqa: E402
+from megatron.sepllm.hf.compat import cache_kwargs, output_cache  # noqa: E402
+from megatron.sepllm.hf.config import sepllm_config_from_mapping  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

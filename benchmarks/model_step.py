@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
 
 from megatron.config.model import ModelConfig  # noqa: E402
 from megatron.model import GPTModel, lm_loss  # noqa: E402
-from megatron.model.hf_export import (hf_gpt_neox_config, hf_llama_config, to_hf_gpt_neox_state_dict,  # noqa: E402
+from megatron.model.convert.hf import (hf_gpt_neox_config, hf_llama_config, to_hf_gpt_neox_state_dict,  # noqa: E402
                                       to_hf_llama_state_dict)
 
 

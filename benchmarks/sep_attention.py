@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.p
 from corpus import TOKENIZER, pg19_books  # noqa: E402
 from megatron.config.model import ModelConfig  # noqa: E402
 from megatron.config.sepllm import SepLLMConfig  # noqa: E402
-from megatron.sepllm.auto_table import TABLE_PATH as AUTO_TABLE  # noqa: E402
-from megatron.sepllm.auto_table import table_entries, write_table  # noqa: E402
-from megatron.sepllm.backend import SepLLMBackend  # noqa: E402
-from megatron.sepllm.retention import pattern_counts  # noqa: E402
+from megatron.sepllm.attention.auto_table import TABLE_PATH as AUTO_TABLE  # noqa: E402
+from megatron.sepllm.attention.auto_table import table_entries, write_table  # noqa: E402
+from megatron.sepllm.attention.backend import SepLLMBackend  # noqa: E402
+from megatron.sepllm.attention.retention import pattern_counts  # noqa: E402
 
 PYTHIA_SEPS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
 IMPLS = ("compact", "dense", "flex")
@@ -71,7 +71,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the rows as a JSON list to this path")
     p.add_argument("--write-auto-table", nargs="?", type=Path, const=AUTO_TABLE, default=None, metavar="PATH",
                    help="record the fastest trainable path (fwd+bwd) per (S, w) for this device type in the table "
-                        "that sep_attention_impl 'auto' consults (PATH defaults to megatron/sepllm/auto_table.json; "
+                        "that sep_attention_impl 'auto' consults (PATH defaults to megatron/sepllm/attention/auto_table.json; "
                         "other device types' entries are kept)")
     return p.parse_args(argv)
 

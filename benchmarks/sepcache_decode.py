@@ -90,7 +90,7 @@ class DecodeState:
     def __init__(self, model, kind: str, ids: torch.Tensor, args: argparse.Namespace, separators: list[int]):
         from transformers import DynamicCache
 
-        from megatron.sepllm.cache import SepCache
+        from megatron.sepllm.hf.cache import SepCache
 
         self.model, self.kind, self.context = model, kind, ids.shape[1]
         self.times: list[float] = []
@@ -112,13 +112,13 @@ class DecodeState:
         self.tok = out.logits[:, -1].argmax(-1, keepdim=True)
 
     def mode(self):
-        from megatron.sepllm.generation import sepllm_attention
+        from megatron.sepllm.hf.generation import sepllm_attention
 
         return sepllm_attention(self.model) if self.kind == "sepcache" else contextlib.nullcontext()
 
     def forward(self, tok: torch.Tensor):
-        from megatron.sepllm.generation import sepllm_forward
-        from megatron.sepllm.hf_compat import cache_kwargs
+        from megatron.sepllm.hf.generation import sepllm_forward
+        from megatron.sepllm.hf.compat import cache_kwargs
 
         if self.kind == "dynamic":
             positions = torch.arange(self.pos, self.pos + tok.shape[1]).unsqueeze(0)

@@ -9,7 +9,7 @@ import torch
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.sepllm import rules
+from megatron.sepllm.attention import rules
 
 PYTHIA_SEPS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
 

@@ -13,31 +13,32 @@ LAYERS = {
     "errors": 0, "atomic_io": 0, "entry_args": 0, "_lazy": 0, "__init__": 0,
     "tokenizer": 1,
     "config": 2, "data": 2,
-    "kernels": 3, "sepllm": 3,
+    "kernels": 3, "sepllm": 3, "sepllm.attention": 3,
     "model": 4,
     "parallel": 5,
     "training": 6,
     "model.convert": 7,
-    "inference": 8,
-    "evaluation": 9,
+    "sepllm.hf": 8,
+    "inference": 9,
+    "evaluation": 10,
 }
 #: (importing file, imported package) pairs that break the rule today, each with its reason in the docs
-KNOWN_EXCEPTIONS = {
-    ("megatron/sepllm/hf_config.py", "model.convert"),
-    ("megatron/model/hf_export.py", "model.convert"),
-    ("megatron/model/neox_import.py", "model.convert"),
-}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
+
+
+#: sub-packages that sit on a layer of their own
+_SUBPACKAGES = {("model", "convert"), ("sepllm", "attention"), ("sepllm", "hf")}
 
 
 def package_of(module: str) -> str | None:
-    """``megatron.model.convert.hf`` -> ``model.convert``; ``megatron.sepllm.cache`` -> ``sepllm``."""
+    """``megatron.model.convert.hf`` -> ``model.convert``; ``megatron.sepllm.hf.cache`` -> ``sepllm``."""
     parts = module.split(".")
     if parts[0] != "megatron":
         return None
     if len(parts) == 1:
         return "__init__"
-    if parts[1] == "model" and len(parts) > 2 and parts[2] == "convert":
-        return "model.convert"
+    if len(parts) > 2 and (parts[1], parts[2]) in _SUBPACKAGES:
+        return f"{parts[1]}.{parts[2]}"
     return parts[1]
 
 

@@ -24,9 +24,9 @@ def test_classes_sit_on_the_right_branch_and_keep_their_builtin_base() -> None:
     for cls in (CheckpointError, DataError, TokenizerError):
         assert issubclass(cls, RunError) and cls.exit_code == 1, cls
     assert issubclass(LRScheduleError, ValueError) and issubclass(CheckpointError, RuntimeError)
-    from megatron.sepllm.auto_table import AutoTableError
-    from megatron.sepllm.checks import SepAttentionConfigError
-    from megatron.sepllm.hf_attention import SepLLMRuntimeError
+    from megatron.sepllm.attention.auto_table import AutoTableError
+    from megatron.sepllm.attention.checks import SepAttentionConfigError
+    from megatron.sepllm.hf.trainingfree import SepLLMRuntimeError
 
     assert issubclass(SepAttentionConfigError, UserInputError) and issubclass(SepAttentionConfigError, ValueError)
     assert issubclass(AutoTableError, UserInputError) and issubclass(AutoTableError, ValueError)

@@ -85,8 +85,8 @@ def _hf(cfg_file: Path, neox_tokenizer_file: Path, sepllm: bool, limit: int = 6)
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
     from megatron.model.convert import load_trained_model
-    from megatron.model.hf_export import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
-    from megatron.sepllm.hf_attention import apply_sepllm
+    from megatron.model.convert.hf import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
+    from megatron.sepllm.hf.trainingfree import apply_sepllm
 
     cfg = load_config(cfg_file)
     trained = load_trained_model(cfg.checkpoint.load, config_files=[cfg_file])
@@ -184,8 +184,8 @@ def test_generate_until_decodes_with_the_generate_window(exclude_diagonal, check
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
     from megatron.model.convert import load_trained_model
-    from megatron.model.hf_export import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
-    from megatron.sepllm.hf_attention import apply_sepllm
+    from megatron.model.convert.hf import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
+    from megatron.sepllm.hf.trainingfree import apply_sepllm
 
     load = load_config(checkpoints["sepllm"]).checkpoint.load
     diag = ["--EXCLUDE_DIAGONAL", exclude_diagonal]
@@ -218,7 +218,7 @@ def test_generation_prompts_count_into_the_retention_totals(checkpoints):
     """Cached generation adds each prompt's SepLLM counts (padding excluded) to the model's retention tracker: the
     totals equal the model's own forward over every prompt alone."""
     from megatron.model.convert import load_trained_model
-    from megatron.sepllm.retention import RetentionStats
+    from megatron.sepllm.attention.retention import RetentionStats
 
     trained = load_trained_model(load_config(checkpoints["sepllm"]).checkpoint.load,
                                  config_files=[checkpoints["sepllm"]])

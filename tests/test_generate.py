@@ -25,7 +25,7 @@ from megatron.inference.kv_cache import KVCacheSettings, PlainKVCache, SepKVCach
 from megatron.inference.sampling import SamplingSettings, filter_logits, next_tokens
 from megatron.model.attention_backend import CausalState
 from megatron.model.gpt import GPTModel
-from megatron.sepllm import rules
+from megatron.sepllm.attention import rules
 
 REPO = Path(__file__).resolve().parents[1]
 SEPS = [1, 2, 3]

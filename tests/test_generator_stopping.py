@@ -11,7 +11,7 @@ from megatron.inference.generator import GenerationError, generate_batch
 from megatron.inference.kv_cache import KVCacheSettings, build_kv_cache
 from megatron.inference.stopping import StopStrings
 from megatron.model.gpt import GPTModel
-from megatron.sepllm.retention import RetentionStats
+from megatron.sepllm.attention.retention import RetentionStats
 
 TINY = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64, "pos_emb": "rotary",
         "rotary_pct": 0.5, "padded_vocab_size": 32, "init_method_std": 0.1}

@@ -15,9 +15,9 @@ import torch
 from transformers import GPTNeoXForCausalLM, LlamaForCausalLM
 
 import megatron.sepllm as sepllm
-from megatron.sepllm.cache import SepCache
-from megatron.sepllm.generation import sepllm_forward
-from megatron.sepllm.hf_compat import CACHE_NAMES, SepGenerateOutput, cache_kwarg, output_cache, pop_cache
+from megatron.sepllm.hf.cache import SepCache
+from megatron.sepllm.hf.generation import sepllm_forward
+from megatron.sepllm.hf.compat import CACHE_NAMES, SepGenerateOutput, cache_kwarg, output_cache, pop_cache
 from test_sepcache import SEPS, prompts, tiny_model
 
 SIZES = dict(init_cache_size=2, sep_cache_size=8, local_size=8, cache_size=24, separator_token_ids=SEPS)

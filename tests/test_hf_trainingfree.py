@@ -1,5 +1,5 @@
-"""Training-free SepLLM on HF models (megatron/sepllm/hf_attention.py): exactness against explicit masks built from
-megatron.sepllm.rules, decode over the whole history, FixLLM/StreamingLLM counts, retention, and bad input."""
+"""Training-free SepLLM on HF models (megatron/sepllm/hf/trainingfree.py): exactness against explicit masks built from
+megatron.sepllm.attention.rules, decode over the whole history, FixLLM/StreamingLLM counts, retention, and bad input."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from megatron.config.errors import ConfigError
-from megatron.sepllm import rules
-from megatron.sepllm.hf_attention import SepLLMRuntimeError, apply_sepllm
-from megatron.sepllm.hf_compat import cache_kwargs, output_cache
-from megatron.sepllm.hf_config import (TrainingFreeConfigError, load_trainingfree_config, resolve_for_model,
+from megatron.sepllm.attention import rules
+from megatron.sepllm.hf.trainingfree import SepLLMRuntimeError, apply_sepllm
+from megatron.sepllm.hf.compat import cache_kwargs, output_cache
+from megatron.sepllm.hf.config import (TrainingFreeConfigError, load_trainingfree_config, resolve_for_model,
                                        sepllm_config_from_mapping)
 
 VOCAB = 64

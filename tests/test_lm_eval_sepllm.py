@@ -1,4 +1,4 @@
-"""lm_eval integration (megatron/sepllm/lm_eval_model.py, tools/sepllm/lm_eval_sepllm.py), fully offline on a tiny
+"""lm_eval integration (megatron/sepllm/hf/lm_eval_model.py, tools/sepllm/lm_eval_sepllm.py), fully offline on a tiny
 random Llama saved with the GPT-2 tokenizer and the local PG-19 task YAMLs under tests/fixtures/lm_eval."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _evaluate(lm, tasks, limit):
 
 @pytest.mark.slow
 def test_both_reference_configs_run_offline_and_report_retention(tiny_llama_dir, reference_configs_dir, in_repo, capsys):
-    from megatron.sepllm.lm_eval_model import SepLLMHFLM
+    from megatron.sepllm.hf.lm_eval_model import SepLLMHFLM
 
     ref = reference_configs_dir
     # SepLLM: windows shrunk so the short PG-19 sentences are really sparsified
@@ -111,8 +111,8 @@ def test_mask_path_loglikelihoods_equal_direct_masked_forward(kind, request, ref
     """The numbers lm_eval scores are those of the SepLLM-masked model (not of the plain one)."""
     from lm_eval.api.instance import Instance
 
-    from megatron.sepllm import rules
-    from megatron.sepllm.lm_eval_model import SepLLMHFLM
+    from megatron.sepllm.attention import rules
+    from megatron.sepllm.hf.lm_eval_model import SepLLMHFLM
 
     if kind == "llama":
         model_dir = request.getfixturevalue("tiny_llama_dir")

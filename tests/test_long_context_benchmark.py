@@ -34,7 +34,7 @@ def _run(tmp_path, tokenizer, *extra):
 def test_timed_backend_is_exact_and_times_forward_and_backward():
     from megatron.config.model import ModelConfig
     from megatron.config.sepllm import SepLLMConfig
-    from megatron.sepllm.backend import SepLLMBackend
+    from megatron.sepllm.attention.backend import SepLLMBackend
 
     bench = _bench()
     cfg = SepLLMConfig(separator_token_ids=[5], mode="sepllm", prefill_windows=[8], generate_windows=[8],

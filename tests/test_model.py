@@ -333,7 +333,7 @@ def test_backend_factory_and_exposure() -> None:
 
 
 def test_backend_factory_sepllm_mode_uses_sepllm_backend() -> None:
-    from megatron.sepllm.backend import SepLLMBackend
+    from megatron.sepllm.attention.backend import SepLLMBackend
 
     cfg = SepLLMConfig(separator_token_ids=[SEP], mode="sepllm", prefill_windows=[4, 4], generate_windows=[4, 4])
     backend = build_attention_backend(tiny(), cfg)

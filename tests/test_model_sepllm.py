@@ -9,7 +9,7 @@ import torch
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 from megatron.model import GPTModel, lm_loss
-from megatron.sepllm.rules import allowed_mask, global_key_bitmap
+from megatron.sepllm.attention.rules import allowed_mask, global_key_bitmap
 
 VOCAB, SEP = 64, 7
 LAYERS = 2

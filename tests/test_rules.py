@@ -1,8 +1,8 @@
-"""The SepLLM rule itself (megatron/sepllm/rules.py) on the spec's worked examples."""
+"""The SepLLM rule itself (megatron/sepllm/attention/rules.py) on the spec's worked examples."""
 
 import torch
 
-from megatron.sepllm import rules
+from megatron.sepllm.attention import rules
 
 TOKENS = "A B C , D E . F G \\n".split()
 VOCAB = {t: i for i, t in enumerate(dict.fromkeys(TOKENS))}

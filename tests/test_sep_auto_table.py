@@ -1,4 +1,4 @@
-"""``sep_attention_impl: auto`` follows the measured table (megatron/sepllm/auto_table.py); the benchmark writes it."""
+"""``sep_attention_impl: auto`` follows the measured table (megatron/sepllm/attention/auto_table.py); the benchmark writes it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.sepllm import auto_table
-from megatron.sepllm.backend import SepLLMBackend
+from megatron.sepllm.attention import auto_table
+from megatron.sepllm.attention.backend import SepLLMBackend
 
 REPO = Path(__file__).resolve().parents[1]
 

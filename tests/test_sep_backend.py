@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.sepllm import rules
-from megatron.sepllm.backend import SepLLMBackend
-from megatron.sepllm.checks import SepAttentionConfigError
-from megatron.sepllm.dense import build_dense_mask
-from megatron.sepllm.retention import RetentionStats, pattern_counts, should_report
-from megatron.sepllm.sa_softmax import sa_attention
+from megatron.sepllm.attention import rules
+from megatron.sepllm.attention.backend import SepLLMBackend
+from megatron.sepllm.attention.checks import SepAttentionConfigError
+from megatron.sepllm.attention.dense import build_dense_mask
+from megatron.sepllm.attention.retention import RetentionStats, pattern_counts, should_report
+from megatron.sepllm.attention.sa_softmax import sa_attention
 
 from sep_helpers import make_sepllm_cfg, model_cfg
 

@@ -8,7 +8,7 @@ import torch
 from megatron.config.model import ModelConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.loss import lm_loss
-from megatron.sepllm.backend import SepLLMBackend
+from megatron.sepllm.attention.backend import SepLLMBackend
 
 from sep_helpers import PYTHIA_SEPS, make_sepllm_cfg, pg19_ids
 

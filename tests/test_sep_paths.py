@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.sepllm.backend import SepLLMBackend
+from megatron.sepllm.attention.backend import SepLLMBackend
 
 from sep_helpers import make_sepllm_cfg, model_cfg, reference_attention, reference_keep, two_density_batch
 

@@ -12,10 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import megatron.sepllm as sepllm  # noqa: E402
-from megatron.sepllm import rules  # noqa: E402
-from megatron.sepllm.cache import SepCache  # noqa: E402
-from megatron.sepllm.generation import sepllm_forward  # noqa: E402
-from megatron.sepllm.hf_compat import cache_kwargs  # noqa: E402
+from megatron.sepllm.attention import rules  # noqa: E402
+from megatron.sepllm.hf.cache import SepCache  # noqa: E402
+from megatron.sepllm.hf.generation import sepllm_forward  # noqa: E402
+from megatron.sepllm.hf.compat import cache_kwargs  # noqa: E402
 
 VOCAB = 48
 
@@ -355,7 +355,7 @@ def test_pe_shift_uses_model_rotary_and_matches_manual_reencoding():
 
 
 def test_pe_shift_reads_rope_theta_from_model():
-    from megatron.sepllm.pos_shift import rope_fn_from_model
+    from megatron.sepllm.hf.pos_shift import rope_fn_from_model
 
     m1, m2 = tiny_model("llama"), tiny_model("llama")
     m2.model.rotary_emb.inv_freq = m2.model.rotary_emb.inv_freq * 0.5

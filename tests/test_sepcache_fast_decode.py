@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.sepllm.cache import SepCache
+from megatron.sepllm.hf.cache import SepCache
 
 SEPS = [5, 6, 7]
 

@@ -21,10 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import DynamicCache  # noqa: E402
 
 import megatron.sepllm as sepllm  # noqa: E402
-from megatron.sepllm.cache import SepCache  # noqa: E402
-from megatron.sepllm.generation import sepllm_forward  # noqa: E402
-from megatron.sepllm.hf_compat import cache_kwargs  # noqa: E402
-from megatron.sepllm.pos_shift import rope_fn_from_model  # noqa: E402
+from megatron.sepllm.hf.cache import SepCache  # noqa: E402
+from megatron.sepllm.hf.generation import sepllm_forward  # noqa: E402
+from megatron.sepllm.hf.compat import cache_kwargs  # noqa: E402
+from megatron.sepllm.hf.pos_shift import rope_fn_from_model  # noqa: E402
 from test_sepcache import SEPS, VOCAB, one_thread, tiny_model  # noqa: F401  (autouse fixture)
 
 A, S, W, C = 4, 16, 32, 64          # the side-by-side setting

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.sepllm.cache import SepCache
-from megatron.sepllm.generation import sepllm_forward
+from megatron.sepllm.hf.cache import SepCache
+from megatron.sepllm.hf.generation import sepllm_forward
 from test_sepcache import SEPS, one_thread, prompts, tiny_model  # noqa: F401  (autouse fixture)
 
 

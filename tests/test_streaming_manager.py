@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.sepllm import rules
-from megatron.sepllm.cache import SepCache
-from megatron.sepllm.streaming import StreamingKVManager
+from megatron.sepllm.attention import rules
+from megatron.sepllm.hf.cache import SepCache
+from megatron.sepllm.hf.streaming import StreamingKVManager
 
 STREAM = "ab,cd.ef,gh.ij,kl.mn,op.qr,st"
 

@@ -3,7 +3,7 @@
 # kernels, run every gpu-marked test, the fused-kernel benchmark and the GPU rows of benchmarks/sep_attention.py and
 # benchmarks/train_step.py and benchmarks/long_context.py, and write everything into one folder:
 #   pytest_gpu.xml (JUnit), kernel_status.txt, fused_kernels.json/.txt, sep_attention_gpu.json/.txt,
-#   auto_table.json (the shipped auto table with measured cuda entries: copy it over megatron/sepllm/auto_table.json),
+#   auto_table.json (the shipped auto table with measured cuda entries: copy it over megatron/sepllm/attention/auto_table.json),
 #   train_step_gpu.json/.txt, long_context_gpu.json/.txt, steps.json (exit code and seconds of each step),
 #   summary.txt (short text summary).
 # Budget: about 10 minutes on one GPU (each step has its own time limit, so a stuck step cannot eat the rest).
@@ -41,7 +41,7 @@ STEPS=(
   "kernels|300|\$PY -c 'from megatron.kernels import kernel_status as k; s = k(); print(s.available, s.reason); raise SystemExit(0 if s.available else 1)' > \"\$OUT/kernel_status.txt\" 2>&1; rc=\$?; cat \"\$OUT/kernel_status.txt\"; exit \$rc"
   "gpu_tests|240|\$PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml \"\$OUT/pytest_gpu.xml\""
   "fused_kernels|200|\$PY benchmarks/fused_kernels.py --device cuda --dtype bfloat16 --seq-lens 2048 8192 --repeats 10 --warmup 3 --json \"\$OUT/fused_kernels.json\" | tee \"\$OUT/fused_kernels.txt\""
-  "sep_attention|180|cp megatron/sepllm/auto_table.json \"\$OUT/auto_table.json\" && \$PY benchmarks/sep_attention.py --device cuda --dtype bfloat16 --seq-lens 4096 8192 16384 --windows 256 --repeats 3 --pg19-dir \"$BOOKS\" --json \"\$OUT/sep_attention_gpu.json\" --write-auto-table \"\$OUT/auto_table.json\" | tee \"\$OUT/sep_attention_gpu.txt\""
+  "sep_attention|180|cp megatron/sepllm/attention/auto_table.json \"\$OUT/auto_table.json\" && \$PY benchmarks/sep_attention.py --device cuda --dtype bfloat16 --seq-lens 4096 8192 16384 --windows 256 --repeats 3 --pg19-dir \"$BOOKS\" --json \"\$OUT/sep_attention_gpu.json\" --write-auto-table \"\$OUT/auto_table.json\" | tee \"\$OUT/sep_attention_gpu.txt\""
   "train_step|120|\$PY benchmarks/train_step.py --device cuda --tokenizer \"$TOK\" --steps 5 --rounds 3 --json \"\$OUT/train_step_gpu.json\" | tee \"\$OUT/train_step_gpu.txt\""
   "long_context|240|\$PY benchmarks/long_context.py --device cuda --precision bf16 --seq-lens 4096 8192 16384 --steps 3 --rounds 3 --tokenizer \"$TOK\" --json \"\$OUT/long_context_gpu.json\" | tee \"\$OUT/long_context_gpu.txt\""
 )

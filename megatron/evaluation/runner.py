@@ -72,7 +72,7 @@ def _retention(model: torch.nn.Module, dp: DataParallel) -> Optional[dict]:
     stats = getattr(getattr(model, "attention_backend", None), "retention", None)
     if stats is None:
         return None
-    from megatron.sepllm.retention import RetentionStats
+    from megatron.sepllm.attention.retention import RetentionStats
 
     total = RetentionStats(stats.num_layers)
     for counts in dp.gather([stats.counts()]):

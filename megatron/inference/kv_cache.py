@@ -6,7 +6,7 @@ Two kinds, one interface (``begin_step`` -> ``prepare`` -> ``attend`` per layer 
 * :class:`PlainKVCache` keeps every key/value (full-attention models). Buffers grow by doubling, so a step writes
   in place instead of re-concatenating the whole history.
 * :class:`SepKVCache` (SepLLM / StreamingLLM-trained models) keeps, per layer and row, the initial tokens, the
-  separators and the local window. It *is* :class:`megatron.sepllm.cache.SepCache` underneath: the same planning
+  separators and the local window. It *is* :class:`megatron.sepllm.hf.cache.SepCache` underneath: the same planning
   code decides which slots survive, so there is one eviction rule in the project. Two settings:
 
   - ``compressed`` (default): separators capped at ``sep_cache_size`` (the most recent ones), so the memory is flat
@@ -183,8 +183,8 @@ class SepKVCache:
         evaluation counts generation prompts with its scoring forwards); by default the prefill backend keeps its
         own."""
         from megatron.config.sepllm_settings import settings_of
-        from megatron.sepllm.backend import SepLLMBackend
-        from megatron.sepllm.cache import SepCache
+        from megatron.sepllm.attention.backend import SepLLMBackend
+        from megatron.sepllm.hf.cache import SepCache
 
         num_layers = int(model_cfg.num_layers)
         resolved = settings_of(sepllm_cfg, num_layers)          # the one SepLLM resolver (mode, windows, ids)

@@ -2,7 +2,7 @@
 
 The model computes Q/K/V (rotary already applied) and hands them to an :class:`AttentionBackend`. The backend decides
 *which* keys each query sees (plain causal here; SepLLM's initial + separator + window rule in
-``megatron.sepllm.backend``) and *how* the product is computed. ``prepare`` runs once per micro-batch, so everything
+``megatron.sepllm.attention.backend``) and *how* the product is computed. ``prepare`` runs once per micro-batch, so everything
 that depends only on token ids / positions / padding (masks, ALiBi distances, separator bitmaps) is built once and
 shared by all layers instead of being rebuilt per layer or kept in a global singleton.
 """
@@ -132,7 +132,7 @@ def build_attention_backend(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMC
     """Plain causal attention for ``mode == "full"`` (or no SepLLM config), else the SepLLM backend (lazy import)."""
     if sepllm_cfg is None or sepllm_cfg.mode == "full":
         return CausalSDPABackend(alibi=model_cfg.pos_emb == "alibi")
-    from megatron.sepllm.backend import SepLLMBackend  # lazy: keeps plain models free of SepLLM imports
+    from megatron.sepllm.attention.backend import SepLLMBackend  # lazy: keeps plain models free of SepLLM imports
 
     return SepLLMBackend(sepllm_cfg, model_cfg)
 

@@ -32,7 +32,7 @@ from megatron.model.init import init_weights
 from megatron.model.norms import build_norm
 from megatron.model.positional import default_position_ids, rotary_cos_sin, rotary_ndims
 from megatron.model.transformer import TransformerLayer
-from megatron.sepllm.rules import bipe_position_ids, left_pad_counts
+from megatron.sepllm.attention.rules import bipe_position_ids, left_pad_counts
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from megatron.model.gpt import bipe_separator_ids
 from megatron.model.norms import build_norm
 from megatron.model.positional import default_position_ids, rotary_cos_sin, rotary_ndims
 from megatron.model.transformer import TransformerLayer
-from megatron.sepllm.rules import bipe_position_ids
+from megatron.sepllm.attention.rules import bipe_position_ids
 from megatron.errors import UserInputError
 
 StageTuple = tuple[Tensor, Tensor]

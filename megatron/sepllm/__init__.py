@@ -10,11 +10,11 @@ from __future__ import annotations
 from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "SepCache": "megatron.sepllm.cache",
-    "generate": "megatron.sepllm.generation",
-    "apply_sepllm": "megatron.sepllm.hf_attention",
-    "SepLLMBackend": "megatron.sepllm.backend",
-    "RetentionStats": "megatron.sepllm.retention",
+    "SepCache": "megatron.sepllm.hf.cache",
+    "generate": "megatron.sepllm.hf.generation",
+    "apply_sepllm": "megatron.sepllm.hf.trainingfree",
+    "SepLLMBackend": "megatron.sepllm.attention.backend",
+    "RetentionStats": "megatron.sepllm.attention.retention",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

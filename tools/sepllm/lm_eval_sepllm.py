@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from megatron.sepllm.hf_config import parse_override
-    from megatron.sepllm.lm_eval_model import SepLLMHFLM
+    from megatron.sepllm.hf.config import parse_override
+    from megatron.sepllm.hf.lm_eval_model import SepLLMHFLM
 
     if not os.path.isdir(args.model_path):
         raise FileNotFoundError(f"--model-path {args.model_path}: not a directory")
@@ -123,7 +123,7 @@ def _print_table(results: dict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron.config.errors import ConfigError
-    from megatron.sepllm.hf_attention import SepLLMRuntimeError
+    from megatron.sepllm.hf.trainingfree import SepLLMRuntimeError
 
     try:
         results = run(args)

@@ -225,7 +225,7 @@ def build_cache(args: argparse.Namespace, model, seps: list[int]):
     """The KV cache of ``--method`` and the settings recorded in the summary."""
     from transformers import DynamicCache
 
-    from megatron.sepllm.cache import SepCache
+    from megatron.sepllm.hf.cache import SepCache
 
     a, s, w, c = args.init_cache_size, args.sep_cache_size, args.local_size, args.cache_size
     if args.method == "full":
@@ -244,10 +244,10 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from tqdm import tqdm
 
-    from megatron.sepllm.generation import sepllm_attention, sepllm_forward
-    from megatron.sepllm.hf_compat import cache_kwargs
-    from megatron.sepllm.separator_presets import preset_for_model_type, separator_ids_from_tokenizer
-    from megatron.sepllm.stream_tokens import TokenFeed, token_stream
+    from megatron.sepllm.hf.generation import sepllm_attention, sepllm_forward
+    from megatron.sepllm.hf.compat import cache_kwargs
+    from megatron.sepllm.attention.separator_presets import preset_for_model_type, separator_ids_from_tokenizer
+    from megatron.sepllm.hf.stream_tokens import TokenFeed, token_stream
 
     if args.threads:
         torch.set_num_threads(args.threads)

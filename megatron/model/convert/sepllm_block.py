@@ -8,7 +8,7 @@ Layout (``config.json["sepllm"]``)::
      "prefill_local_window_size": 64, "generate_local_window_size": 64, ... every training-free SepLLM key ...,
      "sep_cache": {"init_cache_size": 3, "sep_cache_size": 64, "local_size": [...], "cache_size": [...]}}
 
-Everything except ``mode`` and ``sep_cache`` is a valid training-free SepLLM config (``megatron.sepllm.hf_config``).
+Everything except ``mode`` and ``sep_cache`` is a valid training-free SepLLM config (``megatron.sepllm.hf.config``).
 ``sep_cache`` holds the SepCache defaults: ``a`` initial tokens, the decode window of every layer as the local size,
 the SepCache default separator budget, and ``cache_size = a + s + 2w`` (a compression every ``w`` tokens).
 """

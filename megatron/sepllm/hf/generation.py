@@ -1,4 +1,4 @@
-"""SepLLM generation with :class:`~megatron.sepllm.cache.SepCache` for Hugging Face decoders (transformers 5.x).
+"""SepLLM generation with :class:`~megatron.sepllm.hf.cache.SepCache` for Hugging Face decoders (transformers 5.x).
 
 ``model.generate(**inputs, custom_generate=megatron.sepllm.generate, init_cache_size=4, sep_cache_size=128,
 local_size=256, cache_size=512, USE_MAX_SEP_CACHE=True, separator_token_ids=[...], PADDING_ID=..., ...)``
@@ -26,10 +26,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from megatron.sepllm.cache import SepCache, _num_layers
-from megatron.sepllm.hf_compat import SepGenerateOutput, cache_kwarg, generate_output, pop_cache
-from megatron.sepllm.hf_config import sep_cache_arguments
-from megatron.sepllm.pos_shift import apply_rotary
+from megatron.sepllm.hf.cache import SepCache, _num_layers
+from megatron.sepllm.hf.compat import SepGenerateOutput, cache_kwarg, generate_output, pop_cache
+from megatron.sepllm.hf.config import sep_cache_arguments
+from megatron.sepllm.hf.pos_shift import apply_rotary
 
 ATTN_NAME = "sepllm_sdpa"
 
@@ -41,7 +41,7 @@ def _sepllm_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     cache = kwargs.pop("sepllm_cache", None)
     if cache is None:
         raise RuntimeError(f"attention implementation {ATTN_NAME!r} needs the per-call kwarg sepllm_cache=<SepCache>; "
-                           "call the model through megatron.sepllm.generation.sepllm_forward")
+                           "call the model through megatron.sepllm.hf.generation.sepllm_forward")
     layer_idx = module.layer_idx
     mask = cache.step_attention_mask(layer_idx)
     kwargs.pop("is_causal", None)
@@ -144,7 +144,7 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     own options ``SEP_PADDING_IN_BATCH``, ``PRINT_KV_RATIO_INSIDE``, ``print_KV_inside_per_steps``,
     ``APPLY_PES_INSIDE`` with ``base`` / ``pe_dim`` / ``pe_scaling_factor`` / ``max_position_embeddings`` /
     ``partial_rotation_size``, the layout options and the empty reference state arguments) are those of
-    :class:`~megatron.sepllm.cache.SepCache`. Unset sizes and separators come from the ``sepllm`` block of an exported
+    :class:`~megatron.sepllm.hf.cache.SepCache`. Unset sizes and separators come from the ``sepllm`` block of an exported
     model's config (what it was trained with), else the hub ``generate``'s defaults 4 / 128 / 256 / 512 and the
     model_type separator preset. ``layer_num`` / ``model_type``, when given, must agree with the model.
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.sepllm import rules
+from megatron.sepllm.attention import rules
 
 
 def build_dense_mask(global_keys: torch.Tensor, window: int, key_valid: Optional[torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,7 @@ separator tokens and a local window (spec §3.4, with the fixes of §7 items 2-7
 Design (what differs from the reference SepCache, and why):
 
 * **Token ids reach the cache before the forward.** In transformers 5.x the attention module calls
-  ``cache.update(k, v, layer_idx)`` with no ids, so the caller (``megatron.sepllm.generation``) first calls
+  ``cache.update(k, v, layer_idx)`` with no ids, so the caller (``megatron.sepllm.hf.generation``) first calls
   :meth:`SepCache.set_step_tokens` with the step's ids and 2-D attention mask. That call *plans* the step for every
   layer (which slots will be kept, the attention mask the step needs, position ids); ``update`` then applies the plan.
 * **Ragged rows with a validity mask.** Each layer stores ``keys/values [B, H, L, D]`` plus ``ids [B, L]`` and a slot
@@ -48,12 +48,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from megatron.sepllm import rules
-from megatron.sepllm.hf_compat import cache_kwarg
-from megatron.sepllm.pos_shift import (RopeFn, apply_rotary, cache_positions, find_rotary_module, rope_fn_from_model,
+from megatron.sepllm.attention import rules
+from megatron.sepllm.hf.compat import cache_kwarg
+from megatron.sepllm.hf.pos_shift import (RopeFn, apply_rotary, cache_positions, find_rotary_module, rope_fn_from_model,
                                       unapply_rotary)
-from megatron.sepllm.reference_args import RopeParams, check_layout, check_reference_state
-from megatron.sepllm.separator_presets import resolve_separators
+from megatron.sepllm.hf.reference_args import RopeParams, check_layout, check_reference_state
+from megatron.sepllm.attention.separator_presets import resolve_separators
 
 IntOrList = Union[int, Sequence[int]]
 
@@ -216,10 +216,10 @@ class SepCache(Cache):
             pe_scaling_factor, max_position_embeddings, partial_rotation_size, _rope_unsqueeze_dim, _rope_seq_dim,
             k_seq_dim, v_seq_dim and the empty state arguments (past_tok_ids, key_cache, value_cache, _seen_tokens,
             _kept_kv_ratio, _shifted_position_ids): the reference's options, see
-            :mod:`megatron.sepllm.reference_args` (``SEP_PADDING_IN_BATCH`` has no effect: rows are never aligned;
+            :mod:`megatron.sepllm.hf.reference_args` (``SEP_PADDING_IN_BATCH`` has no effect: rows are never aligned;
             ``PRINT_KV_RATIO_INSIDE`` prints the retention every ``print_KV_inside_per_steps`` forwards).
 
-    Use it through :func:`megatron.sepllm.generation.generate` or :func:`megatron.sepllm.generation.sepllm_forward`,
+    Use it through :func:`megatron.sepllm.hf.generation.generate` or :func:`megatron.sepllm.hf.generation.sepllm_forward`,
     which call :meth:`set_step_tokens` before each forward and route attention through the per-layer masks.
     """
 

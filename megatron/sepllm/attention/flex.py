@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron.sepllm.checks import SepAttentionConfigError, check_flex_available
+from megatron.sepllm.attention.checks import SepAttentionConfigError, check_flex_available
 
 
 class FlexRunner:

@@ -5,7 +5,7 @@ streaming numbers: the driver feeds a token, the model appends its KV, the drive
 (:meth:`StreamingKVManager.update_past_tok_ids`) and then calls :meth:`evict_except_for_sep` (SepLLM) or
 :meth:`evict_nonlocal_and_noninitial` (StreamingLLM). Because eviction follows the forward, the next query sees at most
 ``cache_size + 1`` keys. Batches keep the reference's alignment (every row truncated to the batch's minimum number of
-new separators, keeping each row's oldest ones); :class:`~megatron.sepllm.cache.SepCache` is the per-row exact cache.
+new separators, keeping each row's oldest ones); :class:`~megatron.sepllm.hf.cache.SepCache` is the per-row exact cache.
 
 The manager works on token ids alone (``kv=None``) or on a transformers ``Cache`` (e.g. ``DynamicCache``) whose
 layers hold ``keys/values [B, H, L, D]``; it cuts every layer with the same indices.
@@ -17,8 +17,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron.sepllm import rules
-from megatron.sepllm.separator_presets import resolve_separators
+from megatron.sepllm.attention import rules
+from megatron.sepllm.attention.separator_presets import resolve_separators
 
 
 def check_streaming_args(init_cache_size: int, sep_cache_size: int, local_size: int, cache_size: int,

@@ -3,13 +3,13 @@
 ``model_args`` (all optional except ``pretrained``), on top of every HFLM argument:
 
 * ``sepllm_config=<yaml>``: training-free SepLLM YAML (``llama3_*.yml`` keys) applied with
-  :func:`megatron.sepllm.hf_attention.apply_sepllm` to every forward (loglikelihood and generation);
+  :func:`megatron.sepllm.hf.trainingfree.apply_sepllm` to every forward (loglikelihood and generation);
 * ``sepllm_overrides="KEY=VALUE;KEY=VALUE"``: YAML-valued overrides on top of that file (e.g. ``Layer_num=2``);
 * ``sepllm_attn_impl=sdpa|eager``: attention function of the mask path;
 * ``sepcache=True`` plus ``init_cache_size``, ``sep_cache_size``, ``local_size``, ``cache_size``,
   ``USE_MAX_SEP_CACHE``, ``SEP_ACCUMULATION``, ``APPLY_PE_SHIFT``, ``sepcache_prefill_attention`` (full|sepllm),
   ``sepcache_separator_ids="13;11;..."``: ``generate_until`` runs :func:`megatron.sepllm.generate` with a
-  :class:`~megatron.sepllm.cache.SepCache` (separators default to the SepLLM config's, else the model-type preset).
+  :class:`~megatron.sepllm.hf.cache.SepCache` (separators default to the SepLLM config's, else the model-type preset).
 
 Retention statistics are printed after each request type and returned by :meth:`SepLLMHFLM.sepllm_retention`
 (the CLI ``tools/sepllm/lm_eval_sepllm.py`` stores them as ``results["sepllm_retention"]``).
@@ -23,9 +23,9 @@ from typing import Any, Optional, Union
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from megatron.sepllm.hf_attention import SepLLMHandle, apply_sepllm
-from megatron.sepllm.hf_compat import cache_kwargs
-from megatron.sepllm.hf_config import TrainingFreeConfigError, parse_override
+from megatron.sepllm.hf.trainingfree import SepLLMHandle, apply_sepllm
+from megatron.sepllm.hf.compat import cache_kwargs
+from megatron.sepllm.hf.config import TrainingFreeConfigError, parse_override
 
 _SEPCACHE_SIZES = ("init_cache_size", "sep_cache_size", "local_size", "cache_size")
 
@@ -137,7 +137,7 @@ class SepLLMHFLM(HFLM):
                     PADDING_ID=pad)
 
     def _build_cache(self) -> Any:
-        from megatron.sepllm.cache import SepCache
+        from megatron.sepllm.hf.cache import SepCache
 
         return SepCache(model=self.model, **self._sepcache_kwargs)
 

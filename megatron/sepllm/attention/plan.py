@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron.sepllm import rules
+from megatron.sepllm.attention import rules
 
 
 @dataclass

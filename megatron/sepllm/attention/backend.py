@@ -8,7 +8,7 @@ retention counters; ``__call__`` runs one layer. Execution paths (``sep_attentio
 * ``flex``    -- FlexAttention BlockMask from the ``[B, S]`` bit-vector (GPU training; CPU forward only);
 * ``compact`` -- gathered global keys + banded window in one exact softmax (work ~ kept keys; CPU/GPU training);
 * ``auto``    -- ``USE_SEP_ATTN_KERNEL_ACCELERATOR: False`` => dense. Otherwise the measured table
-  (``megatron.sepllm.auto_table``, written by ``benchmarks/sep_attention.py --write-auto-table``) for this device
+  (``megatron.sepllm.attention.auto_table``, written by ``benchmarks/sep_attention.py --write-auto-table``) for this device
   type, sequence length and window; where it has no entry, the written rule: compact on CPU, flex on CUDA (the CUDA
   table stays empty until a GPU run fills it).
 
@@ -24,12 +24,12 @@ import torch
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.sepllm import auto_table, checks
-from megatron.sepllm.compact import build_compact_layout, compact_attention
-from megatron.sepllm.dense import alibi_bias, build_dense_mask, causal_attention, masked_sdpa
-from megatron.sepllm.plan import PatternPlan, SepPlan, build_plan
-from megatron.sepllm.retention import RetentionStats, pattern_counts
-from megatron.sepllm.sa_softmax import sa_attention
+from megatron.sepllm.attention import auto_table, checks
+from megatron.sepllm.attention.compact import build_compact_layout, compact_attention
+from megatron.sepllm.attention.dense import alibi_bias, build_dense_mask, causal_attention, masked_sdpa
+from megatron.sepllm.attention.plan import PatternPlan, SepPlan, build_plan
+from megatron.sepllm.attention.retention import RetentionStats, pattern_counts
+from megatron.sepllm.attention.sa_softmax import sa_attention
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class SepLLMBackend:
 
     def _flex(self):
         if self._flex_runner is None:
-            from megatron.sepllm.flex import FlexRunner
+            from megatron.sepllm.attention.flex import FlexRunner
 
             self._flex_runner = FlexRunner(block_size=self.cfg._DEFAULT_SPARSE_BLOCK_SIZE,
                                            compile_block_mask=self.cfg.RECOMPILE_SEP_ATTN_KERNEL)

@@ -7,7 +7,7 @@ How it attaches, per model and reversibly (no transformers class is patched):
   deliberately NOT registered as mask functions, so transformers builds no mask of its own for them;
 * the model instance's ``forward`` is wrapped: before each call the wrapper appends the step's token ids to the
   history it tracks for the sequence (state lives on the handle, one sequence batch at a time), builds the SepLLM mask
-  of every distinct (window, FixLLM interval) pattern from ``megatron.sepllm.rules`` and hands the per-layer masks to
+  of every distinct (window, FixLLM interval) pattern from ``megatron.sepllm.attention.rules`` and hands the per-layer masks to
   the attention functions as the per-call kwarg ``sepllm_mask_plan``;
 * prefill (query length > 1) uses the per-layer prefill windows over the prompt; a decode step (query length 1) uses
   the per-layer generate windows over the WHOLE history with the padding fix of spec §7 item 1:
@@ -15,7 +15,7 @@ How it attaches, per model and reversibly (no transformers class is patched):
   attention mask, never from ``PADDING_ID``.
 
 All KV stay in the ordinary HF cache (the "Fundamental Design"): this path reproduces the sparsity pattern, it does
-not save memory; SepCache (``megatron.sepllm.cache``) is the memory-saving path.
+not save memory; SepCache (``megatron.sepllm.hf.cache``) is the memory-saving path.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import torch
 
 from megatron.config.sepllm import SepLLMConfig
 from megatron.errors import RunError
-from megatron.sepllm import rules
-from megatron.sepllm.hf_config import (TrainingFreeSettings, load_trainingfree_config, resolve_for_model,
+from megatron.sepllm.attention import rules
+from megatron.sepllm.hf.config import (TrainingFreeSettings, load_trainingfree_config, resolve_for_model,
                                        sepllm_config_from_model)
-from megatron.sepllm.hf_compat import CACHE_NAMES, output_cache
-from megatron.sepllm.hf_retention import RetentionMeter, _Counts
+from megatron.sepllm.hf.compat import CACHE_NAMES, output_cache
+from megatron.sepllm.hf.retention import RetentionMeter, _Counts
 
 ATTN_SDPA = "sepllm_mask_sdpa"
 ATTN_EAGER = "sepllm_mask_eager"
@@ -371,7 +371,7 @@ class SepLLMHandle:
 
     # ----- statistics -----
     def retention(self) -> dict:
-        """Retention statistics accumulated over every call so far (see ``megatron.sepllm.hf_retention``)."""
+        """Retention statistics accumulated over every call so far (see ``megatron.sepllm.hf.retention``)."""
         return self.meter.as_dict()
 
     def summary(self) -> str:

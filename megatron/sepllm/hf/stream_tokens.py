@@ -34,12 +34,12 @@ def _encode_book_to(tokenizer_file: str, book: str, out: str) -> None:
 
 
 class _BookWorker:
-    """One book tokenised by ``python -m megatron.sepllm.stream_tokens`` in a child process (started right away,
+    """One book tokenised by ``python -m megatron.sepllm.hf.stream_tokens`` in a child process (started right away,
     so the next book is tokenised while the current one streams)."""
 
     def __init__(self, tokenizer_file: Path, book: Path, out: Path):
         self.out, self.book = out, book
-        self.proc = subprocess.Popen([sys.executable, "-m", "megatron.sepllm.stream_tokens", str(tokenizer_file),
+        self.proc = subprocess.Popen([sys.executable, "-m", "megatron.sepllm.hf.stream_tokens", str(tokenizer_file),
                                       str(book), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      cwd=str(_REPO_ROOT))
 

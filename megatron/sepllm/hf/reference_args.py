@@ -23,7 +23,7 @@ from typing import Any, MutableMapping, Optional
 
 import torch
 
-from megatron.sepllm.pos_shift import RopeFn
+from megatron.sepllm.hf.pos_shift import RopeFn
 
 #: reference constructor defaults of the frequency parameters (used for the ones left out when others are given)
 REFERENCE_BASE, REFERENCE_PE_DIM, REFERENCE_SCALING, REFERENCE_MAX_POSITIONS = 10000.0, 128, 1.0, 8192
@@ -52,7 +52,7 @@ def check_reference_state(kwargs: MutableMapping[str, Any]) -> None:
         if not empty:
             raise ValueError(f"SepCache: {name} carries state from another cache; starting from a reference cache's "
                              "state is not supported (its slots have no padding or kind information): start from "
-                             "an empty SepCache and continue it with megatron.sepllm.generation.sepllm_forward")
+                             "an empty SepCache and continue it with megatron.sepllm.hf.generation.sepllm_forward")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron.sepllm import rules
+from megatron.sepllm.attention import rules
 
 
 def pattern_counts(global_keys: torch.Tensor, window: int, key_valid: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
