@@ -73,7 +73,7 @@ def test_backend_auto_consults_table(tmp_path, monkeypatch):
     backend = _backend()
     assert backend.resolve_impl(torch.device("cpu"), 64) == "dense"
     assert backend.resolve_impl(torch.device("cpu"), 32) == "compact"      # below the table: the rule
-    assert backend.resolve_impl(torch.device("cuda"), 64) == "flex"       # no cuda entries: the rule
+    assert backend.resolve_impl(torch.device("cuda"), 64) == "flex_compact"   # no cuda entries: the rule
     ids = torch.randint(0, 10, (1, 80))
     assert backend.prepare(ids, torch.arange(80)[None], None).impl == "dense"
     assert _backend("compact").prepare(ids, torch.arange(80)[None], None).impl == "compact"   # explicit wins

@@ -119,7 +119,7 @@ def test_per_layer_windows_share_patterns_and_full_layers_are_causal():
 def test_auto_selection_rules():
     mc = model_cfg(num_layers=1)
     assert SepLLMBackend(make_sepllm_cfg(num_layers=1), mc).resolve_impl(torch.device("cpu")) == "compact"
-    assert SepLLMBackend(make_sepllm_cfg(num_layers=1), mc).resolve_impl(torch.device("cuda")) == "flex"
+    assert SepLLMBackend(make_sepllm_cfg(num_layers=1), mc).resolve_impl(torch.device("cuda")) == "flex_compact"
     nokernel = make_sepllm_cfg(num_layers=1, USE_SEP_ATTN_KERNEL_ACCELERATOR=False)
     assert SepLLMBackend(nokernel, mc).resolve_impl(torch.device("cpu")) == "dense"
     explicit = make_sepllm_cfg(num_layers=1, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, sep_attention_impl="compact")

@@ -5,7 +5,7 @@ and records the fastest one per ``(device type, sequence length, window)`` in ``
 ``SepLLMBackend.resolve_impl`` consults it: the entry with the largest measured length ``<= S`` (longer sequences only
 favour the sparse paths more), at the measured window closest to the layer's. Below the smallest measured length,
 for a device type with no entries (CUDA until a GPU run fills it) or without a sequence length, the written rule
-applies (compact on CPU, flex on CUDA).
+applies (compact on CPU, flex_compact on CUDA).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from megatron.atomic_io import atomic_write_text
 from megatron.errors import UserInputError
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
-TRAINABLE = ("compact", "dense", "flex")
+TRAINABLE = ("compact", "dense", "flex", "flex_compact")
 
 
 class AutoTableError(UserInputError, ValueError):
@@ -72,7 +72,7 @@ def lookup(device_type: str, seq_len: Optional[int], window: int,
 def table_entries(rows: Iterable[dict]) -> list[dict]:
     """One entry per ``(S, w)`` of benchmark rows: the trainable path with the lowest forward+backward time.
 
-    Paths without a backward measurement (flex on CPU: no CPU backward) cannot be chosen for training.
+    Paths without a backward measurement (flex / flex_compact on CPU: no CPU backward) cannot be chosen for training.
     """
     best: dict[tuple[int, int], dict] = {}
     for r in rows:

@@ -7,10 +7,12 @@ retention counters; ``__call__`` runs one layer. Execution paths (``sep_attentio
 * ``dense``   -- boolean mask into SDPA (reference "NOkernel" semantics, supports dropout and SA softmax);
 * ``flex``    -- FlexAttention BlockMask from the ``[B, S]`` bit-vector (GPU training; CPU forward only);
 * ``compact`` -- gathered global keys + banded window in one exact softmax (work ~ kept keys; CPU/GPU training);
+* ``flex_compact`` -- FlexAttention over ``[gathered global keys] ++ [S keys]``: the BlockMask is a staircase plus a
+  band, so the work scales with the kept keys (GPU training; CPU forward only);
 * ``auto``    -- ``USE_SEP_ATTN_KERNEL_ACCELERATOR: False`` => dense. Otherwise the measured table
   (``megatron.sepllm.attention.auto_table``, written by ``benchmarks/sep_attention.py --write-auto-table``) for this device
-  type, sequence length and window; where it has no entry, the written rule: compact on CPU, flex on CUDA (the CUDA
-  table stays empty until a GPU run fills it).
+  type, sequence length and window; where it has no entry, the written rule: compact on CPU, flex_compact on CUDA
+  (the CUDA table stays empty until a GPU run fills it).
 
 Layers whose window covers the sequence (H/HT layers, ``mode: full``) run plain causal SDPA on the fast path.
 """
@@ -27,6 +29,7 @@ from megatron.config.sepllm import SepLLMConfig
 from megatron.sepllm.attention import auto_table, checks
 from megatron.sepllm.attention.compact import build_compact_layout, compact_attention
 from megatron.sepllm.attention.dense import alibi_bias, build_dense_mask, causal_attention, masked_sdpa
+from megatron.sepllm.attention.flex_compact import build_flex_compact_layout, flex_compact_attention
 from megatron.sepllm.attention.plan import PatternPlan, SepPlan, build_plan
 from megatron.sepllm.attention.retention import RetentionStats, pattern_counts
 from megatron.sepllm.attention.sa_softmax import sa_attention
@@ -83,7 +86,7 @@ class SepLLMBackend:
             sparse = [w for w in self.layer_windows if seq_len is None or w < seq_len]
             impl = auto_table.lookup(dev_type, seq_len, min(sparse)) if sparse else None
             if impl is None:
-                impl = "flex" if dev_type == "cuda" else "compact"
+                impl = "flex_compact" if dev_type == "cuda" else "compact"
         key = (impl, torch.device(device).type)
         if key not in self._logged:
             self._logged.add(key)
@@ -123,6 +126,12 @@ class SepLLMBackend:
             return build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid)
         if plan.impl == "flex":
             return self._flex().block_mask(pattern.global_keys, plan.key_valid, pattern.window)
+        if plan.impl == "flex_compact":
+            runner = self._flex()
+            layout = build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window,
+                                               plan.position_ids, block=runner.block_size)
+            layout.attach_block_mask(runner.create_block_mask)
+            return layout
         return build_compact_layout(pattern.global_keys, plan.key_valid, pattern.window, plan.position_ids,
                                     block=self.compact_block_size)
 
@@ -162,13 +171,17 @@ class SepLLMBackend:
         if impl == "flex":
             return self._flex()(q, k, v, pattern.artifact, scale=scale, alibi_slopes=alibi_slopes, position_ids=pos,
                                 dropout_p=dropout_p)
+        if impl == "flex_compact" and not (dropout_p > 0.0 and self.cfg.sep_attention_impl == "auto"):
+            return flex_compact_attention(self._flex().kernel, q, k, v, pattern.artifact, scale=scale,
+                                          alibi_slopes=alibi_slopes, dropout_p=dropout_p)
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        if impl == "compact":
+        if impl in ("compact", "flex_compact"):
             if dropout_p > 0.0:
                 if self.cfg.sep_attention_impl == "compact":
                     raise checks.SepAttentionConfigError(
                         f"attention dropout {dropout_p} is not supported by sep_attention_impl='compact'; set "
                         "attention_dropout to 0 or use sep_attention_impl='dense'")
+                # auto chose a path without dropout: this call runs on the dense mask instead
                 keep = build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid)
                 return masked_sdpa(q, k, v, keep, scale=scale, dropout_p=dropout_p, alibi_slopes=alibi_slopes,
                                    position_ids=pos)

@@ -35,7 +35,7 @@ def torch_version_at_least(major: int, minor: int) -> bool:
 def check_backend_config(cfg: SepLLMConfig, num_layers: int) -> SepLLMSettings:
     """The resolved settings, raising ``SepAttentionConfigError`` for settings the attention backend cannot honour."""
     settings = settings_of(cfg, num_layers, error=SepAttentionConfigError)
-    if settings.impl == "flex":
+    if settings.impl in ("flex", "flex_compact"):
         check_flex_available()
     return settings
 
@@ -44,11 +44,12 @@ def check_flex_available() -> None:
     """FlexAttention needs torch >= 2.5 (spec §1.2: the Sep-Attention kernel path)."""
     if not torch_version_at_least(2, 5):
         raise SepAttentionConfigError(
-            f"'sep_attention_impl' = 'flex' needs torch >= 2.5 (FlexAttention); found torch {torch.__version__}. "
-            "Use 'compact' or 'dense'")
+            f"'sep_attention_impl' = 'flex' / 'flex_compact' needs torch >= 2.5 (FlexAttention); found torch "
+            f"{torch.__version__}. Use 'compact' or 'dense'")
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the torch build
-        raise SepAttentionConfigError(f"'sep_attention_impl' = 'flex' but FlexAttention is unavailable: {exc}") from exc
+        raise SepAttentionConfigError(
+            f"'sep_attention_impl' = 'flex' / 'flex_compact' but FlexAttention is unavailable: {exc}") from exc
 
 

@@ -26,6 +26,16 @@ class FlexRunner:
         self._flex = torch.compile(flex_attention, dynamic=False) if compile_kernel else flex_attention
         self._create = torch.compile(create_block_mask) if compile_block_mask else create_block_mask
 
+    @property
+    def kernel(self) -> Any:
+        """The (compiled) ``flex_attention`` shared by the flex and flex_compact paths."""
+        return self._flex
+
+    @property
+    def create_block_mask(self) -> Any:
+        """The (optionally compiled) ``create_block_mask``."""
+        return self._create
+
     def block_mask(self, global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int) -> Any:
         """BlockMask of the SepLLM rule for one pattern (B per row, heads broadcast)."""
         batch, seq_len = global_keys.shape

@@ -1,0 +1,196 @@
+"""FlexAttention over the compact SepLLM layout: a GPU path whose cost scales with the kept keys.
+
+On real text a separator falls in nearly every 128-key block, so a BlockMask over the raw ``S x S`` layout (the
+``flex`` path) has no empty block below the diagonal and costs as much as causal attention. Here the keys and values
+of each micro-batch and pattern are re-laid out as::
+
+    [ global keys (initial + separators, by position, padded per row to N_pad) ] ++ [ all S keys ]
+
+``N_pad`` is the batch's largest global-key count rounded up to the flex block size (and to a coarse ladder of at
+most four sizes per doubling, so the compiled kernel sees few distinct key lengths). The predicate splits the rule of
+``rules.py`` into two disjoint parts:
+
+* slot ``kv < N_pad`` (original position ``p``): kept iff the slot holds a real (valid) global key and
+  ``p <= q - w``, i.e. it lies before the query's window;
+* ``kv >= N_pad`` (key ``k = kv - N_pad``): kept iff ``k <= q``, ``q - k < w`` and ``valid[k] or k == q``.
+
+A global key inside the window is counted by the band only, so every kept key appears exactly once. The BlockMask is
+then a staircase over the slot blocks plus a diagonal band of width ``w``: all other blocks are empty and skipped.
+
+The layout (one index ``[B, N_pad + S]`` of original positions, ALiBi positions, BlockMask) is built once per
+micro-batch and pattern (``SepLLMBackend.prepare``) and shared by all layers and heads; per layer K and V are
+re-laid out by ONE ``gather`` (autograd gives the scatter-add backward). ``flex_compact_reference`` runs the same
+re-laid-out keys through SDPA with the predicate materialised densely: a debug / test route that also has a CPU
+backward (torch has no FlexAttention backward on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.sepllm.attention.checks import SepAttentionConfigError
+
+MaskMod = Callable[[Any, Any, Any, Any], Any]
+
+
+def slot_capacity(count: int, block: int) -> int:
+    """Slots for ``count`` global keys: a multiple of ``block``, on a ladder of <= 4 sizes per doubling.
+
+    Each distinct key length is a new compilation of the flex kernel; the ladder bounds how many lengths a run sees
+    (under 25 % extra slots beyond the block rounding; padded slots only fill empty blocks).
+    """
+    if block < 1:
+        raise ValueError(f"flex block size must be >= 1, got {block}")
+    if count < 0:
+        raise ValueError(f"global-key count must be >= 0, got {count}")
+    blocks = -(-count // block)
+    step = 2 ** max(0, math.ceil(math.log2(blocks)) - 3) if blocks > 8 else 1
+    return -(-blocks // step) * step * block
+
+
+@dataclass
+class FlexCompactLayout:
+    """Compact key layout of one pattern for one micro-batch (shared by all layers and heads)."""
+
+    batch: int
+    seq_len: int
+    window: int
+    block: int
+    num_slots: int                  # N_pad: slots of gathered global keys before the S keys
+    kv_index: torch.Tensor          # [B, N_pad + S] long: original position of each key slot (0 for empty slots)
+    kv_keep: torch.Tensor           # [B, N_pad + S] bool: slot holds a real global key / key is not padding
+    q_pos: torch.Tensor             # [B, S] float32 position ids of the queries (ALiBi)
+    kv_pos: torch.Tensor            # [B, N_pad + S] float32 position ids of the key slots (ALiBi)
+    global_counts: torch.Tensor     # [B] long: real global keys per row
+    block_mask: Any = None          # FlexAttention BlockMask (None until ``attach_block_mask``)
+
+    @property
+    def kv_len(self) -> int:
+        return self.num_slots + self.seq_len
+
+    def mask_mod(self) -> MaskMod:
+        """The predicate over ``(b, h, q_idx, kv_idx)`` of the re-laid-out keys (see the module docstring).
+
+        Window and slot count are captured as tensors, so all patterns and micro-batches of the same shapes share one
+        traced predicate (no recompilation per window).
+        """
+        index, keep = self.kv_index, self.kv_keep
+        w = torch.tensor(self.window, device=index.device)
+        n_slots = torch.tensor(self.num_slots, device=index.device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            k = index[b, kv_idx]
+            ok = keep[b, kv_idx]
+            slot = kv_idx < n_slots
+            in_slots = slot & ok & (k <= q_idx - w)
+            in_band = ~slot & (k <= q_idx) & (q_idx - k < w) & (ok | (k == q_idx))
+            return in_slots | in_band
+        return mask_mod
+
+    def dense_keep(self) -> torch.Tensor:
+        """``[B, 1, S, N_pad + S]`` bool: ``mask_mod`` evaluated on every entry (tests, debugging)."""
+        dev = self.kv_index.device
+        b = torch.arange(self.batch, device=dev).view(-1, 1, 1)
+        q = torch.arange(self.seq_len, device=dev).view(1, -1, 1)
+        kv = torch.arange(self.kv_len, device=dev).view(1, 1, -1)
+        return self.mask_mod()(b, 0, q, kv).unsqueeze(1)
+
+    def attach_block_mask(self, create: Optional[Callable[..., Any]] = None) -> Any:
+        """Build (once) the BlockMask of ``mask_mod`` with ``create`` (default: ``create_block_mask``)."""
+        if self.block_mask is None:
+            if create is None:
+                from torch.nn.attention.flex_attention import create_block_mask as create
+            self.block_mask = create(self.mask_mod(), B=self.batch, H=None, Q_LEN=self.seq_len, KV_LEN=self.kv_len,
+                                     device=self.kv_index.device, BLOCK_SIZE=self.block)
+        return self.block_mask
+
+
+def build_flex_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
+                              position_ids: torch.Tensor, block: int = 128) -> FlexCompactLayout:
+    """Index the global keys of each row (by position) in front of the ``S`` keys; O(B * (N_pad + S)) memory."""
+    if global_keys.dim() != 2:
+        raise ValueError(f"global_keys must be [B, S], got shape {tuple(global_keys.shape)}")
+    batch, seq_len = global_keys.shape
+    if window < 1:
+        raise ValueError(f"local window must be >= 1, got {window}")
+    for name, t in (("key_valid", key_valid), ("position_ids", position_ids)):
+        if t is not None and tuple(t.shape) != (batch, seq_len):
+            raise ValueError(f"{name} must be [B, S] = {(batch, seq_len)}, got {tuple(t.shape)}")
+    dev = global_keys.device
+    valid = (torch.ones(batch, seq_len, dtype=torch.bool, device=dev) if key_valid is None
+             else key_valid.to(device=dev, dtype=torch.bool))
+    g = global_keys.to(torch.bool) & valid
+    counts = g.sum(dim=1)
+    n_pad = slot_capacity(int(counts.max()) if counts.numel() else 0, block)
+    order = torch.argsort((~g).to(torch.int8), dim=1, stable=True)[:, :n_pad]   # global positions first, in order
+    if order.shape[1] < n_pad:
+        order = F.pad(order, (0, n_pad - order.shape[1]))
+    slot_real = torch.arange(n_pad, device=dev)[None, :] < counts[:, None]
+    slot_index = torch.where(slot_real, order, torch.zeros_like(order))
+    kv_index = torch.cat([slot_index, torch.arange(seq_len, device=dev).expand(batch, seq_len)], dim=1).contiguous()
+    kv_keep = torch.cat([slot_real, valid], dim=1).contiguous()
+    pos = position_ids.to(device=dev, dtype=torch.float32)
+    return FlexCompactLayout(batch=batch, seq_len=seq_len, window=int(window), block=int(block), num_slots=n_pad,
+                             kv_index=kv_index, kv_keep=kv_keep, q_pos=pos.contiguous(),
+                             kv_pos=torch.gather(pos, 1, kv_index).contiguous(), global_counts=counts)
+
+
+def relayout_kv(x: torch.Tensor, layout: FlexCompactLayout) -> torch.Tensor:
+    """``[B, H, S, D]`` -> ``[B, H, N_pad + S, D]`` by one gather (its backward is a scatter-add)."""
+    if x.dim() != 4 or x.shape[0] != layout.batch or x.shape[2] != layout.seq_len:
+        raise ValueError(f"k/v must be [B, H, S, D] with B = {layout.batch}, S = {layout.seq_len}; got "
+                         f"{tuple(x.shape)}")
+    idx = layout.kv_index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+    return torch.gather(x, 2, idx)
+
+
+def _alibi_score_mod(slopes: torch.Tensor, layout: FlexCompactLayout, device: torch.device) -> Callable:
+    """``score - slope_h * (pos_q - pos_k)`` with the ORIGINAL position of each key slot."""
+    s = slopes.to(device=device, dtype=torch.float32).contiguous()
+    q_pos, kv_pos = layout.q_pos.to(device), layout.kv_pos.to(device)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - s[h] * (q_pos[b, q_idx] - kv_pos[b, kv_idx])
+    return score_mod
+
+
+def flex_compact_attention(kernel: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           layout: FlexCompactLayout, *, scale: float, alibi_slopes: Optional[torch.Tensor] = None,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """SepLLM attention for ``q [B, Hq, S, D]``, ``k, v [B, Hkv, S, D]`` through ``kernel`` (a compiled
+    ``flex_attention``) over ``layout`` (its BlockMask attached). GQA stays grouped (``enable_gqa``)."""
+    if dropout_p > 0.0:
+        raise SepAttentionConfigError(
+            f"attention dropout {dropout_p} is not supported by sep_attention_impl='flex_compact' (FlexAttention has "
+            "no dropout); set attention_dropout to 0 or use sep_attention_impl='dense'")
+    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+        raise SepAttentionConfigError(
+            "sep_attention_impl='flex_compact' cannot train on CPU: torch has no FlexAttention backward on CPU. "
+            "Use sep_attention_impl='compact' (fast) or 'dense' for CPU training; flex_compact is forward-only here")
+    if layout.block_mask is None:
+        raise ValueError("flex_compact layout has no BlockMask: call layout.attach_block_mask() first")
+    score_mod = None if alibi_slopes is None else _alibi_score_mod(alibi_slopes, layout, q.device)
+    kc, vc = relayout_kv(k, layout), relayout_kv(v, layout)
+    return kernel(q, kc, vc, score_mod=score_mod, block_mask=layout.block_mask, scale=scale,
+                  enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flex_compact_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: FlexCompactLayout, *,
+                           scale: float, alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same composition (one gather, same predicate) with the mask dense through SDPA: the test/debug route,
+    differentiable on every device. Costs a ``[B, H, S, N_pad + S]`` score matrix."""
+    keep = layout.dense_keep()
+    kc, vc = relayout_kv(k, layout), relayout_kv(v, layout)
+    if alibi_slopes is None:
+        mask = keep
+    else:
+        diff = layout.q_pos[:, None, :, None] - layout.kv_pos[:, None, None, :]
+        bias = -alibi_slopes.to(device=q.device, dtype=torch.float32).view(1, -1, 1, 1) * diff
+        mask = bias.masked_fill(~keep, float("-inf")).to(q.dtype)
+    return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
