@@ -7,11 +7,18 @@ Token ids come from PG-19 books (GPT-NeoX-20B tokenizer), so separator density i
 * ``sdpa_causal``: ``scaled_dot_product_attention(is_causal=True)`` on 4-D inputs (the fast path; the baseline);
 * ``dense``:   SepLLM boolean mask into SDPA (reference semantics);
 * ``compact``: gathered initial + separator keys and banded window in one exact softmax;
-* ``flex``:    FlexAttention with a SepLLM BlockMask (forward only on CPU: torch has no CPU flex backward).
+* ``flex``:    FlexAttention with a SepLLM BlockMask over the raw S x S layout (forward only on CPU: torch has no CPU
+  flex backward);
+* ``flex_compact``: FlexAttention over [gathered global keys] ++ [S keys] (staircase + band BlockMask; forward only on
+  CPU).
 
 Times are medians over ``--repeats`` runs after one warm-up (compilation excluded); the per-micro-batch plan
 (mask / layout / BlockMask build) is timed separately as ``plan_ms`` because a model shares it across all layers.
 Ratios are against ``sdpa_causal`` measured in the same run. ``density`` = attended entries / causal entries.
+
+``--block-counts`` times nothing: it prints, per ``(S, w)``, the fraction of the causal 128 x 128 blocks that the
+BlockMask of ``flex`` and of ``flex_compact`` keeps non-empty (mean over the batch rows), i.e. the share of causal
+attention's tiles each FlexAttention path computes.
 
 Example: ``python benchmarks/sep_attention.py --seq-lens 1024 4096 --windows 256 --json out.json``
 """
@@ -44,7 +51,8 @@ from megatron.sepllm.attention.backend import SepLLMBackend  # noqa: E402
 from megatron.sepllm.attention.retention import pattern_counts  # noqa: E402
 
 PYTHIA_SEPS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
-IMPLS = ("compact", "dense", "flex")
+IMPLS = ("compact", "dense", "flex", "flex_compact")
+FORWARD_ONLY_ON_CPU = ("flex", "flex_compact")   # torch has no FlexAttention backward on CPU
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -68,6 +76,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice); 1 gives steadier ratios on a busy machine")
     p.add_argument("--no-backward", action="store_true", help="time forward only (skip forward+backward)")
+    p.add_argument("--block-counts", action="store_true",
+                   help="time nothing: print the fraction of causal blocks that flex's and flex_compact's BlockMasks "
+                        "keep non-empty per (S, w) over --batch rows")
+    p.add_argument("--block-size", type=int, default=128, help="FlexAttention block size for --block-counts")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as a JSON list to this path")
     p.add_argument("--write-auto-table", nargs="?", type=Path, const=AUTO_TABLE, default=None, metavar="PATH",
                    help="record the fastest trainable path (fwd+bwd) per (S, w) for this device type in the table "
@@ -165,7 +177,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         fwd = interleaved_medians({n: forward_fn(a, q, k, v) for n, a in attns.items()}, args.repeats, device)
         fb: dict[str, float] = {}
         if backward:
-            trainable = {n: a for n, a in attns.items() if not (n == "flex" and device.type == "cpu")}
+            trainable = {n: a for n, a in attns.items() if not (n in FORWARD_ONLY_ON_CPU and device.type == "cpu")}
             fb = interleaved_medians({n: fwd_bwd_fn(a, q, k, v, grad) for n, a in trainable.items()},
                                      args.repeats, device)
         plan_ms = interleaved_medians(plan_fns, args.repeats, device) if plan_fns else {}
@@ -175,6 +187,45 @@ def run(args: argparse.Namespace) -> list[dict]:
                              fwd_ratio_vs_causal=fwd[name] / fwd["sdpa_causal"],
                              fwd_bwd_ratio_vs_causal=(fb[name] / fb["sdpa_causal"]) if name in fb else None))
     return rows
+
+
+def block_count_rows(args: argparse.Namespace) -> list[dict]:
+    """Per ``(S, w)``: non-empty blocks of the raw ``flex`` BlockMask and of the ``flex_compact`` one, as a fraction of
+    the causal blocks ``nb (nb + 1) / 2`` (mean over the rows; BlockMasks built in query chunks to bound memory)."""
+    from megatron.sepllm.attention.flex import sep_mask_mod
+    from megatron.sepllm.attention.flex_compact import build_flex_compact_layout, count_nonempty_blocks
+    from megatron.sepllm.attention.plan import global_keys_for
+
+    bs = args.block_size
+    all_ids = load_ids(args.pg19_dir, args.batch, max(args.seq_lens))
+    rows = []
+    for s in args.seq_lens:
+        ids = all_ids[:, :s]
+        g = global_keys_for(ids, PYTHIA_SEPS, args.num_initial, None, None, None)
+        nb = -(-s // bs)
+        causal = nb * (nb + 1) // 2
+        for w in args.windows:
+            raw = count_nonempty_blocks(sep_mask_mod(g, None, w), args.batch, s, s, bs)
+            lay = build_flex_compact_layout(g, None, w, torch.arange(s)[None].expand(args.batch, s), block=bs)
+            comp = count_nonempty_blocks(lay.mask_mod(), args.batch, s, lay.kv_len, bs)
+            _, _, kept, total = pattern_counts(g, w, None)
+            rows.append(dict(S=s, w=w, block=bs, causal_blocks=causal, global_keys=int(lay.global_counts.max()),
+                             slots=lay.num_slots, flex_blocks=float(raw.float().mean()),
+                             flex_compact_blocks=float(comp.float().mean()),
+                             flex_fraction=float(raw.float().mean()) / causal,
+                             flex_compact_fraction=float(comp.float().mean()) / causal, density=kept / total))
+    return rows
+
+
+def format_block_table(rows: list[dict]) -> str:
+    head = (f"{'S':>6}{'w':>6}{'causal':>8}{'N max':>7}{'N_pad':>7}{'flex':>9}{'flex_cmp':>10}{'flex %':>8}"
+            f"{'flex_cmp %':>11}{'density':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['S']:>6}{r['w']:>6}{r['causal_blocks']:>8}{r['global_keys']:>7}{r['slots']:>7}"
+                     f"{r['flex_blocks']:>9.1f}{r['flex_compact_blocks']:>10.1f}{100 * r['flex_fraction']:>8.1f}"
+                     f"{100 * r['flex_compact_fraction']:>11.1f}{r['density']:>9.3f}")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -201,8 +252,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.write_auto_table is not None and args.no_backward:
         print("error: --write-auto-table needs forward+backward times (drop --no-backward)", file=sys.stderr)
         return 2
+    if args.block_counts and args.write_auto_table is not None:
+        print("error: --block-counts times nothing, so it cannot --write-auto-table", file=sys.stderr)
+        return 2
+    if args.block_size < 16 or args.block_size & (args.block_size - 1):
+        print(f"error: --block-size must be a power of two >= 16, got {args.block_size}", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.block_counts:
+        rows = block_count_rows(args)
+        print(f"Non-empty {args.block_size}x{args.block_size} blocks of the FlexAttention BlockMasks (mean over "
+              f"{args.batch} rows), a={args.num_initial}, Pythia separators; % = of the causal blocks")
+        print(format_block_table(rows))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2))
+            print(f"wrote {len(rows)} rows to {args.json}")
+        return 0
     rows = run(args)
     print(f"SepLLM attention, a={args.num_initial}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
           f"{args.dtype}, device={args.device}, torch {torch.__version__}, threads={torch.get_num_threads()}")

@@ -21,8 +21,9 @@ import torch
 from megatron.sepllm.attention import rules
 from megatron.sepllm.attention.backend import SepLLMBackend
 from megatron.sepllm.attention.checks import SepAttentionConfigError
-from megatron.sepllm.attention.flex_compact import (build_flex_compact_layout, flex_compact_attention,
-                                                    flex_compact_reference, relayout_kv, slot_capacity)
+from megatron.sepllm.attention.flex_compact import (build_flex_compact_layout, count_nonempty_blocks,
+                                                    flex_compact_attention, flex_compact_reference, relayout_kv,
+                                                    slot_capacity)
 
 from sep_helpers import make_sepllm_cfg, model_cfg, reference_attention, reference_keep, two_density_batch
 
@@ -227,7 +228,7 @@ def _non_empty(block_mask) -> int:
 def test_real_text_like_pattern_has_far_fewer_blocks_than_raw_flex():
     """A separator every 7 tokens (and a = 3), S = 2048, w = 256, 128 x 128 blocks: raw flex keeps every causal
     block (136); the compact layout keeps 45 band + 23 staircase blocks."""
-    from megatron.sepllm.attention.flex import FlexRunner
+    from megatron.sepllm.attention.flex import FlexRunner, sep_mask_mod
 
     seq_len, window, block = 2048, 256, 128
     g = torch.zeros(1, seq_len, dtype=torch.bool)
@@ -242,6 +243,9 @@ def test_real_text_like_pattern_has_far_fewer_blocks_than_raw_flex():
     expected = _expected_compact_blocks(positions, seq_len, window, block)
     assert expected == 45 + 23
     assert _non_empty(layout.block_mask) == expected
+    # the chunked counter of the benchmark's table agrees with the one-shot BlockMasks
+    assert count_nonempty_blocks(layout.mask_mod(), 1, seq_len, layout.kv_len, block, q_chunk=512).tolist() == [68]
+    assert count_nonempty_blocks(sep_mask_mod(g, None, window), 1, seq_len, seq_len, block, 384).tolist() == [136]
 
 
 # ------------------------------------------------------------------------------------------------ config / errors

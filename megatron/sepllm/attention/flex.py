@@ -8,11 +8,24 @@ rejected with a clear error (train on CPU with ``compact`` or ``dense``).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from megatron.sepllm.attention.checks import SepAttentionConfigError, check_flex_available
+
+
+def sep_mask_mod(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int) -> Callable:
+    """The rule over the raw ``S x S`` layout as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``."""
+    g = global_keys.contiguous()
+    # window and validity are captured as tensors so every pattern shares one traced predicate (no recompiles)
+    w = torch.tensor(int(window), device=g.device)
+    valid = (torch.ones_like(g) if key_valid is None else key_valid).contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((kv_idx <= q_idx) & (g[b, kv_idx] | (q_idx - kv_idx < w))
+                & (valid[b, kv_idx] | (q_idx == kv_idx)))
+    return mask_mod
 
 
 class FlexRunner:
@@ -39,16 +52,8 @@ class FlexRunner:
     def block_mask(self, global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int) -> Any:
         """BlockMask of the SepLLM rule for one pattern (B per row, heads broadcast)."""
         batch, seq_len = global_keys.shape
-        g = global_keys.contiguous()
-        # window and validity are captured as tensors so every pattern shares one traced predicate (no recompiles)
-        w = torch.tensor(int(window), device=g.device)
-        valid = (torch.ones_like(g) if key_valid is None else key_valid).contiguous()
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return ((kv_idx <= q_idx) & (g[b, kv_idx] | (q_idx - kv_idx < w))
-                    & (valid[b, kv_idx] | (q_idx == kv_idx)))
-        return self._create(mask_mod, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=g.device,
-                            BLOCK_SIZE=self.block_size)
+        return self._create(sep_mask_mod(global_keys, key_valid, window), B=batch, H=None, Q_LEN=seq_len,
+                            KV_LEN=seq_len, device=global_keys.device, BLOCK_SIZE=self.block_size)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, scale: float,
                  alibi_slopes: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,

@@ -194,3 +194,23 @@ def flex_compact_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         mask = bias.masked_fill(~keep, float("-inf")).to(q.dtype)
     return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def count_nonempty_blocks(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, block: int = 128,
+                          q_chunk: int = 1024, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[B]`` non-empty ``block x block`` tiles (partial + full) of ``mask_mod``'s BlockMask, built in query
+    chunks (``q_chunk`` a multiple of ``block``) so long sequences fit in memory; a diagnostic, not a hot path."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if q_chunk < block or q_chunk % block:
+        raise ValueError(f"q_chunk ({q_chunk}) must be a positive multiple of the block size ({block})")
+    total = torch.zeros(batch, dtype=torch.long)
+    for start in range(0, q_len, q_chunk):
+        offset = torch.tensor(start, device=device)
+
+        def shifted(b, h, q_idx, kv_idx, _off=offset):
+            return mask_mod(b, h, q_idx + _off, kv_idx)
+        bm = create_block_mask(shifted, B=batch, H=None, Q_LEN=min(q_chunk, q_len - start), KV_LEN=kv_len,
+                               device=device, BLOCK_SIZE=block)
+        total += (bm.kv_num_blocks.sum(dim=(1, 2)) + bm.full_kv_num_blocks.sum(dim=(1, 2))).cpu().long()
+    return total
