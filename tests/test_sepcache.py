@@ -507,3 +507,20 @@ def test_generate_uses_a_fresh_user_cache():
     same = model.generate(input_ids=ids, attention_mask=mask, custom_generate=sepllm.generate, max_new_tokens=12,
                           pad_token_id=0, do_sample=False, **kw)
     assert torch.equal(out.sequences, same)
+
+
+def test_step_planner_returns_budgets_instead_of_writing_them():
+    """No-max-sep mode grows the separator and cache budgets by the excess; the planner only returns the new budget
+    (``set_step_tokens`` commits it), so planning twice from one state gives the same answer."""
+    cache = SepCache(init_cache_size=1, sep_cache_size=1, local_size=2, cache_size=5, layer_num=1,
+                     USE_MAX_SEP_CACHE=False, separator_token_ids=[3], PADDING_ID=0)
+    layer = cache.layers[0]
+    ids = torch.tensor([[1, 3, 9, 3, 9, 9]])
+    kind = torch.tensor([[1, 3, 3, 3, 3, 3]], dtype=torch.int8)      # initial, then five local slots
+    before = layer.budget
+    plans = [cache._compress_indices(layer, before, ids, kind) for _ in range(2)]
+    assert layer.budget == before                                     # nothing written
+    for idx, kind_new, budget in plans:
+        assert idx.tolist() == [[0, 1, 3, 4, 5]]                      # initial, both leaving separators, window 2
+        assert kind_new.tolist() == [[1, 2, 2, 3, 3]]
+        assert (budget.sep_cache_size, budget.cache_size, budget.num_compressions) == (2, 6, 1)

@@ -60,6 +60,21 @@ IntOrList = Union[int, Sequence[int]]
 INVALID, INITIAL, SEPARATOR, LOCAL = 0, 1, 2, 3
 
 
+@dataclass(frozen=True)
+class LayerBudget:
+    """The sizes of one layer that a step can change, and its compression count. The reference's no-max-sep mode
+    grows the separator and cache budgets together by the excess; planners return a new budget (never write one)."""
+
+    sep_cache_size: int
+    cache_size: int
+    num_compressions: int = 0
+
+    def after_compression(self, separators_kept: int, capped: bool) -> "LayerBudget":
+        """The budget after one compression that kept ``separators_kept`` separators in some row."""
+        grow = 0 if capped else max(0, separators_kept - self.sep_cache_size)
+        return LayerBudget(self.sep_cache_size + grow, self.cache_size + grow, self.num_compressions + 1)
+
+
 @dataclass
 class _StepPlan:
     """What one layer does in the current step (computed by ``set_step_tokens``, applied by ``update``)."""
@@ -83,6 +98,7 @@ class _StepPlan:
     kept_count: Optional[int] = None    # valid slots kept after the step (filled by the first layer's update)
     # decode fast path (batch 1, canonical layout): the new storage is old[a:b] for each (a, b), then the new token
     keep_slices: Optional[list] = None
+    budget: Optional[LayerBudget] = None    # the layer's budget after this step (None: unchanged)
 
 
 class _RopeTables:
@@ -137,8 +153,8 @@ class SepCacheLayer(CacheLayerMixin):
 
     def __init__(self, init_cache_size: int, sep_cache_size: int, local_size: int, cache_size: int):
         super().__init__()
-        self.init_cache_size, self.sep_cache_size = int(init_cache_size), int(sep_cache_size)
-        self.local_size, self.cache_size = int(local_size), int(cache_size)
+        self.init_cache_size, self.local_size = int(init_cache_size), int(local_size)
+        self.budget = LayerBudget(int(sep_cache_size), int(cache_size))
         # layers created with equal sizes evolve identically (same ids, same rule): they share one step plan
         self.size_key = (self.init_cache_size, self.sep_cache_size, self.local_size, self.cache_size)
         self.ids: Optional[torch.Tensor] = None
@@ -148,10 +164,21 @@ class SepCacheLayer(CacheLayerMixin):
         self.kept_total = 0      # sum over updates of valid kept tokens (all rows)
         self.seen_total = 0      # sum over updates of valid seen tokens (all rows)
         self.last_kept = 0
-        self.num_compressions = 0
         # batch-1 decode fast path: (n_initial, n_separator, n_local) when the stored kinds are exactly
         # INITIAL * n_initial ++ SEPARATOR * n_separator ++ LOCAL * n_local (no invalid slot); None = unknown
         self.layout: Optional[tuple[int, int, int]] = None
+
+    @property
+    def sep_cache_size(self) -> int:
+        return self.budget.sep_cache_size
+
+    @property
+    def cache_size(self) -> int:
+        return self.budget.cache_size
+
+    @property
+    def num_compressions(self) -> int:
+        return self.budget.num_compressions
 
     # ----- CacheLayerMixin interface -----
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -358,10 +385,7 @@ class SepCache(Cache):
             key = layer.size_key
             if key in planned:
                 first = planned[key]
-                layer.plan = first.plan
-                layer.sep_cache_size, layer.cache_size = first.sep_cache_size, first.cache_size
-                layer.num_compressions = first.num_compressions
-                layer.layout = None
+                layer.plan, layer.budget, layer.layout = first.plan, first.budget, None
                 continue
             kind_new_tok = torch.where(new_valid, torch.where(count <= layer.init_cache_size,
                                                               torch.full_like(count, INITIAL),
@@ -372,7 +396,7 @@ class SepCache(Cache):
             else:
                 layer.plan = self._plan_layer(layer, input_ids, kind_new_tok, positions, token_index,
                                               followed_by_decode=followed_by_decode and q > 1)
-            layer.layout = None
+            layer.budget, layer.layout = layer.plan.budget, None
             planned[key] = layer
         self.valid_seen = count[:, -1].clone()
         self.seen_sum = int(self.valid_seen.sum())
@@ -412,8 +436,7 @@ class SepCache(Cache):
                 return False
             new_layout = (n_init + 1, n_sep, n_local) if is_initial else (n_init, n_sep, n_local + 1)
             slices = [(0, length)]
-            n_compress = 0
-            grow = 0
+            budget = layer.budget
             if self.exact_window:
                 if new_layout[2] > layer.local_size:
                     if new_layout[2] != layer.local_size + 1 or not self.SEP_ACCUMULATION:
@@ -421,22 +444,19 @@ class SepCache(Cache):
                     leaving = n_init + n_sep
                     is_sep = int(layer.ids[0, leaving]) in self._separator_set
                     n_cand = n_sep + (1 if is_sep else 0)
-                    s = layer.sep_cache_size
-                    drop = max(0, n_cand - s) if self.USE_MAX_SEP_CACHE else 0
-                    if not self.USE_MAX_SEP_CACHE and n_cand > s:
-                        grow = n_cand - s
+                    drop = max(0, n_cand - budget.sep_cache_size) if self.USE_MAX_SEP_CACHE else 0
+                    budget = budget.after_compression(n_cand, capped=self.USE_MAX_SEP_CACHE)
                     keep_sep_end = leaving + 1 if is_sep else leaving     # separators are n_init..keep_sep_end
                     slices = [(0, n_init), (n_init + drop, keep_sep_end), (leaving + 1, length)]
                     slices = [(a, b) for a, b in slices if b > a]
                     new_layout = (n_init, n_cand - drop, layer.local_size)
-                    n_compress = 1
             elif length + 1 >= layer.cache_size:
                 return False
-            planned[key] = (slices, new_layout, n_compress, grow)
+            planned[key] = (slices, new_layout, budget)
             plans.append((layer, planned[key]))
         built: dict = {}     # one plan per group of layers holding equal slots
         for layer, group in plans:
-            slices, new_layout, n_compress, grow = group
+            slices, new_layout, budget = group
             plan = built.get(id(group))
             if plan is None:
                 ids_new = _cat_slices(layer.ids, slices, input_ids)
@@ -445,13 +465,8 @@ class SepCache(Cache):
                     ids_app=ids_new, kind_app=kind_new, pre_gather_idx=None, gather_idx=None, kind_new=kind_new,
                     ids_new=ids_new, pos_new=_cat_slices(layer.pos, slices, positions), attend_compressed=True,
                     attn_mask=None, step_positions=positions, q_len=1, kept_count=sum(new_layout),
-                    keep_slices=slices)
-            layer.plan = plan
-            layer.layout = new_layout
-            layer.num_compressions += n_compress
-            if grow:
-                layer.cache_size += grow
-                layer.sep_cache_size += grow
+                    keep_slices=slices, budget=budget)
+            layer.plan, layer.layout, layer.budget = plan, new_layout, budget
         self.valid_seen = self.valid_seen + 1
         self.seen_sum = seen + 1
         self.tokens_seen += 1
@@ -468,34 +483,38 @@ class SepCache(Cache):
             self._kinds[layout] = kind
         return kind
 
-    def _needs_compression(self, layer: SepCacheLayer, kind: torch.Tensor, extra: int = 0) -> bool:
-        """Would the stored slots ``kind`` (plus ``extra`` tokens still to come) be compressed?
+    def _needs_compression(self, layer: SepCacheLayer, budget: LayerBudget, kind: torch.Tensor,
+                           extra: int = 0) -> bool:
+        """Would the stored slots ``kind`` (plus ``extra`` tokens still to come) be compressed under ``budget``?
 
         ``in_update`` (the reference SepCache): when the stored length reaches ``cache_size``, so a decode query sees
         at most ``cache_size - 1`` keys. ``after_step`` (the streaming manager): when it exceeds ``cache_size``."""
         if self.exact_window:
             return bool(((kind == LOCAL).sum(-1) + extra > layer.local_size).any())
         if self.eviction_timing == "after_step":
-            return kind.shape[-1] + extra > layer.cache_size
-        return kind.shape[-1] + extra >= layer.cache_size
+            return kind.shape[-1] + extra > budget.cache_size
+        return kind.shape[-1] + extra >= budget.cache_size
 
-    def _compress_meta(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor, pos: torch.Tensor,
-                       window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx, kind_new = self._compress_indices(layer, ids, kind, window)
+    def _compress_meta(self, layer: SepCacheLayer, budget: LayerBudget, ids: torch.Tensor, kind: torch.Tensor,
+                       pos: torch.Tensor, window: Optional[int] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LayerBudget]:
+        idx, kind_new, budget = self._compress_indices(layer, budget, ids, kind, window)
         pos_new = torch.where(kind_new != INVALID, pos.gather(1, idx), torch.full_like(idx, -1))
-        return idx, kind_new, ids.gather(1, idx), pos_new
+        return idx, kind_new, ids.gather(1, idx), pos_new, budget
 
     def _plan_layer(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, positions: torch.Tensor,
                     token_index: torch.Tensor, followed_by_decode: bool = False) -> _StepPlan:
         bsz, q = ids.shape
         pre_idx = None
+        budget = layer.budget
         if layer.ids is None:
             ids_app, kind_app, pos_app = ids, kind_tok, token_index
         else:
             ids_old, kind_old, pos_old = layer.ids, layer.kind, layer.pos
-            if self.eviction_timing == "after_step" and self._needs_compression(layer, kind_old):
+            if self.eviction_timing == "after_step" and self._needs_compression(layer, budget, kind_old):
                 # streaming-manager timing: the previous step's overflow is evicted now, before the new token
-                pre_idx, kind_old, ids_old, pos_old = self._compress_meta(layer, ids_old, kind_old, pos_old)
+                pre_idx, kind_old, ids_old, pos_old, budget = self._compress_meta(layer, budget, ids_old, kind_old,
+                                                                                  pos_old)
             ids_app, kind_app = torch.cat([ids_old, ids], dim=-1), torch.cat([kind_old, kind_tok], dim=-1)
             pos_app = torch.cat([pos_old, token_index], dim=-1)
         l_app = ids_app.shape[-1]
@@ -504,15 +523,16 @@ class SepCache(Cache):
         early = False
         if self.eviction_timing == "in_update":
             if q == 1:
-                if self._needs_compression(layer, kind_app):
-                    gather_idx, kind_new, ids_new, pos_new = self._compress_meta(layer, ids_app, kind_app, pos_app)
-            elif followed_by_decode and self._needs_compression(layer, kind_app, extra=1):
+                if self._needs_compression(layer, budget, kind_app):
+                    gather_idx, kind_new, ids_new, pos_new, budget = self._compress_meta(layer, budget, ids_app,
+                                                                                         kind_app, pos_app)
+            elif followed_by_decode and self._needs_compression(layer, budget, kind_app, extra=1):
                 # The reference never compresses a multi-token step; the decode step after it compresses
                 # ``stored + token``. Keeping the window one short now stores exactly what that compression keeps
                 # (same leaving tokens, same separators, same budget growth); the decode step then appends its token
                 # without compressing. Same kept sets and logits at every step, less memory from here on.
-                gather_idx, kind_new, ids_new, pos_new = self._compress_meta(layer, ids_app, kind_app, pos_app,
-                                                                             window=layer.local_size - 1)
+                gather_idx, kind_new, ids_new, pos_new, budget = self._compress_meta(
+                    layer, budget, ids_app, kind_app, pos_app, window=layer.local_size - 1)
                 early = True
         attend_compressed = q == 1
         if attend_compressed:
@@ -542,7 +562,8 @@ class SepCache(Cache):
                 attn_mask = allowed.unsqueeze(1)
         return _StepPlan(ids_app=ids_app, kind_app=kind_app, pre_gather_idx=pre_idx, gather_idx=gather_idx,
                          kind_new=kind_new, ids_new=ids_new, pos_new=pos_new, attend_compressed=attend_compressed,
-                         attn_mask=attn_mask, step_positions=positions, q_len=q, early_compression=early)
+                         attn_mask=attn_mask, step_positions=positions, q_len=q, early_compression=early,
+                         budget=budget)
 
     def _plan_stream(self, layer: SepCacheLayer, ids: torch.Tensor, kind_tok: torch.Tensor, positions: torch.Tensor,
                      token_index: torch.Tensor) -> _StepPlan:
@@ -554,6 +575,7 @@ class SepCache(Cache):
         """
         bsz, q = ids.shape
         dev = ids.device
+        budget = layer.budget
         if layer.ids is None:
             ref = torch.zeros(bsz, 0, dtype=torch.long, device=dev)
             kind = torch.zeros(bsz, 0, dtype=torch.int8, device=dev)
@@ -573,9 +595,9 @@ class SepCache(Cache):
 
         segments: Optional[list] = [] if self.APPLY_PE_SHIFT else None
 
-        def compress(ref, kind, cur_ids):
-            idx, kind_c = self._compress_indices(layer, cur_ids, kind)
-            return ref.gather(1, idx), kind_c, cur_ids.gather(1, idx)
+        def compress(ref, kind, cur_ids, budget):
+            idx, kind_c, budget = self._compress_indices(layer, budget, cur_ids, kind)
+            return ref.gather(1, idx), kind_c, cur_ids.gather(1, idx), budget
 
         def record(start: int, n: int, ref: torch.Tensor, kind: torch.Tensor) -> None:
             # positions are indices among the visible cache state; constant while the state only grows
@@ -585,14 +607,14 @@ class SepCache(Cache):
 
         i = 0
         while i < q:
-            if after and self._needs_compression(layer, kind):
-                ref, kind, cur_ids = compress(ref, kind, cur_ids)
+            if after and self._needs_compression(layer, budget, kind):
+                ref, kind, cur_ids, budget = compress(ref, kind, cur_ids, budget)
             if self.exact_window:
                 n = 1
             elif after:
-                n = max(1, layer.cache_size + 1 - kind.shape[-1])
+                n = max(1, budget.cache_size + 1 - kind.shape[-1])
             else:   # in_update: tokens up to a stored length of cache_size - 1 need no compression
-                n = layer.cache_size - 1 - kind.shape[-1]
+                n = budget.cache_size - 1 - kind.shape[-1]
             n = min(n, q - i)
             if n <= 0:     # in_update: this token's append triggers compression before its own attention
                 n = 1
@@ -604,10 +626,10 @@ class SepCache(Cache):
             ref = torch.cat([ref, torch.arange(l_old + i, l_old + i + n, device=dev).unsqueeze(0).expand(bsz, -1)], -1)
             kind = torch.cat([kind, kind_tok[:, i:i + n]], dim=-1)
             cur_ids = torch.cat([cur_ids, ids[:, i:i + n]], dim=-1)
-            if not after and self._needs_compression(layer, kind):
+            if not after and self._needs_compression(layer, budget, kind):
                 if n != 1:
                     raise AssertionError("segment overran the compression point")
-                ref, kind, cur_ids = compress(ref, kind, cur_ids)
+                ref, kind, cur_ids, budget = compress(ref, kind, cur_ids, budget)
                 visible = torch.zeros(bsz, l_app, dtype=torch.bool, device=dev)
                 visible.scatter_(1, ref, kind != INVALID)
                 allowed[:, i] = visible
@@ -622,13 +644,14 @@ class SepCache(Cache):
         return _StepPlan(ids_app=ids_app, kind_app=torch.cat([layer.kind, kind_tok], -1) if l_old else kind_tok,
                          pre_gather_idx=None, gather_idx=ref, kind_new=kind, ids_new=cur_ids, pos_new=pos_new,
                          attend_compressed=False, attn_mask=allowed.unsqueeze(1), step_positions=positions, q_len=q,
-                         segments=segments)
+                         segments=segments, budget=budget)
 
-    def _compress_indices(self, layer: SepCacheLayer, ids: torch.Tensor, kind: torch.Tensor,
-                          window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row keep decision (initial -> separators -> last ``w`` local), packed right, left-filled invalid."""
+    def _compress_indices(self, layer: SepCacheLayer, budget: LayerBudget, ids: torch.Tensor, kind: torch.Tensor,
+                          window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, LayerBudget]:
+        """Per-row keep decision (initial -> separators -> last ``w`` local), packed right, left-filled invalid;
+        returns the gather index, the new kinds and the budget after this compression (pure: nothing is written)."""
         w = layer.local_size if window is None else window
-        s = layer.sep_cache_size
+        s = budget.sep_cache_size
         is_local = kind == LOCAL
         local_rank = is_local.flip(-1).to(torch.long).cumsum(-1).flip(-1)      # 1 = most recent local slot
         in_window = is_local & (local_rank <= w)
@@ -638,12 +661,10 @@ class SepCache(Cache):
         if self.USE_MAX_SEP_CACHE:
             sep_rank = candidates.flip(-1).to(torch.long).cumsum(-1).flip(-1)   # keep the most recent s
             keep_sep = candidates & (sep_rank <= s)
-        else:
+            budget = budget.after_compression(s, capped=True)
+        else:   # reference behaviour: the separator budget and the cache budget grow by the excess
             keep_sep = candidates
-            most = int(candidates.sum(-1).max())
-            if most > s:   # reference behaviour: the separator budget and the cache budget grow by the excess
-                layer.cache_size += most - s
-                layer.sep_cache_size = most
+            budget = budget.after_compression(int(candidates.sum(-1).max()), capped=False)
         keep = (kind == INITIAL) | keep_sep | in_window
         new_kind = torch.where(kind == INITIAL, kind, torch.where(
             keep_sep, torch.full_like(kind, SEPARATOR), torch.where(in_window, kind, torch.zeros_like(kind))))
@@ -656,8 +677,7 @@ class SepCache(Cache):
         slot = torch.arange(l_new, device=kind.device).unsqueeze(0)
         valid_new = slot >= (l_new - n_keep).unsqueeze(1)
         kind_out = torch.where(valid_new, new_kind.gather(1, idx), torch.zeros_like(idx, dtype=kind.dtype))
-        layer.num_compressions += 1
-        return idx, kind_out
+        return idx, kind_out, budget
 
     # ----- the Cache API -----
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
