@@ -24,12 +24,12 @@ from megatron.config.neox import NeoXConfig
 from megatron.config.sepllm import SepLLMConfig
 
 _LAZY = {
-    "load_config": "megatron.config.loader",
-    "padded_vocab_size": "megatron.config.derived",
-    "check_separator_ids": "megatron.config.sepllm_checks",
+    "loader": ("load_config",),
+    "derived": ("padded_vocab_size",),
+    "sepllm_checks": ("check_separator_ids",),
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+__getattr__, __dir__, _ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [

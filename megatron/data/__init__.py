@@ -8,24 +8,13 @@ from __future__ import annotations
 from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "BlendableDataset": "megatron.data.blendable_dataset",
-    "CorpusError": "megatron.data.errors",
-    "DataError": "megatron.data.errors",
-    "IndexedDatasetError": "megatron.data.errors",
-    "PrepareError": "megatron.data.errors",
-    "GPTDataset": "megatron.data.gpt_dataset",
-    "MMapIndexedDataset": "megatron.data.indexed_dataset",
-    "MMapIndexedDatasetBuilder": "megatron.data.indexed_dataset",
-    "best_dtype": "megatron.data.indexed_dataset",
-    "merge_datasets": "megatron.data.indexed_dataset",
-    "PrepareResult": "megatron.data.preprocess",
-    "tokenize_to_indexed": "megatron.data.preprocess",
-    "PretrainingSampler": "megatron.data.samplers",
-    "build_train_valid_test_datasets": "megatron.data.data_utils",
-    "parse_split": "megatron.data.data_utils",
-    "split_document_ranges": "megatron.data.data_utils",
+    "blendable_dataset": ("BlendableDataset",),
+    "errors": ("CorpusError", "DataError", "IndexedDatasetError", "PrepareError"),
+    "gpt_dataset": ("GPTDataset",),
+    "indexed_dataset": ("MMapIndexedDataset", "MMapIndexedDatasetBuilder", "best_dtype", "merge_datasets"),
+    "preprocess": ("PrepareResult", "tokenize_to_indexed"),
+    "samplers": ("PretrainingSampler",),
+    "data_utils": ("build_train_valid_test_datasets", "parse_split", "split_document_ranges"),
 }
 
-
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
-__all__ = sorted(_LAZY)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, globals())

@@ -6,16 +6,8 @@ from __future__ import annotations
 from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "DataParallel": "megatron.evaluation.lm",
-    "EvalRequestError": "megatron.evaluation.lm",
-    "NeoXLM": "megatron.evaluation.lm",
-    "EvalError": "megatron.evaluation.runner",
-    "EvalOutcome": "megatron.evaluation.runner",
-    "resolve_tasks": "megatron.evaluation.runner",
-    "results_path": "megatron.evaluation.runner",
-    "run_evaluation": "megatron.evaluation.runner",
+    "lm": ("DataParallel", "EvalRequestError", "NeoXLM"),
+    "runner": ("EvalError", "EvalOutcome", "resolve_tasks", "results_path", "run_evaluation"),
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, globals())

@@ -25,29 +25,12 @@ from __future__ import annotations
 
 from megatron._lazy import lazy_exports
 
-_EXPORTS = {
-    "ParallelGroups": "megatron.parallel.mesh",
-    "ParallelLayoutError": "megatron.parallel.mesh",
-    "RankLayout": "megatron.parallel.mesh",
-    "DeepSpeedMPU": "megatron.parallel.mesh",
-    "build_parallel_groups": "megatron.parallel.mesh",
-    "rank_layout": "megatron.parallel.mesh",
-    "pipeline_stages": "megatron.parallel.mesh",
-    "apply_tensor_parallel": "megatron.parallel.tensor_parallel",
-    "check_tp_compatible": "megatron.parallel.tensor_parallel",
-    "vocab_parallel_lm_loss": "megatron.parallel.tensor_parallel",
-    "loss_fn_for": "megatron.parallel.tensor_parallel",
-    "gather_logits": "megatron.parallel.tensor_parallel",
-    "tp_grad_norm": "megatron.parallel.tensor_parallel",
-    "clip_tp_grad_norm_": "megatron.parallel.tensor_parallel",
-    "TensorParallelError": "megatron.parallel.tensor_parallel",
-    "merge_tp_state_dicts": "megatron.parallel.reshard",
-    "split_tp_state_dict": "megatron.parallel.reshard",
-    "reshard_checkpoint": "megatron.parallel.reshard",
-    "tp_model_file": "megatron.parallel.reshard",
-    "ReshardError": "megatron.parallel.reshard",
+_LAZY = {
+    "mesh": ("ParallelGroups", "ParallelLayoutError", "RankLayout", "DeepSpeedMPU", "build_parallel_groups",
+             "rank_layout", "pipeline_stages"),
+    "tensor_parallel": ("apply_tensor_parallel", "check_tp_compatible", "vocab_parallel_lm_loss", "loss_fn_for",
+                        "gather_logits", "tp_grad_norm", "clip_tp_grad_norm_", "TensorParallelError"),
+    "reshard": ("merge_tp_state_dicts", "split_tp_state_dict", "reshard_checkpoint", "tp_model_file", "ReshardError"),
 }
 
-__all__ = sorted(_EXPORTS)
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, globals())

@@ -10,12 +10,11 @@ from __future__ import annotations
 from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "SepCache": "megatron.sepllm.hf.cache",
-    "generate": "megatron.sepllm.hf.generation",
-    "apply_sepllm": "megatron.sepllm.hf.trainingfree",
-    "SepLLMBackend": "megatron.sepllm.attention.backend",
-    "RetentionStats": "megatron.sepllm.attention.retention",
+    "hf.cache": ("SepCache",),
+    "hf.generation": ("generate",),
+    "hf.trainingfree": ("apply_sepllm",),
+    "attention.backend": ("SepLLMBackend",),
+    "attention.retention": ("RetentionStats",),
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
-__all__ = sorted(_LAZY)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, globals())

@@ -10,11 +10,8 @@ from __future__ import annotations
 from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "pretrain": "megatron.training.loop",
-    "TrainResult": "megatron.training.loop",
-    "TrainingError": "megatron.training.loop",
-    "CheckpointError": "megatron.training.checkpointing",
+    "loop": ("pretrain", "TrainResult", "TrainingError"),
+    "checkpointing": ("CheckpointError",),
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
-__all__ = sorted(_LAZY)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, globals())

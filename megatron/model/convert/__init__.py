@@ -6,13 +6,8 @@ from __future__ import annotations
 from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "TrainedModel": "megatron.model.convert.checkpoint",
-    "find_checkpoint_dir": "megatron.model.convert.checkpoint",
-    "load_checkpoint_config": "megatron.model.convert.checkpoint",
-    "load_trained_model": "megatron.model.convert.checkpoint",
-    "read_full_model_state": "megatron.model.convert.checkpoint",
+    "checkpoint": ("TrainedModel", "find_checkpoint_dir", "load_checkpoint_config", "load_trained_model",
+                   "read_full_model_state"),
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, globals())
