@@ -148,7 +148,8 @@ def fwd_bwd_fn(attn: Callable, q, k, v, grad) -> Callable[[], None]:
     return run
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, on_rows: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+    """Time every (w, S) config; ``on_rows`` gets the rows so far after each one (a time limit keeps them)."""
     from tqdm import tqdm
 
     device = torch.device(args.device)
@@ -186,6 +187,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                              fwd_bwd_ms=fb.get(name), plan_ms=plan_ms.get(name, 0.0),
                              fwd_ratio_vs_causal=fwd[name] / fwd["sdpa_causal"],
                              fwd_bwd_ratio_vs_causal=(fb[name] / fb["sdpa_causal"]) if name in fb else None))
+        if on_rows is not None:
+            on_rows(rows)
     return rows
 
 
@@ -270,7 +273,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.json.write_text(json.dumps(rows, indent=2))
             print(f"wrote {len(rows)} rows to {args.json}")
         return 0
-    rows = run(args)
+    def save(rows_so_far: list[dict]) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows_so_far, indent=2))
+
+    rows = run(args, on_rows=save)
     print(f"SepLLM attention, a={args.num_initial}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
           f"{args.dtype}, device={args.device}, torch {torch.__version__}, threads={torch.get_num_threads()}")
     print(format_table(rows))

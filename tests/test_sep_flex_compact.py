@@ -269,34 +269,26 @@ def test_auto_falls_back_to_flex_compact_on_cuda_and_sa_modes_reject_it():
 
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", list(CASES))
-def test_gpu_compiled_forward_backward_match_dense(case, dtype, pg19_dir, neox_tokenizer_file):
-    """On CUDA the compiled kernel trains: forward and q/k/v gradients equal the dense path (fp32 with TF32 off:
-    1e-4 / 1e-3; bf16 against the fp32 dense path: 3e-2 / 6e-2)."""
+def test_gpu_compiled_forward_backward_match_dense_bf16(pg19_dir, neox_tokenizer_file):
+    """On CUDA the compiled kernel trains in bf16: output and q/k/v gradients equal the fp32 dense path on the same
+    (bf16-rounded) inputs within 3e-2 / 6e-2 (GQA, padding, ALiBi, per-layer windows; one compiled shape)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        dev = torch.device("cuda")
-        ids, mask2d, pos, (q, k, v), slopes, windows = _inputs(case, pg19_dir, neox_tokenizer_file)
-        ids, pos = ids.to(dev), pos.to(dev)
-        mask2d = None if mask2d is None else mask2d.to(dev)
-        slopes = None if slopes is None else slopes.to(dev)
-        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dev)
-        compact = _backend("flex_compact", windows, mask2d is not None, q.shape[1], k.shape[1])
-        dense = _backend("dense", windows, mask2d is not None, q.shape[1], k.shape[1])
-        plan_c, plan_d = compact.prepare(ids, pos, mask2d), dense.prepare(ids, pos, mask2d)
-        tol = (1e-4, 1e-3) if dtype == torch.float32 else (3e-2, 6e-2)
-        for layer in range(len(windows)):
-            xs = [t.detach().to(dev, dtype).requires_grad_() for t in (q, k, v)]
-            ref = [t.detach().to(dev).requires_grad_() for t in (q, k, v)]
-            out = compact(*xs, layer, plan_c, scale=0.25, alibi_slopes=slopes)
-            want = dense(*ref, layer, plan_d, scale=0.25, alibi_slopes=slopes)
-            assert out.dtype == dtype
-            torch.testing.assert_close(out.float(), want, atol=tol[0], rtol=0)
-            for a, b in zip(torch.autograd.grad(out, xs, grad.to(dtype)), torch.autograd.grad(want, ref, grad)):
-                torch.testing.assert_close(a.float(), b, atol=tol[1], rtol=0)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    ids, mask2d, pos, (q, k, v), slopes, windows = _inputs("S256_gqa_pad_alibi_H", pg19_dir, neox_tokenizer_file)
+    ids, pos, mask2d, slopes = ids.to(dev), pos.to(dev), mask2d.to(dev), slopes.to(dev)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
+    compact = _backend("flex_compact", windows, True, q.shape[1], k.shape[1])
+    dense = _backend("dense", windows, True, q.shape[1], k.shape[1])
+    plan_c, plan_d = compact.prepare(ids, pos, mask2d), dense.prepare(ids, pos, mask2d)
+    assert plan_c.impl == "flex_compact"
+    for layer in range(len(windows)):
+        xs = [t.detach().to(dev, dtype).requires_grad_() for t in (q, k, v)]
+        ref = [t.detach().float().requires_grad_() for t in xs]
+        out = compact(*xs, layer, plan_c, scale=0.25, alibi_slopes=slopes)
+        want = dense(*ref, layer, plan_d, scale=0.25, alibi_slopes=slopes)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=0)
+        for a, b in zip(torch.autograd.grad(out, xs, grad), torch.autograd.grad(want, ref, grad.float())):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.float(), b, atol=6e-2, rtol=0)
