@@ -101,6 +101,44 @@ def test_slot_capacity_ladder_and_bad_input():
         build_flex_compact_layout(torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 5), 2, torch.arange(4)[None])
 
 
+def _tiles(num: torch.Tensor, idx: torch.Tensor, nkv: int) -> torch.Tensor:
+    """Dense ``[B, H, nq, nkv]`` bool from a BlockMask's sparse (counts, indices) form."""
+    keep = torch.arange(idx.shape[-1]) < num.unsqueeze(-1).long()
+    return torch.zeros(*idx.shape[:-1], nkv, dtype=torch.bool).scatter_(-1, idx.long(), keep)
+
+
+@pytest.mark.parametrize("seq_len, block", [(90, 16), (96, 16), (200, 32), (300, 128)])
+def test_closed_form_block_mask_equals_create_block_mask(seq_len, block):
+    """The BlockMask built from the layout's tiles (what prepare uses) has exactly create_block_mask's partial and
+    full tiles, with padding, rows of different counts, a row without global keys and partial last tiles."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    torch.manual_seed(seq_len)
+    g = torch.rand(4, seq_len) < torch.tensor([[0.3], [0.08], [0.0], [0.7]])
+    g[:, :3] = True
+    g[2] = False
+    valid = torch.ones(4, seq_len, dtype=torch.bool)
+    valid[1, : seq_len // 3] = False
+    valid[3, :7] = False
+    full_tiles = partial_tiles = 0
+    for window in (1, 5, block - 1, block, block + 1, 3 * block // 2, 2 * block, seq_len + 3):
+        for kv in (valid, None):
+            layout = build_flex_compact_layout(g, kv, window, torch.arange(seq_len).expand(4, -1), block=block)
+            ours = layout.attach_block_mask()
+            ref = create_block_mask(layout.mask_mod(), B=4, H=None, Q_LEN=seq_len, KV_LEN=layout.kv_len,
+                                    device="cpu", BLOCK_SIZE=block)
+            nkv = -(-layout.kv_len // block)
+            for a, b in ((ours.kv_num_blocks, ref.kv_num_blocks), (ours.full_kv_num_blocks, ref.full_kv_num_blocks)):
+                assert torch.equal(a, b), f"tile counts differ at window {window}"
+            assert torch.equal(_tiles(ours.kv_num_blocks, ours.kv_indices, nkv),
+                               _tiles(ref.kv_num_blocks, ref.kv_indices, nkv))
+            assert torch.equal(_tiles(ours.full_kv_num_blocks, ours.full_kv_indices, nkv),
+                               _tiles(ref.full_kv_num_blocks, ref.full_kv_indices, nkv))
+            full_tiles += int(ref.full_kv_num_blocks.sum())
+            partial_tiles += int(ref.kv_num_blocks.sum())
+    assert full_tiles > 0 and partial_tiles > 0                 # both tile classes were exercised
+
+
 # ------------------------------------------------------------------------------------------------ values
 CASES = {
     # name: (S, per-layer windows, heads q/kv, left pad of row 1, alibi)

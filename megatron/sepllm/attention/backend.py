@@ -66,7 +66,8 @@ class SepLLMBackend:
         self.retention = RetentionStats(self.num_layers)
         self._flex_runner = None
         self._logged: set = set()
-        if sepllm_cfg.RECOMPILE_SEP_ATTN_KERNEL and sepllm_cfg.sep_attention_impl in ("dense", "compact"):
+        if sepllm_cfg.RECOMPILE_SEP_ATTN_KERNEL and sepllm_cfg.sep_attention_impl in ("dense", "compact",
+                                                                                     "flex_compact"):
             logger.warning("RECOMPILE_SEP_ATTN_KERNEL=True has no effect with sep_attention_impl=%r (flex only)",
                            sepllm_cfg.sep_attention_impl)
 
@@ -130,7 +131,7 @@ class SepLLMBackend:
             runner = self._flex()
             layout = build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window,
                                                plan.position_ids, block=runner.block_size)
-            layout.attach_block_mask(runner.create_block_mask)
+            layout.attach_block_mask()          # closed form from the layout's tiles (no S x (N_pad + S) mask)
             return layout
         return build_compact_layout(pattern.global_keys, plan.key_valid, pattern.window, plan.position_ids,
                                     block=self.compact_block_size)

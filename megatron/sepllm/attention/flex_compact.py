@@ -101,13 +101,69 @@ class FlexCompactLayout:
         return self.mask_mod()(b, 0, q, kv).unsqueeze(1)
 
     def attach_block_mask(self, create: Optional[Callable[..., Any]] = None) -> Any:
-        """Build (once) the BlockMask of ``mask_mod`` with ``create`` (default: ``create_block_mask``)."""
+        """Build (once) the BlockMask: from the layout's tile classes (``tile_classes``, the default: O(tiles), no
+        ``S x (N_pad + S)`` evaluation) or, with ``create`` (e.g. ``create_block_mask``), by evaluating
+        ``mask_mod`` on every entry."""
         if self.block_mask is None:
-            if create is None:
-                from torch.nn.attention.flex_attention import create_block_mask as create
-            self.block_mask = create(self.mask_mod(), B=self.batch, H=None, Q_LEN=self.seq_len, KV_LEN=self.kv_len,
-                                     device=self.kv_index.device, BLOCK_SIZE=self.block)
+            if create is not None:
+                self.block_mask = create(self.mask_mod(), B=self.batch, H=None, Q_LEN=self.seq_len,
+                                         KV_LEN=self.kv_len, device=self.kv_index.device, BLOCK_SIZE=self.block)
+            else:
+                from torch.nn.attention.flex_attention import BlockMask
+
+                nonempty, full = self.tile_classes()
+                partial_num, partial_idx = _ordered(nonempty & ~full)
+                full_num, full_idx = _ordered(full)
+                self.block_mask = BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx,
+                                                           BLOCK_SIZE=self.block, mask_mod=self.mask_mod(),
+                                                           seq_lengths=(self.seq_len, self.kv_len))
         return self.block_mask
+
+    def tile_classes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(nonempty, full)`` bool ``[B, 1, nq, nkv]`` of the ``block x block`` tiles, in closed form.
+
+        Slot tile ``c`` (sorted positions, real slots first): non-empty iff its first slot is real and lies before
+        the window of the tile's last query; full iff its last slot is real and lies before the window of the first
+        query. Band tile: non-empty iff it meets the diagonal or holds a valid key within reach of a query; full iff
+        every key is valid, causal and inside the window for every query. Tiles cut by ``S`` are never full (the
+        same convention as ``create_block_mask``, which pads them with dropped entries).
+        """
+        bs, s, w, dev = self.block, self.seq_len, self.window, self.kv_index.device
+        nq, ns = -(-s // bs), self.num_slots // bs
+        q_lo = torch.arange(nq, device=dev) * bs
+        q_hi = torch.clamp(q_lo + bs, max=s) - 1
+        q_whole = (q_lo + bs <= s).view(1, nq, 1)
+        # slots: [B, 1, ns]
+        counts = self.global_counts.to(dev).view(-1, 1, 1)
+        first = torch.arange(ns, device=dev) * bs
+        p_first = self.kv_index[:, first].unsqueeze(1)
+        p_last = self.kv_index[:, first + bs - 1].unsqueeze(1)
+        slot_nonempty = (first.view(1, 1, -1) < counts) & (p_first <= (q_hi - w).view(1, -1, 1))
+        slot_full = (first.view(1, 1, -1) + bs - 1 < counts) & (p_last <= (q_lo - w).view(1, -1, 1)) & q_whole
+        # band: [B, nq, nb]
+        valid = self.kv_keep[:, self.num_slots:].to(torch.long)
+        cum = torch.cat([valid.new_zeros(self.batch, 1), valid.cumsum(dim=1)], dim=1)       # cum[:, i] = #valid < i
+        k_lo = q_lo.view(1, -1)
+        k_hi = q_hi.view(1, -1)
+        qh, ql = q_hi.view(-1, 1), q_lo.view(-1, 1)
+        diag = (k_lo <= qh) & (ql <= k_hi)
+        lo = torch.maximum(k_lo, ql - w + 1)
+        hi = torch.minimum(k_hi, qh)
+        reach = (lo <= hi).unsqueeze(0) & (cum[:, (hi + 1).clamp(min=0)] - cum[:, lo.clamp(min=0, max=s)] > 0)
+        all_valid = (cum[:, k_hi.view(-1) + 1] - cum[:, k_lo.view(-1)] == (k_hi - k_lo + 1).view(1, -1))
+        band_nonempty = diag.unsqueeze(0) | reach
+        band_full = ((k_hi <= ql) & (qh - k_lo <= w - 1)).unsqueeze(0) & all_valid.unsqueeze(1) \
+            & q_whole & (k_lo + bs <= s).view(1, 1, -1)
+        nonempty = torch.cat([slot_nonempty.expand(-1, nq, -1), band_nonempty], dim=2).unsqueeze(1)
+        full = torch.cat([slot_full.expand(-1, nq, -1), band_full], dim=2).unsqueeze(1)
+        return nonempty, full
+
+
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BlockMask's sparse form of ``[B, H, nq, nkv]`` bool tiles: counts and column indices (kept ones first)."""
+    num = tiles.sum(dim=-1).to(torch.int32).contiguous()
+    idx = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+    return num, idx
 
 
 def build_flex_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
