@@ -26,26 +26,13 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from megatron.entry_args import split_entry_args
+from megatron.entry_args import run_entry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parsed = split_entry_args(argv, __doc__)
-    if isinstance(parsed, int):
-        return parsed
-    files, overrides = parsed
-
-    from megatron.config import load_config
-    from megatron.errors import NeoxError, report_error
-
-    try:
-        cfg = load_config(*files, overrides=overrides)
-    except NeoxError as exc:
-        return report_error(exc)
-
     from megatron.evaluation.cli import run_eval_cli
 
-    return run_eval_cli(cfg, files, overrides)
+    return run_entry(argv, __doc__, run_eval_cli)
 
 
 if __name__ == "__main__":

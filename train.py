@@ -15,29 +15,20 @@ options:
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from megatron.entry_args import split_entry_args
+from megatron.entry_args import run_entry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parsed = split_entry_args(argv, __doc__)
-    if isinstance(parsed, int):
-        return parsed
-    files, overrides = parsed
-
-    import os
-
-    from megatron.config import load_config
-    from megatron.errors import NeoxError, report_error
     from megatron.training.launch import launched_world_size
 
-    try:
-        cfg = load_config(*files, overrides=overrides, for_training=True, world_size=launched_world_size(os.environ))
-    except NeoxError as exc:
-        return report_error(exc)
+    return run_entry(argv, __doc__, _train, for_training=True, world_size=launched_world_size(os.environ))
 
+
+def _train(cfg: Any, files: list[str], overrides: list[str]) -> int:
     from megatron.training.cli import run_training
 
     return run_training(cfg)

@@ -1,10 +1,11 @@
 """The command line shared by the entry points (``train.py``, ``eval.py``, ``generate.py``): config files, then
-``--key value`` overrides. Kept free of heavy imports so that ``--help`` answers at once."""
+``--key value`` overrides. Kept free of heavy imports so that ``--help`` answers at once; the top layer of the
+package (it may import any other, lazily)."""
 
 from __future__ import annotations
 
 import sys
-from typing import Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 
 def split_entry_args(argv: Sequence[str] | None, usage: str) -> Union[int, tuple[list[str], list[str]]]:
@@ -22,3 +23,21 @@ def split_entry_args(argv: Sequence[str] | None, usage: str) -> Union[int, tuple
         print("error: give at least one config file before the --key value overrides", file=sys.stderr)
         return 2
     return files, overrides
+
+
+def run_entry(argv: Sequence[str] | None, usage: str, run: Callable[[Any, list[str], list[str]], int],
+              **load_kwargs: Any) -> int:
+    """Parse the command line, load the config (``load_kwargs`` go to ``load_config``) and return
+    ``run(config, config files, overrides)``; a bad command line or config gives its exit code and one line."""
+    parsed = split_entry_args(argv, usage)
+    if isinstance(parsed, int):
+        return parsed
+    files, overrides = parsed
+    from megatron.config import load_config
+    from megatron.errors import NeoxError, report_error
+
+    try:
+        cfg = load_config(*files, overrides=overrides, **load_kwargs)
+    except NeoxError as exc:
+        return report_error(exc)
+    return run(cfg, files, overrides)

@@ -64,10 +64,15 @@ def check_layout(model: Any, parallel: Any, zero_stage: int, world_size: int,
             raise ConfigError(f"{where('zero_optimization')}: zero_optimization.stage = {zero_stage} with "
                               f"pipe_parallel_size = {pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 "
                               f"(as GPT-NeoX); use stage 1")
-        if model.num_layers < pp:
-            raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size = {pp} needs at least one layer "
-                              f"per stage, but num_layers = {model.num_layers}")
+        check_pipeline_depth(model.num_layers, pp, where)
     return world_size // (tp * stages)
+
+
+def check_pipeline_depth(num_layers: int, stages: int, where: Callable[[str], str] = lambda key: "config") -> None:
+    """Every pipeline stage needs a transformer layer (the config check and ``build_pipeline_model`` share it)."""
+    if num_layers < stages:
+        raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size = {stages} needs at least one layer "
+                          f"per stage, but num_layers = {num_layers}")
 
 
 def check_config_layout(cfg: Any, world_size: int) -> int:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron.config.layout import check_pipeline_depth
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 from megatron.model.gpt import GPTModel
@@ -160,9 +161,7 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
         raise PipelineConfigError(f"model_parallel_size = {model_parallel_size} with pipe_parallel_size = "
                                   f"{num_stages}: pipeline stages are not tensor-parallel yet; use "
                                   f"model_parallel_size 1 with pipelines (or pipe_parallel_size 0 with TP)")
-    if model_cfg.num_layers < num_stages:
-        raise PipelineConfigError(f"num_layers = {model_cfg.num_layers} cannot fill pipe_parallel_size = "
-                                  f"{num_stages} stages: every stage needs at least one transformer layer")
+    check_pipeline_depth(model_cfg.num_layers, num_stages)
     _validate_like_gpt(model_cfg, sepllm_cfg)
     method = _deepspeed_partition_method(partition_method)
     if not dist.is_initialized():
