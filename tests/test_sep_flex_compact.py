@@ -190,7 +190,7 @@ def test_forward_through_backend_matches_float64_reference(case, pg19_dir, neox_
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_eager_flex_and_dense_route_match_reference(pg19_dir, neox_tokenizer_file):
-    """Eager FlexAttention (unfused) and the dense debug route over the same layout, fp32 and bf16."""
+    """Eager FlexAttention (unfused) and the dense debug route over the same layout; fp32, bf16 and fp16."""
     from torch.nn.attention.flex_attention import flex_attention
 
     ids, mask2d, pos, (q, k, v), slopes, windows = _inputs("S256_gqa_pad_alibi_H", pg19_dir, neox_tokenizer_file)
@@ -202,10 +202,11 @@ def test_eager_flex_and_dense_route_match_reference(pg19_dir, neox_tokenizer_fil
     torch.testing.assert_close(eager.double(), ref, atol=1e-5, rtol=0)
     dense = flex_compact_reference(q, k, v, layout, scale=0.25, alibi_slopes=slopes)
     torch.testing.assert_close(dense.double(), ref, atol=1e-5, rtol=0)
-    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
-    out_bf16 = flex_compact_attention(flex_attention, qb, kb, vb, layout, scale=0.25, alibi_slopes=slopes)
-    assert out_bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(out_bf16.double(), ref, atol=3e-2, rtol=0)
+    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        low = flex_compact_attention(flex_attention, *(t.to(dtype) for t in (q, k, v)), layout, scale=0.25,
+                                     alibi_slopes=slopes)
+        assert low.dtype == dtype
+        torch.testing.assert_close(low.double(), ref, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
