@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
+from report import print_table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -160,13 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"eval throughput, {c.model.num_layers} layers x hidden {c.model.hidden_size}, max length {max_len}, "
           f"attention {attention}, batch {args.batch} (hf {hf_batch}), threads {torch.get_num_threads()}, "
           f"best of {args.repeats} rounds")
-    print(f"{'runner':<6} {'task':<18} {'requests':>8} {'req/s':>10} {'ratio_vs_hf':>11}")
-    for r in rows:
-        print(f"{r['runner']:<6} {r['task']:<18} {r['requests']:>8} {r['requests_per_sec']:>10.2f} "
-              f"{r['ratio_vs_hf']:>11.2f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print_table(rows, [("runner", "runner", "<"), ("task", "task" + " " * 14, "<"), ("requests", "requests", ">"),
+                       ("requests_per_sec", "req/s", ">.2f"), ("ratio_vs_hf", "ratio_vs_hf", ">.2f")])
+    write_json(args.json, rows)
     return 0
 
 

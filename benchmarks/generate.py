@@ -29,13 +29,14 @@ Columns:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
+from report import add_model_size_args, write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,10 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--new-tokens", default="512,4096", help="comma-separated generation lengths (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
-    p.add_argument("--layers", type=int, default=2, help="model layers (default 2)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
+    add_model_size_args(p, layers=2, hidden=128, heads=4, vocab=4096)
     p.add_argument("--window", type=int, default=64, help="SepLLM local window (default 64)")
     p.add_argument("--sep-cache-size", type=int, default=64, help="SepLLM cache separators (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all lengths and runners; best kept (default 2)")
@@ -170,9 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         first = next(r for r in rows if r["runner"] == row["runner"] and r["model"] == row["model"])
         row["ratio_vs_first_n"] = row["ms_per_token"] / first["ms_per_token"]
     print_table(rows, args)
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.json_path, rows)
     return 0
 
 

@@ -48,6 +48,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from megatron.tokenizer import BUNDLED_NEOX_TOKENIZER  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
+from report import add_model_size_args  # noqa: E402
 
 KINDS = ("full", "sepllm", "streamingllm")
 PYTHIA_SEPS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
@@ -61,9 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384], help="sequence lengths S")
     p.add_argument("--attentions", nargs="+", default=list(KINDS), choices=KINDS,
                    help="attention kinds to train (full is always included: it is the baseline)")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    add_model_size_args(p, layers=4, hidden=256, heads=4)
     p.add_argument("--micro", type=int, default=1, help="micro-batch size (one micro-batch per step)")
     p.add_argument("--window", type=int, default=256, help="local window w of SepLLM and StreamingLLM")
     p.add_argument("--num-initial", type=int, default=3, help="initial tokens a (init_tok_max_idx = a - 1)")

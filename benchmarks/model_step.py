@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,9 @@ from megatron.config.model import ModelConfig  # noqa: E402
 from megatron.model import GPTModel, lm_loss  # noqa: E402
 from megatron.model.convert.hf import (hf_gpt_neox_config, hf_llama_config, to_hf_gpt_neox_state_dict,  # noqa: E402
                                       to_hf_llama_state_dict)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
+from report import print_table, write_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,13 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nfwd+bwd per step, {args.layers} layers, hidden {args.hidden}, seq {args.seq}, batch {args.batch}, "
           f"{dev}, median of {args.repeats}")
-    print(f"{'variant':<8} {'baseline':<32} {'ours ms':>9} {'base ms':>9} {'speedup':>8} {'tok/s':>9}")
-    for r in rows:
-        print(f"{r['variant']:<8} {r['baseline']:<32} {r['ours_ms']:>9.1f} {r['baseline_ms']:>9.1f} "
-              f"{r['speedup']:>8.3f} {r['tokens_per_s']:>9.0f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+    print_table(rows, [("variant", "variant", "<"), ("baseline", "baseline" + " " * 24, "<"),
+                       ("ours_ms", "ours ms", ">.1f"), ("baseline_ms", "base ms", ">.1f"), ("speedup", "speedup", ">.3f"),
+                       ("tokens_per_s", "tok/s", ">.0f")])
+    write_json(args.json, rows)
     return 0
 
 

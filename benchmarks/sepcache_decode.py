@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
+from report import add_model_size_args, print_table, write_json  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -40,10 +41,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per context (default 32)")
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps before timing (default 4)")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="prefill chunk size (default 1024)")
-    p.add_argument("--layers", type=int, default=2, help="model layers (default 2)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    add_model_size_args(p, layers=2, hidden=256, heads=4, vocab=32000)
     p.add_argument("--init-cache-size", type=int, default=4, help="SepCache a (default 4)")
     p.add_argument("--sep-cache-size", type=int, default=128, help="SepCache s (default 128)")
     p.add_argument("--local-size", type=int, default=256, help="SepCache w (default 256)")
@@ -178,16 +176,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r["ratio_vs_dynamic"] = r["ms_per_token"] / dyn[r["context"]]
         first.setdefault(r["cache"], r["ms_per_token"])
         r["ratio_vs_first"] = r["ms_per_token"] / first[r["cache"]]
-    header = f"{'cache':>9} {'context':>8} {'ms/token':>9} {'peak KV MiB':>12} {'vs dynamic':>11} {'vs first ctx':>13}"
     print(f"threads={torch.get_num_threads()} layers={args.layers} hidden={args.hidden} heads={args.heads} "
           f"vocab={args.vocab} sepcache a={args.init_cache_size} s={args.sep_cache_size} w={args.local_size} "
           f"c={args.cache_size}")
-    print(header)
-    for r in rows:
-        print(f"{r['cache']:>9} {r['context']:>8} {r['ms_per_token']:>9.2f} {r['peak_mem_mb']:>12.2f} "
-              f"{r['ratio_vs_dynamic']:>10.2f}x {r['ratio_vs_first']:>12.2f}x")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=2))
+    print_table(rows, [("cache", "cache", ">"), ("context", "context", ">"), ("ms_per_token", "ms/token", ">.2f"),
+                       ("peak_mem_mb", "peak KV MiB", ">.2f"), ("ratio_vs_dynamic", "vs dynamic", ">.2fx"),
+                       ("ratio_vs_first", "vs first ctx", ">.2fx")])
+    write_json(args.json_path, rows)
     return 0
 
 

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
+from report import add_model_size_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -60,9 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "corpus for 1M+)")
     p.add_argument("--tokenizer", default=str(BUNDLED_NEOX_TOKENIZER),
                    help="HF tokenizer.json (default: the bundled GPT-NeoX-20B tokenizer, vocabulary 50,277)")
-    p.add_argument("--layers", type=int, default=2, help="layers of the random Llama (default 2)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    add_model_size_args(p, layers=2, hidden=256, heads=4)
     p.add_argument("--init-cache-size", type=int, default=4, help="a (default 4)")
     p.add_argument("--sep-cache-size", type=int, default=64, help="s, SepLLM (default 64)")
     p.add_argument("--local-size", type=int, default=224, help="w, SepLLM (default 224; StreamingLLM uses c - a)")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -33,14 +32,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from megatron.tokenizer import BUNDLED_NEOX_TOKENIZER  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
+from report import add_model_size_args, print_table, write_json  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=4, help="transformer layers")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    add_model_size_args(p, layers=4, hidden=128, heads=4)
     p.add_argument("--seq", type=int, default=128, help="sequence length (tokens per sample)")
     p.add_argument("--micro", type=int, default=4, help="micro-batch size (one micro-batch per step)")
     p.add_argument("--attention", choices=["full", "sepllm"], default="full",
@@ -188,12 +187,10 @@ def main(argv=None) -> int:
     print(f"model {n_params / 1e6:.2f} M params, {args.layers} layers, hidden {args.hidden}, seq {args.seq}, "
           f"micro {args.micro}, attention {args.attention}, device {args.device}")
     print(f"MFU peak: {peak / 1e9:.1f} GFLOP/s ({peak_source}); {fpt / 1e6:.1f} MFLOPs/token")
-    print(f"{'method':<10}{'tokens/s':>12}{'ratio_vs_minimal':>18}{'mfu':>9}")
-    for r in rows:
-        print(f"{r['method']:<10}{r['tokens_per_sec']:>12.1f}{r['ratio_vs_minimal']:>18.3f}"
-              f"{(r['mfu'] or 0) * 100:>8.1f}%")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print_table([dict(r, mfu_pct=None if r["mfu"] is None else r["mfu"] * 100) for r in rows],
+                [("method", "method", "<"), ("tokens_per_sec", "tokens/s", ">.1f"),
+                 ("ratio_vs_minimal", "ratio_vs_minimal", ">.3f"), ("mfu_pct", "mfu %", ">.1f")])
+    write_json(args.json, rows)
     return 0
 
 
