@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.py
 
 from corpus import TOKENIZER, pg19_books  # noqa: E402
+from report import add_model_size_args  # noqa: E402
 
 MODES = {"single": 1, "dp2": 2, "tp2": 2, "tp2sp": 2, "pp2": 2}  # mode -> processes
 PYTHIA_SEPARATORS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
@@ -44,9 +45,7 @@ PYTHIA_SEPARATORS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
 def parse_args(argv: Any = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=4, help="transformer layers")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    add_model_size_args(p, layers=4, hidden=128, heads=4)
     p.add_argument("--seq", type=int, default=128, help="sequence length")
     p.add_argument("--micro", type=int, default=2, help="per-process micro-batch of dp2 (global batch = 2 x micro)")
     p.add_argument("--attention", choices=["full", "sepllm"], default="sepllm",
@@ -147,19 +146,9 @@ def _worker(rank: int, world_size: int, port: int, cfg: Any, threads: int) -> No
 
 def run_mode(cfg: Any, processes: int, threads: int, timeout: float = 600.0) -> None:
     """Train ``cfg`` on ``processes`` fresh gloo processes (spawned, so every mode starts cold alike)."""
-    import torch.multiprocessing as mp
+    from megatron.training.distributed import find_free_port, spawn_and_wait
 
-    from megatron.training.distributed import find_free_port
-
-    ctx = mp.start_processes(_worker, args=(processes, find_free_port(), cfg, threads), nprocs=processes,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            raise TimeoutError(f"benchmark mode did not finish within {timeout} s")
+    spawn_and_wait(_worker, processes, (processes, find_free_port(), cfg, threads), timeout, "benchmark mode")
 
 
 def step_times(log_dir: Path, warmup: int) -> list[float]:

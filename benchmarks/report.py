@@ -35,14 +35,16 @@ def print_table(rows: Sequence[dict], columns: Sequence[Column]) -> None:
         print(" ".join(cell(row.get(key), header, spec) for key, header, spec in columns))
 
 
-def write_json(path: Optional[Any], payload: Any) -> None:
-    """Write ``payload`` as indented JSON to ``path`` (parents created, temp file + rename); nothing for None."""
+def write_json(path: Optional[Any], payload: Any, announce: bool = True) -> None:
+    """Write ``payload`` as indented JSON to ``path`` (parents created, temp file + rename); nothing for None.
+    ``announce=False`` for the partial saves a long benchmark makes after each configuration."""
     if path is None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {path}")
+    if announce:
+        print(f"wrote {path}")
 
 
 def add_model_size_args(parser: argparse.ArgumentParser, *, layers: int, hidden: int, heads: int = 4,

@@ -26,7 +26,6 @@ Example: ``python benchmarks/sep_attention.py --seq-lens 1024 4096 --windows 256
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.py
 
 from corpus import TOKENIZER, pg19_books  # noqa: E402
+from report import print_table, write_json  # noqa: E402
 from megatron.config.model import ModelConfig  # noqa: E402
 from megatron.config.sepllm import SepLLMConfig  # noqa: E402
 from megatron.sepllm.attention.auto_table import TABLE_PATH as AUTO_TABLE  # noqa: E402
@@ -220,15 +220,9 @@ def block_count_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def format_block_table(rows: list[dict]) -> str:
-    head = (f"{'S':>6}{'w':>6}{'causal':>8}{'N max':>7}{'N_pad':>7}{'flex':>9}{'flex_cmp':>10}{'flex %':>8}"
-            f"{'flex_cmp %':>11}{'density':>9}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['S']:>6}{r['w']:>6}{r['causal_blocks']:>8}{r['global_keys']:>7}{r['slots']:>7}"
-                     f"{r['flex_blocks']:>9.1f}{r['flex_compact_blocks']:>10.1f}{100 * r['flex_fraction']:>8.1f}"
-                     f"{100 * r['flex_compact_fraction']:>11.1f}{r['density']:>9.3f}")
-    return "\n".join(lines)
+BLOCK_COLUMNS = [("S", "S", ">"), ("w", "w", ">"), ("causal_blocks", "causal", ">"), ("global_keys", "N max", ">"),
+                 ("slots", "N_pad", ">"), ("flex_blocks", "flex", ">.1f"), ("flex_compact_blocks", "flex_cmp", ">.1f"),
+                 ("flex_pct", "flex %", ">.1f"), ("flex_compact_pct", "flex_cmp %", ">.1f"), ("density", "density", ">.3f")]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -267,25 +261,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = block_count_rows(args)
         print(f"Non-empty {args.block_size}x{args.block_size} blocks of the FlexAttention BlockMasks (mean over "
               f"{args.batch} rows), a={args.num_initial}, Pythia separators; % = of the causal blocks")
-        print(format_block_table(rows))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(rows, indent=2))
-            print(f"wrote {len(rows)} rows to {args.json}")
+        print_table([dict(r, flex_pct=100 * r["flex_fraction"], flex_compact_pct=100 * r["flex_compact_fraction"])
+                     for r in rows], BLOCK_COLUMNS)
+        write_json(args.json, rows)
         return 0
-    def save(rows_so_far: list[dict]) -> None:
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(rows_so_far, indent=2))
-
-    rows = run(args, on_rows=save)
+    rows = run(args, on_rows=lambda rows_so_far: write_json(args.json, rows_so_far, announce=False))
     print(f"SepLLM attention, a={args.num_initial}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
           f"{args.dtype}, device={args.device}, torch {torch.__version__}, threads={torch.get_num_threads()}")
     print(format_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
-        print(f"wrote {len(rows)} rows to {args.json}")
+    write_json(args.json, rows)
     if args.write_auto_table is not None:
         entries = table_entries(rows)
         device_type = torch.device(args.device).type

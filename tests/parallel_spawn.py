@@ -7,14 +7,12 @@ fails the test with that rank's traceback. A hard deadline kills hung ranks.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from megatron.training.distributed import find_free_port
+from megatron.training.distributed import find_free_port, spawn_and_wait
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
@@ -31,12 +29,4 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> None:
     """Spawn ``world_size`` ranks running ``fn``; raise if any fails or the deadline passes."""
-    ctx = mp.start_processes(_entry, args=(fn, world_size, find_free_port(), args), nprocs=world_size, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            raise TimeoutError(f"distributed test did not finish within {timeout} s")
+    spawn_and_wait(_entry, world_size, (fn, world_size, find_free_port(), args), timeout, "distributed test")

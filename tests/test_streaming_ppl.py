@@ -25,12 +25,7 @@ def tool():
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from test_sepcache import one_thread  # noqa: E402,F401  (autouse fixture: one intra-op thread)
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from megatron.training import pretrain
-from train_helpers import make_tiny_corpus, tiny_config
+from train_helpers import make_tiny_corpus, tiny_config, tiny_sepllm_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,22 +38,10 @@ def test_loss_falls_on_a_pg19_book(corpus, neox_tokenizer_file, tmp_path):
 
 
 def _run_cfg(corpus: str, tok: Path, run: Path) -> Path:
-    cfg = {
-        "num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": 32,
-        "max-position-embeddings": 32, "pos-emb": "rotary", "rotary-pct": 0.25, "gpt-j-residual": True,
-        "no-weight-tying": True, "separator_token_ids": [15, 13, 32, 2, 28, 27, 209, 186, 187],
-        "prefill_local_window_size": 8, "generate_local_window_size": 8, "init_tok_max_idx": 2,
-        "USE_SEP_ATTN_KERNEL_ACCELERATOR": False,
-        "optimizer": {"type": "Adam", "params": {"lr": 0.003, "betas": [0.9, 0.95], "eps": 1.0e-8}},
-        "min_lr": 0.0003, "lr-decay-style": "cosine", "lr-decay-iters": 8, "warmup": 0.25,
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train-iters": 8,
-        "gradient_clipping": 1.0, "precision": "fp32", "device": "cpu", "hidden-dropout": 0.1,
-        "data-path": corpus, "split": "80,10,10", "num_workers": 1, "data_cache_dir": str(run / "idx"),
-        "tokenizer-type": "HFTokenizer", "vocab-file": str(tok),
-        "eval-interval": 4, "eval-iters": 2, "do_test": False,
-        "save": str(run / "ckpt"), "checkpoint-factor": 4, "log-interval": 1, "log_dir": str(run / "logs"),
-        "tensorboard-dir": str(run / "tb"), "peak_flops": 1.0e11,
-    }
+    cfg = tiny_sepllm_keys(corpus, tok, run, **{
+        "lr-decay-iters": 8, "gradient_accumulation_steps": 2, "train-iters": 8, "hidden-dropout": 0.1,
+        "num_workers": 1, "eval-interval": 4, "eval-iters": 2, "save": str(run / "ckpt"), "checkpoint-factor": 4,
+        "tensorboard-dir": str(run / "tb")})
     path = run / "cfg.yml"
     run.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))

@@ -7,17 +7,9 @@ prints a resolved config. See ``docs/config_reference.md`` for every key.
 from __future__ import annotations
 
 from megatron._lazy import lazy_exports
-from megatron.config.components import (
-    CheckpointConfig,
-    DataConfig,
-    LauncherConfig,
-    LoggingConfig,
-    LRScheduleConfig,
-    OptimizerConfig,
-    ParallelConfig,
-    TokenizerConfig,
-    TrainingConfig,
-)
+from megatron.config.components import (CheckpointConfig, DataConfig, LauncherConfig, LoggingConfig,
+                                        LRScheduleConfig, OptimizerConfig, ParallelConfig, TokenizerConfig,
+                                        TrainingConfig)
 from megatron.config.errors import ConfigError
 from megatron.config.model import ModelConfig
 from megatron.config.neox import NeoXConfig

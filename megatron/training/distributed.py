@@ -38,6 +38,24 @@ def find_free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def spawn_and_wait(fn: Any, nprocs: int, args: tuple, timeout: float, what: str) -> None:
+    """Start ``nprocs`` spawned processes running ``fn(rank, *args)`` and wait for all of them; a failing rank
+    raises (torch's ProcessRaisedException), and past ``timeout`` seconds every live one is killed and
+    ``TimeoutError`` names ``what``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise TimeoutError(f"{what} did not finish within {timeout} s")
+
+
 def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA unless told otherwise); idempotent."""
     if backend is None or (device_type == "cpu" and backend == "nccl"):

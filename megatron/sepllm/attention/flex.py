@@ -28,6 +28,18 @@ def sep_mask_mod(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], w
     return mask_mod
 
 
+def check_flex_call(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
+    """What FlexAttention cannot do, said in the user's terms: dropout, and a backward pass on CPU."""
+    if dropout_p > 0.0:
+        raise SepAttentionConfigError(
+            f"attention dropout {dropout_p} is not supported by sep_attention_impl='{impl}' (FlexAttention has no "
+            "dropout); set attention_dropout to 0 or use sep_attention_impl='dense'")
+    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+        raise SepAttentionConfigError(
+            f"sep_attention_impl='{impl}' cannot train on CPU: torch has no FlexAttention backward on CPU. "
+            f"Use sep_attention_impl='compact' (fast) or 'dense' for CPU training; {impl} is forward-only here")
+
+
 class FlexRunner:
     """Holds the compiled ``flex_attention`` (and optionally compiled ``create_block_mask``) of one backend."""
 
@@ -58,14 +70,7 @@ class FlexRunner:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, scale: float,
                  alibi_slopes: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                  dropout_p: float = 0.0) -> torch.Tensor:
-        if dropout_p > 0.0:
-            raise SepAttentionConfigError(
-                f"attention dropout {dropout_p} is not supported by sep_attention_impl='flex' (FlexAttention has no "
-                "dropout); set attention_dropout to 0 or use sep_attention_impl='dense'")
-        if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
-            raise SepAttentionConfigError(
-                "sep_attention_impl='flex' cannot train on CPU: torch has no FlexAttention backward on CPU. "
-                "Use sep_attention_impl='compact' (fast) or 'dense' for CPU training; flex is forward-only here")
+        check_flex_call("flex", q, k, v, dropout_p)
         score_mod = None
         if alibi_slopes is not None:
             slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.sepllm.attention.checks import SepAttentionConfigError
+from megatron.sepllm.attention.flex import check_flex_call
 
 MaskMod = Callable[[Any, Any, Any, Any], Any]
 
@@ -220,14 +220,7 @@ def flex_compact_attention(kernel: Callable, q: torch.Tensor, k: torch.Tensor, v
                            dropout_p: float = 0.0) -> torch.Tensor:
     """SepLLM attention for ``q [B, Hq, S, D]``, ``k, v [B, Hkv, S, D]`` through ``kernel`` (a compiled
     ``flex_attention``) over ``layout`` (its BlockMask attached). GQA stays grouped (``enable_gqa``)."""
-    if dropout_p > 0.0:
-        raise SepAttentionConfigError(
-            f"attention dropout {dropout_p} is not supported by sep_attention_impl='flex_compact' (FlexAttention has "
-            "no dropout); set attention_dropout to 0 or use sep_attention_impl='dense'")
-    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
-        raise SepAttentionConfigError(
-            "sep_attention_impl='flex_compact' cannot train on CPU: torch has no FlexAttention backward on CPU. "
-            "Use sep_attention_impl='compact' (fast) or 'dense' for CPU training; flex_compact is forward-only here")
+    check_flex_call("flex_compact", q, k, v, dropout_p)
     if layout.block_mask is None:
         raise ValueError("flex_compact layout has no BlockMask: call layout.attach_block_mask() first")
     score_mod = None if alibi_slopes is None else _alibi_score_mod(alibi_slopes, layout, q.device)
