@@ -64,6 +64,12 @@ class SepLLMSettings:
     batch_adaptive_init_pos: bool
     print_kv_ratio: bool
     print_ratio_intervals: int
+    # the reference's switches under plain names (the config keys keep the reference spellings)
+    use_accelerator: bool = True          # USE_SEP_ATTN_KERNEL_ACCELERATOR: False forces the dense path under auto
+    recompile_kernel: bool = False        # RECOMPILE_SEP_ATTN_KERNEL: compile the flex BlockMask builder too
+    sparse_block_size: int = 128          # _DEFAULT_SPARSE_BLOCK_SIZE: FlexAttention block size
+    sa_numerator_bias: float = 0.0        # SA_Numerator_Bias (self-adjusting softmax)
+    sa_denominator_bias: float = 0.0      # SA_Denominator_Bias
 
     def layer_pattern(self, layer_idx: int, decode: bool) -> tuple[int, Optional[int]]:
         """``(window, fixed_interval)`` of one layer for a prefill (``decode=False``) or a decode step."""
@@ -155,4 +161,7 @@ def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMS
         num_initial=max(int(sep.init_tok_max_idx) + 1, 0) if sparse else 0,
         prefill_windows=prefill, generate_windows=generate, fixed_intervals=fixed,
         batch_adaptive_init_pos=bool(sep.BATCH_ADAPTIVE_INIT_POS) and sparse,
-        print_kv_ratio=bool(sep.PRINT_KV_RATIO) and sparse, print_ratio_intervals=int(sep.print_ratio_intervals))
+        print_kv_ratio=bool(sep.PRINT_KV_RATIO) and sparse, print_ratio_intervals=int(sep.print_ratio_intervals),
+        use_accelerator=bool(sep.USE_SEP_ATTN_KERNEL_ACCELERATOR), recompile_kernel=bool(sep.RECOMPILE_SEP_ATTN_KERNEL),
+        sparse_block_size=int(sep._DEFAULT_SPARSE_BLOCK_SIZE), sa_numerator_bias=float(sep.SA_Numerator_Bias),
+        sa_denominator_bias=float(sep.SA_Denominator_Bias))

@@ -320,14 +320,15 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
         result.wall_time_s = time.perf_counter() - started
         return result
     eod = getattr(tokenizer, "eod", None)
-    sep = cfg.sepllm
-    retention = getattr(getattr(engine.module, "attention_backend", None), "retention", None)
+    backend = getattr(engine.module, "attention_backend", None)
+    retention = getattr(backend, "retention", None)
+    settings = getattr(backend, "settings", None)      # SepLLM backends: print the KV ratio every N forwards
+    print_every = settings.print_ratio_intervals if settings is not None and settings.print_kv_ratio else 0
     state = RunState(iteration=iteration, consumed=consumed, start_iteration=iteration)
 
     def on_forward() -> None:
         state.forward_calls += 1
-        if (sep.PRINT_KV_RATIO and retention is not None and sep.print_ratio_intervals > 0
-                and state.forward_calls % sep.print_ratio_intervals == 0):
+        if retention is not None and print_every and state.forward_calls % print_every == 0:
             stats = {f"retention/{k}": v for k, v in retention.as_dict().items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "forward_calls"}
             if hasattr(retention, "format_line"):

@@ -52,7 +52,7 @@ class SepLLMBackend:
 
     def __init__(self, sepllm_cfg: SepLLMConfig, model_cfg: ModelConfig, *, compact_block_size: Optional[int] = None,
                  compact_engine: str = "auto"):
-        self.cfg = sepllm_cfg
+        self.cfg = sepllm_cfg        # the user's config, kept for inspection; the backend reads only ``settings``
         self.num_layers = int(model_cfg.num_layers)
         self.settings = checks.check_backend_config(sepllm_cfg, self.num_layers)
         self.layer_windows = list(self.settings.prefill_windows)
@@ -66,21 +66,20 @@ class SepLLMBackend:
         self.retention = RetentionStats(self.num_layers)
         self._flex_runner = None
         self._logged: set = set()
-        if sepllm_cfg.RECOMPILE_SEP_ATTN_KERNEL and sepllm_cfg.sep_attention_impl in ("dense", "compact",
-                                                                                     "flex_compact"):
+        if self.settings.recompile_kernel and self.settings.impl in ("dense", "compact", "flex_compact"):
             logger.warning("RECOMPILE_SEP_ATTN_KERNEL=True has no effect with sep_attention_impl=%r (flex only)",
-                           sepllm_cfg.sep_attention_impl)
+                           self.settings.impl)
 
     # ------------------------------------------------------------------------------------------- path selection
     def resolve_impl(self, device: torch.device, seq_len: Optional[int] = None) -> str:
         """The execution path for ``device``: explicit ``sep_attention_impl`` wins, else ``auto``: the measured
         table at ``seq_len`` (see ``auto_table``), else the written rule."""
-        cfg = self.cfg
+        chosen = self.settings.impl
         if self.settings.mode in checks.DENSE_ONLY_MODES:
             impl = "dense"
-        elif cfg.sep_attention_impl != "auto":
-            impl = cfg.sep_attention_impl
-        elif not cfg.USE_SEP_ATTN_KERNEL_ACCELERATOR:
+        elif chosen != "auto":
+            impl = chosen
+        elif not self.settings.use_accelerator:
             impl = "dense"
         else:
             dev_type = torch.device(device).type
@@ -92,15 +91,15 @@ class SepLLMBackend:
         if key not in self._logged:
             self._logged.add(key)
             logger.info("SepLLM attention: mode=%s, sep_attention_impl=%s -> %s path on %s", self.settings.mode,
-                        cfg.sep_attention_impl, impl, key[1])
+                        chosen, impl, key[1])
         return impl
 
     def _flex(self):
         if self._flex_runner is None:
             from megatron.sepllm.attention.flex import FlexRunner
 
-            self._flex_runner = FlexRunner(block_size=self.cfg._DEFAULT_SPARSE_BLOCK_SIZE,
-                                           compile_block_mask=self.cfg.RECOMPILE_SEP_ATTN_KERNEL)
+            self._flex_runner = FlexRunner(block_size=self.settings.sparse_block_size,
+                                           compile_block_mask=self.settings.recompile_kernel)
         return self._flex_runner
 
     # ------------------------------------------------------------------------------------------- protocol
@@ -111,7 +110,7 @@ class SepLLMBackend:
         plan = build_plan(input_ids, position_ids, attention_mask_2d, impl=impl, mode=self.settings.mode,
                           layer_windows=self.layer_windows, layer_intervals=self.layer_intervals,
                           separator_ids=self.separator_ids, num_initial=self.num_initial,
-                          batch_adaptive_init=self.cfg.BATCH_ADAPTIVE_INIT_POS)
+                          batch_adaptive_init=self.settings.batch_adaptive_init_pos)
         counts = {}
         for pattern in plan.distinct_patterns():
             counts[id(pattern)] = pattern_counts(pattern.global_keys, pattern.window, plan.key_valid)
@@ -161,8 +160,8 @@ class SepLLMBackend:
             bias = alibi_bias(alibi_slopes, pos) if alibi_slopes is not None else None
             return sa_attention(q, _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), keep, scale=scale,
                                 no_denominator=plan.mode == "sa_no_deno",
-                                numerator_bias=float(self.cfg.SA_Numerator_Bias),
-                                denominator_bias=float(self.cfg.SA_Denominator_Bias), additive_bias=bias,
+                                numerator_bias=self.settings.sa_numerator_bias,
+                                denominator_bias=self.settings.sa_denominator_bias, additive_bias=bias,
                                 dropout_p=dropout_p, training=dropout_p > 0)
         if pattern.full:
             return causal_attention(q, _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), scale=scale,
@@ -172,13 +171,13 @@ class SepLLMBackend:
         if impl == "flex":
             return self._flex()(q, k, v, pattern.artifact, scale=scale, alibi_slopes=alibi_slopes, position_ids=pos,
                                 dropout_p=dropout_p)
-        if impl == "flex_compact" and not (dropout_p > 0.0 and self.cfg.sep_attention_impl == "auto"):
+        if impl == "flex_compact" and not (dropout_p > 0.0 and self.settings.impl == "auto"):
             return flex_compact_attention(self._flex().kernel, q, k, v, pattern.artifact, scale=scale,
                                           alibi_slopes=alibi_slopes, dropout_p=dropout_p)
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         if impl in ("compact", "flex_compact"):
             if dropout_p > 0.0:
-                if self.cfg.sep_attention_impl == "compact":
+                if self.settings.impl == "compact":
                     raise checks.SepAttentionConfigError(
                         f"attention dropout {dropout_p} is not supported by sep_attention_impl='compact'; set "
                         "attention_dropout to 0 or use sep_attention_impl='dense'")
