@@ -42,9 +42,9 @@ def test_one_resolution_for_backend_hf_and_block() -> None:
 def test_errors_name_the_key_in_each_callers_class() -> None:
     fix = SepLLMConfig(USE_FIXED_SEP_INTERVALs=True, mode="fixllm", fixed_sep_intervals_list=[4, 0], Layer_num=2,
                        USE_SEP_ATTN_KERNEL_ACCELERATOR=False)
-    with pytest.raises(SepLLMSettingsError, match=r"'fixed_sep_intervals_list'\[1\] = 0: intervals must be integers"):
+    with pytest.raises(SepLLMSettingsError, match=r"fixed_sep_intervals_list \(config\) entries must be >= 1, got 0"):
         settings_of(fix, 2)
-    with pytest.raises(TrainingFreeConfigError, match=r"'fixed_sep_intervals_list'\[1\] = 0"):
+    with pytest.raises(TrainingFreeConfigError, match=r"fixed_sep_intervals_list \(config\) entries must be >= 1"):
         resolve_for_model(fix, SimpleNamespace(num_hidden_layers=2, vocab_size=64))
     stream = SepLLMConfig(streamingLLM=True, mode="streamingllm", init_tok_max_idx=-1)
     with pytest.raises(SepLLMSettingsError, match="'init_tok_max_idx' must be >= 0 with streamingLLM=True"):

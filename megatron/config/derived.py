@@ -132,13 +132,6 @@ def expand_attention_config(spec: Optional[Sequence[Any]], num_layers: int) -> l
     return out
 
 
-def per_layer_windows(use_list: bool, scalar: int, values: Optional[Sequence[int]], num_layers: int) -> list[int]:
-    """The per-layer window list: ``values`` when the per-layer switch is on, else ``[scalar] * num_layers``."""
-    if use_list:
-        return [int(v) for v in values or []]
-    return [int(scalar)] * num_layers
-
-
 def precision_from_blocks(fp16: Optional[dict], bf16: Optional[dict], given: Optional[str]) -> str:
     """fp16/bf16 from the DeepSpeed blocks' ``enabled``; an explicit ``precision`` must agree with them."""
     fp16_on = bool(fp16) and bool(fp16.get("enabled", False))

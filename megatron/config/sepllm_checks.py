@@ -13,14 +13,13 @@ Every forced change is logged on the "megatron.config" logger.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Sequence
 
-from megatron.config.derived import per_layer_windows
 from megatron.config.errors import ConfigError
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.config.sepllm_settings import (MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, WINDOW_KEYS, is_real_id_list,
-                                             mode_of)
+from megatron.config.sepllm_settings import (MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, Where, fixed_intervals,
+                                             is_real_id_list, mode_of, window_values)
 
 __all__ = ["DERIVED_FIELDS", "MODES", "NO_SEPARATORS", "SEP_ATTENTION_IMPLS", "check_separator_ids", "resolve_sepllm"]
 
@@ -31,8 +30,6 @@ DERIVED_FIELDS = ("mode", "prefill_windows", "generate_windows")
 # Mode switches that cannot be combined (the kernel flag is deliberately absent: it only picks a path).
 _SWITCHES = ("USE_ORIGINAL_FULL_ATTEN", "streamingLLM", "USE_FIXED_SEP_INTERVALs", "USE_SA_SOFTMAX",
              "USE_SA_SOFTMAX_NO_DENO")
-
-Where = Callable[[str], str]  # key -> "source file" for messages
 
 
 def _force(sep: SepLLMConfig, name: str, value: object, reason: str, quiet: bool) -> None:
@@ -74,19 +71,6 @@ def _check_exclusive(sep: SepLLMConfig, where: Where) -> None:
         raise ConfigError(f"{key}=True ({where(key)}) runs self-adjusting softmax on the causal mask and cannot be "
                           f"combined with SepLLM separators: separator_token_ids={sep.separator_token_ids} "
                           f"({where('separator_token_ids')}); set separator_token_ids to [-1]")
-
-
-def _check_layer_list(name: str, values: object, num_layers: int, layers_from: str, where: Where,
-                      switch: str) -> None:
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"{switch}=True ({where(switch)}) needs {name}, a list of {num_layers} integers "
-                          f"(one per layer); got {values!r}")
-    if len(values) != num_layers:
-        raise ConfigError(f"{name} ({where(name)}) has {len(values)} entries but {layers_from} is {num_layers}; "
-                          f"give one value per layer")
-    bad = [v for v in values if v < 1]
-    if bad:
-        raise ConfigError(f"{name} ({where(name)}) entries must be >= 1, got {bad[0]}")
 
 
 def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bool, num_layers_explicit: bool,
@@ -142,8 +126,7 @@ def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bo
                               f"non-empty list of token ids other than [-1], got {ids!r}; or select another mode "
                               f"(USE_ORIGINAL_FULL_ATTEN, streamingLLM, USE_FIXED_SEP_INTERVALs)")
     if mode == "fixllm":
-        _check_layer_list("fixed_sep_intervals_list", sep.fixed_sep_intervals_list, num_layers, layers_from, where,
-                          "USE_FIXED_SEP_INTERVALs")
+        fixed_intervals(sep, num_layers, layers_from=layers_from, where=where, error=ConfigError)
 
     if sep.USE_BiPE:
         if not is_real_id_list(sep.BiPE_seps):
@@ -160,23 +143,13 @@ def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bo
         windows = [model.seq_length] * num_layers
         sep.prefill_windows, sep.generate_windows = list(windows), list(windows)
     else:
-        sep.prefill_windows = _windows(sep, "prefill", num_layers, layers_from, where)
-        sep.generate_windows = _windows(sep, "generate", num_layers, layers_from, where)
+        sep.prefill_windows, sep.generate_windows = (
+            list(window_values(sep, phase, num_layers, layers_from=layers_from, where=where, error=ConfigError))
+            for phase in ("prefill", "generate"))
         if sep.prefill_windows != sep.generate_windows:
             logger.warning("SepLLM: decode windows %s differ from prefill/training windows %s",
                            _short(sep.generate_windows), _short(sep.prefill_windows))
     sep.mode = mode
-
-
-def _windows(sep: SepLLMConfig, phase: str, num_layers: int, layers_from: str, where: Where) -> list[int]:
-    switch, scalar, lst = WINDOW_KEYS[phase]
-    use_list = getattr(sep, switch)
-    if use_list:
-        _check_layer_list(lst, getattr(sep, lst), num_layers, layers_from, where, switch)
-    elif getattr(sep, scalar) < 1:
-        raise ConfigError(f"{scalar}={getattr(sep, scalar)} ({where(scalar)}) must be >= 1 (it counts the query "
-                          f"token itself)")
-    return per_layer_windows(use_list, getattr(sep, scalar), getattr(sep, lst), num_layers)
 
 
 def _short(values: Sequence[int]) -> str:

@@ -10,9 +10,8 @@ here only, so the consumers cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional
 
-from megatron.config.derived import per_layer_windows
 from megatron.config.errors import ConfigError
 
 MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
@@ -78,14 +77,26 @@ class SepLLMSettings:
         return windows[layer_idx], interval
 
 
-def _layer_ints(values: Sequence[Any], key: str, num_layers: int, what: str,
-                error: type[ConfigError]) -> tuple[int, ...]:
+Where = Callable[[str], str]
+
+
+def _anywhere(key: str) -> str:
+    return "config"
+
+
+def check_layer_list(name: str, values: Any, num_layers: int, *, switch: Optional[str] = None,
+                     layers_from: str = "num_layers", where: Where = _anywhere,
+                     error: type[ConfigError] = SepLLMSettingsError) -> tuple[int, ...]:
+    """One integer >= 1 per layer (per-layer windows, FixLLM intervals); raises ``error`` naming key and source."""
+    if not isinstance(values, (list, tuple)) or not values:
+        needs = f"{switch}=True ({where(switch)}) needs {name}" if switch else f"{name} ({where(name)}) must be"
+        raise error(f"{needs}, a list of {num_layers} integers (one per layer); got {values!r}")
     if len(values) != num_layers:
-        raise error(f"'{key}' has {len(values)} entries but the model has num_layers={num_layers}; expected one "
-                    f"per layer")
-    for i, v in enumerate(values):
+        raise error(f"{name} ({where(name)}) has {len(values)} entries but {layers_from} is {num_layers}; give one "
+                    f"value per layer")
+    for v in values:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise error(f"'{key}'[{i}] = {v!r}: {what} must be integers >= 1")
+            raise error(f"{name} ({where(name)}) entries must be >= 1, got {v!r} (integers, one per layer)")
     return tuple(int(v) for v in values)
 
 
@@ -97,28 +108,35 @@ WINDOW_KEYS = {
 }
 
 
+def window_values(sep: Any, phase: str, num_layers: int, *, layers_from: str = "num_layers",
+                  where: Where = _anywhere, error: type[ConfigError] = SepLLMSettingsError) -> tuple[int, ...]:
+    """The local windows of ``phase`` ("prefill" / "generate") per layer from the user's keys (the per-layer list
+    when its switch is on, else the single window for every layer); the one check of those keys."""
+    switch, scalar, lst = WINDOW_KEYS[phase]
+    if getattr(sep, switch):
+        return check_layer_list(lst, getattr(sep, lst), num_layers, switch=switch, layers_from=layers_from,
+                                where=where, error=error)
+    value = getattr(sep, scalar)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise error(f"{scalar}={value!r} ({where(scalar)}) must be >= 1 (it counts the query token itself)")
+    return (int(value),) * num_layers
+
+
+def fixed_intervals(sep: Any, num_layers: int, *, layers_from: str = "num_layers", where: Where = _anywhere,
+                    error: type[ConfigError] = SepLLMSettingsError) -> tuple[int, ...]:
+    """FixLLM's per-layer intervals (one value stands for every layer)."""
+    values = sep.fixed_sep_intervals_list
+    if isinstance(values, (list, tuple)) and len(values) == 1 and num_layers > 1:
+        values = list(values) * num_layers
+    return check_layer_list("fixed_sep_intervals_list", values, num_layers, switch="USE_FIXED_SEP_INTERVALs",
+                            layers_from=layers_from, where=where, error=error)
+
+
 def _windows(sep: Any, phase: str, num_layers: int, error: type[ConfigError]) -> tuple[int, ...]:
     derived = sep.prefill_windows if phase == "prefill" else sep.generate_windows
-    switch, scalar, lst = WINDOW_KEYS[phase]
-    if derived is not None:
-        values, key = list(derived), f"{phase}_windows"
-    elif getattr(sep, switch):
-        if getattr(sep, lst) is None:
-            raise error(f"{switch}=True needs '{lst}' (one window per layer)")
-        values, key = list(getattr(sep, lst)), lst
-    else:
-        values, key = per_layer_windows(False, getattr(sep, scalar), None, num_layers), scalar
-    return _layer_ints(values, key, num_layers, "local windows", error)
-
-
-def _fixed_intervals(sep: Any, num_layers: int, error: type[ConfigError]) -> tuple[int, ...]:
-    intervals = sep.fixed_sep_intervals_list
-    if intervals is None:
-        raise error("mode 'fixllm' (USE_FIXED_SEP_INTERVALs=True) needs 'fixed_sep_intervals_list'")
-    intervals = list(intervals)
-    if len(intervals) == 1 and num_layers > 1:
-        intervals = intervals * num_layers
-    return _layer_ints(intervals, "fixed_sep_intervals_list", num_layers, "intervals", error)
+    if derived is not None:     # filled by the config loader
+        return check_layer_list(f"{phase}_windows", derived, num_layers, error=error)
+    return window_values(sep, phase, num_layers, error=error)
 
 
 def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMSettingsError) -> SepLLMSettings:
@@ -150,7 +168,7 @@ def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMS
             raise error(f"'separator_token_ids' = {sep.separator_token_ids!r}: SepLLM mode needs a non-empty list of "
                         "real token ids (use streamingLLM=True for no separators)")
         separator_ids = tuple(dict.fromkeys(int(s) for s in sep.separator_token_ids))
-    fixed = _fixed_intervals(sep, num_layers, error) if mode == "fixllm" else None
+    fixed = fixed_intervals(sep, num_layers, error=error) if mode == "fixllm" else None
     prefill = _windows(sep, "prefill", num_layers, error)
     generate = _windows(sep, "generate", num_layers, error)
     if not sep.EXCLUDE_DIAGONAL:
