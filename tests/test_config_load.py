@@ -365,3 +365,19 @@ def test_deepspeed_accepts_the_generated_config(reference_configs_dir: Path, nam
     assert parsed.float16_config.enabled and parsed.float16_config.initial_scale_power == 12
     assert parsed.optimizer_name == "adam" and parsed.optimizer_params["lr"] == 6e-4
     assert parsed.gradient_clipping == 1.0 and parsed.steps_per_print == 10 and parsed.wall_clock_breakdown
+
+
+def test_choice_fields_are_literal_types_read_from_one_place() -> None:
+    """The choices of a key are its field's Literal type; validation and the model read the same tuple."""
+    import typing
+
+    from megatron.config import derived
+    from megatron.config.coerce import coerce, describe
+    from megatron.config.model import ModelConfig
+
+    hint = typing.get_type_hints(ModelConfig)["pos_emb"]
+    assert typing.get_args(hint) == derived.POS_EMBS == ("learned", "rotary", "alibi", "none")
+    assert describe(hint) == "one of learned, rotary, alibi, none"
+    assert coerce("rotary", hint, "model.pos_emb") == "rotary"
+    with pytest.raises(ConfigError, match="model.pos_emb"):
+        coerce(["rotary"], hint, "model.pos_emb")

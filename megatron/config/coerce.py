@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from megatron.config.errors import ConfigError
 
@@ -17,6 +17,8 @@ def _type_name(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not _NONE]
         inner = " | ".join(_type_name(a) for a in args)
         return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if origin is not None:
         return getattr(origin, "__name__", str(tp))
     return getattr(tp, "__name__", str(tp))
@@ -104,6 +106,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         return to_float(value, where)
     if tp is str:
+        return to_str(value, where)
+    if origin is Literal:
+        # a string here; membership is checked by validation, which also accepts other spellings (case, aliases)
         return to_str(value, where)
     base = origin or tp
     if base is list:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 from megatron.config.errors import ConfigError
 
-# The choices of the model keys, defined here once: config validation checks them, the model builds from them.
-POS_EMBS = ("learned", "rotary", "alibi", "none")
-NORMS = ("layernorm", "rmsnorm", "scalenorm")
+# The choices of the model keys, defined here once as the fields' types: config validation checks them, the model
+# builds from them.
+PosEmb = Literal["learned", "rotary", "alibi", "none"]
+Norm = Literal["layernorm", "rmsnorm", "scalenorm"]
+Activation = Literal["gelu", "relu", "swiglu", "geglu"]
+Precision = Literal["fp32", "fp16", "bf16"]
+POS_EMBS: tuple[str, ...] = get_args(PosEmb)
+NORMS: tuple[str, ...] = get_args(Norm)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 GATED_ACTIVATIONS = ("swiglu", "geglu")
-ACTIVATIONS = ("gelu", "relu") + GATED_ACTIVATIONS
 FULL_ATTENTION_TYPES = ("global", "flash")  # both are dense causal attention; "flash" only named a kernel
 TANH_GELU_HF_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 

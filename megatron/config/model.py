@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron.config.derived import Activation, Norm, PosEmb, Precision
+
 
 @dataclass
 class ModelConfig:
@@ -15,16 +17,16 @@ class ModelConfig:
     intermediate_size: Optional[int] = None     # MLP width; None = 4*hidden (gelu) or Llama's 8/3*hidden rounded (swiglu)
     seq_length: int = 2048
     max_position_embeddings: Optional[int] = None  # None = seq_length
-    pos_emb: str = "learned"                     # learned | rotary | alibi | none
+    pos_emb: PosEmb = "learned"
     rotary_pct: float = 1.0
     rotary_emb_base: int = 10000
-    norm: str = "layernorm"                      # layernorm | rmsnorm | scalenorm
+    norm: Norm = "layernorm"
     layernorm_epsilon: float = 1.0e-5
     rms_norm_epsilon: float = 1.0e-8
     scalenorm_epsilon: float = 1.0e-8
     gpt_j_residual: bool = False                 # parallel residual x + attn(ln1 x) + mlp(ln2 x)
     gpt_j_tied: bool = False                     # parallel residual with one shared norm
-    activation: str = "gelu"                     # gelu | relu | swiglu | geglu
+    activation: Activation = "gelu"
     no_weight_tying: bool = False                # True = untied input/output embeddings (Pythia)
     use_bias_in_attn_linear: bool = True
     use_bias_in_mlp: bool = True
@@ -50,4 +52,4 @@ class ModelConfig:
     rmsnorm_fusion: bool = False
     partition_activations: bool = False
     synchronize_each_layer: bool = False
-    precision: str = "fp32"                      # derived from the fp16 / bf16 DeepSpeed blocks: fp32 | fp16 | bf16
+    precision: Precision = "fp32"                # derived from the fp16 / bf16 DeepSpeed blocks

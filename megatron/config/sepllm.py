@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron.config.sepllm_settings import SepAttentionImpl
+
 
 @dataclass
 class SepLLMConfig:
@@ -40,7 +42,7 @@ class SepLLMConfig:
     USE_FIXED_SEP_INTERVALs: bool = False
     fixed_sep_intervals_list: Optional[list] = None
     # Ours: which execution path computes SepLLM attention: auto | dense | flex | compact | flex_compact
-    sep_attention_impl: str = "auto"
+    sep_attention_impl: SepAttentionImpl = "auto"
     # Derived by validation (never set in YAML): "full" | "sepllm" | "streamingllm" | "fixllm" | "sa" | "sa_no_deno"
     mode: str = "full"
     prefill_windows: Optional[list] = None        # per-layer prefill window (len num_layers)

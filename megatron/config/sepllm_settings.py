@@ -10,12 +10,13 @@ here only, so the consumers cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional, get_args
 
 from megatron.config.errors import ConfigError
 
 MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
-SEP_ATTENTION_IMPLS = ("auto", "dense", "flex", "compact", "flex_compact")
+SepAttentionImpl = Literal["auto", "dense", "flex", "compact", "flex_compact"]
+SEP_ATTENTION_IMPLS: tuple[str, ...] = get_args(SepAttentionImpl)
 DENSE_ONLY_MODES = ("sa", "sa_no_deno")
 NO_SEPARATORS = [-1]
 
