@@ -48,23 +48,15 @@ class FlexRunner:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         self.block_size = int(block_size)
-        self._flex = torch.compile(flex_attention, dynamic=False) if compile_kernel else flex_attention
-        self._create = torch.compile(create_block_mask) if compile_block_mask else create_block_mask
-
-    @property
-    def kernel(self) -> Any:
-        """The (compiled) ``flex_attention`` shared by the flex and flex_compact paths."""
-        return self._flex
-
-    @property
-    def create_block_mask(self) -> Any:
-        """The (optionally compiled) ``create_block_mask``."""
-        return self._create
+        #: the (compiled) ``flex_attention``, shared by the flex and flex_compact paths
+        self.kernel = torch.compile(flex_attention, dynamic=False) if compile_kernel else flex_attention
+        #: the (optionally compiled) ``create_block_mask``
+        self.create_block_mask = torch.compile(create_block_mask) if compile_block_mask else create_block_mask
 
     def block_mask(self, global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int) -> Any:
         """BlockMask of the SepLLM rule for one pattern (B per row, heads broadcast)."""
         batch, seq_len = global_keys.shape
-        return self._create(sep_mask_mod(global_keys, key_valid, window), B=batch, H=None, Q_LEN=seq_len,
+        return self.create_block_mask(sep_mask_mod(global_keys, key_valid, window), B=batch, H=None, Q_LEN=seq_len,
                             KV_LEN=seq_len, device=global_keys.device, BLOCK_SIZE=self.block_size)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, scale: float,
@@ -79,4 +71,4 @@ class FlexRunner:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score - slopes[h] * (pos[b, q_idx] - pos[b, kv_idx])
         gqa = q.shape[1] != k.shape[1]
-        return self._flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        return self.kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
