@@ -24,8 +24,9 @@ and heads.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,28 @@ from megatron.sepllm.attention import rules
 
 _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+@contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (restored after)."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _kernel(op, threads: int, *args, **kwargs):
+    """One flash-kernel call on ``threads`` threads. The engine runs its small memory-bound ops (copies, merges,
+    folds) on one thread: each parallel region costs a thread wake-up, which on a loaded machine measured
+    milliseconds per op, more than the op itself; only the kernel calls are worth the second thread."""
+    with _num_threads(threads):
+        return op(*args, **kwargs)
 
 
 DEFAULT_SUPER_BLOCK = 512  # queries per compact call (measured best of 256-2048 at S=4096-8192, w=256)
@@ -106,9 +129,14 @@ class CompactLayout:
                 keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
         return self._bias_cache[key]
 
-    def has_compact(self) -> torch.Tensor:
-        """``[B, 1, Sp]`` bool: the query has at least one compact key (else its compact log-sum-exp is -inf)."""
-        return (self.counts_t > 0).repeat_interleave(self.block, dim=1).unsqueeze(1)
+    def compact_empty_rows(self, start: int) -> Optional[torch.Tensor]:
+        """``[B, 1, Sp - start]`` bool: rows from ``start`` on with no compact key (their compact log-sum-exp must
+        be -inf); None when there are none. Cached."""
+        key = ("empty", start)
+        if key not in self._bias_cache:
+            empty = (self.counts_t == 0).repeat_interleave(self.block, dim=1)[:, start:].unsqueeze(1)
+            self._bias_cache[key] = empty if bool(empty.any()) else None
+        return self._bias_cache[key]
 
 
 def build_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
@@ -213,69 +241,119 @@ class _CompactFlashCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, lay: CompactLayout, scale: float, slopes: Optional[torch.Tensor]):
+        threads = torch.get_num_threads()
+        with _num_threads(1):
+            out = _CompactFlashCPU._forward(ctx, q, k, v, lay, scale, slopes, threads)
+        ctx.threads = threads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with _num_threads(1):
+            return _CompactFlashCPU._backward(ctx, grad_out, ctx.threads)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, lay: CompactLayout, scale: float, slopes: Optional[torch.Tensor], threads: int):
         qs, ks, vs = _seq_major(q, lay, 0), _seq_major(k, lay, lay.pad_left), _seq_major(v, lay, lay.pad_left)
-        out_b, lse_b = _FLASH_FWD(_block_view(qs, lay), _band_view(ks, lay), _band_view(vs, lay), 0.0, False,
-                                  attn_mask=_band_mask(lay, q.dtype, slopes), scale=scale)
+        out_b, lse_b = _kernel(_FLASH_FWD, threads, _block_view(qs, lay), _band_view(ks, lay), _band_view(vs, lay),
+                               0.0, False, attn_mask=_band_mask(lay, q.dtype, slopes), scale=scale)
         out = _unblock_out(out_b, lay)                                          # [B, Sp, H, D]
         lse = _unblock_lse(lse_b, lay)                                          # [B, H, Sp]
         calls = lay.super_calls()
+        kc = vc = torch.empty(0)
         if calls:
             kc, vc = _gather_rows(ks, lay), _gather_rows(vs, lay)              # [B, N, H, D]
-            qv = qs.view(lay.batch, lay.padded_len, *qs.shape[1:])
-            out_c = torch.empty_like(out)
-            out_c[:, : calls[0][0] * lay.block].zero_()          # counts never decrease: calls cover a suffix
-            lse_c = torch.full_like(lse, float("-inf"))
-            for j0, j1, n in calls:
-                sl = slice(j0 * lay.block, j1 * lay.block)
-                o, l_ = _FLASH_FWD(qv[:, sl].transpose(1, 2), kc[:, :n].transpose(1, 2), vc[:, :n].transpose(1, 2),
-                                   0.0, False, attn_mask=_super_mask(lay, j0, j1, n, q.dtype, slopes), scale=scale)
-                out_c[:, sl] = o.transpose(1, 2)
-                lse_c[:, :, sl] = l_
-            lse_c = lse_c.masked_fill(~lay.has_compact(), float("-inf"))       # the kernel reports 0 for empty rows
-            # out = (e^lse * out + e^lse_c * out_c) / (e^lse + e^lse_c) = lerp(out, out_c, sigmoid(lse_c - lse))
-            w_c = torch.sigmoid(lse_c - lse).transpose(1, 2).unsqueeze(-1)    # lse is finite (diagonal in band)
-            if out.dtype in (torch.float32, torch.float64):
-                out = out.lerp_(out_c, w_c.to(out.dtype))
-            else:
-                out = torch.lerp(out.float(), out_c.float(), w_c).to(q.dtype)
-            lse = torch.logaddexp(lse, lse_c)
-        ctx.save_for_backward(qs, ks, vs, out, lse, slopes if slopes is not None else torch.empty(0))
+            out_c, lse_c = _compact_forward(qs, kc, vc, lay, calls, scale, slopes, threads)
+            _merge_suffix(out, lse, out_c, lse_c, lay, calls[0][0] * lay.block)
+        ctx.save_for_backward(qs, ks, vs, kc, vc, out, lse, slopes if slopes is not None else torch.empty(0))
         ctx.lay, ctx.scale, ctx.has_slopes = lay, scale, slopes is not None
         return out[:, : lay.seq_len].transpose(1, 2)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        qs, ks, vs, out, lse, slopes = ctx.saved_tensors
+    def _backward(ctx, grad_out, threads: int):
+        qs, ks, vs, kc, vc, out, lse, slopes = ctx.saved_tensors
         lay, scale = ctx.lay, ctx.scale
         slopes = slopes if ctx.has_slopes else None
         b, _, h, d = out.shape
         gos = _seq_major(grad_out.to(qs.dtype), lay, 0)
         outs = out.reshape(b * lay.padded_len, h, d)
         lse_b = lse.view(b, h, lay.num_blocks, lay.block).transpose(1, 2).reshape(b * lay.num_blocks, h, lay.block)
-        gq_b, gk_b, gv_b = _FLASH_BWD(_block_view(gos, lay), _block_view(qs, lay), _band_view(ks, lay),
-                                      _band_view(vs, lay), _block_view(outs, lay), lse_b, 0.0, False,
-                                      attn_mask=_band_mask(lay, qs.dtype, slopes), scale=scale)
+        gq_b, gk_b, gv_b = _kernel(_FLASH_BWD, threads, _block_view(gos, lay), _block_view(qs, lay),
+                                   _band_view(ks, lay), _band_view(vs, lay), _block_view(outs, lay), lse_b, 0.0, False,
+                                   attn_mask=_band_mask(lay, qs.dtype, slopes), scale=scale)
         gq = _unblock_out(gq_b, lay)                                            # [B, Sp, H, D]
         gks, gvs = _fold_band_grads(gk_b, lay), _fold_band_grads(gv_b, lay)    # [B, Sp, H, D]
         calls = lay.super_calls()
         if calls:
-            kc, vc = _gather_rows(ks, lay), _gather_rows(vs, lay)
-            gkc, gvc = torch.zeros_like(kc), torch.zeros_like(vc)
-            qv, gov = qs.view(b, lay.padded_len, h, d), gos.view(b, lay.padded_len, h, d)
-            for j0, j1, n in calls:
-                sl = slice(j0 * lay.block, j1 * lay.block)
-                dq, dk, dv = _FLASH_BWD(gov[:, sl].transpose(1, 2), qv[:, sl].transpose(1, 2),
-                                        kc[:, :n].transpose(1, 2), vc[:, :n].transpose(1, 2),
-                                        out[:, sl].transpose(1, 2), lse[:, :, sl].contiguous(), 0.0, False,
-                                        attn_mask=_super_mask(lay, j0, j1, n, qs.dtype, slopes), scale=scale)
-                gq[:, sl] += dq.transpose(1, 2)
-                gkc[:, :n] += dk.transpose(1, 2)
-                gvc[:, :n] += dv.transpose(1, 2)
+            dq_c, gkc, gvc = _compact_backward(gos, qs, kc, vc, out, lse, lay, calls, scale, slopes, threads)
+            gq[:, calls[0][0] * lay.block:] += dq_c
             idx = lay.comp_idx[:, :, None, None].expand(-1, -1, h, d)
             gks.scatter_add_(1, idx, gkc)
             gvs.scatter_add_(1, idx, gvc)
         s = lay.seq_len
         return (gq[:, :s].transpose(1, 2), gks[:, :s].transpose(1, 2), gvs[:, :s].transpose(1, 2), None, None, None)
+
+
+def _compact_forward(qs: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lay: CompactLayout, calls: list,
+                     scale: float, slopes: Optional[torch.Tensor],
+                     threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact part of the query suffix the calls cover: ``([B, Sc, H, D], [B, H, Sc])``; one concatenation at
+    the end instead of a copy per call (each small op costs a thread wake-up)."""
+    qv = qs.view(lay.batch, lay.padded_len, *qs.shape[1:])
+    outs, lses = [], []
+    for j0, j1, n in calls:
+        sl = slice(j0 * lay.block, j1 * lay.block)
+        o, l_ = _kernel(_FLASH_FWD, threads, qv[:, sl].transpose(1, 2), kc[:, :n].transpose(1, 2),
+                        vc[:, :n].transpose(1, 2), 0.0, False,
+                        attn_mask=_super_mask(lay, j0, j1, n, qs.dtype, slopes), scale=scale)
+        outs.append(o.transpose(1, 2))
+        lses.append(l_)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+def _merge_suffix(out: torch.Tensor, lse: torch.Tensor, out_c: torch.Tensor, lse_c: torch.Tensor,
+                  lay: CompactLayout, start: int) -> None:
+    """Merge the compact part into rows ``[start, Sp)`` of ``out``/``lse`` in place (one joint softmax).
+
+    ``out = (e^lse out + e^lse_c out_c) / (e^lse + e^lse_c) = lerp(out, out_c, sigmoid(lse_c - lse))``; the band
+    always holds the diagonal, so ``lse`` is finite.
+    """
+    empty = lay.compact_empty_rows(start)
+    if empty is not None:                                        # the kernel reports 0 for rows with no key
+        lse_c.masked_fill_(empty, float("-inf"))
+    o_s, l_s = out[:, start:], lse[:, :, start:]
+    w_c = torch.sigmoid(lse_c - l_s).transpose(1, 2).unsqueeze(-1)            # [B, Sc, H, 1]
+    if out.dtype in (torch.float32, torch.float64):
+        o_s.lerp_(out_c, w_c.to(out.dtype))
+    else:
+        o_s.copy_(torch.lerp(o_s.float(), out_c.float(), w_c))
+    torch.logaddexp(l_s, lse_c, out=l_s)
+
+
+def _compact_backward(gos, qs, kc, vc, out, lse, lay: CompactLayout, calls: list, scale: float,
+                      slopes: Optional[torch.Tensor], threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the compact part: ``dq`` of the covered query suffix ``[B, Sc, H, D]`` and ``dk, dv`` of the
+    gathered keys ``[B, N, H, D]``. The last call sees all ``N`` keys, so it runs first and its key gradients
+    become the accumulators (no zero buffers)."""
+    b, _, h, d = out.shape
+    qv, gov = qs.view(b, lay.padded_len, h, d), gos.view(b, lay.padded_len, h, d)
+    dqs, gkc, gvc = [], None, None
+    for j0, j1, n in reversed(calls):
+        sl = slice(j0 * lay.block, j1 * lay.block)
+        dq, dk, dv = _kernel(_FLASH_BWD, threads, gov[:, sl].transpose(1, 2), qv[:, sl].transpose(1, 2),
+                             kc[:, :n].transpose(1, 2), vc[:, :n].transpose(1, 2), out[:, sl].transpose(1, 2),
+                             lse[:, :, sl], 0.0, False, attn_mask=_super_mask(lay, j0, j1, n, qs.dtype, slopes),
+                             scale=scale)
+        dqs.append(dq.transpose(1, 2))
+        if gkc is None:
+            gkc, gvc = dk.transpose(1, 2), dv.transpose(1, 2)
+        else:
+            gkc[:, :n] += dk.transpose(1, 2)
+            gvc[:, :n] += dv.transpose(1, 2)
+    dq_c = dqs[0] if len(dqs) == 1 else torch.cat(dqs[::-1], dim=1)
+    return dq_c, gkc, gvc
 
 
 def _seq_major(x: torch.Tensor, lay: CompactLayout, lead: int) -> torch.Tensor:
