@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from megatron.parallel.mesh import ParallelLayoutError, build_parallel_groups, pipeline_stages, rank_layout
+from megatron.config.errors import ConfigError
+from megatron.config.layout import pipeline_stages
+from megatron.parallel.mesh import ParallelLayoutError, build_parallel_groups, rank_layout
 from parallel_spawn import run_distributed
 
 
@@ -52,7 +54,7 @@ def test_pipe_zero_means_one_stage():
     (4, 1, -1, "pipe_parallel_size = -1"),
 ])
 def test_bad_layouts_name_the_keys(world, tp, pp, needle):
-    with pytest.raises(ParallelLayoutError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         rank_layout(world, tp, pp)
 
 

@@ -297,24 +297,26 @@ def test_qkv_split_gives_whole_kv_groups():
 
 
 @pytest.mark.parametrize("change,tp,needle", [
-    (dict(num_attention_heads=4, num_kv_heads=1), 2, "'num_kv_heads' = 1 is not divisible by model_parallel_size = 2"),
-    (dict(num_attention_heads=2, hidden_size=32), 4, "'num_attention_heads' = 2"),
-    (dict(padded_vocab_size=66), 4, "'padded_vocab_size' = 66"),
-    (dict(intermediate_size=30), 4, "'intermediate_size (MLP width)' = 30"),
+    (dict(num_attention_heads=4, num_kv_heads=1), 2, "num_kv_heads = 1 is not divisible by model_parallel_size = 2"),
+    (dict(num_attention_heads=2, hidden_size=32), 4, "num_attention_heads = 2"),
+    (dict(padded_vocab_size=66), 4, "padded_vocab_size = 66"),
+    (dict(intermediate_size=30), 4, "intermediate_size (MLP width) = 30"),
 ])
 def test_incompatible_model_names_the_key(change, tp, needle):
-    from megatron.parallel.tensor_parallel import TensorParallelError, check_tp_compatible
+    from megatron.config.errors import ConfigError
+    from megatron.config.layout import check_tp_split
 
-    with pytest.raises(TensorParallelError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        check_tp_compatible(_model_cfg(**change), tp)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        check_tp_split(_model_cfg(**change), tp)
 
 
 def test_sequence_parallel_needs_divisible_sequence():
-    from megatron.parallel.tensor_parallel import TensorParallelError, check_tp_compatible
+    from megatron.config.errors import ConfigError
+    from megatron.config.layout import check_tp_split
 
-    check_tp_compatible(_model_cfg(seq_length=30), 2)
-    with pytest.raises(TensorParallelError, match="seq_length"):
-        check_tp_compatible(_model_cfg(seq_length=30), 4, sequence_parallel=True)
+    check_tp_split(_model_cfg(seq_length=30), 2)
+    with pytest.raises(ConfigError, match="seq_length"):
+        check_tp_split(_model_cfg(seq_length=30), 4, sequence_parallel=True)
 
 
 def test_merge_rejects_shards_from_different_checkpoints():

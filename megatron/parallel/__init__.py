@@ -5,7 +5,7 @@ Wiring tensor parallelism into a DeepSpeed training loop (every rank, in this or
 
     groups = build_parallel_groups(world_size, rank, tp=cfg.parallel.model_parallel_size,
                                    pp=cfg.parallel.pipe_parallel_size, device_type=device)
-    check_tp_compatible(cfg.model, groups.tp_size, cfg.parallel.sequence_parallel)   # also usable at config time
+    check_tp_split(cfg.model, groups.tp_size, cfg.parallel.sequence_parallel)  # megatron.config.layout
     set_seed(seed)                                   # SAME seed on every rank: identical full init before sharding
     model = GPTModel(cfg.model, cfg.sepllm)
     model = apply_tensor_parallel(model, groups, sequence_parallel=cfg.parallel.sequence_parallel)
@@ -27,8 +27,8 @@ from megatron._lazy import lazy_exports
 
 _LAZY = {
     "mesh": ("ParallelGroups", "ParallelLayoutError", "RankLayout", "DeepSpeedMPU", "build_parallel_groups",
-             "rank_layout", "pipeline_stages"),
-    "tensor_parallel": ("apply_tensor_parallel", "check_tp_compatible", "vocab_parallel_lm_loss", "loss_fn_for",
+             "rank_layout"),
+    "tensor_parallel": ("apply_tensor_parallel", "vocab_parallel_lm_loss", "loss_fn_for",
                         "gather_logits", "tp_grad_norm", "clip_tp_grad_norm_", "TensorParallelError"),
     "reshard": ("merge_tp_state_dicts", "split_tp_state_dict", "reshard_checkpoint", "tp_model_file", "ReshardError"),
 }

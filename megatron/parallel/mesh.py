@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.config.layout import check_world_size, pipeline_stages
 from megatron.errors import UserInputError
 
 MESH_DIM_NAMES = ("pp", "dp", "tp")
@@ -67,30 +68,13 @@ class RankLayout:
         return torch.arange(self.world_size).view(self.pp_size, self.dp_size, self.tp_size)
 
 
-def pipeline_stages(pipe_parallel_size: int) -> int:
-    """Number of stages for GPT-NeoX's ``pipe-parallel-size`` (0 = no pipeline engine = one stage)."""
-    if pipe_parallel_size < 0:
-        raise ParallelLayoutError(f"pipe_parallel_size = {pipe_parallel_size}: expected 0 (no pipeline engine) or a "
-                                  f"positive number of stages")
-    return max(int(pipe_parallel_size), 1)
-
-
 def rank_layout(world_size: int, tp: int, pp: int) -> RankLayout:
     """The layout of ``world_size`` ranks into ``pp`` stages x ``dp`` replicas x ``tp`` tensor shards.
 
-    Raises :class:`ParallelLayoutError` when ``world_size`` is not a multiple of ``tp x pp``.
+    Raises ``ConfigError`` (``config/layout.check_world_size``) when ``world_size`` is not a multiple of ``tp x pp``.
     """
-    if world_size < 1:
-        raise ParallelLayoutError(f"world size {world_size}: expected >= 1")
-    if tp < 1:
-        raise ParallelLayoutError(f"model_parallel_size = {tp}: expected >= 1")
     stages = pipeline_stages(pp)
-    if world_size % (tp * stages):
-        raise ParallelLayoutError(
-            f"world size {world_size} is not divisible by model_parallel_size x pipe stages = {tp} x {stages} = "
-            f"{tp * stages}; launch a multiple of {tp * stages} processes or change model_parallel_size / "
-            f"pipe_parallel_size")
-    dp = world_size // (tp * stages)
+    dp = check_world_size(world_size, tp, stages)
     grid = torch.arange(world_size).view(stages, dp, tp)
     tp_groups = tuple(tuple(int(r) for r in grid[p, d, :]) for p in range(stages) for d in range(dp))
     dp_groups = tuple(tuple(int(r) for r in grid[p, :, t]) for p in range(stages) for t in range(tp))

@@ -40,10 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron.config.model import ModelConfig
-from megatron.model.attention import kv_heads
+from megatron.config.layout import check_tp_split
 from megatron.model.gpt import GPTModel
-from megatron.model.mlp import ffn_width
 from megatron.parallel import tp_comm
 from megatron.parallel.reshard import ShardSpec, is_gated, shard_spec, shard_tensor
 from megatron.errors import UserInputError
@@ -179,28 +177,6 @@ def _per_rank_rng(module: nn.Module, rank: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- apply
-def check_tp_compatible(model_cfg: ModelConfig, tp_size: int, sequence_parallel: bool = False) -> None:
-    """Raise :class:`TensorParallelError` naming the config key when the model cannot be split ``tp_size`` ways.
-
-    Pure (no process group): call it at config time too. KV heads must divide (each rank holds whole KV groups),
-    as must the query heads, the padded vocabulary and the MLP width; with sequence parallelism the sequence length.
-    """
-    if tp_size < 1:
-        raise TensorParallelError(f"model_parallel_size = {tp_size}: expected >= 1")
-    cfg = model_cfg
-    hkv = kv_heads(cfg)
-    checks = [("num_kv_heads" if cfg.num_kv_heads is not None else "num_attention_heads", hkv),
-              ("num_attention_heads", cfg.num_attention_heads),
-              ("padded_vocab_size", cfg.padded_vocab_size), ("intermediate_size (MLP width)", ffn_width(cfg))]
-    if sequence_parallel:
-        checks.append(("seq_length (sequence_parallel)", cfg.seq_length))
-    for key, value in checks:
-        if value is not None and value % tp_size:
-            raise TensorParallelError(f"model config key '{key}' = {value} is not divisible by model_parallel_size = "
-                                      f"{tp_size}; tensor parallelism splits it evenly across ranks (whole KV groups "
-                                      f"per rank)")
-
-
 def _shard(name: str, param: Tensor, model: GPTModel, info: TPInfo) -> tuple[Tensor, ShardSpec]:
     spec = shard_spec(name, is_gated(model.cfg))
     if spec is None:
@@ -274,7 +250,7 @@ def apply_tensor_parallel(model: GPTModel, tp_mesh_or_group: Any, sequence_paral
     info = TPInfo(group=group, rank=rank, size=size, sequence_parallel=bool(sequence_parallel))
     if size == 1 and not sequence_parallel:
         return model
-    check_tp_compatible(model.cfg, size, sequence_parallel)
+    check_tp_split(model.cfg, size, sequence_parallel)
 
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
