@@ -7,7 +7,7 @@ For a query block ``[q0, q1)`` (``Bq`` queries) the keys split into two disjoint
 * the **compact** set: global keys (initial, separators, FixLLM positions) with position ``< q0 - P``. They are
   causal and global for every query of the block. They are gathered ONCE per layer into a buffer ordered by
   position; block ``j`` uses a prefix of it (a view, no copy). Several consecutive blocks (a "super block" of
-  ~512 queries) share one kernel call over the prefix of their last block, with a cheap staircase mask: long query
+  ~1024 queries) share one kernel call over the prefix of their last block, with a cheap staircase mask: long query
   runs keep the CPU kernel's tiles large, which measured faster than one call per block.
 
 Both sets are combined into ONE exact softmax. On CPU the two parts run through PyTorch's flash-attention CPU kernel
@@ -59,7 +59,8 @@ def _kernel(op, threads: int, *args, **kwargs):
         return op(*args, **kwargs)
 
 
-DEFAULT_SUPER_BLOCK = 512  # queries per compact call (measured best of 256-2048 at S=4096-8192, w=256)
+DEFAULT_SUPER_BLOCK = 1024  # queries per compact call (>= 768 gets the kernel's large query tiles; measured
+#                             better than 512 and 2048 at S=4096-8192, w=256, 2 threads)
 
 
 def default_block_size(window: int) -> int:
@@ -106,14 +107,23 @@ class CompactLayout:
         return self._bias_cache[dtype]
 
     def super_calls(self) -> list[tuple[int, int, int]]:
-        """``(j0, j1, n)``: queries of blocks ``[j0, j1)`` attend compact keys ``[0, n)`` (``n`` = largest count)."""
-        calls = []
-        for j0 in range(0, self.num_blocks, self.super_blocks):
-            j1 = min(j0 + self.super_blocks, self.num_blocks)
-            n = max(self.counts[b][j1 - 1] for b in range(self.batch))
-            if n > 0:
-                calls.append((j0, j1, n))
-        return calls
+        """``(j0, j1, n)``: queries of blocks ``[j0, j1)`` attend compact keys ``[0, n)`` (``n`` = largest count).
+
+        The calls start at the first block with a compact key (earlier blocks would be computed and thrown away)
+        and split the rest into runs of about ``super_blocks`` blocks of equal length (no short last call: a
+        short query run drops the kernel to small tiles). Cached."""
+        if "calls" not in self._bias_cache:
+            first = [next((j for j, c in enumerate(row) if c > 0), self.num_blocks) for row in self.counts]
+            j_first = min(first) if first else self.num_blocks
+            todo = self.num_blocks - j_first
+            parts = max(1, round(todo / self.super_blocks)) if todo else 0
+            calls, j0 = [], j_first
+            for i in range(parts):
+                j1 = j0 + todo // parts + (1 if i < todo % parts else 0)
+                calls.append((j0, j1, max(self.counts[b][j1 - 1] for b in range(self.batch))))
+                j0 = j1
+            self._bias_cache["calls"] = calls
+        return self._bias_cache["calls"]
 
     def staircase_keep(self, j0: int, j1: int, n: int) -> torch.Tensor:
         """``[B, 1, (j1-j0)*Bq, n]`` bool: compact key ``c`` is visible to block ``j`` iff ``c < counts[b][j]``."""
