@@ -401,16 +401,24 @@ def plot(out_dir: Path, nll, cache_len, summary: dict) -> None:
     plt.close(fig)
     cl = np.asarray(cache_len)
     xs, lo, _, hi = _binned(cl[:, 0], cl[:, 1], 2000)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    c = summary.get("cache_size")
+    floor = (summary["init_cache_size"] + summary["sep_cache_size"] + summary["local_size"]
+             if summary.get("method") == "sepllm" and c is not None else None)
     ax.fill_between(xs, lo, hi, step="mid", alpha=0.5, label="cached tokens (min-max per bin)")
     ax.plot(xs, hi, linewidth=0.8)
-    if "cache_size" in summary:
-        ax.axhline(summary["cache_size"], color="black", linestyle="--", linewidth=0.8,
-                   label=f"cache_size c = {summary['cache_size']}")
-        ax.set_ylim(0, summary["cache_size"] * 1.15)
-    ax.set_xlabel("tokens processed")
+    tail = cl[-min(len(cl), 64):]          # the last forwards: the sawtooth between compressions
+    zoom.step(tail[:, 0], tail[:, 1], where="post", linewidth=1.0)
+    for a in (ax, zoom):
+        if c is not None:
+            a.axhline(c, color="black", linestyle="--", linewidth=0.8, label=f"cache_size c = {c}")
+            a.set_ylim(0, c * 1.15)
+        if floor is not None:
+            a.axhline(floor, color="tab:red", linestyle=":", linewidth=0.8, label=f"a + s + w = {floor}")
+        a.set_xlabel("tokens processed")
     ax.set_ylabel("cached tokens (layer 0)")
-    ax.set_title(f"{summary['method']}: KV cache size (peak {summary['peak_kv_cache_mb']:.2f} MiB)")
+    ax.set_title(f"{summary['method']}: KV cache size over {count:,} tokens (peak {summary['peak_kv_cache_mb']:.2f} MiB)")
+    zoom.set_title(f"last {len(tail)} forwards")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out_dir / "cache.png", dpi=100)
