@@ -139,12 +139,12 @@ class CompactLayout:
                 keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
         return self._bias_cache[key]
 
-    def compact_empty_rows(self, start: int) -> Optional[torch.Tensor]:
-        """``[B, 1, Sp - start]`` bool: rows from ``start`` on with no compact key (their compact log-sum-exp must
-        be -inf); None when there are none. Cached."""
-        key = ("empty", start)
+    def compact_empty_rows(self, j0: int, j1: int) -> Optional[torch.Tensor]:
+        """``[B, 1, (j1-j0)*Bq]`` bool: rows of blocks ``[j0, j1)`` with no compact key (their compact log-sum-exp
+        must be -inf); None when there are none. Cached."""
+        key = ("empty", j0, j1)
         if key not in self._bias_cache:
-            empty = (self.counts_t == 0).repeat_interleave(self.block, dim=1)[:, start:].unsqueeze(1)
+            empty = (self.counts_t[:, j0:j1] == 0).repeat_interleave(self.block, dim=1).unsqueeze(1)
             self._bias_cache[key] = empty if bool(empty.any()) else None
         return self._bias_cache[key]
 
@@ -273,8 +273,7 @@ class _CompactFlashCPU(torch.autograd.Function):
         kc = vc = torch.empty(0)
         if calls:
             kc, vc = _gather_rows(ks, lay), _gather_rows(vs, lay)              # [B, N, H, D]
-            out_c, lse_c = _compact_forward(qs, kc, vc, lay, calls, scale, slopes, threads)
-            _merge_suffix(out, lse, out_c, lse_c, lay, calls[0][0] * lay.block)
+            _compact_forward(qs, kc, vc, out, lse, lay, calls, scale, slopes, threads)
         ctx.save_for_backward(qs, ks, vs, kc, vc, out, lse, slopes if slopes is not None else torch.empty(0))
         ctx.lay, ctx.scale, ctx.has_slopes = lay, scale, slopes is not None
         return out[:, : lay.seq_len].transpose(1, 2)
@@ -295,8 +294,7 @@ class _CompactFlashCPU(torch.autograd.Function):
         gks, gvs = _fold_band_grads(gk_b, lay), _fold_band_grads(gv_b, lay)    # [B, Sp, H, D]
         calls = lay.super_calls()
         if calls:
-            dq_c, gkc, gvc = _compact_backward(gos, qs, kc, vc, out, lse, lay, calls, scale, slopes, threads)
-            gq[:, calls[0][0] * lay.block:] += dq_c
+            gkc, gvc = _compact_backward(gos, qs, kc, vc, out, lse, gq, lay, calls, scale, slopes, threads)
             idx = lay.comp_idx[:, :, None, None].expand(-1, -1, h, d)
             gks.scatter_add_(1, idx, gkc)
             gvs.scatter_add_(1, idx, gvc)
@@ -304,66 +302,58 @@ class _CompactFlashCPU(torch.autograd.Function):
         return (gq[:, :s].transpose(1, 2), gks[:, :s].transpose(1, 2), gvs[:, :s].transpose(1, 2), None, None, None)
 
 
-def _compact_forward(qs: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lay: CompactLayout, calls: list,
-                     scale: float, slopes: Optional[torch.Tensor],
-                     threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact part of the query suffix the calls cover: ``([B, Sc, H, D], [B, H, Sc])``; one concatenation at
-    the end instead of a copy per call (each small op costs a thread wake-up)."""
+def _compact_forward(qs: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     lay: CompactLayout, calls: list, scale: float, slopes: Optional[torch.Tensor],
+                     threads: int) -> None:
+    """Compact part of every call, merged into the band's ``out`` / ``lse`` rows in place right after its kernel
+    call (no suffix-sized buffer: small allocations are reused, large ones cost page faults every step)."""
     qv = qs.view(lay.batch, lay.padded_len, *qs.shape[1:])
-    outs, lses = [], []
     for j0, j1, n in calls:
         sl = slice(j0 * lay.block, j1 * lay.block)
         o, l_ = _kernel(_FLASH_FWD, threads, qv[:, sl].transpose(1, 2), kc[:, :n].transpose(1, 2),
                         vc[:, :n].transpose(1, 2), 0.0, False,
                         attn_mask=_super_mask(lay, j0, j1, n, qs.dtype, slopes), scale=scale)
-        outs.append(o.transpose(1, 2))
-        lses.append(l_)
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+        empty = lay.compact_empty_rows(j0, j1)
+        if empty is not None:                                    # the kernel reports 0 for rows with no key
+            l_.masked_fill_(empty, float("-inf"))
+        _merge_rows(out[:, sl], lse[:, :, sl], o.transpose(1, 2), l_)
 
 
-def _merge_suffix(out: torch.Tensor, lse: torch.Tensor, out_c: torch.Tensor, lse_c: torch.Tensor,
-                  lay: CompactLayout, start: int) -> None:
-    """Merge the compact part into rows ``[start, Sp)`` of ``out``/``lse`` in place (one joint softmax).
+def _merge_rows(o_s: torch.Tensor, l_s: torch.Tensor, out_c: torch.Tensor, lse_c: torch.Tensor) -> None:
+    """Merge a compact part into band rows in place (one joint softmax over both key sets).
 
     ``out = (e^lse out + e^lse_c out_c) / (e^lse + e^lse_c) = lerp(out, out_c, sigmoid(lse_c - lse))``; the band
     always holds the diagonal, so ``lse`` is finite.
     """
-    empty = lay.compact_empty_rows(start)
-    if empty is not None:                                        # the kernel reports 0 for rows with no key
-        lse_c.masked_fill_(empty, float("-inf"))
-    o_s, l_s = out[:, start:], lse[:, :, start:]
-    w_c = torch.sigmoid(lse_c - l_s).transpose(1, 2).unsqueeze(-1)            # [B, Sc, H, 1]
-    if out.dtype in (torch.float32, torch.float64):
-        o_s.lerp_(out_c, w_c.to(out.dtype))
+    w_c = torch.sigmoid(lse_c - l_s).transpose(1, 2).unsqueeze(-1)            # [B, Q, H, 1]
+    if o_s.dtype in (torch.float32, torch.float64):
+        o_s.lerp_(out_c, w_c.to(o_s.dtype))
     else:
         o_s.copy_(torch.lerp(o_s.float(), out_c.float(), w_c))
     torch.logaddexp(l_s, lse_c, out=l_s)
 
 
-def _compact_backward(gos, qs, kc, vc, out, lse, lay: CompactLayout, calls: list, scale: float,
-                      slopes: Optional[torch.Tensor], threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the compact part: ``dq`` of the covered query suffix ``[B, Sc, H, D]`` and ``dk, dv`` of the
-    gathered keys ``[B, N, H, D]``. The last call sees all ``N`` keys, so it runs first and its key gradients
-    become the accumulators (no zero buffers)."""
+def _compact_backward(gos, qs, kc, vc, out, lse, gq, lay: CompactLayout, calls: list, scale: float,
+                      slopes: Optional[torch.Tensor], threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the compact part: ``dq`` added into ``gq`` call by call, and ``dk, dv`` of the gathered keys
+    ``[B, N, H, D]``. The last call sees all ``N`` keys, so it runs first and its key gradients become the
+    accumulators (no zero buffers)."""
     b, _, h, d = out.shape
     qv, gov = qs.view(b, lay.padded_len, h, d), gos.view(b, lay.padded_len, h, d)
-    dqs, gkc, gvc = [], None, None
+    gkc = gvc = None
     for j0, j1, n in reversed(calls):
         sl = slice(j0 * lay.block, j1 * lay.block)
         dq, dk, dv = _kernel(_FLASH_BWD, threads, gov[:, sl].transpose(1, 2), qv[:, sl].transpose(1, 2),
                              kc[:, :n].transpose(1, 2), vc[:, :n].transpose(1, 2), out[:, sl].transpose(1, 2),
                              lse[:, :, sl], 0.0, False, attn_mask=_super_mask(lay, j0, j1, n, qs.dtype, slopes),
                              scale=scale)
-        dqs.append(dq.transpose(1, 2))
+        gq[:, sl] += dq.transpose(1, 2)
         if gkc is None:
             gkc, gvc = dk.transpose(1, 2), dv.transpose(1, 2)
         else:
             gkc[:, :n] += dk.transpose(1, 2)
             gvc[:, :n] += dv.transpose(1, 2)
-    dq_c = dqs[0] if len(dqs) == 1 else torch.cat(dqs[::-1], dim=1)
-    return dq_c, gkc, gvc
+    return gkc, gvc
 
 
 def _seq_major(x: torch.Tensor, lay: CompactLayout, lead: int) -> torch.Tensor:
