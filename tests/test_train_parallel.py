@@ -58,7 +58,7 @@ def _assert_close(got: dict[int, float], want: dict[int, float]) -> None:
 
 def test_pipe_parallel_size_meaning():
     assert [pipeline_engine_stages(v) for v in (None, 0, 1, 2, 4)] == [0, 0, 0, 2, 4]
-    with pytest.raises(ValueError, match="pipe_parallel_size = -1"):
+    with pytest.raises(ConfigError, match="pipe_parallel_size = -1"):
         pipeline_engine_stages(-1)
 
 
