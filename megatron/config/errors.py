@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from megatron.errors import UserInputError
+
+#: names the source of a config key in messages ("run.yml", "--override", ...)
+Where = Callable[[str], str]
+
+
+def unknown_source(key: str) -> str:
+    """The ``Where`` of a config built in code (no file to name)."""
+    return "config"
 
 
 class ConfigError(UserInputError):

@@ -10,17 +10,10 @@ set, and ``pretrain`` repeats the call for configs built in code. Pure: no torch
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from megatron.config import derived
-from megatron.config.errors import ConfigError
-
-
-Where = Callable[[str], str]
-
-
-def _config(key: str) -> str:
-    return "config"
+from megatron.config.errors import ConfigError, Where, unknown_source
 
 
 def pipeline_engine_stages(pipe_parallel_size: Optional[int]) -> int:
@@ -38,7 +31,7 @@ def pipeline_stages(pipe_parallel_size: Optional[int]) -> int:
     return pipeline_engine_stages(pipe_parallel_size) or 1
 
 
-def check_world_size(world_size: int, tp: int, stages: int, where: Where = _config) -> int:
+def check_world_size(world_size: int, tp: int, stages: int, where: Where = unknown_source) -> int:
     """``world_size`` ranks must split into ``stages`` x DP x ``tp``; returns the data-parallel size."""
     if world_size < 1:
         raise ConfigError(f"world size {world_size}: expected >= 1")
@@ -52,7 +45,7 @@ def check_world_size(world_size: int, tp: int, stages: int, where: Where = _conf
     return world_size // (tp * stages)
 
 
-def check_tp_split(model: Any, tp: int, sequence_parallel: bool = False, where: Where = _config) -> None:
+def check_tp_split(model: Any, tp: int, sequence_parallel: bool = False, where: Where = unknown_source) -> None:
     """Tensor parallelism splits the query heads, whole KV groups, the MLP width, the padded vocabulary (once known)
     and, with sequence parallelism, the sequence evenly over ``tp`` ranks."""
     if tp < 1:
@@ -74,7 +67,7 @@ def check_tp_split(model: Any, tp: int, sequence_parallel: bool = False, where: 
                               f"= {tp}; tensor parallelism splits it evenly across ranks")
 
 
-def check_layout(model: Any, parallel: Any, zero_stage: int, world_size: int, where: Where = _config) -> int:
+def check_layout(model: Any, parallel: Any, zero_stage: int, world_size: int, where: Where = unknown_source) -> int:
     """Raise ConfigError naming the keys when ``world_size`` ranks cannot run the layout; return the DP size.
 
     ``model`` / ``parallel``: the ModelConfig and ParallelConfig; ``where(key)`` names the source of a key.
@@ -92,7 +85,7 @@ def check_layout(model: Any, parallel: Any, zero_stage: int, world_size: int, wh
     return dp
 
 
-def check_pipeline_depth(num_layers: int, stages: int, where: Where = _config) -> None:
+def check_pipeline_depth(num_layers: int, stages: int, where: Where = unknown_source) -> None:
     """Every pipeline stage needs a transformer layer (the config check and ``build_pipeline_model`` share it)."""
     if num_layers < stages:
         raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size = {stages} needs at least one layer "

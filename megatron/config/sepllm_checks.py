@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from megatron.config.errors import ConfigError
+from megatron.config.errors import ConfigError, Where
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.config.sepllm_settings import (MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, Where, fixed_intervals,
+from megatron.config.sepllm_settings import (MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, fixed_intervals,
                                              is_real_id_list, mode_of, window_values)
 
 __all__ = ["DERIVED_FIELDS", "MODES", "NO_SEPARATORS", "SEP_ATTENTION_IMPLS", "check_separator_ids", "resolve_sepllm"]

@@ -10,9 +10,9 @@ here only, so the consumers cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
-from megatron.config.errors import ConfigError
+from megatron.config.errors import ConfigError, Where, unknown_source
 
 MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
 SepAttentionImpl = Literal["auto", "dense", "flex", "compact", "flex_compact"]
@@ -78,15 +78,8 @@ class SepLLMSettings:
         return windows[layer_idx], interval
 
 
-Where = Callable[[str], str]
-
-
-def _anywhere(key: str) -> str:
-    return "config"
-
-
 def check_layer_list(name: str, values: Any, num_layers: int, *, switch: Optional[str] = None,
-                     layers_from: str = "num_layers", where: Where = _anywhere,
+                     layers_from: str = "num_layers", where: Where = unknown_source,
                      error: type[ConfigError] = SepLLMSettingsError) -> tuple[int, ...]:
     """One integer >= 1 per layer (per-layer windows, FixLLM intervals); raises ``error`` naming key and source."""
     if not isinstance(values, (list, tuple)) or not values:
@@ -110,7 +103,7 @@ WINDOW_KEYS = {
 
 
 def window_values(sep: Any, phase: str, num_layers: int, *, layers_from: str = "num_layers",
-                  where: Where = _anywhere, error: type[ConfigError] = SepLLMSettingsError) -> tuple[int, ...]:
+                  where: Where = unknown_source, error: type[ConfigError] = SepLLMSettingsError) -> tuple[int, ...]:
     """The local windows of ``phase`` ("prefill" / "generate") per layer from the user's keys (the per-layer list
     when its switch is on, else the single window for every layer); the one check of those keys."""
     switch, scalar, lst = WINDOW_KEYS[phase]
@@ -123,7 +116,7 @@ def window_values(sep: Any, phase: str, num_layers: int, *, layers_from: str = "
     return (int(value),) * num_layers
 
 
-def fixed_intervals(sep: Any, num_layers: int, *, layers_from: str = "num_layers", where: Where = _anywhere,
+def fixed_intervals(sep: Any, num_layers: int, *, layers_from: str = "num_layers", where: Where = unknown_source,
                     error: type[ConfigError] = SepLLMSettingsError) -> tuple[int, ...]:
     """FixLLM's per-layer intervals (one value stands for every layer)."""
     values = sep.fixed_sep_intervals_list

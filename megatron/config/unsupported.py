@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from megatron.config.errors import ConfigError
+from megatron.config.errors import ConfigError, Where, unknown_source
 
 # GPT-NeoX keys for features not built here. They are accepted at their GPT-NeoX default (configs copied from
 # GPT-NeoX often spell the default out) and refused otherwise. Delete a row when the feature lands.
@@ -71,7 +71,7 @@ def check_default_only(key: str, value: object, source: str) -> None:
                           f"built); remove the key or set it to {shown}")
 
 
-def check_unsupported(cfg, where: Callable[[str], str] = lambda key: "config") -> None:
+def check_unsupported(cfg, where: Where = unknown_source) -> None:
     """Raise ConfigError (naming key, value and source) for the first requested feature that is not built yet."""
     for key, get, requested, advice in UNSUPPORTED:
         value = get(cfg)
