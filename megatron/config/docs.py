@@ -112,7 +112,7 @@ At most one of `USE_ORIGINAL_FULL_ATTEN`, `streamingLLM`, `USE_FIXED_SEP_INTERVA
 `USE_SA_SOFTMAX_NO_DENO` may be true (the error names both keys). As soon as one SepLLM key is present the reference
 defaults below apply (e.g. `USE_SEP_ATTN_KERNEL_ACCELERATOR: true`). Unlike the reference,
 `USE_SEP_ATTN_KERNEL_ACCELERATOR` combines with every mode: it only selects the fastest execution path, and
-**`sep_attention_impl` (`auto` | `dense` | `flex` | `compact` | `flex_compact`) selects the SepLLM execution
+**`sep_attention_impl` (`auto` | `dense` | `flex` | `compact` | `flex_compact` | `triton`) selects the SepLLM execution
 path** — all paths compute the same attention; `auto` picks the fastest available. It is settable from the command line as
 `--sep_attention_impl compact`. Derived per-layer windows: `prefill_windows` = `prefill_loc_win_size_list` when
 `USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS`, else `[prefill_local_window_size] * num_layers` (same for

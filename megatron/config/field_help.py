@@ -90,8 +90,8 @@ SEPLLM_HELP: dict[str, str] = {
                  "against it when num_layers is given; sizes the per-layer lists otherwise.",
     "USE_FIXED_SEP_INTERVALs": "FixLLM: keep every interval-th position instead of separators.",
     "fixed_sep_intervals_list": "FixLLM per-layer intervals (length = num_layers, each >= 1).",
-    "sep_attention_impl": "SepLLM execution path: auto | dense | flex | compact | flex_compact (all give the same "
-                          "result; auto picks the fastest available). Command line: --sep_attention_impl compact.",
+    "sep_attention_impl": "SepLLM execution path: auto | dense | flex | compact | flex_compact | triton (all give the "
+                          "same result; auto picks the fastest available). Command line: --sep_attention_impl compact.",
     "mode": "Derived: full | sepllm | streamingllm | fixllm | sa | sa_no_deno.",
     "prefill_windows": "Derived: the per-layer training/prefill window (length num_layers); [seq_length]*L in full "
                        "mode.",

@@ -41,7 +41,7 @@ class SepLLMConfig:
     Layer_num: Optional[int] = None
     USE_FIXED_SEP_INTERVALs: bool = False
     fixed_sep_intervals_list: Optional[list] = None
-    # Ours: which execution path computes SepLLM attention: auto | dense | flex | compact | flex_compact
+    # Ours: which execution path computes SepLLM attention: auto | dense | flex | compact | flex_compact | triton
     sep_attention_impl: SepAttentionImpl = "auto"
     # Derived by validation (never set in YAML): "full" | "sepllm" | "streamingllm" | "fixllm" | "sa" | "sa_no_deno"
     mode: str = "full"

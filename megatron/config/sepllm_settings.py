@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, get_args
 from megatron.config.errors import ConfigError, Where, unknown_source
 
 MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
-SepAttentionImpl = Literal["auto", "dense", "flex", "compact", "flex_compact"]
+SepAttentionImpl = Literal["auto", "dense", "flex", "compact", "flex_compact", "triton"]
 SEP_ATTENTION_IMPLS: tuple[str, ...] = get_args(SepAttentionImpl)
 DENSE_ONLY_MODES = ("sa", "sa_no_deno")
 NO_SEPARATORS = [-1]
@@ -151,7 +151,7 @@ def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMS
         raise error("'prefill_k' / 'generate_k' are deprecated in SepLLM and must stay 0")
     if sep.print_ratio_intervals < 1:
         raise error(f"'print_ratio_intervals' = {sep.print_ratio_intervals}: expected >= 1")
-    if mode in DENSE_ONLY_MODES and sep.sep_attention_impl in ("flex", "compact", "flex_compact"):
+    if mode in DENSE_ONLY_MODES and sep.sep_attention_impl in ("flex", "compact", "flex_compact", "triton"):
         raise error(f"'sep_attention_impl' = {sep.sep_attention_impl!r} with self-adjusting softmax (mode {mode!r}): "
                     "SA softmax runs on the dense path only; use 'dense' or 'auto'")
     if mode == "streamingllm" and sep.init_tok_max_idx < 0:

@@ -9,6 +9,8 @@ retention counters; ``__call__`` runs one layer. Execution paths (``sep_attentio
 * ``compact`` -- gathered global keys + banded window in one exact softmax (work ~ kept keys; CPU/GPU training);
 * ``flex_compact`` -- FlexAttention over ``[gathered global keys] ++ [S keys]``: the BlockMask is a staircase plus a
   band, so the work scales with the kept keys (GPU training; CPU forward only);
+* ``triton``  -- the same key layout through our own Triton kernels, forward and backward, which walk the non-empty
+  tiles in closed form (CUDA; needs the ``triton`` package);
 * ``auto``    -- ``USE_SEP_ATTN_KERNEL_ACCELERATOR: False`` => dense. Otherwise the measured table
   (``megatron.sepllm.attention.auto_table``, written by ``benchmarks/sep_attention.py --write-auto-table``) for this device
   type, sequence length and window; where it has no entry, the written rule: compact on CPU, flex_compact on CUDA
@@ -66,7 +68,7 @@ class SepLLMBackend:
         self.retention = RetentionStats(self.num_layers)
         self._flex_runner = None
         self._logged: set = set()
-        if self.settings.recompile_kernel and self.settings.impl in ("dense", "compact", "flex_compact"):
+        if self.settings.recompile_kernel and self.settings.impl in ("dense", "compact", "flex_compact", "triton"):
             logger.warning("RECOMPILE_SEP_ATTN_KERNEL=True has no effect with sep_attention_impl=%r (flex only)",
                            self.settings.impl)
 
@@ -126,6 +128,12 @@ class SepLLMBackend:
             return build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid)
         if plan.impl == "flex":
             return self._flex().block_mask(pattern.global_keys, plan.key_valid, pattern.window)
+        if plan.impl == "triton":
+            from megatron.sepllm.attention.triton_compact import LAYOUT_BLOCK, check_triton_ready
+
+            check_triton_ready(plan.position_ids.device)
+            return build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window, plan.position_ids,
+                                             block=LAYOUT_BLOCK)
         if plan.impl == "flex_compact":
             runner = self._flex()
             layout = build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window,
@@ -171,11 +179,17 @@ class SepLLMBackend:
         if impl == "flex":
             return self._flex()(q, k, v, pattern.artifact, scale=scale, alibi_slopes=alibi_slopes, position_ids=pos,
                                 dropout_p=dropout_p)
-        if impl == "flex_compact" and not (dropout_p > 0.0 and self.settings.impl == "auto"):
+        auto_dropout = dropout_p > 0.0 and self.settings.impl == "auto"   # auto may fall back to a dense call
+        if impl == "flex_compact" and not auto_dropout:
             return flex_compact_attention(self._flex().kernel, q, k, v, pattern.artifact, scale=scale,
                                           alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+        if impl == "triton" and not auto_dropout:
+            from megatron.sepllm.attention.triton_compact import triton_compact_attention
+
+            return triton_compact_attention(q, k, v, pattern.artifact, scale=scale, alibi_slopes=alibi_slopes,
+                                            dropout_p=dropout_p)
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        if impl in ("compact", "flex_compact"):
+        if impl in ("compact", "flex_compact", "triton"):
             if dropout_p > 0.0:
                 if self.settings.impl == "compact":
                     raise checks.SepAttentionConfigError(

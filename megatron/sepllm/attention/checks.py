@@ -3,10 +3,12 @@
 The config system validates keys and fills the derived fields; the backend resolves them through the one resolver
 (``megatron.config.sepllm_settings.settings_of``), so that a backend built directly from a ``SepLLMConfig`` (tests,
 notebooks) fails with a clear message too. Only what is specific to the training kernels (FlexAttention's
-availability) is checked here.
+availability, and the triton package's) is checked here.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -37,6 +39,9 @@ def check_backend_config(cfg: SepLLMConfig, num_layers: int) -> SepLLMSettings:
     settings = settings_of(cfg, num_layers, error=SepAttentionConfigError)
     if settings.impl in ("flex", "flex_compact"):
         check_flex_available()
+    if settings.impl == "triton" and importlib.util.find_spec("triton") is None:
+        raise SepAttentionConfigError("'sep_attention_impl' = 'triton' needs the triton package (pip install "
+                                      "triton); use 'flex_compact' or 'compact' instead")
     return settings
 
 

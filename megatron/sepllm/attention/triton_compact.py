@@ -1,0 +1,370 @@
+"""Triton kernels for SepLLM attention over the compact key layout: forward and backward skip every empty tile.
+
+The keys are laid out as in ``flex_compact`` (``[gathered global keys, padded] ++ [S keys]``, one gather per layer,
+see ``FlexCompactLayout``). Instead of a BlockMask, each program walks two contiguous ranges of key tiles that it
+computes from the layout in closed form:
+
+* query tile ``m`` (forward and dQ): the first ``slot_tiles[b, m]`` tiles of global-key slots (those whose slots
+  hold a global key before the window of the tile's last query), then the band tiles ``[m*BM - w + 1, m*BM + BM)``
+  of the S keys;
+* key tile ``n`` (dK/dV): a slot tile is read by query tiles from the one holding ``position(first slot) + w`` to
+  the end; a band tile by query tiles ``[n*BN, n*BN + BN - 1 + w - 1]``.
+
+Inside a tile the predicate is the one of ``FlexCompactLayout.mask_mod`` (slot: real and before the query's
+window; band: causal, inside the window, valid or the diagonal). Rows are online-softmax accumulated in float32;
+fp32 inputs use IEEE products (``tl.dot`` would otherwise use TF32), so the kernels agree with the float64
+reference to fp32 rounding. GQA stays grouped (the dK/dV program sums its group's query heads); ALiBi uses the
+original positions. The backward is the FlashAttention-2 recurrence (``delta = rowsum(dO * O)``) with separate dQ
+and dK/dV programs, so no atomics.
+
+Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (the tests), where it is exact but slow.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from megatron.sepllm.attention.checks import SepAttentionConfigError
+from megatron.sepllm.attention.flex_compact import FlexCompactLayout, relayout_kv
+
+try:  # optional accelerator: the path fails loudly (below) without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+DEFAULT_BLOCK = 64      # query / key tile of the kernels
+LAYOUT_BLOCK = 128      # the layout pads its slots to a multiple of this (every tile size up to it divides it)
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package imports (the kernels compile for CUDA, or run under ``TRITON_INTERPRET=1``)."""
+    return triton is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_triton_ready(device: torch.device) -> None:
+    """Fail at ``prepare`` (before any step) when the kernels cannot run on ``device``."""
+    if triton is None:
+        raise SepAttentionConfigError(
+            "sep_attention_impl='triton' needs the triton package (pip install triton); use 'flex_compact' or "
+            "'compact' instead")
+    if torch.device(device).type != "cuda" and not interpreting():
+        raise SepAttentionConfigError(
+            f"sep_attention_impl='triton' runs on CUDA (the batch is on {torch.device(device).type}); on CPU use "
+            "'compact' (TRITON_INTERPRET=1 runs the kernels on CPU, for testing only)")
+
+
+def check_triton_call(q: torch.Tensor, dropout_p: float) -> None:
+    """What this path cannot do, said in the user's terms."""
+    check_triton_ready(q.device)
+    if dropout_p > 0.0:
+        raise SepAttentionConfigError(
+            f"attention dropout {dropout_p} is not supported by sep_attention_impl='triton'; set attention_dropout "
+            "to 0 or use sep_attention_impl='dense'")
+
+
+def slot_tiles(layout: FlexCompactLayout, block_m: int, block_n: int) -> torch.Tensor:
+    """``[B, nq]`` int32: slot tiles query tile ``m`` must read (its last query's out-of-window global keys)."""
+    s, w = layout.seq_len, layout.window
+    nq = -(-s // block_m)
+    real = layout.kv_keep[:, : layout.num_slots]
+    pos = layout.kv_index[:, : layout.num_slots]
+    q_last = torch.clamp(torch.arange(nq, device=pos.device) * block_m + block_m, max=s) - 1
+    # slots are sorted by position, real ones first: count those at or before q_last - w
+    visible = (real[:, None, :] & (pos[:, None, :] <= (q_last - w)[None, :, None])).sum(dim=-1)
+    return (-(-visible // block_n)).to(torch.int32).contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_scores(q, k_ptrs, kv_lo, b, qpos_ids, offs_m, slope, KV_INDEX, KV_KEEP, KV_POS, S, L, N_PAD, WINDOW,
+                     scale, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+        """Scores ``[BM, BN]`` of one key tile starting at slot ``kv_lo`` (masked entries -inf) and the tile's K."""
+        offs_n = kv_lo + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_kv = offs_n < L
+        k = tl.load(k_ptrs, mask=in_kv[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        idx = tl.load(KV_INDEX + b * L + offs_n, mask=in_kv, other=0)
+        keep = tl.load(KV_KEEP + b * L + offs_n, mask=in_kv, other=0) != 0
+        qi = offs_m[:, None]
+        ki = idx[None, :]
+        is_slot = (offs_n < N_PAD)[None, :]
+        in_slot = is_slot & keep[None, :] & (ki <= qi - WINDOW)
+        in_band = (~is_slot) & (ki <= qi) & (qi - ki < WINDOW) & (keep[None, :] | (ki == qi))
+        ok = (in_slot | in_band) & (offs_m < S)[:, None] & in_kv[None, :]
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        if HAS_ALIBI:
+            kpos = tl.load(KV_POS + b * L + offs_n, mask=in_kv, other=0.0)
+            s = s - slope * (qpos_ids[:, None] - kpos[None, :])
+        return tl.where(ok, s, float("-inf")), k
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, KV_INDEX, KV_KEEP, Q_POS, KV_POS, SLOPES, SLOT_TILES,
+                    sqb, sqh, sqs, skb, skh, sks, sob, soh, sos,
+                    H, GROUP, S, L, N_PAD, WINDOW, NQ, scale,
+                    HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+        m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < S
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qpos = tl.load(Q_POS + b * S + offs_m, mask=row_ok, other=0.0)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + h)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * skb + hk * skh
+        n_slot = tl.load(SLOT_TILES + b * NQ + m)
+        band_lo = tl.maximum(m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
+        band_hi = (tl.minimum(m * BLOCK_M + BLOCK_M, S) - 1) // BLOCK_N
+        n_band = band_hi - band_lo + 1
+        for t in range(0, n_slot + n_band):
+            kv_lo = tl.where(t < n_slot, t * BLOCK_N, N_PAD + (band_lo + t - n_slot) * BLOCK_N)
+            offs_n = kv_lo + tl.arange(0, BLOCK_N)
+            s, _k = _tile_scores(q, k_base + offs_n[:, None] * sks + offs_d[None, :], kv_lo, b, qpos, offs_m, slope,
+                                 KV_INDEX, KV_KEEP, KV_POS, S, L, N_PAD, WINDOW, scale, HAS_ALIBI, BLOCK_N, BLOCK_D,
+                                 HEAD_DIM, IEEE)
+            v = tl.load(v_base + offs_n[:, None] * sks + offs_d[None, :],
+                        mask=(offs_n < L)[:, None] & d_ok[None, :], other=0.0)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + bh * S + offs_m, m_i + tl.log(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KV_INDEX, KV_KEEP, Q_POS, KV_POS, SLOPES, SLOT_TILES,
+                       sqb, sqh, sqs, skb, skh, sks,
+                       H, GROUP, S, L, N_PAD, WINDOW, NQ, scale,
+                       HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+        m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < S
+        d_ok = offs_d < HEAD_DIM
+        qmask = row_ok[:, None] & d_ok[None, :]
+        q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=qmask, other=0.0)
+        do = tl.load(DO + q_off, mask=qmask, other=0.0)
+        lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * S + offs_m, mask=row_ok, other=0.0)
+        qpos = tl.load(Q_POS + b * S + offs_m, mask=row_ok, other=0.0)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + h)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * skb + hk * skh
+        n_slot = tl.load(SLOT_TILES + b * NQ + m)
+        band_lo = tl.maximum(m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
+        band_hi = (tl.minimum(m * BLOCK_M + BLOCK_M, S) - 1) // BLOCK_N
+        n_band = band_hi - band_lo + 1
+        for t in range(0, n_slot + n_band):
+            kv_lo = tl.where(t < n_slot, t * BLOCK_N, N_PAD + (band_lo + t - n_slot) * BLOCK_N)
+            offs_n = kv_lo + tl.arange(0, BLOCK_N)
+            s, k = _tile_scores(q, k_base + offs_n[:, None] * sks + offs_d[None, :], kv_lo, b, qpos, offs_m, slope,
+                                KV_INDEX, KV_KEEP, KV_POS, S, L, N_PAD, WINDOW, scale, HAS_ALIBI, BLOCK_N, BLOCK_D,
+                                HEAD_DIM, IEEE)
+            v = tl.load(v_base + offs_n[:, None] * sks + offs_d[None, :],
+                        mask=(offs_n < L)[:, None] & d_ok[None, :], other=0.0)
+            p = tl.exp(s - lse[:, None])
+            if IEEE:
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            else:
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+    @triton.jit
+    def _bwd_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KV_INDEX, KV_KEEP, Q_POS, KV_POS, SLOPES,
+                        sqb, sqh, sqs, skb, skh, sks,
+                        H, HKV, GROUP, S, L, N_PAD, WINDOW, NQ, scale,
+                        HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+        n = tl.program_id(0)
+        bhk = tl.program_id(1)
+        b = bhk // HKV
+        hk = bhk % HKV
+        kv_lo = n * BLOCK_N
+        offs_n = kv_lo + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_kv = offs_n < L
+        d_ok = offs_d < HEAD_DIM
+        kvmask = in_kv[:, None] & d_ok[None, :]
+        kv_off = b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kvmask, other=0.0)
+        v = tl.load(V + kv_off, mask=kvmask, other=0.0)
+        idx = tl.load(KV_INDEX + b * L + offs_n, mask=in_kv, other=0)
+        keep = tl.load(KV_KEEP + b * L + offs_n, mask=in_kv, other=0) != 0
+        kpos = tl.load(KV_POS + b * L + offs_n, mask=in_kv, other=0.0)
+        is_slot = offs_n < N_PAD
+        # query tiles that can see this key tile (see the module docstring)
+        first_pos = tl.load(KV_INDEX + b * L + kv_lo)
+        first_real = tl.load(KV_KEEP + b * L + kv_lo) != 0
+        slot_tile = kv_lo < N_PAD
+        k0 = tl.maximum(kv_lo - N_PAD, 0)
+        m_lo = tl.where(slot_tile, tl.where(first_real, tl.minimum((first_pos + WINDOW) // BLOCK_M, NQ), NQ),
+                        k0 // BLOCK_M)
+        m_hi = tl.where(slot_tile, NQ - 1, tl.minimum(NQ - 1, (k0 + BLOCK_N + WINDOW - 2) // BLOCK_M))
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            bh = b * H + h
+            slope = 0.0
+            if HAS_ALIBI:
+                slope = tl.load(SLOPES + h)
+            for m in range(m_lo, m_hi + 1):
+                offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < S
+                qmask = row_ok[:, None] & d_ok[None, :]
+                q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
+                q = tl.load(Q + q_off, mask=qmask, other=0.0)
+                do = tl.load(DO + q_off, mask=qmask, other=0.0)
+                lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + bh * S + offs_m, mask=row_ok, other=0.0)
+                qi = offs_m[:, None]
+                ki = idx[None, :]
+                in_slot = is_slot[None, :] & keep[None, :] & (ki <= qi - WINDOW)
+                in_band = (~is_slot)[None, :] & (ki <= qi) & (qi - ki < WINDOW) & (keep[None, :] | (ki == qi))
+                ok = (in_slot | in_band) & row_ok[:, None] & in_kv[None, :]
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                else:
+                    s = tl.dot(q, tl.trans(k)) * scale
+                if HAS_ALIBI:
+                    qpos = tl.load(Q_POS + b * S + offs_m, mask=row_ok, other=0.0)
+                    s = s - slope * (qpos[:, None] - kpos[None, :])
+                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+                if IEEE:
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                    ds = p * (dp - delta[:, None])
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+                else:
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                    dp = tl.dot(do, tl.trans(v))
+                    ds = p * (dp - delta[:, None])
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kvmask)
+
+
+def _launch_args(layout: FlexCompactLayout, q: torch.Tensor, kc: torch.Tensor, block_m: int, block_n: int,
+                 alibi_slopes: Optional[torch.Tensor]) -> dict:
+    """Everything the three kernels share (validated once per call)."""
+    b, hq, s, d = q.shape
+    hkv = kc.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if layout.num_slots % block_n:
+        raise ValueError(f"key tile {block_n} must divide the layout's slot count {layout.num_slots} "
+                         f"(a multiple of its block {layout.block})")
+    dev = q.device
+    has_alibi = alibi_slopes is not None
+    slopes = (alibi_slopes.to(device=dev, dtype=torch.float32).contiguous() if has_alibi
+              else torch.zeros(1, device=dev, dtype=torch.float32))
+    return dict(
+        kv_index=layout.kv_index.to(device=dev, dtype=torch.int32).contiguous(),
+        kv_keep=layout.kv_keep.to(device=dev, dtype=torch.int8).contiguous(),
+        q_pos=layout.q_pos.to(dev).contiguous(), kv_pos=layout.kv_pos.to(dev).contiguous(), slopes=slopes,
+        slot_tiles=slot_tiles(layout, block_m, block_n).to(dev), H=hq, HKV=hkv, GROUP=hq // hkv, S=s,
+        L=layout.kv_len, N_PAD=layout.num_slots, WINDOW=layout.window, NQ=-(-s // block_m), HAS_ALIBI=has_alibi,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), HEAD_DIM=d,
+        IEEE=q.dtype == torch.float32)
+
+
+class _TritonCompact(torch.autograd.Function):
+    """Forward and backward of SepLLM attention over the re-laid-out keys ``kc, vc [B, Hkv, N_pad + S, D]``."""
+
+    @staticmethod
+    def forward(ctx, q, kc, vc, layout: FlexCompactLayout, scale: float, alibi_slopes, block_m: int, block_n: int):
+        q, kc, vc = q.contiguous(), kc.contiguous(), vc.contiguous()
+        a = _launch_args(layout, q, kc, block_m, block_n, alibi_slopes)
+        b, hq, s, _ = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
+        _fwd_kernel[(a["NQ"], b * hq)](
+            q, kc, vc, out, lse, a["kv_index"], a["kv_keep"], a["q_pos"], a["kv_pos"], a["slopes"], a["slot_tiles"],
+            q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            a["H"], a["GROUP"], a["S"], a["L"], a["N_PAD"], a["WINDOW"], a["NQ"], float(scale),
+            HAS_ALIBI=a["HAS_ALIBI"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=a["BLOCK_D"],
+            HEAD_DIM=a["HEAD_DIM"], IEEE=a["IEEE"])
+        ctx.save_for_backward(q, kc, vc, out, lse)
+        ctx.args, ctx.scale = a, float(scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, kc, vc, out, lse = ctx.saved_tensors
+        a, scale = ctx.args, ctx.scale
+        do = grad_out.contiguous()
+        delta = (out.float() * do.float()).sum(dim=-1).contiguous()
+        dq = torch.empty_like(q)
+        dkc, dvc = torch.empty_like(kc), torch.empty_like(vc)
+        b, hq = q.shape[0], q.shape[1]
+        common = (a["kv_index"], a["kv_keep"], a["q_pos"], a["kv_pos"], a["slopes"])
+        strides = (q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2))
+        meta = dict(HAS_ALIBI=a["HAS_ALIBI"], BLOCK_M=a["BLOCK_M"], BLOCK_N=a["BLOCK_N"], BLOCK_D=a["BLOCK_D"],
+                    HEAD_DIM=a["HEAD_DIM"], IEEE=a["IEEE"])
+        _bwd_dq_kernel[(a["NQ"], b * hq)](
+            q, kc, vc, do, dq, lse, delta, *common, a["slot_tiles"], *strides,
+            a["H"], a["GROUP"], a["S"], a["L"], a["N_PAD"], a["WINDOW"], a["NQ"], scale, **meta)
+        _bwd_dkv_kernel[(-(-a["L"] // a["BLOCK_N"]), b * a["HKV"])](
+            q, kc, vc, do, dkc, dvc, lse, delta, *common, *strides,
+            a["H"], a["HKV"], a["GROUP"], a["S"], a["L"], a["N_PAD"], a["WINDOW"], a["NQ"], scale, **meta)
+        return dq, dkc, dvc, None, None, None, None, None
+
+
+def triton_compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: FlexCompactLayout, *,
+                             scale: float, alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                             block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """SepLLM attention for ``q [B, Hq, S, D]``, ``k, v [B, Hkv, S, D]`` over ``layout`` with the Triton kernels
+    (differentiable; K/V re-laid out by one gather whose backward is a scatter-add)."""
+    check_triton_call(q, dropout_p)
+    kc, vc = relayout_kv(k, layout), relayout_kv(v, layout)
+    return _TritonCompact.apply(q, kc, vc, layout, scale, alibi_slopes, int(block_m), int(block_n))
