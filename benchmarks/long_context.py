@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megatron.config.sepllm_settings import SEP_ATTENTION_IMPLS  # noqa: E402
 from megatron.tokenizer import BUNDLED_NEOX_TOKENIZER  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
 from report import add_model_size_args  # noqa: E402
@@ -67,7 +68,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--micro", type=int, default=1, help="micro-batch size (one micro-batch per step)")
     p.add_argument("--window", type=int, default=256, help="local window w of SepLLM and StreamingLLM")
     p.add_argument("--num-initial", type=int, default=3, help="initial tokens a (init_tok_max_idx = a - 1)")
-    p.add_argument("--sep-impl", default="auto", choices=["auto", "compact", "flex", "flex_compact", "dense"],
+    p.add_argument("--sep-impl", default="auto", choices=SEP_ATTENTION_IMPLS,
                    help="sep_attention_impl of the SepLLM and StreamingLLM runs")
     p.add_argument("--steps", type=int, default=2, help="timed steps per round and kind")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per kind before the first round")

@@ -10,7 +10,8 @@ Token ids come from PG-19 books (GPT-NeoX-20B tokenizer), so separator density i
 * ``flex``:    FlexAttention with a SepLLM BlockMask over the raw S x S layout (forward only on CPU: torch has no CPU
   flex backward);
 * ``flex_compact``: FlexAttention over [gathered global keys] ++ [S keys] (staircase + band BlockMask; forward only on
-  CPU).
+  CPU);
+* ``triton``: the same key layout through our Triton kernels (CUDA only; skipped on other devices).
 
 Times are medians over ``--repeats`` runs after one warm-up (compilation excluded); the per-micro-batch plan
 (mask / layout / BlockMask build) is timed separately as ``plan_ms`` because a model shares it across all layers.
@@ -51,7 +52,8 @@ from megatron.sepllm.attention.backend import SepLLMBackend  # noqa: E402
 from megatron.sepllm.attention.retention import pattern_counts  # noqa: E402
 
 PYTHIA_SEPS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
-IMPLS = ("compact", "dense", "flex", "flex_compact")
+IMPLS = ("compact", "dense", "flex", "flex_compact", "triton")
+CUDA_ONLY = ("triton",)
 FORWARD_ONLY_ON_CPU = ("flex", "flex_compact")   # torch has no FlexAttention backward on CPU
 
 
@@ -61,8 +63,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
                    help="sequence lengths S to benchmark")
     p.add_argument("--windows", type=int, nargs="+", default=[64, 256], help="SepLLM local windows w")
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
-                   help="SepLLM execution paths to time (sdpa_causal is always measured as the baseline)")
+    p.add_argument("--impls", nargs="+", default=None, choices=IMPLS,
+                   help="SepLLM execution paths to time (sdpa_causal is always measured as the baseline; default: all "
+                        "that run on --device, i.e. triton only on cuda)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--batch", type=int, default=1, help="batch size B (rows come from different books)")
@@ -254,6 +257,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.block_size < 16 or args.block_size & (args.block_size - 1):
         print(f"error: --block-size must be a power of two >= 16, got {args.block_size}", file=sys.stderr)
+        return 2
+    on_cuda = torch.device(args.device).type == "cuda"
+    if args.impls is None:
+        args.impls = [i for i in IMPLS if on_cuda or i not in CUDA_ONLY]
+    elif not on_cuda and set(args.impls) & set(CUDA_ONLY):
+        print(f"error: --impls {' '.join(sorted(set(args.impls) & set(CUDA_ONLY)))} runs on CUDA only "
+              f"(--device {args.device})", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)

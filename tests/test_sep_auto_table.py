@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -102,3 +103,18 @@ def test_benchmark_writes_the_fastest_path(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sep_attention.py"), "--no-backward",
                           "--write-auto-table", str(table)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "needs forward+backward" in bad.stderr
+
+
+def test_auto_never_picks_a_missing_triton_and_the_benchmark_refuses_it_off_cuda(tmp_path, monkeypatch):
+    path = _table(tmp_path, [{"seq": 64, "window": 16, "impl": "triton"}], device="cuda")
+    monkeypatch.setattr(auto_table, "TABLE_PATH", path)
+    backend = _backend()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else
+                        real_find_spec(name, *a))
+    assert backend.resolve_impl(torch.device("cuda"), 64) == "flex_compact"     # measured, but not installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert backend.resolve_impl(torch.device("cuda"), 64) == "triton"
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sep_attention.py"), "--impls", "triton",
+                          "compact"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "runs on CUDA only" in bad.stderr

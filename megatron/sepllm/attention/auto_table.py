@@ -19,7 +19,7 @@ from megatron.atomic_io import atomic_write_text
 from megatron.errors import UserInputError
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
-TRAINABLE = ("compact", "dense", "flex", "flex_compact")
+TRAINABLE = ("compact", "dense", "flex", "flex_compact", "triton")
 
 
 class AutoTableError(UserInputError, ValueError):

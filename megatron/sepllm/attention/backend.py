@@ -21,6 +21,7 @@ Layers whose window covers the sequence (H/HT layers, ``mode: full``) run plain 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any, Optional
 
@@ -87,6 +88,8 @@ class SepLLMBackend:
             dev_type = torch.device(device).type
             sparse = [w for w in self.layer_windows if seq_len is None or w < seq_len]
             impl = auto_table.lookup(dev_type, seq_len, min(sparse)) if sparse else None
+            if impl == "triton" and importlib.util.find_spec("triton") is None:
+                impl = None                     # measured fastest, but not installed here: the written rule
             if impl is None:
                 impl = "flex_compact" if dev_type == "cuda" else "compact"
         key = (impl, torch.device(device).type)
