@@ -19,7 +19,7 @@ Ratios are against ``sdpa_causal`` measured in the same run. ``density`` = atten
 
 ``--block-counts`` times nothing: it prints, per ``(S, w)``, the fraction of the causal 128 x 128 blocks that the
 BlockMask of ``flex`` and of ``flex_compact`` keeps non-empty (mean over the batch rows), i.e. the share of causal
-attention's tiles each FlexAttention path computes.
+attention's tiles each FlexAttention path computes, and the share of causal 64 x 64 tiles the ``triton`` kernels walk.
 
 Example: ``python benchmarks/sep_attention.py --seq-lens 1024 4096 --windows 256 --json out.json``
 """
@@ -81,7 +81,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-backward", action="store_true", help="time forward only (skip forward+backward)")
     p.add_argument("--block-counts", action="store_true",
                    help="time nothing: print the fraction of causal blocks that flex's and flex_compact's BlockMasks "
-                        "keep non-empty per (S, w) over --batch rows")
+                        "keep non-empty (and of causal 64x64 tiles the triton kernels walk) per (S, w) over --batch "
+                        "rows")
     p.add_argument("--block-size", type=int, default=128, help="FlexAttention block size for --block-counts")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as a JSON list to this path")
     p.add_argument("--write-auto-table", nargs="?", type=Path, const=AUTO_TABLE, default=None, metavar="PATH",
@@ -201,6 +202,7 @@ def block_count_rows(args: argparse.Namespace) -> list[dict]:
     from megatron.sepllm.attention.flex import sep_mask_mod
     from megatron.sepllm.attention.flex_compact import build_flex_compact_layout, count_nonempty_blocks
     from megatron.sepllm.attention.plan import global_keys_for
+    from megatron.sepllm.attention.triton_compact import DEFAULT_BLOCK, visited_tiles
 
     bs = args.block_size
     all_ids = load_ids(args.pg19_dir, args.batch, max(args.seq_lens))
@@ -215,17 +217,22 @@ def block_count_rows(args: argparse.Namespace) -> list[dict]:
             lay = build_flex_compact_layout(g, None, w, torch.arange(s)[None].expand(args.batch, s), block=bs)
             comp = count_nonempty_blocks(lay.mask_mod(), args.batch, s, lay.kv_len, bs)
             _, _, kept, total = pattern_counts(g, w, None)
+            tri = visited_tiles(lay, DEFAULT_BLOCK, DEFAULT_BLOCK).float().mean()
+            nt = -(-s // DEFAULT_BLOCK)
             rows.append(dict(S=s, w=w, block=bs, causal_blocks=causal, global_keys=int(lay.global_counts.max()),
                              slots=lay.num_slots, flex_blocks=float(raw.float().mean()),
                              flex_compact_blocks=float(comp.float().mean()),
                              flex_fraction=float(raw.float().mean()) / causal,
-                             flex_compact_fraction=float(comp.float().mean()) / causal, density=kept / total))
+                             flex_compact_fraction=float(comp.float().mean()) / causal,
+                             triton_tile=DEFAULT_BLOCK, triton_fraction=float(tri) / (nt * (nt + 1) // 2),
+                             density=kept / total))
     return rows
 
 
 BLOCK_COLUMNS = [("S", "S", ">"), ("w", "w", ">"), ("causal_blocks", "causal", ">"), ("global_keys", "N max", ">"),
                  ("slots", "N_pad", ">"), ("flex_blocks", "flex", ">.1f"), ("flex_compact_blocks", "flex_cmp", ">.1f"),
-                 ("flex_pct", "flex %", ">.1f"), ("flex_compact_pct", "flex_cmp %", ">.1f"), ("density", "density", ">.3f")]
+                 ("flex_pct", "flex %", ">.1f"), ("flex_compact_pct", "flex_cmp %", ">.1f"),
+                 ("triton_pct", "triton %", ">.1f"), ("density", "density", ">.3f")]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -270,9 +277,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.block_counts:
         rows = block_count_rows(args)
         print(f"Non-empty {args.block_size}x{args.block_size} blocks of the FlexAttention BlockMasks (mean over "
-              f"{args.batch} rows), a={args.num_initial}, Pythia separators; % = of the causal blocks")
-        print_table([dict(r, flex_pct=100 * r["flex_fraction"], flex_compact_pct=100 * r["flex_compact_fraction"])
-                     for r in rows], BLOCK_COLUMNS)
+              f"{args.batch} rows; triton: its 64x64 tiles), a={args.num_initial}, Pythia separators; % = of the "
+              "causal blocks")
+        print_table([dict(r, flex_pct=100 * r["flex_fraction"], flex_compact_pct=100 * r["flex_compact_fraction"],
+                          triton_pct=100 * r["triton_fraction"]) for r in rows], BLOCK_COLUMNS)
         write_json(args.json, rows)
         return 0
     rows = run(args, on_rows=lambda rows_so_far: write_json(args.json, rows_so_far, announce=False))

@@ -183,6 +183,23 @@ def test_slot_tiles_are_the_staircase_of_out_of_window_globals(tc):
         tc.triton_compact_attention(*(torch.randn(1, 1, 64, 16) for _ in range(3)), layout, scale=1.0, block_n=16)
 
 
+@pytest.mark.parametrize("block_m, block_n, window", [(16, 16, 9), (32, 16, 40), (16, 32, 1), (64, 64, 100)])
+def test_visited_tiles_are_exactly_the_non_empty_tiles(block_m, block_n, window):
+    """Without padding the kernels' tile walk (host mirror) equals the tiles of the predicate holding a kept entry;
+    on text-like separators it is far below the causal tile count."""
+    from megatron.sepllm.attention.triton_compact import visited_tiles
+
+    seq_len = 300
+    g = torch.rand(3, seq_len, generator=torch.Generator().manual_seed(window)) < torch.tensor([[0.15], [0.4], [0.0]])
+    g[:2, :3] = True
+    layout = build_flex_compact_layout(g, None, window, torch.arange(seq_len).expand(3, -1), block=64)
+    keep = layout.dense_keep()[:, 0]                                                    # [B, S, N_pad + S]
+    nq, nk = -(-seq_len // block_m), -(-layout.kv_len // block_n)
+    padded = torch.nn.functional.pad(keep, (0, nk * block_n - layout.kv_len, 0, nq * block_m - seq_len))
+    tiles = padded.view(3, nq, block_m, nk, block_n).any(dim=4).any(dim=2)
+    assert visited_tiles(layout, block_m, block_n).tolist() == tiles.sum(dim=(1, 2)).tolist()
+
+
 def test_cpu_without_interpreter_sa_modes_and_missing_triton_fail_loudly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     backend = _backend("triton", [16], False, 2, 2)

@@ -84,6 +84,18 @@ def slot_tiles(layout: FlexCompactLayout, block_m: int, block_n: int) -> torch.T
     return (-(-visible // block_n)).to(torch.int32).contiguous()
 
 
+def visited_tiles(layout: FlexCompactLayout, block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """``[B]`` tiles the forward kernel computes (its loop bounds, written on the host): slot tiles plus band tiles
+    per query tile. Without padding every one of them holds a kept entry, so this is also the non-empty count."""
+    s, w = layout.seq_len, layout.window
+    nq = -(-s // block_m)
+    q_lo = torch.arange(nq) * block_m
+    band_lo = torch.clamp(q_lo - w + 1, min=0) // block_n
+    band_hi = (torch.clamp(q_lo + block_m, max=s) - 1) // block_n
+    band = int((band_hi - band_lo + 1).sum())
+    return slot_tiles(layout, block_m, block_n).to(torch.long).sum(dim=1).cpu() + band
+
+
 if triton is not None:
 
     @triton.jit
