@@ -75,3 +75,31 @@ def reference_keep(ids: torch.Tensor, cfg: SepLLMConfig, window: int, attention_
     if valid is not None:
         g = g & valid
     return rules.padded_allowed_mask(g, min(window, ids.shape[1]), valid)
+
+
+def padded_attention_inputs(pg19_dir: Path, tokenizer_file: Path, seq_len: int, heads: tuple[int, int], pad: int,
+                            head_dim: int):
+    """Real-text inputs of the backend tests: ``two_density_batch`` ids with row 1 left-padded by ``pad`` tokens,
+    its 2-D mask (None without padding), position ids restarting after the padding, and seeded ``q, k, v``
+    (``heads`` = query / key-value heads)."""
+    ids = two_density_batch(pg19_dir, tokenizer_file, seq_len)
+    mask2d = None
+    pos = torch.arange(seq_len)[None].expand(2, -1)
+    if pad:
+        mask2d = torch.ones_like(ids)
+        mask2d[1, :pad] = 0
+        ids = ids.clone()
+        ids[1, :pad] = 1
+        pos = (pos - pad * torch.tensor([[0], [1]])).clamp(min=0)
+    gen = torch.Generator().manual_seed(seq_len)
+    qkv = [torch.randn(2, h, seq_len, head_dim, generator=gen) for h in (heads[0], heads[1], heads[1])]
+    return ids, mask2d, pos, qkv
+
+
+def sep_backend(impl: str, windows: list, padded: bool, hq: int, hkv: int):
+    """A ``SepLLMBackend`` with per-layer ``windows`` on path ``impl`` (batch-adaptive initial tokens if padded)."""
+    from megatron.sepllm.attention.backend import SepLLMBackend
+
+    cfg = make_sepllm_cfg(num_layers=len(windows), prefill_windows=windows, sep_attention_impl=impl,
+                          BATCH_ADAPTIVE_INIT_POS=padded)
+    return SepLLMBackend(cfg, model_cfg(len(windows), hq, hkv))

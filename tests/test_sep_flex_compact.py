@@ -25,7 +25,8 @@ from megatron.sepllm.attention.flex_compact import (build_flex_compact_layout, c
                                                     flex_compact_attention, flex_compact_reference, relayout_kv,
                                                     slot_capacity)
 
-from sep_helpers import make_sepllm_cfg, model_cfg, reference_attention, reference_keep, two_density_batch
+from sep_helpers import (make_sepllm_cfg, model_cfg, padded_attention_inputs, reference_attention,
+                         reference_keep, sep_backend)
 
 HEAD_DIM = 16
 SLOPES = torch.tensor([0.5, 0.125, 0.03, 0.01])
@@ -148,28 +149,13 @@ CASES = {
 
 
 def _inputs(case, pg19_dir, tokenizer_file, requires_grad=False):
-    seq_len, windows, (hq, hkv), pad, alibi = CASES[case]
-    ids = two_density_batch(pg19_dir, tokenizer_file, seq_len)
-    mask2d = None
-    pos = torch.arange(seq_len)[None].expand(2, -1)
-    if pad:
-        mask2d = torch.ones_like(ids)
-        mask2d[1, :pad] = 0
-        ids = ids.clone()
-        ids[1, :pad] = 1
-        pos = (pos - pad * torch.tensor([[0], [1]])).clamp(min=0)
-    gen = torch.Generator().manual_seed(seq_len)
-    q = torch.randn(2, hq, seq_len, HEAD_DIM, generator=gen)
-    k = torch.randn(2, hkv, seq_len, HEAD_DIM, generator=gen)
-    v = torch.randn(2, hkv, seq_len, HEAD_DIM, generator=gen)
-    slopes = SLOPES[:hq] if alibi else None
-    return ids, mask2d, pos, [t.requires_grad_(requires_grad) for t in (q, k, v)], slopes, windows
+    seq_len, windows, heads, pad, alibi = CASES[case]
+    ids, mask2d, pos, qkv = padded_attention_inputs(pg19_dir, tokenizer_file, seq_len, heads, pad, HEAD_DIM)
+    slopes = SLOPES[:heads[0]] if alibi else None
+    return ids, mask2d, pos, [t.requires_grad_(requires_grad) for t in qkv], slopes, windows
 
 
-def _backend(impl, windows, padded, hq, hkv):
-    cfg = make_sepllm_cfg(num_layers=len(windows), prefill_windows=windows, sep_attention_impl=impl,
-                          BATCH_ADAPTIVE_INIT_POS=padded)
-    return SepLLMBackend(cfg, model_cfg(len(windows), hq, hkv))
+_backend = sep_backend
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -31,7 +31,8 @@ from megatron.sepllm.attention.backend import SepLLMBackend
 from megatron.sepllm.attention.checks import SepAttentionConfigError
 from megatron.sepllm.attention.flex_compact import build_flex_compact_layout
 
-from sep_helpers import make_sepllm_cfg, model_cfg, reference_attention, reference_keep, two_density_batch
+from sep_helpers import (make_sepllm_cfg, model_cfg, padded_attention_inputs, reference_attention,
+                         reference_keep, sep_backend)
 
 pytest.importorskip("triton")
 
@@ -70,25 +71,12 @@ def test_kernel_tests_pass_under_the_interpreter():
 
 
 def _inputs(case, pg19_dir, tokenizer_file):
-    seq_len, windows, (hq, hkv), pad, alibi = CASES[case]
-    ids = two_density_batch(pg19_dir, tokenizer_file, seq_len)
-    mask2d = None
-    pos = torch.arange(seq_len)[None].expand(2, -1)
-    if pad:
-        mask2d = torch.ones_like(ids)
-        mask2d[1, :pad] = 0
-        ids = ids.clone()
-        ids[1, :pad] = 1
-        pos = (pos - pad * torch.tensor([[0], [1]])).clamp(min=0)
-    gen = torch.Generator().manual_seed(seq_len)
-    qkv = [torch.randn(2, h, seq_len, HEAD_DIM, generator=gen) for h in (hq, hkv, hkv)]
-    return ids, mask2d, pos, qkv, (SLOPES[:hq] if alibi else None), windows
+    seq_len, windows, heads, pad, alibi = CASES[case]
+    ids, mask2d, pos, qkv = padded_attention_inputs(pg19_dir, tokenizer_file, seq_len, heads, pad, HEAD_DIM)
+    return ids, mask2d, pos, qkv, (SLOPES[:heads[0]] if alibi else None), windows
 
 
-def _backend(impl, windows, padded, hq, hkv):
-    cfg = make_sepllm_cfg(num_layers=len(windows), prefill_windows=windows, sep_attention_impl=impl,
-                          BATCH_ADAPTIVE_INIT_POS=padded)
-    return SepLLMBackend(cfg, model_cfg(len(windows), hq, hkv))
+_backend = sep_backend
 
 
 def _grads(out, xs, grad):

@@ -99,84 +99,99 @@ def visited_tiles(layout: FlexCompactLayout, block_m: int = DEFAULT_BLOCK, block
 if triton is not None:
 
     @triton.jit
-    def _tile_scores(q, k_ptrs, kv_lo, b, qpos_ids, offs_m, slope, KV_INDEX, KV_KEEP, KV_POS, S, L, N_PAD, WINDOW,
-                     scale, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
-        """Scores ``[BM, BN]`` of one key tile starting at slot ``kv_lo`` (masked entries -inf) and the tile's K."""
-        offs_n = kv_lo + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        in_kv = offs_n < L
-        k = tl.load(k_ptrs, mask=in_kv[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        idx = tl.load(KV_INDEX + b * L + offs_n, mask=in_kv, other=0)
-        keep = tl.load(KV_KEEP + b * L + offs_n, mask=in_kv, other=0) != 0
-        qi = offs_m[:, None]
-        ki = idx[None, :]
-        is_slot = (offs_n < N_PAD)[None, :]
-        in_slot = is_slot & keep[None, :] & (ki <= qi - WINDOW)
-        in_band = (~is_slot) & (ki <= qi) & (qi - ki < WINDOW) & (keep[None, :] | (ki == qi))
-        ok = (in_slot | in_band) & (offs_m < S)[:, None] & in_kv[None, :]
+    def _dot(a, b, IEEE: tl.constexpr):
+        """``a @ b`` in fp32; exact IEEE products for fp32 inputs (``tl.dot`` would use TF32)."""
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        if HAS_ALIBI:
-            kpos = tl.load(KV_POS + b * L + offs_n, mask=in_kv, other=0.0)
-            s = s - slope * (qpos_ids[:, None] - kpos[None, :])
-        return tl.where(ok, s, float("-inf")), k
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, KV_INDEX, KV_KEEP, Q_POS, KV_POS, SLOPES, SLOT_TILES,
-                    sqb, sqh, sqs, skb, skh, sks, sob, soh, sos,
-                    H, GROUP, S, L, N_PAD, WINDOW, NQ, scale,
-                    HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+    def _slope(SLOPES, h, HAS_ALIBI: tl.constexpr):
+        if HAS_ALIBI:
+            return tl.load(SLOPES + h)
+        return 0.0
+
+    @triton.jit
+    def _kept(offs_m, idx, keep, is_slot, in_kv, S, WINDOW):
+        """The predicate of ``FlexCompactLayout.mask_mod`` for queries ``offs_m`` and one key tile."""
+        qi = offs_m[:, None]
+        ki = idx[None, :]
+        in_slot = is_slot[None, :] & keep[None, :] & (ki <= qi - WINDOW)
+        in_band = (~is_slot)[None, :] & (ki <= qi) & (qi - ki < WINDOW) & (keep[None, :] | (ki == qi))
+        return (in_slot | in_band) & (offs_m < S)[:, None] & in_kv[None, :]
+
+    @triton.jit
+    def _walk(SLOT_TILES, b, m, NQ, S, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Key tiles of query tile ``m``: ``(n_slot, band_lo, count)``; tile ``t`` is ``_walk_tile(t, ...)``."""
+        n_slot = tl.load(SLOT_TILES + b * NQ + m)
+        band_lo = tl.maximum(m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
+        band_hi = (tl.minimum(m * BLOCK_M + BLOCK_M, S) - 1) // BLOCK_N
+        return n_slot, band_lo, n_slot + band_hi - band_lo + 1
+
+    @triton.jit
+    def _kv_tile(q, K, V, t, n_slot, band_lo, b, qpos, offs_m, offs_d, slope, KV_INDEX, KV_KEEP, KV_POS,
+                 S, L, N_PAD, WINDOW, scale, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 IEEE: tl.constexpr, sks):
+        """Tile ``t`` of a query tile's walk: scores ``[BM, BN]`` (masked entries -inf), its K and V."""
+        kv_lo = tl.where(t < n_slot, t * BLOCK_N, N_PAD + (band_lo + t - n_slot) * BLOCK_N)
+        offs_n = kv_lo + tl.arange(0, BLOCK_N)
+        in_kv = offs_n < L
+        kv_mask = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        idx = tl.load(KV_INDEX + b * L + offs_n, mask=in_kv, other=0)
+        keep = tl.load(KV_KEEP + b * L + offs_n, mask=in_kv, other=0) != 0
+        s = _dot(q, tl.trans(k), IEEE) * scale
+        if HAS_ALIBI:
+            kpos = tl.load(KV_POS + b * L + offs_n, mask=in_kv, other=0.0)
+            s = s - slope * (qpos[:, None] - kpos[None, :])
+        ok = _kept(offs_m, idx, keep, offs_n < N_PAD, in_kv, S, WINDOW)
+        return tl.where(ok, s, float("-inf")), k, v
+
+    @triton.jit
+    def _query_tile(Q, Q_POS, SLOPES, sqb, sqh, sqs, skb, skh, H, GROUP, S, HAS_ALIBI: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """This program's query tile: indices, masks, the Q rows, their positions, the head's ALiBi slope and the
+        offset of its K/V head (GQA)."""
         m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
-        hk = h // GROUP
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < S
-        d_ok = offs_d < HEAD_DIM
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
         qpos = tl.load(Q_POS + b * S + offs_m, mask=row_ok, other=0.0)
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(SLOPES + h)
+        return m, bh, b, offs_m, offs_d, row_ok, q_mask, q_off, q, qpos, _slope(SLOPES, h, HAS_ALIBI), \
+            b * skb + (h // GROUP) * skh
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, KV_INDEX, KV_KEEP, Q_POS, KV_POS, SLOPES, SLOT_TILES,
+                    sqb, sqh, sqs, skb, skh, sks,
+                    H, GROUP, S, L, N_PAD, WINDOW, NQ, scale,
+                    HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+        m, bh, b, offs_m, offs_d, row_ok, q_mask, q_off, q, qpos, slope, kv_base = _query_tile(
+            Q, Q_POS, SLOPES, sqb, sqh, sqs, skb, skh, H, GROUP, S, HAS_ALIBI, BLOCK_M, BLOCK_D, HEAD_DIM)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_base = K + b * skb + hk * skh
-        v_base = V + b * skb + hk * skh
-        n_slot = tl.load(SLOT_TILES + b * NQ + m)
-        band_lo = tl.maximum(m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
-        band_hi = (tl.minimum(m * BLOCK_M + BLOCK_M, S) - 1) // BLOCK_N
-        n_band = band_hi - band_lo + 1
-        for t in range(0, n_slot + n_band):
-            kv_lo = tl.where(t < n_slot, t * BLOCK_N, N_PAD + (band_lo + t - n_slot) * BLOCK_N)
-            offs_n = kv_lo + tl.arange(0, BLOCK_N)
-            s, _k = _tile_scores(q, k_base + offs_n[:, None] * sks + offs_d[None, :], kv_lo, b, qpos, offs_m, slope,
-                                 KV_INDEX, KV_KEEP, KV_POS, S, L, N_PAD, WINDOW, scale, HAS_ALIBI, BLOCK_N, BLOCK_D,
-                                 HEAD_DIM, IEEE)
-            v = tl.load(v_base + offs_n[:, None] * sks + offs_d[None, :],
-                        mask=(offs_n < L)[:, None] & d_ok[None, :], other=0.0)
+        n_slot, band_lo, count = _walk(SLOT_TILES, b, m, NQ, S, WINDOW, BLOCK_M, BLOCK_N)
+        for t in range(0, count):
+            s, _k, v = _kv_tile(q, K + kv_base, V + kv_base, t, n_slot, band_lo, b, qpos, offs_m, offs_d, slope,
+                                KV_INDEX, KV_KEEP, KV_POS, S, L, N_PAD, WINDOW, scale, HAS_ALIBI, BLOCK_N, HEAD_DIM,
+                                IEEE, sks)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_mask)   # O: Q's layout
         tl.store(LSE + bh * S + offs_m, m_i + tl.log(l_safe), mask=row_ok)
 
     @triton.jit
@@ -185,50 +200,20 @@ if triton is not None:
                        H, GROUP, S, L, N_PAD, WINDOW, NQ, scale,
                        HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
-        m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
-        offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < S
-        d_ok = offs_d < HEAD_DIM
-        qmask = row_ok[:, None] & d_ok[None, :]
-        q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=qmask, other=0.0)
-        do = tl.load(DO + q_off, mask=qmask, other=0.0)
+        m, bh, b, offs_m, offs_d, row_ok, q_mask, q_off, q, qpos, slope, kv_base = _query_tile(
+            Q, Q_POS, SLOPES, sqb, sqh, sqs, skb, skh, H, GROUP, S, HAS_ALIBI, BLOCK_M, BLOCK_D, HEAD_DIM)
+        do = tl.load(DO + q_off, mask=q_mask, other=0.0)                          # DO and DQ have Q's layout
         lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * S + offs_m, mask=row_ok, other=0.0)
-        qpos = tl.load(Q_POS + b * S + offs_m, mask=row_ok, other=0.0)
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(SLOPES + h)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_base = K + b * skb + hk * skh
-        v_base = V + b * skb + hk * skh
-        n_slot = tl.load(SLOT_TILES + b * NQ + m)
-        band_lo = tl.maximum(m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
-        band_hi = (tl.minimum(m * BLOCK_M + BLOCK_M, S) - 1) // BLOCK_N
-        n_band = band_hi - band_lo + 1
-        for t in range(0, n_slot + n_band):
-            kv_lo = tl.where(t < n_slot, t * BLOCK_N, N_PAD + (band_lo + t - n_slot) * BLOCK_N)
-            offs_n = kv_lo + tl.arange(0, BLOCK_N)
-            s, k = _tile_scores(q, k_base + offs_n[:, None] * sks + offs_d[None, :], kv_lo, b, qpos, offs_m, slope,
-                                KV_INDEX, KV_KEEP, KV_POS, S, L, N_PAD, WINDOW, scale, HAS_ALIBI, BLOCK_N, BLOCK_D,
-                                HEAD_DIM, IEEE)
-            v = tl.load(v_base + offs_n[:, None] * sks + offs_d[None, :],
-                        mask=(offs_n < L)[:, None] & d_ok[None, :], other=0.0)
-            p = tl.exp(s - lse[:, None])
-            if IEEE:
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k)
-        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+        n_slot, band_lo, count = _walk(SLOT_TILES, b, m, NQ, S, WINDOW, BLOCK_M, BLOCK_N)
+        for t in range(0, count):
+            s, k, v = _kv_tile(q, K + kv_base, V + kv_base, t, n_slot, band_lo, b, qpos, offs_m, offs_d, slope,
+                               KV_INDEX, KV_KEEP, KV_POS, S, L, N_PAD, WINDOW, scale, HAS_ALIBI, BLOCK_N, HEAD_DIM,
+                               IEEE, sks)
+            ds = tl.exp(s - lse[:, None]) * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
     @triton.jit
     def _bwd_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KV_INDEX, KV_KEEP, Q_POS, KV_POS, SLOPES,
@@ -245,10 +230,10 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         in_kv = offs_n < L
         d_ok = offs_d < HEAD_DIM
-        kvmask = in_kv[:, None] & d_ok[None, :]
+        kv_mask = in_kv[:, None] & d_ok[None, :]
         kv_off = b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=kvmask, other=0.0)
-        v = tl.load(V + kv_off, mask=kvmask, other=0.0)
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
         idx = tl.load(KV_INDEX + b * L + offs_n, mask=in_kv, other=0)
         keep = tl.load(KV_KEEP + b * L + offs_n, mask=in_kv, other=0) != 0
         kpos = tl.load(KV_POS + b * L + offs_n, mask=in_kv, other=0.0)
@@ -266,43 +251,27 @@ if triton is not None:
         for g in range(0, GROUP):
             h = hk * GROUP + g
             bh = b * H + h
-            slope = 0.0
-            if HAS_ALIBI:
-                slope = tl.load(SLOPES + h)
+            slope = _slope(SLOPES, h, HAS_ALIBI)
             for m in range(m_lo, m_hi + 1):
                 offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < S
-                qmask = row_ok[:, None] & d_ok[None, :]
+                q_mask = row_ok[:, None] & d_ok[None, :]
                 q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
-                q = tl.load(Q + q_off, mask=qmask, other=0.0)
-                do = tl.load(DO + q_off, mask=qmask, other=0.0)
+                q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+                do = tl.load(DO + q_off, mask=q_mask, other=0.0)
                 lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA + bh * S + offs_m, mask=row_ok, other=0.0)
-                qi = offs_m[:, None]
-                ki = idx[None, :]
-                in_slot = is_slot[None, :] & keep[None, :] & (ki <= qi - WINDOW)
-                in_band = (~is_slot)[None, :] & (ki <= qi) & (qi - ki < WINDOW) & (keep[None, :] | (ki == qi))
-                ok = (in_slot | in_band) & row_ok[:, None] & in_kv[None, :]
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-                else:
-                    s = tl.dot(q, tl.trans(k)) * scale
+                s = _dot(q, tl.trans(k), IEEE) * scale
                 if HAS_ALIBI:
                     qpos = tl.load(Q_POS + b * S + offs_m, mask=row_ok, other=0.0)
                     s = s - slope * (qpos[:, None] - kpos[None, :])
+                ok = _kept(offs_m, idx, keep, is_slot, in_kv, S, WINDOW)
                 p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-                if IEEE:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                    ds = p * (dp - delta[:, None])
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-                else:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                    dp = tl.dot(do, tl.trans(v))
-                    ds = p * (dp - delta[:, None])
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
-        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kvmask)
+                dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+                ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 def _launch_args(layout: FlexCompactLayout, q: torch.Tensor, kc: torch.Tensor, block_m: int, block_n: int,
@@ -342,7 +311,6 @@ class _TritonCompact(torch.autograd.Function):
         _fwd_kernel[(a["NQ"], b * hq)](
             q, kc, vc, out, lse, a["kv_index"], a["kv_keep"], a["q_pos"], a["kv_pos"], a["slopes"], a["slot_tiles"],
             q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
             a["H"], a["GROUP"], a["S"], a["L"], a["N_PAD"], a["WINDOW"], a["NQ"], float(scale),
             HAS_ALIBI=a["HAS_ALIBI"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=a["BLOCK_D"],
             HEAD_DIM=a["HEAD_DIM"], IEEE=a["IEEE"])
