@@ -152,8 +152,9 @@ if triton is not None:
     def _query_tile(Q, Q_POS, SLOPES, sqb, sqh, sqs, skb, skh, H, GROUP, S, HAS_ALIBI: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
         """This program's query tile: indices, masks, the Q rows, their positions, the head's ALiBi slope and the
-        offset of its K/V head (GQA)."""
-        m = tl.program_id(0)
+        offset of its K/V head (GQA). Tiles are issued last-first: later query tiles walk more key tiles, and
+        starting the long programs first shortens the tail."""
+        m = tl.num_programs(0) - 1 - tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
