@@ -131,7 +131,7 @@ def test_tile_sizes_rows_without_globals_and_padded_rows(tc, block_m, block_n, w
     layout, qkv, keep = _layout_case(window=window)
     grad = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     xs = [t.float().requires_grad_() for t in qkv]
-    out = tc.triton_compact_attention(*xs, layout, scale=0.3, block_m=block_m, block_n=block_n)
+    out = tc.triton_compact_attention(*xs, tc.build_triton_layout(layout, block_m, block_n), scale=0.3)
     ys = [t.clone().requires_grad_() for t in qkv]
     want = reference_attention(*ys, keep, 0.3)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
@@ -148,7 +148,7 @@ def test_tile_sizes_rows_without_globals_and_padded_rows(tc, block_m, block_n, w
 def test_low_precision_forward_and_backward(tc, dtype, tol):
     layout, qkv, keep = _layout_case()
     xs = [t.to(dtype).requires_grad_() for t in qkv]
-    out = tc.triton_compact_attention(*xs, layout, scale=0.3, block_m=16, block_n=16)
+    out = tc.triton_compact_attention(*xs, tc.build_triton_layout(layout, 16, 16), scale=0.3)
     assert out.dtype == dtype
     ys = [t.detach().double().requires_grad_() for t in xs]          # the same rounded inputs, exact arithmetic
     want = reference_attention(*ys, keep, 0.3)
@@ -159,7 +159,6 @@ def test_low_precision_forward_and_backward(tc, dtype, tol):
         torch.testing.assert_close(a.double(), b, atol=4 * tol, rtol=0, msg=lambda m: f"grad {name}: {m}")
 
 
-@kernels
 def test_slot_tiles_are_the_staircase_of_out_of_window_globals(tc):
     """Query tile m reads ceil(#globals at positions <= its last query - w / BN) slot tiles."""
     g = torch.zeros(1, 64, dtype=torch.bool)
@@ -169,7 +168,7 @@ def test_slot_tiles_are_the_staircase_of_out_of_window_globals(tc):
     assert tc.slot_tiles(layout, 16, 2).tolist() == [[2, 3, 3, 4]]
     assert tc.slot_tiles(layout, 16, 8).tolist() == [[1, 1, 1, 1]]
     with pytest.raises(ValueError, match="must divide"):
-        tc.triton_compact_attention(*(torch.randn(1, 1, 64, 16) for _ in range(3)), layout, scale=1.0, block_n=16)
+        tc.build_triton_layout(layout, 16, 16)
 
 
 @pytest.mark.parametrize("block_m, block_n, window", [(16, 16, 9), (32, 16, 40), (16, 32, 1), (64, 64, 100)])

@@ -132,11 +132,12 @@ class SepLLMBackend:
         if plan.impl == "flex":
             return self._flex().block_mask(pattern.global_keys, plan.key_valid, pattern.window)
         if plan.impl == "triton":
-            from megatron.sepllm.attention.triton_compact import LAYOUT_BLOCK, check_triton_ready
+            from megatron.sepllm.attention import triton_compact
 
-            check_triton_ready(plan.position_ids.device)
-            return build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window, plan.position_ids,
-                                             block=LAYOUT_BLOCK)
+            triton_compact.check_triton_ready(plan.position_ids.device)
+            layout = build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window, plan.position_ids,
+                                               block=triton_compact.LAYOUT_BLOCK)
+            return triton_compact.build_triton_layout(layout)
         if plan.impl == "flex_compact":
             runner = self._flex()
             layout = build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window,

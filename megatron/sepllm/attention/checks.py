@@ -17,8 +17,12 @@ from megatron.config.sepllm_settings import (DENSE_ONLY_MODES, MODES, SepLLMSett
                                              settings_of)
 from megatron.config.sepllm_settings import SEP_ATTENTION_IMPLS as IMPLS
 
-__all__ = ["DENSE_ONLY_MODES", "IMPLS", "MODES", "SepAttentionConfigError", "check_backend_config",
+__all__ = ["DENSE_ONLY_MODES", "IMPLS", "MODES", "SepAttentionConfigError", "TRITON_MISSING", "check_backend_config",
            "check_flex_available", "torch_version_at_least"]
+
+
+TRITON_MISSING = ("'sep_attention_impl' = 'triton' needs the triton package (pip install triton); use "
+                  "'flex_compact' or 'compact' instead")
 
 
 class SepAttentionConfigError(SepLLMSettingsError):
@@ -40,8 +44,7 @@ def check_backend_config(cfg: SepLLMConfig, num_layers: int) -> SepLLMSettings:
     if settings.impl in ("flex", "flex_compact"):
         check_flex_available()
     if settings.impl == "triton" and importlib.util.find_spec("triton") is None:
-        raise SepAttentionConfigError("'sep_attention_impl' = 'triton' needs the triton package (pip install "
-                                      "triton); use 'flex_compact' or 'compact' instead")
+        raise SepAttentionConfigError(TRITON_MISSING)
     return settings
 
 

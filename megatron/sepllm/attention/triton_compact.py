@@ -23,11 +23,12 @@ Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (the tests), where it is 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron.sepllm.attention.checks import SepAttentionConfigError
+from megatron.sepllm.attention.checks import TRITON_MISSING, SepAttentionConfigError
 from megatron.sepllm.attention.flex_compact import FlexCompactLayout, relayout_kv
 
 try:  # optional accelerator: the path fails loudly (below) without it
@@ -41,11 +42,6 @@ DEFAULT_BLOCK = 64      # query / key tile of the kernels
 LAYOUT_BLOCK = 128      # the layout pads its slots to a multiple of this (every tile size up to it divides it)
 
 
-def triton_available() -> bool:
-    """Whether the ``triton`` package imports (the kernels compile for CUDA, or run under ``TRITON_INTERPRET=1``)."""
-    return triton is not None
-
-
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -54,9 +50,7 @@ def interpreting() -> bool:
 def check_triton_ready(device: torch.device) -> None:
     """Fail at ``prepare`` (before any step) when the kernels cannot run on ``device``."""
     if triton is None:
-        raise SepAttentionConfigError(
-            "sep_attention_impl='triton' needs the triton package (pip install triton); use 'flex_compact' or "
-            "'compact' instead")
+        raise SepAttentionConfigError(TRITON_MISSING)
     if torch.device(device).type != "cuda" and not interpreting():
         raise SepAttentionConfigError(
             f"sep_attention_impl='triton' runs on CUDA (the batch is on {torch.device(device).type}); on CPU use "
@@ -84,7 +78,8 @@ def slot_tiles(layout: FlexCompactLayout, block_m: int, block_n: int) -> torch.T
     return (-(-visible // block_n)).to(torch.int32).contiguous()
 
 
-def visited_tiles(layout: FlexCompactLayout, block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK) -> torch.Tensor:
+def visited_tiles(layout: FlexCompactLayout, block_m: int = DEFAULT_BLOCK,
+                  block_n: int = DEFAULT_BLOCK) -> torch.Tensor:
     """``[B]`` tiles the forward kernel computes (its loop bounds, written on the host): slot tiles plus band tiles
     per query tile. Without padding every one of them holds a kept entry, so this is also the non-empty count."""
     s, w = layout.seq_len, layout.window
@@ -122,7 +117,7 @@ if triton is not None:
 
     @triton.jit
     def _walk(SLOT_TILES, b, m, NQ, S, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Key tiles of query tile ``m``: ``(n_slot, band_lo, count)``; tile ``t`` is ``_walk_tile(t, ...)``."""
+        """Key tiles of query tile ``m``: ``(n_slot, band_lo, count)``; tile ``t`` is ``_kv_tile(t, ...)``."""
         n_slot = tl.load(SLOT_TILES + b * NQ + m)
         band_lo = tl.maximum(m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
         band_hi = (tl.minimum(m * BLOCK_M + BLOCK_M, S) - 1) // BLOCK_N
@@ -275,27 +270,51 @@ if triton is not None:
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def _launch_args(layout: FlexCompactLayout, q: torch.Tensor, kc: torch.Tensor, block_m: int, block_n: int,
+@dataclass
+class TritonCompactLayout:
+    """What the kernels read besides Q/K/V, built once per micro-batch and pattern (shared by all layers)."""
+
+    layout: FlexCompactLayout       # the key layout (gather index, ALiBi positions)
+    block_m: int                    # query tile
+    block_n: int                    # key tile (divides the slot count)
+    kv_index: torch.Tensor          # [B, N_pad + S] int32 original position of each key slot
+    kv_keep: torch.Tensor           # [B, N_pad + S] int8 real slot / valid key
+    slot_tiles: torch.Tensor        # [B, nq] int32 slot tiles per query tile
+
+    @property
+    def num_q_tiles(self) -> int:
+        return self.slot_tiles.shape[1]
+
+
+def build_triton_layout(layout: FlexCompactLayout, block_m: int = DEFAULT_BLOCK,
+                        block_n: int = DEFAULT_BLOCK) -> TritonCompactLayout:
+    """The kernels' view of ``layout`` with ``block_m x block_n`` tiles (``block_n`` must divide the slot count)."""
+    if layout.num_slots % block_n:
+        raise ValueError(f"key tile {block_n} must divide the layout's slot count {layout.num_slots} "
+                         f"(a multiple of its block {layout.block})")
+    return TritonCompactLayout(layout=layout, block_m=int(block_m), block_n=int(block_n),
+                               kv_index=layout.kv_index.to(torch.int32).contiguous(),
+                               kv_keep=layout.kv_keep.to(torch.int8).contiguous(),
+                               slot_tiles=slot_tiles(layout, block_m, block_n))
+
+
+def _launch_args(tl_layout: TritonCompactLayout, q: torch.Tensor, kc: torch.Tensor,
                  alibi_slopes: Optional[torch.Tensor]) -> dict:
     """Everything the three kernels share (validated once per call)."""
     b, hq, s, d = q.shape
     hkv = kc.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if layout.num_slots % block_n:
-        raise ValueError(f"key tile {block_n} must divide the layout's slot count {layout.num_slots} "
-                         f"(a multiple of its block {layout.block})")
     dev = q.device
+    lay = tl_layout.layout
     has_alibi = alibi_slopes is not None
     slopes = (alibi_slopes.to(device=dev, dtype=torch.float32).contiguous() if has_alibi
               else torch.zeros(1, device=dev, dtype=torch.float32))
     return dict(
-        kv_index=layout.kv_index.to(device=dev, dtype=torch.int32).contiguous(),
-        kv_keep=layout.kv_keep.to(device=dev, dtype=torch.int8).contiguous(),
-        q_pos=layout.q_pos.to(dev).contiguous(), kv_pos=layout.kv_pos.to(dev).contiguous(), slopes=slopes,
-        slot_tiles=slot_tiles(layout, block_m, block_n).to(dev), H=hq, HKV=hkv, GROUP=hq // hkv, S=s,
-        L=layout.kv_len, N_PAD=layout.num_slots, WINDOW=layout.window, NQ=-(-s // block_m), HAS_ALIBI=has_alibi,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), HEAD_DIM=d,
+        kv_index=tl_layout.kv_index, kv_keep=tl_layout.kv_keep, q_pos=lay.q_pos, kv_pos=lay.kv_pos, slopes=slopes,
+        slot_tiles=tl_layout.slot_tiles, H=hq, HKV=hkv, GROUP=hq // hkv, S=s, L=lay.kv_len, N_PAD=lay.num_slots,
+        WINDOW=lay.window, NQ=tl_layout.num_q_tiles, HAS_ALIBI=has_alibi, BLOCK_M=tl_layout.block_m,
+        BLOCK_N=tl_layout.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), HEAD_DIM=d,
         IEEE=q.dtype == torch.float32)
 
 
@@ -303,9 +322,9 @@ class _TritonCompact(torch.autograd.Function):
     """Forward and backward of SepLLM attention over the re-laid-out keys ``kc, vc [B, Hkv, N_pad + S, D]``."""
 
     @staticmethod
-    def forward(ctx, q, kc, vc, layout: FlexCompactLayout, scale: float, alibi_slopes, block_m: int, block_n: int):
+    def forward(ctx, q, kc, vc, tl_layout: TritonCompactLayout, scale: float, alibi_slopes):
         q, kc, vc = q.contiguous(), kc.contiguous(), vc.contiguous()
-        a = _launch_args(layout, q, kc, block_m, block_n, alibi_slopes)
+        a = _launch_args(tl_layout, q, kc, alibi_slopes)
         b, hq, s, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
@@ -313,7 +332,7 @@ class _TritonCompact(torch.autograd.Function):
             q, kc, vc, out, lse, a["kv_index"], a["kv_keep"], a["q_pos"], a["kv_pos"], a["slopes"], a["slot_tiles"],
             q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
             a["H"], a["GROUP"], a["S"], a["L"], a["N_PAD"], a["WINDOW"], a["NQ"], float(scale),
-            HAS_ALIBI=a["HAS_ALIBI"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=a["BLOCK_D"],
+            HAS_ALIBI=a["HAS_ALIBI"], BLOCK_M=a["BLOCK_M"], BLOCK_N=a["BLOCK_N"], BLOCK_D=a["BLOCK_D"],
             HEAD_DIM=a["HEAD_DIM"], IEEE=a["IEEE"])
         ctx.save_for_backward(q, kc, vc, out, lse)
         ctx.args, ctx.scale = a, float(scale)
@@ -338,14 +357,14 @@ class _TritonCompact(torch.autograd.Function):
         _bwd_dkv_kernel[(-(-a["L"] // a["BLOCK_N"]), b * a["HKV"])](
             q, kc, vc, do, dkc, dvc, lse, delta, *common, *strides,
             a["H"], a["HKV"], a["GROUP"], a["S"], a["L"], a["N_PAD"], a["WINDOW"], a["NQ"], scale, **meta)
-        return dq, dkc, dvc, None, None, None, None, None
+        return dq, dkc, dvc, None, None, None
 
 
-def triton_compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: FlexCompactLayout, *,
-                             scale: float, alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                             block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """SepLLM attention for ``q [B, Hq, S, D]``, ``k, v [B, Hkv, S, D]`` over ``layout`` with the Triton kernels
+def triton_compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tl_layout: TritonCompactLayout, *,
+                             scale: float, alibi_slopes: Optional[torch.Tensor] = None,
+                             dropout_p: float = 0.0) -> torch.Tensor:
+    """SepLLM attention for ``q [B, Hq, S, D]``, ``k, v [B, Hkv, S, D]`` over ``tl_layout`` with the Triton kernels
     (differentiable; K/V re-laid out by one gather whose backward is a scatter-add)."""
     check_triton_call(q, dropout_p)
-    kc, vc = relayout_kv(k, layout), relayout_kv(v, layout)
-    return _TritonCompact.apply(q, kc, vc, layout, scale, alibi_slopes, int(block_m), int(block_n))
+    kc, vc = relayout_kv(k, tl_layout.layout), relayout_kv(v, tl_layout.layout)
+    return _TritonCompact.apply(q, kc, vc, tl_layout, scale, alibi_slopes)
