@@ -15,7 +15,7 @@ window; band: causal, inside the window, valid or the diagonal). Rows are online
 fp32 inputs use IEEE products (``tl.dot`` would otherwise use TF32), so the kernels agree with the float64
 reference to fp32 rounding. GQA stays grouped (the dK/dV program sums its group's query heads); ALiBi uses the
 original positions. The backward is the FlashAttention-2 recurrence (``delta = rowsum(dO * O)``) with separate dQ
-and dK/dV programs, so no atomics.
+and dK/dV programs, so no atomics. Batch and head offsets are 64-bit (``B * H * S * D`` may pass 2**31).
 
 Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (the tests), where it is exact but slow.
 """
@@ -157,11 +157,11 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < S
         q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
+        q_off = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqs + offs_d[None, :]
         q = tl.load(Q + q_off, mask=q_mask, other=0.0)
         qpos = tl.load(Q_POS + b * S + offs_m, mask=row_ok, other=0.0)
         return m, bh, b, offs_m, offs_d, row_ok, q_mask, q_off, q, qpos, _slope(SLOPES, h, HAS_ALIBI), \
-            b * skb + (h // GROUP) * skh
+            b.to(tl.int64) * skb + (h // GROUP).to(tl.int64) * skh
 
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, KV_INDEX, KV_KEEP, Q_POS, KV_POS, SLOPES, SLOT_TILES,
@@ -227,7 +227,7 @@ if triton is not None:
         in_kv = offs_n < L
         d_ok = offs_d < HEAD_DIM
         kv_mask = in_kv[:, None] & d_ok[None, :]
-        kv_off = b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :]
+        kv_off = b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * sks + offs_d[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
         idx = tl.load(KV_INDEX + b * L + offs_n, mask=in_kv, other=0)
@@ -252,7 +252,7 @@ if triton is not None:
                 offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < S
                 q_mask = row_ok[:, None] & d_ok[None, :]
-                q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
+                q_off = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqs + offs_d[None, :]
                 q = tl.load(Q + q_off, mask=q_mask, other=0.0)
                 do = tl.load(DO + q_off, mask=q_mask, other=0.0)
                 lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=0.0)
