@@ -63,8 +63,9 @@ def test_gpu_check_dry_run_help_and_bad_argument(tmp_path: Path) -> None:
     out = run("bash", str(CHECK), "--dry-run", "--out", str(target))
     assert out.returncode == 0, out.stderr
     names = [line.split("]")[0][1:] for line in out.stdout.splitlines() if line.startswith("[")]
-    assert names == ["install", "kernels", "gpu_tests", "fused_kernels", "sep_attention", "train_step",
-                     "long_context"]
+    assert names == ["install", "kernels", "gpu_tests", "sep_attention", "long_context", "fused_kernels",
+                     "train_step"]
+    assert "(budget 460s)" in out.stdout
     assert "pytest tests -m gpu" in out.stdout and "--junitxml" in out.stdout
     assert "benchmarks/fused_kernels.py --device cuda" in out.stdout
     assert "benchmarks/sep_attention.py --device cuda" in out.stdout and "train_step.py --device cuda" in out.stdout
@@ -73,3 +74,6 @@ def test_gpu_check_dry_run_help_and_bad_argument(tmp_path: Path) -> None:
     assert run("bash", str(CHECK), "--help").stdout.startswith("One-command GPU check")
     bad = run("bash", str(CHECK), "--nope")
     assert bad.returncode == 2 and "unknown argument '--nope'" in bad.stderr
+    bad = run("bash", str(CHECK), "--budget", "soon")
+    assert bad.returncode == 2 and "--budget needs a number of seconds" in bad.stderr
+    assert "(budget 90s)" in run("bash", str(CHECK), "--dry-run", "--budget", "90").stdout
