@@ -128,8 +128,14 @@ def test_padded_vocab_size() -> None:
 
 
 def test_attention_config_expansion() -> None:
-    assert expand_attention_config([[["global", "flash"], 3], [["global"], 1]], 4) == ["global", "flash", "global",
-                                                                                        "global"]
+    # GPT-NeoX's expand_attention_types: a pattern is appended `count` times; "all" repeats it over every layer
+    assert expand_attention_config([[["global", "flash"], 3], [["global"], 1]], 7) == ["global", "flash"] * 3 + [
+        "global"]
+    assert expand_attention_config([[["global", "flash"], "all"]], 4) == ["global", "flash"] * 2
+    with pytest.raises(ConfigError, match="not divisible by the length"):
+        expand_attention_config([[["global", "flash"], "all"]], 3)
+    with pytest.raises(ConfigError, match="describes 4 layers"):
+        expand_attention_config([[["global", "flash"], 2]], 2)
     assert expand_attention_config(None, 2) == ["global", "global"]
     assert expand_attention_config(["flash", "global"], 2) == ["flash", "global"]
 
@@ -342,7 +348,7 @@ def test_deepspeed_config(reference_configs_dir: Path) -> None:
     ds = rich.deepspeed_config(2)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         16, 4, 2)
-    assert ds["optimizer"] == {"type": "SGD", "params": {"lr": 0.1, "weight_decay": 0.01, "momentum": 0.9,
+    assert ds["optimizer"] == {"type": "SGD", "params": {"lr": 0.1, "weight_decay": 0.1, "momentum": 0.9,
                                                          "nesterov": True}}
     assert ds["bf16"] == {"enabled": True} and ds["flops_profiler"] == {"enabled": False}
     # the user pinned the global batch (with the micro batch): on 4 ranks accumulation adapts

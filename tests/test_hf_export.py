@@ -132,7 +132,7 @@ def test_llama_with_biases_tied_and_default_width() -> None:
     cfg = llama_cfg(use_bias_in_attn_linear=True, use_bias_in_mlp=True, no_weight_tying=False,
                     intermediate_size=None, num_kv_heads=1)
     ours = GPTModel(cfg).eval()
-    assert ours.layers[0].mlp.ffn == 256  # 8/3 * 64 = 170 -> next multiple of 256
+    assert ours.layers[0].mlp.ffn == 85  # GPT-NeoX: base 4 x 64 = 256, gated int(256 * 2/3) = 170 -> halves of 85
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if name.endswith("bias"):

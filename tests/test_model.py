@@ -155,7 +155,7 @@ def test_alibi_bias_formula() -> None:
 def test_gqa_model_trains() -> None:
     torch.manual_seed(0)
     model = GPTModel(tiny(num_attention_heads=4, num_kv_heads=2, norm="rmsnorm", activation="swiglu",
-                          gpt_j_residual=False, use_bias_in_attn_linear=False, use_bias_in_mlp=False))
+                          intermediate_size=96, gpt_j_residual=False, use_bias_in_attn_linear=False, use_bias_in_mlp=False))
     assert model.layers[0].attention.query_key_value.weight.shape == ((4 + 2 * 2) * 8, 32)
     ids = torch.randint(0, VOCAB, (2, 12))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -378,7 +378,8 @@ def test_attention_config_accepts_neox_forms() -> None:
         (None, ["global", "global"]),
         ([[["global"], 2]], ["global", "global"]),
         (["flash", "global"], ["flash", "global"]),
-        ([[["flash", "global"], 2]], ["flash", "global"]),     # the pattern repeats to fill `count` layers
+        ([[["flash", "global"], 1]], ["flash", "global"]),     # GPT-NeoX: the pattern is appended `count` times
+        ([[["flash"], "all"]], ["flash", "flash"]),
         ([[["global"], 1], [["flash"], 1]], ["global", "flash"]),
     ]
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -424,8 +425,8 @@ def test_flops_per_token_formula() -> None:
     assert flops_per_token(cfg, S, V) == 6 * n + 12 * L * h * S
     assert flops_per_token(cfg, S, V, backward=False) == 2 * n + 4 * L * h * S
     gqa = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=8, num_kv_heads=2, activation="swiglu",
-                      intermediate_size=100)
-    assert flops_per_token(gqa, 16, 10, backward=False) == 2 * (64 * (8 + 4) * 8 + 64 * 64 + 3 * 64 * 100 + 640) \
+                      intermediate_size=150)   # gated: int(150 * 2/3) = 100 features, halves of 50
+    assert flops_per_token(gqa, 16, 10, backward=False) == 2 * (64 * (8 + 4) * 8 + 64 * 64 + 3 * 64 * 50 + 640) \
         + 4 * 64 * 16
 
 

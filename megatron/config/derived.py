@@ -10,13 +10,19 @@ from megatron.config.errors import ConfigError
 # The choices of the model keys, defined here once as the fields' types: config validation checks them, the model
 # builds from them.
 PosEmb = Literal["learned", "rotary", "alibi", "none"]
-Norm = Literal["layernorm", "rmsnorm", "scalenorm"]
-Activation = Literal["gelu", "relu", "swiglu", "geglu"]
+Norm = Literal["layernorm", "rmsnorm", "scalenorm", "non_parametric_layernorm"]
+# GPT-NeoX's activations (megatron/model/activations.py): the gated ones split the first projection into a value
+# half and a gate half, ``value * act(gate)``; ``bilinear`` gates with the identity, ``glu`` with a sigmoid.
+Activation = Literal["gelu", "geglu", "relu", "reglu", "swiglu", "silu", "swish", "mish", "softsign", "glu",
+                     "bilinear"]
 Precision = Literal["fp32", "fp16", "bf16"]
 POS_EMBS: tuple[str, ...] = get_args(PosEmb)
 NORMS: tuple[str, ...] = get_args(Norm)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "glu", "bilinear")
+# GPT-NeoX spells bf16 ``bfloat16`` in its ``precision`` key; both spellings are read, ``bf16`` is stored.
+PRECISION_SPELLINGS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "bfloat16": "bf16", "float32": "fp32",
+                       "float16": "fp16", "half": "fp16"}
 FULL_ATTENTION_TYPES = ("global", "flash")  # both are dense causal attention; "flash" only named a kernel
 TANH_GELU_HF_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
@@ -94,15 +100,57 @@ def resolve_given_batch(batch_inputs: Sequence[str], global_bs: Optional[int], m
     return resolve_batch_triple(*picked, data_parallel_size)
 
 
-def ffn_width(hidden_size: int, activation: str, intermediate_size: Optional[int]) -> int:
-    """MLP width after the (optional) gating: ``intermediate_size``, else 4 x hidden (gelu/relu), else Llama's
-    ``256 * ceil((8/3 * hidden) / 256)`` for swiglu/geglu. Pure, so config validation can check TP splits."""
-    if intermediate_size is not None:
-        return int(intermediate_size)
-    if activation in GATED_ACTIVATIONS:
-        multiple = 256
-        return multiple * ((int(2 * 4 * hidden_size / 3) + multiple - 1) // multiple)
-    return 4 * hidden_size
+def mlp_widths(hidden_size: int, activation: str, intermediate_size: Optional[int] = None,
+               expansion_factor: Optional[float] = None, multiple_of: int = 1) -> tuple[int, int]:
+    """``(up, down)``: output width of the MLP's first projection and input width of its second, as GPT-NeoX's
+    ``ParallelMLP`` computes them.
+
+    The base width is ``intermediate_size``, else ``expansion_factor x hidden``, else ``4 x hidden``. A gated
+    activation keeps the parameter count of the plain MLP: the first projection gets ``int(base * 2 / 3)`` features
+    (value and gate halves) and the second projection half of that. Then ``up`` is rounded up to a multiple of
+    ``2 x multiple_of`` and ``down`` to a multiple of ``multiple_of``. Llama-7B: ``intermediate_size=32768``,
+    ``multiple_of=256`` -> (22016, 11008). Shapes GPT-NeoX would build but could not run (the halves do not meet the
+    second projection) are refused here.
+    """
+    if intermediate_size is not None and expansion_factor is not None:
+        raise ConfigError(f"intermediate_size={intermediate_size} and expansion_factor={expansion_factor} are both "
+                          f"set; give one of them (GPT-NeoX accepts only one)")
+    if multiple_of < 1:
+        raise ConfigError(f"mlp_multiple_of must be >= 1, got {multiple_of}")
+    if intermediate_size:
+        base = int(intermediate_size)
+    elif expansion_factor:
+        base = int(expansion_factor * hidden_size)
+    else:
+        base = 4 * hidden_size
+    up, down = base, base
+    gated = activation in GATED_ACTIVATIONS
+    if gated:
+        up = int(base * 2 / 3)
+        down = up // 2
+    up = 2 * multiple_of * -(-up // (2 * multiple_of))
+    down = multiple_of * -(-down // multiple_of)
+    if up != (2 * down if gated else down) or down < 1:
+        raise ConfigError(
+            f"MLP width: intermediate_size={intermediate_size}, expansion_factor={expansion_factor}, "
+            f"mlp_multiple_of={multiple_of} and activation={activation!r} give a first projection of {up} features and "
+            f"a second of {down} inputs, which GPT-NeoX cannot run ({'gated: the first must be twice the second' if gated else 'they must be equal'}); "
+            f"choose an intermediate_size or mlp_multiple_of that rounds evenly")
+    return up, down
+
+
+def ffn_width(hidden_size: int, activation: str, intermediate_size: Optional[int] = None,
+              expansion_factor: Optional[float] = None, multiple_of: int = 1) -> int:
+    """MLP width after the (optional) gating: the input width of the second projection (``mlp_widths``' ``down``);
+    Hugging Face's ``intermediate_size``."""
+    return mlp_widths(hidden_size, activation, intermediate_size, expansion_factor, multiple_of)[1]
+
+
+def intermediate_size_for(width: int, activation: str) -> int:
+    """The GPT-NeoX ``intermediate_size`` (with ``mlp_multiple_of`` 1) that builds an MLP of exactly ``width`` after
+    gating: ``3 x width`` for gated activations (the 2/3 rule then gives ``2 x width`` value+gate features), else
+    ``width``. Used when importing a Hugging Face model whose ``intermediate_size`` is the gated width."""
+    return 3 * width if activation in GATED_ACTIVATIONS else width
 
 
 def warmup_iters(warmup: float, decay_iters: int) -> int:
@@ -111,9 +159,11 @@ def warmup_iters(warmup: float, decay_iters: int) -> int:
 
 
 def expand_attention_config(spec: Optional[Sequence[Any]], num_layers: int) -> list[str]:
-    """GPT-NeoX ``[[["global"], 12]]`` (patterns repeated to fill counts) -> one attention type per layer.
-
-    A plain list of strings of length ``num_layers`` is accepted as already expanded; None means all "global".
+    """GPT-NeoX ``attention_config`` -> one attention type per layer, as GPT-NeoX's ``expand_attention_types``:
+    ``[[pattern, n], ...]`` appends ``pattern`` n times (``[[["local", "global"], 6]]`` is 12 layers);
+    ``[[pattern, "all"]]`` repeats ``pattern`` over all layers (num_layers must divide by its length; as in GPT-NeoX
+    the first "all" entry decides the whole list). A plain list of strings is taken as already expanded; None means
+    all "global". The result must describe exactly ``num_layers`` layers.
     """
     if spec is None:
         return ["global"] * num_layers
@@ -125,13 +175,20 @@ def expand_attention_config(spec: Optional[Sequence[Any]], num_layers: int) -> l
         out = []
         for item in spec:
             ok = (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (list, tuple))
-                  and item[0] and all(isinstance(t, str) for t in item[0]) and isinstance(item[1], int)
-                  and not isinstance(item[1], bool) and item[1] >= 1)
+                  and item[0] and all(isinstance(t, str) for t in item[0])
+                  and (item[1] == "all" or (isinstance(item[1], int) and not isinstance(item[1], bool)
+                                            and item[1] >= 1)))
             if not ok:
-                raise ConfigError(f"attention_config: each entry must be [[type, ...], count] with count >= 1, "
-                                  f"got {item!r}")
+                raise ConfigError(f"attention_config: each entry must be [[type, ...], count] with count >= 1 or "
+                                  f"\"all\", got {item!r}")
             pattern, count = list(item[0]), item[1]
-            out += [pattern[i % len(pattern)] for i in range(count)]
+            if count == "all":
+                if num_layers % len(pattern):
+                    raise ConfigError(f"attention_config: num_layers={num_layers} is not divisible by the length of "
+                                      f"the pattern {pattern} repeated over \"all\" layers")
+                out = pattern * (num_layers // len(pattern))
+                break
+            out += pattern * count
     if len(out) != num_layers:
         raise ConfigError(f"attention_config describes {len(out)} layers but num_layers is {num_layers}")
     return out

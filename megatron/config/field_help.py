@@ -10,19 +10,35 @@ MODEL_HELP: dict[str, str] = {
     "hidden_size": "Model width; must be divisible by num_attention_heads.",
     "num_attention_heads": "Query heads (head dim = hidden_size / heads).",
     "num_kv_heads": "Key/value heads for grouped-query attention; must divide num_attention_heads (None = MHA).",
-    "intermediate_size": "MLP width. None = 4 x hidden (gelu/relu) or Llama's 8/3 x hidden rounded (swiglu/geglu).",
+    "intermediate_size": "GPT-NeoX base MLP width (None = expansion_factor x hidden, else 4 x hidden). Gated "
+                         "activations keep the plain MLP's parameters: the first projection gets int(2/3 x base) "
+                         "features (value + gate halves), the second projection half of that; then both are rounded "
+                         "up to mlp_multiple_of (Llama-7B: 32768 with multiple 256 -> 11008). "
+                         "megatron.config.derived.mlp_widths.",
+    "expansion_factor": "Base MLP width as a multiple of hidden_size (exclusive with intermediate_size).",
+    "mlp_multiple_of": "Round the MLP widths up to a multiple of this (the first projection to twice it), as GPT-NeoX's "
+                       "ParallelMLP does. Default 1.",
+    "rotary_save_freqs_buffer": "Store RoPE's inv_freq buffer in checkpoints (GPT-NeoX); it is recomputed either way.",
+    "sliding_window_width": "Mistral sliding-window attention: each query sees only the last W tokens, itself "
+                            "included (no initial tokens, no separators). Needs full attention (no SepLLM mode). "
+                            "None = off.",
+    "use_qk_layernorm": "Normalise queries and keys with the model's norm before RoPE (GPT-NeoX: one norm shared by "
+                        "q and k over [heads, head_dim]; layernorm normalises over both, rmsnorm / scalenorm over "
+                        "head_dim).",
     "seq_length": "Training sequence length (tokens per sample).",
     "max_position_embeddings": "Size of the learned position table / longest position; None -> seq_length.",
     "pos_emb": "Positions: learned | rotary | alibi | none.",
     "rotary_pct": "Fraction of each head rotated by RoPE (Pythia 0.25).",
     "rotary_emb_base": "RoPE base (theta).",
-    "norm": "layernorm | rmsnorm | scalenorm.",
+    "norm": "layernorm | rmsnorm | scalenorm | non_parametric_layernorm (LayerNorm without weight or bias).",
     "layernorm_epsilon": "LayerNorm epsilon.",
     "rms_norm_epsilon": "RMSNorm epsilon.",
     "scalenorm_epsilon": "ScaleNorm epsilon.",
     "gpt_j_residual": "Parallel residual x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J / Pythia).",
     "gpt_j_tied": "Parallel residual with one shared norm for attention and MLP.",
-    "activation": "MLP activation: gelu | relu | swiglu | geglu.",
+    "activation": "MLP activation (GPT-NeoX's list). Plain: gelu | relu | silu | swish (= silu) | mish | softsign. "
+                  "Gated (value x act(gate)): geglu | reglu | swiglu | glu (sigmoid gate) | bilinear (identity "
+                  "gate).",
     "no_weight_tying": "True = separate input embedding and output layer (Pythia).",
     "use_bias_in_attn_linear": "Biases in the QKV and output projections.",
     "use_bias_in_mlp": "Biases in the MLP projections.",

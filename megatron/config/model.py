@@ -14,12 +14,17 @@ class ModelConfig:
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_kv_heads: Optional[int] = None          # grouped-query attention; None = num_attention_heads
-    intermediate_size: Optional[int] = None     # MLP width; None = 4*hidden (gelu) or Llama's 8/3*hidden rounded (swiglu)
+    intermediate_size: Optional[int] = None     # GPT-NeoX base MLP width (gated: 2/3 of it, split); derived.mlp_widths
+    expansion_factor: Optional[float] = None    # base MLP width = expansion_factor * hidden (exclusive with the above)
+    mlp_multiple_of: int = 1                    # round the MLP widths up to this multiple (GPT-NeoX ParallelMLP)
     seq_length: int = 2048
     max_position_embeddings: Optional[int] = None  # None = seq_length
     pos_emb: PosEmb = "learned"
     rotary_pct: float = 1.0
     rotary_emb_base: int = 10000
+    rotary_save_freqs_buffer: bool = False      # keep RoPE's inv_freq in the state dict (GPT-NeoX persistent buffer)
+    sliding_window_width: Optional[int] = None  # Mistral: each query sees only the last W tokens (itself included)
+    use_qk_layernorm: bool = False              # normalise queries and keys with the model's norm before RoPE
     norm: Norm = "layernorm"
     layernorm_epsilon: float = 1.0e-5
     rms_norm_epsilon: float = 1.0e-8

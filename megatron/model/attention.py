@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from megatron.config.model import ModelConfig
 from megatron.model.attention_backend import AttentionBackend, default_softmax_scale
 from megatron.kernels.plan import fusion_plan
+from megatron.model.norms import QKNorm
 from megatron.model.positional import alibi_slopes, apply_rotary_qk
 
 
@@ -61,6 +62,8 @@ class SelfAttention(nn.Module):
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.use_bias_in_attn_linear)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.use_bias_in_attn_linear)
+        # GPT-NeoX use_qk_layernorm: one norm shared by queries and keys, applied before the rotary embedding
+        self.qk_layernorm = QKNorm(cfg, self.num_heads, self.head_dim) if cfg.use_qk_layernorm else None
 
     def split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, S, h]`` -> q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` using the grouped layout above."""
@@ -81,6 +84,8 @@ class SelfAttention(nn.Module):
         and values are stored there and the cache decides which stored keys the queries attend."""
         q, k, v = self.split_qkv(x)
         b, s = q.shape[0], q.shape[2]
+        if self.qk_layernorm is not None:
+            q, k = self.qk_layernorm(q), self.qk_layernorm(k)
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary_qk(q, k, cos, sin, self.rope_fused)

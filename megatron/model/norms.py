@@ -81,6 +81,8 @@ class ScaleNorm(nn.Module):
 def build_norm(cfg: ModelConfig) -> nn.Module:
     """The norm selected by ``cfg.norm`` with its matching epsilon key (fused when the plan says so)."""
     plan = fusion_plan(cfg)
+    if cfg.norm == "non_parametric_layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, elementwise_affine=False)
     if cfg.norm == "layernorm":
         cls = FusedLayerNorm if plan.layernorm else nn.LayerNorm
         return cls(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=cfg.use_bias_in_norms)
@@ -89,3 +91,29 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "scalenorm":
         return ScaleNorm(cfg.hidden_size, eps=cfg.scalenorm_epsilon)
     raise ValueError(f"model config key 'norm' = {cfg.norm!r}: expected one of {', '.join(map(repr, derived.NORMS))}")
+
+
+class QKNorm(nn.Module):
+    """GPT-NeoX's ``use_qk_layernorm``: ONE norm of the model's kind applied to the queries and to the keys, built for
+    the shape ``[heads, head_dim]`` of one token. LayerNorm (with or without parameters) normalises over heads and
+    head_dim together; RMSNorm and ScaleNorm normalise each head over head_dim (their gain has the full shape for
+    RMSNorm, one scalar for ScaleNorm). Inputs are ``[B, heads, S, head_dim]``."""
+
+    def __init__(self, cfg: ModelConfig, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.kind = cfg.norm
+        shape = (num_heads, head_dim)
+        if cfg.norm in ("layernorm", "non_parametric_layernorm"):
+            affine = cfg.norm == "layernorm"
+            self.norm: nn.Module = nn.LayerNorm(shape, eps=cfg.layernorm_epsilon, elementwise_affine=affine,
+                                                bias=affine and cfg.use_bias_in_norms)
+        elif cfg.norm == "rmsnorm":
+            self.norm = RMSNorm(head_dim, eps=cfg.rms_norm_epsilon)
+            self.norm.weight = nn.Parameter(torch.ones(shape))
+        elif cfg.norm == "scalenorm":
+            self.norm = ScaleNorm(head_dim, eps=cfg.scalenorm_epsilon)
+        else:
+            raise ValueError(f"model config key 'norm' = {cfg.norm!r}: no query/key norm for it")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)

@@ -4,7 +4,9 @@ continues from the HF weights.
 
 Only HF settings ``GPTModel`` computes exactly are accepted (rope_type ``default``, erf-GELU / ReLU / SiLU-gated
 activations, Llama's full-head rotary); anything else is refused with one line naming the ``config.json`` key.
-A ``sepllm`` block in ``config.json`` (written by our exporter) is turned back into the SepLLM keys.
+A ``sepllm`` block in ``config.json`` (written by our exporter) is turned back into the SepLLM keys; without one,
+SepLLM keys at the top level of ``config.json`` (the SepLLM authors' ``sepllm_gpt_neox`` format,
+``megatron.model.convert.sepllm_gpt_neox``) are read instead.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import yaml
 
 from megatron.config import derived
 from megatron.config.errors import ConfigError
+from megatron.model.convert import sepllm_gpt_neox as authors
 from megatron.model.convert.hf import FROM_HF
 from megatron.model.convert.sepllm_block import sepllm_settings
 from megatron.training.checkpointing import CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, META_FILE, checkpoint_name
 
 GENERATED_YAML = "model.yml"
-_MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama"}
+_MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", authors.MODEL_TYPE: "neox"}
 
 
 class ImportHFError(ConfigError):
@@ -73,7 +76,7 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
     arch = _MODEL_TYPES.get(str(model_type))
     if arch is None:
         raise ImportHFError(f"{where}: model_type = {model_type!r}: expected one of {sorted(_MODEL_TYPES)} "
-                            f"(GPT-NeoX / Pythia or Llama)")
+                            f"(GPT-NeoX / Pythia, the SepLLM authors' GPT-NeoX, or Llama)")
     try:
         hidden, heads, layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
         positions = int(raw.get("max_position_embeddings", 2048))
@@ -118,8 +121,15 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
                     rms_norm_epsilon=float(raw.get("rms_norm_eps", 1e-6)), activation=acts[act],
                     gpt_j_residual=False, use_bias_in_mlp=bool(raw.get("mlp_bias", False)), use_bias_in_norms=False,
                     num_kv_heads=int(raw.get("num_key_value_heads") or heads))
+    # HF's intermediate_size is the width after gating; GPT-NeoX's key is the base width (derived.mlp_widths)
+    keys["intermediate_size"] = derived.intermediate_size_for(keys["intermediate_size"], keys["activation"])
     if float(keys["rotary_emb_base"]).is_integer():
         keys["rotary_emb_base"] = int(keys["rotary_emb_base"])
+    if authors.is_authors_format(raw):
+        try:
+            keys = authors.authors_model_keys(raw, keys, str(where))
+        except ValueError as exc:
+            raise ImportHFError(str(exc)) from exc
     return arch, keys
 
 
@@ -175,8 +185,13 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
     multiple = 128 * tp
     keys["padded_vocab_size"] = vocab if vocab % tp == 0 else -(-vocab // multiple) * multiple
     keys["make_vocab_size_divisible_by"] = 128
-    block = raw.get("sepllm")
-    sep_keys = sepllm_settings(block) if isinstance(block, dict) else {"USE_ORIGINAL_FULL_ATTEN": True}
+    block = raw.get("sepllm")      # ours wins over top-level keys (docs/export.md)
+    if isinstance(block, dict):
+        sep_keys = sepllm_settings(block)
+    elif authors.carries_top_level_settings(raw):
+        sep_keys = authors.sepllm_keys(raw)
+    else:
+        sep_keys = {"USE_ORIGINAL_FULL_ATTEN": True}
     sep_keys.pop("Layer_num", None)
     layout = {"model-parallel-size": tp, "pipe-parallel-size": pp if pp > 1 else 0}
     tokenizer = src / "tokenizer.json"
@@ -188,7 +203,11 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
     except ConfigError as exc:
         raise ImportHFError(f"{src / 'config.json'}: the derived config is invalid: {exc}") from exc
     try:
-        state = FROM_HF[arch](read_hf_weights(src), cfg.model, cfg.sepllm)
+        weights = read_hf_weights(src)
+        if arch == "neox":             # transformers 4.x names: the authors' prefix, ``embed_out`` for the head
+            weights = authors.rename_weights(weights)
+        convert = authors.from_sepllm_gpt_neox_state_dict if authors.is_authors_format(raw) else FROM_HF[arch]
+        state = convert(weights, cfg.model, cfg.sepllm)
     except (KeyError, ValueError) as exc:
         raise ImportHFError(f"--hf_dir {src}: {str(exc).strip(chr(34) + chr(39))}") from exc
     shards = split_tp_state_dict(state, tp, cfg.model) if tp > 1 else [state]
