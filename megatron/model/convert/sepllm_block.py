@@ -11,13 +11,19 @@ Layout (``config.json["sepllm"]``)::
 Everything except ``mode`` and ``sep_cache`` is a valid training-free SepLLM config (``megatron.sepllm.hf.config``).
 ``sep_cache`` holds the SepCache defaults: ``a`` initial tokens, the decode window of every layer as the local size,
 the SepCache default separator budget, and ``cache_size = a + s + 2w`` (a compression every ``w`` tokens).
+
+A config without the block but with SepLLM keys at its top level (the SepLLM authors' ``sepllm_gpt_neox`` format,
+``megatron.model.convert.sepllm_gpt_neox``) is read as the block those keys describe (:func:`top_level_block`).
+When both exist, the block wins: it is what our exporter resolved from the training config.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from megatron.config.errors import ConfigError
 from megatron.config.sepllm_settings import settings_of
+from megatron.model.convert import sepllm_gpt_neox as authors
 
 BLOCK_KEY = "sepllm"
 SEP_CACHE_KEY = "sep_cache"
@@ -40,13 +46,20 @@ def check_exportable(sepllm_cfg: Any) -> None:
                              f"exported model would compute a different function")
 
 
-def build_block(sepllm_cfg: Any, num_layers: int) -> dict[str, Any]:
-    """The ``sepllm`` block for a model trained with ``sepllm_cfg`` (a resolved ``SepLLMConfig``)."""
-    check_exportable(sepllm_cfg)
+def build_block(sepllm_cfg: Any, num_layers: int, *, own_attention: bool = False) -> dict[str, Any]:
+    """The ``sepllm`` block for a model trained with ``sepllm_cfg`` (a resolved ``SepLLMConfig``).
+
+    ``own_attention``: the exported model computes BiPE and the self-adjusting softmax itself (the ``sepllm_neox``
+    export), so they are carried instead of refused; the SA switches go into the block, where ``apply_sepllm``
+    refuses them by name (SA is not a mask it could apply)."""
+    if not own_attention:
+        check_exportable(sepllm_cfg)
     block: dict[str, Any] = {"mode": settings_of(sepllm_cfg, num_layers).mode}
     for key in TRAININGFREE_KEYS:
         value = getattr(sepllm_cfg, key)
         block[key] = list(value) if isinstance(value, (list, tuple)) else value
+    if own_attention:
+        block.update({key: True for key in ("USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO") if getattr(sepllm_cfg, key)})
     block["Layer_num"] = num_layers
     settings = settings_of(sepllm_cfg, num_layers)
     if settings.mode in ("sepllm", "streamingllm"):  # FixLLM has no cache eviction rule
@@ -57,12 +70,38 @@ def build_block(sepllm_cfg: Any, num_layers: int) -> dict[str, Any]:
     return block
 
 
+def top_level_block(config: Any) -> Optional[dict[str, Any]]:
+    """The block equivalent to the SepLLM keys at the top level of an HF config (the authors' ``sepllm_gpt_neox``
+    format; a key it lacks takes their converter's fallback), or None when it has none. Raises ``ValueError``
+    naming the ``config.json`` key for settings HF attention cannot run (BiPE, self-adjusting softmax)."""
+    from megatron.config import load_config
+
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(getattr(config, "__dict__", {}))
+    if not authors.carries_top_level_settings(raw):
+        return None
+    if not isinstance(raw.get("num_hidden_layers"), int):
+        raise ValueError(f"config.json carries top-level SepLLM keys but num_hidden_layers = "
+                         f"{raw.get('num_hidden_layers')!r}: expected the model's layer count")
+    num_layers = raw["num_hidden_layers"]
+    keys = {**authors.sepllm_keys(raw), "Layer_num": num_layers, "USE_SEP_ATTN_KERNEL_ACCELERATOR": False}
+    for key, what in UNEXPORTABLE.items():     # full attention switches these off (the reference's rewrite)
+        if keys.get(key) and not keys.get("USE_ORIGINAL_FULL_ATTEN"):
+            raise ValueError(f"config.json key '{key}' = True: {what} cannot run on Hugging Face attention "
+                             f"(apply_sepllm / SepCache); import the model with tools/ckpts/convert_hf_to_neox.py")
+    try:
+        sepllm_cfg = load_config(keys).sepllm
+    except ConfigError as exc:
+        raise ValueError(f"config.json top-level SepLLM keys: {exc}") from exc
+    return build_block(sepllm_cfg, num_layers)
+
+
 def model_block(model_or_config: Any) -> Optional[dict[str, Any]]:
-    """The ``sepllm`` block of an HF model (or its config), or None when it has none."""
+    """The ``sepllm`` block of an HF model (or its config); else the block its top-level SepLLM keys describe
+    (:func:`top_level_block`); None when it has neither."""
     config = getattr(model_or_config, "config", model_or_config)
     block = getattr(config, BLOCK_KEY, None)
     if block is None:
-        return None
+        return top_level_block(config)
     if not isinstance(block, Mapping) or "mode" not in block:
         raise ValueError(f"config.json key '{BLOCK_KEY}' must be a mapping with a 'mode' entry, got {block!r}")
     return dict(block)

@@ -116,7 +116,8 @@ SEP_CACHE_FALLBACKS = {"init_cache_size": 4, "sep_cache_size": 128, "local_size"
 
 def sepllm_config_from_model(model: Any) -> SepLLMConfig:
     """The SepLLM settings an exported model was trained with: the ``sepllm`` block of its ``config.json`` (written
-    by ``tools/ckpts/convert_neox_to_hf.py``), validated like a training-free YAML."""
+    by ``tools/ckpts/convert_neox_to_hf.py``), else the SepLLM keys at the top level of its config (the SepLLM
+    authors' ``sepllm_gpt_neox`` format); the block wins when both exist. Validated like a training-free YAML."""
     from megatron.model.convert.sepllm_block import model_block, sepllm_settings
 
     try:
@@ -124,8 +125,9 @@ def sepllm_config_from_model(model: Any) -> SepLLMConfig:
     except ValueError as exc:
         raise TrainingFreeConfigError(str(exc)) from exc
     if block is None:
-        raise TrainingFreeConfigError("the model's config has no 'sepllm' block (only models exported by "
-                                      "tools/ckpts/convert_neox_to_hf.py carry one); pass a SepLLMConfig or a "
+        raise TrainingFreeConfigError("the model's config has no 'sepllm' block (models exported by "
+                                      "tools/ckpts/convert_neox_to_hf.py carry one) and no top-level SepLLM keys "
+                                      "(the SepLLM authors' sepllm_gpt_neox format); pass a SepLLMConfig or a "
                                       "training-free YAML path")
     cfg = sepllm_config_from_mapping(sepllm_settings(block))
     if derive_mode(cfg) != block["mode"]:
@@ -136,7 +138,8 @@ def sepllm_config_from_model(model: Any) -> SepLLMConfig:
 
 def sep_cache_arguments(model: Any, **given: Any) -> dict[str, Any]:
     """SepCache sizes / separators for ``generate``: explicit values win, then the model's ``sepllm`` block (an
-    exported SepLLM / StreamingLLM model: its initial tokens, separators and decode windows), then SepCache's
+    exported SepLLM / StreamingLLM model: its initial tokens, separators and decode windows; or the block its
+    top-level SepLLM keys describe, ``sepllm_block.model_block``), then SepCache's
     defaults; ``separator_token_ids`` / ``PADDING_ID`` left None fall back to the model-type preset."""
     from megatron.model.convert.sepllm_block import model_block, sep_cache_defaults
 
