@@ -133,6 +133,20 @@ def test_sepllm_settings_come_in_and_logits_equal_hf_with_apply_sepllm(tmp_path)
     torch.testing.assert_close(ours, sep_hf, atol=1e-5, rtol=0)   # ... and both sides read the same ones
 
 
+def test_self_adjusting_softmax_settings_come_in(tmp_path):
+    """The released SA model's keys (spec §1.9): no separators, full-length windows, both biases."""
+    config = authors_config(USE_SA_SOFTMAX=True, separator_token_ids=[-1], SA_Numerator_Bias=1e-10,
+                            SA_Denominator_Bias=1e-7, USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=False,
+                            USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS=False, prefill_local_window_size=POSITIONS,
+                            generate_local_window_size=POSITIONS)
+    hf = hf_model(config)
+    result = import_from_hf(write_folder(tmp_path / "authors", config, hf), tmp_path / "ours")
+    sep = load_config(result.yaml_file).sepllm
+    assert (sep.mode, sep.USE_SA_SOFTMAX, sep.SA_Numerator_Bias, sep.SA_Denominator_Bias) == ("sa", True, 1e-10, 1e-7)
+    with pytest.raises(TrainingFreeConfigError, match="'USE_SA_SOFTMAX' = True"):
+        apply_sepllm(hf)
+
+
 @pytest.mark.parametrize("mode", ["sepllm", "streamingllm"])
 def test_generate_takes_sep_cache_sizes_from_top_level_keys(mode):
     config = authors_config(streamingLLM=mode == "streamingllm")

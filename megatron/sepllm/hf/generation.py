@@ -145,7 +145,8 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     ``APPLY_PES_INSIDE`` with ``base`` / ``pe_dim`` / ``pe_scaling_factor`` / ``max_position_embeddings`` /
     ``partial_rotation_size``, the layout options and the empty reference state arguments) are those of
     :class:`~megatron.sepllm.hf.cache.SepCache`. Unset sizes and separators come from the ``sepllm`` block of an exported
-    model's config (what it was trained with), else the hub ``generate``'s defaults 4 / 128 / 256 / 512 and the
+    model's config (what it was trained with; or the block the SepLLM authors' top-level keys describe,
+    ``sepllm_block.model_block``), else the hub ``generate``'s defaults 4 / 128 / 256 / 512 and the
     model_type separator preset. ``layer_num`` / ``model_type``, when given, must agree with the model.
 
     Honours ``do_sample``/``temperature``/``top_k``/``top_p`` (through the logits processors transformers prepared),

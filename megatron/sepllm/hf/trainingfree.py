@@ -393,8 +393,9 @@ def apply_sepllm(model: Any, sepllm_cfg: Union[SepLLMConfig, str, os.PathLike, N
 
     ``sepllm_cfg`` is a ``SepLLMConfig`` or a path to a training-free YAML (``overrides`` are applied on top of the
     file); None reads the settings the model was trained with from the ``sepllm`` block of its config (models
-    exported by ``tools/ckpts/convert_neox_to_hf.py``). ``attn_impl`` picks ``"sdpa"`` or ``"eager"`` (default:
-    eager if the model uses eager, else sdpa).
+    exported by ``tools/ckpts/convert_neox_to_hf.py``), else from the SepLLM keys at the top level of its config
+    (the SepLLM authors' ``sepllm_gpt_neox`` format; the block wins). ``attn_impl`` picks ``"sdpa"`` or
+    ``"eager"`` (default: eager if the model uses eager, else sdpa).
     ``USE_ORIGINAL_FULL_ATTEN=True`` leaves the model untouched. Raises ``TrainingFreeConfigError`` on settings
     that do not fit the model.
     """
