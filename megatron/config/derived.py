@@ -9,7 +9,7 @@ from megatron.config.errors import ConfigError
 
 # The choices of the model keys, defined here once as the fields' types: config validation checks them, the model
 # builds from them.
-PosEmb = Literal["learned", "rotary", "alibi", "none"]
+PosEmb = Literal["learned", "rotary", "alibi", "sinusoidal", "none"]
 Norm = Literal["layernorm", "rmsnorm", "scalenorm", "non_parametric_layernorm"]
 # GPT-NeoX's activations (megatron/model/activations.py): the gated ones split the first projection into a value
 # half and a gate half, ``value * act(gate)``; ``bilinear`` gates with the identity, ``glu`` with a sigmoid.

@@ -9,6 +9,9 @@ MODEL_HELP: dict[str, str] = {
     "num_layers": "Transformer layers. Also the length every SepLLM per-layer list must have.",
     "hidden_size": "Model width; must be divisible by num_attention_heads.",
     "num_attention_heads": "Query heads (head dim = hidden_size / heads).",
+    "attention_type": "Spelling of the Llemma GPT-NeoX release, checked against num_kv_heads: multihead (KV heads = "
+                      "query heads), groupedquery (num_kv_heads required), multiquery (one KV head; sets "
+                      "num_kv_heads 1). None = decided by num_kv_heads alone.",
     "num_kv_heads": "Key/value heads for grouped-query attention; must divide num_attention_heads (None = MHA).",
     "intermediate_size": "GPT-NeoX base MLP width (None = expansion_factor x hidden, else 4 x hidden). Gated "
                          "activations keep the plain MLP's parameters: the first projection gets int(2/3 x base) "
@@ -27,7 +30,10 @@ MODEL_HELP: dict[str, str] = {
                         "head_dim).",
     "seq_length": "Training sequence length (tokens per sample).",
     "max_position_embeddings": "Size of the learned position table / longest position; None -> seq_length.",
-    "pos_emb": "Positions: learned | rotary | alibi | none.",
+    "pos_emb": "Positions: learned | rotary | alibi | sinusoidal (GPT-NeoX's fixed [sin, cos] table added to the "
+               "embeddings, base 10000) | none. GPT-NeoX's rpe (T5 relative buckets) is not built.",
+    "opt_pos_emb_offset": "OPT-style offset added to the positions before reading the learned (or sinusoidal) table "
+                          "(OPT uses 2; the table then needs max_position_embeddings >= seq_length + offset).",
     "rotary_pct": "Fraction of each head rotated by RoPE (Pythia 0.25).",
     "rotary_emb_base": "RoPE base (theta).",
     "norm": "layernorm | rmsnorm | scalenorm | non_parametric_layernorm (LayerNorm without weight or bias).",
@@ -60,6 +66,9 @@ MODEL_HELP: dict[str, str] = {
     "scaled_upper_triang_masked_softmax_fusion": "Kernel hint (fused causal softmax); falls back to PyTorch.",
     "bias_gelu_fusion": "GPT-NeoX's fused bias+GeLU: the tanh approximation of GeLU (as upstream's kernel computes it), "
                         "run in PyTorch; off = exact erf GeLU.",
+    "onnx_safe": "GPT-NeoX's ONNX-exportable GeLU for activation gelu: x / 2 x (1 + erf(x / 1.41421)) (its rounded "
+                 "sqrt(2)); cannot be combined with bias_gelu_fusion. HF exports map it to exact GeLU (relative "
+                 "difference below 3e-6).",
     "rope_fusion": "Fused rotary kernel for q and k (csrc/, docs/kernels.md) with pos_emb rotary; forced off with "
                    "USE_BiPE. Without a GPU or the built extension: one warning, PyTorch path.",
     "layernorm_fusion": "Fused LayerNorm kernel, with the residual add folded in where the block allows "

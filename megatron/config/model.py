@@ -14,12 +14,14 @@ class ModelConfig:
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_kv_heads: Optional[int] = None          # grouped-query attention; None = num_attention_heads
+    attention_type: Optional[str] = None        # Llemma-release spelling: multihead | groupedquery | multiquery
     intermediate_size: Optional[int] = None     # GPT-NeoX base MLP width (gated: 2/3 of it, split); derived.mlp_widths
     expansion_factor: Optional[float] = None    # base MLP width = expansion_factor * hidden (exclusive with the above)
     mlp_multiple_of: int = 1                    # round the MLP widths up to this multiple (GPT-NeoX ParallelMLP)
     seq_length: int = 2048
     max_position_embeddings: Optional[int] = None  # None = seq_length
     pos_emb: PosEmb = "learned"
+    opt_pos_emb_offset: int = 0                 # OPT: the learned table is read at position + offset
     rotary_pct: float = 1.0
     rotary_emb_base: int = 10000
     rotary_save_freqs_buffer: bool = False      # keep RoPE's inv_freq in the state dict (GPT-NeoX persistent buffer)
@@ -52,6 +54,7 @@ class ModelConfig:
     scaled_masked_softmax_fusion: bool = False
     scaled_upper_triang_masked_softmax_fusion: bool = False
     bias_gelu_fusion: bool = False
+    onnx_safe: bool = False                      # GPT-NeoX: gelu as x/2 (1 + erf(x / 1.41421)), the ONNX-exportable form
     rope_fusion: bool = False
     layernorm_fusion: bool = False
     rmsnorm_fusion: bool = False

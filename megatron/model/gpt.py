@@ -91,8 +91,12 @@ class GPTModel(nn.Module):
         self.rotary_ndims = rotary_ndims(self.head_dim, cfg.rotary_pct) if cfg.pos_emb == "rotary" else 0
         self.max_positions = cfg.max_position_embeddings or cfg.seq_length
         learned_table = cfg.pos_emb == "learned" or self.use_bipe
+        if self.use_bipe and cfg.pos_emb == "sinusoidal":
+            raise ValueError("USE_BiPE reads a learned intra-segment position table; it cannot be combined with "
+                             "pos_emb 'sinusoidal'")
         self.embed = Embedding(cfg.padded_vocab_size, cfg.hidden_size,
-                               self.max_positions if learned_table else None, cfg.hidden_dropout)
+                               self.max_positions if learned_table else None, cfg.hidden_dropout,
+                               sinusoidal=cfg.pos_emb == "sinusoidal", position_offset=cfg.opt_pos_emb_offset)
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_layernorm = build_norm(cfg)
         self.output_layer = (nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
@@ -116,7 +120,7 @@ class GPTModel(nn.Module):
         """
         if not self.use_bipe:
             pos = position_ids if position_ids is not None else default_position_ids(input_ids, attention_mask)
-            return pos, (pos if self.embed.position_embeddings is not None else None)
+            return pos, (pos if self.embed.uses_positions else None)
         if position_ids is not None:
             raise ValueError("USE_BiPE computes position ids from the token ids; pass position_ids=None")
         ids = input_ids
@@ -180,7 +184,7 @@ class GPTModel(nn.Module):
         if self.use_bipe:
             raise ValueError("USE_BiPE positions depend on the whole sequence: decode without a KV cache")
         positions = kv_cache.begin_step(input_ids, attention_mask)
-        x = self.embed(input_ids, positions if self.embed.position_embeddings is not None else None)
+        x = self.embed(input_ids, positions if self.embed.uses_positions else None)
         rotary = (rotary_cos_sin(positions, self.rotary_ndims, self.cfg.rotary_emb_base, x.dtype)
                   if self.rotary_ndims else None)
         state = kv_cache.prepare(self.attention_backend, input_ids, positions, attention_mask)

@@ -57,13 +57,16 @@ class MLP(nn.Module):
         self.activation = cfg.activation
         self.gated = cfg.activation in GATED
         self.gelu_approximate = derived.gelu_approximation(cfg.activation, cfg.bias_gelu_fusion)
+        self.onnx_safe = cfg.onnx_safe  # GPT-NeoX's erf GeLU with sqrt(2) rounded to 1.41421
         up, self.ffn = mlp_widths(cfg)
         self.dense_h_to_4h = nn.Linear(cfg.hidden_size, up, bias=cfg.use_bias_in_mlp)
         self.dense_4h_to_h = nn.Linear(self.ffn, cfg.hidden_size, bias=cfg.use_bias_in_mlp)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.dense_h_to_4h(x)
-        if self.activation == "gelu":
+        if self.activation == "gelu" and self.onnx_safe:
+            h = h * 0.5 * (torch.erf(h / 1.41421) + 1.0)
+        elif self.activation == "gelu":
             h = F.gelu(h, approximate=self.gelu_approximate)
         elif self.gated:
             value, gate = h.chunk(2, dim=-1)
