@@ -22,6 +22,7 @@ LAYERS = {
     "inference": 9,
     "evaluation": 10,
     "entry_args": 11,
+    "__main__": 12,   # every megatron/**/__main__.py: run by `python -m`, imported by nothing
 }
 #: (importing file, imported package) pairs that break the rule today, each with its reason in the docs
 KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
@@ -36,6 +37,8 @@ def package_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "megatron":
         return None
+    if parts[-1] == "__main__":
+        return "__main__"
     if len(parts) == 1:
         return "__init__"
     if len(parts) > 2 and (parts[1], parts[2]) in _SUBPACKAGES:
@@ -93,3 +96,14 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     fake.mkdir(parents=True)
     (fake / "bad.py").write_text("def f():\n    from megatron.training.loop import pretrain\n")
     assert violations(tmp_path) == ["megatron/tokenizer/bad.py (layer 1, tokenizer) imports training (layer 6)"]
+
+
+def test_main_modules_are_the_top_layer(tmp_path):
+    """``python -m megatron.X`` modules are entry points: they may import any layer, and nothing may import them."""
+    pkg = tmp_path / "megatron" / "config"
+    pkg.mkdir(parents=True)
+    (pkg / "__main__.py").write_text("def f():\n    from megatron.training.size_summary import summarize\n")
+    (pkg / "cli.py").write_text("def f():\n    from megatron.training.size_summary import summarize\n")
+    (tmp_path / "megatron" / "entry_args.py").write_text("import megatron.config.__main__\n")
+    assert violations(tmp_path) == ["megatron/config/cli.py (layer 2, config) imports training (layer 6)",
+                                    "megatron/entry_args.py (layer 11, entry_args) imports __main__ (layer 12)"]

@@ -129,7 +129,13 @@ def test_sepllm_retention_is_logged_every_n_forward_calls(corpus, neox_tokenizer
     assert [(r["iteration"], r["train_forward_calls"]) for r in rows] == [(2, 3), (3, 6)]
     for r in rows:
         assert 0.0 < r["retention/attn_map_retention/total"] < 1.0  # window 8 of 32 tokens drops entries
-    assert capsys.readouterr().out.count("SepLLM retention after") == 2
+    out = capsys.readouterr().out
+    assert out.count("SepLLM retention after") == 2
+    # the start-up log carries the size summary of `python -m megatron.config --summary` (the trainer pads the vocab)
+    from megatron.training.size_summary import summarize, summary_lines
+
+    cfg.model.padded_vocab_size = 50304
+    assert all(line in out for line in summary_lines(summarize(cfg)))
 
 
 def test_load_equal_to_save_starts_fresh_then_resumes(corpus, neox_tokenizer_file, tmp_path):

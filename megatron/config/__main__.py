@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 USAGE = """\
 usage: python -m megatron.config CONFIG.yml [MORE.yml ...] [--key value | --key=value ...]
-                                 [--for-training] [--quiet] [--help]
+                                 [--for-training] [--summary] [--quiet] [--help]
 
 Load GPT-NeoX-style YAML configs, merge them left to right (later files win, nested blocks are deep-merged), apply
 command-line overrides, validate, and print the resolved config as YAML on stdout (exit 0). On a bad config print
@@ -23,13 +23,16 @@ overrides:
 
 options:
   --for-training   also require what train.py needs (train_iters, data paths, tokenizer file)
+  --summary        print the model size instead of the config: parameters per block, FLOPs per token and memory
+                   per GPU under the config's precision, ZeRO stage, TP / PP / DP sizes and micro batch
+                   (docs/model_size.md); needs padded_vocab_size or a readable tokenizer vocab_file, no data
   --quiet          do not print the log of forced SepLLM changes and derived settings (stderr)
   --help, -h       show this help and exit
 
 Every key is documented in docs/config_reference.md.
 """
 
-_OPTIONS = ("--for-training", "--for_training", "--quiet")
+_OPTIONS = ("--for-training", "--for_training", "--quiet", "--summary")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -39,6 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if args else 2
     for_training = any(a in ("--for-training", "--for_training") for a in args)
     quiet = "--quiet" in args
+    summary = "--summary" in args
     args = [a for a in args if a not in _OPTIONS]
     split = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
     files, overrides = args[:split], args[split:]
@@ -63,7 +67,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not quiet:
         for record in collected.records:
             sys.stderr.write(f"config: {record.getMessage()}\n")
+    if summary:
+        return _print_summary(cfg)
     sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def _print_summary(cfg: object) -> int:
+    """``--summary``: the size lines of ``megatron.training.size_summary`` (an entry point may import any layer)."""
+    from megatron.errors import NeoxError, report_error
+    from megatron.tokenizer import TokenizerError
+    from megatron.training.size_summary import summarize, summary_lines
+
+    try:
+        lines = summary_lines(summarize(cfg))
+    except NeoxError as exc:
+        return report_error(exc, input_kinds=(TokenizerError,))
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 

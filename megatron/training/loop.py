@@ -40,6 +40,7 @@ from megatron.training.logging import RunLogger
 from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
 from megatron.training.parallel_setup import ParallelPlan, plan_parallel
 from megatron.training.preflight import check_output_dirs
+from megatron.training.size_summary import summarize, summary_lines
 from megatron.training.steppers import PlainStepper, Stepper, build_stepper
 from megatron.errors import RunError
 
@@ -309,8 +310,11 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     scheduler = _make_scheduler(cfg, t.train_iters)
     fpt = flops_per_token(cfg.model, seq, cfg.model.padded_vocab_size)
     peak, peak_source = (lg.peak_flops, "configured") if lg.peak_flops else default_peak_flops(device)
-    logger.info(f"model: {n_params / 1e6:.2f} M parameters, {fpt / 1e6:.1f} MFLOPs/token (fwd+bwd) | MFU peak: "
-                + (f"{peak / 1e12:.3f} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})"))
+    if info.rank == 0:  # parameters per block, FLOPs per token, memory per GPU (megatron.training.size_summary)
+        for line in summary_lines(summarize(cfg, data_parallel_size=plan.dp_size, micro_batch=micro,
+                                            gradient_accumulation_steps=gas)):
+            logger.info(line)
+    logger.info("MFU peak: " + (f"{peak / 1e12:.3f} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})"))
 
     iteration, consumed = _resume(cfg, engine, scheduler, info, logger, plan)
     result = TrainResult(iteration=iteration, log_dir=lg.log_dir)
