@@ -192,6 +192,16 @@ def test_pipeline_reports_the_heavier_stage():
     assert s.gpu.activations == 2 * 2 * TINY_LAYER_ACTS
 
 
+def test_pipeline_with_tied_embeddings_keeps_a_copy_on_the_last_stage():
+    cfg = load_config({**TINY, "num_layers": 4, "pipe_parallel_size": 2, "no_weight_tying": False,
+                       "padded_vocab_size": 4096})
+    s = summarize(cfg)
+    assert s.counts.tied and s.counts.total == 4096 * 64 + 32 * 64 + 4 * TINY_LAYER + 128
+    # the last stage: 2 layers, the final norm and its copy of the word embeddings (the first has the position
+    # table as well, but the last also keeps the fp32 log-probabilities of a 4096-token vocabulary)
+    assert (s.gpu.stage, s.gpu.params) == ("last stage", 2 * TINY_LAYER + 128 + 4096 * 64)
+
+
 def test_korthikanti_34sbh_for_their_gpt_shape():
     """4h GELU MLP, dropout, full heads, 16-bit: 34 s b h per layer (plus the fused kernel's softmax statistics), and
     s b h (10 + 24 / t) with tensor parallelism, 34 s b h / t with sequence parallelism too."""
