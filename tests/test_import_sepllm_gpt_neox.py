@@ -237,3 +237,29 @@ def test_import_error_class_for_library_callers(tmp_path):
     src = write_folder(tmp_path / "authors", authors_config(pos_emb="none"), hf_model(authors_config()))
     with pytest.raises(ImportHFError, match="pos_emb = 'none'"):
         import_from_hf(src, tmp_path / "ours")
+
+
+def test_imported_sepllm_bipe_alibi_model_continues_training(tmp_path, neox_tokenizer_file):
+    """model.yml + checkpoint drive a fine-tune: it starts from the imported weights, with the imported attention."""
+    from megatron.data.corpus_registry import SHIPPED_DIR
+    from train_helpers import make_tiny_corpus, pretrain_with_weights, tiny_sepllm_keys
+
+    config = authors_config(USE_BiPE=True, BiPE_seps=SEPS, pos_emb="alibi", separator_token_ids=[15, 13, 187])
+    config["vocab_size"] = 50304                         # the bundled 20B tokenizer's ids
+    hf = hf_model(config)
+    table = torch.randn(POSITIONS, HIDDEN)
+    src = write_folder(tmp_path / "authors", config, hf, {"sepllm_gpt_neox.position_embeddings.weight": table})
+    result = import_from_hf(src, tmp_path / "ours")
+    corpus = make_tiny_corpus(tmp_path / "corpus", SHIPPED_DIR / "pg19_sample" / "12204.txt", neox_tokenizer_file,
+                              chars=20_000)
+    run = tmp_path / "run"
+    train_keys = tiny_sepllm_keys(corpus, neox_tokenizer_file, run, **{"train-iters": 2, "min_lr": 0.0})
+    train_keys["optimizer"]["params"]["lr"] = 1e-12    # steps too small to move the weights: they stay the imported ones
+    cfg = load_config(train_keys, result.yaml_file, {"load": str(tmp_path / "ours"), "finetune": True})
+    assert (cfg.model.pos_emb, cfg.sepllm.mode, cfg.sepllm.USE_BiPE) == ("alibi", "sepllm", True)
+    assert cfg.sepllm.prefill_windows == [4, 9] and cfg.sepllm.separator_token_ids == [15, 13, 187]
+    trained, _, final = pretrain_with_weights(cfg)
+    assert sorted(trained.train_losses) == [1, 2] and all(v == v for v in trained.train_losses.values())
+    torch.testing.assert_close(final["embed.position_embeddings.weight"], table, atol=1e-9, rtol=0)
+    torch.testing.assert_close(final["layers.0.mlp.dense_h_to_4h.weight"],
+                               hf.state_dict()["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], atol=1e-9, rtol=0)
