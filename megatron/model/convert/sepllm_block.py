@@ -19,15 +19,18 @@ When both exist, the block wins: it is what our exporter resolved from the train
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 
 from megatron.config.errors import ConfigError
-from megatron.config.sepllm_settings import settings_of
+from megatron.config.sepllm_settings import WINDOW_KEYS, settings_of, window_values
 from megatron.model.convert import sepllm_gpt_neox as authors
 
 BLOCK_KEY = "sepllm"
 SEP_CACHE_KEY = "sep_cache"
 DEFAULT_SEP_CACHE_SIZE = 64
+#: how a model trained with SepLLM / StreamingLLM decodes (spec §1.3): the same defaults as generate.py's cache
+TRAINED_DECODE = {"exact_window": True, "USE_MAX_SEP_CACHE": True, "prefill_attention": "sepllm"}
 # SepLLMConfig keys the training-free HF path reads (the rest are training-only switches)
 TRAININGFREE_KEYS = ("separator_token_ids", "PADDING_ID", "prefill_local_window_size", "generate_local_window_size",
                      "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS",
@@ -83,7 +86,8 @@ def top_level_block(config: Any) -> Optional[dict[str, Any]]:
         raise ValueError(f"config.json carries top-level SepLLM keys but num_hidden_layers = "
                          f"{raw.get('num_hidden_layers')!r}: expected the model's layer count")
     num_layers = raw["num_hidden_layers"]
-    keys = {**authors.sepllm_keys(raw), "Layer_num": num_layers, "USE_SEP_ATTN_KERNEL_ACCELERATOR": False}
+    keys = {**authors.sepllm_keys(raw), "Layer_num": num_layers,    # kernel switches: training only
+            "USE_SEP_ATTN_KERNEL_ACCELERATOR": False, "RECOMPILE_SEP_ATTN_KERNEL": False}
     for key, what in UNEXPORTABLE.items():     # full attention switches these off (the reference's rewrite)
         if keys.get(key) and not keys.get("USE_ORIGINAL_FULL_ATTEN"):
             raise ValueError(f"config.json key '{key}' = True: {what} cannot run on Hugging Face attention "
@@ -113,10 +117,18 @@ def sepllm_settings(block: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def sep_cache_defaults(block: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """SepCache keyword defaults from a block: sizes, ``separator_token_ids`` and ``PADDING_ID`` ({} if none)."""
+    """SepCache keyword defaults from a block ({} if none): sizes, ``separator_token_ids``, ``PADDING_ID`` and the
+    decode rule the model was trained with, which is also ``generate.py``'s default (``TRAINED_DECODE``): the window
+    trimmed every step, at most ``sep_cache_size`` separators (the most recent), the prompt under the SepLLM mask
+    with the model's prefill windows. So both decoders give the same greedy tokens on the same weights."""
     if not block or SEP_CACHE_KEY not in block:
         return {}
     out = dict(block[SEP_CACHE_KEY])
     out["separator_token_ids"] = list(block.get("separator_token_ids") or []) if block["mode"] == "sepllm" else [-1]
     out["PADDING_ID"] = block.get("PADDING_ID")
+    out.update(TRAINED_DECODE)
+    switch, scalar, listed = WINDOW_KEYS["prefill"]
+    keys = SimpleNamespace(**{switch: block.get(switch, False), scalar: block.get(scalar), listed: block.get(listed)})
+    out["prefill_local_size"] = list(window_values(keys, "prefill", int(block["Layer_num"]),
+                                                   where=lambda key: f"config.json sepllm.{key}"))
     return out
