@@ -66,6 +66,9 @@ class Ctx:
     def cfg(self, **kw):
         kw.setdefault("checkpoint__save", str(self.save))
         kw.setdefault("checkpoint__load", str(self.save))
+        # the cases resume the 2-iteration base run with train_iters 3: a longer schedule, which GPT-NeoX accepts
+        # only with override_lr_scheduler
+        kw.setdefault("lr_schedule__override_lr_scheduler", True)
         return tiny_config(self.corpus, self.tokenizer, self.tmp / "run", train_iters=kw.pop("train_iters", 3), **kw)
 
 
@@ -362,7 +365,7 @@ def test_two_ranks_zero3_resume_and_faults_on_one_rank(corpus, neox_tokenizer_fi
         "resumed": tiny_config(corpus, neox_tokenizer_file, tmp_path / "res", train_iters=4,
                                checkpoint__load=str(ck / "global_step2"), **z3),
         "disk_full": tiny_config(corpus, neox_tokenizer_file, tmp_path / "df", train_iters=5, checkpoint__load=str(ck),
-                                 checkpoint__save=str(ck), **z3),
+                                 checkpoint__save=str(ck), lr_schedule__override_lr_scheduler=True, **z3),
         "sigint": tiny_config(corpus, neox_tokenizer_file, tmp_path / "sig", train_iters=50,
                               checkpoint__save=str(ck2), checkpoint__checkpoint_factor=100, **z3),
     }

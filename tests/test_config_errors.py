@@ -89,10 +89,14 @@ BAD_CASES = [
     ("impl", _with(sep_attention_impl="fast"), None, ["sep_attention_impl='fast'", "auto, dense, flex, compact"]),
     ("layer-num-mismatch", _with(Layer_num=32), None, ["Layer_num=32 (bad.yml) does not match num_layers=2"]),
     ("derived-mode", _with(mode="streamingllm"), None, ["sepllm.mode='streamingllm' is derived", "'sepllm'"]),
-    ("optimizer-type", _with(optimizer={"type": "Lion", "params": {"lr": 1e-3}}), None,
-     ["key 'type'", "adam, adamw, sgd", "'lion'"]),
-    ("lr-decay-style", _with(lr__decay__style="exponential"), None,
-     ["key 'lr_decay_style'", "constant, linear, cosine"]),
+    ("optimizer-type", _with(optimizer={"type": "Adagrad9", "params": {"lr": 1e-3}}), None,
+     ["key 'type'", "Adam, AdamW, Lion, SGD, cpu_adam", "'Adagrad9'"]),
+    ("optimizer-not-built", _with(optimizer={"type": "OneBitAdam", "params": {"lr": 1e-3}}), None,
+     ["optimizer.type='OneBitAdam': this optimizer is not built here"]),
+    ("optimizer-param", _with(optimizer={"type": "Lion", "params": {"lr": 1e-3, "eps": 1e-6}}), None,
+     ["optimizer.params.eps: not an argument of optimizer Lion"]),
+    ("lr-decay-style", _with(lr__decay__style="step"), None,
+     ["key 'lr_decay_style'", "constant, linear, cosine, exponential, wsd"]),
     ("precision-conflict", _with(precision="fp32", fp16={"enabled": True}), None,
      ["precision='fp32' contradicts the enabled fp16 block"]),
     ("precision-vs-disabled-block", _with(precision="bf16", bf16={"enabled": False}), None,
@@ -110,8 +114,10 @@ BAD_CASES = [
      ["attention_config=['local']", "not supported yet"]),
     ("unsupported-offload", _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), None,
      ["zero_optimization=", "offload", "not supported yet"]),
-    ("unsupported-neox-key", _with(fp32__allreduce=True), None,
-     ["bad.yml: fp32_allreduce=True: not supported yet", "set it to false"]),
+    ("unsupported-neox-key", _with(char__level__ppl=True), None,
+     ["bad.yml: char_level_ppl=True: not supported yet", "set it to false"]),
+    ("no-effect-loss-scale", _with(loss__scale=1024), None,
+     ["bad.yml: loss_scale=1024: GPT-NeoX does not pass the flat loss-scale keys", "fp16.loss_scale"]),
     ("unsupported-scheduler", _with(scheduler={"type": "WarmupLR"}), None, ["scheduler=", "lr_decay_style"]),
 ]
 
@@ -150,7 +156,7 @@ def test_separator_id_outside_vocab() -> None:
 
 
 def test_missing_required_for_training(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"missing required key\(s\) for training: train_iters, train_data_paths"):
+    with pytest.raises(ConfigError, match=r"missing required key\(s\) for training: train_iters \(or train_epochs\), train_data_paths"):
         load_config(dict(BASE), for_training=True)
 
 

@@ -22,27 +22,62 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 
 @dataclass
 class OptimizerConfig:
-    type: str = opt("Adam", "Optimizer: Adam | AdamW | SGD (case-insensitive, normalised to this spelling). Adam "
-                            "applies decoupled weight decay like GPT-NeoX/DeepSpeed do.")
-    lr: float = opt(6.0e-4, "Peak learning rate (DeepSpeed `optimizer.params.lr`; a top-level `lr` key also lands here).")
-    betas: list = opt([0.9, 0.999], "Adam(W) betas [beta1, beta2] (`optimizer.params.betas`).")
-    eps: float = opt(1.0e-8, "Adam(W) epsilon (`optimizer.params.eps`).")
+    type: str = opt("Adam", "Optimizer (GPT-NeoX `optimizer.type`, case-insensitive): Adam (decoupled weight decay, "
+                            "as GPT-NeoX's FusedAdam in its default adam_w_mode; `params.adam_w_mode: false` gives "
+                            "L2-style Adam) | AdamW (ours, the same as Adam) | Lion (GPT-NeoX's Lion: sign of the "
+                            "interpolated momentum, decoupled weight decay, betas default [0.9, 0.99]) | SGD "
+                            "(momentum, L2 weight decay) | cpu_adam (DeepSpeed's DeepSpeedCPUAdam, JIT-built on first "
+                            "use; CPU runs only, ZeRO offload is not built; `cpu_torch_adam` is the same, as in "
+                            "GPT-NeoX). onebitadam, sm3, madgrad_wd and DeepSpeed's other types are refused.")
+    lr: float = opt(1.0e-3, "Peak learning rate (`optimizer.params.lr`; GPT-NeoX's default 0.001). A top-level `lr` "
+                            "key also lands here.")
+    betas: Optional[list] = opt(None, "[beta1, beta2] (`optimizer.params.betas`); None = the optimizer's own default: "
+                                      "[0.9, 0.999] for Adam/AdamW/cpu_adam, [0.9, 0.99] for Lion.", derived=True)
+    eps: float = opt(1.0e-8, "Adam(W) / cpu_adam epsilon (`optimizer.params.eps`).")
     momentum: float = opt(0.0, "SGD momentum (`optimizer.params.momentum`).")
-    weight_decay: float = opt(0.01, "Weight decay. GPT-NeoX top-level `weight-decay` and "
-                                    "`optimizer.params.weight_decay` both map here.")
-    params: dict = opt({}, "The whole resolved `optimizer.params` block (lr, betas, eps, weight_decay and any other "
-                           "optimizer argument such as `torch_adam`), passed to DeepSpeed verbatim.")
+    weight_decay: float = opt(0.1, "Weight decay of the matrices (biases and norm weights never decay). GPT-NeoX "
+                                   "top-level `weight-decay` (default 0.1) and `optimizer.params.weight_decay` both "
+                                   "map here.")
+    params: dict = opt({}, "The whole resolved `optimizer.params` block: lr, betas, eps, weight_decay and the other "
+                           "arguments the type accepts (Adam/AdamW: adam_w_mode, bias_correction: true, amsgrad: "
+                           "false, torch_adam, set_grad_none; SGD: dampening, nesterov; cpu_adam: adamw_mode, "
+                           "bias_correction, amsgrad: false, fp32_optimizer_states); any other key is refused.")
 
 
 @dataclass
 class LRScheduleConfig:
-    lr_decay_style: str = opt("linear", "Learning-rate decay after warmup: constant | linear | cosine.")
-    lr_decay_iters: Optional[int] = opt(None, "Iterations over which the rate decays to `min_lr` (None -> train_iters).",
+    lr_decay_style: str = opt("linear", "Learning-rate decay after warmup, GPT-NeoX AnnealingLR formulas on the count "
+                                        "n of optimizer steps taken so far (T = lr_decay_iters - warmup_iters, t = n - "
+                                        "warmup_iters): constant (lr) | linear (lr x (T - t) / T) | cosine (min_lr + "
+                                        "(lr - min_lr) / 2 x (1 + cos(pi t / T)); rises again past lr_decay_iters, as "
+                                        "in GPT-NeoX) | exponential (lr x exp(-0.693 t / T): halves over T) | wsd "
+                                        "(ours: warmup-stable-decay, see wsd_decay_fraction). Every style is floored "
+                                        "at min_lr.")
+    lr_decay_iters: Optional[int] = opt(None, "Iterations over which the rate decays (None -> floor(train_iters x "
+                                              "lr_decay_fraction) when that is set, else train_iters; at least 1).",
                                         derived=True)
+    lr_decay_fraction: Optional[float] = opt(None, "GPT-NeoX: decay over floor(fraction x train_iters) iterations "
+                                                   "(useful with train_epochs); give it or lr_decay_iters, not both.")
     min_lr: float = opt(0.0, "Floor of the decayed learning rate.")
-    warmup: float = opt(0.01, "Linear warmup length as a FRACTION of lr_decay_iters (GPT-NeoX meaning).")
-    warmup_iters: Optional[int] = opt(None, "Warmup in iterations; derived as round(warmup * lr_decay_iters) unless "
-                                            "`warmup-iters` is given explicitly.", derived=True)
+    warmup: float = opt(0.01, "Linear warmup length as a FRACTION of lr_decay_iters (GPT-NeoX meaning); the step "
+                              "count is warmup x lr_decay_iters, unrounded as in GPT-NeoX.")
+    warmup_iters: Optional[float] = opt(None, "Warmup in iterations (ours); derived as warmup x lr_decay_iters "
+                                              "(may be fractional, as GPT-NeoX computes it) unless `warmup-iters` is "
+                                              "given. During warmup lr = lr x max(1, n) / warmup_iters.",
+                                        derived=True)
+    override_lr_scheduler: bool = opt(False, "GPT-NeoX: on resume take lr, min_lr, warmup, lr_decay_iters and the "
+                                             "decay style from this config, and only the step count from the "
+                                             "checkpoint.")
+    use_checkpoint_lr_scheduler: bool = opt(False, "GPT-NeoX: on resume take lr, min_lr, warmup, lr_decay_iters and "
+                                                   "the decay style from the checkpoint, ignoring this config. With "
+                                                   "neither key a resume whose schedule values differ from the "
+                                                   "checkpoint's stops with one line naming them (GPT-NeoX asserts).")
+    wsd_decay_fraction: float = opt(0.1, "lr_decay_style wsd (ours; GPT-NeoX has no WSD): the last fraction of the "
+                                         "post-warmup span (lr_decay_iters - warmup_iters) that decays from lr to "
+                                         "min_lr; before it the rate stays at lr; after lr_decay_iters it is min_lr.")
+    wsd_decay_style: str = opt("linear", "lr_decay_style wsd (ours): shape of the decay phase, p from 0 to 1: linear "
+                                         "(1 - p) | cosine ((1 + cos(pi p)) / 2) | 1-sqrt (1 - sqrt(p)), scaling "
+                                         "lr - min_lr above min_lr.")
 
 
 @dataclass
@@ -79,7 +114,22 @@ class TokenizerConfig:
 
 @dataclass
 class TrainingConfig:
-    train_iters: Optional[int] = opt(None, "Number of optimizer steps to train (required for training).")
+    train_iters: Optional[int] = opt(None, "Number of optimizer steps to train (this or train_epochs is required for "
+                                           "training).")
+    train_epochs: Optional[int] = opt(None, "GPT-NeoX: train for this many passes over the training split instead "
+                                            "of train_iters: train_iters = (micro-batches of one epoch per data-"
+                                            "parallel rank x epochs) // gradient_accumulation_steps, the epoch being "
+                                            "all samples of the train split (one pass, shuffled once) cut to whole "
+                                            "global micro-batches; later epochs repeat the first one's order. Not "
+                                            "with train_iters, weight_by_num_documents or unequal "
+                                            "train_data_weights.")
+    exit_interval: Optional[int] = opt(None, "GPT-NeoX: stop (exit 0) after the first iteration divisible by this "
+                                             "value, once that iteration's checkpoint and validation are done; no "
+                                             "extra checkpoint, no final save or test evaluation (pair it with "
+                                             "checkpoint_factor).")
+    fp32_allreduce: bool = opt(False, "GPT-NeoX: gradients are all-reduced in fp32 across data-parallel ranks "
+                                      "(DeepSpeed `communication_data_type: fp32`) and tensor-parallel reductions "
+                                      "run in fp32, cast back to the activation dtype.")
     train_batch_size: Optional[int] = opt(None, "Global batch = micro x grad-accum x data-parallel size. Give any two "
                                                 "of the three batch keys; all three must be consistent.", derived=True)
     train_micro_batch_size_per_gpu: Optional[int] = opt(None, "Sequences per forward/backward per rank.",
@@ -136,6 +186,11 @@ class CheckpointConfig:
     keep_last_n_checkpoints: Optional[int] = opt(None, "Delete older checkpoints, keeping the last N (None = keep all).")
     no_load_optim: bool = opt(False, "Resume weights only, not the optimizer state.")
     no_load_rng: bool = opt(False, "Do not restore RNG states when resuming.")
+    no_save_optim: bool = opt(False, "Write checkpoints without optimizer state (weights, RNG, counters only); "
+                                     "resuming one then needs no_load_optim. GPT-NeoX declares this key but never "
+                                     "reads it.")
+    no_save_rng: bool = opt(False, "GPT-NeoX: write checkpoints without RNG states; resuming one then needs "
+                                   "no_load_rng.")
     finetune: bool = opt(False, "Load weights only and restart the iteration count at 0 (implies no_load_optim).")
     iteration: Optional[int] = opt(None, "Which checkpoint under `load` eval.py, generate.py and the converters read "
                                          "(`global_stepN`); None = the one `latest` names. Training resumes from "
@@ -158,9 +213,58 @@ class LoggingConfig:
     wandb_run_name: Optional[str] = opt(None, "W&B run name (None = generated).")
     wandb_mode: Optional[str] = opt(None, "None | online | offline | disabled (None = the WANDB_MODE environment "
                                           "variable, else online).")
+    wandb_host: Optional[str] = opt(None, "URL of the W&B server (GPT-NeoX `wandb_host`), passed to wandb as its "
+                                          "base_url; None = wandb's own (WANDB_BASE_URL, else https://api.wandb.ai).")
+    wandb_init_all_ranks: bool = opt(False, "GPT-NeoX: start a W&B run on every rank (same project and group, run "
+                                            "name suffixed -rank<R>); the other ranks log their own per-parameter "
+                                            "rows (log_param_norm, log_grad_pct_zeros, log_grad_norm), rank 0 "
+                                            "everything.")
+    use_comet: bool = opt(False, "GPT-NeoX: log to Comet (comet_ml.start; offline with COMET_START_ONLINE=false). "
+                                 "comet_ml is not a dependency: without it the run stops with one line.")
+    comet_workspace: Optional[str] = opt(None, "Comet workspace (None = your default).")
+    comet_project: Optional[str] = opt(None, "Comet project (None = Uncategorized Experiments).")
+    comet_experiment_name: Optional[str] = opt(None, "Comet experiment name (None = generated).")
+    comet_tags: Optional[list] = opt(None, "Tags added to the Comet experiment.")
+    comet_others: Optional[dict] = opt(None, "Extra metadata logged to the Comet experiment (log_others).")
     steps_per_print: int = opt(10, "DeepSpeed: print its own progress line every N steps.")
     wall_clock_breakdown: bool = opt(False, "DeepSpeed: time forward/backward/step separately.")
-    log_grad_norm: bool = opt(True, "Log the global gradient norm.")
+    log_grad_norm: bool = opt(False, "GPT-NeoX: every iteration, the L2 norm of each parameter's gradient as "
+                                     "`gradient_norms/<name>` (this rank's shard under TP/PP/ZeRO-3 gathered in "
+                                     "full). The global norm is logged in every training row as `grad_norm` "
+                                     "regardless.")
+    log_param_norm: bool = opt(False, "GPT-NeoX: every iteration, the L2 norm of each parameter as "
+                                      "`parameter_norms/<name>` (rows of their own in metrics.jsonl, TensorBoard "
+                                      "tags as named).")
+    log_grad_pct_zeros: bool = opt(False, "GPT-NeoX: every iteration, the percentage (0-100) of exactly-zero "
+                                          "gradient entries of each parameter as `pct_grad_zeros/<name>`.")
+    log_optimizer_states: bool = opt(False, "GPT-NeoX: every iteration, the L2 norm of every optimizer state tensor "
+                                            "(e.g. exp_avg, exp_avg_sq) as `optimizer_state_norms/<index>_<state>`, "
+                                            "index = the parameter's position in the optimizer's state dict (under "
+                                            "ZeRO-1/2 rank 0's flat partition per group).")
+    log_gradient_noise_scale: bool = opt(False, "GPT-NeoX: estimate the gradient noise scale B_simple (arXiv "
+                                                "1812.06162) from the step gradient (B_small = train_batch_size) "
+                                                "and its mean over gradient_noise_scale_n_batches steps (B_big), "
+                                                "EMA 0.99 with bias correction; logged as `noise_scale` once "
+                                                "available. ZeRO stage 0 and no pipeline engine only (GPT-NeoX "
+                                                "refuses ZeRO >= 1 too).")
+    gradient_noise_scale_n_batches: int = opt(5, "Steps whose gradients are averaged for B_big.")
+    gradient_noise_scale_cpu_offload: bool = opt(False, "Keep the gradient-noise-scale buffer in CPU memory.")
+    profile: bool = opt(False, "GPT-NeoX: torch.profiler trace of training steps profile_step_start+1 .. "
+                               "profile_step_stop (1-based; GPT-NeoX's schedule: wait profile_step_start steps, warm "
+                               "up 1, record the rest), written to <log_dir>/profile/ as a Chrome/TensorBoard trace "
+                               "(*.pt.trace.json, open in chrome://tracing, Perfetto or TensorBoard's profiler) plus "
+                               "NVTX ranges and cudaProfilerStart/Stop on CUDA for nsys.")
+    profile_step_start: int = opt(10, "GPT-NeoX: steps of this run (resumed runs count from their first step) "
+                                      "before the profiler's warm-up step.")
+    profile_step_stop: int = opt(12, "GPT-NeoX: the step after which profiling stops (> profile_step_start).")
+    memory_profiling: bool = opt(False, "GPT-NeoX: record CUDA allocator history from model set-up and write the "
+                                        "snapshot `mem_snapshot.pickle` (open at pytorch.org/memory_viz) into "
+                                        "memory_profiling_path after each iteration profile_step_start+1 .. "
+                                        "profile_step_stop+1 (1-based, counted from the start of training as "
+                                        "GPT-NeoX does; each overwrites the last). On a CPU run: one log line, "
+                                        "nothing recorded.")
+    memory_profiling_path: Optional[str] = opt(None, "Folder for the CUDA memory snapshot (required with "
+                                                     "memory_profiling).")
     peak_flops: Optional[float] = opt(None, "Peak FLOP/s of one device, for the MFU column (None = no MFU).")
     log_memory: bool = opt(True, "Log peak memory per interval.")
 

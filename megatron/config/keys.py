@@ -83,9 +83,10 @@ FLAT_INDEX = _build_flat_index()
 def all_top_level_names() -> list[str]:
     """Every spelling accepted at the top level (for 'did you mean')."""
     names = {name for _, name in FLAT_INDEX.values()} | set(ALIASES) | set(BLOCK_FIELDS) | set(SECTIONS)
-    from megatron.config.unsupported import NEOX_DEFAULT_ONLY
+    from megatron.config.unsupported import NEOX_DEFAULT_ONLY, NEOX_NO_EFFECT
 
-    names |= DEEPSPEED_PASSTHROUGH | {"scheduler"} | set(NEOX_DEFAULT_ONLY)
+    names |= DEEPSPEED_PASSTHROUGH | {"scheduler", "deepspeed_extra_args"} | set(NEOX_DEFAULT_ONLY)
+    names |= set(NEOX_NO_EFFECT)
     return sorted(names)
 
 

@@ -23,7 +23,7 @@ from megatron.config.keys import (
     suggest,
 )
 from megatron.config.neox import DERIVED_KEYS_KEY, SECTIONS, derivable_fields
-from megatron.config.unsupported import NEOX_DEFAULT_ONLY, check_default_only
+from megatron.config.unsupported import NEOX_DEFAULT_ONLY, NEOX_NO_EFFECT, check_default_only, check_no_effect
 from megatron.config.yaml_io import parse_scalar
 
 EXTRA = "deepspeed_extra"
@@ -89,6 +89,47 @@ def _section_block(canon: _Canon, section: str, block: dict, spelled: str) -> No
         canon.put(section, fields[n], value, f"{spelled}.{key}")
 
 
+# DeepSpeed config keys ``deepspeed_extra_args`` may hold (GPT-NeoX merges that dict into the DeepSpeed config).
+DEEPSPEED_EXTRA_KEYS = frozenset(set(BLOCK_FIELDS) | DEEPSPEED_PASSTHROUGH | {
+    "scheduler", "optimizer", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "fp32_allreduce"})
+
+
+def _deepspeed_extra_args(canon: _Canon, block: Any, spelled: str) -> None:
+    """GPT-NeoX's ``deepspeed_extra_args``: DeepSpeed keys merged into the DeepSpeed config. Each entry is read as the
+    same key written at the top level, so the trainer sees what DeepSpeed gets; one also given at the top level of the
+    same source is refused like any key spelled twice."""
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise ConfigError(f"{canon.source}: key {spelled!r}: expected a mapping of DeepSpeed config keys, got "
+                          f"{block!r} ({type(block).__name__})")
+    for key, value in block.items():
+        n = norm(key)
+        if n not in DEEPSPEED_EXTRA_KEYS:
+            raise ConfigError(f"{canon.source}: '{spelled}.{key}': not a DeepSpeed config key"
+                              f"{suggest(n, sorted(DEEPSPEED_EXTRA_KEYS))}; deepspeed_extra_args holds DeepSpeed keys "
+                              f"such as communication_data_type or data_types")
+        _one_key(canon, str(key), value, f"{spelled}.{key}")
+
+
+def _one_key(canon: _Canon, key: str, value: Any, spelled: str) -> None:
+    n = norm(key)
+    source = canon.source
+    if n == "optimizer":
+        _optimizer_block(canon, value, spelled)
+    elif n in BLOCK_FIELDS:
+        section, name = BLOCK_FIELDS[n]
+        canon.put(section, name, value, spelled)
+    elif n in DEEPSPEED_PASSTHROUGH or n == "scheduler":
+        canon.put(EXTRA, n, value, spelled)
+    elif n in NEOX_NO_EFFECT:
+        check_no_effect(n, value, source)
+    else:
+        section, name = lookup_flat(n)
+        canon.put(section, name, value, spelled)
+
+
 def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
     """One source's raw mapping -> (canonical nested dict, origins). Unknown keys raise ConfigError."""
     canon = _Canon(source)
@@ -96,7 +137,9 @@ def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
         if not isinstance(key, str):
             raise ConfigError(f"{source}: key {key!r} is not a string")
         n = norm(key)
-        if n == "optimizer":
+        if n == "deepspeed_extra_args":
+            _deepspeed_extra_args(canon, value, key)
+        elif n == "optimizer":
             _optimizer_block(canon, value, key)
         elif n in SECTIONS and isinstance(value, dict):
             _section_block(canon, n, value, key)
@@ -116,6 +159,8 @@ def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
             continue
         elif n in NEOX_DEFAULT_ONLY:
             check_default_only(n, value, source)
+        elif n in NEOX_NO_EFFECT:
+            check_no_effect(n, value, source)
         elif lookup_flat(n) is not None:
             section, name = lookup_flat(n)
             canon.put(section, name, value, key)

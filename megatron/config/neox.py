@@ -167,6 +167,8 @@ class NeoXConfig:
         ds["wall_clock_breakdown"] = self.logging.wall_clock_breakdown
         for key, value in self.deepspeed_extra.items():
             ds[key] = copy.deepcopy(value)
+        if t.fp32_allreduce:  # GPT-NeoX's key: DeepSpeed all-reduces the gradients in fp32
+            ds["communication_data_type"] = "fp32"
         return ds
 
     # ------------------------------------------------------------------ checks for consumers

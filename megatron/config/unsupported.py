@@ -14,22 +14,27 @@ from megatron.config.errors import ConfigError, Where, unknown_source
 # GPT-NeoX keys for features not built here. They are accepted at their GPT-NeoX default (configs copied from
 # GPT-NeoX often spell the default out) and refused otherwise. Delete a row when the feature lands.
 NEOX_DEFAULT_ONLY: dict[str, object] = {
-    "fp32_allreduce": False,
     "apply_query_key_layer_scaling": False,
     "use_cpu_initialization": False,
     "reset_position_ids": False,
     "reset_attention_mask": False,
-    "log_param_norm": False,
-    "log_gradient_noise_scale": False,
-    "log_grad_pct_zeros": False,
-    "log_optimizer_states": False,
     "char_level_ppl": False,
-    "use_checkpoint_lr_scheduler": False,
-    "override_lr_scheduler": False,
     "checkpoint_validation_with_forward_pass": False,
     "num_unique_layers": None,
     "sparsity_config": None,
     "opt_pos_emb_offset": 0,
+}
+
+# GPT-NeoX's flat fp16 loss-scale keys: declared, but GPT-NeoX stopped passing them to DeepSpeed in 2021 (loss
+# scaling is the DeepSpeed fp16 block's), so they change nothing there. Accepted at the GPT-NeoX default; any other
+# value is refused, since honouring it would make the config train differently here and in GPT-NeoX.
+# key -> (GPT-NeoX default, the fp16-block key that does the job)
+NEOX_NO_EFFECT: dict[str, tuple[object, str]] = {
+    "loss_scale": (None, "loss_scale"),
+    "loss_scale_window": (1000.0, "loss_scale_window"),
+    "hysteresis": (2, "hysteresis"),
+    "min_scale": (1.0, "min_loss_scale"),
+    "dynamic_loss_scale": (None, "loss_scale (0 = dynamic)"),
 }
 
 _OFFLOAD_KEYS = ("cpu_offload", "cpu_offload_params", "offload_optimizer", "offload_param")
@@ -69,6 +74,16 @@ def check_default_only(key: str, value: object, source: str) -> None:
         shown = "null" if default is None else repr(default).lower() if isinstance(default, bool) else repr(default)
         raise ConfigError(f"{source}: {key}={value!r}: not supported yet (the GPT-NeoX feature behind this key is not "
                           f"built); remove the key or set it to {shown}")
+
+
+def check_no_effect(key: str, value: object, source: str) -> None:
+    """A NEOX_NO_EFFECT key is fine at GPT-NeoX's default (``dynamic_loss_scale: true`` is what GPT-NeoX derives for
+    the default ``loss_scale: null``); another value names the fp16-block key that does what was meant."""
+    default, block_key = NEOX_NO_EFFECT[key]
+    if value == default or (key == "dynamic_loss_scale" and value is True):
+        return
+    raise ConfigError(f"{source}: {key}={value!r}: GPT-NeoX does not pass the flat loss-scale keys to DeepSpeed "
+                      f"(they have no effect there); set fp16.{block_key} in the DeepSpeed fp16 block instead")
 
 
 def check_unsupported(cfg, where: Where = unknown_source) -> None:

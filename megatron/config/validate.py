@@ -19,13 +19,14 @@ from megatron.config.generation import check_generation
 from megatron.config.layout import check_layout
 from megatron.config.merge import EXTRA, Origins
 from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, NeoXConfig
+from megatron.config import training_checks
 from megatron.config.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
 from megatron.config.unsupported import check_unsupported
 
 logger = logging.getLogger("megatron.config")
 
-OPTIMIZER_TYPES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
+OPTIMIZER_TYPES = training_checks.OPTIMIZER_TYPES
+LR_DECAY_STYLES = training_checks.LR_DECAY_STYLES
 TOKENIZER_TYPES = ("HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -135,21 +136,8 @@ def _check_model(m, ctx: _Ctx) -> None:
     m.attention_config = derived.expand_attention_config(m.attention_config, m.num_layers)
 
 
-def _check_optimizer(o, ctx: _Ctx) -> None:
-    o.type = _one_of(ctx, "optimizer", "type", o.type.lower() if isinstance(o.type, str) else o.type,
-                     tuple(OPTIMIZER_TYPES))
-    o.type = OPTIMIZER_TYPES[o.type]
-    if o.lr <= 0:
-        raise ctx.err("optimizer", "lr", o.lr, "a learning rate > 0")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ctx.err("optimizer", "betas", o.betas, "two values in [0, 1), e.g. [0.9, 0.95]")
-    _at_least(ctx, "optimizer", "eps", o.eps, 0.0)
-    _at_least(ctx, "optimizer", "weight_decay", o.weight_decay, 0.0)
-    _at_least(ctx, "optimizer", "momentum", o.momentum, 0.0)
-    typed = {"lr": o.lr, "weight_decay": o.weight_decay}
-    typed.update({"momentum": o.momentum} if o.type == "SGD" else {"betas": list(o.betas), "eps": o.eps})
-    extras = {k: v for k, v in (o.params or {}).items() if k not in ("lr", "betas", "eps", "momentum", "weight_decay")}
-    o.params = {**typed, **extras}
+def _check_optimizer(o, merged_optimizer: dict, ctx: _Ctx) -> None:
+    training_checks.check_optimizer(o, merged_optimizer, ctx)
 
 
 WorldSize = Union[int, Callable[[Any], int], None]
@@ -302,18 +290,8 @@ def _resolve_zero(t, ctx: _Ctx) -> None:
     t.zero_stage = stage
 
 
-def _resolve_schedule(s, t, merged_schedule: dict, ctx: _Ctx) -> None:
-    s.lr_decay_style = _one_of(ctx, "lr_schedule", "lr_decay_style", s.lr_decay_style, LR_DECAY_STYLES,
-                               normalise=True)
-    _at_least(ctx, "lr_schedule", "lr_decay_iters", s.lr_decay_iters, 1)
-    _at_least(ctx, "lr_schedule", "min_lr", s.min_lr, 0.0)
-    _at_least(ctx, "lr_schedule", "warmup_iters", s.warmup_iters, 0)
-    if not 0.0 <= s.warmup <= 1.0:
-        raise ctx.err("lr_schedule", "warmup", s.warmup, "a fraction of lr_decay_iters in [0, 1]")
-    if s.lr_decay_iters is None:
-        s.lr_decay_iters = t.train_iters
-    if merged_schedule.get("warmup_iters") is None:
-        s.warmup_iters = None if s.lr_decay_iters is None else derived.warmup_iters(s.warmup, s.lr_decay_iters)
+def _resolve_schedule(s, t, optimizer, merged_schedule: dict, ctx: _Ctx) -> None:
+    training_checks.resolve_schedule(s, t, optimizer, merged_schedule, ctx)
 
 
 def _check_data(d, ctx: _Ctx) -> None:
@@ -394,13 +372,15 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
     # Refuse unbuilt features before deriving from them (e.g. TP=2 would first fail the world-size division).
     extra = dict(merged.get(EXTRA, {}))
     check_unsupported(SimpleNamespace(**objs, deepspeed_extra=extra), lambda key: ctx._by_field.get(key, "config"))
-    _check_optimizer(objs["optimizer"], ctx)
+    _check_optimizer(objs["optimizer"], merged.get("optimizer", {}), ctx)
     _resolve_parallel(parallel, objs["launcher"], training.device, world_size, ctx)
     _resolve_zero(training, ctx)
     _resolve_layout(model, parallel, training.zero_stage, ctx)
     _resolve_training(training, parallel, merged.get("training", {}), ctx)
     model.precision = training.precision
-    _resolve_schedule(objs["lr_schedule"], training, merged.get("lr_schedule", {}), ctx)
+    _resolve_schedule(objs["lr_schedule"], training, objs["optimizer"], merged.get("lr_schedule", {}), ctx)
+    training_checks.check_run_keys(objs, ctx)
+    training_checks.check_fp32_allreduce(training, extra, ctx)
     _check_data(objs["data"], ctx)
     _check_rest(objs, ctx)
     check_generation(objs["generation"], ctx.where("generation"))
@@ -419,8 +399,8 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
 def check_training_ready(cfg: NeoXConfig) -> None:
     """The keys ``train.py`` cannot do without; partial configs (e.g. training-free SepLLM blocks) skip this."""
     missing = []
-    if cfg.training.train_iters is None:
-        missing.append("train_iters")
+    if cfg.training.train_iters is None and cfg.training.train_epochs is None:
+        missing.append("train_iters (or train_epochs)")
     d = cfg.data
     if d.data_path is None and not d.train_data_paths:
         missing.append("train_data_paths (or data_path)")

@@ -59,6 +59,7 @@ class TPInfo:
     rank: int
     size: int
     sequence_parallel: bool
+    fp32_allreduce: bool = False  # GPT-NeoX: sums over the TP group run in fp32 (see tp_comm)
 
     def __deepcopy__(self, memo: dict) -> "TPInfo":
         return self  # immutable, and a ProcessGroup cannot be copied: copies of the model share the group
@@ -97,8 +98,8 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        group = self.tp.group
-        x = tp_comm.gather_seq(x, group) if self.tp.sequence_parallel else tp_comm.copy_to_tp(x, group)
+        group, fp32 = self.tp.group, self.tp.fp32_allreduce
+        x = tp_comm.gather_seq(x, group, fp32) if self.tp.sequence_parallel else tp_comm.copy_to_tp(x, group, fp32)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -115,8 +116,9 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight)
-        group = self.tp.group
-        y = tp_comm.reduce_scatter_seq(y, group) if self.tp.sequence_parallel else tp_comm.reduce_from_tp(y, group)
+        group, fp32 = self.tp.group, self.tp.fp32_allreduce
+        y = (tp_comm.reduce_scatter_seq(y, group, fp32) if self.tp.sequence_parallel
+             else tp_comm.reduce_from_tp(y, group, fp32))
         return y + self.bias if self.bias is not None else y
 
 
@@ -138,7 +140,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.num_embeddings_per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return tp_comm.reduce_from_tp(out, self.tp.group)
+        return tp_comm.reduce_from_tp(out, self.tp.group, self.tp.fp32_allreduce)
 
 
 # ---------------------------------------------------------------------------------------------------- dropout RNG
@@ -198,6 +200,10 @@ def _replace_linear(model: GPTModel, path: str, cls: type, info: TPInfo) -> None
 
 
 def _allreduce_grad(info: TPInfo, grad: Tensor) -> Tensor:
+    if info.fp32_allreduce and grad.dtype == torch.bfloat16:  # GPT-NeoX upcasts these for bf16 only
+        summed = grad.float().contiguous()
+        dist.all_reduce(summed, group=info.group)
+        return summed.to(grad.dtype)
     grad = grad.contiguous().clone()
     dist.all_reduce(grad, group=info.group)
     return grad
@@ -224,20 +230,22 @@ def _scatter_seq_hook(info: TPInfo, module: nn.Module, args: Any, out: Tensor) -
 
 
 def _gather_seq_hook(info: TPInfo, module: nn.Module, args: Any, out: Tensor) -> Tensor:
-    return tp_comm.gather_seq(out, info.group)
+    return tp_comm.gather_seq(out, info.group, info.fp32_allreduce)
 
 
 def _copy_to_tp_hook(info: TPInfo, module: nn.Module, args: Any, out: Tensor) -> Tensor:
-    return tp_comm.copy_to_tp(out, info.group)
+    return tp_comm.copy_to_tp(out, info.group, info.fp32_allreduce)
 
 
-def apply_tensor_parallel(model: GPTModel, tp_mesh_or_group: Any, sequence_parallel: bool = False) -> GPTModel:
+def apply_tensor_parallel(model: GPTModel, tp_mesh_or_group: Any, sequence_parallel: bool = False,
+                          fp32_allreduce: bool = False) -> GPTModel:
     """Shard ``model`` (built and initialised identically on every TP rank) over the TP group, in place.
 
     ``tp_mesh_or_group``: the 1-D ``"tp"`` ``DeviceMesh``, a ``ParallelGroups``, or a ``ProcessGroup``. Returns the
     same model, whose forward now returns vocab-sharded logits ``[B, S, V / tp]`` (see :func:`vocab_parallel_lm_loss`,
     :func:`gather_logits`). Call it before building the optimizer / DeepSpeed engine. TP size 1 with
-    ``sequence_parallel=False`` leaves the model untouched.
+    ``sequence_parallel=False`` leaves the model untouched. ``fp32_allreduce`` (GPT-NeoX's key) sums activations
+    and gradients over the TP group in fp32.
     """
     if not isinstance(model, GPTModel):
         raise TensorParallelError(f"apply_tensor_parallel expects a GPTModel, got {type(model).__name__}")
@@ -247,7 +255,8 @@ def apply_tensor_parallel(model: GPTModel, tp_mesh_or_group: Any, sequence_paral
     if not dist.is_initialized():
         raise TensorParallelError("apply_tensor_parallel: torch.distributed is not initialised")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    info = TPInfo(group=group, rank=rank, size=size, sequence_parallel=bool(sequence_parallel))
+    info = TPInfo(group=group, rank=rank, size=size, sequence_parallel=bool(sequence_parallel),
+                  fp32_allreduce=bool(fp32_allreduce))
     if size == 1 and not sequence_parallel:
         return model
     check_tp_split(model.cfg, size, sequence_parallel)

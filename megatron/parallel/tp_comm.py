@@ -14,6 +14,9 @@ function               forward                                     backward
 ``gather_last_dim``    all-gather on the last dim                  keep this rank's chunk
 =====================  ==========================================  ===========================================
 
+``fp32=True`` (GPT-NeoX's ``fp32_allreduce``) runs every sum (all-reduce, reduce-scatter) of a bf16 / fp16 tensor in
+fp32 and casts the result back; gathers and chunks move values unchanged and ignore it.
+
 The communication itself is ``torch.distributed`` (gloo on CPU, NCCL on GPU); gloo has no reduce-scatter, so there it
 is an all-reduce followed by taking the local chunk (same values). The sequence dim of the model's activations is 1
 (``[batch, seq, hidden]``).
@@ -38,7 +41,11 @@ def _rank(group: Any) -> int:
     return dist.get_rank(group)
 
 
-def _all_reduce(x: Tensor, group: Any) -> Tensor:
+def _all_reduce(x: Tensor, group: Any, fp32: bool = False) -> Tensor:
+    if fp32 and x.dtype != torch.float32:
+        y = x.float().contiguous()
+        dist.all_reduce(y, group=group)
+        return y.to(x.dtype)
     x = x.contiguous().clone()
     dist.all_reduce(x, group=group)
     return x
@@ -59,10 +66,12 @@ def _chunk(x: Tensor, dim: int, group: Any) -> Tensor:
     return x.chunk(size, dim=dim)[_rank(group)].contiguous()
 
 
-def _reduce_scatter(x: Tensor, dim: int, group: Any) -> Tensor:
+def _reduce_scatter(x: Tensor, dim: int, group: Any, fp32: bool = False) -> Tensor:
     size = _size(group)
     if x.shape[dim] % size:
         _chunk(x, dim, group)  # raises the clear error
+    if fp32 and x.dtype != torch.float32:
+        return _reduce_scatter(x.float(), dim, group).to(x.dtype)
     if dist.get_backend(group) == "nccl":
         moved = x.movedim(dim, 0).contiguous()
         out = torch.empty((moved.shape[0] // size,) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
@@ -73,45 +82,45 @@ def _reduce_scatter(x: Tensor, dim: int, group: Any) -> Tensor:
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
+    def forward(ctx, x: Tensor, group: Any, fp32: bool) -> Tensor:  # type: ignore[override]
+        ctx.group, ctx.fp32 = group, fp32
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _all_reduce(grad, ctx.group), None
+        return _all_reduce(grad, ctx.group, ctx.fp32), None, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        return _all_reduce(x, group)
+    def forward(ctx, x: Tensor, group: Any, fp32: bool) -> Tensor:  # type: ignore[override]
+        return _all_reduce(x, group, fp32)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return grad, None
+        return grad, None, None
 
 
 class _GatherSeq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
+    def forward(ctx, x: Tensor, group: Any, fp32: bool) -> Tensor:  # type: ignore[override]
+        ctx.group, ctx.fp32 = group, fp32
         return _all_gather(x, SEQ_DIM, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _reduce_scatter(grad, SEQ_DIM, ctx.group), None
+        return _reduce_scatter(grad, SEQ_DIM, ctx.group, ctx.fp32), None, None
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, group: Any, fp32: bool) -> Tensor:  # type: ignore[override]
         ctx.group = group
-        return _reduce_scatter(x, SEQ_DIM, group)
+        return _reduce_scatter(x, SEQ_DIM, group, fp32)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _all_gather(grad, SEQ_DIM, ctx.group), None
+        return _all_gather(grad, SEQ_DIM, ctx.group), None, None
 
 
 class _ScatterSeq(torch.autograd.Function):
@@ -136,24 +145,24 @@ class _GatherLastDim(torch.autograd.Function):
         return _chunk(grad, -1, ctx.group), None
 
 
-def copy_to_tp(x: Tensor, group: Any) -> Tensor:
+def copy_to_tp(x: Tensor, group: Any, fp32: bool = False) -> Tensor:
     """Enter a tensor-parallel region (input of a column-parallel layer)."""
-    return _CopyToTP.apply(x, group)
+    return _CopyToTP.apply(x, group, fp32)
 
 
-def reduce_from_tp(x: Tensor, group: Any) -> Tensor:
+def reduce_from_tp(x: Tensor, group: Any, fp32: bool = False) -> Tensor:
     """Leave a tensor-parallel region by summing partial results (output of a row-parallel layer)."""
-    return _ReduceFromTP.apply(x, group)
+    return _ReduceFromTP.apply(x, group, fp32)
 
 
-def gather_seq(x: Tensor, group: Any) -> Tensor:
+def gather_seq(x: Tensor, group: Any, fp32: bool = False) -> Tensor:
     """Sequence-parallel -> full sequence (input of a column-parallel layer under sequence parallelism)."""
-    return _GatherSeq.apply(x, group)
+    return _GatherSeq.apply(x, group, fp32)
 
 
-def reduce_scatter_seq(x: Tensor, group: Any) -> Tensor:
+def reduce_scatter_seq(x: Tensor, group: Any, fp32: bool = False) -> Tensor:
     """Partial sums -> this rank's summed sequence chunk (output of a row-parallel layer under sequence parallelism)."""
-    return _ReduceScatterSeq.apply(x, group)
+    return _ReduceScatterSeq.apply(x, group, fp32)
 
 
 def scatter_seq(x: Tensor, group: Any) -> Tensor:

@@ -253,12 +253,13 @@ def _first_error(local: str | None) -> str | None:
 def _write_rank_files(tmp: Path, engine: Any, rank: int, world_size: int, iteration: int,
                       client_state: dict[str, Any], config_yaml: str | None, layout: CheckpointLayout,
                       module_state: dict[str, torch.Tensor] | None, optim_state: dict[str, Any] | None,
-                      writes_model: bool) -> None:
+                      writes_model: bool, save_optim: bool = True, save_rng: bool = True) -> None:
     if writes_model:
         _torch_save(module_state, tmp / layout.model_file())
     if optim_state is not None:
         _torch_save(optim_state, tmp / f"optim_rank{rank}.pt")
-    _torch_save(capture_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if save_rng:
+        _torch_save(capture_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -268,6 +269,8 @@ def _write_rank_files(tmp: Path, engine: Any, rank: int, world_size: int, iterat
             "tensor_parallel_size": layout.tp_size,
             "pipe_parallel_size": layout.pp_size,
             "optimizer_per_rank": layout.per_rank_optimizer,
+            "has_optimizer": save_optim,
+            "has_rng": save_rng,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_version": torch.__version__,
             "param_shapes": {k: list(v.shape) for k, v in (module_state or {}).items()},
@@ -281,12 +284,15 @@ def _write_rank_files(tmp: Path, engine: Any, rank: int, world_size: int, iterat
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *, rank: int, world_size: int,
                     client_state: dict[str, Any], config_yaml: str | None = None,
                     keep_last_n: int | None = None, layout: CheckpointLayout | None = None,
-                    module_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    module_state: dict[str, torch.Tensor] | None = None, save_optim: bool = True,
+                    save_rng: bool = True) -> Path:
     """Write ``global_step{iteration}`` atomically on every rank (collective call); returns its final path.
 
     ``client_state`` must be JSON-serialisable (iteration counters, consumed samples, LR schedule state...).
     ``module_state`` replaces ``engine.module.state_dict()`` (a pipeline engine passes the gathered GPTModel
-    layout); ``layout`` says which module/optimizer files this rank writes under TP / PP. Raises
+    layout); ``layout`` says which module/optimizer files this rank writes under TP / PP; ``save_optim`` /
+    ``save_rng`` False leave the optimizer / RNG files out (``no_save_optim`` / ``no_save_rng``, recorded in
+    ``meta.json``). Raises
     :class:`CheckpointSaveError` on every rank when any rank fails to write: the temp folder is removed, the
     previous checkpoint and ``latest`` stay as they were.
     """
@@ -317,7 +323,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
         if module_state is not None:
             module_state = {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
         optim_state = None
-        if rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer:
+        if save_optim and (rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer):
             optim_state = dict(engine.optimizer.state_dict())
             optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
             optim_state = _to_plain(optim_state)
@@ -326,7 +332,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
         local = None
         try:
             _write_rank_files(tmp, engine, rank, world_size, iteration, client_state, config_yaml, layout,
-                              module_state, optim_state, writes_model)
+                              module_state, optim_state, writes_model, save_optim, save_rng)
         except OSError as exc:
             local = _io_error(exc)
         error = _first_error(local)
@@ -523,6 +529,12 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
         check_model_shapes(module_state, engine.module, ckpt)
         engine.module.load_state_dict(module_state, strict=True)
 
+    if load_optim and not meta.get("has_optimizer", True):
+        raise CheckpointError(f"checkpoint {ckpt} was saved without optimizer state (no_save_optim); set "
+                              f"no_load_optim to resume from its weights")
+    if load_rng and not meta.get("has_rng", True):
+        raise CheckpointError(f"checkpoint {ckpt} was saved without RNG states (no_save_rng); set no_load_rng to "
+                              f"resume from it")
     if load_optim:
         saved = (int(meta.get("tensor_parallel_size", 1)), int(meta.get("pipe_parallel_size", 1)))
         if saved != (layout.tp_size, layout.pp_size):

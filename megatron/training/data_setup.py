@@ -96,8 +96,10 @@ def check_token_ids(data_cfg: Any, vocab_size: int, tokenizer_name: str) -> None
             raise ConfigError(f"data {prefix}: negative token id {found.min_id}; the .bin file is not token data")
 
 
-def build_datasets(cfg: Any, global_batch: int, train_iters: int) -> SplitDatasets:
-    """Train/valid/test datasets sized for ``train_iters`` steps and the evaluation schedule.
+def build_datasets(cfg: Any, global_batch: int, train_iters: int | None,
+                   splits: tuple[bool, bool, bool] = (True, True, True)) -> SplitDatasets:
+    """Train/valid/test datasets sized for ``train_iters`` steps and the evaluation schedule (``splits`` picks
+    which are built; ``train_iters`` None builds the train split for exactly one pass, see train_epochs).
 
     Validation always evaluates the same first ``eval_iters`` global batches of the valid split, so valid losses
     are comparable across evaluations and unaffected by resuming.
@@ -106,8 +108,11 @@ def build_datasets(cfg: Any, global_batch: int, train_iters: int) -> SplitDatase
 
     t, d = cfg.training, cfg.data
     eval_samples = max(t.eval_iters, 0) * global_batch
-    wants_valid = bool(t.eval_interval) and t.eval_interval <= train_iters
-    num_samples = [train_iters * global_batch, eval_samples if wants_valid else 0, eval_samples if t.do_test else 0]
+    wants_valid = train_iters is not None and bool(t.eval_interval) and t.eval_interval <= train_iters
+    # one requested sample builds one epoch (the index maps cover whole epochs)
+    train_samples = 1 if train_iters is None else train_iters * global_batch
+    num_samples = [train_samples if splits[0] else 0, eval_samples if wants_valid and splits[1] else 0,
+                   eval_samples if t.do_test and splits[2] else 0]
     train, valid, test = build_train_valid_test_datasets(
         data_prefixes=[d.data_path] if d.data_path else None,
         data_weights=None,
@@ -124,6 +129,52 @@ def build_datasets(cfg: Any, global_batch: int, train_iters: int) -> SplitDatase
         cache_dir=d.data_cache_dir,
     )
     return SplitDatasets(train=train, valid=valid, test=test)
+
+
+class RepeatedEpochs(torch.utils.data.Dataset):
+    """``total`` samples walking one epoch over and over: sample ``i`` is ``epoch[i % usable]``.
+
+    GPT-NeoX's ``train_epochs``: the train split is built for one pass, its loader drops the last incomplete global
+    micro-batch (``usable`` samples are read per pass) and ``itertools.cycle`` repeats the pass in the same order.
+    Indexing instead of cycling keeps resuming exact (the sampler starts at the consumed sample count)."""
+
+    def __init__(self, epoch: Any, usable: int, total: int) -> None:
+        if usable <= 0:
+            raise DataSetupError(f"train_epochs: one epoch of the train split holds {len(epoch)} samples, fewer than "
+                                 f"one global micro-batch")
+        self.epoch, self.usable, self.total = epoch, int(usable), int(total)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, idx: int) -> Any:
+        if not 0 <= idx < self.total:
+            raise IndexError(f"sample {idx} out of range for {self.total} samples")
+        return self.epoch[idx % self.usable]
+
+
+def epoch_train_iters(epoch_samples: int, micro_batch: int, dp_size: int, gas: int, epochs: int) -> int:
+    """GPT-NeoX's ``train_iters`` for ``train_epochs``: (micro-batches of one epoch per data-parallel rank x epochs)
+    // gradient_accumulation_steps, the loader dropping the last incomplete global micro-batch."""
+    return (epoch_samples // (micro_batch * dp_size)) * epochs // gas
+
+
+def build_epoch_datasets(cfg: Any, micro_batch: int, dp_size: int, gas: int) -> tuple[SplitDatasets, int]:
+    """Datasets for a ``train_epochs`` run and its train_iters: the train split is built for exactly one pass and
+    repeated (:class:`RepeatedEpochs`); validation and test are sized as for a run of that many iterations."""
+    one = build_datasets(cfg, micro_batch * dp_size * gas, None, splits=(True, False, False))
+    if one.train is None or len(one.train) == 0:
+        raise DataSetupError("train_epochs: the training split is empty: check data paths and split")
+    epoch_samples = len(one.train)
+    train_iters = epoch_train_iters(epoch_samples, micro_batch, dp_size, gas, int(cfg.training.train_epochs))
+    if train_iters < 1:
+        raise DataSetupError(f"train_epochs={cfg.training.train_epochs}: one epoch of {epoch_samples} samples gives "
+                             f"no whole step of {micro_batch * dp_size * gas} samples")
+    global_batch = micro_batch * dp_size * gas
+    usable = (epoch_samples // (micro_batch * dp_size)) * micro_batch * dp_size
+    rest = build_datasets(cfg, global_batch, train_iters, splits=(False, True, True))
+    return SplitDatasets(train=RepeatedEpochs(one.train, usable, train_iters * global_batch), valid=rest.valid,
+                         test=rest.test), train_iters
 
 
 def build_loader(dataset: Any, consumed_samples: int, micro_batch: int, dp_rank: int, dp_size: int,

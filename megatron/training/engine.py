@@ -58,6 +58,12 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     ds_config = dict(ds_config)
     ds_config.pop("optimizer", None)  # we always pass a client optimizer
     ds_config.pop("scheduler", None)  # the LR schedule is ours (lr_schedules.AnnealingLR)
+    zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0)
+    if zero_stage >= 1 and "zero_allow_untested_optimizer" not in ds_config:
+        from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+        # Lion and SGD update elementwise, so they are exact on ZeRO's flat partitions; DeepSpeed only lists Adam(W)
+        ds_config["zero_allow_untested_optimizer"] = type(optimizer) not in ZERO_SUPPORTED_OPTIMIZERS
     model = model.to(device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False, mpu=mpu)

@@ -1,8 +1,10 @@
-"""Run logging: console lines, ``metrics.jsonl`` (public contract), TensorBoard and Weights & Biases.
+"""Run logging: console lines, ``metrics.jsonl`` (public contract), TensorBoard, Weights & Biases and Comet.
 
 ``metrics.jsonl`` holds one JSON object per logged event. Training rows carry at least ``iteration``, ``lm_loss``,
 ``lr``, ``grad_norm`` and ``tokens_per_sec``; validation rows ``valid_lm_loss``; the final test row
-``test_lm_loss``. Retention rows carry the SepLLM ``retention/*`` ratios. Only rank 0 writes anything.
+``test_lm_loss``. Retention rows carry the SepLLM ``retention/*`` ratios; diagnostics rows (GPT-NeoX's log_* keys)
+``parameter_norms/*``, ``gradient_norms/*``, ``pct_grad_zeros/*``, ``optimizer_state_norms/*``, ``noise_scale``.
+Only rank 0 writes files; with ``wandb_init_all_ranks`` the other ranks log their per-parameter rows to W&B.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class RunLogger:
     def __init__(self, log_dir: str | os.PathLike | None, *, enabled: bool = True,
                  tensorboard_dir: str | os.PathLike | None = None, wandb_cfg: Mapping[str, Any] | None = None,
                  run_config: Mapping[str, Any] | None = None, train_iters: int | None = None,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, comet_cfg: Mapping[str, Any] | None = None, rank: int = 0) -> None:
         self.enabled = enabled
         self.train_iters = train_iters
         self.stream = stream or sys.stdout
@@ -70,7 +72,12 @@ class RunLogger:
         self._jsonl = None
         self._tb = None
         self._wandb = None
+        self._comet = None
         if not enabled:
+            if wandb_cfg and wandb_cfg.get("all_ranks"):  # GPT-NeoX wandb_init_all_ranks: a run of its own
+                named = dict(wandb_cfg, run_name=f"{wandb_cfg['run_name']}-rank{rank}" if wandb_cfg.get("run_name")
+                             else None)
+                self._wandb = _start_wandb(named, run_config, None)
             return
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +88,10 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
         if wandb_cfg:
             self._wandb = _start_wandb(wandb_cfg, run_config, self.log_dir)
+        if comet_cfg:
+            from megatron.training.comet import start_comet
+
+            self._comet = start_comet(comet_cfg, run_config)
 
     @property
     def metrics_path(self) -> Path | None:
@@ -90,8 +101,18 @@ class RunLogger:
         if self.enabled:
             print(message, file=self.stream, flush=True)
 
+    def log_all_ranks(self, row: Mapping[str, Any]) -> None:
+        """A row every rank computes for its own parameters: rank 0 logs it like any row (no console line), the
+        other ranks to their own W&B run when there is one (GPT-NeoX's all_ranks logging)."""
+        if self.enabled:
+            self.log(row, console=False)
+        elif self._wandb is not None:
+            clean = {_valid_text(str(k)): _clean(v) for k, v in row.items()}
+            self._wandb.log({k: v for k, v in clean.items() if k != "iteration" and isinstance(v, (int, float))},
+                            step=int(clean.get("iteration", 0)))
+
     def log(self, row: Mapping[str, Any], console: bool = True) -> None:
-        """Record one event; ``row['iteration']`` is the step for TensorBoard/wandb."""
+        """Record one event; ``row['iteration']`` is the step for TensorBoard/wandb/Comet."""
         if not self.enabled:
             return
         clean = {_valid_text(str(k)): _clean(v) for k, v in row.items()}
@@ -109,6 +130,8 @@ class RunLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+        if self._comet is not None:
+            self._comet.log_metrics({_tb_tag(k): v for k, v in scalars.items()}, step=step)
 
     def drop_rows_after(self, iteration: int) -> int:
         """Remove rows with ``iteration`` > ``iteration`` from metrics.jsonl (atomic rewrite); returns how many.
@@ -137,6 +160,9 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._comet is not None:
+            self._comet.end()
+            self._comet = None
 
 
 def _row_after(line: str, iteration: int) -> bool:
@@ -166,6 +192,7 @@ def _start_wandb(cfg: Mapping[str, Any], run_config: Mapping[str, Any] | None, l
         raise RuntimeError("use_wandb is set but wandb is not installed: pip install wandb, or set use_wandb false"
                            ) from exc
     mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or "online"
+    settings = wandb.Settings(base_url=cfg["host"]) if cfg.get("host") else None
     return wandb.init(project=cfg.get("project"), group=cfg.get("group"), entity=cfg.get("team"),
                       name=cfg.get("run_name"), mode=mode, config=dict(run_config or {}),
-                      dir=str(log_dir) if log_dir else None, reinit="finish_previous")
+                      dir=str(log_dir) if log_dir else None, reinit="finish_previous", settings=settings)

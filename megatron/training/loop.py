@@ -30,16 +30,19 @@ from megatron.model.loss import lm_loss
 from megatron.training.batches import Batch, make_batch
 from megatron.training.checkpointing import (CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint,
                                              should_save)
-from megatron.training.data_setup import (DataSetupError, build_datasets, build_loader, check_token_ids,
-                                          ensure_data)
+from megatron.config.training_checks import decay_iters
+from megatron.training.data_setup import (DataSetupError, build_datasets, build_epoch_datasets, build_loader,
+                                          check_token_ids, ensure_data)
 from megatron.training.distributed import DistInfo, barrier, init_distributed, set_seed
 from megatron.training.engine import check_device_support, quiet_deepspeed_logs, resolve_device
 from megatron.training.flops import default_peak_flops, flops_per_token, mfu
 from megatron.training.interrupt import StopRequest, TrainingInterrupted
 from megatron.training.logging import RunLogger
+from megatron.training.diagnostics import StepDiagnostics
 from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
 from megatron.training.parallel_setup import ParallelPlan, plan_parallel
 from megatron.training.preflight import check_output_dirs
+from megatron.training.profiling import StepProfiler
 from megatron.training.size_summary import summarize, summary_lines
 from megatron.training.steppers import PlainStepper, Stepper, build_stepper
 from megatron.errors import RunError
@@ -107,8 +110,11 @@ def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> float:
 
 def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: bool,
                on_forward: Any = None, clip: float = 0.0,
-               loss_fn: Any = lm_loss) -> tuple[torch.Tensor, float | None]:
+               loss_fn: Any = lm_loss, on_boundary: Any = None) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``gas`` micro-batches; returns (mean local loss, global grad norm).
+
+    ``on_boundary(engine)`` runs once the step's gradients are final (reduced), before clipping and the update
+    (the per-parameter diagnostics read them there).
 
     ``own_grad_norm`` (ZeRO-0 fp32, where DeepSpeed does not report the norm): we measure the norm at the
     accumulation boundary and clip to ``clip`` ourselves in the same pass (DeepSpeed's clipping is then off). The
@@ -125,6 +131,8 @@ def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: b
         if on_forward is not None:
             on_forward()
         engine.backward(loss)
+        if on_boundary is not None and engine.is_gradient_accumulation_boundary():
+            on_boundary(engine)
         if own_grad_norm and engine.is_gradient_accumulation_boundary():
             # grads are final (all-reduced) at the boundary; one pass gives the norm and clips (a plain model is a
             # tensor-parallel model of size 1 for these two)
@@ -176,8 +184,9 @@ def _build_tokenizer_and_vocab(cfg: Any) -> Any:
 
 
 def _check_supported(cfg: Any) -> None:
-    if cfg.training.train_iters is None or cfg.training.train_iters < 0:
-        raise TrainingError(f"train_iters must be set to a number >= 0, got {cfg.training.train_iters!r}")
+    t = cfg.training
+    if getattr(t, "train_epochs", None) is None and (t.train_iters is None or t.train_iters < 0):
+        raise TrainingError(f"train_iters (or train_epochs) must be set to a number >= 0, got {t.train_iters!r}")
 
 
 def _check_checkpoint_space(cfg: Any, n_params: int, info: DistInfo, logger: RunLogger) -> None:
@@ -204,11 +213,17 @@ def _check_checkpoint_space(cfg: Any, n_params: int, info: DistInfo, logger: Run
 
 
 def _make_scheduler(cfg: Any, train_iters: int) -> AnnealingLR:
+    """GPT-NeoX's schedule for a run of ``train_iters`` steps (lr_decay_iters / warmup_iters derived here when
+    validation could not: configs built in code, train_epochs)."""
     ls = cfg.lr_schedule
-    decay_iters = ls.lr_decay_iters or train_iters
-    warmup_iters = ls.warmup_iters if ls.warmup_iters is not None else resolve_warmup_iters(ls.warmup, decay_iters)
-    return AnnealingLR(max_lr=float(cfg.optimizer.lr), warmup_iters=int(warmup_iters),
-                       lr_decay_iters=int(decay_iters), decay_style=ls.lr_decay_style, min_lr=float(ls.min_lr))
+    decay = ls.lr_decay_iters or decay_iters(train_iters, None, getattr(ls, "lr_decay_fraction", None))
+    warmup = ls.warmup_iters if ls.warmup_iters is not None else resolve_warmup_iters(ls.warmup, decay)
+    scheduler = AnnealingLR(max_lr=float(cfg.optimizer.lr), warmup_iters=float(warmup), lr_decay_iters=int(decay),
+                            decay_style=ls.lr_decay_style, min_lr=float(ls.min_lr),
+                            wsd_decay_fraction=float(getattr(ls, "wsd_decay_fraction", 0.1)),
+                            wsd_decay_style=getattr(ls, "wsd_decay_style", "linear"))
+    scheduler.check_reach(train_iters)
+    return scheduler
 
 
 def _resume(cfg: Any, engine: Any, scheduler: AnnealingLR, info: DistInfo, logger: RunLogger,
@@ -232,7 +247,9 @@ def _resume(cfg: Any, engine: Any, scheduler: AnnealingLR, info: DistInfo, logge
     iteration = int(meta["iteration"])
     consumed = int(client.get("consumed_train_samples", 0))
     if "lr_scheduler" in client:
-        scheduler.load_state_dict(client["lr_scheduler"])
+        ls = cfg.lr_schedule
+        scheduler.load_state_dict(client["lr_scheduler"], override=bool(getattr(ls, "override_lr_scheduler", False)),
+                                  use_checkpoint=bool(getattr(ls, "use_checkpoint_lr_scheduler", False)))
     engine.global_steps = iteration
     engine.global_samples = consumed
     dropped = logger.drop_rows_after(iteration)
@@ -267,12 +284,17 @@ def pretrain(config: Any, *, stream: Any = None) -> TrainResult:
     info = init_distributed(device, cfg.parallel.distributed_backend)
     quiet_deepspeed_logs()
     is_main = info.rank == 0
-    wandb_cfg = None
+    wandb_cfg = comet_cfg = None
     if lg.use_wandb:
         wandb_cfg = {"project": lg.wandb_project, "group": lg.wandb_group, "team": lg.wandb_team,
-                     "run_name": lg.wandb_run_name, "mode": lg.wandb_mode}
+                     "run_name": lg.wandb_run_name, "mode": lg.wandb_mode, "host": lg.wandb_host,
+                     "all_ranks": lg.wandb_init_all_ranks}
+    if lg.use_comet:
+        comet_cfg = {"workspace": lg.comet_workspace, "project": lg.comet_project, "name": lg.comet_experiment_name,
+                     "tags": lg.comet_tags, "others": lg.comet_others}
     logger = RunLogger(lg.log_dir, enabled=is_main, tensorboard_dir=lg.tensorboard_dir, wandb_cfg=wandb_cfg,
-                       run_config=cfg.to_dict(), train_iters=t.train_iters, stream=stream)
+                       run_config=cfg.to_dict(), train_iters=t.train_iters, stream=stream, comet_cfg=comet_cfg,
+                       rank=info.rank)
     try:
         with StopRequest() as stop:
             return _run(cfg, info, device, logger, started, stop)
@@ -301,13 +323,38 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     barrier()
     tok = cfg.tokenizer
     check_token_ids(cfg.data, tokenizer.vocab_size, " ".join(filter(None, (tok.tokenizer_type, tok.vocab_file))))
-    datasets = build_datasets(cfg, global_batch, t.train_iters)
+    train_iters = t.train_iters
+    if t.train_epochs is not None:  # GPT-NeoX: the run length follows from one epoch of the train split
+        datasets, train_iters = build_epoch_datasets(cfg, micro, plan.dp_size, gas)
+        logger.train_iters = train_iters
+        logger.info(f"train_epochs {t.train_epochs}: {train_iters} iterations ({len(datasets.train.epoch)} samples "
+                    f"per epoch)")
+    else:
+        datasets = build_datasets(cfg, global_batch, train_iters)
 
+    profiler = StepProfiler(lg, lg.log_dir, device, info.rank, logger.info)  # memory history from model set-up
+    try:
+        return _train(cfg, info, device, logger, started, stop, tokenizer, plan, ds_config, own_norm, datasets,
+                      train_iters, profiler)
+    finally:
+        profiler.close()
+
+
+def _train(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: float, stop: StopRequest,
+           tokenizer: Any, plan: ParallelPlan, ds_config: dict, own_norm: bool, datasets: Any, train_iters: int,
+           profiler: StepProfiler) -> TrainResult:
+    t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
+    micro, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    global_batch = ds_config["train_batch_size"]
+    seq = cfg.model.seq_length
     stepper = build_stepper(cfg, plan, info, device, ds_config, own_norm)
     engine, n_params = stepper.engine, stepper.n_params
     if ck.save:  # a disk too small for one checkpoint fails now, not at the first save
         _check_checkpoint_space(cfg, n_params, info, logger)
-    scheduler = _make_scheduler(cfg, t.train_iters)
+    scheduler = _make_scheduler(cfg, train_iters)
+    diagnostics = StepDiagnostics(lg, engine.module, global_batch, t.precision)
+    if diagnostics.reads_grads and isinstance(stepper, PlainStepper):
+        stepper.on_boundary = diagnostics.on_boundary
     fpt = flops_per_token(cfg.model, seq, cfg.model.padded_vocab_size)
     peak, peak_source = (lg.peak_flops, "configured") if lg.peak_flops else default_peak_flops(device)
     if info.rank == 0:  # parameters per block, FLOPs per token, memory per GPU (megatron.training.size_summary)
@@ -318,8 +365,8 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
 
     iteration, consumed = _resume(cfg, engine, scheduler, info, logger, plan)
     result = TrainResult(iteration=iteration, log_dir=lg.log_dir)
-    if iteration > 0 and iteration >= t.train_iters:
-        logger.info(f"checkpoint at iteration {iteration} already reached train_iters {t.train_iters}: nothing to "
+    if iteration > 0 and iteration >= train_iters:
+        logger.info(f"checkpoint at iteration {iteration} already reached train_iters {train_iters}: nothing to "
                     "train; raise --train-iters to continue")
         result.wall_time_s = time.perf_counter() - started
         return result
@@ -344,7 +391,7 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
         stepper.on_forward = on_forward
     loader = build_loader(datasets.train, consumed, micro, plan.dp_rank, plan.dp_size,
                           num_workers=cfg.data.num_workers, pin_memory=device == "cuda")
-    if loader is None and iteration < t.train_iters:
+    if loader is None and iteration < train_iters:
         raise DataSetupError("the training split is empty: check data paths and split")
 
     def micro_batches() -> Iterator[Batch]:
@@ -357,14 +404,19 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
     if ck.save and iteration == 0 and 0 in set(ck.extra_save_iters or ()):
         state.last_saved = _save(cfg, engine, scheduler, state, info, logger, result, plan)  # the init weights
     engine.train()
-    while state.iteration < t.train_iters:
+    exited = False
+    while state.iteration < train_iters:
         if stop.agreed(device):  # every rank stops after the same iteration
             _stop(cfg, engine, scheduler, state, info, logger, result, plan, stop)
         state.iteration += 1
         iteration = state.iteration
         tick = time.perf_counter()
-        lr = scheduler.step(iteration, engine.optimizer.param_groups)
+        profiler.before(iteration)
+        lr = scheduler.apply(engine.optimizer.param_groups)
         local_loss, grad_norm = stepper.train_step(batches)
+        if engine.was_step_applied():  # a skipped fp16 step does not advance GPT-NeoX's schedule
+            scheduler.advance()
+        profiler.after(iteration)
         loss = _mean_over_ranks(local_loss, info)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -376,10 +428,16 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
         interval.tokens += global_batch * seq
         result.train_losses[iteration] = loss
 
-        if iteration % lg.log_interval == 0 or iteration == t.train_iters:
+        if diagnostics.active:  # GPT-NeoX logs these every iteration
+            per_param, main = diagnostics.rows(engine)
+            if per_param:
+                logger.log_all_ranks({"iteration": iteration, **per_param})
+            if main:
+                logger.log({"iteration": iteration, **main}, console=False)
+        if iteration % lg.log_interval == 0 or iteration == train_iters:
             tps = interval.tokens / max(interval.time_s, 1e-9)
             row: dict[str, Any] = {"iteration": iteration, "lm_loss": interval.loss_sum / interval.iters, "lr": lr,
-                                   "grad_norm": grad_norm if lg.log_grad_norm else None, "tokens_per_sec": tps,
+                                   "grad_norm": grad_norm, "tokens_per_sec": tps,
                                    "step_time_ms": 1000.0 * interval.time_s / interval.iters,
                                    "consumed_samples": consumed, "mfu": mfu(tps, fpt, peak, info.world_size)}
             if t.precision == "fp16":
@@ -396,11 +454,15 @@ def _run(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: floa
             state.last_saved = _save(cfg, engine, scheduler, state, info, logger, result, plan)
         if t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters > 0:
             _validate(cfg, stepper, datasets.valid, "valid", iteration, micro, gas, eod, device, logger, result, plan)
+        if t.exit_interval and iteration % t.exit_interval == 0:  # GPT-NeoX: exits here, nothing else saved or run
+            logger.info(f"exit_interval {t.exit_interval}: exiting after iteration {iteration}")
+            exited = True
+            break
 
     iteration = state.iteration
-    if ck.save and state.last_saved != iteration and iteration > 0:  # GPT-NeoX also saves once at the end
+    if ck.save and state.last_saved != iteration and iteration > 0 and not exited:  # GPT-NeoX saves at the end
         _save(cfg, engine, scheduler, state, info, logger, result, plan)
-    if t.do_test and t.eval_iters > 0:
+    if t.do_test and t.eval_iters > 0 and not exited:
         _validate(cfg, stepper, datasets.test, "test", iteration, micro, gas, eod, device, logger, result, plan)
     result.iteration = iteration
     result.wall_time_s = time.perf_counter() - started
@@ -432,7 +494,8 @@ def _save(cfg: Any, engine: Any, scheduler: AnnealingLR, state: RunState, info: 
     path = save_checkpoint(cfg.checkpoint.save, iteration, engine, rank=info.rank, world_size=info.world_size,
                            client_state=client, config_yaml=cfg.to_yaml(),
                            keep_last_n=cfg.checkpoint.keep_last_n_checkpoints, layout=plan.checkpoint_layout(),
-                           module_state=plan.module_state(engine))
+                           module_state=plan.module_state(engine), save_optim=not cfg.checkpoint.no_save_optim,
+                           save_rng=not cfg.checkpoint.no_save_rng)
     result.checkpoints.append(str(path))
     logger.info(f"saved checkpoint {path} ({time.perf_counter() - tick:.2f} s)")
     return iteration

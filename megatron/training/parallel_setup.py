@@ -33,6 +33,7 @@ class ParallelPlan:
     dp_rank: int
     dp_size: int
     groups: Any = None  # megatron.parallel.mesh.ParallelGroups when TP or PP is on
+    fp32_allreduce: bool = False  # GPT-NeoX: TP sums in fp32
 
     @property
     def pipeline(self) -> bool:
@@ -52,7 +53,8 @@ class ParallelPlan:
             return model
         from megatron.parallel.tensor_parallel import apply_tensor_parallel
 
-        return apply_tensor_parallel(model, self.groups.tp_group, sequence_parallel=self.sequence_parallel)
+        return apply_tensor_parallel(model, self.groups.tp_group, sequence_parallel=self.sequence_parallel,
+                                     fp32_allreduce=self.fp32_allreduce)
 
     def mpu(self) -> Any:
         """DeepSpeed's ``mpu`` (gradient all-reduce / ZeRO over the data-parallel group only), None without TP."""
@@ -106,7 +108,7 @@ def plan_parallel(cfg: Any, info: Any, device: str) -> ParallelPlan:
                             dp_size=info.world_size)
     groups = build_parallel_groups(info.world_size, info.rank, tp, stages, device_type=device)
     return ParallelPlan(tp_size=tp, pp_stages=stages, sequence_parallel=sp, dp_rank=groups.dp_rank,
-                        dp_size=layout.dp_size, groups=groups)
+                        dp_size=layout.dp_size, groups=groups, fp32_allreduce=bool(cfg.training.fp32_allreduce))
 
 
 __all__ = ["ParallelPlan", "pipeline_engine_stages", "plan_parallel"]

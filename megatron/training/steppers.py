@@ -46,12 +46,13 @@ class PlainStepper:
     loss_fn: Callable[..., torch.Tensor]
     info: DistInfo
     on_forward: Optional[Callable[[], None]] = None
+    on_boundary: Optional[Callable[[Any], None]] = None
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, Optional[float]]:
         from megatron.training.loop import train_step
 
         return train_step(self.engine, batches, self.gas, self.own_grad_norm, self.on_forward, clip=self.clip,
-                          loss_fn=self.loss_fn)
+                          loss_fn=self.loss_fn, on_boundary=self.on_boundary)
 
     def eval_loss(self, batches: Iterator[Batch], num_batches: int) -> Optional[float]:
         from megatron.training.loop import _mean_over_ranks, forward_loss
