@@ -151,12 +151,16 @@ class SepCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, init_cache_size: int, sep_cache_size: int, local_size: int, cache_size: int):
+    def __init__(self, init_cache_size: int, sep_cache_size: int, local_size: int, cache_size: int,
+                 prefill_local_size: Optional[int] = None):
         super().__init__()
         self.init_cache_size, self.local_size = int(init_cache_size), int(local_size)
+        # the window of a multi-token step under prefill_attention="sepllm" (a model's prefill window)
+        self.prefill_local_size = self.local_size if prefill_local_size is None else int(prefill_local_size)
         self.budget = LayerBudget(int(sep_cache_size), int(cache_size))
         # layers created with equal sizes evolve identically (same ids, same rule): they share one step plan
-        self.size_key = (self.init_cache_size, self.sep_cache_size, self.local_size, self.cache_size)
+        self.size_key = (self.init_cache_size, self.sep_cache_size, self.local_size, self.cache_size,
+                         self.prefill_local_size)
         self.ids: Optional[torch.Tensor] = None
         self.kind: Optional[torch.Tensor] = None
         self.pos: Optional[torch.Tensor] = None
@@ -234,11 +238,13 @@ class SepCache(Cache):
         exact_window: trim the local region to ``w`` every step (exact trained decode rule) instead of letting it
             grow until the cache exceeds ``c`` (reference SepCache, cheaper).
         prefill_attention: multi-token steps attend ``"full"`` causal (reference SepCache), ``"sepllm"`` (the SepLLM
-            mask over the step, spec §1.3), or ``"stream"`` (each query sees exactly what token-by-token feeding
+            mask over the step, spec §1.3, with window ``prefill_local_size``), or ``"stream"`` (each query sees exactly what token-by-token feeding
             would show it: chunked streaming equals token-by-token streaming). Masked modes build a bool
             ``[B, q, cached + q]`` mask, so feed very long inputs in chunks.
         eviction_timing: ``"in_update"`` (the reference SepCache: a decode query sees ``<= c - 1`` keys) or
             ``"after_step"`` (the streaming manager's timing, ``<= c + 1``).
+        prefill_local_size: the window of multi-token steps under ``prefill_attention="sepllm"`` (int or per-layer
+            list; default ``local_size``): a model trained with different prefill and decode windows uses both.
         SEP_PADDING_IN_BATCH, PRINT_KV_RATIO_INSIDE, print_KV_inside_per_steps, APPLY_PES_INSIDE, base, pe_dim,
             pe_scaling_factor, max_position_embeddings, partial_rotation_size, _rope_unsqueeze_dim, _rope_seq_dim,
             k_seq_dim, v_seq_dim and the empty state arguments (past_tok_ids, key_cache, value_cache, _seen_tokens,
@@ -260,7 +266,8 @@ class SepCache(Cache):
                  APPLY_PES_INSIDE: bool = True, base: Optional[float] = None, pe_dim: Optional[int] = None,
                  pe_scaling_factor: Optional[float] = None, max_position_embeddings: Optional[int] = None,
                  partial_rotation_size: Optional[int] = None, _rope_unsqueeze_dim: int = 1, _rope_seq_dim: int = 1,
-                 k_seq_dim: int = 2, v_seq_dim: int = 2, **unsupported: Any):
+                 k_seq_dim: int = 2, v_seq_dim: int = 2, prefill_local_size: Optional[IntOrList] = None,
+                 **unsupported: Any):
         check_reference_state(unsupported)
         if unsupported:
             raise TypeError(f"SepCache got unsupported arguments {sorted(unsupported)}")
@@ -289,12 +296,16 @@ class SepCache(Cache):
             raise ValueError(f"eviction_timing must be 'in_update' or 'after_step', got {eviction_timing!r}")
         if prefill_attention not in ("full", "sepllm", "stream"):
             raise ValueError(f"prefill_attention must be 'full', 'sepllm' or 'stream', got {prefill_attention!r}")
+        prefill_windows = (per_layer["local_size"] if prefill_local_size is None
+                           else _per_layer("prefill_local_size", prefill_local_size, layer_num))
         layers = []
         for i in range(layer_num):
             a, s, w, c = (per_layer[k][i] for k in ("init_cache_size", "sep_cache_size", "local_size", "cache_size"))
             # the streaming manager's StreamingLLM (after_step, no separators) keeps exactly a + w = c
             _check_sizes(i, a, s, w, c, allow_equal=eviction_timing == "after_step" and s == 0)
-            layers.append(SepCacheLayer(a, s, w, c))
+            if prefill_windows[i] < 1:
+                raise ValueError(f"layer {i}: prefill_local_size must be >= 1, got {prefill_windows[i]}")
+            layers.append(SepCacheLayer(a, s, w, c, prefill_local_size=prefill_windows[i]))
         super().__init__(layers=layers)
         self.separator_token_ids, self.PADDING_ID = resolve_separators(separator_token_ids, PADDING_ID, model_type,
                                                                        tokenizer)
@@ -544,7 +555,7 @@ class SepCache(Cache):
             if self.prefill_attention == "sepllm":
                 global_keys = (kind_app == INITIAL) | (kind_app == SEPARATOR) | rules.separator_bitmap(
                     ids_app, self.separator_token_ids)
-                allowed = rules.allowed_mask(global_keys, layer.local_size, q_offset=l_old, q_len=q,
+                allowed = rules.allowed_mask(global_keys, layer.prefill_local_size, q_offset=l_old, q_len=q,
                                              key_valid=valid_k)
             elif l_old == 0 and bool(valid_k.all()):
                 allowed = None       # a plain causal prompt: SDPA's is_causal path, no [B, q, q] mask

@@ -110,8 +110,11 @@ def resolve_for_model(cfg: SepLLMConfig, model_config: Any) -> TrainingFreeSetti
 
 
 # ----------------------------------------------------------------------------------------- settings carried by a model
-#: the hub ``generate``'s defaults (transformers-community/sep_cache shows sep_cache_size=128)
-SEP_CACHE_FALLBACKS = {"init_cache_size": 4, "sep_cache_size": 128, "local_size": 256, "cache_size": 512}
+#: the hub ``generate``'s defaults (transformers-community/sep_cache shows sep_cache_size=128) and the reference
+#: SepCache's timing, for models that carry no ``sepllm`` block (training-free use)
+SEP_CACHE_FALLBACKS = {"init_cache_size": 4, "sep_cache_size": 128, "local_size": 256, "cache_size": 512,
+                       "exact_window": False, "USE_MAX_SEP_CACHE": False, "prefill_attention": "full",
+                       "prefill_local_size": None}
 
 
 def sepllm_config_from_model(model: Any) -> SepLLMConfig:
@@ -137,8 +140,9 @@ def sepllm_config_from_model(model: Any) -> SepLLMConfig:
 
 
 def sep_cache_arguments(model: Any, **given: Any) -> dict[str, Any]:
-    """SepCache sizes / separators for ``generate``: explicit values win, then the model's ``sepllm`` block (an
-    exported SepLLM / StreamingLLM model: its initial tokens, separators and decode windows; or the block its
+    """SepCache sizes / separators / decode rule for ``generate``: explicit values win, then the model's ``sepllm``
+    block (an exported SepLLM / StreamingLLM model: its initial tokens, separators, decode and prefill windows and the
+    trained decode rule, ``sepllm_block.sep_cache_defaults``; or the block its
     top-level SepLLM keys describe, ``sepllm_block.model_block``), then SepCache's
     defaults; ``separator_token_ids`` / ``PADDING_ID`` left None fall back to the model-type preset."""
     from megatron.model.convert.sepllm_block import model_block, sep_cache_defaults

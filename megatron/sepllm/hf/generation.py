@@ -30,6 +30,7 @@ from megatron.sepllm.hf.cache import SepCache, _num_layers
 from megatron.sepllm.hf.compat import SepGenerateOutput, cache_kwarg, generate_output, pop_cache
 from megatron.sepllm.hf.config import sep_cache_arguments
 from megatron.sepllm.hf.pos_shift import apply_rotary
+from megatron.sepllm.hf.trainingfree import applied_handle
 
 ATTN_NAME = "sepllm_sdpa"
 
@@ -91,6 +92,15 @@ def sepllm_attention(model: Any) -> Iterator[Any]:
         model.set_attn_implementation(previous)
 
 
+def handle_suspended(model: Any) -> contextlib.AbstractContextManager:
+    """While SepCache drives ``model``, an ``apply_sepllm`` handle on it steps aside (the cache builds every mask;
+    the handle would refuse the cache's 4-D mask); a no-op without an active handle."""
+    handle = applied_handle(model)
+    if handle is None or handle.is_suspended:
+        return contextlib.nullcontext()
+    return handle.suspended()
+
+
 def sepllm_forward(model: Any, cache: SepCache, input_ids: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None, followed_by_decode: bool = False,
                    **model_kwargs: Any) -> Any:
@@ -103,7 +113,7 @@ def sepllm_forward(model: Any, cache: SepCache, input_ids: torch.Tensor,
     placeholder = torch.ones(bsz, 1, q, 1, dtype=torch.bool, device=input_ids.device)
     ctx = contextlib.nullcontext() if model.config._attn_implementation == ATTN_NAME else sepllm_attention(model)
     try:
-        with ctx:
+        with handle_suspended(model), ctx:
             name = cache.forward_cache_kwarg or cache_kwarg(model)
             return model(input_ids=input_ids, attention_mask=placeholder, position_ids=positions,
                          use_cache=True, sepllm_cache=cache, **{name: cache}, **model_kwargs)
@@ -125,9 +135,10 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
              init_cache_size: Union[int, Sequence[int], None] = None,
              sep_cache_size: Union[int, Sequence[int], None] = None,
              local_size: Union[int, Sequence[int], None] = None, cache_size: Union[int, Sequence[int], None] = None,
-             SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: bool = False,
+             SEP_ACCUMULATION: bool = True, USE_MAX_SEP_CACHE: Optional[bool] = None,
              separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
-             APPLY_PE_SHIFT: bool = False, exact_window: bool = False, prefill_attention: str = "full",
+             APPLY_PE_SHIFT: bool = False, exact_window: Optional[bool] = None,
+             prefill_attention: Optional[str] = None, prefill_local_size: Union[int, Sequence[int], None] = None,
              eviction_timing: str = "in_update", SEP_PADDING_IN_BATCH: bool = False,
              PRINT_KV_RATIO_INSIDE: bool = False, print_KV_inside_per_steps: int = 1000,
              APPLY_PES_INSIDE: bool = True, base: Optional[float] = None, pe_dim: Optional[int] = None,
@@ -148,6 +159,13 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     model's config (what it was trained with; or the block the SepLLM authors' top-level keys describe,
     ``sepllm_block.model_block``), else the hub ``generate``'s defaults 4 / 128 / 256 / 512 and the
     model_type separator preset. ``layer_num`` / ``model_type``, when given, must agree with the model.
+    The decode rule follows the same order: a model with a ``sepllm`` block decodes as it was trained and as
+    ``generate.py`` decodes it (``exact_window=True``, ``USE_MAX_SEP_CACHE=True``, ``prefill_attention="sepllm"`` with
+    its prefill windows), so both give the same greedy tokens; a model without one gets the reference SepCache
+    (``False`` / ``False`` / ``"full"``). Explicit arguments win.
+
+    A model under ``apply_sepllm`` works too: its handle is suspended for the call (the SepCache builds the masks)
+    and is active again afterwards.
 
     Honours ``do_sample``/``temperature``/``top_k``/``top_p`` (through the logits processors transformers prepared),
     ``eos_token_id`` and ``max_new_tokens`` (stopping criteria), left-padded batches (``attention_mask``), streamers,
@@ -170,16 +188,23 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     if model_kwargs:
         raise TypeError(f"SepCache generation got unsupported model kwargs {sorted(model_kwargs)}")
     if not isinstance(cache, SepCache):
-        init_cache_size, sep_cache_size, local_size, cache_size, separator_token_ids, PADDING_ID = sep_cache_arguments(
+        resolved = sep_cache_arguments(
             model, init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
-            cache_size=cache_size, separator_token_ids=separator_token_ids, PADDING_ID=PADDING_ID).values()
+            cache_size=cache_size, separator_token_ids=separator_token_ids, PADDING_ID=PADDING_ID,
+            USE_MAX_SEP_CACHE=USE_MAX_SEP_CACHE, exact_window=exact_window, prefill_attention=prefill_attention,
+            prefill_local_size=prefill_local_size)
+        init_cache_size, sep_cache_size, local_size, cache_size, separator_token_ids, PADDING_ID = (
+            resolved[k] for k in ("init_cache_size", "sep_cache_size", "local_size", "cache_size",
+                                  "separator_token_ids", "PADDING_ID"))
         if layer_num is not None and int(layer_num) != _num_layers(model):
             raise ValueError(f"layer_num={layer_num} but the model has {_num_layers(model)} layers")
         cache = SepCache(init_cache_size=init_cache_size, sep_cache_size=sep_cache_size, local_size=local_size,
                          cache_size=cache_size, SEP_ACCUMULATION=SEP_ACCUMULATION,
-                         USE_MAX_SEP_CACHE=USE_MAX_SEP_CACHE, separator_token_ids=separator_token_ids,
-                         PADDING_ID=PADDING_ID, APPLY_PE_SHIFT=APPLY_PE_SHIFT, exact_window=exact_window,
-                         prefill_attention=prefill_attention, eviction_timing=eviction_timing, model=model,
+                         USE_MAX_SEP_CACHE=resolved["USE_MAX_SEP_CACHE"], separator_token_ids=separator_token_ids,
+                         PADDING_ID=PADDING_ID, APPLY_PE_SHIFT=APPLY_PE_SHIFT,
+                         exact_window=resolved["exact_window"], prefill_attention=resolved["prefill_attention"],
+                         prefill_local_size=resolved["prefill_local_size"], eviction_timing=eviction_timing,
+                         model=model,
                          model_type=model_type, SEP_PADDING_IN_BATCH=SEP_PADDING_IN_BATCH,
                          PRINT_KV_RATIO_INSIDE=PRINT_KV_RATIO_INSIDE,
                          print_KV_inside_per_steps=print_KV_inside_per_steps, APPLY_PES_INSIDE=APPLY_PES_INSIDE,
@@ -209,7 +234,7 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     unfinished = torch.ones(bsz, dtype=torch.long, device=input_ids.device)
     prompt_mask = attention_mask if attention_mask is not None else None
 
-    with sepllm_attention(model):
+    with handle_suspended(model), sepllm_attention(model):
         out = sepllm_forward(model, cache, input_ids, prompt_mask, followed_by_decode=True, logits_to_keep=1)
         while True:
             next_logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)

@@ -204,6 +204,11 @@ class SepLLMHandle:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
+    @property
+    def is_suspended(self) -> bool:
+        """True inside :meth:`suspended` (the model runs its original forward)."""
+        return self._suspended > 0
+
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
         """Run the model with the original forward (used while another mechanism, e.g. SepCache, drives it)."""
@@ -385,6 +390,11 @@ class SepLLMHandle:
     def reset_retention(self) -> None:
         """Start counting afresh (e.g. per task)."""
         self.meter.reset()
+
+
+def applied_handle(model: Any) -> Optional[SepLLMHandle]:
+    """The handle ``apply_sepllm`` installed on ``model`` (None if it has none or it was removed)."""
+    return getattr(model, _HANDLE_ATTR, None)
 
 
 def apply_sepllm(model: Any, sepllm_cfg: Union[SepLLMConfig, str, os.PathLike, None] = None,
