@@ -20,11 +20,16 @@ import torch
 
 from megatron.config.errors import ConfigError
 from megatron.model.convert.checkpoint import load_trained_model
+from megatron.model.convert import sepllm_neox
 from megatron.model.convert.hf import ARCHITECTURES, CHECKS, HF_CLASSES, HF_CONFIGS, TO_HF
 from megatron.model.convert.sepllm_block import BLOCK_KEY, build_block, check_exportable
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # as transformers' save_pretrained: shard above 5 GB
+#: the transformers classes first; ``sepllm_neox`` (own modeling code) only when asked for, or suggested on refusal
+EXPORT_ARCHITECTURES = (*ARCHITECTURES, sepllm_neox.ARCHITECTURE)
+REMOTE_CODE_HINT = (f"; --architecture {sepllm_neox.ARCHITECTURE} exports it with its own modeling code (load with "
+                    f"trust_remote_code=True)")
 
 
 class ExportError(ConfigError):
@@ -145,13 +150,15 @@ def export_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
 
     ``precision``: ``auto`` (the precision the run trained in) or ``fp32`` / ``fp16`` / ``bf16``;
     ``architecture``: ``neox`` (``GPTNeoXForCausalLM``) or ``llama`` (``LlamaForCausalLM``), default from the
-    model config. Raises :class:`ExportError` / ``CheckpointError`` / ``ConfigError`` with one line.
+    model config; ``sepllm_neox`` writes the model's own modeling code beside the weights (every config we train,
+    loaded with ``trust_remote_code=True``; ``megatron.model.convert.sepllm_neox``). Raises :class:`ExportError` /
+    ``CheckpointError`` / ``ConfigError`` with one line.
     """
     out = Path(output_dir)
     if precision not in ("auto", *PRECISIONS):
         raise ExportError(f"--precision {precision!r}: expected one of auto, fp16, bf16, fp32")
-    if architecture is not None and architecture not in ARCHITECTURES:
-        raise ExportError(f"--architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+    if architecture is not None and architecture not in EXPORT_ARCHITECTURES:
+        raise ExportError(f"--architecture {architecture!r}: expected one of {', '.join(EXPORT_ARCHITECTURES)}")
     tmp = make_temp_beside(out)
     try:
         return _export(input_dir, out, tmp, config_file, precision, architecture, save_tokenizer,
@@ -170,23 +177,35 @@ def _export(input_dir: Any, out: Path, tmp: Path, config_file: Optional[str], pr
     trained = load_trained_model(input_dir, config_files=[config_file] if config_file else (), iteration=iteration)
     cfg = trained.config
     arch = architecture or default_architecture(cfg.model)
+    remote = arch == sepllm_neox.ARCHITECTURE
     try:
-        CHECKS[arch](cfg.model)
-        check_exportable(cfg.sepllm)
+        if not remote:
+            CHECKS[arch](cfg.model)
+            check_exportable(cfg.sepllm)
     except ValueError as exc:
-        raise ExportError(f"{trained.checkpoint_dir}: {exc}") from exc
+        raise ExportError(f"{trained.checkpoint_dir}: {str(exc).rstrip('.')}{REMOTE_CODE_HINT}") from exc
     dtype = PRECISIONS[cfg.model.precision if precision == "auto" else precision]
     tokenizer = _hf_tokenizer(cfg, vocab_is_hf_tokenizer) if save_tokenizer else None
     special = _special_tokens(tokenizer, cfg, pad_token_id, int(cfg.model.padded_vocab_size))
-    block = build_block(cfg.sepllm, cfg.model.num_layers)
-    hf_config = HF_CONFIGS[arch](cfg.model, dtype=dtype, architectures=[HF_CLASSES[arch]],
-                                 **{BLOCK_KEY: block}, **special)
-
-    state = TO_HF[arch](trained.model.state_dict(), cfg.model, include_tied_head=False)
+    block = build_block(cfg.sepllm, cfg.model.num_layers, own_attention=remote)
+    if remote:
+        try:
+            hf_config = sepllm_neox.sepllm_neox_config(cfg.model, cfg.sepllm, dtype=dtype, **{BLOCK_KEY: block},
+                                                       **special)
+        except ValueError as exc:
+            raise ExportError(f"{trained.checkpoint_dir}: {exc}") from exc
+        state = sepllm_neox.to_sepllm_neox_state_dict(trained.model.state_dict(), cfg.model, cfg.sepllm,
+                                                      include_tied_head=False)
+    else:
+        hf_config = HF_CONFIGS[arch](cfg.model, dtype=dtype, architectures=[HF_CLASSES[arch]],
+                                     **{BLOCK_KEY: block}, **special)
+        state = TO_HF[arch](trained.model.state_dict(), cfg.model, include_tied_head=False)
     items = tqdm(sorted(state), desc="converting", disable=not progress, unit="tensor")
     state = {k: state[k].to(dtype).contiguous().clone() for k in items}
     save_safetensors(state, tmp, max_shard_bytes)
     hf_config.save_pretrained(tmp)
+    if remote:
+        sepllm_neox.copy_remote_code(tmp)
     if tokenizer is not None:
         if special["pad_token_id"] is not None:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(special["pad_token_id"])

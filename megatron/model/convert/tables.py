@@ -87,6 +87,14 @@ LLAMA_TABLE: tuple[KeyRule, ...] = (
 
 TABLES: dict[str, tuple[KeyRule, ...]] = {"neox": GPT_NEOX_TABLE, "llama": LLAMA_TABLE}
 TIED_HEAD_HF_KEY = "lm_head.weight"
+#: the ``sepllm_neox`` export's modeling file mirrors ``GPTModel``'s modules under ``model.``; no table is needed
+SEPLLM_NEOX_PREFIX = "model."
+
+
+def sepllm_neox_key(ours: str) -> str:
+    """Our key -> the ``sepllm_neox`` key: ``model.<ours>``, the output layer ``lm_head.weight`` (HF generation's
+    name for the head)."""
+    return TIED_HEAD_HF_KEY if ours == "output_layer.weight" else SEPLLM_NEOX_PREFIX + ours
 
 
 # ------------------------------------------------------------------------------------------------------------ codecs
