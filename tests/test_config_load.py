@@ -382,8 +382,8 @@ def test_choice_fields_are_literal_types_read_from_one_place() -> None:
     from megatron.config.model import ModelConfig
 
     hint = typing.get_type_hints(ModelConfig)["pos_emb"]
-    assert typing.get_args(hint) == derived.POS_EMBS == ("learned", "rotary", "alibi", "none")
-    assert describe(hint) == "one of learned, rotary, alibi, none"
+    assert typing.get_args(hint) == derived.POS_EMBS == ("learned", "rotary", "alibi", "sinusoidal", "none")
+    assert describe(hint) == "one of learned, rotary, alibi, sinusoidal, none"
     assert coerce("rotary", hint, "model.pos_emb") == "rotary"
     with pytest.raises(ConfigError, match="model.pos_emb"):
         coerce(["rotary"], hint, "model.pos_emb")

@@ -59,6 +59,8 @@ class LRScheduleConfig:
     lr_decay_fraction: Optional[float] = opt(None, "GPT-NeoX: decay over floor(fraction x train_iters) iterations "
                                                    "(useful with train_epochs); give it or lr_decay_iters, not both.")
     min_lr: float = opt(0.0, "Floor of the decayed learning rate.")
+    decay_lr_to: Optional[float] = opt(None, "Spelling of the Llemma GPT-NeoX release: min_lr = decay_lr_to x lr (the "
+                                             "peak rate). Give it or min_lr, not both.")
     warmup: float = opt(0.01, "Linear warmup length as a FRACTION of lr_decay_iters (GPT-NeoX meaning); the step "
                               "count is warmup x lr_decay_iters, unrounded as in GPT-NeoX.")
     warmup_iters: Optional[float] = opt(None, "Warmup in iterations (ours); derived as warmup x lr_decay_iters "
@@ -304,6 +306,7 @@ class LauncherConfig:
     deepspeed_slurm: bool = opt(False, "Launch with srun, reading ranks from SLURM variables.")
     deepspeed_mpi: bool = opt(False, "Discover ranks from MPI (mpirun launched).")
     comment: Optional[str] = opt(None, "Passed to srun --comment (slurm launcher).")
+    account: Optional[str] = opt(None, "Passed to srun --account (slurm launcher), as GPT-NeoX does.")
     no_ssh: bool = opt(False, "Start each node's processes locally without ssh (DeepSpeed --no_ssh; run once per "
                               "node with --node_rank).")
     no_ssh_check: bool = opt(False, "Skip the passwordless-ssh check before a multi-node launch.")

@@ -17,7 +17,8 @@ from megatron.config.coerce import describe
 from megatron.config.field_help import MODEL_HELP, SEPLLM_HELP
 from megatron.config.keys import ALIASES, BLOCK_FIELDS, DEEPSPEED_PASSTHROUGH, IGNORED
 from megatron.config.neox import SECTIONS, derivable_fields
-from megatron.config.unsupported import NEOX_DEFAULT_ONLY, UNSUPPORTED
+from megatron.config import neox_compat
+from megatron.config.unsupported import NEOX_DEFAULT_ONLY, UNBUILT_FEATURES, UNSUPPORTED
 from megatron.config.validate import DERIVED_ONLY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -136,7 +137,12 @@ Kept in one table, `megatron/config/unsupported.py`; delete a row when its featu
 |---|---|---|
 {{unsupported}}
 
-GPT-NeoX keys of features not built here, accepted only at their GPT-NeoX default (`NEOX_DEFAULT_ONLY`):
+GPT-NeoX features not built in this framework (`UNBUILT_FEATURES`); each key that serves one is accepted at its
+GPT-NeoX default and refused otherwise, naming the feature (attention types and norms that select one likewise):
+
+{{unbuilt}}
+
+Other GPT-NeoX keys accepted only at their GPT-NeoX default (`NEOX_DEFAULT_ONLY`):
 {{default_only}}.
 
 ## Other accepted keys
@@ -145,6 +151,10 @@ GPT-NeoX keys of features not built here, accepted only at their GPT-NeoX defaul
 * DeepSpeed blocks held in typed fields: {{blocks}}.
 * DeepSpeed keys passed through verbatim (`NeoXConfig.deepspeed_extra`): {{passthrough}}.
 * Accepted and ignored (environment bookkeeping): {{ignored}}.
+* Spellings of earlier GPT-NeoX releases (`config/neox_compat.py`): {{older}}; Llemma's `attention_type` and
+  `decay_lr_to` are fields below; {{scaled}}.
+* Values GPT-NeoX derives itself and overwrites, accepted and ignored: {{neox_derived}}.
+* Switches that pick an implementation, not a result, accepted: {{hints}}.
 """
 
 
@@ -204,7 +214,8 @@ def _section_table(section: str, cls: type) -> list[str]:
 
 def render_reference() -> str:
     """The whole markdown reference as a string."""
-    rows = "\n".join(f"| `{key}` | {_cell(_unsupported_when(key))} | {_cell(advice)} |"
+    rows = "\n".join(f"| `{key}` | {_cell(_unsupported_when(key))} | "
+                     f"{_cell(advice if isinstance(advice, str) else _WHEN_ADVICE[key])} |"
                      for key, _, _, advice in UNSUPPORTED)
     text = INTRO.replace("{unsupported}", rows)
     text = text.replace("{default_only}", ", ".join(f"`{k}` ({_fmt(v)})" for k, v in NEOX_DEFAULT_ONLY.items()))
@@ -212,6 +223,13 @@ def render_reference() -> str:
     text = text.replace("{blocks}", ", ".join(f"`{b}` -> `{s}.{n}`" for b, (s, n) in sorted(BLOCK_FIELDS.items())))
     text = text.replace("{passthrough}", ", ".join(f"`{k}`" for k in sorted(DEEPSPEED_PASSTHROUGH)))
     text = text.replace("{ignored}", ", ".join(f"`{k}`" for k in sorted(IGNORED)))
+    text = text.replace("{unbuilt}", "\n".join(f"* {feature}: " + ", ".join(f"`{k}`" for k in keys)
+                                               for feature, keys in UNBUILT_FEATURES.items()))
+    text = text.replace("{older}", ", ".join(f"`{a}` -> `{b}`" for a, b in sorted(neox_compat.OLDER_SPELLINGS.items())))
+    text = text.replace("{scaled}", ", ".join(f"`{a}` -> `{b}` x {f:g}"
+                                              for a, (b, f) in sorted(neox_compat.SCALED_KEYS.items())))
+    text = text.replace("{neox_derived}", ", ".join(f"`{k}`" for k in sorted(neox_compat.NEOX_DERIVED)))
+    text = text.replace("{hints}", "; ".join(f"`{k}` ({why})" for k, why in sorted(neox_compat.NEOX_HINTS.items())))
     lines = [text]
     for section, cls in SECTIONS.items():
         lines += _section_table(section, cls)
@@ -220,9 +238,15 @@ def render_reference() -> str:
 
 _WHEN = {
     "attention_config": "an entry other than global / flash",
+    "use_qk_layernorm": "with model_parallel_size > 1",
     "zero_optimization": "cpu_offload, offload_optimizer or offload_param enabled",
     "scheduler": "present",
 }
+
+
+# advice of rows whose message is computed from the value
+_WHEN_ADVICE = {"attention_config": "the message names the feature the type selects (Mamba, RWKV, gMLP, block-sparse "
+                                    "attention); only global / flash are built"}
 
 
 def _unsupported_when(key: str) -> str:

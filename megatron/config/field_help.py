@@ -48,7 +48,10 @@ MODEL_HELP: dict[str, str] = {
     "no_weight_tying": "True = separate input embedding and output layer (Pythia).",
     "use_bias_in_attn_linear": "Biases in the QKV and output projections.",
     "use_bias_in_mlp": "Biases in the MLP projections.",
-    "use_bias_in_norms": "Bias (beta) in LayerNorm.",
+    "use_bias_in_norms": "Bias (beta) in LayerNorm (and the query/key LayerNorm), GPT-NeoX's documented meaning. "
+                         "GPT-NeoX's own model code ignores the key (its LayerNorm always has a bias), so a GPT-NeoX "
+                         "layernorm config with false builds no bias here and one there (logged at load). No effect "
+                         "on rmsnorm / scalenorm, which have no bias in either.",
     "hidden_dropout": "Dropout after attention and MLP outputs.",
     "attention_dropout": "Dropout on attention probabilities.",
     "init_method": "Weight init: normal | scaled_normal | small_init | wang_init | xavier_* | orthogonal ...",

@@ -22,8 +22,10 @@ from megatron.config.keys import (
     section_fields,
     suggest,
 )
+from megatron.config import neox_compat
 from megatron.config.neox import DERIVED_KEYS_KEY, SECTIONS, derivable_fields
-from megatron.config.unsupported import NEOX_DEFAULT_ONLY, NEOX_NO_EFFECT, check_default_only, check_no_effect
+from megatron.config.unsupported import (FEATURE_OF_KEY, NEOX_DEFAULT_ONLY, NEOX_NO_EFFECT, check_default_only,
+                                        check_no_effect, check_unbuilt_feature_key)
 from megatron.config.yaml_io import parse_scalar
 
 EXTRA = "deepspeed_extra"
@@ -161,6 +163,10 @@ def canonicalise(raw: dict, source: str) -> tuple[dict, Origins]:
             check_default_only(n, value, source)
         elif n in NEOX_NO_EFFECT:
             check_no_effect(n, value, source)
+        elif n in FEATURE_OF_KEY:
+            check_unbuilt_feature_key(n, value, source)
+        elif neox_compat.handles(n):
+            neox_compat.read(n, value, source, lambda flat, v, spelled=key: canon.put(*lookup_flat(flat), v, spelled))
         elif lookup_flat(n) is not None:
             section, name = lookup_flat(n)
             canon.put(section, name, value, key)

@@ -21,14 +21,14 @@ from megatron.config.merge import EXTRA, Origins
 from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, NeoXConfig
 from megatron.config import training_checks
 from megatron.config.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
-from megatron.config.unsupported import check_unsupported
+from megatron.config import neox_compat
+from megatron.config.unsupported import FEATURE_OF_NORM, check_unsupported
 
 logger = logging.getLogger("megatron.config")
 
 OPTIMIZER_TYPES = training_checks.OPTIMIZER_TYPES
 LR_DECAY_STYLES = training_checks.LR_DECAY_STYLES
 TOKENIZER_TYPES = ("HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer")
-PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = (None, "online", "offline", "disabled")
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
@@ -112,6 +112,7 @@ def _check_model(m, ctx: _Ctx) -> None:
                  "make_vocab_size_divisible_by"):
         _at_least(ctx, "model", name, getattr(m, name), 1)
     _at_least(ctx, "model", "num_kv_heads", m.num_kv_heads, 1)
+    neox_compat.resolve_attention_type(m, ctx.where("model"))
     _at_least(ctx, "model", "intermediate_size", m.intermediate_size, 1)
     _at_least(ctx, "model", "padded_vocab_size", m.padded_vocab_size, 1)
     if m.hidden_size % m.num_attention_heads:
@@ -120,7 +121,13 @@ def _check_model(m, ctx: _Ctx) -> None:
     if m.num_kv_heads is not None and m.num_attention_heads % m.num_kv_heads:
         raise ConfigError(f"num_attention_heads={m.num_attention_heads} ({ctx.src('model', 'num_attention_heads')}) "
                           f"is not divisible by num_kv_heads={m.num_kv_heads} ({ctx.src('model', 'num_kv_heads')})")
+    if str(m.pos_emb).lower() == "rpe":
+        raise ConfigError(f"{ctx.src('model', 'pos_emb')}: pos_emb='rpe': T5 relative position buckets are not built "
+                          f"in this framework; use rotary, alibi, learned, sinusoidal or none")
     m.pos_emb = _one_of(ctx, "model", "pos_emb", m.pos_emb, POS_EMBS, normalise=True)
+    if m.norm in FEATURE_OF_NORM:
+        raise ConfigError(f"{ctx.src('model', 'norm')}: norm={m.norm!r}: {FEATURE_OF_NORM[m.norm]} is not built in "
+                          f"this framework; use {m.norm[3:]!r} (the same norm in PyTorch)")
     m.norm = _one_of(ctx, "model", "norm", m.norm, NORMS, normalise=True)
     m.activation = _one_of(ctx, "model", "activation", m.activation, ACTIVATIONS, normalise=True)
     if not 0.0 < m.rotary_pct <= 1.0:
@@ -130,10 +137,30 @@ def _check_model(m, ctx: _Ctx) -> None:
             raise ctx.err("model", name, getattr(m, name), "a probability in [0, 1)")
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
-    if m.pos_emb == "learned" and m.seq_length > m.max_position_embeddings:
-        raise ConfigError(f"seq_length={m.seq_length} exceeds max_position_embeddings={m.max_position_embeddings} "
+    _at_least(ctx, "model", "opt_pos_emb_offset", m.opt_pos_emb_offset, 0)
+    if m.pos_emb == "learned" and m.seq_length + m.opt_pos_emb_offset > m.max_position_embeddings:
+        raise ConfigError(f"seq_length={m.seq_length} (+ opt_pos_emb_offset={m.opt_pos_emb_offset}) exceeds "
+                          f"max_position_embeddings={m.max_position_embeddings} "
                           f"({ctx.src('model', 'max_position_embeddings')}) with learned positions")
     m.attention_config = derived.expand_attention_config(m.attention_config, m.num_layers)
+    if m.onnx_safe and m.bias_gelu_fusion:
+        fusion_src = ctx.src("model", "bias_gelu_fusion")
+        raise ConfigError(f"{ctx.src('model', 'onnx_safe')}: onnx_safe and bias_gelu_fusion ({fusion_src}) choose "
+                          f"two different GeLUs (GPT-NeoX refuses the pair too); drop one")
+    if m.norm == "layernorm" and not m.use_bias_in_norms:
+        logger.warning("use_bias_in_norms=false (%s): LayerNorm is built without bias, as GPT-NeoX documents the key; "
+                       "GPT-NeoX's own model code ignores it and keeps the bias", ctx.src("model", "use_bias_in_norms"))
+    _at_least(ctx, "model", "mlp_multiple_of", m.mlp_multiple_of, 1)
+    _at_least(ctx, "model", "expansion_factor", m.expansion_factor, 0.0)
+    _at_least(ctx, "model", "sliding_window_width", m.sliding_window_width, 1)
+    try:
+        derived.mlp_widths(m.hidden_size, m.activation, m.intermediate_size, m.expansion_factor, m.mlp_multiple_of)
+    except ConfigError as exc:
+        raise ConfigError(f"{ctx.src('model', 'intermediate_size')}: {exc}") from None
+    if m.use_qk_layernorm and m.num_kv_heads not in (None, m.num_attention_heads):
+        raise ConfigError(f"{ctx.src('model', 'use_qk_layernorm')}: use_qk_layernorm with num_kv_heads="
+                          f"{m.num_kv_heads} < num_attention_heads={m.num_attention_heads}: GPT-NeoX's query/key norm "
+                          f"has one shape for both and cannot run with grouped-query attention; drop one of them")
 
 
 def _check_optimizer(o, merged_optimizer: dict, ctx: _Ctx) -> None:
@@ -259,7 +286,10 @@ def _resolve_precision(t, merged_training: dict, ctx: _Ctx) -> None:
                         name, block["enabled"])
     given_precision = merged_training.get("precision")
     if given_precision is not None:
-        given_precision = _one_of(ctx, "training", "precision", t.precision, PRECISIONS, normalise=True)
+        spelled = str(t.precision).strip().lower()
+        if spelled not in derived.PRECISION_SPELLINGS:
+            raise ctx.err("training", "precision", t.precision, "one of fp16, bfloat16 (or bf16), fp32")
+        given_precision = derived.PRECISION_SPELLINGS[spelled]
     try:
         t.precision = derived.precision_from_blocks(t.fp16, t.bf16, given_precision)
     except ConfigError as exc:
@@ -378,6 +408,8 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
     _resolve_layout(model, parallel, training.zero_stage, ctx)
     _resolve_training(training, parallel, merged.get("training", {}), ctx)
     model.precision = training.precision
+    neox_compat.resolve_decay_lr_to(objs["lr_schedule"], objs["optimizer"].lr,
+                                    "min_lr" in merged.get("lr_schedule", {}), ctx.where("lr_schedule"))
     _resolve_schedule(objs["lr_schedule"], training, objs["optimizer"], merged.get("lr_schedule", {}), ctx)
     training_checks.check_run_keys(objs, ctx)
     training_checks.check_fp32_allreduce(training, extra, ctx)

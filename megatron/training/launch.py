@@ -93,9 +93,11 @@ def build_deepspeed_command(launcher_cfg: Any, script: str, script_args: Sequenc
         cmd += ["--no_ssh_check"]
     if lc.force_multi:
         cmd += ["--force_multi"]
-    if getattr(lc, "comment", None) and lc.launcher == "slurm":
-        # deepspeed 0.19.8 has no --comment flag: srun options travel in --launcher_args
-        cmd += [f"--launcher_args=--comment={shlex.quote(str(lc.comment))}"]
+    srun_options = [f"--{name}={shlex.quote(str(getattr(lc, name)))}" for name in ("comment", "account")
+                    if getattr(lc, name, None)]
+    if srun_options and lc.launcher == "slurm":
+        # deepspeed 0.19.8 has no --comment / --account flags: srun options travel in --launcher_args
+        cmd += [f"--launcher_args={' '.join(srun_options)}"]
     return cmd + [script, *script_args]
 
 
