@@ -19,7 +19,7 @@ from megatron.config.errors import ConfigError, Where
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 from megatron.config.sepllm_settings import (MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, fixed_intervals,
-                                             is_real_id_list, mode_of, window_values)
+                                             is_real_id_list, mode_of, sliding_window_conflict, window_values)
 
 __all__ = ["DERIVED_FIELDS", "MODES", "NO_SEPARATORS", "SEP_ATTENTION_IMPLS", "check_separator_ids", "resolve_sepllm"]
 
@@ -93,6 +93,10 @@ def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bo
     if sep.USE_ORIGINAL_FULL_ATTEN:
         _full_attention_rewrite(sep, model, quiet=not has_sepllm_keys)
     mode = mode_of(sep)
+    if model.sliding_window_width is not None:
+        conflict = sliding_window_conflict(mode, model.sliding_window_width)
+        if conflict is not None:
+            raise ConfigError(f"{where('sliding_window_width')}: {conflict}")
 
     for key in ("prefill_k", "generate_k"):
         if getattr(sep, key) != 0:

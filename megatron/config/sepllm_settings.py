@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional, get_args
 from megatron.config.errors import ConfigError, Where, unknown_source
 
 MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
+#: the mode of a full-attention model with ``sliding_window_width`` (a model key, never a SepLLM switch)
+SLIDING_WINDOW = "sliding_window"
 SepAttentionImpl = Literal["auto", "dense", "flex", "compact", "flex_compact", "triton"]
 SEP_ATTENTION_IMPLS: tuple[str, ...] = get_args(SepAttentionImpl)
 DENSE_ONLY_MODES = ("sa", "sa_no_deno")
@@ -133,11 +135,31 @@ def _windows(sep: Any, phase: str, num_layers: int, error: type[ConfigError]) ->
     return window_values(sep, phase, num_layers, error=error)
 
 
-def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMSettingsError) -> SepLLMSettings:
+def sliding_window_conflict(mode: str, width: int) -> Optional[str]:
+    """Why ``sliding_window_width`` cannot go with SepLLM ``mode`` (None when it can: only full attention)."""
+    if mode == "full":
+        return None
+    return (f"sliding_window_width={width} (Mistral: no initial tokens, no separators) cannot be combined with "
+            f"SepLLM mode {mode!r}, which has its own keep rule; drop sliding_window_width or the SepLLM switches")
+
+
+def attention_mode(sliding_window_width: Optional[int], sep: Any) -> str:
+    """The attention a model computes: ``sliding_window`` for a full-attention model with ``sliding_window_width``,
+    else the SepLLM mode (``full`` without a SepLLM config)."""
+    mode = "full" if sep is None else (sep.mode if sep.mode is not None else mode_of(sep))
+    return SLIDING_WINDOW if sliding_window_width is not None and mode == "full" else mode
+
+
+def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMSettingsError,
+                sliding_window_width: Optional[int] = None) -> SepLLMSettings:
     """Resolve a ``SepLLMConfig`` for a model of ``num_layers`` layers; raises ``error`` naming the key and value.
 
     The derived fields (``mode``, ``prefill_windows``, ``generate_windows``) win when set; otherwise they are derived
     from the reference keys by the same rules as the config system. ``sep`` is not modified.
+
+    ``sliding_window_width`` (the model key ``W``, GPT-NeoX / flash-attn ``window_size=(W, -1)``: query ``i`` sees keys
+    ``i - W .. i``) turns a full-attention config into mode ``sliding_window``: no initial tokens, no separators and
+    a local window of ``W + 1`` tokens (windows here count the query itself) in every layer and phase.
     """
     mode = sep.mode if sep.mode is not None else mode_of(sep)
     if mode not in MODES:
@@ -145,6 +167,8 @@ def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMS
     if sep.sep_attention_impl not in SEP_ATTENTION_IMPLS:
         raise error(f"'sep_attention_impl' = {sep.sep_attention_impl!r}: expected one of "
                     f"{', '.join(SEP_ATTENTION_IMPLS)}")
+    if sliding_window_width is not None:
+        return _sliding_window_settings(sep, mode, num_layers, sliding_window_width, error)
     if sep.init_tok_max_idx < -1:
         raise error(f"'init_tok_max_idx' = {sep.init_tok_max_idx}: expected >= -1")
     if sep.prefill_k != 0 or sep.generate_k != 0:
@@ -177,3 +201,20 @@ def settings_of(sep: Any, num_layers: int, *, error: type[ConfigError] = SepLLMS
         use_accelerator=bool(sep.USE_SEP_ATTN_KERNEL_ACCELERATOR), recompile_kernel=bool(sep.RECOMPILE_SEP_ATTN_KERNEL),
         sparse_block_size=int(sep._DEFAULT_SPARSE_BLOCK_SIZE), sa_numerator_bias=float(sep.SA_Numerator_Bias),
         sa_denominator_bias=float(sep.SA_Denominator_Bias))
+
+
+def _sliding_window_settings(sep: Any, mode: str, num_layers: int, width: Any,
+                             error: type[ConfigError]) -> SepLLMSettings:
+    """Mode ``sliding_window``: the SepLLM machinery with no global keys and a ``width + 1`` window (see
+    :func:`settings_of`). The execution path is ``sep_attention_impl`` (``auto`` picks from the measured table)."""
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise error(f"sliding_window_width={width!r}: expected an integer >= 1 (query i sees keys i - W .. i)")
+    conflict = sliding_window_conflict(mode, width)
+    if conflict is not None:
+        raise error(conflict)
+    windows = (width + 1,) * num_layers
+    return SepLLMSettings(
+        mode=SLIDING_WINDOW, num_layers=num_layers, impl=sep.sep_attention_impl, separator_ids=(), num_initial=0,
+        prefill_windows=windows, generate_windows=windows, fixed_intervals=None, batch_adaptive_init_pos=False,
+        print_kv_ratio=False, print_ratio_intervals=int(sep.print_ratio_intervals), use_accelerator=True,
+        recompile_kernel=bool(sep.RECOMPILE_SEP_ATTN_KERNEL), sparse_block_size=int(sep._DEFAULT_SPARSE_BLOCK_SIZE))

@@ -29,7 +29,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from megatron.inference.generator import GeneratedTokens, generate_batch
-from megatron.inference.kv_cache import KVCacheError, KVCacheSettings, build_kv_cache
+from megatron.inference.kv_cache import KVCacheError, KVCacheSettings, build_kv_cache, model_attention_mode
 from megatron.inference.stopping import StopStrings
 from megatron.errors import UserInputError
 
@@ -236,11 +236,11 @@ class NeoXLM(TemplateLM):
 
     def generation_cache(self) -> Any:
         """The KV cache ``generate_until`` decodes with, built once and reset per batch: ``plain`` for full attention,
-        ``uncapped`` for SepLLM / StreamingLLM (the trained decode rule; ``compressed`` would cap the separators);
-        None for models no cache can serve (decoded by recomputing, one prompt at a time)."""
+        ``uncapped`` for SepLLM / StreamingLLM (the trained decode rule; ``compressed`` would cap the separators) and
+        sliding-window models (their rolling window); None for models no cache can serve (decoded by recomputing, one
+        prompt at a time)."""
         if not self._decode_cache_built:
-            cfg = getattr(self.model, "sepllm_cfg", None)
-            kind = "plain" if cfg is None or cfg.mode == "full" else "uncapped"
+            kind = "plain" if model_attention_mode(self.model) == "full" else "uncapped"
             # generation prompts count into the same SepLLM retention totals as the scoring forwards
             retention = getattr(getattr(self.model, "attention_backend", None), "retention", None)
             try:

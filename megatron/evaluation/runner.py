@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megatron.atomic_io import atomic_open, atomic_write_text
+from megatron.config.sepllm_settings import attention_mode
 from megatron.evaluation.lm import DataParallel, NeoXLM
 from megatron.errors import UserInputError
 
@@ -160,7 +161,8 @@ def run_evaluation(cfg: Any, *, config_files: Sequence[str | os.PathLike] = (), 
     samples = results.pop("samples", None)
     sep = mcfg.sepllm
     results["config"] = dict(results.get("config") or {}, model="neox", batch_size=batch)
-    results["model"] = {"attention": sep.mode, "sep_attention_impl": sep.sep_attention_impl,
+    results["model"] = {"attention": attention_mode(mcfg.model.sliding_window_width, sep),
+                        "sep_attention_impl": sep.sep_attention_impl,
                         "num_parameters": sum(p.numel() for p in model.parameters()),
                         "dtype": str(next(model.parameters()).dtype), "device": str(device)}
     results["iteration"] = trained.iteration

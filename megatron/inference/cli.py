@@ -17,7 +17,7 @@ import torch
 
 from megatron.atomic_io import atomic_open
 from megatron.inference.generator import generate_batch
-from megatron.inference.kv_cache import KVCacheSettings
+from megatron.inference.kv_cache import KVCacheSettings, model_attention_mode
 from megatron.inference.sampling import SamplingSettings
 from megatron.errors import UserInputError
 
@@ -111,7 +111,7 @@ def load_session(files: Sequence[str], overrides: Sequence[str]) -> Session:
         raise UsageError(f"tokenizer {tok.vocab_file} has {tokenizer.vocab_size} tokens but the checkpoint's "
                          f"embedding has {model.cfg.padded_vocab_size} rows: not the tokenizer it was trained with")
     print(f"generate: iteration {trained.iteration} from {trained.checkpoint_dir}, attention "
-          f"{'full' if model.sepllm_cfg is None else model.sepllm_cfg.mode}, "
+          f"{model_attention_mode(model)}, "
           f"{'recompute (no KV cache)' if gen.recompute else 'kv_cache ' + gen.kv_cache}, device {device}",
           file=sys.stderr)
     generator = torch.Generator(device=device)

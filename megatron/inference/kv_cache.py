@@ -17,6 +17,11 @@ Two kinds, one interface (``begin_step`` -> ``prepare`` -> ``attend`` per layer 
     row's compression then depends on the longest row of its batch).
   - ``uncapped``: every separator is kept (the training rule exactly; memory grows with the separator frequency).
 
+  A full-attention model with ``sliding_window_width`` W (Mistral) decodes with the same cache and no initial tokens
+  and no separators: a rolling window of the last ``W + 1`` keys per layer (the query's own included), so each decode
+  query sees exactly the keys it saw in training and memory stays flat (``compressed`` and ``uncapped`` are the same
+  cache there; ``plain`` is refused, it would let queries see older keys).
+
 Keys keep the rotary positions they were computed with (as in training; no positional re-encoding). The prompt
 (the first, multi-token step) runs through the model's own SepLLM attention path with the training (prefill)
 windows and left-padding-aware initial tokens; decode steps attend the cache. A cache serves one prompt batch:
@@ -34,10 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.config.generation import KV_CACHE_KINDS
+from megatron.config.sepllm import SepLLMConfig
+from megatron.config.sepllm_settings import SLIDING_WINDOW, attention_mode
 from megatron.errors import UserInputError
 
 #: SepLLM modes a cache can serve; the others (FixLLM, self-adjusting softmax) and BiPE decode with recompute.
-CACHEABLE_SEPLLM_MODES = ("sepllm", "streamingllm")
+CACHEABLE_SEPLLM_MODES = ("sepllm", "streamingllm", SLIDING_WINDOW)
 
 
 class KVCacheError(UserInputError, ValueError):
@@ -187,7 +194,14 @@ class SepKVCache:
         from megatron.sepllm.hf.cache import SepCache
 
         num_layers = int(model_cfg.num_layers)
-        resolved = settings_of(sepllm_cfg, num_layers)          # the one SepLLM resolver (mode, windows, ids)
+        sepllm_cfg = sepllm_cfg if sepllm_cfg is not None else SepLLMConfig()
+        # the one SepLLM resolver (mode, windows, ids); a sliding-window model resolves to no initial tokens, no
+        # separators and a W + 1 window
+        resolved = settings_of(sepllm_cfg, num_layers, sliding_window_width=model_cfg.sliding_window_width)
+        if resolved.mode == SLIDING_WINDOW and not settings.exact_window:
+            raise KVCacheError(f"sep_cache_exact_window = False on a model with sliding_window_width = "
+                               f"{model_cfg.sliding_window_width}: decode queries would see more than the last "
+                               f"{model_cfg.sliding_window_width + 1} keys it was trained on; keep it True")
         uncapped = settings.kind == "uncapped"
         a = resolved.num_initial if settings.init_cache_size is None else int(settings.init_cache_size)
         if settings.local_size is not None:
@@ -274,13 +288,25 @@ class SepKVCache:
         return self.cache.layer_contents(layer_idx)
 
 
+def model_attention_mode(model: Any) -> str:
+    """The attention ``model`` computes: its SepLLM mode, ``sliding_window`` or ``full``."""
+    return attention_mode(getattr(getattr(model, "cfg", None), "sliding_window_width", None),
+                          getattr(model, "sepllm_cfg", None))
+
+
 def resolve_kind(model: Any, kind: str) -> str:
-    """``auto`` -> ``compressed`` for SepLLM/StreamingLLM-trained models, ``plain`` for full attention."""
+    """``auto`` -> ``compressed`` for SepLLM/StreamingLLM-trained and sliding-window models, ``plain`` for full
+    attention."""
     if kind not in KV_CACHE_KINDS:
         raise KVCacheError(f"kv_cache = {kind!r}: expected one of {', '.join(KV_CACHE_KINDS)}")
-    mode = "full" if model.sepllm_cfg is None else model.sepllm_cfg.mode
+    mode = model_attention_mode(model)
     if kind == "auto":
         return "plain" if mode == "full" else "compressed"
+    if kind == "plain" and mode == SLIDING_WINDOW:
+        width = model.cfg.sliding_window_width
+        raise KVCacheError(f"kv_cache = 'plain' on a model with sliding_window_width = {width}: a plain cache would "
+                           f"let decode queries see keys older than the last {width + 1}; use 'auto' (a rolling "
+                           f"window cache)")
     if kind == "plain" and mode != "full":
         raise KVCacheError(f"kv_cache = 'plain' on a model trained with SepLLM mode {mode!r}: a plain cache would "
                            f"let decode queries see keys the model never attended in training; use 'compressed' or "
@@ -299,7 +325,7 @@ def build_kv_cache(model: Any, settings: KVCacheSettings = KVCacheSettings(), ca
     if getattr(model, "use_bipe", False):
         raise KVCacheError("USE_BiPE models derive positions from the whole token sequence: decode them with "
                            "recompute: true (no KV cache)")
-    mode = "full" if model.sepllm_cfg is None else model.sepllm_cfg.mode
+    mode = model_attention_mode(model)
     if mode != "full" and mode not in CACHEABLE_SEPLLM_MODES:
         raise KVCacheError(f"SepLLM mode {mode!r} has no KV cache: decode it with recompute: true")
     kind = resolve_kind(model, settings.kind)
@@ -309,4 +335,4 @@ def build_kv_cache(model: Any, settings: KVCacheSettings = KVCacheSettings(), ca
 
 
 __all__ = ["CACHEABLE_SEPLLM_MODES", "KV_CACHE_KINDS", "KVCacheError", "KVCacheSettings", "PlainKVCache",
-           "SepKVCache", "build_kv_cache", "resolve_kind"]
+           "SepKVCache", "build_kv_cache", "model_attention_mode", "resolve_kind"]

@@ -129,12 +129,17 @@ def _alibi_distance(positions: Tensor, allowed: Optional[Tensor]) -> Tensor:
 
 
 def build_attention_backend(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig]) -> AttentionBackend:
-    """Plain causal attention for ``mode == "full"`` (or no SepLLM config), else the SepLLM backend (lazy import)."""
-    if sepllm_cfg is None or sepllm_cfg.mode == "full":
+    """Plain causal attention for ``mode == "full"`` (or no SepLLM config), else the SepLLM backend (lazy import).
+
+    ``sliding_window_width`` also goes to the SepLLM backend: its keep rule with no initial tokens and no separators
+    is exactly the sliding window, on every execution path (dense, flex, compact, flex_compact, triton).
+    """
+    sliding = model_cfg.sliding_window_width is not None
+    if not sliding and (sepllm_cfg is None or sepllm_cfg.mode == "full"):
         return CausalSDPABackend(alibi=model_cfg.pos_emb == "alibi")
     from megatron.sepllm.attention.backend import SepLLMBackend  # lazy: keeps plain models free of SepLLM imports
 
-    return SepLLMBackend(sepllm_cfg, model_cfg)
+    return SepLLMBackend(sepllm_cfg if sepllm_cfg is not None else SepLLMConfig(), model_cfg)
 
 
 def default_softmax_scale(head_dim: int) -> float:

@@ -17,6 +17,8 @@ retention counters; ``__call__`` runs one layer. Execution paths (``sep_attentio
   (the CUDA table stays empty until a GPU run fills it).
 
 Layers whose window covers the sequence (H/HT layers, ``mode: full``) run plain causal SDPA on the fast path.
+A full-attention model with ``sliding_window_width`` W (Mistral) runs here too, as mode ``sliding_window``: no
+initial tokens, no separators and a ``W + 1`` window (``settings_of``), on whichever path ``sep_attention_impl`` picks.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
 
 
 class SepLLMBackend:
-    """SepLLM / StreamingLLM / FixLLM / SA attention for ``GPTModel`` (see module docstring)."""
+    """SepLLM / StreamingLLM / FixLLM / SA / sliding-window attention for ``GPTModel`` (see module docstring)."""
 
     def __init__(self, sepllm_cfg: SepLLMConfig, model_cfg: ModelConfig, *, compact_block_size: Optional[int] = None,
                  compact_engine: str = "auto"):
         self.cfg = sepllm_cfg        # the user's config, kept for inspection; the backend reads only ``settings``
         self.num_layers = int(model_cfg.num_layers)
-        self.settings = checks.check_backend_config(sepllm_cfg, self.num_layers)
+        self.settings = checks.check_backend_config(sepllm_cfg, self.num_layers,
+                                                    sliding_window_width=model_cfg.sliding_window_width)
         self.layer_windows = list(self.settings.prefill_windows)
         self.layer_intervals: list[Optional[int]] = (list(self.settings.fixed_intervals)
                                                      if self.settings.fixed_intervals is not None

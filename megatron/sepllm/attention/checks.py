@@ -9,6 +9,7 @@ availability, and the triton package's) is checked here.
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 import torch
 
@@ -38,9 +39,11 @@ def torch_version_at_least(major: int, minor: int) -> bool:
         return True
 
 
-def check_backend_config(cfg: SepLLMConfig, num_layers: int) -> SepLLMSettings:
-    """The resolved settings, raising ``SepAttentionConfigError`` for settings the attention backend cannot honour."""
-    settings = settings_of(cfg, num_layers, error=SepAttentionConfigError)
+def check_backend_config(cfg: SepLLMConfig, num_layers: int, sliding_window_width: Optional[int] = None
+                         ) -> SepLLMSettings:
+    """The resolved settings, raising ``SepAttentionConfigError`` for settings the attention backend cannot honour
+    (``sliding_window_width``: the model key, see ``settings_of``)."""
+    settings = settings_of(cfg, num_layers, error=SepAttentionConfigError, sliding_window_width=sliding_window_width)
     if settings.impl in ("flex", "flex_compact"):
         check_flex_available()
     if settings.impl == "triton" and importlib.util.find_spec("triton") is None:
