@@ -22,9 +22,10 @@ MODEL_HELP: dict[str, str] = {
     "mlp_multiple_of": "Round the MLP widths up to a multiple of this (the first projection to twice it), as GPT-NeoX's "
                        "ParallelMLP does. Default 1.",
     "rotary_save_freqs_buffer": "Store RoPE's inv_freq buffer in checkpoints (GPT-NeoX); it is recomputed either way.",
-    "sliding_window_width": "Mistral sliding-window attention: each query sees only the last W tokens, itself "
-                            "included (no initial tokens, no separators). Needs full attention (no SepLLM mode). "
-                            "None = off.",
+    "sliding_window_width": "Sliding-window attention (GPT-NeoX / flash-attn window_size=(W, -1), Mistral): query i "
+                            "attends keys i-W .. i, i.e. W+1 tokens counting itself (Hugging Face Mistral's "
+                            "sliding_window = W+1). Applied on every attention path and in the KV cache (a rolling "
+                            "W+1 window). Needs full attention (no SepLLM mode). None = off.",
     "use_qk_layernorm": "Normalise queries and keys with the model's norm before RoPE (GPT-NeoX: one norm shared by "
                         "q and k over [heads, head_dim]; layernorm normalises over both, rmsnorm / scalenorm over "
                         "head_dim).",

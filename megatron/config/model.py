@@ -25,7 +25,7 @@ class ModelConfig:
     rotary_pct: float = 1.0
     rotary_emb_base: int = 10000
     rotary_save_freqs_buffer: bool = False      # keep RoPE's inv_freq in the state dict (GPT-NeoX persistent buffer)
-    sliding_window_width: Optional[int] = None  # Mistral: each query sees only the last W tokens (itself included)
+    sliding_window_width: Optional[int] = None  # query i attends keys i-W..i (flash-attn window_size=(W, -1))
     use_qk_layernorm: bool = False              # normalise queries and keys with the model's norm before RoPE
     norm: Norm = "layernorm"
     layernorm_epsilon: float = 1.0e-5
