@@ -65,7 +65,7 @@ CASES = {
                                       **SEPLLM}, False),
     "qk_scalenorm_bilinear_tied_norm": ({"use_qk_layernorm": True, "norm": "scalenorm", "activation": "bilinear",
                                          "intermediate_size": 96, "gpt_j_residual": True, "gpt_j_tied": True}, False),
-    "sliding_window": ({"sliding_window_width": 5}, True),
+    "sliding_window": ({"sliding_window_width": 5}, False),
 }
 PROMPTS = [[5, 3, 9, 12, 7, 1, 4, 3, 8, 2, 11, 7, 6], [9, 8, 7, 3, 2]]
 PROMPT = [5, 3, 9, 12, 7, 1, 4, 3, 8, 2, 11, 7, 6, 3, 9, 10, 3]     # six separators
@@ -280,3 +280,19 @@ def test_remote_code_imports_only_torch_and_transformers():
             for module in modules:
                 top = module.split(".")[0]
                 assert top in ("torch", "transformers") or top in sys.stdlib_module_names, (name, module)
+
+
+@pytest.mark.parametrize("name", ["sepllm_decode_windows_differ_qk_swiglu", "alibi_sepllm_gqa_layernorm_without_bias"])
+def test_sepcache_with_the_block_defaults_decodes_like_generate_py(exported, name):
+    """No SepCache argument: sizes, separators and the decode rule come from the exported ``sepllm`` block, and a
+    left-padded batch decodes as ``generate.py`` does by default (its compressed cache)."""
+    ours, hf = exported(name)
+    want = generate_batch(ours, PROMPTS, max_new_tokens=8, eos_id=None, keep_logits=True, pad_id=0)
+    ids, mask = left_pad(PROMPTS, 0)
+    out = hf.generate(input_ids=ids, attention_mask=mask, custom_generate=megatron.sepllm.generate, do_sample=False,
+                      max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True, output_logits=True,
+                      pad_token_id=0)
+    assert out.sequences[:, ids.shape[1]:].tolist() == [row.tokens for row in want]
+    for row in range(len(PROMPTS)):
+        torch.testing.assert_close(torch.stack(out.logits, 1)[row], torch.stack(want[row].step_logits), atol=1e-5,
+                                   rtol=0)
