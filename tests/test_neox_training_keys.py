@@ -138,18 +138,6 @@ def test_diagnostics_keys_that_cannot_run_are_refused(extra, fragment):
 
 
 # ------------------------------------------------------------------------------------------------ LR schedule
-def test_gpt_neox_step_count_decides_the_lr_of_every_iteration(corpus, neox_tokenizer_file, tmp_path):
-    cfg = tiny_config(corpus, neox_tokenizer_file, tmp_path, train_iters=5, lr_schedule__warmup_iters=2.5,
-                      lr_schedule__lr_decay_style="linear")
-    pretrain(cfg)
-    lrs = [r["lr"] for r in _rows(tmp_path / "logs") if "lm_loss" in r]
-    ref = AnnealingLR(max_lr=3e-3, warmup_iters=2.5, lr_decay_iters=5, decay_style="linear", min_lr=3e-4)
-    # iteration k uses the rate after k - 1 applied steps: 1.2e-3, 1.2e-3, 2.4e-3, then linear from t = 0.5 of 2.5
-    assert lrs == pytest.approx([ref.lr_for(k - 1) for k in range(1, 6)])
-    assert lrs[:3] == pytest.approx([1.2e-3, 1.2e-3, 2.4e-3])
-    assert lrs[3] == pytest.approx(3e-3 * (2.5 - 0.5) / 2.5)
-
-
 def test_resume_refuses_a_changed_schedule_unless_told_which_wins(corpus, neox_tokenizer_file, tmp_path):
     first = tiny_config(corpus, neox_tokenizer_file, tmp_path / "a", train_iters=4, checkpoint__checkpoint_factor=2,
                         checkpoint__save=str(tmp_path / "a" / "ck"))
@@ -157,20 +145,21 @@ def test_resume_refuses_a_changed_schedule_unless_told_which_wins(corpus, neox_t
     step2 = str(tmp_path / "a" / "ck" / "global_step2")
 
     def resumed(name, **flags):
-        return tiny_config(corpus, neox_tokenizer_file, tmp_path / name, train_iters=8, checkpoint__load=step2,
+        return tiny_config(corpus, neox_tokenizer_file, tmp_path / name, train_iters=5, checkpoint__load=step2,
                            **{f"lr_schedule__{k}": v for k, v in flags.items()})
 
-    with pytest.raises(LRScheduleError, match=r"lr_decay_iters 4 \(checkpoint\) vs 8 \(config\)"):
+    with pytest.raises(LRScheduleError, match=r"lr_decay_iters 4 \(checkpoint\) vs 5 \(config\)"):
         pretrain(resumed("plain"))
     pretrain(resumed("override", override_lr_scheduler=True))
     pretrain(resumed("keep", use_checkpoint_lr_scheduler=True))
     # tiny_config: warmup_iters = max(1, int(0.1 x train_iters)) = 1, lr_decay_iters = train_iters
-    new = AnnealingLR(max_lr=3e-3, warmup_iters=1, lr_decay_iters=8, decay_style="cosine", min_lr=3e-4)
+    new = AnnealingLR(max_lr=3e-3, warmup_iters=1, lr_decay_iters=5, decay_style="cosine", min_lr=3e-4)
     old = AnnealingLR(max_lr=3e-3, warmup_iters=1, lr_decay_iters=4, decay_style="cosine", min_lr=3e-4)
     for name, ref in (("override", new), ("keep", old)):
         lrs = {r["iteration"]: r["lr"] for r in _rows(tmp_path / name / "logs") if "lm_loss" in r}
-        assert sorted(lrs) == [3, 4, 5, 6, 7, 8]
-        assert [lrs[k] for k in sorted(lrs)] == pytest.approx([ref.lr_for(k - 1) for k in range(3, 9)])
+        assert sorted(lrs) == [3, 4, 5]
+        assert [lrs[k] for k in sorted(lrs)] == pytest.approx([ref.lr_for(k - 1) for k in range(3, 6)])
+    assert new.lr_for(4) != old.lr_for(4)          # the two rules give different rates at iteration 5
 
 
 # ------------------------------------------------------------------------------------------------ run length
@@ -221,21 +210,27 @@ def test_exit_interval_stops_after_that_iteration_without_saving_again(corpus, n
 
 # ------------------------------------------------------------------------------------------------ diagnostics
 def test_per_iteration_diagnostics_profile_and_memory_line(corpus, neox_tokenizer_file, tmp_path, capsys):
-    cfg = tiny_config(corpus, neox_tokenizer_file, tmp_path, train_iters=3, logging__log_param_norm=True,
+    cfg = tiny_config(corpus, neox_tokenizer_file, tmp_path, train_iters=5, logging__log_param_norm=True,
                       logging__log_grad_norm=True, logging__log_grad_pct_zeros=True,
                       logging__log_optimizer_states=True, logging__log_gradient_noise_scale=True,
                       logging__gradient_noise_scale_n_batches=2, logging__profile=True,
                       logging__profile_step_start=1, logging__profile_step_stop=2, logging__memory_profiling=True,
-                      logging__memory_profiling_path=str(tmp_path / "mem"), training__gradient_clipping=1e-3)
+                      logging__memory_profiling_path=str(tmp_path / "mem"), training__gradient_clipping=1e-3,
+                      lr_schedule__warmup_iters=2.5, lr_schedule__lr_decay_style="linear")
     _, _, final = pretrain_with_weights(cfg)
     rows = _rows(tmp_path / "logs")
     names = sorted(final)
     diag = {r["iteration"]: r for r in rows if any(k.startswith("parameter_norms/") for k in r)}
     train = {r["iteration"]: r for r in rows if "lm_loss" in r}
-    assert sorted(diag) == [1, 2, 3]
+    # GPT-NeoX's schedule: iteration k uses the rate after k - 1 steps, warmup 2.5 steps unrounded with max(1, n)
+    lrs = [train[k]["lr"] for k in range(1, 6)]
+    ref = AnnealingLR(max_lr=3e-3, warmup_iters=2.5, lr_decay_iters=5, decay_style="linear", min_lr=3e-4)
+    assert lrs == pytest.approx([ref.lr_for(k - 1) for k in range(1, 6)])
+    assert lrs[:4] == pytest.approx([1.2e-3, 1.2e-3, 2.4e-3, 3e-3 * (2.5 - 0.5) / 2.5])
+    assert sorted(diag) == [1, 2, 3, 4, 5]
     for name in names:   # the norms after the last step are the trained weights' norms
-        assert diag[3][f"parameter_norms/{name}"] == pytest.approx(float(final[name].double().norm()), rel=1e-6)
-    for it in (1, 2, 3):  # per-parameter gradient norms add up to the global (pre-clipping) norm
+        assert diag[5][f"parameter_norms/{name}"] == pytest.approx(float(final[name].double().norm()), rel=1e-6)
+    for it in range(1, 6):  # per-parameter gradient norms add up to the global (pre-clipping) norm
         total = math.sqrt(sum(diag[it][f"gradient_norms/{n}"] ** 2 for n in names))
         assert total == pytest.approx(train[it]["grad_norm"], rel=1e-5)
         assert train[it]["grad_norm"] > 1e-3                    # so the logged values are before clipping
@@ -243,16 +238,16 @@ def test_per_iteration_diagnostics_profile_and_memory_line(corpus, neox_tokenize
         assert diag[it]["pct_grad_zeros/embed.word_embeddings.weight"] > 99.0   # 64 tokens of a 50k vocabulary
         assert diag[it]["pct_grad_zeros/layers.0.attention.dense.weight"] < 1.0
     states = {r["iteration"]: r for r in rows if any(k.startswith("optimizer_state_norms/") for k in r)}
-    assert sorted(states) == [1, 2, 3]
+    assert sorted(states) == [1, 2, 3, 4, 5]
     import re
 
-    keys = [re.fullmatch(r"optimizer_state_norms/(\d+)_(exp_avg|exp_avg_sq)", k) for k in states[3]
+    keys = [re.fullmatch(r"optimizer_state_norms/(\d+)_(exp_avg|exp_avg_sq)", k) for k in states[5]
             if k.startswith("optimizer_state_norms/")]
     assert all(keys) and len(keys) == 2 * len(names)          # Adam: two moments per parameter, indexed as in torch
     assert sorted({int(m.group(1)) for m in keys}) == list(range(len(names)))
-    assert all(states[3][m.group(0)] > 0 for m in keys)
+    assert all(states[5][m.group(0)] > 0 for m in keys)
     noise = {r["iteration"]: r["noise_scale"] for r in rows if "noise_scale" in r}
-    assert sorted(noise) == [2, 3] and math.isfinite(noise[2]) and noise[2] == noise[3]
+    assert sorted(noise) == [2, 3, 4, 5] and math.isfinite(noise[2]) and noise[2] == noise[3] != noise[4]
 
     traces = list((tmp_path / "logs" / "profile").glob("rank0*.pt.trace.json"))
     assert len(traces) == 1
@@ -260,6 +255,23 @@ def test_per_iteration_diagnostics_profile_and_memory_line(corpus, neox_tokenize
     assert "ProfilerStep#2" in events and not {"ProfilerStep#1", "ProfilerStep#3"} & events
     assert "memory_profiling: CUDA memory snapshots need a CUDA device" in capsys.readouterr().out
     assert not (tmp_path / "mem").exists()
+
+
+def test_diagnostics_under_zero3_cover_whole_parameters(corpus, neox_tokenizer_file, tmp_path):
+    cfg = tiny_config(corpus, neox_tokenizer_file, tmp_path, train_iters=2, micro=1, logging__log_param_norm=True,
+                      logging__log_grad_norm=True, logging__log_optimizer_states=True,
+                      training__zero_optimization={"stage": 3}, training__zero_stage=3)
+    _, _, final = pretrain_with_weights(cfg)   # gathered from the ZeRO-3 partitions
+    rows = _rows(tmp_path / "logs")
+    diag = {r["iteration"]: r for r in rows if any(k.startswith("parameter_norms/") for k in r)}
+    train = {r["iteration"]: r for r in rows if "lm_loss" in r}
+    for name, weight in final.items():
+        assert diag[2][f"parameter_norms/{name}"] == pytest.approx(float(weight.double().norm()), rel=1e-6)
+    for it in (1, 2):
+        total = math.sqrt(sum(diag[it][f"gradient_norms/{n}"] ** 2 for n in final))
+        assert total == pytest.approx(train[it]["grad_norm"], rel=1e-5)
+    states = [v for r in rows if r["iteration"] == 2 for k, v in r.items() if k.startswith("optimizer_state_norms/")]
+    assert states and all(v > 0 for v in states)   # ZeRO-3 keeps its moments per partition, numbered as created
 
 
 def test_gradient_noise_scale_matches_the_formula():

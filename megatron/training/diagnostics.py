@@ -186,8 +186,14 @@ class StepDiagnostics:
         inner = engine.optimizer
         while not isinstance(inner, torch.optim.Optimizer) and getattr(inner, "optimizer", None) is not None:
             inner = inner.optimizer
+        # numbered like torch's state_dict (position in the param groups); ZeRO-3 keys its states by partition
+        # tensors it swaps out of the groups, which are then numbered in the order the optimizer created them
+        order = {id(p): i for i, p in enumerate(p for group in inner.param_groups for p in group["params"])}
+        states = list(inner.state.items())
+        by_group = all(id(p) in order for p, _ in states)
         out = {}
-        for index, state in inner.state_dict().get("state", {}).items():
+        for position, (param, state) in enumerate(states):
+            index = order[id(param)] if by_group else position
             for key, value in state.items():
                 if key != "step" and torch.is_tensor(value):
                     out[f"optimizer_state_norms/{index}_{key}"] = float(value.detach().double().norm())

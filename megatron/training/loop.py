@@ -198,7 +198,8 @@ def _check_checkpoint_space(cfg: Any, n_params: int, info: DistInfo, logger: Run
     if info.rank == 0:
         t = cfg.training
         sizes = checkpoint_bytes(n_params, t.precision, int(t.zero_stage), str(cfg.optimizer.type or "adamw"),
-                                 float(getattr(cfg.optimizer, "momentum", 0.0) or 0.0))
+                                 float(getattr(cfg.optimizer, "momentum", 0.0) or 0.0),
+                                 save_optim=not cfg.checkpoint.no_save_optim)
         try:
             warning = check_checkpoint_space(cfg.checkpoint.save, *sizes)
             verdict = ("warning", warning) if warning else None
