@@ -231,10 +231,11 @@ class LoggingConfig:
     steps_per_print: int = opt(10, "DeepSpeed: print its own progress line every N steps.")
     wall_clock_breakdown: bool = opt(False, "DeepSpeed: time forward/backward/step separately.")
     log_grad_norm: bool = opt(False, "GPT-NeoX: every iteration, the L2 norm of each parameter's gradient as "
-                                     "`gradient_norms/<name>` (this rank's shard under TP/PP/ZeRO-3 gathered in "
-                                     "full). The global norm is logged in every training row as `grad_norm` "
-                                     "regardless.")
-    log_param_norm: bool = opt(False, "GPT-NeoX: every iteration, the L2 norm of each parameter as "
+                                     "`gradient_norms/<name>`, read after the data-parallel reduction and before "
+                                     "clipping, of the whole parameter (tensor-parallel shards summed over the TP "
+                                     "group, ZeRO partitions gathered). The global norm is logged in every training "
+                                     "row as `grad_norm` regardless.")
+    log_param_norm: bool = opt(False, "GPT-NeoX: every iteration, the L2 norm of each (whole) parameter as "
                                       "`parameter_norms/<name>` (rows of their own in metrics.jsonl, TensorBoard "
                                       "tags as named).")
     log_grad_pct_zeros: bool = opt(False, "GPT-NeoX: every iteration, the percentage (0-100) of exactly-zero "
@@ -242,7 +243,8 @@ class LoggingConfig:
     log_optimizer_states: bool = opt(False, "GPT-NeoX: every iteration, the L2 norm of every optimizer state tensor "
                                             "(e.g. exp_avg, exp_avg_sq) as `optimizer_state_norms/<index>_<state>`, "
                                             "index = the parameter's position in the optimizer's state dict (under "
-                                            "ZeRO-1/2 rank 0's flat partition per group).")
+                                            "ZeRO-1/2 rank 0's flat partition per group, under ZeRO-3 rank 0's "
+                                            "partitions in the order the optimizer created them).")
     log_gradient_noise_scale: bool = opt(False, "GPT-NeoX: estimate the gradient noise scale B_simple (arXiv "
                                                 "1812.06162) from the step gradient (B_small = train_batch_size) "
                                                 "and its mean over gradient_noise_scale_n_batches steps (B_big), "
