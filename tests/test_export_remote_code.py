@@ -296,3 +296,35 @@ def test_sepcache_with_the_block_defaults_decodes_like_generate_py(exported, nam
     for row in range(len(PROMPTS)):
         torch.testing.assert_close(torch.stack(out.logits, 1)[row], torch.stack(want[row].step_logits), atol=1e-5,
                                    rtol=0)
+
+
+def test_labels_hidden_states_and_embeddings_input(exported):
+    """The usual HF surface: ``labels`` give the next-token cross-entropy of our logits, ``output_hidden_states`` the
+    embedding output and every layer's, ``inputs_embeds`` the same logits as the ids (full attention needs no ids)."""
+    ours, hf = exported("full")
+    ids = _ids()
+    with torch.no_grad():
+        out = hf(input_ids=ids, labels=ids, output_hidden_states=True)
+        want = ours(ids)
+        expected = torch.nn.functional.cross_entropy(want[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
+        assert len(out.hidden_states) == 1 + hf.config.num_hidden_layers
+        from_embeddings = hf(inputs_embeds=hf.get_input_embeddings()(ids)).logits
+    torch.testing.assert_close(from_embeddings, want, atol=1e-5, rtol=0)
+    _, sepllm = exported("sepllm_per_layer_windows")
+    with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
+        sepllm(inputs_embeds=sepllm.get_input_embeddings()(ids))
+
+
+def test_bf16_export_equals_our_dense_path_bit_for_bit(tmp_path):
+    """In bf16 the exported model computes what our dense attention path computes, bit for bit (our compact path
+    sums in another order: bf16 rounding apart)."""
+    ckpt = write_checkpoint(tmp_path / "ckpt", {"pos_emb": "alibi", **SEPLLM})
+    result = export_to_hf(ckpt, tmp_path / "hf_bf16", architecture="sepllm_neox", save_tokenizer=False,
+                          precision="bf16")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir, trust_remote_code=True)
+    assert hf.dtype == torch.bfloat16
+    ours = load_trained_model(ckpt, dtype=torch.bfloat16, overrides=["--sep_attention_impl", "dense"]).model
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, ours(ids))

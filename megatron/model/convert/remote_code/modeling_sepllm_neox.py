@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_sepllm_neox import GATED_ACTIVATIONS, SepLLMNeoXConfig
@@ -506,10 +506,11 @@ class SepLLMNeoXModel(SepLLMNeoXPreTrainedModel):
                 position_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 cache: Optional[Cache] = None, past_key_values: Optional[Cache] = None,
                 use_cache: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
-                **kwargs: Any) -> tuple[Tensor, Optional[Cache], Optional[tuple]]:
-        """``(last hidden state, cache, all hidden states or None)``. ``cache`` (``past_key_values`` before
-        transformers 5.24) continues the sequence it holds; ``attention_mask`` is 2-D (1 = token, 0 = padding),
-        covering the cached and the new tokens or the new tokens only."""
+                **kwargs: Any) -> BaseModelOutputWithPast:
+        """The final-norm hidden states (and the cache, and with ``output_hidden_states`` the embedding output and
+        every layer's output). ``cache`` (``past_key_values`` before transformers 5.24) continues the sequence it
+        holds; ``attention_mask`` is 2-D (1 = token, 0 = padding), covering the cached and the new tokens or the new
+        tokens only."""
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -534,7 +535,8 @@ class SepLLMNeoXModel(SepLLMNeoXPreTrainedModel):
             x = layer(x, rotary, step, cache if use_cache else None, **kwargs)
             if hidden is not None:
                 hidden += (x,)
-        return self.final_layernorm(x), (cache if use_cache else None), hidden
+        return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(x), hidden_states=hidden,
+                                       **{_CACHE_FIELD: cache if use_cache else None})
 
     # ----- one forward's positions and masks
     def _step(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor], attention_mask: Optional[Tensor],
@@ -674,9 +676,10 @@ class SepLLMNeoXForCausalLM(SepLLMNeoXPreTrainedModel, GenerationMixin):
         next-token cross-entropy. See the module docstring for what is computed with and without a cache."""
         if output_attentions:
             raise ValueError("SepLLMNeoX does not return attention weights (output_attentions=True)")
-        hidden, cache, all_hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds,
-                                               cache if cache is not None else past_key_values, use_cache=use_cache,
-                                               output_hidden_states=output_hidden_states, **kwargs)
+        outputs = self.model(input_ids, attention_mask, position_ids, inputs_embeds,
+                             cache if cache is not None else past_key_values, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states, **kwargs)
+        hidden, cache, all_hidden = outputs.last_hidden_state, getattr(outputs, _CACHE_FIELD), outputs.hidden_states
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
