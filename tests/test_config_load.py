@@ -325,12 +325,6 @@ def test_gpu_build_detection_without_importing_torch() -> None:
     assert torch_build_has_gpu("cuda = None\nhip = '6.2.4'\n")
 
 
-def test_warmup_rounds_half_up() -> None:
-    from megatron.config.derived import warmup_iters
-
-    assert warmup_iters(0.1, 5) == 1 and warmup_iters(0.01, 143000) == 1430 and warmup_iters(0.0, 100) == 0
-
-
 # ----------------------------------------------------------------------------------------------- DeepSpeed view
 def test_deepspeed_config(reference_configs_dir: Path) -> None:
     cfg = load_config(reference_configs_dir / "streamingllm-160m-n64.yml")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Optional, Sequence, get_args
 
 from megatron.config.errors import ConfigError
@@ -151,11 +150,6 @@ def intermediate_size_for(width: int, activation: str) -> int:
     gating: ``3 x width`` for gated activations (the 2/3 rule then gives ``2 x width`` value+gate features), else
     ``width``. Used when importing a Hugging Face model whose ``intermediate_size`` is the gated width."""
     return 3 * width if activation in GATED_ACTIVATIONS else width
-
-
-def warmup_iters(warmup: float, decay_iters: int) -> int:
-    """GPT-NeoX ``warmup`` is a fraction of the decay iterations; halves round up (0.5 -> 1, not Python's 0)."""
-    return int(math.floor(warmup * decay_iters + 0.5))
 
 
 def expand_attention_config(spec: Optional[Sequence[Any]], num_layers: int) -> list[str]:
