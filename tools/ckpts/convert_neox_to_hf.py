@@ -35,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new (or empty) folder for the HF model; written via a temp folder and renamed at the end")
     p.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
                    help="dtype of the saved weights; auto = the precision the run trained in (default: auto)")
-    p.add_argument("--architecture", choices=["neox", "llama", "sepllm_neox"], default=None,
-                   help="HF class: neox = GPTNeoXForCausalLM, llama = LlamaForCausalLM (default: llama for "
-                        "rmsnorm + swiglu/geglu configs, else neox); sepllm_neox = our own modeling code written "
-                        "beside the weights, for every config we train (load with trust_remote_code=True)")
+    p.add_argument("--architecture", choices=["neox", "llama", "mistral", "sepllm_neox"], default=None,
+                   help="HF class: neox = GPTNeoXForCausalLM, llama = LlamaForCausalLM, mistral = "
+                        "MistralForCausalLM (sliding_window = sliding_window_width + 1) (default: llama for "
+                        "rmsnorm + gated-MLP configs, mistral for those with sliding_window_width, else neox); "
+                        "sepllm_neox = our own modeling code written beside the weights, for every config we train "
+                        "(load with trust_remote_code=True)")
     p.add_argument("--no_save_tokenizer", action="store_true",
                    help="do not write tokenizer files (default: write them for HFTokenizer runs)")
     p.add_argument("--vocab-is-hf-tokenizer", dest="vocab_is_hf_tokenizer", action="store_true",

@@ -46,10 +46,13 @@ class ExportResult:
 
 
 def default_architecture(model_cfg: Any) -> str:
-    """``llama`` for RMSNorm + gated-MLP models, ``neox`` otherwise (the shape the config describes)."""
+    """``llama`` for RMSNorm + gated-MLP models (``mistral`` when they have ``sliding_window_width``), ``neox``
+    otherwise (the shape the config describes)."""
     from megatron.model.mlp import GATED
 
-    return "llama" if model_cfg.norm == "rmsnorm" and model_cfg.activation in GATED else "neox"
+    if model_cfg.norm == "rmsnorm" and model_cfg.activation in GATED:
+        return "llama" if model_cfg.sliding_window_width is None else "mistral"
+    return "neox"
 
 
 def make_temp_beside(output_dir: Path) -> Path:
@@ -149,8 +152,9 @@ def export_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     """Convert the checkpoint at ``input_dir`` (any TP / PP layout) into an HF folder at ``output_dir``.
 
     ``precision``: ``auto`` (the precision the run trained in) or ``fp32`` / ``fp16`` / ``bf16``;
-    ``architecture``: ``neox`` (``GPTNeoXForCausalLM``) or ``llama`` (``LlamaForCausalLM``), default from the
-    model config; ``sepllm_neox`` writes the model's own modeling code beside the weights (every config we train,
+    ``architecture``: ``neox`` (``GPTNeoXForCausalLM``), ``llama`` (``LlamaForCausalLM``) or ``mistral``
+    (``MistralForCausalLM``, the sliding window as HF's ``sliding_window = W + 1``), default from the model config;
+    ``sepllm_neox`` writes the model's own modeling code beside the weights (every config we train,
     loaded with ``trust_remote_code=True``; ``megatron.model.convert.sepllm_neox``). Raises :class:`ExportError` /
     ``CheckpointError`` / ``ConfigError`` with one line.
     """

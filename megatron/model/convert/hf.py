@@ -1,6 +1,7 @@
-"""``GPTModel`` <-> Hugging Face ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM``: what each HF class can represent,
-the HF config describing the same function, and the state-dict conversions (through the key tables of
-:mod:`megatron.model.convert.tables`).
+"""``GPTModel`` <-> Hugging Face ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM`` / ``MistralForCausalLM``: what each HF
+class can represent, the HF config describing the same function, and the state-dict conversions (through the key
+tables of :mod:`megatron.model.convert.tables`; Mistral's tensor names are Llama's). Mistral is the Llama shape
+without biases plus ``sliding_window`` (= ``sliding_window_width + 1``, :func:`hf_sliding_window`).
 
 Every check raises ``ValueError`` naming the config key: an export that silently changes the function is worse than
 none. Rotary settings go into transformers 5.x ``rope_parameters`` (``rope_theta``, ``partial_rotary_factor``).
@@ -25,9 +26,11 @@ from megatron.model.convert.tables import (
     model_keys,
     to_hf_state,
 )
-from megatron.model.mlp import GATED, ffn_width
+from megatron.model.mlp import ffn_width
 
-HF_CLASSES = {"neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
+HF_CLASSES = {"neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+#: our gated activations -> the ``hidden_act`` an HF gated MLP (Llama, Mistral) applies to ``gate_proj``
+HF_GATED_ACTS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "glu": "sigmoid", "bilinear": "linear"}
 
 
 def max_positions(cfg: ModelConfig) -> int:
@@ -73,6 +76,9 @@ def check_gpt_neox_compatible(cfg: ModelConfig) -> None:
         problems.append("use_bias_in_mlp = False (HF GPT-NeoX MLP always has biases)")
     if kv_heads(cfg) != cfg.num_attention_heads:
         problems.append(f"num_kv_heads = {cfg.num_kv_heads} (HF GPT-NeoX has no grouped-query attention)")
+    if cfg.sliding_window_width is not None:
+        problems.append(f"sliding_window_width = {cfg.sliding_window_width} (HF GPT-NeoX attends every earlier token; "
+                        f"a Llama-shaped model exports to Mistral)")
     if problems:
         raise ValueError("cannot export to HF GPTNeoXForCausalLM: " + "; ".join(problems) +
                          ". Use the Llama export for rmsnorm/swiglu/GQA models.")
@@ -159,17 +165,28 @@ def from_hf_gpt_neox_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelCon
 
 
 # ---------------------------------------------------------------------------------------------------------- Llama
-def check_llama_compatible(cfg: ModelConfig) -> None:
-    """Raise ``ValueError`` if ``LlamaForCausalLM`` cannot represent this architecture exactly."""
+def llama_shape_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps ``cfg`` from the Llama shape (shared by the Llama and Mistral classes): one entry per key."""
     problems = []
     if cfg.pos_emb != "rotary" or cfg.rotary_pct != 1.0:
         problems.append(f"pos_emb = {cfg.pos_emb!r}, rotary_pct = {cfg.rotary_pct} (Llama rotates the full head)")
     if cfg.norm != "rmsnorm":
         problems.append(f"norm = {cfg.norm!r} (Llama uses rmsnorm)")
-    if cfg.activation not in GATED:
-        problems.append(f"activation = {cfg.activation!r} (Llama's MLP is gated: swiglu or geglu)")
+    if cfg.activation not in HF_GATED_ACTS:
+        problems.append(f"activation = {cfg.activation!r} (Llama's MLP is gated: {', '.join(HF_GATED_ACTS)})")
     if cfg.gpt_j_residual:
         problems.append("gpt_j_residual = True (Llama is sequential)")
+    if cfg.use_qk_layernorm:
+        problems.append("use_qk_layernorm = True (Llama has no query/key norm)")
+    return problems
+
+
+def check_llama_compatible(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` if ``LlamaForCausalLM`` cannot represent this architecture exactly."""
+    problems = llama_shape_problems(cfg)
+    if cfg.sliding_window_width is not None:
+        problems.append(f"sliding_window_width = {cfg.sliding_window_width} (Llama attends every earlier token; "
+                        f"export with --architecture mistral)")
     if problems:
         raise ValueError("cannot export to HF LlamaForCausalLM: " + "; ".join(problems))
 
@@ -202,7 +219,7 @@ def hf_llama_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=kv_heads(cfg),
         head_dim=head_dim(cfg),
-        hidden_act="silu" if cfg.activation == "swiglu" else "gelu",
+        hidden_act=HF_GATED_ACTS[cfg.activation],
         max_position_embeddings=max_positions(cfg),
         initializer_range=cfg.init_method_std,
         rms_norm_eps=cfg.rms_norm_epsilon,
@@ -227,6 +244,78 @@ def from_hf_llama_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig
     return from_hf_state(LLAMA_TABLE, hf_state, cfg, model_keys(cfg, sepllm_cfg), "HF Llama state dict")
 
 
+# -------------------------------------------------------------------------------------------------------- Mistral
+def hf_sliding_window(cfg: ModelConfig) -> Optional[int]:
+    """HF Mistral's ``sliding_window`` for ``sliding_window_width`` W: transformers keeps key ``k`` for query ``q``
+    when ``q - k < sliding_window`` (the query counted), GPT-NeoX / flash-attn ``window_size=(W, -1)`` when
+    ``q - k <= W``; so ``W + 1`` (None = full attention)."""
+    return None if cfg.sliding_window_width is None else cfg.sliding_window_width + 1
+
+
+def check_mistral_compatible(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` if ``MistralForCausalLM`` cannot represent this architecture exactly (the Llama shape,
+    no biases; any ``sliding_window_width`` or none)."""
+    problems = llama_shape_problems(cfg)
+    if cfg.use_bias_in_attn_linear:
+        problems.append("use_bias_in_attn_linear = True (Mistral's projections have no bias)")
+    if cfg.use_bias_in_mlp:
+        problems.append("use_bias_in_mlp = True (Mistral's MLP has no bias)")
+    if problems:
+        raise ValueError("cannot export to HF MistralForCausalLM: " + "; ".join(problems))
+
+
+def to_hf_mistral_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig,
+                             vocab_size: Optional[int] = None, include_tied_head: bool = True) -> dict[str, Tensor]:
+    """``GPTModel`` state dict -> ``MistralForCausalLM`` state dict (Mistral's tensor names are Llama's)."""
+    cfg = model_cfg
+    check_mistral_compatible(cfg)
+    vocab = check_vocab(cfg, vocab_size)
+    state = clean_state_dict(model_state)
+    _require(state, cfg, "GPTModel state dict")
+    out = to_hf_state(LLAMA_TABLE, state, cfg, vocab)
+    if not cfg.no_weight_tying and include_tied_head:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def hf_mistral_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **overrides: Any):
+    """``transformers.MistralConfig`` describing the same function as ``GPTModel(model_cfg)``
+    (``sliding_window`` = :func:`hf_sliding_window`)."""
+    from transformers import MistralConfig
+
+    cfg = model_cfg
+    check_mistral_compatible(cfg)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=check_vocab(cfg, vocab_size),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=ffn_width(cfg),
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=kv_heads(cfg),
+        head_dim=head_dim(cfg),
+        hidden_act=HF_GATED_ACTS[cfg.activation],
+        max_position_embeddings=max_positions(cfg),
+        initializer_range=cfg.init_method_std,
+        rms_norm_eps=cfg.rms_norm_epsilon,
+        tie_word_embeddings=not cfg.no_weight_tying,
+        rope_parameters=rope_parameters(cfg),
+        sliding_window=hf_sliding_window(cfg),
+        attention_dropout=cfg.attention_dropout,
+    )
+    kwargs.update(overrides)
+    return MistralConfig(**kwargs)
+
+
+def from_hf_mistral_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig,
+                               sepllm_cfg: Any = None) -> dict[str, Tensor]:
+    """``MistralForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_mistral_state_dict``)."""
+    cfg = model_cfg
+    check_mistral_compatible(cfg)
+    if cfg.no_weight_tying and "lm_head.weight" not in hf_state:
+        raise KeyError("HF Mistral state dict: missing key 'lm_head.weight' for an untied model")
+    return from_hf_state(LLAMA_TABLE, hf_state, cfg, model_keys(cfg, sepllm_cfg), "HF Mistral state dict")
+
+
 def _require(state: Mapping[str, Tensor], cfg: ModelConfig, what: str) -> None:
     """Every key ``GPTModel(cfg)`` has must be in ``state`` (the tables skip absent keys, e.g. bias-free layers)."""
     missing = [k for k in model_keys(cfg) if k not in state]
@@ -234,8 +323,9 @@ def _require(state: Mapping[str, Tensor], cfg: ModelConfig, what: str) -> None:
         raise KeyError(f"{what}: missing keys {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
 
 
-ARCHITECTURES = ("neox", "llama")
-CHECKS = {"neox": check_gpt_neox_compatible, "llama": check_llama_compatible}
-TO_HF = {"neox": to_hf_gpt_neox_state_dict, "llama": to_hf_llama_state_dict}
-FROM_HF = {"neox": from_hf_gpt_neox_state_dict, "llama": from_hf_llama_state_dict}
-HF_CONFIGS = {"neox": hf_gpt_neox_config, "llama": hf_llama_config}
+ARCHITECTURES = ("neox", "llama", "mistral")
+CHECKS = {"neox": check_gpt_neox_compatible, "llama": check_llama_compatible, "mistral": check_mistral_compatible}
+TO_HF = {"neox": to_hf_gpt_neox_state_dict, "llama": to_hf_llama_state_dict, "mistral": to_hf_mistral_state_dict}
+FROM_HF = {"neox": from_hf_gpt_neox_state_dict, "llama": from_hf_llama_state_dict,
+           "mistral": from_hf_mistral_state_dict}
+HF_CONFIGS = {"neox": hf_gpt_neox_config, "llama": hf_llama_config, "mistral": hf_mistral_config}

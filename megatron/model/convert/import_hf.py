@@ -1,9 +1,10 @@
-"""A Hugging Face GPT-NeoX / Pythia or Llama folder -> a checkpoint in our format (any TP / PP layout) plus the YAML
-of its architecture, so that ``python deepy.py train.py <that yaml> <your data/training yaml> --load DIR --finetune``
-continues from the HF weights.
+"""A Hugging Face GPT-NeoX / Pythia, Llama or Mistral folder -> a checkpoint in our format (any TP / PP layout) plus
+the YAML of its architecture, so that ``python deepy.py train.py <that yaml> <your data/training yaml> --load DIR
+--finetune`` continues from the HF weights.
 
-Only HF settings ``GPTModel`` computes exactly are accepted (rope_type ``default``, erf-GELU / ReLU / SiLU-gated
-activations, Llama's full-head rotary); anything else is refused with one line naming the ``config.json`` key.
+Only HF settings ``GPTModel`` computes exactly are accepted (rope_type ``default``, erf-GELU / ReLU / gated
+activations, Llama's full-head rotary, Mistral's ``sliding_window`` s as ``sliding_window_width`` s - 1); anything
+else is refused with one line naming the ``config.json`` key.
 A ``sepllm`` block in ``config.json`` (written by our exporter) is turned back into the SepLLM keys; without one,
 SepLLM keys at the top level of ``config.json`` (the SepLLM authors' ``sepllm_gpt_neox`` format,
 ``megatron.model.convert.sepllm_gpt_neox``) are read instead.
@@ -26,12 +27,12 @@ import yaml
 from megatron.config import derived
 from megatron.config.errors import ConfigError
 from megatron.model.convert import sepllm_gpt_neox as authors
-from megatron.model.convert.hf import FROM_HF
+from megatron.model.convert.hf import FROM_HF, HF_GATED_ACTS
 from megatron.model.convert.sepllm_block import sepllm_settings
 from megatron.training.checkpointing import CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, META_FILE, checkpoint_name
 
 GENERATED_YAML = "model.yml"
-_MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", authors.MODEL_TYPE: "neox"}
+_MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", "mistral": "mistral", authors.MODEL_TYPE: "neox"}
 
 
 class ImportHFError(ConfigError):
@@ -76,7 +77,7 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
     arch = _MODEL_TYPES.get(str(model_type))
     if arch is None:
         raise ImportHFError(f"{where}: model_type = {model_type!r}: expected one of {sorted(_MODEL_TYPES)} "
-                            f"(GPT-NeoX / Pythia, the SepLLM authors' GPT-NeoX, or Llama)")
+                            f"(GPT-NeoX / Pythia, the SepLLM authors' GPT-NeoX, Llama or Mistral)")
     try:
         hidden, heads, layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
         positions = int(raw.get("max_position_embeddings", 2048))
@@ -106,10 +107,10 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
                     gpt_j_residual=bool(raw.get("use_parallel_residual", True)), use_bias_in_mlp=True,
                     use_bias_in_norms=True)
     else:
-        acts = {"silu": "swiglu", "gelu": "geglu"}
+        acts = {hf: ours for ours, hf in HF_GATED_ACTS.items()}
         if act not in acts:
-            raise ImportHFError(f"{where}: hidden_act = {act!r}: GPTModel's gated MLP computes 'silu' (swiglu) or "
-                                f"'gelu' (geglu)")
+            raise ImportHFError(f"{where}: hidden_act = {act!r}: GPTModel's gated MLP computes "
+                                f"{', '.join(repr(a) for a in acts)}")
         theta, pct = _rope(raw, where, 1.0)
         if pct != 1.0:
             raise ImportHFError(f"{where}: partial_rotary_factor = {pct}: Llama rotates the full head")
@@ -121,6 +122,9 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
                     rms_norm_epsilon=float(raw.get("rms_norm_eps", 1e-6)), activation=acts[act],
                     gpt_j_residual=False, use_bias_in_mlp=bool(raw.get("mlp_bias", False)), use_bias_in_norms=False,
                     num_kv_heads=int(raw.get("num_key_value_heads") or heads))
+    if arch == "mistral":
+        keys.update(use_bias_in_attn_linear=False, use_bias_in_mlp=False,
+                    sliding_window_width=_sliding_window_width(raw, where))
     # HF's intermediate_size is the width after gating; GPT-NeoX's key is the base width (derived.mlp_widths)
     keys["intermediate_size"] = derived.intermediate_size_for(keys["intermediate_size"], keys["activation"])
     if float(keys["rotary_emb_base"]).is_integer():
@@ -131,6 +135,22 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
         except ValueError as exc:
             raise ImportHFError(str(exc)) from exc
     return arch, keys
+
+
+def _sliding_window_width(raw: dict[str, Any], where: Path) -> Any:
+    """GPT-NeoX's ``sliding_window_width`` of a Mistral ``config.json``: HF keeps ``q - k < sliding_window`` keys,
+    GPT-NeoX ``q - k <= W``, so ``W = sliding_window - 1`` (None: full attention)."""
+    window = raw.get("sliding_window")
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and len(set(layer_types)) > 1:
+        raise ImportHFError(f"{where}: layer_types = {sorted(set(layer_types))}: GPTModel has one attention pattern "
+                            f"for every layer")
+    if window is None or (layer_types is not None and set(layer_types) == {"full_attention"}):
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ImportHFError(f"{where}: sliding_window = {window!r}: expected null or an integer >= 2 (it becomes "
+                            f"sliding_window_width = sliding_window - 1 >= 1)")
+    return window - 1
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
