@@ -297,6 +297,15 @@ def test_mistral_export_logits_identical_and_w_would_differ(tied):
         assert (hf(input_ids=ids).logits - got).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("activation", ["geglu", "reglu", "glu", "bilinear"])
+def test_mistral_export_computes_every_gated_activation(activation):
+    """The gate function reaches HF as the ``hidden_act`` our MLP applies (gelu, relu, sigmoid, identity)."""
+    cfg, ours, hf = _ours_and_mistral(activation=activation)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=0)
+
+
 def test_mistral_generate_equals_our_cached_decoding():
     cfg, ours, hf = _ours_and_mistral()
     prompt = _prompts()[1]
@@ -323,6 +332,8 @@ def test_standard_exports_refuse_a_sliding_window_in_one_line():
         check_gpt_neox_compatible(neox)
     with pytest.raises(ValueError, match=r"MistralForCausalLM: use_bias_in_attn_linear = True"):
         hf_mistral_config(model_cfg(use_bias_in_attn_linear=True))
+    with pytest.raises(ValueError, match=r"use_qk_layernorm = True \(Llama has no query/key norm\)"):
+        hf_mistral_config(model_cfg(use_qk_layernorm=True, num_kv_heads=None))
 
 
 def test_mistral_folder_imports_and_exports_back_bit_identical(tmp_path):
