@@ -39,8 +39,8 @@ class GenerationConfig:
     recompute: bool = opt(False, "Run the whole sequence through the model at every step (no KV cache): the "
                                  "attention of training, slow; the only way to decode BiPE / FixLLM / "
                                  "self-adjusting-softmax models.")
-    kv_cache: str = opt("auto", "KV cache of cached decoding: auto (compressed for SepLLM/StreamingLLM-trained models, "
-                                "plain for full attention) | plain (keep every key) | compressed (SepCache eviction: "
+    kv_cache: str = opt("auto", "KV cache of cached decoding: auto (compressed for SepLLM/StreamingLLM-trained and "
+                                "sliding-window models, plain for full attention) | plain (keep every key) | compressed (SepCache eviction: "
                                 "initial tokens + at most sep_cache_size separators + local window; flat memory) | "
                                 "uncapped (every separator kept: the training rule exactly, memory grows with the "
                                 "separator count).")
