@@ -84,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from megatron.config import load_config
+    from megatron.entry_args import quiet_accelerator_probe
     from megatron.errors import NeoxError, report_error
     from megatron.training.launch import check_launch, launch_world_size, plan_launch, visible_gpu_count
+
+    quiet_accelerator_probe()     # before anything imports DeepSpeed; inherited by the launcher and its workers
 
     visible = visible_gpu_count()
     try:

@@ -29,7 +29,7 @@ def run_eval_cli(cfg: Any, config_files: Sequence[str], overrides: Sequence[str]
 
         device = cfg.training.device
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        info = init_distributed(device, cfg.parallel.distributed_backend)
+        info = init_distributed(device, cfg.parallel.distributed_backend, deepspeed_comm=False)
         dp = DataParallel(rank=info.rank, world_size=info.world_size)
     try:
         run_evaluation(cfg, config_files=config_files, overrides=overrides, dp=dp)

@@ -11,13 +11,15 @@ requests and responses.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -120,6 +122,25 @@ def _dtype(cfg: Any, device: torch.device) -> torch.dtype:
     return torch.float32  # CPU evaluation (and fp32 runs) in fp32
 
 
+class _CustomDatasetNote(logging.Filter):
+    """Drops lm_eval's note that a task with a ``custom_dataset`` loader could take ``--metadata`` keyword arguments
+    (printed twice per such task; the loaders of ``eval_tasks/`` take none)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_custom_dataset_note() -> Iterator[None]:
+    task_logger = logging.getLogger("lm_eval.api.task")
+    note = _CustomDatasetNote()
+    task_logger.addFilter(note)
+    try:
+        yield
+    finally:
+        task_logger.removeFilter(note)
+
+
 def run_evaluation(cfg: Any, *, config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = (),
                    dp: DataParallel = DataParallel(), include_defaults: bool = True,
                    print_table: bool = True) -> EvalOutcome:
@@ -148,12 +169,17 @@ def run_evaluation(cfg: Any, *, config_files: Sequence[str | os.PathLike] = (), 
         raise EvalError(f"tokenizer {mcfg.tokenizer.vocab_file} has {tokenizer.vocab_size} tokens but the checkpoint's "
                         f"embedding has {trained.model.cfg.padded_vocab_size} rows: not the tokenizer it was trained with")
     model = trained.model.to(device)
+    if dp.rank == 0 and print_table:
+        print(f"eval: iteration {trained.iteration} from {trained.checkpoint_dir}, attention "
+              f"{attention_mode(mcfg.model.sliding_window_width, mcfg.sepllm)}, device {device}", flush=True)
     batch = t.eval_batch_size or t.train_micro_batch_size_per_gpu or 1
     lm = NeoXLM(model, tokenizer, batch_size=batch, device=device, dp=dp)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=t.eval_num_fewshot, limit=t.eval_limit,
-                              bootstrap_iters=t.eval_bootstrap_iters, log_samples=bool(t.eval_log_samples),
-                              task_manager=manager, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
-                              fewshot_random_seed=1234, verbosity="INFO" if dp.rank == 0 else "ERROR")
+    with _without_custom_dataset_note():
+        results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=t.eval_num_fewshot, limit=t.eval_limit,
+                                  bootstrap_iters=t.eval_bootstrap_iters, log_samples=bool(t.eval_log_samples),
+                                  task_manager=manager, random_seed=0, numpy_random_seed=1234,
+                                  torch_random_seed=1234, fewshot_random_seed=1234,
+                                  verbosity="INFO" if dp.rank == 0 else "ERROR")
     retention = _retention(model, dp)
     if dp.rank != 0 or results is None:
         return EvalOutcome(results=None, results_path=None, iteration=trained.iteration)

@@ -7,6 +7,8 @@ already exists (tests calling the loop twice in one process).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import socket
@@ -56,8 +58,28 @@ def spawn_and_wait(fn: Any, nprocs: int, args: tuple, timeout: float, what: str)
             raise TimeoutError(f"{what} did not finish within {timeout} s")
 
 
-def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
-    """Initialise torch.distributed (gloo on CPU, nccl on CUDA unless told otherwise); idempotent."""
+def _attach_deepspeed_comm(backend: str) -> None:
+    """DeepSpeed's communication layer over our process group, made now and quietly: its creation prints "DeepSpeed
+    deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on CPU in every process, which says nothing to a
+    user. Only that line is dropped; anything else DeepSpeed prints passes through. Idempotent (DeepSpeed keeps one
+    backend per process; ``deepspeed.initialize`` and the pipeline engine reuse it)."""
+    import deepspeed
+
+    from megatron.training.engine import quiet_deepspeed_logs
+
+    quiet_deepspeed_logs()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+    kept = [line for line in printed.getvalue().splitlines()
+            if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully"))]
+    if kept:
+        print("\n".join(kept), flush=True)
+
+
+def init_distributed(device_type: str, backend: str | None = None, deepspeed_comm: bool = True) -> DistInfo:
+    """Initialise torch.distributed (gloo on CPU, nccl on CUDA unless told otherwise); idempotent.
+    ``deepspeed_comm``: also set up DeepSpeed's communication layer (training; see ``_attach_deepspeed_comm``)."""
     if backend is None or (device_type == "cpu" and backend == "nccl"):
         backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
@@ -74,6 +96,8 @@ def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]))
+    if deepspeed_comm:
+        _attach_deepspeed_comm(backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)

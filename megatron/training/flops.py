@@ -1,7 +1,10 @@
-"""Throughput accounting: model FLOPs per token (from the model's helper), MFU, and a measured CPU matmul peak.
+"""Throughput accounting: model FLOPs per token (from the model's helper), MFU, and a measured CPU matmul rate.
 
-There is no vendor peak for a CPU, so on CPU we measure one: the best fp32 GEMM rate torch reaches here. MFU against
-it says how much of the *achievable* matmul rate training uses; it is labelled as such.
+MFU needs a peak. On a GPU we know (``KNOWN_GPU_PEAKS``) it is the datasheet's dense 16-bit rate, as in torchtitan;
+``logging.peak_flops`` (GPT-NeoX's key, in FLOP/s per device) overrides it. A CPU has no datasheet peak: training
+logs no MFU there unless ``peak_flops`` is set. (A matmul rate measured at start-up varied twofold between two runs
+of the same speed on a shared machine, so it is no longer used as a peak for training; the benchmarks, which only
+compare runs of one process, still measure it with :func:`measure_matmul_peak`.)
 """
 
 from __future__ import annotations
@@ -46,14 +49,14 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
 
 
 def default_peak_flops(device: str) -> tuple[float | None, str]:
-    """Peak per device and where it comes from: a known GPU's datasheet, else a measured CPU matmul rate."""
+    """Peak per device and where it comes from: a known GPU's datasheet; None (no MFU) for an unknown GPU or a CPU."""
     if device == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, peak in KNOWN_GPU_PEAKS.items():
             if key in name:
                 return peak, f"{name} datasheet dense 16-bit"
-        return None, f"unknown GPU {name!r}: set logging.peak_flops for MFU"
-    return measure_matmul_peak("cpu"), "measured CPU fp32 matmul"
+        return None, f"unknown GPU {name!r}: set peak_flops for MFU"
+    return None, "a CPU has no datasheet peak: set peak_flops for MFU"
 
 
 def mfu(tokens_per_sec: float, flops_per_tok: float, peak_flops: float | None, num_devices: int = 1) -> float | None:

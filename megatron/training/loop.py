@@ -37,7 +37,7 @@ from megatron.training.distributed import DistInfo, barrier, init_distributed, s
 from megatron.training.engine import check_device_support, quiet_deepspeed_logs, resolve_device
 from megatron.training.flops import default_peak_flops, flops_per_token, mfu
 from megatron.training.interrupt import StopRequest, TrainingInterrupted
-from megatron.training.logging import RunLogger
+from megatron.training.logging import RunLogger, format_console_line
 from megatron.training.diagnostics import StepDiagnostics
 from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
 from megatron.training.parallel_setup import ParallelPlan, plan_parallel
@@ -406,6 +406,7 @@ def _train(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: fl
         state.last_saved = _save(cfg, engine, scheduler, state, info, logger, result, plan)  # the init weights
     engine.train()
     exited = False
+    first_iteration = state.iteration + 1
     while state.iteration < train_iters:
         if stop.agreed(device):  # every rank stops after the same iteration
             _stop(cfg, engine, scheduler, state, info, logger, result, plan, stop)
@@ -450,6 +451,12 @@ def _train(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: fl
             logger.log(row)
             result.tokens_per_sec = tps
             interval.reset()
+        elif iteration == first_iteration:
+            # console only, so that a user sees the loss at once; the interval's row (metrics.jsonl, TensorBoard)
+            # still averages every iteration since the last one, as GPT-NeoX logs it
+            logger.info(format_console_line({"iteration": iteration, "lm_loss": loss, "lr": lr,
+                                             "grad_norm": grad_norm, "step_time_ms": 1000.0 * interval.time_s},
+                                            train_iters) + f" (first iteration; then every {lg.log_interval})")
 
         if ck.save and should_save(iteration, ck.checkpoint_factor, ck.extra_save_iters):
             state.last_saved = _save(cfg, engine, scheduler, state, info, logger, result, plan)
