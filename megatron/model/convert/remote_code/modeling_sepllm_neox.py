@@ -14,8 +14,8 @@ What one forward computes:
 * inside ``generate`` (which passes a cache): what the framework's own cached decoding (``generate.py``) computes.
   The prompt attends with the per-layer prefill windows; one-token steps of a SepLLM / StreamingLLM model use the
   per-layer decode windows and count the initial tokens from each row's first real token (as the framework's KV
-  cache does); FixLLM, self-adjusting softmax and BiPE models, which the framework decodes by recomputing the whole
-  sequence, get exactly that row of the recomputation. The cache keeps every key (the trained rule without a
+  cache does), a sliding-window model's steps see its window; FixLLM, self-adjusting softmax and BiPE models, which
+  the framework decodes by recomputing the whole sequence, get exactly that row of the recomputation. The cache keeps every key (the trained rule without a
   separator cap); for a compressed cache use SepCache (``custom_generate=megatron.sepllm.generate``).
 
 The attention rule of a layer with window ``w`` (it counts the query itself) and ``a`` initial tokens: query ``q``
@@ -464,6 +464,8 @@ class _History:
 
 # -------------------------------------------------------------------------------------------------------- models
 class SepLLMNeoXPreTrainedModel(PreTrainedModel):
+    """What transformers needs to load, initialise and dispatch attention for the classes below."""
+
     config_class = SepLLMNeoXConfig
     base_model_prefix = "model"
     _no_split_modules = ["SepLLMNeoXLayer"]
@@ -515,16 +517,18 @@ class SepLLMNeoXModel(SepLLMNeoXPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         given_cache = cache is not None
-        if use_cache is None or given_cache:
-            use_cache = given_cache or self.config.use_cache
+        if given_cache:
+            use_cache = True                # a cache passed in is continued
+        elif use_cache is None:
+            use_cache = self.config.use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         sep_cache = kwargs.get(SEP_CACHE_KWARG)
         if sep_cache is not None:
             step, table_positions = self._sep_cache_step(sep_cache, input_ids, position_ids)
         else:
-            step, table_positions = self._step(input_ids, inputs_embeds, attention_mask, position_ids,
-                                               cache if use_cache else None, given_cache)
+            step, table_positions = self._step(input_ids, inputs_embeds, attention_mask, position_ids, cache,
+                                               given_cache)
         x = self.embed(input_ids, inputs_embeds, table_positions)
         rotary = None
         if self.rotary_emb is not None:
@@ -532,11 +536,11 @@ class SepLLMNeoXModel(SepLLMNeoXPreTrainedModel):
             rotary = (cos.unsqueeze(1), sin.unsqueeze(1))
         hidden = (x,) if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, rotary, step, cache if use_cache else None, **kwargs)
+            x = layer(x, rotary, step, cache, **kwargs)
             if hidden is not None:
                 hidden += (x,)
         return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(x), hidden_states=hidden,
-                                       **{_CACHE_FIELD: cache if use_cache else None})
+                                       **{_CACHE_FIELD: cache})
 
     # ----- one forward's positions and masks
     def _step(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor], attention_mask: Optional[Tensor],
@@ -546,9 +550,9 @@ class SepLLMNeoXModel(SepLLMNeoXPreTrainedModel):
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
         batch, q_len = reference.shape[:2]
         device = reference.device
-        if input_ids is None and (config.use_bipe or config.sepllm_mode not in FULL_PATTERN_MODES):
-            raise ValueError(f"sepllm_mode {config.sepllm_mode!r} / BiPE read token ids (separators, initial "
-                             f"tokens): pass input_ids, not inputs_embeds")
+        if input_ids is None and (config.use_bipe or config.sepllm_mode == "sepllm"):
+            raise ValueError("separators (SepLLM attention, BiPE) are read from the token ids: pass input_ids, not "
+                             "inputs_embeds")
         new_ids = input_ids if input_ids is not None else torch.full((batch, q_len), -1, device=device)
         past = cache.get_seq_length() if cache is not None else 0
         history = self._history(cache, past, batch) if past else None
