@@ -186,3 +186,24 @@ def test_unbuilt_features_are_refused_in_one_line(feature: str) -> None:
 def test_unbuilt_attention_types_and_norms_name_the_feature(spec: dict, feature: str) -> None:
     with pytest.raises(ConfigError, match=feature):
         load_config({**TINY, **spec})
+
+
+def test_fp16_lm_cross_entropy_keeps_the_logits_dtype() -> None:
+    """GPT-NeoX's fp16_lm_cross_entropy computes the loss on the half-precision logits; the default upcasts."""
+    from megatron.model.loss import lm_loss
+    from megatron.training.parallel_setup import ParallelPlan
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 5, 11) * 4).to(torch.bfloat16)
+    labels = torch.randint(0, 11, (2, 5))
+    # GPT-NeoX: per-token losses in the half dtype, summed against the fp32 loss mask
+    half = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), reduction="none").float().mean()
+    full = F.cross_entropy(logits.reshape(-1, 11).float(), labels.reshape(-1))
+    torch.testing.assert_close(lm_loss(logits, labels, upcast=False), half, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lm_loss(logits, labels), full, rtol=1e-6, atol=0)
+    assert abs(float(half) - float(full)) > 1e-4
+    plan = ParallelPlan(tp_size=1, pp_stages=0, sequence_parallel=False, dp_rank=0, dp_size=1,
+                        fp16_lm_cross_entropy=True)
+    engine = type("Engine", (), {"module": torch.nn.Linear(1, 1)})()
+    torch.testing.assert_close(plan.loss_fn(engine)(logits, labels), half, rtol=1e-6, atol=0)
+    assert load_config({**TINY, "fp16_lm_cross_entropy": True}).model.fp16_lm_cross_entropy

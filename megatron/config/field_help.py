@@ -70,6 +70,8 @@ MODEL_HELP: dict[str, str] = {
     "scaled_upper_triang_masked_softmax_fusion": "Kernel hint (fused causal softmax); falls back to PyTorch.",
     "bias_gelu_fusion": "GPT-NeoX's fused bias+GeLU: the tanh approximation of GeLU (as upstream's kernel computes it), "
                         "run in PyTorch; off = exact erf GeLU.",
+    "fp16_lm_cross_entropy": "GPT-NeoX: compute the language-model cross-entropy in the logits' dtype (fp16 / bf16) "
+                             "instead of fp32 (every trainer path: plain, tensor- and pipeline-parallel).",
     "onnx_safe": "GPT-NeoX's ONNX-exportable GeLU for activation gelu: x / 2 x (1 + erf(x / 1.41421)) (its rounded "
                  "sqrt(2)); cannot be combined with bias_gelu_fusion. HF exports map it to exact GeLU (relative "
                  "difference below 3e-6).",

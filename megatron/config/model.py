@@ -54,6 +54,7 @@ class ModelConfig:
     scaled_masked_softmax_fusion: bool = False
     scaled_upper_triang_masked_softmax_fusion: bool = False
     bias_gelu_fusion: bool = False
+    fp16_lm_cross_entropy: bool = False          # GPT-NeoX: loss computed in the logits' dtype (not upcast to fp32)
     onnx_safe: bool = False                      # GPT-NeoX: gelu as x/2 (1 + erf(x / 1.41421)), the ONNX-exportable form
     rope_fusion: bool = False
     layernorm_fusion: bool = False

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[Tensor] = None) -> Tensor:
-    """Mean token cross-entropy over unmasked tokens, computed in fp32.
+def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[Tensor] = None, *, upcast: bool = True) -> Tensor:
+    """Mean token cross-entropy over unmasked tokens, computed in fp32 (``upcast=False``: in the logits' dtype, as
+    GPT-NeoX's ``fp16_lm_cross_entropy`` does; the mean is still taken in fp32).
 
     ``logits [B, S, V]`` and ``labels [B, S]`` are already aligned (``labels[:, t]`` is the target of position ``t``,
     i.e. the caller shifted the tokens, GPT-NeoX style). ``loss_mask [B, S]`` weights tokens (1 = count,
@@ -24,6 +25,7 @@ def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[Tensor] = None) 
         if loss_mask.shape != labels.shape:
             raise ValueError(f"lm_loss: loss_mask {tuple(loss_mask.shape)} must match labels {tuple(labels.shape)}")
         weights = weights * loss_mask.to(torch.float32)
-    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float32),
-                                labels.clamp(min=0).reshape(-1), reduction="none")
+    flat = logits.reshape(-1, logits.shape[-1])
+    per_token = F.cross_entropy(flat.to(torch.float32) if upcast else flat, labels.clamp(min=0).reshape(-1),
+                                reduction="none").to(torch.float32)
     return (per_token * weights.reshape(-1)).sum() / weights.sum().clamp(min=1.0)

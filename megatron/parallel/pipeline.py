@@ -103,15 +103,15 @@ def _check_groups(topology: Any, groups: Any) -> None:
                                   f"{groups.dp_rank}, {groups.tp_rank}) differ from DeepSpeed's {tuple(coord)}")
 
 
-def pipeline_lm_loss(logits: Tensor, labels: Any) -> Tensor:
+def pipeline_lm_loss(logits: Tensor, labels: Any, upcast: bool = True) -> Tensor:
     """The last stage's loss: ``labels`` is the ``(labels, loss_mask)`` pair of the micro-batch (see
     :func:`pipeline_micro_batch`); same formula as the non-pipeline trainer (``megatron.model.loss.lm_loss``)."""
     if isinstance(labels, Tensor):
-        return lm_loss(logits, labels)
+        return lm_loss(logits, labels, upcast=upcast)
     if not isinstance(labels, (tuple, list)) or len(labels) not in (1, 2):
         raise PipelineConfigError(f"pipeline labels must be labels [B,S] or (labels, loss_mask), got "
                                   f"{type(labels).__name__}")
-    return lm_loss(logits, labels[0], labels[1] if len(labels) == 2 else None)
+    return lm_loss(logits, labels[0], labels[1] if len(labels) == 2 else None, upcast=upcast)
 
 
 def layer_specs(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig], context: StageContext) -> list[Any]:
@@ -179,6 +179,8 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
     if model_cfg.checkpoint_activations and model_cfg.checkpoint_num_layers < 1:
         raise PipelineConfigError(f"model config key 'checkpoint_num_layers' = {model_cfg.checkpoint_num_layers}: "
                                   f"expected >= 1")
+    if loss_fn is pipeline_lm_loss and model_cfg.fp16_lm_cross_entropy:
+        loss_fn = functools.partial(pipeline_lm_loss, upcast=False)
     pipe = PipelineModule(layers=layer_specs(model_cfg, sepllm_cfg, context), topology=topology, loss_fn=loss_fn,
                           partition_method=method, activation_checkpoint_interval=interval,
                           activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),

@@ -300,13 +300,14 @@ def apply_tensor_parallel(model: GPTModel, tp_mesh_or_group: Any, sequence_paral
 
 
 # ------------------------------------------------------------------------------------------------------------ loss
-def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, group: Any) -> Tensor:
-    """Per-token cross-entropy ``[...]`` from vocab-sharded ``logits [..., V / tp]`` (fp32, exact).
+def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, group: Any, upcast: bool = True) -> Tensor:
+    """Per-token cross-entropy ``[...]`` from vocab-sharded ``logits [..., V / tp]`` (fp32, exact; ``upcast=False``:
+    in the logits' dtype, GPT-NeoX's ``fp16_lm_cross_entropy``).
 
     ``log(sum_v exp(z_v)) - z_label`` with the max and the sum reduced over the TP group; labels must be in
     ``[0, V)`` (mask ignored positions yourself).
     """
-    z = logits.to(torch.float32)
+    z = logits.to(torch.float32) if upcast else logits
     per_rank = z.shape[-1]
     start = dist.get_rank(group) * per_rank
     vocab = per_rank * dist.get_world_size(group)
@@ -325,7 +326,7 @@ def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, group: Any) -> 
 
 
 def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[Tensor] = None, *,
-                           group: Any) -> Tensor:
+                           group: Any, upcast: bool = True) -> Tensor:
     """``megatron.model.loss.lm_loss`` for vocab-sharded logits: mean over counted tokens (labels < 0 and
     ``loss_mask == 0`` ignored), identical on every TP rank."""
     if logits.shape[:-1] != labels.shape:
@@ -337,19 +338,19 @@ def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[T
             raise ValueError(f"vocab_parallel_lm_loss: loss_mask {tuple(loss_mask.shape)} must match labels "
                              f"{tuple(labels.shape)}")
         weights = weights * loss_mask.to(torch.float32)
-    per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group)
+    per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group, upcast).to(torch.float32)
     return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def loss_fn_for(model: GPTModel) -> Callable[..., Tensor]:
+def loss_fn_for(model: GPTModel, upcast: bool = True) -> Callable[..., Tensor]:
     """The loss the trainer should call for ``model``: ``lm_loss`` for a plain model, the vocab-parallel loss over
     its TP group for a tensor-parallel one. Signature ``(logits, labels, loss_mask=None)``."""
     info: Optional[TPInfo] = getattr(model, "tensor_parallel", None)
     if info is None:
         from megatron.model.loss import lm_loss
 
-        return lm_loss
-    return functools.partial(vocab_parallel_lm_loss, group=info.group)
+        return functools.partial(lm_loss, upcast=upcast)
+    return functools.partial(vocab_parallel_lm_loss, group=info.group, upcast=upcast)
 
 
 def gather_logits(logits: Tensor, model_or_group: Any) -> Tensor:

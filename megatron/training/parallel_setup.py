@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import functools
+
 import torch
 
 from megatron.config.layout import pipeline_engine_stages
@@ -34,6 +36,7 @@ class ParallelPlan:
     dp_size: int
     groups: Any = None  # megatron.parallel.mesh.ParallelGroups when TP or PP is on
     fp32_allreduce: bool = False  # GPT-NeoX: TP sums in fp32
+    fp16_lm_cross_entropy: bool = False  # GPT-NeoX: the loss in the logits' dtype instead of fp32
 
     @property
     def pipeline(self) -> bool:
@@ -61,11 +64,12 @@ class ParallelPlan:
         return self.groups.deepspeed_mpu() if self.groups is not None else None
 
     def loss_fn(self, engine: Any) -> Callable[..., torch.Tensor]:
+        upcast = not self.fp16_lm_cross_entropy
         if self.pipeline or getattr(engine.module, "tensor_parallel", None) is None:
-            return lm_loss
+            return lm_loss if upcast else functools.partial(lm_loss, upcast=False)
         from megatron.parallel.tensor_parallel import loss_fn_for
 
-        return loss_fn_for(engine.module)
+        return loss_fn_for(engine.module, upcast)
 
     def checkpoint_layout(self) -> CheckpointLayout:
         if self.groups is None:
@@ -105,10 +109,11 @@ def plan_parallel(cfg: Any, info: Any, device: str) -> ParallelPlan:
     layout = rank_layout(info.world_size, tp, stages)
     if tp == 1 and stages == 0 and not sp:
         return ParallelPlan(tp_size=1, pp_stages=0, sequence_parallel=False, dp_rank=info.rank,
-                            dp_size=info.world_size)
+                            dp_size=info.world_size, fp16_lm_cross_entropy=cfg.model.fp16_lm_cross_entropy)
     groups = build_parallel_groups(info.world_size, info.rank, tp, stages, device_type=device)
     return ParallelPlan(tp_size=tp, pp_stages=stages, sequence_parallel=sp, dp_rank=groups.dp_rank,
-                        dp_size=layout.dp_size, groups=groups, fp32_allreduce=bool(cfg.training.fp32_allreduce))
+                        dp_size=layout.dp_size, groups=groups, fp32_allreduce=bool(cfg.training.fp32_allreduce),
+                        fp16_lm_cross_entropy=cfg.model.fp16_lm_cross_entropy)
 
 
 __all__ = ["ParallelPlan", "pipeline_engine_stages", "plan_parallel"]
