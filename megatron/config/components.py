@@ -93,7 +93,9 @@ class DataConfig:
     valid_data_weights: Optional[list] = opt(None, "Blend weights of valid_data_paths.")
     test_data_weights: Optional[list] = opt(None, "Blend weights of test_data_paths.")
     split: str = opt("969, 30, 1", "train, valid, test proportions of `data_path` (comma-separated).")
-    data_impl: str = opt("mmap", "Indexed dataset implementation; only mmap (Megatron MMIDIDX) is supported.")
+    data_impl: str = opt("infer", "Indexed dataset implementation (GPT-NeoX): infer (read the .idx header) | mmap "
+                                  "(Megatron MMIDIDX); both read MMIDIDX files, the only format written here. "
+                                  "GPT-NeoX's legacy 'cached' format is refused.")
     num_workers: int = opt(2, "DataLoader worker processes per rank.")
     mmap_warmup: bool = opt(False, "Touch every page of the memory-mapped data once at start-up.")
     weight_by_num_documents: bool = opt(False, "Blend datasets by document count (weights ~ n_docs^alpha) instead of "
@@ -138,8 +140,8 @@ class TrainingConfig:
                                                         derived=True)
     gradient_accumulation_steps: Optional[int] = opt(None, "Micro-batches accumulated per optimizer step.",
                                                      derived=True)
-    gradient_clipping: float = opt(0.0, "Clip the global gradient norm to this value (0 = off). `clip_grad` is an "
-                                        "alias.")
+    gradient_clipping: float = opt(1.0, "Clip the global gradient norm to this value (0 = off); GPT-NeoX's default "
+                                        "1.0. `clip_grad` is an alias.")
     seed: int = opt(1234, "Random seed (model init, data order, dropout).")
     eval_interval: int = opt(1000, "Run validation every N iterations.")
     eval_iters: int = opt(100, "Validation batches per evaluation.")

@@ -325,7 +325,11 @@ def _resolve_schedule(s, t, optimizer, merged_schedule: dict, ctx: _Ctx) -> None
 
 
 def _check_data(d, ctx: _Ctx) -> None:
-    d.data_impl = _one_of(ctx, "data", "data_impl", d.data_impl, ("mmap",))
+    if str(d.data_impl).lower() == "cached":
+        raise ConfigError(f"{ctx.src('data', 'data_impl')}: data_impl='cached': GPT-NeoX's legacy cached dataset "
+                          f"format is not read here; prepare the data as mmap (.bin/.idx, prepare_data.py) and use "
+                          f"mmap or infer")
+    d.data_impl = _one_of(ctx, "data", "data_impl", d.data_impl, ("infer", "mmap"), normalise=True)
     _at_least(ctx, "data", "num_workers", d.num_workers, 0)
     parts = [x.strip() for x in str(d.split).split(",")]
     try:
@@ -425,6 +429,7 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
 
     cfg = NeoXConfig(**objs, deepspeed_extra=extra, sources=list(sources), overrides=list(overrides))
     cfg.explicit_keys = frozenset(f"{s}.{n}" for s, n in origins)
+    cfg.key_sources = {f"{s}.{n}": where for (s, n), where in origins.items()}
     return cfg
 
 
@@ -441,15 +446,16 @@ def check_training_ready(cfg: NeoXConfig) -> None:
         missing.append(f"vocab_file (needed by tokenizer_type {tok.tokenizer_type})")
     where = ", ".join(cfg.sources) or "config"
     if cfg.checkpoint.iteration is not None:
-        raise ConfigError(f"{where}: key 'iteration' = {cfg.checkpoint.iteration} picks the checkpoint eval.py / "
+        raise ConfigError(f"{cfg.source_of('checkpoint.iteration')}: key 'iteration' = {cfg.checkpoint.iteration} "
+                          f"picks the checkpoint eval.py / "
                           f"generate.py / the converters read; training resumes from 'latest': set load to the "
                           f"global_step{cfg.checkpoint.iteration} folder instead")
     if missing:
         raise ConfigError(f"{where}: missing required key(s) for training: {', '.join(missing)}")
     windows = cfg.sepllm.prefill_windows or []
     if len(windows) != cfg.model.num_layers:
-        raise ConfigError(f"{where}: the SepLLM block describes {len(windows)} layers (Layer_num="
-                          f"{cfg.sepllm.Layer_num}) but the model has num_layers={cfg.model.num_layers}; set "
-                          f"num_layers explicitly to train")
+        raise ConfigError(f"{cfg.source_of('sepllm.Layer_num')}: the SepLLM block describes {len(windows)} layers "
+                          f"(Layer_num={cfg.sepllm.Layer_num}) but the model has num_layers={cfg.model.num_layers} "
+                          f"({cfg.source_of('model.num_layers')}); set num_layers explicitly to train")
     if cfg.sepllm.BATCH_ADAPTIVE_INIT_POS:
         logger.warning("BATCH_ADAPTIVE_INIT_POS=True during training: pretraining batches are not left-padded")
