@@ -66,6 +66,8 @@ CASES = {
     "qk_scalenorm_bilinear_tied_norm": ({"use_qk_layernorm": True, "norm": "scalenorm", "activation": "bilinear",
                                          "intermediate_size": 96, "gpt_j_residual": True, "gpt_j_tied": True}, False),
     "sliding_window": ({"sliding_window_width": 5}, False),
+    "sinusoidal_onnx_gelu_sepllm": ({"pos_emb": "sinusoidal", "onnx_safe": True, **SEPLLM}, False),
+    "learned_opt_offset": ({"pos_emb": "learned", "max_position_embeddings": 66, "opt_pos_emb_offset": 2}, False),
 }
 PROMPTS = [[5, 3, 9, 12, 7, 1, 4, 3, 8, 2, 11, 7, 6], [9, 8, 7, 3, 2]]
 PROMPT = [5, 3, 9, 12, 7, 1, 4, 3, 8, 2, 11, 7, 6, 3, 9, 10, 3]     # six separators

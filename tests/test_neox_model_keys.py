@@ -207,3 +207,21 @@ def test_fp16_lm_cross_entropy_keeps_the_logits_dtype() -> None:
     engine = type("Engine", (), {"module": torch.nn.Linear(1, 1)})()
     torch.testing.assert_close(plan.loss_fn(engine)(logits, labels), half, rtol=1e-6, atol=0)
     assert load_config({**TINY, "fp16_lm_cross_entropy": True}).model.fp16_lm_cross_entropy
+
+
+@pytest.mark.parametrize("activation", ["silu", "swish", "mish", "relu"])
+def test_plain_activations_export_to_hf_gpt_neox(activation: str) -> None:
+    """HF GPT-NeoX's MLP computes any ACT2FN function ungated: our plain activations leave as a weight copy."""
+    import transformers
+
+    from megatron.model.convert import hf
+
+    model = _model(activation=activation)
+    cfg = model.cfg
+    theirs = transformers.GPTNeoXForCausalLM(hf.hf_gpt_neox_config(cfg)).eval()
+    theirs.load_state_dict(hf.to_hf_gpt_neox_state_dict(model.state_dict(), cfg))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, model(ids), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="query/key norm"):
+        hf.check_gpt_neox_compatible(_model(use_qk_layernorm=True).cfg)

@@ -56,11 +56,15 @@ def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- GPT-NeoX
+# our plain (ungated) activations -> the transformers ACT2FN name computing the same function
+HF_PLAIN_ACTS = {"gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "mish": "mish"}
+
+
 def hf_hidden_act(cfg: ModelConfig) -> str:
     """HF ``hidden_act`` of the non-gated MLP: the function the model was trained with."""
     if cfg.activation == "gelu" and derived.gelu_approximation(cfg.activation, cfg.bias_gelu_fusion) == "tanh":
         return "gelu_pytorch_tanh"
-    return cfg.activation
+    return HF_PLAIN_ACTS[cfg.activation]
 
 
 def check_gpt_neox_compatible(cfg: ModelConfig) -> None:
@@ -70,8 +74,11 @@ def check_gpt_neox_compatible(cfg: ModelConfig) -> None:
         problems.append(f"pos_emb = {cfg.pos_emb!r} (HF GPT-NeoX has rotary only)")
     if cfg.norm != "layernorm" or not cfg.use_bias_in_norms:
         problems.append(f"norm = {cfg.norm!r}, use_bias_in_norms = {cfg.use_bias_in_norms} (needs LayerNorm with bias)")
-    if cfg.activation not in ("gelu", "relu"):
-        problems.append(f"activation = {cfg.activation!r} (HF GPT-NeoX MLP is not gated)")
+    if cfg.activation not in HF_PLAIN_ACTS:
+        problems.append(f"activation = {cfg.activation!r} (HF GPT-NeoX's MLP is not gated; plain activations it "
+                        f"computes: {', '.join(HF_PLAIN_ACTS)})")
+    if cfg.use_qk_layernorm:
+        problems.append("use_qk_layernorm = True (HF GPT-NeoX has no query/key norm)")
     if not cfg.use_bias_in_mlp:
         problems.append("use_bias_in_mlp = False (HF GPT-NeoX MLP always has biases)")
     if kv_heads(cfg) != cfg.num_attention_heads:

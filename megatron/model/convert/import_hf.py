@@ -96,9 +96,10 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
     act = raw.get("hidden_act", "gelu")
     if arch == "neox":
         tanh_gelu = act in derived.TANH_GELU_HF_NAMES     # GPT-NeoX's fused bias+GeLU computes tanh-GELU
-        if act not in ("gelu", "relu") and not tanh_gelu:
+        if act not in ("gelu", "relu", "silu", "swish", "mish") and not tanh_gelu:
             raise ImportHFError(f"{where}: hidden_act = {act!r}: GPTModel computes 'gelu' (erf), tanh-GELU "
-                                f"({', '.join(derived.TANH_GELU_HF_NAMES)}) or 'relu' for GPT-NeoX")
+                                f"({', '.join(derived.TANH_GELU_HF_NAMES)}), 'relu', 'silu' / 'swish' or 'mish' for "
+                                f"GPT-NeoX")
         keys["bias_gelu_fusion"] = tanh_gelu
         act = "gelu" if tanh_gelu else act
         theta, pct = _rope(raw, where, 0.25)

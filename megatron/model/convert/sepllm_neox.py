@@ -62,7 +62,9 @@ def sepllm_neox_config(model_cfg: ModelConfig, sepllm_cfg: Any, vocab_size: Opti
         vocab_size=check_vocab(cfg, vocab_size), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=kv_heads(cfg),
         intermediate_size=ffn_width(cfg), activation=cfg.activation,
-        gelu_approximate=derived.gelu_approximation(cfg.activation, cfg.bias_gelu_fusion), pos_emb=cfg.pos_emb,
+        gelu_approximate=("onnx" if cfg.onnx_safe and cfg.activation == "gelu"
+                          else derived.gelu_approximation(cfg.activation, cfg.bias_gelu_fusion)),
+        pos_emb=cfg.pos_emb, position_offset=cfg.opt_pos_emb_offset,
         rotary_pct=float(cfg.rotary_pct), rotary_emb_base=float(cfg.rotary_emb_base),
         max_position_embeddings=max_positions(cfg), norm=cfg.norm, norm_epsilon=_norm_epsilon(cfg),
         use_bias_in_norms=cfg.use_bias_in_norms, use_qk_layernorm=cfg.use_qk_layernorm,

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 from transformers import PretrainedConfig
 
-POS_EMBS = ("rotary", "alibi", "learned", "none")
+POS_EMBS = ("rotary", "alibi", "learned", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "non_parametric_layernorm")
 GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "glu", "bilinear")
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "mish", "softsign") + GATED_ACTIVATIONS
@@ -39,7 +39,8 @@ class SepLLMNeoXConfig(PretrainedConfig):
                  num_attention_heads: int = 12, num_key_value_heads: Optional[int] = None,
                  intermediate_size: int = 3072, activation: str = "gelu", gelu_approximate: str = "none",
                  pos_emb: str = "rotary", rotary_pct: float = 1.0, rotary_emb_base: float = 10000.0,
-                 max_position_embeddings: int = 2048, norm: str = "layernorm", norm_epsilon: float = 1e-5,
+                 max_position_embeddings: int = 2048, position_offset: int = 0, norm: str = "layernorm",
+                 norm_epsilon: float = 1e-5,
                  use_bias_in_norms: bool = True, use_qk_layernorm: bool = False,
                  use_bias_in_attn_linear: bool = True, use_bias_in_mlp: bool = True, gpt_j_residual: bool = False,
                  gpt_j_tied: bool = False, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
@@ -63,6 +64,7 @@ class SepLLMNeoXConfig(PretrainedConfig):
         self.rotary_pct = float(rotary_pct)
         self.rotary_emb_base = float(rotary_emb_base)
         self.max_position_embeddings = int(max_position_embeddings)
+        self.position_offset = int(position_offset)
         self.norm = norm
         self.norm_epsilon = float(norm_epsilon)
         self.use_bias_in_norms = bool(use_bias_in_norms)
@@ -93,7 +95,7 @@ class SepLLMNeoXConfig(PretrainedConfig):
     def _check(self) -> None:
         """One ``ValueError`` line naming the field, its value and what was expected."""
         choices = {"pos_emb": POS_EMBS, "norm": NORMS, "activation": ACTIVATIONS, "sepllm_mode": SEPLLM_MODES,
-                   "gelu_approximate": ("none", "tanh")}
+                   "gelu_approximate": ("none", "tanh", "onnx")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"SepLLMNeoXConfig.{name} = {getattr(self, name)!r}: expected one of {allowed}")

@@ -262,7 +262,9 @@ class SepLLMNeoXMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.dense_h_to_4h(x)
-        if self.activation == "gelu":
+        if self.activation == "gelu" and self.gelu_approximate == "onnx":
+            h = h * 0.5 * (torch.erf(h / 1.41421) + 1.0)      # GPT-NeoX's onnx_safe GeLU (sqrt(2) rounded)
+        elif self.activation == "gelu":
             h = F.gelu(h, approximate=self.gelu_approximate)
         elif self.gated:
             value, gate = h.chunk(2, dim=-1)
@@ -421,18 +423,28 @@ class SepLLMNeoXLayer(nn.Module):
 
 
 class SepLLMNeoXEmbedding(nn.Module):
-    """Word embeddings plus the learned position table (``pos_emb: learned``, or BiPE's intra-segment table)."""
+    """Word embeddings plus the learned position table (``pos_emb: learned``, or BiPE's intra-segment table) or the
+    fixed sinusoidal one (``[sin, cos]`` halves, base 10000); both read at position + ``position_offset``."""
 
     def __init__(self, config: SepLLMNeoXConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         table = config.pos_emb == "learned" or config.use_bipe
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size) if table else None
+        self.sinusoidal = config.pos_emb == "sinusoidal" and not config.use_bipe
+        self.position_offset = config.position_offset
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor], positions: Tensor) -> Tensor:
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.position_embeddings is not None:
+        if self.position_embeddings is not None or self.sinusoidal:
+            positions = positions + self.position_offset
+        if self.sinusoidal:
+            dim = x.shape[-1]
+            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+            angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+            x = x + torch.cat((angles.sin(), angles.cos()), dim=-1).to(x.dtype)
+        elif self.position_embeddings is not None:
             limit = self.position_embeddings.num_embeddings
             if positions.numel() and int(positions.max()) >= limit:
                 raise ValueError(f"position id {int(positions.max())} exceeds the learned position table "
