@@ -225,3 +225,27 @@ def test_plain_activations_export_to_hf_gpt_neox(activation: str) -> None:
         torch.testing.assert_close(theirs(input_ids=ids).logits, model(ids), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="query/key norm"):
         hf.check_gpt_neox_compatible(_model(use_qk_layernorm=True).cfg)
+
+
+def test_config_folder_sweep_reports_loads_and_refusals(tmp_path, capsys) -> None:
+    """tools/dev/check_neox_configs.py: every file of a GPT-NeoX configs/ folder loads (with its parameter count)
+    or is refused with its one-line reason."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "check_neox_configs", Path(__file__).parents[1] / "tools" / "dev" / "check_neox_configs.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "small.yml").write_text('{"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,\n'
+                                        ' "seq_length": 32, "pos_emb": "rotary", "padded_vocab_size": 128,}\n')
+    (tmp_path / "sub" / "moe.yml").write_text('{"num_layers": 2, "moe_num_experts": 8}\n')
+    assert tool.main([str(tmp_path), "--markdown", str(tmp_path / "t.md")]) == 0
+    out = capsys.readouterr().out
+    # 2 layers x (qkv 4h^2+4h... ) counted on the meta device: embeddings 128 x 64 + 2 layers + final norm
+    h = 64
+    layer = (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h) + 4 * h
+    assert f"{128 * h + 2 * layer + 2 * h:,} parameters" in out
+    assert "mixture of experts (MoE) is not built" in out and "1 load, 1 refused, of 2" in out
+    assert "| `sub/moe.yml` | refused |" in (tmp_path / "t.md").read_text()

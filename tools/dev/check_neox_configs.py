@@ -1,7 +1,7 @@
 """Load every YAML of a GPT-NeoX ``configs/`` folder with our loader and report, per file, whether it loads (with the
 parameter count of the model we build for it, on the meta device) or the one-line reason it is refused.
 
-    python tools/dev/check_neox_configs.py /path/to/gpt-neox/configs [--json out.json]
+    python tools/dev/check_neox_configs.py /path/to/gpt-neox/configs [--json out.json] [--markdown out.md]
 
 Data and tokenizer paths are never opened (loading does not read them), so the files are checked as they are. A
 file GPT-NeoX itself only uses merged with others (``local_setup*.yml``, ``docker/``, ``slurm_local.yml``, ...)
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs_dir", type=Path, help="a GPT-NeoX checkout's configs/ folder")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="also write the results as a markdown table here")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
     files = sorted(p for p in args.configs_dir.rglob("*.yml"))
@@ -68,7 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{loads} load, {len(results) - loads} refused, of {len(results)}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    if args.markdown:
+        args.markdown.write_text(markdown_table(results), encoding="utf-8")
     return 0
+
+
+def markdown_table(results: dict) -> str:
+    """One row per file: loads (with the parameter count) or refused (with the reason, the file path dropped)."""
+    rows = ["| file | result | parameters / reason |", "|---|---|---|"]
+    for name, row in results.items():
+        if row["status"] == "loads":
+            detail = f"{row['parameters']:,}"
+        else:
+            detail = row["reason"].split(": ", 1)[-1].replace("|", "\\|")
+        rows.append(f"| `{name}` | {row['status']} | {detail} |")
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
