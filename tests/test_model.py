@@ -352,7 +352,7 @@ def test_fusion_flags_fall_back_with_one_log(caplog: pytest.LogCaptureFixture, m
 
 @pytest.mark.parametrize("change,match", [
     (dict(padded_vocab_size=None), "padded_vocab_size"),
-    (dict(pos_emb="sinusoidal"), "pos_emb"),
+    (dict(pos_emb="rpe"), "pos_emb"),
     (dict(norm="batchnorm"), "norm"),
     (dict(activation="tanh"), "activation"),
     (dict(init_method="kaiming"), "init_method"),
