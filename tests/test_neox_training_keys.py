@@ -127,7 +127,9 @@ def test_deepspeed_extra_args_and_fp32_allreduce_reach_the_deepspeed_config():
 
 @pytest.mark.parametrize("extra, fragment", [
     ({"memory_profiling": True}, "memory_profiling needs memory_profiling_path"),
-    ({"profile": True, "profile_step_start": 5, "profile_step_stop": 5}, "profile_step_stop=5 must be larger"),
+    ({"profile": True, "profile_step_start": 5, "profile_step_stop": 5, "log_dir": "logs"},
+     "profile_step_stop=5 must be larger"),
+    ({"profile": True}, "profile writes its trace into <log_dir>/profile .*; set log_dir, save or tensorboard_dir"),
     ({"log_gradient_noise_scale": True, "zero_optimization": {"stage": 1}}, "log_gradient_noise_scale with ZeRO"),
     ({"log_grad_pct_zeros": True, "pipe-parallel-size": 2, "num_gpus": 2}, "log_grad_pct_zeros with pipe_parallel"),
     ({"log_gradient_noise_scale": True, "gradient_noise_scale_n_batches": 1}, "gradient_noise_scale_n_batches"),

@@ -257,7 +257,8 @@ class LoggingConfig:
     gradient_noise_scale_cpu_offload: bool = opt(False, "Keep the gradient-noise-scale buffer in CPU memory.")
     profile: bool = opt(False, "GPT-NeoX: torch.profiler trace of training steps profile_step_start+1 .. "
                                "profile_step_stop (1-based; GPT-NeoX's schedule: wait profile_step_start steps, warm "
-                               "up 1, record the rest), written to <log_dir>/profile/ as a Chrome/TensorBoard trace "
+                               "up 1, record the rest), written to <log_dir>/profile/ (without a log_dir: "
+                               "tensorboard_dir, GPT-NeoX's place) as a Chrome/TensorBoard trace "
                                "(*.pt.trace.json, open in chrome://tracing, Perfetto or TensorBoard's profiler) plus "
                                "NVTX ranges and cudaProfilerStart/Stop on CUDA for nsys.")
     profile_step_start: int = opt(10, "GPT-NeoX: steps of this run (resumed runs count from their first step) "

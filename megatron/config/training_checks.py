@@ -171,6 +171,9 @@ def check_run_keys(objs: dict, ctx: Any) -> None:
     if (lg.profile or lg.memory_profiling) and lg.profile_step_stop <= lg.profile_step_start:
         raise ConfigError(f"{ctx.src('logging', 'profile_step_stop')}: profile_step_stop={lg.profile_step_stop} must "
                           f"be larger than profile_step_start={lg.profile_step_start}")
+    if lg.profile and lg.log_dir is None and objs["checkpoint"].save is None and lg.tensorboard_dir is None:
+        raise ConfigError(f"{ctx.src('logging', 'profile')}: profile writes its trace into <log_dir>/profile (or "
+                          f"tensorboard_dir without a log_dir, as GPT-NeoX); set log_dir, save or tensorboard_dir")
     if lg.memory_profiling and not lg.memory_profiling_path:
         raise ConfigError(f"{ctx.src('logging', 'memory_profiling')}: memory_profiling needs memory_profiling_path "
                           f"(the folder for mem_snapshot.pickle)")

@@ -2,7 +2,8 @@
 
 ``profile``: a ``torch.profiler`` run with GPT-NeoX's schedule (wait ``profile_step_start`` steps of this run, warm
 up one, record ``profile_step_stop - profile_step_start``; shapes, memory, FLOPs, modules and stacks recorded),
-written by ``tensorboard_trace_handler`` to ``<log_dir>/profile/rank<R>.<time>.pt.trace.json``: a Chrome trace (open
+written by ``tensorboard_trace_handler`` to ``<log_dir>/profile/rank<R>.<time>.pt.trace.json`` (``tensorboard_dir``
+when there is no log_dir, as GPT-NeoX writes it): a Chrome trace (open
 in chrome://tracing or Perfetto) that TensorBoard's profiler plugin also reads (``tensorboard --logdir
 <log_dir>/profile``). On CUDA, as in GPT-NeoX for nsys, ``cudaProfilerStart`` / ``Stop`` bracket the 1-based
 iterations profile_step_start+1 .. profile_step_stop+1 and each profiled iteration is an NVTX range.
@@ -30,6 +31,7 @@ class StepProfiler:
 
     def __init__(self, logging_cfg: Any, log_dir: Optional[str], device: str, rank: int,
                  info: Callable[[str], None]) -> None:
+        """``log_dir``: the run's log folder; without one the trace goes to ``tensorboard_dir`` (GPT-NeoX's place)."""
         lg = logging_cfg
         self.start, self.stop = int(lg.profile_step_start), int(lg.profile_step_stop)
         self.cuda = device == "cuda"
@@ -42,7 +44,7 @@ class StepProfiler:
         if self.snapshot_dir is not None:
             torch.cuda.memory._record_memory_history(max_entries=100000)
         if lg.profile:
-            self.trace_dir = Path(log_dir or ".") / "profile"
+            self.trace_dir = Path(log_dir) / "profile" if log_dir else Path(lg.tensorboard_dir or "profile")
             self.trace_dir.mkdir(parents=True, exist_ok=True)
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
