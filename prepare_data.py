@@ -2,6 +2,7 @@
 """Tokenize a named corpus or local text/JSONL files into Megatron .bin/.idx files (GPT-NeoX compatible CLI).
 
 Examples:
+  python prepare_data.py pg19_sample        # the bundled GPT-NeoX-20B tokenizer (HFTokenizer) unless -v is given
   python prepare_data.py pg19_sample -t HFTokenizer -v megatron/tokenizer/assets/20B_tokenizer.json
   python prepare_data.py mybooks --input books/ -t HFTokenizer -v 20B_tokenizer.json --workers 2
   python prepare_data.py web --input a.jsonl,b.jsonl --jsonl-keys text -t GPT2BPETokenizer -v vocab.json -m merges.txt
@@ -12,12 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from megatron.data.cli_utils import run_cli
 from megatron.data.corpus_registry import CORPORA, fetch_corpus, get_corpus
 from megatron.data.preprocess import tokenize_to_indexed
-from megatron.tokenizer import TOKENIZER_TYPES
+from megatron.errors import UserInputError
+from megatron.tokenizer import BUNDLED_NEOX_TOKENIZER, TOKENIZER_TYPES
+
+#: tokenizer types that read no file
+NO_FILE_TOKENIZERS = ("CharLevelTokenizer",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--data-dir", default="./data",
                    help="folder for downloads and outputs; output goes to DATA_DIR/<dataset>/ (default: ./data)")
     p.add_argument("-v", "--vocab-file", default=None,
-                   help="tokenizer file: tokenizer.json (HF), vocab.json or tokenizer.json (GPT-2), .model (SPM)")
+                   help="tokenizer file: tokenizer.json (HF), vocab.json or tokenizer.json (GPT-2), .model (SPM) "
+                   "(default for HFTokenizer: the bundled GPT-NeoX-20B tokenizer, "
+                   "megatron/tokenizer/assets/20B_tokenizer.json)")
     p.add_argument("-m", "--merge-file", default=None, help="GPT-2 merges.txt (only with a GPT-2 vocab.json)")
     p.add_argument("-f", "--force-redownload", action="store_true",
                    help="download a remote corpus again even if it is already in DATA_DIR")
@@ -58,20 +66,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def vocab_file_for(tokenizer_type: str, vocab_file: str | None) -> str | None:
+    """``-v`` as given, else the bundled GPT-NeoX-20B tokenizer for ``HFTokenizer``; other types that read a file
+    need ``-v`` (one line naming the flag)."""
+    if vocab_file is not None or tokenizer_type in NO_FILE_TOKENIZERS or tokenizer_type not in TOKENIZER_TYPES:
+        return vocab_file       # (an unknown type is reported by the tokenizer factory, with the known ones)
+    if tokenizer_type == "HFTokenizer":
+        return os.fspath(BUNDLED_NEOX_TOKENIZER)
+    raise UserInputError(f"-t {tokenizer_type} reads its vocabulary from a file: give it with -v/--vocab-file")
+
+
+def _missing_folders(prefix: str) -> list[Path]:
+    """The folders above ``prefix`` that do not exist yet."""
+    return [d for d in (Path(prefix).parent, *Path(prefix).parent.parents) if not d.exists()]
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:      # deepest first; a folder with anything in it (a download) stays
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    vocab_file = vocab_file_for(args.tokenizer, args.vocab_file)
+    if args.vocab_file is None and vocab_file is not None:
+        print(f"tokenizer: {args.tokenizer} {vocab_file} (the bundled GPT-NeoX-20B tokenizer; -v picks another)")
     name = args.dataset
+    prefix = args.output_prefix or os.path.join(args.data_dir, name, name)
+    created = sorted({*_missing_folders(prefix), *_missing_folders(os.path.join(args.data_dir, name, name))},
+                     key=lambda folder: len(folder.parts), reverse=True)
+    try:
+        return _prepare(args, name, prefix, vocab_file)
+    except BaseException:
+        _remove_empty(created)    # a failed run leaves no empty data/<name>/ behind
+        raise
+
+
+def _prepare(args: argparse.Namespace, name: str, prefix: str, vocab_file: str | None) -> int:
     if args.input is not None:
         source: str = args.input
     else:
         get_corpus(name)
         source = os.fspath(fetch_corpus(name, args.data_dir, force=args.force_redownload))
-    prefix = args.output_prefix or os.path.join(args.data_dir, name, name)
     results = tokenize_to_indexed(
         source,
         prefix,
         tokenizer_type=args.tokenizer,
-        vocab_file=args.vocab_file,
+        vocab_file=vocab_file,
         merge_file=args.merge_file,
         jsonl_keys=args.jsonl_keys,
         append_eod=True,

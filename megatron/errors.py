@@ -1,12 +1,16 @@
 """The one error family of the project, and the one place that turns an error into a printed line and an exit code.
 
-Every expected failure derives from :class:`NeoxError` through one of two branches:
+Every expected failure derives from :class:`NeoxError` through one of two branches, and every tool (train, eval,
+generate, the converters, the data tools) follows the same rule:
 
-* :class:`UserInputError` (exit 2): what the user gave cannot be used: a config key or value, a flag, a file named on
-  the command line. Every rank sees the same input and fails the same way, so only rank 0 prints.
-* :class:`RunError` (exit 1): the run went wrong after its inputs were accepted: a corrupt or vanished checkpoint, a
-  full disk, a data file that cannot be read. It may hit one rank only, so the failing rank prints (with its rank
-  when several run).
+* :class:`UserInputError` (exit 2): what the user gave cannot be used: a config key or value, a flag, or a file or
+  folder the config or command line names (a data prefix, a checkpoint to load, a tokenizer, input text) that is
+  missing, corrupt or does not fit. Every rank sees the same input and fails the same way, so only rank 0 prints.
+* :class:`RunError` (exit 1): the run went wrong after its inputs were accepted: writing a checkpoint or an output
+  failed (a full disk), the loss or a rank failed, a download broke. It may hit one rank only, so the failing rank
+  prints (with its rank when several run).
+
+The cases, tool by tool, are one table in ``tests/test_exit_codes.py``.
 
 Library classes keep their old builtin base (``ValueError`` / ``RuntimeError``) next to the branch, so code that
 catches those keeps working. Entry points catch :class:`NeoxError` once and call :func:`report_error`.
@@ -46,9 +50,9 @@ def report_error(exc: BaseException, prog: Optional[str] = None, *,
                  stream: Optional[TextIO] = None) -> int:
     """Print ``[prog: ]error: <message>`` once and return the exit code (1 for an error outside the family).
 
-    ``input_kinds``: run-time classes that this tool treats as user input (exit 2) because the thing that failed was
-    named by the user on its command line (a checkpoint for eval, a tokenizer for eval). ``exit_code`` forces one
-    code for the whole tool (the data tools exit 1 on any failure, as GPT-NeoX's preprocess does)."""
+    ``input_kinds``: further classes a tool treats as user input (exit 2). ``exit_code`` forces one code for the
+    whole tool (the converters: everything they refuse is their input). The rule itself lives in the classes (module
+    docstring)."""
     own = exc.exit_code if isinstance(exc, NeoxError) else 1
     code = exit_code if exit_code is not None else (2 if isinstance(exc, input_kinds) else own)
     rank, world = _rank()

@@ -171,7 +171,7 @@ CASES = [
      "error: saving checkpoint global_step3 in {save} failed: No space left on device (ENOSPC)"),
     ("disk-too-small", _in_process(_disk_too_small), 2,
      "error: checkpoint.save: {save} has 0.00 GiB free, less than the 0.02 GiB of one checkpoint's weights alone"),
-    ("binary-latest", _in_process(_binary_latest), 1,
+    ("binary-latest", _in_process(_binary_latest), 2,
      "error: {save}/latest is not a text file (binary content, 18 bytes); expected one line naming a global_stepN"),
     ("already-done", _in_process(_already_done), 0,
      "checkpoint at iteration 2 already reached train_iters 2: nothing to train; raise --train-iters to continue"),
@@ -305,7 +305,7 @@ def test_text_the_writers_cannot_encode(tmp_path, neox_tokenizer_file, capsys):
                                                   vocab_file=str(neox_tokenizer_file), progress=False) and 0,
                  "prepare_data.py", [])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1, err
+    assert rc == 2 and len(err) == 1, err
     assert err[0] == (f"prepare_data.py: error: {src}:2: key 'text' holds a lone UTF-16 surrogate \\ud800 at "
                       "character 4, which is not text; fix or drop the record")
     assert not list(tmp_path.glob("out*"))

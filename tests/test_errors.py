@@ -19,9 +19,17 @@ def test_classes_sit_on_the_right_branch_and_keep_their_builtin_base() -> None:
     from megatron.training.lr_schedules import LRScheduleError
     from megatron.training.preflight import OutputPathError
 
-    for cls in (ConfigError, UsageError, ParallelLayoutError, LRScheduleError, OutputPathError):
-        assert issubclass(cls, UserInputError) and cls.exit_code == 2, cls
-    for cls in (CheckpointError, DataError, TokenizerError):
+    from megatron.data.errors import CorpusFetchError
+    from megatron.training.checkpointing import CheckpointSaveError
+    from megatron.training.data_setup import DataSetupError
+    from megatron.training.loop import TrainingError
+
+    # what the user named cannot be used: a key, a flag, a data prefix, a checkpoint to read, a tokenizer
+    for cls in (ConfigError, UsageError, ParallelLayoutError, LRScheduleError, OutputPathError, CheckpointError,
+                DataError, DataSetupError, TokenizerError):
+        assert issubclass(cls, UserInputError) and not issubclass(cls, RunError) and cls.exit_code == 2, cls
+    # the run failed after its inputs were accepted
+    for cls in (CheckpointSaveError, TrainingError, CorpusFetchError):
         assert issubclass(cls, RunError) and cls.exit_code == 1, cls
     assert issubclass(LRScheduleError, ValueError) and issubclass(CheckpointError, RuntimeError)
     from megatron.sepllm.attention.auto_table import AutoTableError

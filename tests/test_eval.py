@@ -4,6 +4,7 @@ converted checkpoint, on the local PG-19 tasks shipped in eval_tasks/ (offline).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,9 @@ def test_cli_runs_through_deepy_and_writes_results(checkpoints, tmp_path):
                     "--eval_results_prefix", "out/r", "--iteration", "5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pg19_local_cloze" in proc.stdout and "|Tasks" in proc.stdout.replace(" ", "")
+    # which checkpoint it read, first; none of lm_eval's notes about our task files
+    assert re.search(r"^eval: iteration 5 from \S+/global_step5, attention full, device cpu$", proc.stdout, re.M)
+    assert "is defined, but" not in proc.stderr and "Custom kwargs" not in proc.stderr
     saved = json.loads((tmp_path / "out" / "r_eval_results.json").read_text())
     assert saved["n-shot"]["pg19_local_cloze"] == 1 and saved["config"]["limit"] == 2
     assert saved["n-samples"]["pg19_local_ppl"]["effective"] == 2 and saved["iteration"] == 5

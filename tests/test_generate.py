@@ -308,7 +308,7 @@ def test_unconditional_and_interactive_modes(tmp_path):
     (["--load", "null", "--save", "null"], 2, "generate.py needs key 'load' (or 'save')"),
     (["--text_gen_type", "file"], 2, "key 'text_gen_type': expected one of unconditional"),
     (["--top_p", "1.5"], 2, "key 'top_p': expected a value in [0, 1]"),
-    (["--load", "missing_dir"], 1, "missing_dir"),
+    (["--load", "missing_dir"], 2, "checkpoint path missing_dir does not exist"),
     (["--sample_input_file", "bin.txt"], 2, "sample_input_file bin.txt: not UTF-8 text"),
     (["--sample_input_file", "blank.txt"], 2, "sample_input_file blank.txt: no prompts"),
 ])
@@ -321,6 +321,22 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, override, code, me
     assert run_generation([str(cfg)], override) == code
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_prompt_longer_than_seq_length_carries_a_note(tmp_path, capsys):
+    """Rotary models run past seq_length, on positions they never trained: the sample says so, and the run counts
+    such samples on stderr."""
+    prompts = tmp_path / "prompts.txt"
+    cfg = write_run(tmp_path, text_gen_type="input-file", sample_input_file=str(prompts))
+    seq = load_config(str(cfg)).model.seq_length
+    prompts.write_text("short\n" + "x" * (seq + 5) + "\n")            # char tokenizer: one token per character
+    assert run_generation([str(cfg)], []) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert rows[0]["message"] is None
+    assert rows[1]["message"] == (f"the prompt has {seq + 5} tokens, more than seq_length = {seq} the model was "
+                                  f"trained on: positions past {seq} are untrained")
+    assert f"generate: note: 1 of 2 samples carry a message (field 'message'), e.g. the prompt has {seq + 5}" \
+        in capsys.readouterr().err
 
 
 def test_training_config_with_only_save_reads_the_saved_checkpoint(tmp_path):

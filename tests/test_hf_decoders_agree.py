@@ -39,6 +39,9 @@ def exported(tmp_path_factory, neox_tokenizer_file, pg19_books):
                                  generate_windows=[4, 4], prefill_local_window_size=6, generate_local_window_size=4)
     pretrain(cfg)
     export_to_hf(run / "ckpt", run / "hf")
+    # the weights get the permissions of every other exported file (safetensors alone wrote them 0600)
+    assert {(f.stat().st_mode & 0o777) for f in (run / "hf").iterdir()} == {(run / "hf" / "config.json").stat().st_mode
+                                                                          & 0o777}
     return run / "ckpt", run / "hf"
 
 

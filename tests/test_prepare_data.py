@@ -122,8 +122,10 @@ def _bad_inputs(tmp: Path) -> dict[str, Path]:
     (tmp / "nokey.jsonl").write_text(json.dumps({"body": "x"}) + "\n", encoding="utf-8")
     (tmp / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
     (tmp / "ok.txt").write_text("Some text.", encoding="utf-8")
+    (tmp / "nul.txt").write_bytes(b"\0" * 64)                      # valid UTF-8, yet no text
+    (tmp / "nul.jsonl").write_text(json.dumps({"text": "a\u0000b"}) + "\n", encoding="utf-8")
     return {"empty": tmp / "empty.txt", "nokey": tmp / "nokey.jsonl", "broken": tmp / "broken.jsonl",
-            "ok": tmp / "ok.txt"}
+            "ok": tmp / "ok.txt", "nul": tmp / "nul.txt", "nul_jsonl": tmp / "nul.jsonl"}
 
 
 @pytest.mark.parametrize(
@@ -136,6 +138,10 @@ def _bad_inputs(tmp: Path) -> dict[str, Path]:
         ("invalid_jsonl", r"error: .*broken.jsonl:2: invalid JSON"),
         ("missing_input", r"error: input path not found: /no/such/input.txt"),
         ("unknown_dataset", r"error: unknown dataset 'nope'; expected one of: enwik8, pg19_sample"),
+        ("nul_bytes", r"error: .*nul.txt: NUL byte at offset 0: a binary file, not text"),
+        ("nul_in_jsonl", r"error: .*nul.jsonl:1: key 'text' holds a NUL character at character 1"),
+        ("vocab_file_needed", r"error: -t GPT2BPETokenizer reads its vocabulary from a file: give it with "
+                              r"-v/--vocab-file"),
     ],
 )
 def test_prepare_cli_errors(tmp_path: Path, neox_tokenizer_file: Path, case: str, message: str) -> None:
@@ -149,22 +155,35 @@ def test_prepare_cli_errors(tmp_path: Path, neox_tokenizer_file: Path, case: str
         "invalid_jsonl": ["x", "--input", files["broken"], *tok],
         "missing_input": ["x", "--input", "/no/such/input.txt", *tok],
         "unknown_dataset": ["nope", *tok],
+        "nul_bytes": ["x", "--input", files["nul"], *tok],
+        "nul_in_jsonl": ["x", "--input", files["nul_jsonl"], *tok],
+        "vocab_file_needed": ["x", "--input", files["ok"], "-t", "GPT2BPETokenizer"],
     }[case]
     proc = _run(PREPARE, *args, "-d", tmp_path / "out", "--no-progress")
-    assert proc.returncode == 1
+    assert proc.returncode == 2       # bad input (megatron/errors.py)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("prepare_data.py: error: ")
     import re
 
     assert re.search(message, lines[0]), lines[0]
-    assert not (tmp_path / "out" / "x" / "x_text_document.bin").exists()
+    assert not (tmp_path / "out").exists()      # no empty data/<name>/ left behind
+
+
+def test_prepare_defaults_to_the_bundled_tokenizer(tmp_path: Path, neox) -> None:
+    """No -t / -v: the GPT-NeoX-20B tokenizer that ships (what configs/tiny-cpu.yml uses), said on stdout."""
+    files = _bad_inputs(tmp_path)
+    proc = _run(PREPARE, "mine", "--input", files["ok"], "-d", tmp_path / "out", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("tokenizer: HFTokenizer ") and "20B_tokenizer.json" in proc.stdout.splitlines()[0]
+    ds = MMapIndexedDataset(tmp_path / "out" / "mine" / "mine_text_document")
+    assert ds[0].tolist() == neox.tokenize("Some text.") + [0]
 
 
 def test_preprocess_cli_error_is_one_line(tmp_path: Path) -> None:
     proc = _run(PREPROCESS, "--input", "/no/in.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer-type",
                 "CharLevelTokenizer")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["preprocess_data.py: error: input path not found: /no/in.jsonl"]
 
 

@@ -187,7 +187,7 @@ def test_get_separator_ids_cli(neox_tokenizer_file: Path, tmp_path: Path) -> Non
     assert json.loads(out.read_text())["separator_token_ids"] == NEOX_BASE_SEPARATORS
     bad = subprocess.run([sys.executable, str(script), "-v", "/no/file.json"], capture_output=True, text=True,
                          timeout=120)
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "get_separator_ids.py: error: vocab-file: file not found: /no/file.json "
         "(expected a Hugging Face tokenizer.json)"

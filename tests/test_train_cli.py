@@ -29,7 +29,7 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 def test_missing_data_names_the_prefix_and_the_fix(tmp_path, neox_tokenizer_file):
     proc = _train(tiny_sepllm_keys(str(tmp_path / "nowhere_text_document"), neox_tokenizer_file, tmp_path),
                   tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     line = _one_error_line(proc)
     assert str(tmp_path / "nowhere_text_document") in line and "prepare_data.py" in line
 
@@ -40,7 +40,7 @@ def test_missing_checkpoint_names_the_path(tmp_path, neox_tokenizer_file, pg19_d
     prefix = make_tiny_corpus(tmp_path / "data", sorted(pg19_dir.glob("*.txt"))[0], neox_tokenizer_file)
     cfg = tiny_sepllm_keys(prefix, neox_tokenizer_file, tmp_path, load=str(tmp_path / "no_such_ckpt"))
     proc = _train(cfg, tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert _one_error_line(proc) == f"error: checkpoint path {tmp_path / 'no_such_ckpt'} does not exist"
 
 

@@ -44,7 +44,7 @@ def test_plot_cli_writes_png(tmp_path):
 def test_plot_cli_on_a_folder_without_metrics(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "plot_logs.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'metrics.jsonl'} not found: expected the log directory of a " \
                                   "run (it holds metrics.jsonl)"
 

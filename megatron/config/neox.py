@@ -80,6 +80,12 @@ class NeoXConfig:
     # "section.field" of every value a source set (not serialised, not compared): lets consumers tell an explicit
     # setting from a default. None = unknown (a config built in code): every value then counts as set on purpose.
     explicit_keys: Optional[frozenset] = field(default=None, compare=False, repr=False)
+    # "section.field" -> where the value came from ("run.yml", "command line --train-iters=5"), for messages
+    key_sources: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def source_of(self, key: str) -> str:
+        """Where ``"section.field"`` was set: its file or command-line override, else the config's files."""
+        return self.key_sources.get(key) or ", ".join(self.sources) or "config"
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:

@@ -9,7 +9,7 @@ from megatron._lazy import lazy_exports
 
 _LAZY = {
     "blendable_dataset": ("BlendableDataset",),
-    "errors": ("CorpusError", "DataError", "IndexedDatasetError", "PrepareError"),
+    "errors": ("CorpusError", "CorpusFetchError", "DataError", "IndexedDatasetError", "PrepareError"),
     "gpt_dataset": ("GPTDataset",),
     "indexed_dataset": ("MMapIndexedDataset", "MMapIndexedDatasetBuilder", "best_dtype", "merge_datasets"),
     "preprocess": ("PrepareResult", "tokenize_to_indexed"),

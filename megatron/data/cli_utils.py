@@ -12,8 +12,9 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (NeoxError, OSError)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], prog: str, argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; expected errors print ``<prog>: error: <message>`` and return the error's exit code (a
-    data or tokenizer problem, or an unreadable file: 1; a flag this tool cannot honour: 2), Ctrl-C returns 130."""
+    """Run ``main(argv)``; expected errors print ``<prog>: error: <message>`` and return the error's exit code
+    (``megatron/errors.py``: bad input data, a tokenizer or a flag: 2; a failed download or a file system error while
+    reading or writing: 1), Ctrl-C returns 130."""
     try:
         return main(argv)
     except EXPECTED_ERRORS as exc:

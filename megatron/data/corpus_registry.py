@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron.data.errors import CorpusError
+from megatron.data.errors import CorpusError, CorpusFetchError
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "corpora"
 
@@ -69,7 +69,7 @@ def _download(url: str, dest: Path, timeout: float, hint: str) -> None:
         if tmp.exists():
             tmp.unlink()
         reason = getattr(exc, "reason", exc)
-        raise CorpusError(
+        raise CorpusFetchError(
             f"could not download {url}: {reason}; without network access, {hint} or tokenize local files with --input"
         ) from exc
     os.replace(tmp, dest)
@@ -81,7 +81,7 @@ def _extract(archive: Path, into: Path) -> None:
             for member in zf.namelist():
                 target = (into / member).resolve()
                 if into.resolve() not in target.parents and target != into.resolve():
-                    raise CorpusError(f"{archive}: refusing archive member outside the target folder: {member}")
+                    raise CorpusFetchError(f"{archive}: refusing archive member outside the target folder: {member}")
             zf.extractall(into)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
@@ -116,5 +116,5 @@ def fetch_corpus(
         _extract(archive, folder)
         archive.unlink()
     if not target.exists():
-        raise CorpusError(f"downloaded {corpus.url} but {target} is not in it")
+        raise CorpusFetchError(f"downloaded {corpus.url} but {target} is not in it")
     return target

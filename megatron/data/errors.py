@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from megatron.errors import RunError
+from megatron.errors import RunError, UserInputError
 
 
-class DataError(RunError, ValueError):
-    """Base class: bad data input, named by file/key/value."""
+class DataError(UserInputError, ValueError):
+    """Base class: bad data input, named by file/key/value (exit 2)."""
 
 
 class IndexedDatasetError(DataError):
@@ -14,7 +14,11 @@ class IndexedDatasetError(DataError):
 
 
 class CorpusError(DataError):
-    """A named corpus is unknown or could not be fetched."""
+    """A named corpus is unknown, or its shipped folder is missing."""
+
+
+class CorpusFetchError(RunError, CorpusError):
+    """Downloading or unpacking a known corpus failed (network, a broken archive): the run failed (exit 1)."""
 
 
 class PrepareError(DataError):

@@ -81,12 +81,16 @@ def expand_inputs(inputs: Sequence[str | os.PathLike] | str) -> list[Path]:
 
 def _check_encodable(text: str, where: str) -> None:
     """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``); no tokenizer can encode it (HF tokenizers raise a
-    bare TypeError), so name the record instead."""
+    bare TypeError), so name the record instead. A NUL character (``"\\u0000"``) is refused too: text has none, and
+    tokenizers map it to ordinary ids, so a binary payload would train silently."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PrepareError(f"{where} holds a lone UTF-16 surrogate \\u{ord(text[exc.start]):04x} at character "
                            f"{exc.start}, which is not text; fix or drop the record") from None
+    if "\x00" in text:
+        raise PrepareError(f"{where} holds a NUL character at character {text.index(chr(0))}, which is not text; fix "
+                           "or drop the record")
 
 
 def iter_documents(files: Sequence[Path], keys: Sequence[str]) -> Iterator[tuple[list[str], int]]:
@@ -101,6 +105,9 @@ def iter_documents(files: Sequence[Path], keys: Sequence[str]) -> Iterator[tuple
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise PrepareError(f"{path}: not UTF-8 text ({exc})") from exc
+            if b"\x00" in data:      # valid UTF-8, but a binary file (or a disk image's zeros), not text
+                raise PrepareError(f"{path}: NUL byte at offset {data.index(0)}: a binary file, not text; give text "
+                                   f"files (or JSONL) only")
             yield [text] + [""] * (len(keys) - 1), len(data)
             continue
         opener = gzip.open if path.name.endswith(".gz") else open

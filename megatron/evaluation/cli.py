@@ -7,14 +7,6 @@ import sys
 from typing import Any, Sequence
 
 
-def _named_inputs() -> tuple[type[BaseException], ...]:
-    """Run-time classes that are input here: eval reads the checkpoint and tokenizer the user named: exit 2."""
-    from megatron.tokenizer import TokenizerError
-    from megatron.training.checkpointing import CheckpointError
-
-    return TokenizerError, CheckpointError
-
-
 def run_eval_cli(cfg: Any, config_files: Sequence[str], overrides: Sequence[str]) -> int:
     """Run :func:`megatron.evaluation.runner.run_evaluation` on this rank; returns the exit status."""
     from megatron.errors import NeoxError, report_error
@@ -34,7 +26,7 @@ def run_eval_cli(cfg: Any, config_files: Sequence[str], overrides: Sequence[str]
     try:
         run_evaluation(cfg, config_files=config_files, overrides=overrides, dp=dp)
     except NeoxError as exc:
-        return report_error(exc, input_kinds=_named_inputs())
+        return report_error(exc)
     except (RuntimeError, OSError) as exc:
         print(f"error: evaluation failed: {exc}", file=sys.stderr)
         return 1

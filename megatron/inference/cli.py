@@ -75,7 +75,7 @@ class Session:
 
 
 def load_session(files: Sequence[str], overrides: Sequence[str]) -> Session:
-    """Config, checkpoint, tokenizer. Raises ConfigError / UsageError (exit 2) or CheckpointError (exit 1)."""
+    """Config, checkpoint, tokenizer. Raises ConfigError / UsageError / CheckpointError (all exit 2)."""
     from megatron.config import load_config
     from megatron.model.convert import load_trained_model
     from megatron.model.convert.checkpoint import checkpoint_to_read
@@ -161,6 +161,10 @@ def write_samples(session: Session, contexts: Sequence[str], output: str) -> lis
     tokens = sum(s.length for s in samples)
     print(f"generate: wrote {len(samples)} samples ({tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s) "
           f"to {path}", file=sys.stderr)
+    noted = [s for s in samples if s.message]
+    if noted:
+        print(f"generate: note: {len(noted)} of {len(samples)} samples carry a message (field 'message'), e.g. "
+              f"{noted[0].message}", file=sys.stderr)
     return samples
 
 

@@ -88,6 +88,11 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
         except KVCacheError as exc:
             raise GenerationError(str(exc)) from None
     results = [GeneratedTokens() for _ in range(bsz)]
+    trained_length = int(getattr(getattr(model, "cfg", None), "seq_length", 0) or 0)
+    for row, n in enumerate(lengths.tolist()):
+        if trained_length and n > trained_length:    # rotary / ALiBi run on, but on positions never trained
+            results[row].message = (f"the prompt has {n} tokens, more than seq_length = {trained_length} the model "
+                                    f"was trained on: positions past {trained_length} are untrained")
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     padded = bool((mask == 0).any())
     if recompute:

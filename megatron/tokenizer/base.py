@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Sequence
-from megatron.errors import RunError
+from megatron.errors import UserInputError
 
 
-class TokenizerError(RunError, ValueError):
-    """A tokenizer could not be built or used (bad file, unknown type, unknown token)."""
+class TokenizerError(UserInputError, ValueError):
+    """A tokenizer could not be built or used (bad file, unknown type, unknown token): input the user named (exit
+    2)."""
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int = 128, model_parallel_size: int = 1) -> int:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from megatron.atomic_io import atomic_write_text
 from megatron.training.distributed import barrier, broadcast_object, capture_rng_state, restore_rng_state
-from megatron.errors import RunError
+from megatron.errors import RunError, UserInputError
 
 FORMAT_VERSION = 1
 LATEST_FILE = "latest"
@@ -54,12 +54,14 @@ STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
 _SCALER_KEY = "__loss_scaler_state__"
 
 
-class CheckpointError(RunError, RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the current model/run."""
+class CheckpointError(UserInputError, RuntimeError):
+    """A checkpoint to read (``load``, a converter's ``--input_dir``, eval's / generate's checkpoint) is missing,
+    incomplete, corrupt or does not fit the current model/run: input the user named (exit 2)."""
 
 
-class CheckpointSaveError(CheckpointError):
-    """Writing a checkpoint failed (no space, permissions, ...); the previous checkpoint and ``latest`` are intact."""
+class CheckpointSaveError(RunError, RuntimeError):
+    """Writing a checkpoint failed (no space, permissions, ...); the previous checkpoint and ``latest`` are intact.
+    The run failed (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def _to_plain(obj: Any) -> Any:
     if type(obj).__name__.endswith("LossScaler") and hasattr(obj, "__dict__"):
         return {_SCALER_KEY: {k: v for k, v in vars(obj).items()
                               if v is None or isinstance(v, (bool, int, float, str))}}
-    raise CheckpointError(f"cannot store optimizer state value of type {type(obj).__name__} without pickling")
+    raise CheckpointSaveError(f"cannot store optimizer state value of type {type(obj).__name__} without pickling")
 
 
 def _restore_scaler(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:

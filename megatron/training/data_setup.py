@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from megatron.errors import RunError
+from megatron.errors import UserInputError
 
 
-class DataSetupError(RunError, RuntimeError):
-    """The configured data cannot be found or built."""
+class DataSetupError(UserInputError, RuntimeError):
+    """The configured data cannot be found or does not fit the run (missing prefix, empty split): exit 2."""
 
 
 @dataclass

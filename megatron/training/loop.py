@@ -30,6 +30,7 @@ from megatron.model.loss import lm_loss
 from megatron.training.batches import Batch, make_batch
 from megatron.training.checkpointing import (CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint,
                                              should_save)
+from megatron.config.errors import ConfigError
 from megatron.config.training_checks import decay_iters
 from megatron.training.data_setup import (DataSetupError, build_datasets, build_epoch_datasets, build_loader,
                                           check_token_ids, ensure_data)
@@ -177,8 +178,9 @@ def _build_tokenizer_and_vocab(cfg: Any) -> Any:
         cfg.model.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                                         cfg.parallel.model_parallel_size)
     elif cfg.model.padded_vocab_size < tokenizer.vocab_size:
-        raise TrainingError(f"padded_vocab_size {cfg.model.padded_vocab_size} is smaller than the tokenizer's "
-                            f"vocabulary ({tokenizer.vocab_size})")
+        raise ConfigError(f"{cfg.source_of('model.padded_vocab_size')}: padded_vocab_size "
+                          f"{cfg.model.padded_vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size})")
     check_separator_ids(cfg.sepllm, tokenizer.vocab_size)
     return tokenizer
 
@@ -186,7 +188,7 @@ def _build_tokenizer_and_vocab(cfg: Any) -> Any:
 def _check_supported(cfg: Any) -> None:
     t = cfg.training
     if getattr(t, "train_epochs", None) is None and (t.train_iters is None or t.train_iters < 0):
-        raise TrainingError(f"train_iters (or train_epochs) must be set to a number >= 0, got {t.train_iters!r}")
+        raise ConfigError(f"train_iters (or train_epochs) must be set to a number >= 0, got {t.train_iters!r}")
 
 
 def _check_checkpoint_space(cfg: Any, n_params: int, info: DistInfo, logger: RunLogger) -> None:
@@ -398,7 +400,7 @@ def _train(cfg: Any, info: DistInfo, device: str, logger: RunLogger, started: fl
     def micro_batches() -> Iterator[Batch]:
         for sample in loader:
             yield make_batch(sample, eod, t.eod_mask_loss, device)
-        raise DataSetupError("ran out of training samples before train_iters; the dataset was sized too small")
+        raise TrainingError("ran out of training samples before train_iters; the dataset was sized too small")
 
     batches = micro_batches()
     interval = _Interval()

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from megatron.training.logging import METRICS_FILE
-from megatron.errors import RunError
+from megatron.errors import UserInputError
 
 
-class PlotError(RunError, ValueError):
-    """The run folder has no usable metrics."""
+class PlotError(UserInputError, ValueError):
+    """The run folder named has no usable metrics (exit 2 from tools/plot_logs.py; a warning after training)."""
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -75,6 +75,17 @@ def make_temp_beside(output_dir: Path) -> Path:
     return tmp
 
 
+def _new_file_mode(folder: Path) -> int:
+    """The permissions ``open()`` gives a new file in ``folder`` (0644 under the usual umask). safetensors writes its
+    files 0600; the weights get the mode of the other exported files instead."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
 def save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
     """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` when the
     weights exceed ``max_shard_bytes`` (the layout ``from_pretrained`` reads)."""
@@ -89,13 +100,16 @@ def save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes:
             size = 0
         shards[-1][key] = state[key]
         size += nbytes
+    mode = _new_file_mode(out)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(out / "model.safetensors", mode)
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
         save_file(shard, str(out / name), metadata={"format": "pt"})
+        os.chmod(out / name, mode)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
