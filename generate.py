@@ -19,7 +19,8 @@ Keys (YAML or --key value; every key: docs/config_reference.md, guide: docs/gene
   init_cache_size, sep_cache_size, local_cache_size, cache_size, sep_cache_exact_window   SepLLM cache sizes
   train_micro_batch_size_per_gpu   prompts decoded together (left padded)
   seed                 sampling seed
-Errors print one line: exit 2 for a bad config or input (missing input file, ...), 1 for an unusable checkpoint.
+Errors print one line: exit 2 for a bad config or input (missing input file, a checkpoint that cannot be read, ...),
+1 when the run fails (the output cannot be written).
 """
 
 from __future__ import annotations
