@@ -6,8 +6,9 @@ usage: python train.py CONFIG.yml [MORE.yml ...] [--key value ...]
 
 Configs merge left to right; --key value overrides any key (see `python -m megatron.config --help`). Every key is
 documented in docs/config_reference.md. On a bad config, missing data or an unusable checkpoint it prints one line
-naming the problem and exits 2; when the run itself fails (a save that cannot be written), 1. Under a launcher every rank runs this file and the
-config is validated for the world size the launcher set (WORLD_SIZE, or the MPI / srun variables).
+naming the problem and exits 2; when the run itself fails (a save that cannot be written), 1. Under a launcher
+every rank runs this file and the config is validated for the world size the launcher set (WORLD_SIZE, or the MPI /
+srun variables).
 
 options:
   -h, --help  show this help and exit
