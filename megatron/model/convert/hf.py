@@ -198,11 +198,9 @@ def check_llama_compatible(cfg: ModelConfig) -> None:
         raise ValueError("cannot export to HF LlamaForCausalLM: " + "; ".join(problems))
 
 
-def to_hf_llama_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig,
-                           vocab_size: Optional[int] = None, include_tied_head: bool = True) -> dict[str, Tensor]:
-    """``GPTModel`` state dict -> ``LlamaForCausalLM`` state dict (QKV and gated MLP split by the table's codecs)."""
-    cfg = model_cfg
-    check_llama_compatible(cfg)
+def _llama_family_state(model_state: Mapping[str, Any], cfg: ModelConfig, vocab_size: Optional[int],
+                        include_tied_head: bool) -> dict[str, Tensor]:
+    """Llama's tensor names (Mistral uses the same ones) for a ``GPTModel`` state dict already checked for the class."""
     vocab = check_vocab(cfg, vocab_size)
     state = clean_state_dict(model_state)
     _require(state, cfg, "GPTModel state dict")
@@ -212,13 +210,9 @@ def to_hf_llama_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfi
     return out
 
 
-def hf_llama_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **overrides: Any):
-    """``transformers.LlamaConfig`` describing the same function as ``GPTModel(model_cfg)``."""
-    from transformers import LlamaConfig
-
-    cfg = model_cfg
-    check_llama_compatible(cfg)
-    kwargs: dict[str, Any] = dict(
+def _llama_family_config(cfg: ModelConfig, vocab_size: Optional[int]) -> dict[str, Any]:
+    """The config fields LlamaConfig and MistralConfig share, describing ``GPTModel(cfg)``."""
+    return dict(
         vocab_size=check_vocab(cfg, vocab_size),
         hidden_size=cfg.hidden_size,
         intermediate_size=ffn_width(cfg),
@@ -232,10 +226,32 @@ def hf_llama_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **
         rms_norm_eps=cfg.rms_norm_epsilon,
         tie_word_embeddings=not cfg.no_weight_tying,
         rope_parameters=rope_parameters(cfg),
-        attention_bias=cfg.use_bias_in_attn_linear,
         attention_dropout=cfg.attention_dropout,
-        mlp_bias=cfg.use_bias_in_mlp,
     )
+
+
+def _from_llama_family_state(hf_state: Mapping[str, Any], cfg: ModelConfig, sepllm_cfg: Any,
+                             what: str) -> dict[str, Tensor]:
+    if cfg.no_weight_tying and "lm_head.weight" not in hf_state:
+        raise KeyError(f"{what}: missing key 'lm_head.weight' for an untied model")
+    return from_hf_state(LLAMA_TABLE, hf_state, cfg, model_keys(cfg, sepllm_cfg), what)
+
+
+def to_hf_llama_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig,
+                           vocab_size: Optional[int] = None, include_tied_head: bool = True) -> dict[str, Tensor]:
+    """``GPTModel`` state dict -> ``LlamaForCausalLM`` state dict (QKV and gated MLP split by the table's codecs)."""
+    check_llama_compatible(model_cfg)
+    return _llama_family_state(model_state, model_cfg, vocab_size, include_tied_head)
+
+
+def hf_llama_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **overrides: Any):
+    """``transformers.LlamaConfig`` describing the same function as ``GPTModel(model_cfg)``."""
+    from transformers import LlamaConfig
+
+    cfg = model_cfg
+    check_llama_compatible(cfg)
+    kwargs = _llama_family_config(cfg, vocab_size)
+    kwargs.update(attention_bias=cfg.use_bias_in_attn_linear, mlp_bias=cfg.use_bias_in_mlp)
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 
@@ -244,11 +260,8 @@ def from_hf_llama_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig
                              sepllm_cfg: Any = None) -> dict[str, Tensor]:
     """``LlamaForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_llama_state_dict``): q/k/v
     are re-interleaved into the grouped fused-QKV layout, up/gate concatenated as ``[value; gate]``."""
-    cfg = model_cfg
-    check_llama_compatible(cfg)
-    if cfg.no_weight_tying and "lm_head.weight" not in hf_state:
-        raise KeyError("HF Llama state dict: missing key 'lm_head.weight' for an untied model")
-    return from_hf_state(LLAMA_TABLE, hf_state, cfg, model_keys(cfg, sepllm_cfg), "HF Llama state dict")
+    check_llama_compatible(model_cfg)
+    return _from_llama_family_state(hf_state, model_cfg, sepllm_cfg, "HF Llama state dict")
 
 
 # -------------------------------------------------------------------------------------------------------- Mistral
@@ -274,15 +287,8 @@ def check_mistral_compatible(cfg: ModelConfig) -> None:
 def to_hf_mistral_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig,
                              vocab_size: Optional[int] = None, include_tied_head: bool = True) -> dict[str, Tensor]:
     """``GPTModel`` state dict -> ``MistralForCausalLM`` state dict (Mistral's tensor names are Llama's)."""
-    cfg = model_cfg
-    check_mistral_compatible(cfg)
-    vocab = check_vocab(cfg, vocab_size)
-    state = clean_state_dict(model_state)
-    _require(state, cfg, "GPTModel state dict")
-    out = to_hf_state(LLAMA_TABLE, state, cfg, vocab)
-    if not cfg.no_weight_tying and include_tied_head:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out
+    check_mistral_compatible(model_cfg)
+    return _llama_family_state(model_state, model_cfg, vocab_size, include_tied_head)
 
 
 def hf_mistral_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **overrides: Any):
@@ -292,23 +298,8 @@ def hf_mistral_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, 
 
     cfg = model_cfg
     check_mistral_compatible(cfg)
-    kwargs: dict[str, Any] = dict(
-        vocab_size=check_vocab(cfg, vocab_size),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=ffn_width(cfg),
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=kv_heads(cfg),
-        head_dim=head_dim(cfg),
-        hidden_act=HF_GATED_ACTS[cfg.activation],
-        max_position_embeddings=max_positions(cfg),
-        initializer_range=cfg.init_method_std,
-        rms_norm_eps=cfg.rms_norm_epsilon,
-        tie_word_embeddings=not cfg.no_weight_tying,
-        rope_parameters=rope_parameters(cfg),
-        sliding_window=hf_sliding_window(cfg),
-        attention_dropout=cfg.attention_dropout,
-    )
+    kwargs = _llama_family_config(cfg, vocab_size)
+    kwargs.update(sliding_window=hf_sliding_window(cfg))
     kwargs.update(overrides)
     return MistralConfig(**kwargs)
 
@@ -316,11 +307,8 @@ def hf_mistral_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, 
 def from_hf_mistral_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig,
                                sepllm_cfg: Any = None) -> dict[str, Tensor]:
     """``MistralForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_mistral_state_dict``)."""
-    cfg = model_cfg
-    check_mistral_compatible(cfg)
-    if cfg.no_weight_tying and "lm_head.weight" not in hf_state:
-        raise KeyError("HF Mistral state dict: missing key 'lm_head.weight' for an untied model")
-    return from_hf_state(LLAMA_TABLE, hf_state, cfg, model_keys(cfg, sepllm_cfg), "HF Mistral state dict")
+    check_mistral_compatible(model_cfg)
+    return _from_llama_family_state(hf_state, model_cfg, sepllm_cfg, "HF Mistral state dict")
 
 
 def _require(state: Mapping[str, Tensor], cfg: ModelConfig, what: str) -> None:
