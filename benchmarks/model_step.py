@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megatron.config.derived import intermediate_size_for  # noqa: E402
 from megatron.config.model import ModelConfig  # noqa: E402
 from megatron.model import GPTModel, lm_loss  # noqa: E402
 from megatron.model.convert.hf import (hf_gpt_neox_config, hf_llama_config, to_hf_gpt_neox_state_dict,  # noqa: E402
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                          no_weight_tying=True, padded_vocab_size=args.vocab)
     llama = dataclasses.replace(pythia, num_kv_heads=max(1, args.heads // 4), rotary_pct=1.0, norm="rmsnorm",
                                 activation="swiglu", gpt_j_residual=False, use_bias_in_attn_linear=False,
+                                # Llama's width (8/3 x hidden rounded up to 256) in GPT-NeoX's intermediate_size
+                                intermediate_size=intermediate_size_for(256 * -(-(8 * args.hidden // 3) // 256),
+                                                                        "swiglu"),
                                 use_bias_in_mlp=False, use_bias_in_norms=False)
 
     def ours_loss(model: GPTModel, attention_mask=None) -> Callable[[], torch.Tensor]:

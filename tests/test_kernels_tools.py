@@ -49,7 +49,9 @@ def test_benchmark_cpu_rows(tmp_path: Path) -> None:
     assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["impl"] == "eager")
     assert rows[0]["shape"] == "b1 s32 h2 d32 r8" and rows[4]["shape"] == "b1 s32 hidden64"
     # rope fwd moves q, k in and out (4 x 32 x 64 float32) plus the cos/sin rows (2 x 32 x 8)
-    assert rows[0]["gb_per_s"] == pytest.approx((4 * 32 * 64 + 2 * 32 * 8) * 4 / rows[0]["ms"] / 1e6, rel=0.02)
+    # the row is rounded to 2 decimals: allow that rounding on top of 2 %
+    assert rows[0]["gb_per_s"] == pytest.approx((4 * 32 * 64 + 2 * 32 * 8) * 4 / rows[0]["ms"] / 1e6, rel=0.02,
+                                                abs=0.006)
     assert "no CUDA device" in data["kernel_status"] and "fused-reference" in out.stdout
 
 
