@@ -159,7 +159,8 @@ def test_older_release_spellings() -> None:
 def test_keys_gpt_neox_derives_or_only_uses_for_kernels_are_accepted() -> None:
     cfg = load_config({**TINY, "optimizer_type": "adam", "zero_reduce_bucket_size": 5e8, "is_pipe_parallel": True,
                        "use_flashattn_swiglu": True, "bias_dropout_fusion": True, "attention_softmax_in_fp32": True,
-                       "deepspeed": True, "pipe_partition_method": "type:transformer|mlp"})
+                       "deepspeed": True, "pipe_partition_method": "type:transformer|mlp",
+                       "apply_query_key_layer_scaling": True, "use_cpu_initialization": True})
     assert cfg == load_config(TINY)
     with pytest.raises(ConfigError, match="always runs on DeepSpeed"):
         load_config({**TINY, "deepspeed": False})

@@ -41,6 +41,9 @@ NEOX_HINTS: dict[str, str] = {
     "lazy_mpu_init": "an initialisation hook for external tools",
     "short_seq_prob": "declared by GPT-NeoX but read nowhere in its training",
     "deepscale": "DeepSpeed's deprecated alias of 'deepspeed'",
+    "apply_query_key_layer_scaling": "fp16 overflow guard: scores divided by the layer number before the softmax, "
+                                     "which multiplies it back (the same attention in exact arithmetic)",
+    "use_cpu_initialization": "where the initial weights are drawn (same distributions)",
     "deepscale_config": "DeepSpeed's deprecated alias of 'deepspeed_config'",
 }
 

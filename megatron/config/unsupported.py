@@ -14,8 +14,6 @@ from megatron.config.errors import ConfigError, Where, unknown_source
 # GPT-NeoX keys for features not built here. They are accepted at their GPT-NeoX default (configs copied from
 # GPT-NeoX often spell the default out) and refused otherwise. Delete a row when the feature lands.
 NEOX_DEFAULT_ONLY: dict[str, object] = {
-    "apply_query_key_layer_scaling": False,
-    "use_cpu_initialization": False,
     "reset_position_ids": False,
     "reset_attention_mask": False,
     "char_level_ppl": False,
