@@ -194,3 +194,22 @@ def test_flex_with_compiled_block_mask_matches_reference(references, pg19_dir, n
     plan = backend.prepare(ids, pos, mask2d)
     out = backend(q, k, v, 1, plan, scale=HEAD_DIM ** -0.5)
     torch.testing.assert_close(out.double(), references[case, 1][0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seq_len", [24, 40])
+def test_flex_on_cpu_matches_dense_at_lengths_compiled_cpu_flex_gets_wrong(seq_len: int) -> None:
+    """torch 2.13's compiled CPU flex attention is wrong at some lengths (0.1 off at 40); CPU runs eager flex."""
+    from megatron.config import load_config
+    from megatron.model.gpt import GPTModel
+
+    keys = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "seq_length": 64, "pos_emb": "rotary",
+            "padded_vocab_size": 64, "separator_token_ids": [3, 7], "prefill_local_window_size": 8,
+            "generate_local_window_size": 8, "init_tok_max_idx": 1}
+    ids = torch.randint(0, 64, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for impl in ("dense", "flex"):
+        cfg = load_config({**keys, "sep_attention_impl": impl})
+        torch.manual_seed(0)
+        with torch.no_grad():
+            logits[impl] = GPTModel(cfg.model, cfg.sepllm).eval()(ids)
+    torch.testing.assert_close(logits["flex"], logits["dense"], rtol=0, atol=1e-5)

@@ -188,7 +188,7 @@ class SepLLMBackend:
                                 dropout_p=dropout_p)
         auto_dropout = dropout_p > 0.0 and self.settings.impl == "auto"   # auto may fall back to a dense call
         if impl == "flex_compact" and not auto_dropout:
-            return flex_compact_attention(self._flex().kernel, q, k, v, pattern.artifact, scale=scale,
+            return flex_compact_attention(self._flex().kernel_for(q.device), q, k, v, pattern.artifact, scale=scale,
                                           alibi_slopes=alibi_slopes, dropout_p=dropout_p)
         if impl == "triton" and not auto_dropout:
             from megatron.sepllm.attention.triton_compact import triton_compact_attention

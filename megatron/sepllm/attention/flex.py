@@ -8,6 +8,7 @@ rejected with a clear error (train on CPU with ``compact`` or ``dense``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -48,10 +49,19 @@ class FlexRunner:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         self.block_size = int(block_size)
-        #: the (compiled) ``flex_attention``, shared by the flex and flex_compact paths
+        #: the (compiled) ``flex_attention``, shared by the flex and flex_compact paths on CUDA
         self.kernel = torch.compile(flex_attention, dynamic=False) if compile_kernel else flex_attention
+        self._eager_kernel = flex_attention
         #: the (optionally compiled) ``create_block_mask``
         self.create_block_mask = torch.compile(create_block_mask) if compile_block_mask else create_block_mask
+
+    def kernel_for(self, device: torch.device) -> Callable:
+        """The kernel for tensors on ``device``: the compiled one on CUDA; on CPU the eager one, because torch 2.13's
+        compiled CPU flex attention returns wrong values at some sequence lengths (e.g. 40, even for a plain causal
+        mask: max error 0.1 against SDPA), and CPU runs it forward-only anyway."""
+        if torch.device(device).type == "cuda":
+            return self.kernel
+        return _quiet_eager(self._eager_kernel)
 
     def block_mask(self, global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int) -> Any:
         """BlockMask of the SepLLM rule for one pattern (B per row, heads broadcast)."""
@@ -71,4 +81,14 @@ class FlexRunner:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score - slopes[h] * (pos[b, q_idx] - pos[b, kv_idx])
         gqa = q.shape[1] != k.shape[1]
-        return self.kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        return self.kernel_for(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                         enable_gqa=gqa)
+
+
+def _quiet_eager(kernel: Callable) -> Callable:
+    """``kernel`` without torch's "called without torch.compile" warning (chosen on purpose on CPU, see above)."""
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*without torch.compile.*")
+            return kernel(*args, **kwargs)
+    return run
