@@ -22,9 +22,9 @@ SCALED_KEYS: dict[str, tuple[str, float]] = {"peak_theoretical_tflops": ("peak_f
 # Values GPT-NeoX computes from other keys in ``calculate_derived``, overwriting anything a config gives; a config
 # that spells them out therefore means nothing by them, and they are accepted and ignored here too.
 NEOX_DERIVED = frozenset({
-    "optimizer_type", "zero_stage_all", "zero_reduce_scatter", "zero_contiguous_gradients", "zero_reduce_bucket_size",
+    "optimizer_type", "zero_reduce_scatter", "zero_contiguous_gradients", "zero_reduce_bucket_size",
     "zero_allgather_bucket_size", "is_pipe_parallel", "batch_size", "curriculum_seqlen", "do_train", "do_valid",
-    "comet_experiment", "dynamic_loss_scale_derived",
+    "comet_experiment",
 })
 
 # Switches that choose an implementation, not a result: the same values are computed with any setting.
