@@ -84,13 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from megatron.config import load_config
-    from megatron.entry_args import quiet_accelerator_probe
+    from megatron import device
     from megatron.errors import NeoxError, report_error
-    from megatron.training.launch import check_launch, launch_world_size, plan_launch, visible_gpu_count
+    from megatron.training.launch import check_launch, launch_world_size, plan_launch
 
-    quiet_accelerator_probe()     # before anything imports DeepSpeed; inherited by the launcher and its workers
+    device.quiet_accelerator_probe()     # before anything imports DeepSpeed; inherited by the launcher and its workers
 
-    visible = visible_gpu_count()
+    visible = device.visible_gpu_count()
     try:
         cfg = load_config(*files, overrides=overrides, for_training=Path(script).name == "train.py",
                           world_size=lambda launcher: launch_world_size(launcher, visible))

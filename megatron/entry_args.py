@@ -26,22 +26,6 @@ def split_entry_args(argv: Sequence[str] | None, usage: str) -> Union[int, tuple
     return files, overrides
 
 
-def quiet_accelerator_probe(environ: Any = None) -> None:
-    """Tell DeepSpeed up front that it runs on CPU when no CUDA device is visible.
-
-    On import DeepSpeed probes for an accelerator and, finding none, warns "Setting accelerator to CPU" in every
-    process of every command. ``DS_ACCELERATOR=cpu`` is DeepSpeed's own switch for that choice, so it picks the CPU
-    without the warning; the variable reaches the launcher and its workers. A ``DS_ACCELERATOR`` already set is kept,
-    and with a visible GPU nothing changes."""
-    env = os.environ if environ is None else environ
-    if "DS_ACCELERATOR" in env:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-
-
 def run_entry(argv: Sequence[str] | None, usage: str, run: Callable[[Any, list[str], list[str]], int],
               **load_kwargs: Any) -> int:
     """Parse the command line, load the config (``load_kwargs`` go to ``load_config``) and return
@@ -50,6 +34,8 @@ def run_entry(argv: Sequence[str] | None, usage: str, run: Callable[[Any, list[s
     if isinstance(parsed, int):
         return parsed
     files, overrides = parsed
+    from megatron.device import quiet_accelerator_probe
+
     quiet_accelerator_probe()
     from megatron.config import load_config
     from megatron.errors import NeoxError, report_error

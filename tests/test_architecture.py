@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: lowest layer first; documented in docs/architecture.md
 LAYERS = {
     "errors": 0, "atomic_io": 0, "_lazy": 0, "__init__": 0,
+    "device": 1,
     "tokenizer": 1,
     "config": 2, "data": 2,
     "kernels": 3, "sepllm": 3, "sepllm.attention": 3,

@@ -91,7 +91,7 @@ def _nothing_trained(e) -> None:
 
 def _visible_gpus(n: int, *args: str) -> Callable[[Any], int]:
     def run(e) -> int:
-        e.monkeypatch.setattr("megatron.training.launch.visible_gpu_count", lambda: n)
+        e.monkeypatch.setattr("megatron.device.visible_gpu_count", lambda: n)
         return _deepy(*args)(e)
 
     return run

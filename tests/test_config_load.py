@@ -317,7 +317,7 @@ def test_config_built_in_code_round_trips_its_values(tmp_path: Path) -> None:
 
 
 def test_gpu_build_detection_without_importing_torch() -> None:
-    from megatron.config.validate import torch_build_has_gpu
+    from megatron.device import torch_build_has_gpu
 
     cpu = "__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\nhip: Optional[str] = None\n"
     assert not torch_build_has_gpu(cpu)

@@ -119,7 +119,7 @@ CASES = [
 
 @pytest.mark.parametrize("case,run,code,line", CASES, ids=[c[0] for c in CASES])
 def test_exit_code_follows_the_one_rule(world, capsys, monkeypatch, case, run, code, line):
-    from megatron.entry_args import quiet_accelerator_probe
+    from megatron.device import quiet_accelerator_probe
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

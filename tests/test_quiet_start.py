@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from megatron.entry_args import quiet_accelerator_probe
+from megatron.device import quiet_accelerator_probe
 from megatron.training import pretrain
 from megatron.training.flops import default_peak_flops
 from train_helpers import make_tiny_corpus, tiny_config
@@ -36,7 +36,7 @@ def test_the_accelerator_probe_says_cpu_without_a_gpu_and_keeps_a_choice():
 def test_deepspeed_starts_without_its_start_up_lines():
     """Importing DeepSpeed and creating its communication layer (what every training process does) prints
     nothing: neither 'Setting accelerator to CPU' nor the shm op's 'built successfully'."""
-    code = ("from megatron.entry_args import quiet_accelerator_probe\n"
+    code = ("from megatron.device import quiet_accelerator_probe\n"
             "quiet_accelerator_probe()\n"
             "from megatron.training.distributed import init_distributed\n"
             "init_distributed('cpu')\n"

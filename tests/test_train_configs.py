@@ -40,7 +40,7 @@ def test_tiny_cpu_config():
 
 def test_pythia_config_on_cpu_fails_before_any_work(tmp_path):
     from megatron.training import pretrain
-    from megatron.training.engine import DeviceConfigError
+    from megatron.device import DeviceConfigError
 
     cfg = load_config(str(CONFIGS / "pythia-160m.yml"),
                       overrides=["--device", "cpu", "--log-dir", str(tmp_path / "logs"), "--save", str(tmp_path)])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron.training import pretrain
-from megatron.training.engine import DeviceConfigError
+from megatron.device import DeviceConfigError
 from train_helpers import (WEIGHT_CHECK_ADAM_EPS, logged_grad_norms, make_tiny_corpus, pretrain_with_weights,
                            tiny_config, update_mismatch)
 

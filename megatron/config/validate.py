@@ -23,13 +23,13 @@ from megatron.config import training_checks
 from megatron.config.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
 from megatron.config import neox_compat
 from megatron.config.unsupported import FEATURE_OF_NORM, check_unsupported
+from megatron.device import DEVICES, cuda_available
 
 logger = logging.getLogger("megatron.config")
 
 OPTIMIZER_TYPES = training_checks.OPTIMIZER_TYPES
 LR_DECAY_STYLES = training_checks.LR_DECAY_STYLES
 TOKENIZER_TYPES = ("HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer")
-DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = (None, "online", "offline", "disabled")
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
 BACKENDS = (None, "auto", "nccl", "gloo")
@@ -198,7 +198,7 @@ def _resolve_parallel(p, launcher, device: str, launch_world: WorldSize, ctx: _C
     p.world_size = _world_size(p, launcher, launch_world, ctx)
     backend = _one_of(ctx, "parallel", "distributed_backend", p.distributed_backend, BACKENDS, normalise=True)
     if backend in (None, "auto", "nccl"):
-        cuda = device != "cpu" and _cuda_available()
+        cuda = device != "cpu" and cuda_available()
         if backend == "nccl" and not cuda:
             logger.info("distributed_backend 'nccl' needs CUDA; using 'gloo' on this CPU run")
         backend = "nccl" if cuda else "gloo"
@@ -213,42 +213,6 @@ def _resolve_layout(model, p, zero_stage: int, ctx: _Ctx) -> None:
     if given_dp is not None and given_dp != p.data_parallel_size:
         raise ConfigError(f"{ctx.src('parallel', 'data_parallel_size')}: data_parallel_size={given_dp} is derived "
                           f"(world_size / (model x pipe parallel) = {p.data_parallel_size}); set world_size instead")
-
-
-def _cuda_available() -> bool:
-    """Whether this run can use CUDA, without importing torch when it is not loaded yet (8 s on a busy CPU box).
-
-    Uses torch when already imported; otherwise: a GPU build of torch (its version.py names a cuda/hip version), a
-    GPU driver node, and CUDA_VISIBLE_DEVICES not hiding every device. The trainer still falls back to gloo when a
-    CPU device is finally chosen, so this only has to be right in the common case.
-    """
-    import sys
-
-    if "torch" in sys.modules:
-        return bool(sys.modules["torch"].cuda.is_available())
-    import importlib.util
-    import os
-    from pathlib import Path
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.origin:
-        return False
-    try:
-        version_text = (Path(spec.origin).parent / "version.py").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd")
-    return torch_build_has_gpu(version_text) and any(Path(n).exists() for n in nodes)
-
-
-def torch_build_has_gpu(version_py_text: str) -> bool:
-    """True when torch/version.py records a CUDA or HIP version (CPU wheels say ``cuda = None``)."""
-    import re
-
-    return re.search(r"^(?:cuda|hip)\s*(?::[^=\n]*)?=\s*['\"][0-9]", version_py_text, re.M) is not None
 
 
 def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:

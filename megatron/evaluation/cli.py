@@ -15,12 +15,10 @@ def run_eval_cli(cfg: Any, config_files: Sequence[str], overrides: Sequence[str]
 
     dp = DataParallel()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-
+        from megatron.device import resolve_device
         from megatron.training.distributed import init_distributed
 
-        device = cfg.training.device
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device = resolve_device(cfg.training.device, key="device")
         info = init_distributed(device, cfg.parallel.distributed_backend, deepspeed_comm=False)
         dp = DataParallel(rank=info.rank, world_size=info.world_size)
     try:

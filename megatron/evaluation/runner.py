@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from megatron.atomic_io import atomic_open, atomic_write_text
+from megatron.device import resolve_device
 from megatron.config.sepllm_settings import attention_mode
 from megatron.evaluation.lm import DataParallel, NeoXLM
 from megatron.errors import UserInputError
@@ -110,11 +111,7 @@ def _write_samples(stem: Path, samples: dict) -> list[Path]:
 
 
 def _device(cfg: Any) -> torch.device:
-    want = cfg.training.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise EvalError("key 'device' = 'cuda' but no CUDA device is available")
+    want = resolve_device(cfg.training.device, key="device")
     if want == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

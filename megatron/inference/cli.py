@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 import torch
 
 from megatron.atomic_io import atomic_open
+from megatron.device import resolve_device
 from megatron.inference.generator import generate_batch
 from megatron.inference.kv_cache import KVCacheSettings, model_attention_mode
 from megatron.inference.sampling import SamplingSettings
@@ -96,11 +97,7 @@ def load_session(files: Sequence[str], overrides: Sequence[str]) -> Session:
     except (TokenizerError, OSError) as exc:
         raise UsageError(f"tokenizer (tokenizer_type {tok.tokenizer_type}, vocab_file {tok.vocab_file}): {exc}") \
             from None
-    device = cfg.training.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' requested but CUDA is not available")
+    device = resolve_device(cfg.training.device, key="device")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
     if device == "cpu" and dtype == torch.float16:
         dtype = torch.float32   # fp16 matmuls are not a CPU thing; results only get more exact

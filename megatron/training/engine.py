@@ -6,23 +6,7 @@ import logging
 from typing import Any
 
 import torch
-from megatron.errors import UserInputError
-
-
-class DeviceConfigError(UserInputError, ValueError):
-    """A requested setting cannot run on the selected device."""
-
-
-def resolve_device(requested: str | None) -> str:
-    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is an error."""
-    requested = (requested or "auto").lower()
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise DeviceConfigError("training.device is 'cuda' but no CUDA device is visible; use device auto or cpu")
-    if requested not in ("cpu", "cuda"):
-        raise DeviceConfigError(f"training.device: expected auto, cpu or cuda, got {requested!r}")
-    return requested
+from megatron.device import DeviceConfigError, resolve_device
 
 
 def check_device_support(device: str, precision: str, zero_stage: int) -> None:

@@ -283,15 +283,3 @@ def write_deepspeed_env(env: dict[str, str], path: str) -> None:
             handle.write(f"{key}={value}\n")
 
 
-def visible_gpu_count() -> int:
-    """CUDA devices this machine shows; 0 without importing torch on CPU-only builds / machines (slow import)."""
-    from megatron.config.validate import _cuda_available
-
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not _cuda_available():
-        return 0
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:  # pragma: no cover
-        return 0
