@@ -20,6 +20,7 @@ LAYERS = {
     "training": 6,
     "model.convert": 7,
     "sepllm.hf": 8,
+    "sepllm.public": 8.5,   # megatron/sepllm/__init__.py: SepCache, generate, apply_sepllm, ... named lazily
     "inference": 9,
     "evaluation": 10,
     "entry_args": 11,
@@ -28,6 +29,9 @@ LAYERS = {
 #: (importing file, imported package) pairs that break the rule today, each with its reason in the docs
 KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
+
+#: package ``__init__`` modules that only name a feature's public entry points (lazily) and sit above what they name
+_FACADES = {"megatron.sepllm": "sepllm.public"}
 
 #: sub-packages that sit on a layer of their own
 _SUBPACKAGES = {("model", "convert"), ("sepllm", "attention"), ("sepllm", "hf")}
@@ -42,6 +46,8 @@ def package_of(module: str) -> str | None:
         return "__main__"
     if len(parts) == 1:
         return "__init__"
+    if module in _FACADES:
+        return _FACADES[module]
     if len(parts) > 2 and (parts[1], parts[2]) in _SUBPACKAGES:
         return f"{parts[1]}.{parts[2]}"
     return parts[1]
@@ -55,13 +61,49 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
+def _is_module(dotted: str, root: Path) -> bool:
+    base = root.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _lazy_imports(tree: ast.Module, here: str) -> set[str]:
+    """The submodules named by the ``{submodule: names}`` tables a module passes to ``megatron._lazy.lazy_exports``
+    (``lazy_exports(__name__, TABLE, globals())``: relative to the module itself, else to the package it names)."""
+    tables = {target.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+              and isinstance(node.value, ast.Dict) for target in node.targets if isinstance(target, ast.Name)}
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_exports" and len(node.args) > 1
+                and isinstance(node.args[1], ast.Name) and node.args[1].id in tables):
+            continue
+        owner = node.args[0]
+        package = owner.value if isinstance(owner, ast.Constant) else here
+        out.update(f"{package}.{key.value}" for key in tables[node.args[1].id].keys if isinstance(key, ast.Constant))
+    return out
+
+
+def _imports(path: Path, root: Path = REPO) -> set[str]:
+    """Every ``megatron`` module ``path`` imports: top-level and function-level imports, relative imports, the
+    submodule behind ``from package import submodule``, and the entries of a lazy export table (importing a
+    lazily exported name runs that submodule, so the table is an import too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    here = _module_name(path, root)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            subs = {f"{module}.{a.name}" for a in node.names if _is_module(f"{module}.{a.name}", root)}
+            out.update(subs)
+            if len(subs) < len(node.names):
+                out.add(module)
         elif isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
+    out.update(_lazy_imports(tree, here))
     return {m for m in out if m == "megatron" or m.startswith("megatron.")}
 
 
@@ -71,7 +113,7 @@ def violations(root: Path = REPO) -> list[str]:
     for path in sorted((root / "megatron").rglob("*.py")):
         own = package_of(_module_name(path, root))
         rel = str(path.relative_to(root))
-        for target in sorted(filter(None, (package_of(m) for m in _imports(path)))):
+        for target in sorted(filter(None, (package_of(m) for m in _imports(path, root)))):
             if target == own or (rel, target) in KNOWN_EXCEPTIONS:
                 continue
             if target not in LAYERS or own not in LAYERS:
@@ -81,8 +123,66 @@ def violations(root: Path = REPO) -> list[str]:
     return found
 
 
+def import_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """Module -> the modules it imports (only modules that exist under ``root/megatron``)."""
+    modules = {_module_name(p, root): p for p in (root / "megatron").rglob("*.py")}
+    return {name: {m for m in _imports(path, root) if m in modules and m != name} for name, path in modules.items()}
+
+
+def import_circles(root: Path = REPO) -> list[list[str]]:
+    """Groups of modules that import each other in a circle (strongly connected components of more than one
+    module), whether the imports sit at the top of a file or inside a function: inside one package the layer
+    rule cannot see them."""
+    graph = import_graph(root)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(start: str) -> None:  # Tarjan's algorithm, iterative (deep import chains)
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, targets = work[-1]
+            for target in targets:
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(graph[target]))))
+                    break
+                if target in on_stack:
+                    low[node] = min(low[node], index[target])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.append(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        circles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(circles)
+
+
 def test_no_package_imports_a_higher_or_same_layer():
     assert violations() == []
+
+
+def test_no_import_circles_inside_a_package():
+    assert import_circles() == []
 
 
 def test_known_exceptions_still_exist():
@@ -90,6 +190,40 @@ def test_known_exceptions_still_exist():
     for rel, target in KNOWN_EXCEPTIONS:
         path = REPO / rel
         assert path.is_file() and target in {package_of(m) for m in _imports(path)}, (rel, target)
+
+
+def test_the_checker_catches_a_circle_inside_a_package(tmp_path):
+    """A function-level import closing a circle, and the circle through a package's own ``__init__``."""
+    pkg = tmp_path / "megatron" / "config"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from megatron.config.neox import NeoXConfig\n")
+    (pkg / "neox.py").write_text("def ready():\n    from megatron.config.validate import check\n")
+    (pkg / "validate.py").write_text("from megatron.config import merge\n")
+    (pkg / "merge.py").write_text("import megatron.config.neox\n")
+    (pkg / "layout.py").write_text("from megatron.config import NeoXConfig\n")
+    (pkg / "derived.py").write_text("from .layout import x\n")
+    assert import_circles(tmp_path) == [["megatron.config.merge", "megatron.config.neox", "megatron.config.validate"]]
+    (pkg / "neox.py").write_text("from .layout import check\n")
+    assert import_circles(tmp_path) == [["megatron.config", "megatron.config.layout", "megatron.config.neox"]]
+
+
+def test_the_checker_reads_lazy_export_tables(tmp_path):
+    """A name exported lazily from a higher layer is an upward import, and a lazy table can close a circle."""
+    pkg = tmp_path / "megatron" / "tokenizer"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from megatron._lazy import lazy_exports\n"
+                                     "_LAZY = {'base': ('Tok',)}\n"
+                                     "__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, globals())\n")
+    (pkg / "base.py").write_text("from megatron.tokenizer import Tok\n")
+    (tmp_path / "megatron" / "_lazy.py").write_text("")
+    assert import_circles(tmp_path) == [["megatron.tokenizer", "megatron.tokenizer.base"]]
+    (pkg / "base.py").write_text("")
+    (pkg / "__init__.py").write_text("from megatron._lazy import lazy_exports\n"
+                                     "_LAZY = {'base': ('Tok',)}\n"
+                                     "_TABLE = {'training.loop': ('pretrain',)}\n"
+                                     "__getattr__, __dir__, __all__ = lazy_exports('megatron', _TABLE, globals())\n")
+    assert import_circles(tmp_path) == []
+    assert violations(tmp_path) == ["megatron/tokenizer/__init__.py (layer 1, tokenizer) imports training (layer 6)"]
 
 
 def test_the_checker_catches_an_upward_import(tmp_path):

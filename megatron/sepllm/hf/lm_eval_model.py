@@ -144,12 +144,12 @@ class SepLLMHFLM(HFLM):
     def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
         if not self.sepcache:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        import megatron.sepllm as sepllm
+        from megatron.sepllm.hf.generation import generate
 
         cache = self._build_cache()
         ctx = self.sepllm_handle.suspended() if self.sepllm_handle is not None else contextlib.nullcontext()
         with ctx:
-            out = super()._model_generate(context, max_length, stop, custom_generate=sepllm.generate,
+            out = super()._model_generate(context, max_length, stop, custom_generate=generate,
                                           **cache_kwargs(self.model, cache), **generation_kwargs)
         self._sepcache_stats.add(cache)
         return out
