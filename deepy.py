@@ -36,6 +36,7 @@ CONFIG.yml` prints a resolved config.
 
 from __future__ import annotations
 
+import ast
 import os
 import runpy
 import signal
@@ -43,10 +44,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
+    from megatron.training.launch import LaunchPlan
 
 
-def _resolved_config_path(cfg) -> tuple[Path, bool]:
+def _resolved_config_path(cfg: NeoXConfig) -> tuple[Path, bool]:
     """Where the resolved config goes: ``<log_dir>/resolved_config.yml``, else a temp file (second value True)."""
     if cfg.logging.log_dir:
         folder = Path(cfg.logging.log_dir)
@@ -57,7 +62,7 @@ def _resolved_config_path(cfg) -> tuple[Path, bool]:
     return Path(name), True
 
 
-def describe_layout(cfg) -> str:
+def describe_layout(cfg: NeoXConfig) -> str:
     """One line: the launched world size split into DP x TP x PP and the global batch actually used."""
     p, t = cfg.parallel, cfg.training
     stages = max(int(p.pipe_parallel_size or 0), 1)
@@ -118,7 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_path.unlink(missing_ok=True)
 
 
-def _run(plan, cfg, active, script: str, config_path: Path) -> int:
+def _main_takes_config(script: str) -> bool:
+    """Whether ``script`` defines ``main(argv, config)`` (read, not run): then a one-process launch calls it with the
+    config loaded here instead of letting the script load the resolved file again."""
+    tree = ast.parse(Path(script).read_text(encoding="utf-8"))
+    return any(isinstance(node, ast.FunctionDef) and node.name == "main"
+               and "config" in {a.arg for a in node.args.args + node.args.kwonlyargs} for node in tree.body)
+
+
+def _run(plan: LaunchPlan, cfg: NeoXConfig, active: dict[str, list[int]], script: str, config_path: Path) -> int:
     """Run ``script`` in this interpreter or through the DeepSpeed launcher; returns its exit code."""
     from megatron.training.launch import worker_env, write_deepspeed_env
 
@@ -129,6 +142,8 @@ def _run(plan, cfg, active, script: str, config_path: Path) -> int:
         sys.argv = [script, str(config_path)]
         sys.path.insert(0, str(Path(script).resolve().parent))
         try:
+            if _main_takes_config(script):  # the config is loaded once per process: hand it over
+                return runpy.run_path(script, run_name="__deepy_script__")["main"]([str(config_path)], config=cfg)
             runpy.run_path(script, run_name="__main__")
         except SystemExit as exc:
             code = exc.code

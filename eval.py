@@ -24,15 +24,23 @@ evaluation itself failed.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from megatron.entry_args import run_entry
+from megatron.entry_args import load_entry
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, config: Optional[NeoXConfig] = None) -> int:
+    """Evaluate from the command line's configs, or from ``config`` when the caller loaded it already
+    (``deepy.py``'s one-process launch); returns the exit code."""
     from megatron.evaluation.cli import run_eval_cli
 
-    return run_entry(argv, __doc__, run_eval_cli)
+    entry = load_entry(argv, __doc__, config)
+    if isinstance(entry, int):
+        return entry
+    return run_eval_cli(entry.config, entry.files, entry.overrides)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,17 @@ Errors print one line: exit 2 for a bad config or input (missing input file, a c
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from megatron.entry_args import split_entry_args
 
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+def main(argv: Sequence[str] | None = None, config: Optional[NeoXConfig] = None) -> int:
+    """Generate from the command line's configs, or from ``config`` when the caller loaded it already
+    (``deepy.py``'s one-process launch); returns the exit code."""
     parsed = split_entry_args(argv, __doc__)
     if isinstance(parsed, int):
         return parsed
@@ -39,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from megatron.inference.cli import run_generation
 
-    return run_generation(files, overrides)
+    return run_generation(files, overrides, config)
 
 
 if __name__ == "__main__":

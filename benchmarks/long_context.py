@@ -3,7 +3,7 @@
 
 The same small GPT-NeoX model (default 4 layers, hidden 256, 4 heads, the GPT-NeoX-20B vocabulary, same initial
 weights) is trained on the shipped PG-19 books with the trainer's own pieces (DeepSpeed engine, client AdamW, LR
-schedule, resumable loader, ``megatron.training.loop.train_step``), once per attention kind:
+schedule, resumable loader, ``megatron.training.steppers.train_step``), once per attention kind:
 
 * ``full``         -- plain causal SDPA (``USE_ORIGINAL_FULL_ATTEN``), the baseline;
 * ``sepllm``       -- SepLLM, ``sep_attention_impl: auto`` (a initial + separators + w-token window);
@@ -233,7 +233,7 @@ class Run:
         self.iteration = 0
 
     def step(self) -> float:
-        from megatron.training.loop import train_step
+        from megatron.training.steppers import train_step
 
         self.iteration += 1
         self.scheduler.step(self.iteration, self.engine.optimizer.param_groups)
@@ -259,9 +259,8 @@ class Run:
 
     def validate(self) -> Optional[float]:
         from megatron.model.loss import lm_loss
-        from megatron.training.loop import evaluate
         from megatron.training.parallel_setup import ParallelPlan
-        from megatron.training.steppers import PlainStepper
+        from megatron.training.steppers import PlainStepper, evaluate
 
         stepper = PlainStepper(engine=self.engine, n_params=0, gas=1, own_grad_norm=False, clip=0.0, loss_fn=lm_loss,
                                info=self.info)

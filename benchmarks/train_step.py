@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     from megatron.training.distributed import init_distributed, set_seed
     from megatron.training.engine import build_engine, quiet_deepspeed_logs
     from megatron.training.flops import default_peak_flops, flops_per_token, measure_matmul_peak, mfu
-    from megatron.training.loop import train_step
+    from megatron.training.steppers import train_step
     from megatron.training.lr_schedules import AnnealingLR
     from megatron.training.optimizer import build_optimizer
     from megatron.tokenizer import build_tokenizer

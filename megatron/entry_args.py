@@ -4,9 +4,21 @@ package (it may import any other, lazily)."""
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any, Callable, Sequence, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An entry point's parsed command line and its loaded config."""
+
+    config: NeoXConfig
+    files: list[str]
+    overrides: list[str]
 
 
 def split_entry_args(argv: Sequence[str] | None, usage: str) -> Union[int, tuple[list[str], list[str]]]:
@@ -26,14 +38,17 @@ def split_entry_args(argv: Sequence[str] | None, usage: str) -> Union[int, tuple
     return files, overrides
 
 
-def run_entry(argv: Sequence[str] | None, usage: str, run: Callable[[Any, list[str], list[str]], int],
-              **load_kwargs: Any) -> int:
-    """Parse the command line, load the config (``load_kwargs`` go to ``load_config``) and return
-    ``run(config, config files, overrides)``; a bad command line or config gives its exit code and one line."""
+def load_entry(argv: Sequence[str] | None, usage: str, config: Optional[NeoXConfig] = None,
+               **load_kwargs: Any) -> Union[int, Entry]:
+    """Parse the command line and load its config (``load_kwargs`` go to ``load_config``), or take ``config`` when
+    the caller already loaded it (``deepy.py`` running the script in its own process: the config is loaded once
+    per process). A bad command line or config gives its exit code after one line."""
     parsed = split_entry_args(argv, usage)
     if isinstance(parsed, int):
         return parsed
     files, overrides = parsed
+    if config is not None:
+        return Entry(config=config, files=files, overrides=overrides)
     from megatron.device import quiet_accelerator_probe
 
     quiet_accelerator_probe()
@@ -44,4 +59,4 @@ def run_entry(argv: Sequence[str] | None, usage: str, run: Callable[[Any, list[s
         cfg = load_config(*files, overrides=overrides, **load_kwargs)
     except NeoxError as exc:
         return report_error(exc)
-    return run(cfg, files, overrides)
+    return Entry(config=cfg, files=files, overrides=overrides)

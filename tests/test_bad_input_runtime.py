@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -27,12 +28,12 @@ import yaml
 
 from megatron.training import checkpointing, pretrain
 from megatron.training.checkpointing import read_meta, resolve_checkpoint_dir
-from megatron.training.cli import run_training
 from megatron.training.logging import RunLogger
 from megatron.training.plotting import read_metrics, series
 from train_helpers import make_tiny_corpus, tiny_config, tiny_sepllm_keys
 
 REPO = Path(__file__).resolve().parents[1]
+run_training = runpy.run_path(str(REPO / "train.py"), run_name="train_script")["run_training"]  # train.py's body
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +314,7 @@ def test_text_the_writers_cannot_encode(tmp_path, neox_tokenizer_file, capsys):
 
 def _two_rank_faults(rank: int, world_size: int, cfgs: dict, out: str) -> None:
     """Per rank: ZeRO-3 save/resume, ENOSPC on rank 1 only, SIGINT to rank 1 only; results as JSON per rank."""
-    from megatron.training import loop
+    from megatron.training import steppers
     from megatron.training.checkpointing import CheckpointSaveError
     from megatron.training.interrupt import TrainingInterrupted
 
@@ -334,7 +335,7 @@ def _two_rank_faults(rank: int, world_size: int, cfgs: dict, out: str) -> None:
     finally:
         checkpointing._torch_save = real_save
 
-    real_step = loop.train_step
+    real_step = steppers.train_step
     steps = [0]
 
     def signal_rank1_in_iteration_2(*args, **kwargs):
@@ -343,13 +344,13 @@ def _two_rank_faults(rank: int, world_size: int, cfgs: dict, out: str) -> None:
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-iteration, on one rank only
         return real_step(*args, **kwargs)
 
-    loop.train_step = signal_rank1_in_iteration_2
+    steppers.train_step = signal_rank1_in_iteration_2
     try:
         pretrain(cfgs["sigint"])
     except TrainingInterrupted as exc:
         result["sigint"] = [str(exc), exc.exit_code]
     finally:
-        loop.train_step = real_step
+        steppers.train_step = real_step
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -22,7 +22,7 @@ def test_classes_sit_on_the_right_branch_and_keep_their_builtin_base() -> None:
     from megatron.data.errors import CorpusFetchError
     from megatron.training.checkpointing import CheckpointSaveError
     from megatron.training.data_setup import DataSetupError
-    from megatron.training.loop import TrainingError
+    from megatron.training.steppers import TrainingError
 
     # what the user named cannot be used: a key, a flag, a data prefix, a checkpoint to read, a tokenizer
     for cls in (ConfigError, UsageError, ParallelLayoutError, LRScheduleError, OutputPathError, CheckpointError,

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TextIO
 
 import torch
 
@@ -21,6 +21,9 @@ from megatron.inference.generator import generate_batch
 from megatron.inference.kv_cache import KVCacheSettings, model_attention_mode
 from megatron.inference.sampling import SamplingSettings
 from megatron.errors import UserInputError
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
 
 
 class UsageError(UserInputError, ValueError):
@@ -75,15 +78,16 @@ class Session:
                 for c, r in zip(contexts, out)]
 
 
-def load_session(files: Sequence[str], overrides: Sequence[str]) -> Session:
-    """Config, checkpoint, tokenizer. Raises ConfigError / UsageError / CheckpointError (all exit 2)."""
+def load_session(files: Sequence[str], overrides: Sequence[str], config: Optional[NeoXConfig] = None) -> Session:
+    """Config (``config`` when the caller loaded it already), checkpoint, tokenizer. Raises ConfigError / UsageError /
+    CheckpointError (all exit 2)."""
     from megatron.config import load_config
     from megatron.model.convert import load_trained_model
     from megatron.model.convert.checkpoint import checkpoint_to_read
     from megatron.tokenizer.base import TokenizerError
     from megatron.tokenizer.factory import build_tokenizer
 
-    cfg = load_config(*files, overrides=list(overrides))
+    cfg = config if config is not None else load_config(*files, overrides=list(overrides))
     gen = cfg.generation
     source = checkpoint_to_read(cfg.checkpoint, "generate.py")
     if gen.text_gen_type == "input-file":
@@ -195,12 +199,13 @@ def interactive(session: Session, stdin: TextIO = sys.stdin, stdout: TextIO = sy
         stdout.flush()
 
 
-def run_generation(files: Sequence[str], overrides: Sequence[str]) -> int:
-    """The whole of ``generate.py`` after argument splitting; returns the exit code."""
+def run_generation(files: Sequence[str], overrides: Sequence[str], config: Optional[NeoXConfig] = None) -> int:
+    """The whole of ``generate.py`` after argument splitting (``config``: already loaded from them); returns the exit
+    code."""
     from megatron.errors import NeoxError, report_error
 
     try:
-        session = load_session(files, overrides)
+        session = load_session(files, overrides, config)
         gen = session.cfg.generation
         if gen.text_gen_type == "interactive":
             interactive(session)

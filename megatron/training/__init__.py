@@ -10,7 +10,9 @@ from __future__ import annotations
 from megatron._lazy import lazy_exports
 
 _LAZY = {
-    "loop": ("pretrain", "TrainResult", "TrainingError"),
+    "loop": ("pretrain",),
+    "run": ("TrainResult",),
+    "steppers": ("TrainingError",),
     "checkpointing": ("CheckpointError",),
 }
 

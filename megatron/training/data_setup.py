@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from megatron.errors import UserInputError
+
+if TYPE_CHECKING:
+    from megatron.config import DataConfig, TokenizerConfig
+    from megatron.config.neox import NeoXConfig
 
 
 class DataSetupError(UserInputError, RuntimeError):
@@ -26,7 +30,7 @@ def _exists(prefix: str) -> bool:
     return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
 
 
-def configured_prefixes(data_cfg: Any) -> list[str]:
+def configured_prefixes(data_cfg: DataConfig) -> list[str]:
     """Every ``.bin/.idx`` prefix the config names."""
     prefixes = [data_cfg.data_path] if data_cfg.data_path else []
     for key in ("train_data_paths", "valid_data_paths", "test_data_paths"):
@@ -45,7 +49,8 @@ def bundled_corpus_for(prefix: str) -> str | None:
     return corpus.name if corpus is not None and corpus.local_dir is not None else None
 
 
-def ensure_data(data_cfg: Any, tokenizer_cfg: Any, info: Callable[[str], None], may_prepare: bool) -> None:
+def ensure_data(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, info: Callable[[str], None],
+                may_prepare: bool) -> None:
     """Check the data exists; tokenize a corpus shipped in the repo when its prefix is missing.
 
     Only rank 0 prepares (``may_prepare``); the caller puts a barrier after this.
@@ -76,7 +81,7 @@ def ensure_data(data_cfg: Any, tokenizer_cfg: Any, info: Callable[[str], None], 
                             merge_file=tokenizer_cfg.merge_file, append_eod=True, progress=True)
 
 
-def check_token_ids(data_cfg: Any, vocab_size: int, tokenizer_name: str) -> None:
+def check_token_ids(data_cfg: DataConfig, vocab_size: int, tokenizer_name: str) -> None:
     """Every token id of every configured dataset must lie in ``[0, vocab_size)`` of the run's tokenizer.
 
     Data tokenized with another tokenizer otherwise fails mid-run (IndexError in the embedding) or trains silently on
@@ -96,7 +101,7 @@ def check_token_ids(data_cfg: Any, vocab_size: int, tokenizer_name: str) -> None
             raise ConfigError(f"data {prefix}: negative token id {found.min_id}; the .bin file is not token data")
 
 
-def build_datasets(cfg: Any, global_batch: int, train_iters: int | None,
+def build_datasets(cfg: NeoXConfig, global_batch: int, train_iters: int | None,
                    splits: tuple[bool, bool, bool] = (True, True, True)) -> SplitDatasets:
     """Train/valid/test datasets sized for ``train_iters`` steps and the evaluation schedule (``splits`` picks
     which are built; ``train_iters`` None builds the train split for exactly one pass, see train_epochs).
@@ -159,7 +164,7 @@ def epoch_train_iters(epoch_samples: int, micro_batch: int, dp_size: int, gas: i
     return (epoch_samples // (micro_batch * dp_size)) * epochs // gas
 
 
-def build_epoch_datasets(cfg: Any, micro_batch: int, dp_size: int, gas: int) -> tuple[SplitDatasets, int]:
+def build_epoch_datasets(cfg: NeoXConfig, micro_batch: int, dp_size: int, gas: int) -> tuple[SplitDatasets, int]:
     """Datasets for a ``train_epochs`` run and its train_iters: the train split is built for exactly one pass and
     repeated (:class:`RepeatedEpochs`); validation and test are sized as for a run of that many iterations."""
     one = build_datasets(cfg, micro_batch * dp_size * gas, None, splits=(True, False, False))

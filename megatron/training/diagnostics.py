@@ -10,10 +10,13 @@ are divided by the loss scale. Every rank calls the hooks (the reductions are co
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from megatron.config import LoggingConfig
 
 
 def ema(avg: Optional[float], beta: float, value: float, i: int) -> tuple[float, float]:
@@ -96,7 +99,7 @@ class StepDiagnostics:
     ``(per-parameter row, rank-0 row)``: the first is logged by every rank with a W&B run (wandb_init_all_ranks), the
     second by rank 0 only (optimizer-state norms, noise scale), as in GPT-NeoX."""
 
-    def __init__(self, logging_cfg: Any, module: torch.nn.Module, global_batch: int, precision: str) -> None:
+    def __init__(self, logging_cfg: LoggingConfig, module: torch.nn.Module, global_batch: int, precision: str) -> None:
         lg = logging_cfg
         self.param_norm = bool(lg.log_param_norm)
         self.grad_norm = bool(lg.log_grad_norm)

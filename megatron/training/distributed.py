@@ -1,4 +1,4 @@
-"""Process-group set-up, seeding and RNG state capture/restore (what an exact resume needs).
+"""Process-group set-up, seeding, RNG state capture/restore (what an exact resume needs) and small collectives.
 
 ``init_distributed`` works in three situations: under a launcher (``deepspeed``/``torchrun`` set RANK, WORLD_SIZE,
 MASTER_ADDR/PORT), as a plain ``python train.py`` (we create a 1-rank group on a free local port), or when a group
@@ -143,6 +143,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> float:
+    """The mean of a scalar tensor over every rank (the logged loss must be the same number on all of them)."""
+    if info.world_size > 1:
+        value = value.detach().clone().float()
+        dist.all_reduce(value)
+        value /= info.world_size
+    return float(value)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

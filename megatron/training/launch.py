@@ -23,8 +23,12 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 from megatron.errors import UserInputError
+
+if TYPE_CHECKING:
+    from megatron.config import LauncherConfig
+    from megatron.config.neox import NeoXConfig
 
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
 FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN")
@@ -47,7 +51,7 @@ class LaunchPlan:
         return " ".join(shlex.quote(part) for part in self.command)
 
 
-def needs_launcher(launcher_cfg: Any, visible_gpus: int) -> bool:
+def needs_launcher(launcher_cfg: LauncherConfig, visible_gpus: int) -> bool:
     """One local process runs in place; more processes, a hostfile, include/exclude or several nodes need the
     DeepSpeed launcher. ``num_gpus`` None means "all visible GPUs" (GPT-NeoX), i.e. one process on CPU."""
     lc = launcher_cfg
@@ -63,7 +67,7 @@ def launcher_prefix() -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def build_deepspeed_command(launcher_cfg: Any, script: str, script_args: Sequence[str],
+def build_deepspeed_command(launcher_cfg: LauncherConfig, script: str, script_args: Sequence[str],
                             launcher_bin: Optional[Sequence[str]] = None) -> list[str]:
     """The DeepSpeed launcher command line for ``script`` with ``script_args`` (flags only when set);
     ``launcher_bin`` defaults to :func:`launcher_prefix`."""
@@ -101,7 +105,7 @@ def build_deepspeed_command(launcher_cfg: Any, script: str, script_args: Sequenc
     return cmd + [script, *script_args]
 
 
-def plan_launch(launcher_cfg: Any, script: str, script_args: Sequence[str], visible_gpus: int) -> LaunchPlan:
+def plan_launch(launcher_cfg: LauncherConfig, script: str, script_args: Sequence[str], visible_gpus: int) -> LaunchPlan:
     env = tuple((str(k), str(v)) for k, v in (launcher_cfg.env or {}).items())
     if not needs_launcher(launcher_cfg, visible_gpus):
         return LaunchPlan("inplace", (sys.executable, script, *script_args), env)
@@ -190,7 +194,7 @@ def check_resolvable(hosts: Sequence[str], resolve: Callable[[str], Any] = socke
                           f"/ /etc/hosts")
 
 
-def local_process_count(launcher_cfg: Any, visible_gpus: int) -> int:
+def local_process_count(launcher_cfg: LauncherConfig, visible_gpus: int) -> int:
     """Processes of a launch without hostfile: ``num_gpus``, else all visible GPUs, else 1 (one CPU process).
 
     With CUDA devices visible, ``num_gpus`` may not exceed them (ranks would share or miss a device). Without any
@@ -208,7 +212,7 @@ def local_process_count(launcher_cfg: Any, visible_gpus: int) -> int:
     return int(lc.num_gpus)
 
 
-def launch_world_size(launcher_cfg: Any, visible_gpus: int) -> int:
+def launch_world_size(launcher_cfg: LauncherConfig, visible_gpus: int) -> int:
     """Ranks of the launch: the selected hostfile slots, else :func:`local_process_count` (raises LaunchError)."""
     lc = launcher_cfg
     if not lc.hostfile:
@@ -218,7 +222,7 @@ def launch_world_size(launcher_cfg: Any, visible_gpus: int) -> int:
     return sum(len(ids) for ids in active.values())
 
 
-def check_launch(cfg: Any, visible_gpus: int,
+def check_launch(cfg: NeoXConfig, visible_gpus: int,
                  resolve: Callable[[str], Any] = socket.gethostbyname) -> dict[str, list[int]]:
     """Validate a launch before anything starts; returns the hosts and slots it will use (``{}`` for a local run
     without a hostfile). The parallel layout of the launched world size is checked by config validation
@@ -241,7 +245,7 @@ def check_launch(cfg: Any, visible_gpus: int,
     return active
 
 
-def worker_env(cfg: Any, active: Mapping[str, list[int]], environ: Mapping[str, str]) -> dict[str, str]:
+def worker_env(cfg: NeoXConfig, active: Mapping[str, list[int]], environ: Mapping[str, str]) -> dict[str, str]:
     """Variables every rank needs on every node: ``launcher.env``, credentials from this shell
     (``WANDB_API_KEY``...), and for the MPI / srun runners (which start the script directly) the rendezvous."""
     lc = cfg.launcher

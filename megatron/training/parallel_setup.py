@@ -14,7 +14,7 @@ and drop the loop's per-forward hooks), and N >= 2 runs DeepSpeed's ``PipelineEn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import functools
 
@@ -23,6 +23,10 @@ import torch
 from megatron.config.layout import pipeline_engine_stages
 from megatron.model.loss import lm_loss
 from megatron.training.checkpointing import CheckpointLayout
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
+    from megatron.training.distributed import DistInfo
 
 
 @dataclass
@@ -95,7 +99,7 @@ class ParallelPlan:
         return lambda state: load_pipeline_module_state(engine, state)
 
 
-def plan_parallel(cfg: Any, info: Any, device: str) -> ParallelPlan:
+def plan_parallel(cfg: NeoXConfig, info: DistInfo, device: str) -> ParallelPlan:
     """Build this rank's plan (collective when TP or PP is on: every rank creates the same groups).
 
     Raises ``megatron.parallel.mesh.ParallelLayoutError`` when the world size is not a multiple of TP x PP.

@@ -21,7 +21,7 @@ then the optimizer step. Differences the loop must respect (all handled by the f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,9 @@ from torch import Tensor
 from megatron.parallel.pipeline import (PipelineConfigError, build_pipeline_model, data_parallel_coords,
                                         gather_gpt_state_dict, load_gpt_state_dict, pipeline_data_iter,
                                         pipeline_eval_loss, pipeline_train_step, uses_pipeline_engine)
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
 
 
 @dataclass
@@ -52,14 +55,14 @@ class PipelineRun:
         return int(self.ds_config["gradient_accumulation_steps"])
 
 
-def pipeline_stage_count(cfg: Any) -> int:
+def pipeline_stage_count(cfg: NeoXConfig) -> int:
     """Stages :func:`build_pipeline_engine` builds: ``0`` for ``pipe_parallel_size: 0``, else that many (1 included;
     the training loop itself runs 0 and 1 on the plain engine, by ``pipeline_engine_stages``)."""
     pp = cfg.parallel.pipe_parallel_size
     return int(pp) if uses_pipeline_engine(pp if pp is not None else 0) else 0
 
 
-def build_pipeline_engine(cfg: Any, device: str, world_size: int, *, partition_method: str = "uniform",
+def build_pipeline_engine(cfg: NeoXConfig, device: str, world_size: int, *, partition_method: str = "uniform",
                           groups: Any = None) -> PipelineRun:
     """Build the pipeline model, the client optimizer and the DeepSpeed ``PipelineEngine`` from a resolved
     ``NeoXConfig`` (collective: every rank calls it). ``torch.distributed`` must be initialised; the global RNG

@@ -11,8 +11,11 @@ import errno
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from megatron.errors import UserInputError
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
 
 PROBE_BYTES = 64 * 1024  # enough to hit a full disk (a 1-byte file can fit in an already allocated block)
 
@@ -43,7 +46,7 @@ def probe_writable(path: str | os.PathLike, key: str) -> None:
             pass
 
 
-def check_output_dirs(cfg: Any, rank: int) -> None:
+def check_output_dirs(cfg: NeoXConfig, rank: int) -> None:
     """Probe every output folder this rank will write: ``save`` on every rank (each writes its own files), the log
     folders on rank 0 only (the only writer)."""
     targets = []

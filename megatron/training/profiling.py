@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron.config import LoggingConfig
 
 MEMORY_SNAPSHOT = "mem_snapshot.pickle"
 
@@ -29,7 +32,7 @@ class StepProfiler:
     """Wraps every training iteration: ``before(iteration)`` / ``after(iteration)`` (1-based), ``close()`` at the
     end. Does nothing when neither key is set."""
 
-    def __init__(self, logging_cfg: Any, log_dir: Optional[str], device: str, rank: int,
+    def __init__(self, logging_cfg: LoggingConfig, log_dir: Optional[str], device: str, rank: int,
                  info: Callable[[str], None]) -> None:
         """``log_dir``: the run's log folder; without one the trace goes to ``tensorboard_dir`` (GPT-NeoX's place)."""
         lg = logging_cfg

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron.config import derived
 from megatron.config.errors import ConfigError
@@ -22,8 +22,12 @@ from megatron.config.memory import (ActivationShape, TrainingState, optimizer_by
                                     stage_activation_bytes, training_state)
 from megatron.model.size import LayerCounts, ParameterCounts, count_parameters
 
+if TYPE_CHECKING:
+    from megatron.config import ModelConfig
+    from megatron.config.neox import NeoXConfig
 
-def resolve_vocab(cfg: Any) -> tuple[int, str]:
+
+def resolve_vocab(cfg: NeoXConfig) -> tuple[int, str]:
     """Embedding rows and where they come from: ``padded_vocab_size`` when set, else the tokenizer's vocabulary
     padded as the trainer pads it (``make_vocab_size_divisible_by`` x ``model_parallel_size``). Needs no data."""
     m = cfg.model
@@ -84,7 +88,7 @@ class SizeSummary:
     gpu: GPUEstimate
 
 
-def _stage_params(counts: ParameterCounts, cfg: Any, stage_layers: range, first: bool, last: bool) -> int:
+def _stage_params(counts: ParameterCounts, cfg: NeoXConfig, stage_layers: range, first: bool, last: bool) -> int:
     """Parameters one tensor-parallel rank of a pipeline stage holds (split ones divided by TP)."""
     from megatron.parallel.reshard import is_gated, shard_spec
 
@@ -106,7 +110,7 @@ def _stage_params(counts: ParameterCounts, cfg: Any, stage_layers: range, first:
     return total
 
 
-def summarize(cfg: Any, *, data_parallel_size: Optional[int] = None, micro_batch: Optional[int] = None,
+def summarize(cfg: NeoXConfig, *, data_parallel_size: Optional[int] = None, micro_batch: Optional[int] = None,
               gradient_accumulation_steps: Optional[int] = None) -> SizeSummary:
     """The numbers of :func:`summary_lines` for a resolved config. The keyword arguments replace the config's values
     (the trainer passes the launched data-parallel size and batch)."""
@@ -155,7 +159,7 @@ def summarize(cfg: Any, *, data_parallel_size: Optional[int] = None, micro_batch
         checkpoint_num_layers=int(model_cfg.checkpoint_num_layers), gpu=gpu)
 
 
-def _with_vocab(model_cfg: Any, vocab: int) -> Any:
+def _with_vocab(model_cfg: ModelConfig, vocab: int) -> ModelConfig:
     import dataclasses
 
     return dataclasses.replace(model_cfg, padded_vocab_size=vocab)

@@ -1,24 +1,86 @@
-"""One training step, one evaluation pass and the engine behind them: a plain and a pipeline implementation.
+"""One training step and one evaluation pass, on whichever engine runs them (the loop only drives).
 
 The loop asks :func:`build_stepper` once and then calls ``stepper.train_step`` / ``stepper.eval_loss`` without
-knowing which engine runs: the plain DeepSpeed engine (``pipe-parallel-size`` 0 or 1: ``gas`` x forward / backward /
-step, optional own grad norm, per-forward hooks) or DeepSpeed's pipeline engine (N >= 2: 1F1B in
-``engine.train_batch``). Which one is :func:`megatron.config.layout.pipeline_engine_stages`'s rule, read through
-``ParallelPlan.pipeline``.
+knowing which engine runs: the plain DeepSpeed engine (``pipe-parallel-size`` 0 or 1: :func:`train_step`, i.e.
+``gas`` x (:func:`forward_loss`, backward, step), optional own grad norm, per-forward hooks) or DeepSpeed's pipeline
+engine (N >= 2: 1F1B in ``engine.train_batch``). Which one is :func:`megatron.config.layout.pipeline_engine_stages`'s
+rule, read through ``ParallelPlan.pipeline``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
-from megatron.training.batches import Batch
-from megatron.training.distributed import DistInfo, capture_rng_state, restore_rng_state
+from megatron.errors import RunError
+from megatron.model.loss import lm_loss
+from megatron.training.batches import Batch, make_batch
+from megatron.training.data_setup import build_loader
+from megatron.training.distributed import DistInfo, capture_rng_state, mean_over_ranks, restore_rng_state
 from megatron.training.engine import build_engine
 from megatron.training.optimizer import build_optimizer
 from megatron.training.parallel_setup import ParallelPlan
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
+
+
+class TrainingError(RunError, RuntimeError):
+    """The run cannot start or continue (with a message that says why)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the plain engine's step
+
+
+def forward_loss(engine: Any, batch: Batch, loss_fn: Callable[..., torch.Tensor] = lm_loss) -> torch.Tensor:
+    """``loss_fn`` is ``lm_loss`` or, for a tensor-parallel model, the vocab-parallel loss over its TP group."""
+    logits = engine(batch.tokens)
+    return loss_fn(logits, batch.labels, batch.loss_mask)
+
+
+def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: bool,
+               on_forward: Optional[Callable[[], None]] = None, clip: float = 0.0,
+               loss_fn: Callable[..., torch.Tensor] = lm_loss,
+               on_boundary: Optional[Callable[[Any], None]] = None) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over ``gas`` micro-batches; returns (mean local loss, global grad norm).
+
+    ``on_boundary(engine)`` runs once the step's gradients are final (reduced), before clipping and the update
+    (the per-parameter diagnostics read them there).
+
+    ``own_grad_norm`` (ZeRO-0 fp32, where DeepSpeed does not report the norm): we measure the norm at the
+    accumulation boundary and clip to ``clip`` ourselves in the same pass (DeepSpeed's clipping is then off). The
+    squares are summed in fp64 like DeepSpeed's ZeRO norm: an fp32 sum over the millions of entries of a CPU
+    embedding gradient is off by ~1e-4 relative, which changed the clipping and made ZeRO-0 and ZeRO-1..3 diverge.
+    """
+    from megatron.parallel.tensor_parallel import clip_tp_grad_norm_, tp_grad_norm
+
+    losses = []
+    norm = None
+    for _ in range(gas):
+        batch = next(batches)
+        loss = forward_loss(engine, batch, loss_fn)
+        if on_forward is not None:
+            on_forward()
+        engine.backward(loss)
+        if on_boundary is not None and engine.is_gradient_accumulation_boundary():
+            on_boundary(engine)
+        if own_grad_norm and engine.is_gradient_accumulation_boundary():
+            # grads are final (all-reduced) at the boundary; one pass gives the norm and clips (a plain model is a
+            # tensor-parallel model of size 1 for these two)
+            norm = clip_tp_grad_norm_(engine.module, clip) if clip > 0 else float(tp_grad_norm(engine.module))
+        engine.step()
+        losses.append(loss.detach().float())
+    ds_norm = engine.get_global_grad_norm()
+    if ds_norm is not None:
+        norm = float(ds_norm)
+    return torch.stack(losses).mean(), norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engines behind one interface
 
 
 class Stepper(Protocol):
@@ -49,14 +111,10 @@ class PlainStepper:
     on_boundary: Optional[Callable[[Any], None]] = None
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, Optional[float]]:
-        from megatron.training.loop import train_step
-
         return train_step(self.engine, batches, self.gas, self.own_grad_norm, self.on_forward, clip=self.clip,
                           loss_fn=self.loss_fn, on_boundary=self.on_boundary)
 
     def eval_loss(self, batches: Iterator[Batch], num_batches: int) -> Optional[float]:
-        from megatron.training.loop import _mean_over_ranks, forward_loss
-
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float64)
         count = 0
@@ -66,7 +124,7 @@ class PlainStepper:
                 count += 1
         finally:
             self.engine.train()
-        return _mean_over_ranks(total / count, self.info) if count else None
+        return mean_over_ranks(total / count, self.info) if count else None
 
 
 @dataclass
@@ -87,13 +145,24 @@ class PipelineStepper:
         return pipeline_loop_eval(self.engine, batches, num_batches) if num_batches > 0 else None
 
 
-def build_stepper(cfg: Any, plan: ParallelPlan, info: DistInfo, device: str, ds_config: dict,
+@torch.no_grad()
+def evaluate(stepper: Stepper, dataset: Any, num_batches: int, micro_batch: int, plan: ParallelPlan,
+             eod: int | None, eod_mask_loss: bool, device: str) -> float | None:
+    """Mean LM loss over the first ``num_batches`` micro-batches per data-parallel rank of ``dataset`` (None when
+    empty)."""
+    loader = build_loader(dataset, 0, micro_batch, plan.dp_rank, plan.dp_size, num_workers=0, pin_memory=False)
+    if loader is None:
+        return None
+    batches = (make_batch(sample, eod, eod_mask_loss, device) for sample in loader)
+    return stepper.eval_loss(batches, min(num_batches, len(loader.batch_sampler)))
+
+
+def build_stepper(cfg: NeoXConfig, plan: ParallelPlan, info: DistInfo, device: str, ds_config: dict,
                   own_grad_norm: bool) -> PlainStepper | PipelineStepper:
     """Build the model and its engine for ``plan`` (collective when TP or PP is on)."""
     from megatron.model.gpt import GPTModel
 
     if plan.pipeline:
-        from megatron.training.loop import TrainingError
         from megatron.training.pipeline_training import build_pipeline_engine, load_pipeline_module_state
 
         # initialise the stages from the GPTModel the plain engine would build, and leave the global RNG where the
@@ -118,4 +187,5 @@ def build_stepper(cfg: Any, plan: ParallelPlan, info: DistInfo, device: str, ds_
                         loss_fn=plan.loss_fn(engine), info=info)
 
 
-__all__ = ["PipelineStepper", "PlainStepper", "Stepper", "build_stepper"]
+__all__ = ["PipelineStepper", "PlainStepper", "Stepper", "TrainingError", "build_stepper", "evaluate",
+           "forward_loss", "train_step"]
