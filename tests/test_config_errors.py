@@ -109,7 +109,7 @@ BAD_CASES = [
      ["train_data_weights has 1 entries but train_data_paths has 2"]),
     ("data-path-and-paths", _with(data__path="a", train__data__paths=["b"]), None,
      ["data_path is split", "cannot be combined with train/valid/test_data_paths"]),
-    # features that are recognised but not built yet (megatron/config/unsupported.py)
+    # features that are recognised but not built yet (megatron/config/_loading/unsupported.py)
     ("unsupported-attention", _with(attention__config=[[["local"], 2]]), None,
      ["attention_config=['local']", "not supported yet"]),
     ("unsupported-offload", _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), None,

@@ -10,7 +10,7 @@ import yaml
 
 from megatron.config import ConfigError, NeoXConfig, load_config, padded_vocab_size
 from megatron.config.derived import expand_attention_config, resolve_batch_triple
-from megatron.config.yaml_io import parse_yaml_text
+from megatron.config._loading.yaml_io import parse_yaml_text
 
 TINY = {"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": 128}
 
@@ -372,7 +372,7 @@ def test_choice_fields_are_literal_types_read_from_one_place() -> None:
     import typing
 
     from megatron.config import derived
-    from megatron.config.coerce import coerce, describe
+    from megatron.config._loading.coerce import coerce, describe
     from megatron.config.model import ModelConfig
 
     hint = typing.get_type_hints(ModelConfig)["pos_emb"]
@@ -381,3 +381,41 @@ def test_choice_fields_are_literal_types_read_from_one_place() -> None:
     assert coerce("rotary", hint, "model.pos_emb") == "rotary"
     with pytest.raises(ConfigError, match="model.pos_emb"):
         coerce(["rotary"], hint, "model.pos_emb")
+
+
+def test_every_choice_key_is_typed_with_its_literal() -> None:
+    """A key with a fixed set of values has one list of them: its field's Literal, from which validation's tuple is
+    derived (the tokenizer package, one layer down, must list the same tokenizer types)."""
+    import typing
+
+    from megatron.config import derived
+    from megatron.config.generation import KV_CACHE_KINDS, TEXT_GEN_TYPES, GenerationConfig
+    from megatron.config.model import ModelConfig
+    from megatron.config.neox import SECTIONS
+    from megatron.config.sepllm import SepLLMConfig
+    from megatron.config.sepllm_settings import MODES, SEP_ATTENTION_IMPLS
+    from megatron.device import DEVICES
+    from megatron.tokenizer import TOKENIZER_TYPES
+
+    choices = {
+        ("model", "pos_emb"): derived.POS_EMBS, ("model", "norm"): derived.NORMS,
+        ("model", "activation"): derived.ACTIVATIONS, ("model", "precision"): derived.PRECISIONS,
+        ("model", "attention_type"): derived.ATTENTION_TYPES, ("sepllm", "mode"): MODES,
+        ("sepllm", "sep_attention_impl"): SEP_ATTENTION_IMPLS, ("optimizer", "type"): derived.OPTIMIZER_TYPES,
+        ("lr_schedule", "lr_decay_style"): derived.LR_DECAY_STYLES,
+        ("lr_schedule", "wsd_decay_style"): derived.WSD_DECAY_STYLES, ("data", "data_impl"): derived.DATA_IMPLS,
+        ("tokenizer", "tokenizer_type"): derived.TOKENIZER_TYPES, ("training", "precision"): derived.PRECISIONS,
+        ("training", "device"): DEVICES, ("checkpoint", "checkpoint_scale"): derived.CHECKPOINT_SCALES,
+        ("logging", "wandb_mode"): derived.WANDB_MODES, ("parallel", "distributed_backend"):
+        derived.DISTRIBUTED_BACKENDS, ("launcher", "launcher"): derived.LAUNCHERS,
+        ("generation", "text_gen_type"): TEXT_GEN_TYPES, ("generation", "kv_cache"): KV_CACHE_KINDS,
+    }
+    assert SECTIONS["model"] is ModelConfig and SECTIONS["sepllm"] is SepLLMConfig
+    assert SECTIONS["generation"] is GenerationConfig
+    for (section, name), values in choices.items():
+        hint = typing.get_type_hints(SECTIONS[section])[name]
+        literal = hint if typing.get_origin(hint) is typing.Literal else next(
+            a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal)
+        assert typing.get_args(literal) == tuple(v for v in values if v is not None), (section, name)
+        assert None not in values or type(None) in typing.get_args(hint), (section, name)
+    assert derived.TOKENIZER_TYPES == TOKENIZER_TYPES

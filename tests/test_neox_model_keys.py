@@ -1,6 +1,6 @@
 """GPT-NeoX model keys compute what GPT-NeoX computes: activations, query/key norm, sinusoidal positions, the OPT
 offset, attention_config expansion, precision spellings, the older releases' spellings, and one-line refusals of the
-features that are not built (each named in megatron/config/unsupported.py)."""
+features that are not built (each named in megatron/config/_loading/unsupported.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from megatron.config import ConfigError, load_config
 from megatron.config.model import ModelConfig
-from megatron.config.unsupported import UNBUILT_FEATURES
+from megatron.config._loading.unsupported import UNBUILT_FEATURES
 from megatron.model.gpt import GPTModel
 
 VOCAB = 64

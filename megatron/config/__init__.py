@@ -18,7 +18,7 @@ from megatron.config.sepllm import SepLLMConfig
 _LAZY = {
     "loader": ("load_config",),
     "derived": ("padded_vocab_size",),
-    "sepllm_checks": ("check_separator_ids",),
+    "sepllm_settings": ("check_separator_ids",),
 }
 
 __getattr__, __dir__, _ = lazy_exports(__name__, _LAZY, globals())

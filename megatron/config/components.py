@@ -2,7 +2,9 @@
 
 Field names are the GPT-NeoX / DeepSpeed key names with ``-`` written as ``_``; every field carries a ``help`` text in
 its metadata, from which ``docs/config_reference.md`` is generated. Fields marked ``derived`` are computed by
-validation (``megatron.config.validate``); setting them in YAML is allowed only with the value validation derives.
+validation (``megatron/config/_loading/validate.py``); setting them in YAML is allowed only with the value validation
+derives. A key with a fixed set of values is typed with its ``Literal`` (``megatron.config.derived``,
+``megatron.device``), the one list of its choices.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from megatron.config.derived import (CheckpointScale, DataImpl, DistributedBackend, Launcher, LRDecayStyle,
+                                     OptimizerType, Precision, TokenizerType, WandbMode, WSDDecayStyle)
+from megatron.device import Device
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -22,13 +28,14 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 
 @dataclass
 class OptimizerConfig:
-    type: str = opt("Adam", "Optimizer (GPT-NeoX `optimizer.type`, case-insensitive): Adam (decoupled weight decay, "
-                            "as GPT-NeoX's FusedAdam in its default adam_w_mode; `params.adam_w_mode: false` gives "
-                            "L2-style Adam) | AdamW (ours, the same as Adam) | Lion (GPT-NeoX's Lion: sign of the "
-                            "interpolated momentum, decoupled weight decay, betas default [0.9, 0.99]) | SGD "
-                            "(momentum, L2 weight decay) | cpu_adam (DeepSpeed's DeepSpeedCPUAdam, JIT-built on first "
-                            "use; CPU runs only, ZeRO offload is not built; `cpu_torch_adam` is the same, as in "
-                            "GPT-NeoX). onebitadam, sm3, madgrad_wd and DeepSpeed's other types are refused.")
+    type: OptimizerType = opt("Adam", "Optimizer (GPT-NeoX `optimizer.type`, case-insensitive): Adam (decoupled weight "
+                                      "decay, as GPT-NeoX's FusedAdam in its default adam_w_mode; `params.adam_w_mode: "
+                                      "false` gives L2-style Adam) | AdamW (ours, the same as Adam) | Lion (GPT-NeoX's "
+                                      "Lion: sign of the interpolated momentum, decoupled weight decay, betas default "
+                                      "[0.9, 0.99]) | SGD (momentum, L2 weight decay) | cpu_adam (DeepSpeed's "
+                                      "DeepSpeedCPUAdam, JIT-built on first use; CPU runs only, ZeRO offload is not "
+                                      "built; `cpu_torch_adam` is the same, as in GPT-NeoX). onebitadam, sm3, "
+                                      "madgrad_wd and DeepSpeed's other types are refused.")
     lr: float = opt(1.0e-3, "Peak learning rate (`optimizer.params.lr`; GPT-NeoX's default 0.001). A top-level `lr` "
                             "key also lands here.")
     betas: Optional[list] = opt(None, "[beta1, beta2] (`optimizer.params.betas`); None = the optimizer's own default: "
@@ -46,13 +53,14 @@ class OptimizerConfig:
 
 @dataclass
 class LRScheduleConfig:
-    lr_decay_style: str = opt("linear", "Learning-rate decay after warmup, GPT-NeoX AnnealingLR formulas on the count "
-                                        "n of optimizer steps taken so far (T = lr_decay_iters - warmup_iters, t = n - "
-                                        "warmup_iters): constant (lr) | linear (lr x (T - t) / T) | cosine (min_lr + "
-                                        "(lr - min_lr) / 2 x (1 + cos(pi t / T)); rises again past lr_decay_iters, as "
-                                        "in GPT-NeoX) | exponential (lr x exp(-0.693 t / T): halves over T) | wsd "
-                                        "(ours: warmup-stable-decay, see wsd_decay_fraction). Every style is floored "
-                                        "at min_lr.")
+    lr_decay_style: LRDecayStyle = opt("linear", "Learning-rate decay after warmup, GPT-NeoX AnnealingLR formulas on "
+                                                 "the count n of optimizer steps taken so far (T = lr_decay_iters - "
+                                                 "warmup_iters, t = n - warmup_iters): constant (lr) | linear (lr x (T "
+                                                 "- t) / T) | cosine (min_lr + (lr - min_lr) / 2 x (1 + cos(pi t / "
+                                                 "T)); rises again past lr_decay_iters, as in GPT-NeoX) | exponential "
+                                                 "(lr x exp(-0.693 t / T): halves over T) | wsd (ours: "
+                                                 "warmup-stable-decay, see wsd_decay_fraction). Every style is floored "
+                                                 "at min_lr.")
     lr_decay_iters: Optional[int] = opt(None, "Iterations over which the rate decays (None -> floor(train_iters x "
                                               "lr_decay_fraction) when that is set, else train_iters; at least 1).",
                                         derived=True)
@@ -77,9 +85,9 @@ class LRScheduleConfig:
     wsd_decay_fraction: float = opt(0.1, "lr_decay_style wsd (ours; GPT-NeoX has no WSD): the last fraction of the "
                                          "post-warmup span (lr_decay_iters - warmup_iters) that decays from lr to "
                                          "min_lr; before it the rate stays at lr; after lr_decay_iters it is min_lr.")
-    wsd_decay_style: str = opt("linear", "lr_decay_style wsd (ours): shape of the decay phase, p from 0 to 1: linear "
-                                         "(1 - p) | cosine ((1 + cos(pi p)) / 2) | 1-sqrt (1 - sqrt(p)), scaling "
-                                         "lr - min_lr above min_lr.")
+    wsd_decay_style: WSDDecayStyle = opt("linear", "lr_decay_style wsd (ours): shape of the decay phase, p from 0 to "
+                                                   "1: linear (1 - p) | cosine ((1 + cos(pi p)) / 2) | 1-sqrt (1 - "
+                                                   "sqrt(p)), scaling lr - min_lr above min_lr.")
 
 
 @dataclass
@@ -93,7 +101,7 @@ class DataConfig:
     valid_data_weights: Optional[list] = opt(None, "Blend weights of valid_data_paths.")
     test_data_weights: Optional[list] = opt(None, "Blend weights of test_data_paths.")
     split: str = opt("969, 30, 1", "train, valid, test proportions of `data_path` (comma-separated).")
-    data_impl: str = opt("infer", "Indexed dataset implementation (GPT-NeoX): infer (read the .idx header) | mmap "
+    data_impl: DataImpl = opt("infer", "Indexed dataset implementation (GPT-NeoX): infer (read the .idx header) | mmap "
                                   "(Megatron MMIDIDX); both read MMIDIDX files, the only format written here. "
                                   "GPT-NeoX's legacy 'cached' format is refused.")
     num_workers: int = opt(2, "DataLoader worker processes per rank.")
@@ -109,8 +117,8 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    tokenizer_type: str = opt("GPT2BPETokenizer", "HFTokenizer | HFGPT2Tokenizer | GPT2BPETokenizer | SPMTokenizer | "
-                                                  "CharLevelTokenizer.")
+    tokenizer_type: TokenizerType = opt("GPT2BPETokenizer", "HFTokenizer | HFGPT2Tokenizer | GPT2BPETokenizer | "
+                                                            "SPMTokenizer | CharLevelTokenizer.")
     vocab_file: Optional[str] = opt(None, "Tokenizer file: HF `tokenizer.json` (HFTokenizer), GPT-2 `vocab.json` "
                                           "(GPT2BPETokenizer), SentencePiece model (SPMTokenizer).")
     merge_file: Optional[str] = opt(None, "GPT-2 BPE `merges.txt` (GPT2BPETokenizer only).")
@@ -146,7 +154,7 @@ class TrainingConfig:
     eval_interval: int = opt(1000, "Run validation every N iterations.")
     eval_iters: int = opt(100, "Validation batches per evaluation.")
     do_test: bool = opt(True, "Evaluate on the test split after training.")
-    precision: str = opt("fp32", "fp32 | fp16 | bf16. Derived from the DeepSpeed `fp16` / `bf16` blocks (their "
+    precision: Precision = opt("fp32", "fp32 | fp16 | bf16. Derived from the DeepSpeed `fp16` / `bf16` blocks (their "
                                  "`enabled`); setting it alone creates the block. Copied to model.precision.",
                          derived=True)
     fp16: Optional[dict] = opt(None, "DeepSpeed fp16 block (enabled, loss_scale, initial_scale_power, "
@@ -154,11 +162,11 @@ class TrainingConfig:
                                      "inner `fp16: true` is folded into `enabled` (DeepSpeed rejects it).")
     bf16: Optional[dict] = opt(None, "DeepSpeed bf16 block ({enabled: true}), passed through.")
     zero_optimization: dict = opt({"stage": 0}, "DeepSpeed ZeRO block (stage 0-3, bucket sizes, overlap_comm, ...), "
-                                                "passed through (a spelled-out `cpu_offload: false` is dropped). CPU/NVMe offload is not "
-                                                "supported yet.")
+                                                "passed through (a spelled-out `cpu_offload: false` is dropped). "
+                                                "CPU/NVMe offload is not supported yet.")
     zero_stage: int = opt(0, "ZeRO stage, derived from zero_optimization.stage.", derived=True)
     eod_mask_loss: bool = opt(False, "Do not compute the loss on end-of-document tokens.")
-    device: str = opt("auto", "auto | cpu | cuda. auto = cuda when available, else cpu.")
+    device: Device = opt("auto", "auto | cpu | cuda. auto = cuda when available, else cpu.")
     eval_tasks: Optional[list] = opt(None, "lm_eval task names for eval.py (a list; a string is split at commas). "
                                            "On the command line: `--eval_tasks lambada_openai piqa`.")
     eval_num_fewshot: Optional[int] = opt(None, "eval.py: few-shot examples per prompt (lm_eval num_fewshot); None = "
@@ -187,7 +195,8 @@ class CheckpointConfig:
     load: Optional[str] = opt(None, "Directory to resume from (None = start from scratch).")
     checkpoint_factor: Optional[int] = opt(None, "Save every N iterations (with checkpoint_scale linear).")
     extra_save_iters: Optional[list] = opt(None, "Additional iterations to save at, e.g. [0, 1, 2, 4, ..., 512].")
-    keep_last_n_checkpoints: Optional[int] = opt(None, "Delete older checkpoints, keeping the last N (None = keep all).")
+    keep_last_n_checkpoints: Optional[int] = opt(None, "Delete older checkpoints, keeping the last N (None = keep "
+                                                       "all).")
     no_load_optim: bool = opt(False, "Resume weights only, not the optimizer state.")
     no_load_rng: bool = opt(False, "Do not restore RNG states when resuming.")
     no_save_optim: bool = opt(False, "Write checkpoints without optimizer state (weights, RNG, counters only); "
@@ -200,7 +209,7 @@ class CheckpointConfig:
                                          "(`global_stepN`); None = the one `latest` names. Training resumes from "
                                          "`latest` only and refuses this key (point `load` at a `global_stepN` "
                                          "folder instead).")
-    checkpoint_scale: str = opt("linear", "Save schedule: linear (every checkpoint_factor iterations). "
+    checkpoint_scale: CheckpointScale = opt("linear", "Save schedule: linear (every checkpoint_factor iterations). "
                                           "Only linear is supported.")
 
 
@@ -215,7 +224,7 @@ class LoggingConfig:
     wandb_group: Optional[str] = opt(None, "W&B group (runs of one experiment).")
     wandb_team: Optional[str] = opt(None, "W&B entity/team.")
     wandb_run_name: Optional[str] = opt(None, "W&B run name (None = generated).")
-    wandb_mode: Optional[str] = opt(None, "None | online | offline | disabled (None = the WANDB_MODE environment "
+    wandb_mode: Optional[WandbMode] = opt(None, "None | online | offline | disabled (None = the WANDB_MODE environment "
                                           "variable, else online).")
     wandb_host: Optional[str] = opt(None, "URL of the W&B server (GPT-NeoX `wandb_host`), passed to wandb as its "
                                           "base_url; None = wandb's own (WANDB_BASE_URL, else https://api.wandb.ai).")
@@ -292,8 +301,9 @@ class ParallelConfig:
                                           "explicitly it must equal the launch's.", derived=True)
     data_parallel_size: Optional[int] = opt(None, "Derived: world_size / (model_parallel_size x pipeline stages).",
                                             derived=True)
-    distributed_backend: Optional[str] = opt(None, "nccl | gloo. None/auto: nccl with CUDA, gloo on CPU; nccl on a "
-                                                   "CPU-only run is switched to gloo (logged).", derived=True)
+    distributed_backend: Optional[DistributedBackend] = opt(None, "nccl | gloo. None/auto: nccl with CUDA, gloo on "
+                                                                  "CPU; nccl on a CPU-only run is switched to gloo "
+                                                                  "(logged).", derived=True)
 
 
 @dataclass
@@ -307,7 +317,7 @@ class LauncherConfig:
                                         "processes over gloo.")
     master_port: int = opt(29500, "Rendezvous port.")
     master_addr: Optional[str] = opt(None, "Rendezvous address (None = first host / localhost).")
-    launcher: str = opt("pdsh", "Multi-node runner: pdsh | openmpi | mvapich | slurm.")
+    launcher: Launcher = opt("pdsh", "Multi-node runner: pdsh | openmpi | mvapich | slurm.")
     deepspeed_slurm: bool = opt(False, "Launch with srun, reading ranks from SLURM variables.")
     deepspeed_mpi: bool = opt(False, "Discover ranks from MPI (mpirun launched).")
     comment: Optional[str] = opt(None, "Passed to srun --comment (slurm launcher).")

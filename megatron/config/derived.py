@@ -1,7 +1,9 @@
-"""Every derived config value is computed here, once, as a pure function (no config objects, no I/O)."""
+"""Every derived config value is computed here, once, as a pure function (no config objects, no I/O), and the
+choices of every key with a fixed set of values, once, as the ``Literal`` type of its field."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Sequence, get_args
 
 from megatron.config.errors import ConfigError
@@ -15,9 +17,38 @@ Norm = Literal["layernorm", "rmsnorm", "scalenorm", "non_parametric_layernorm"]
 Activation = Literal["gelu", "geglu", "relu", "reglu", "swiglu", "silu", "swish", "mish", "softsign", "glu",
                      "bilinear"]
 Precision = Literal["fp32", "fp16", "bf16"]
+#: the Llemma GPT-NeoX release's spelling of what ``num_kv_heads`` builds
+AttentionType = Literal["multihead", "groupedquery", "multiquery"]
 POS_EMBS: tuple[str, ...] = get_args(PosEmb)
 NORMS: tuple[str, ...] = get_args(Norm)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+ATTENTION_TYPES: tuple[str, ...] = get_args(AttentionType)
+
+# The choices of the training-side keys (optimizer, schedule, data, tokenizer, checkpoint, logging, parallel,
+# launcher sections), likewise the fields' types; validation accepts other spellings (case) of the same values.
+OptimizerType = Literal["Adam", "AdamW", "Lion", "SGD", "cpu_adam"]
+LRDecayStyle = Literal["constant", "linear", "cosine", "exponential", "wsd"]
+WSDDecayStyle = Literal["linear", "cosine", "1-sqrt"]
+DataImpl = Literal["infer", "mmap"]
+TokenizerType = Literal["HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer"]
+CheckpointScale = Literal["linear"]
+WandbMode = Literal["online", "offline", "disabled"]          # or None: the WANDB_MODE environment variable
+DistributedBackend = Literal["auto", "nccl", "gloo"]           # or None: auto
+Launcher = Literal["pdsh", "openmpi", "mvapich", "slurm"]
+OPTIMIZER_TYPES: tuple[str, ...] = get_args(OptimizerType)
+LR_DECAY_STYLES: tuple[str, ...] = get_args(LRDecayStyle)
+WSD_DECAY_STYLES: tuple[str, ...] = get_args(WSDDecayStyle)
+DATA_IMPLS: tuple[str, ...] = get_args(DataImpl)
+TOKENIZER_TYPES: tuple[str, ...] = get_args(TokenizerType)
+CHECKPOINT_SCALES: tuple[str, ...] = get_args(CheckpointScale)
+WANDB_MODES: tuple[Optional[str], ...] = (None, *get_args(WandbMode))
+DISTRIBUTED_BACKENDS: tuple[Optional[str], ...] = (None, *get_args(DistributedBackend))
+LAUNCHERS: tuple[str, ...] = get_args(Launcher)
+#: GPT-NeoX's other names of an optimizer type
+OPTIMIZER_ALIASES = {"cpu_torch_adam": "cpu_adam"}
+#: every accepted ``optimizer.type`` spelling (lower case) -> the type built
+OPTIMIZER_SPELLINGS = {**{t.lower(): t for t in OPTIMIZER_TYPES}, **OPTIMIZER_ALIASES}
 GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "glu", "bilinear")
 # GPT-NeoX spells bf16 ``bfloat16`` in its ``precision`` key; both spellings are read, ``bf16`` is stored.
 PRECISION_SPELLINGS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "bfloat16": "bf16", "float32": "fp32",
@@ -97,6 +128,18 @@ def resolve_given_batch(batch_inputs: Sequence[str], global_bs: Optional[int], m
               "gradient_accumulation_steps": accum}
     picked = [values[k] if k in given else None for k in BATCH_KEYS]
     return resolve_batch_triple(*picked, data_parallel_size)
+
+
+def decay_iters(train_iters: int, lr_decay_iters: Optional[int], lr_decay_fraction: Optional[float]) -> int:
+    """GPT-NeoX's decay length: lr_decay_iters, else floor(train_iters x lr_decay_fraction), else train_iters; >= 1.
+
+    Validation derives it when ``train_iters`` is given; with ``train_epochs`` the trainer does, once the data
+    fixes the run length."""
+    if lr_decay_iters is not None:
+        return max(1, int(lr_decay_iters))
+    if lr_decay_fraction is not None:
+        return max(1, math.floor(train_iters * lr_decay_fraction))
+    return max(1, int(train_iters))
 
 
 def mlp_widths(hidden_size: int, activation: str, intermediate_size: Optional[int] = None,

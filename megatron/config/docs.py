@@ -13,13 +13,12 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from megatron.config.coerce import describe
+from megatron.config._loading import neox_compat
+from megatron.config._loading.coerce import describe
+from megatron.config._loading.keys import ALIASES, BLOCK_FIELDS, DEEPSPEED_PASSTHROUGH, IGNORED
+from megatron.config._loading.unsupported import NEOX_DEFAULT_ONLY, UNBUILT_FEATURES, UNSUPPORTED
 from megatron.config.field_help import MODEL_HELP, SEPLLM_HELP
-from megatron.config.keys import ALIASES, BLOCK_FIELDS, DEEPSPEED_PASSTHROUGH, IGNORED
-from megatron.config.neox import SECTIONS, derivable_fields
-from megatron.config import neox_compat
-from megatron.config.unsupported import NEOX_DEFAULT_ONLY, UNBUILT_FEATURES, UNSUPPORTED
-from megatron.config.validate import DERIVED_ONLY
+from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, derivable_fields
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "config_reference.md"
@@ -75,7 +74,7 @@ and `megatron/config/field_help.py`. Do not edit by hand: a test fails when this
   iterations, per-layer windows, the per-layer `attention_config`, precision, `max_position_embeddings`, the data
   parallel size and the SepLLM `mode`. Keys marked *derived if unset* are computed when not given; keys marked
   *derived, read-only* may appear in a config (a saved config repeats them) but only with the value validation
-  derives: {", ".join(sorted(f"`{s}.{n}`" for s, n in DERIVED_ONLY))}.
+  derives: {", ".join(sorted(f"`{s}.{n}`" for s, n in READ_ONLY_FIELDS))}.
 
 ## Batch size
 
@@ -131,7 +130,7 @@ until `num_layers` is set.
 
 ## Not built yet (fail loudly)
 
-Kept in one table, `megatron/config/unsupported.py`; delete a row when its feature lands.
+Kept in one table, `megatron/config/_loading/unsupported.py`; delete a row when its feature lands.
 
 | key | refused when | what to do |
 |---|---|---|
@@ -151,7 +150,7 @@ Other GPT-NeoX keys accepted only at their GPT-NeoX default (`NEOX_DEFAULT_ONLY`
 * DeepSpeed blocks held in typed fields: {{blocks}}.
 * DeepSpeed keys passed through verbatim (`NeoXConfig.deepspeed_extra`): {{passthrough}}.
 * Accepted and ignored (environment bookkeeping): {{ignored}}.
-* Spellings of earlier GPT-NeoX releases (`config/neox_compat.py`): {{older}}; Llemma's `attention_type` and
+* Spellings of earlier GPT-NeoX releases (`config/_loading/neox_compat.py`): {{older}}; Llemma's `attention_type` and
   `decay_lr_to` are fields below; {{scaled}}.
 * Values GPT-NeoX derives itself and overwrites, accepted and ignored: {{neox_derived}}.
 * Switches that pick an implementation, not a result, accepted: {{hints}}.
@@ -202,7 +201,7 @@ def _section_table(section: str, cls: type) -> list[str]:
         if f.metadata.get("internal"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if (section, f.name) in DERIVED_ONLY:
+        if (section, f.name) in READ_ONLY_FIELDS:
             name = f"`{f.name}` *(derived, read-only)*"
         elif (section, f.name) in derivable_fields():
             name = f"`{f.name}` *(derived if unset)*"

@@ -8,18 +8,20 @@ is ``train_micro_batch_size_per_gpu`` (as in GPT-NeoX).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, get_args
 
 from megatron.config.components import opt
 from megatron.config.errors import ConfigError
 
-TEXT_GEN_TYPES = ("unconditional", "input-file", "interactive")
-KV_CACHE_KINDS = ("auto", "plain", "compressed", "uncapped")
+TextGenType = Literal["unconditional", "input-file", "interactive"]
+KVCacheKind = Literal["auto", "plain", "compressed", "uncapped"]
+TEXT_GEN_TYPES: tuple[str, ...] = get_args(TextGenType)
+KV_CACHE_KINDS: tuple[str, ...] = get_args(KVCacheKind)
 
 
 @dataclass
 class GenerationConfig:
-    text_gen_type: str = opt("unconditional", "generate.py mode: unconditional (num_samples texts from the "
+    text_gen_type: TextGenType = opt("unconditional", "generate.py mode: unconditional (num_samples texts from the "
                                               "end-of-document token) | input-file (one sample per prompt of "
                                               "sample_input_file) | interactive (prompts typed at a console, tokens "
                                               "printed as they come).")
@@ -39,7 +41,7 @@ class GenerationConfig:
     recompute: bool = opt(False, "Run the whole sequence through the model at every step (no KV cache): the "
                                  "attention of training, slow; the only way to decode BiPE / FixLLM / "
                                  "self-adjusting-softmax models.")
-    kv_cache: str = opt("auto", "KV cache of cached decoding: auto (compressed for SepLLM/StreamingLLM-trained and "
+    kv_cache: KVCacheKind = opt("auto", "KV cache of cached decoding: auto (compressed for SepLLM/StreamingLLM-trained and "
                                 "sliding-window models, plain for full attention) | plain (keep every key) | compressed (SepCache eviction: "
                                 "initial tokens + at most sep_cache_size separators + local window; flat memory) | "
                                 "uncapped (every separator kept: the training rule exactly, memory grows with the "

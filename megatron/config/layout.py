@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from megatron.config import derived
+from megatron.config.derived import ffn_width
 from megatron.config.errors import ConfigError, Where, unknown_source
 
 
@@ -53,8 +53,8 @@ def check_tp_split(model: Any, tp: int, sequence_parallel: bool = False, where: 
     if tp == 1 and not sequence_parallel:
         return
     kv = model.num_kv_heads if model.num_kv_heads is not None else model.num_attention_heads
-    ffn = derived.ffn_width(model.hidden_size, model.activation, model.intermediate_size,
-                           model.expansion_factor, model.mlp_multiple_of)
+    ffn = ffn_width(model.hidden_size, model.activation, model.intermediate_size, model.expansion_factor,
+                    model.mlp_multiple_of)
     checks = [("num_attention_heads", model.num_attention_heads),
               ("num_kv_heads" if model.num_kv_heads is not None else "num_attention_heads (= KV heads)", kv),
               ("intermediate_size (MLP width)", ffn)]

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
+from megatron.config._loading.merge import merge_sources, parse_overrides
+from megatron.config._loading.training_checks import check_training_ready
+from megatron.config._loading.validate import build_config
+from megatron.config._loading.yaml_io import read_yaml_file
 from megatron.config.errors import ConfigError
-from megatron.config.merge import merge_sources, parse_overrides
 from megatron.config.neox import NeoXConfig
-from megatron.config.validate import build_config
-from megatron.config.yaml_io import read_yaml_file
 
 Source = Union[str, Path, Mapping[str, Any]]
 
@@ -62,5 +63,5 @@ def load_config(*paths: Union[Source, Sequence[Source]],
     cfg = build_config(merged, origins, [name for name, _ in sources], [text for _, _, text in parsed],
                        world_size=world_size)
     if for_training:
-        cfg.require_for_training()
+        check_training_ready(cfg)
     return cfg

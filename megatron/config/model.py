@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron.config.derived import Activation, Norm, PosEmb, Precision
+from megatron.config.derived import Activation, AttentionType, Norm, PosEmb, Precision
 
 
 @dataclass
@@ -14,7 +14,7 @@ class ModelConfig:
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_kv_heads: Optional[int] = None          # grouped-query attention; None = num_attention_heads
-    attention_type: Optional[str] = None        # Llemma-release spelling: multihead | groupedquery | multiquery
+    attention_type: Optional[AttentionType] = None  # Llemma-release spelling: multihead | groupedquery | multiquery
     intermediate_size: Optional[int] = None     # GPT-NeoX base MLP width (gated: 2/3 of it, split); derived.mlp_widths
     expansion_factor: Optional[float] = None    # base MLP width = expansion_factor * hidden (exclusive with the above)
     mlp_multiple_of: int = 1                    # round the MLP widths up to this multiple (GPT-NeoX ParallelMLP)

@@ -18,6 +18,7 @@ from megatron.config.components import (
     TokenizerConfig,
     TrainingConfig,
 )
+from megatron.config.derived import resolve_given_batch
 from megatron.config.errors import ConfigError
 from megatron.config.generation import GenerationConfig
 from megatron.config.model import ModelConfig
@@ -142,8 +143,6 @@ class NeoXConfig:
         ``client_optimizer=True`` leaves out the optimizer block (the trainer passes a torch optimizer, the right
         choice on CPU where DeepSpeed's Adam needs a JIT build).
         """
-        from megatron.config.derived import resolve_given_batch
-
         t = self.training
         if data_parallel_size == self.parallel.data_parallel_size:
             global_bs, micro, accum = (t.train_batch_size, t.train_micro_batch_size_per_gpu,
@@ -176,13 +175,6 @@ class NeoXConfig:
         if t.fp32_allreduce:  # GPT-NeoX's key: DeepSpeed all-reduces the gradients in fp32
             ds["communication_data_type"] = "fp32"
         return ds
-
-    # ------------------------------------------------------------------ checks for consumers
-    def require_for_training(self) -> None:
-        """Raise ConfigError unless the config can drive ``train.py`` (partial configs load fine without this)."""
-        from megatron.config.validate import check_training_ready
-
-        check_training_ready(self)
 
 
 __all__ = ["NeoXConfig", "SECTIONS", "ConfigError"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron.config.sepllm_settings import SepAttentionImpl
+from megatron.config.sepllm_settings import SepAttentionImpl, SepLLMMode
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SepLLMConfig:
     # Ours: which execution path computes SepLLM attention: auto | dense | flex | compact | flex_compact | triton
     sep_attention_impl: SepAttentionImpl = "auto"
     # Derived by validation (never set in YAML): "full" | "sepllm" | "streamingllm" | "fixllm" | "sa" | "sa_no_deno"
-    mode: str = "full"
+    mode: SepLLMMode = "full"
     prefill_windows: Optional[list] = None        # per-layer prefill window (len num_layers)
     generate_windows: Optional[list] = None       # per-layer decode window (len num_layers)
 

@@ -1,10 +1,11 @@
 """The one resolved view of a SepLLM config: a frozen :class:`SepLLMSettings` and the one resolver that builds it.
 
-``resolve_sepllm`` (``config/sepllm_checks.py``) checks the user's keys against the model and fills the derived
-fields of a ``SepLLMConfig``; :func:`settings_of` turns such a config (or one built directly with the derived fields
-set, as tests and notebooks do) into the per-layer facts every consumer reads: the training backend, ``apply_sepllm``,
-SepCache defaults and the converters' ``sepllm`` block. The mode rule (:func:`mode_of`) and the window rules live
-here only, so the consumers cannot drift apart.
+``resolve_sepllm`` (``config/_loading/sepllm_checks.py``) checks the user's keys against the model and fills the
+derived fields of a ``SepLLMConfig``; :func:`settings_of` turns such a config (or one built directly with the derived
+fields set, as tests and notebooks do) into the per-layer facts every consumer reads: the training backend,
+``apply_sepllm``, SepCache defaults and the converters' ``sepllm`` block. The mode rule (:func:`mode_of`) and the
+window rules live here only, so the consumers cannot drift apart. :func:`check_separator_ids` checks the ids against
+the tokenizer's vocabulary once training has built it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Literal, Optional, get_args
 
 from megatron.config.errors import ConfigError, Where, unknown_source
 
-MODES = ("full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno")
+SepLLMMode = Literal["full", "sepllm", "streamingllm", "fixllm", "sa", "sa_no_deno"]
+MODES: tuple[str, ...] = get_args(SepLLMMode)
 #: the mode of a full-attention model with ``sliding_window_width`` (a model key, never a SepLLM switch)
 SLIDING_WINDOW = "sliding_window"
 SepAttentionImpl = Literal["auto", "dense", "flex", "compact", "flex_compact", "triton"]
@@ -218,3 +220,21 @@ def _sliding_window_settings(sep: Any, mode: str, num_layers: int, width: Any,
         prefill_windows=windows, generate_windows=windows, fixed_intervals=None, batch_adaptive_init_pos=False,
         print_kv_ratio=False, print_ratio_intervals=int(sep.print_ratio_intervals), use_accelerator=True,
         recompile_kernel=bool(sep.RECOMPILE_SEP_ATTN_KERNEL), sparse_block_size=int(sep._DEFAULT_SPARSE_BLOCK_SIZE))
+
+
+def check_separator_ids(sepllm_cfg: Any, vocab_size: int) -> None:
+    """Raise ConfigError when a separator (or BiPE separator) id of a ``SepLLMConfig`` is not a token of a
+    ``vocab_size`` vocabulary.
+
+    Called by training once the tokenizer is built; ``-1`` (the "no separators" marker) is always allowed.
+    """
+    lists = [("separator_token_ids", sepllm_cfg.separator_token_ids)]
+    if sepllm_cfg.USE_BiPE:
+        lists.append(("BiPE_seps", sepllm_cfg.BiPE_seps))
+    for key, ids in lists:
+        for token_id in ids or []:
+            if token_id == -1:
+                continue
+            if not 0 <= token_id < vocab_size:
+                raise ConfigError(f"{key} contains id {token_id}, outside the tokenizer's vocabulary of {vocab_size} "
+                                  f"tokens (valid ids are 0..{vocab_size - 1}, or [-1] for none)")

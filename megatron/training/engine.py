@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import torch
+from megatron.config.derived import PRECISIONS
 from megatron.device import DeviceConfigError, resolve_device
 
 
@@ -14,8 +15,9 @@ def check_device_support(device: str, precision: str, zero_stage: int) -> None:
     if device == "cpu" and precision == "fp16":
         raise DeviceConfigError("precision fp16 (dynamic loss scaling) needs a CUDA device; on CPU use bf16 "
                                 "(bf16: {enabled: true}) or fp32 (fp16: {enabled: false})")
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise DeviceConfigError(f"training.precision: expected fp32, fp16 or bf16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise DeviceConfigError(f"training.precision: expected {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got "
+                                f"{precision!r}")
     if zero_stage not in (0, 1, 2, 3):
         raise DeviceConfigError(f"zero_optimization.stage: expected 0, 1, 2 or 3, got {zero_stage!r}")
 

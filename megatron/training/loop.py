@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megatron.training.batches import Batch, make_batch
 from megatron.training.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint, should_save
 from megatron.config.errors import ConfigError
-from megatron.config.training_checks import decay_iters
+from megatron.config.derived import decay_iters
 from megatron.training.data_setup import (DataSetupError, SplitDatasets, build_datasets, build_epoch_datasets,
                                           build_loader, check_token_ids, ensure_data)
 from megatron.training.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, set_seed

@@ -24,10 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from megatron.config.derived import LR_DECAY_STYLES, WSD_DECAY_STYLES
 from megatron.errors import UserInputError
-
-DECAY_STYLES = ("constant", "linear", "cosine", "exponential", "wsd")
-WSD_DECAY_STYLES = ("linear", "cosine", "1-sqrt")
 
 
 class LRScheduleError(UserInputError, ValueError):
@@ -57,8 +55,9 @@ class AnnealingLR:
     num_iters: int = 0
 
     def __post_init__(self) -> None:
-        if self.decay_style not in DECAY_STYLES:
-            raise LRScheduleError(f"lr_decay_style must be one of {', '.join(DECAY_STYLES)}, got {self.decay_style!r}")
+        if self.decay_style not in LR_DECAY_STYLES:
+            raise LRScheduleError(f"lr_decay_style must be one of {', '.join(LR_DECAY_STYLES)}, got "
+                                  f"{self.decay_style!r}")
         if self.wsd_decay_style not in WSD_DECAY_STYLES:
             raise LRScheduleError(f"wsd_decay_style must be one of {', '.join(WSD_DECAY_STYLES)}, got "
                                   f"{self.wsd_decay_style!r}")

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+from megatron.config.derived import OPTIMIZER_SPELLINGS, OPTIMIZER_TYPES
 from megatron.errors import UserInputError
-
-OPTIMIZER_TYPES = ("adam", "adamw", "lion", "sgd", "cpu_adam", "cpu_torch_adam")
 
 
 class OptimizerConfigError(UserInputError, ValueError):
@@ -117,8 +116,8 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: Any, weight_decay: fl
     ``params.adam_w_mode`` is false, in which case torch's L2-style Adam is used.
     """
     opt_type = str(_get(optimizer_cfg, "type", "adamw")).lower()
-    if opt_type not in OPTIMIZER_TYPES:
-        raise OptimizerConfigError(f"optimizer.type: expected one of Adam, AdamW, Lion, SGD, cpu_adam, got "
+    if opt_type not in OPTIMIZER_SPELLINGS:
+        raise OptimizerConfigError(f"optimizer.type: expected one of {', '.join(OPTIMIZER_TYPES)}, got "
                                    f"{getattr(optimizer_cfg, 'type', None)!r}")
     params = dict(getattr(optimizer_cfg, "params", None) or {})
     lr = float(_get(optimizer_cfg, "lr", 1e-3))

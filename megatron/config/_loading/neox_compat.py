@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from megatron.config.derived import ATTENTION_TYPES
 from megatron.config.errors import ConfigError
 
 # Spellings of earlier GPT-NeoX releases (the ones the Pythia suite was trained with): same meaning, new name.
@@ -71,8 +72,6 @@ def read(key: str, value: Any, source: str, put: Callable[[str, Any], None]) -> 
         raise ConfigError(f"{source}: {key}={value!r}: training always runs on DeepSpeed (as in GPT-NeoX); remove the "
                           f"key or set it to {str(_MUST_BE[key]).lower()}")
 
-
-ATTENTION_TYPES = ("multihead", "groupedquery", "multiquery")
 
 
 def resolve_attention_type(model: Any, where: Callable[[str], str]) -> None:

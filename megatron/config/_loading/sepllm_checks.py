@@ -18,10 +18,10 @@ from typing import Sequence
 from megatron.config.errors import ConfigError, Where
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.config.sepllm_settings import (MODES, NO_SEPARATORS, SEP_ATTENTION_IMPLS, fixed_intervals,
+from megatron.config.sepllm_settings import (NO_SEPARATORS, SEP_ATTENTION_IMPLS, fixed_intervals,
                                              is_real_id_list, mode_of, sliding_window_conflict, window_values)
 
-__all__ = ["DERIVED_FIELDS", "MODES", "NO_SEPARATORS", "SEP_ATTENTION_IMPLS", "check_separator_ids", "resolve_sepllm"]
+__all__ = ["DERIVED_FIELDS", "resolve_sepllm"]
 
 logger = logging.getLogger("megatron.config")
 
@@ -159,19 +159,3 @@ def resolve_sepllm(sep: SepLLMConfig, model: ModelConfig, *, has_sepllm_keys: bo
 def _short(values: Sequence[int]) -> str:
     return str(list(values)) if len(values) <= 6 else f"[{values[0]}, {values[1]}, ..., {values[-1]}]"
 
-
-def check_separator_ids(sepllm_cfg: SepLLMConfig, vocab_size: int) -> None:
-    """Raise ConfigError when a separator (or BiPE separator) id is not a token of a ``vocab_size`` vocabulary.
-
-    Called by training once the tokenizer is built; ``-1`` (the "no separators" marker) is always allowed.
-    """
-    lists = [("separator_token_ids", sepllm_cfg.separator_token_ids)]
-    if sepllm_cfg.USE_BiPE:
-        lists.append(("BiPE_seps", sepllm_cfg.BiPE_seps))
-    for key, ids in lists:
-        for token_id in ids or []:
-            if token_id == -1:
-                continue
-            if not 0 <= token_id < vocab_size:
-                raise ConfigError(f"{key} contains id {token_id}, outside the tokenizer's vocabulary of {vocab_size} "
-                                  f"tokens (valid ids are 0..{vocab_size - 1}, or [-1] for none)")

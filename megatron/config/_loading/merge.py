@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable, Optional
 
-from megatron.config.errors import ConfigError
-from megatron.config.keys import (
+from megatron.config._loading import neox_compat
+from megatron.config._loading.keys import (
     BLOCK_FIELDS,
     DEEPSPEED_PASSTHROUGH,
     IGNORED,
@@ -22,11 +22,11 @@ from megatron.config.keys import (
     section_fields,
     suggest,
 )
-from megatron.config import neox_compat
+from megatron.config._loading.unsupported import (FEATURE_OF_KEY, NEOX_DEFAULT_ONLY, NEOX_NO_EFFECT,
+                                                  check_default_only, check_no_effect, check_unbuilt_feature_key)
+from megatron.config._loading.yaml_io import parse_scalar
+from megatron.config.errors import ConfigError
 from megatron.config.neox import DERIVED_KEYS_KEY, SECTIONS, derivable_fields
-from megatron.config.unsupported import (FEATURE_OF_KEY, NEOX_DEFAULT_ONLY, NEOX_NO_EFFECT, check_default_only,
-                                        check_no_effect, check_unbuilt_feature_key)
-from megatron.config.yaml_io import parse_scalar
 
 EXTRA = "deepspeed_extra"
 # Optimizer arguments that have a typed field; any other ``optimizer.params`` entry stays in ``params``.

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 from typing import Optional
 
+from megatron.config._loading.unsupported import NEOX_DEFAULT_ONLY, NEOX_NO_EFFECT
 from megatron.config.neox import SECTIONS
 
 # A flat key owned by two sections is written to the first one listed here (the other copy is derived).
@@ -70,7 +71,7 @@ def _build_flat_index() -> dict[str, tuple[str, str]]:
                 continue
             if key in index and owner is None:
                 raise RuntimeError(f"config field {name!r} is defined in both {index[key][0]} and {section}; "
-                                   f"add it to _FLAT_OWNER_OVERRIDES in megatron/config/keys.py")
+                                   f"add it to _FLAT_OWNER_OVERRIDES in megatron/config/_loading/keys.py")
             index[key] = (section, name)
     for alias, target in ALIASES.items():
         index[norm(alias)] = target
@@ -83,8 +84,6 @@ FLAT_INDEX = _build_flat_index()
 def all_top_level_names() -> list[str]:
     """Every spelling accepted at the top level (for 'did you mean')."""
     names = {name for _, name in FLAT_INDEX.values()} | set(ALIASES) | set(BLOCK_FIELDS) | set(SECTIONS)
-    from megatron.config.unsupported import NEOX_DEFAULT_ONLY, NEOX_NO_EFFECT
-
     names |= DEEPSPEED_PASSTHROUGH | {"scheduler", "deepspeed_extra_args"} | set(NEOX_DEFAULT_ONLY)
     names |= set(NEOX_NO_EFFECT)
     return sorted(names)

@@ -1,22 +1,24 @@
 """Validation of the training-side keys: optimizer block, LR schedule, epochs / exit, diagnostics and profiling.
 
 Each rule follows what GPT-NeoX computes for the key (``megatron/neox_arguments`` and ``megatron/training.py``
-upstream); keys it has no code for are refused here in one line. Called by ``megatron.config.validate`` with its
-source-naming context (``ctx.src(section, key)``, ``ctx.err(...)``).
+upstream); keys it has no code for are refused here in one line. Called by ``validate`` with its source-naming
+context (``ctx.src(section, key)``, ``ctx.err(...)``); ``check_training_ready`` by the loader for ``train.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional
+import logging
+from typing import Any
 
+from megatron.config.derived import (LR_DECAY_STYLES, OPTIMIZER_ALIASES, OPTIMIZER_SPELLINGS, OPTIMIZER_TYPES,
+                                     WSD_DECAY_STYLES, decay_iters)
 from megatron.config.errors import ConfigError
 from megatron.config.layout import pipeline_engine_stages
+from megatron.config.neox import NeoXConfig
 
-# GPT-NeoX optimizer.type spellings (lower case) -> the type we build.
-OPTIMIZER_TYPES = {"adam": "Adam", "adamw": "AdamW", "lion": "Lion", "sgd": "SGD", "cpu_adam": "cpu_adam",
-                   "cpu_torch_adam": "cpu_adam"}
+logger = logging.getLogger("megatron.config")
+
 # Types GPT-NeoX (or DeepSpeed) knows that are not built here.
 REFUSED_OPTIMIZER_TYPES = ("onebitadam", "sm3", "madgrad_wd", "lamb", "onebitlamb", "zerooneadam", "adagrad",
                            "muadam", "musgd")
@@ -35,9 +37,6 @@ OPTIMIZER_PARAMS = {
 _FIXED_PARAMS = {"amsgrad": False}
 DEFAULT_BETAS = {"Lion": [0.9, 0.99]}
 ADAM_BETAS = [0.9, 0.999]
-
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "exponential", "wsd")
-WSD_DECAY_STYLES = ("linear", "cosine", "1-sqrt")
 
 
 def _one_of(ctx: Any, section: str, name: str, value: Any, allowed: tuple) -> str:
@@ -59,10 +58,11 @@ def check_optimizer(o: Any, merged_optimizer: dict, ctx: Any) -> None:
     raw = o.type.lower() if isinstance(o.type, str) else o.type
     if raw in REFUSED_OPTIMIZER_TYPES:
         raise ConfigError(f"{ctx.src('optimizer', 'type')}: optimizer.type={o.type!r}: this optimizer is not built "
-                          f"here; use Adam, AdamW, Lion, SGD or cpu_adam")
-    if raw not in OPTIMIZER_TYPES:
-        raise ctx.err("optimizer", "type", o.type, "one of Adam, AdamW, Lion, SGD, cpu_adam (or cpu_torch_adam)")
-    o.type = OPTIMIZER_TYPES[raw]
+                          f"here; use {', '.join(OPTIMIZER_TYPES[:-1])} or {OPTIMIZER_TYPES[-1]}")
+    if raw not in OPTIMIZER_SPELLINGS:
+        raise ctx.err("optimizer", "type", o.type,
+                      f"one of {', '.join(OPTIMIZER_TYPES)} (or {', '.join(OPTIMIZER_ALIASES)})")
+    o.type = OPTIMIZER_SPELLINGS[raw]
     allowed = OPTIMIZER_PARAMS[o.type]
     # typed fields at their defaults are what a saved resolved config repeats for every type: only a value counts
     defaults = {f.name: f.default for f in dataclasses.fields(o) if f.name not in ("type", "params")}
@@ -102,15 +102,6 @@ def check_optimizer(o: Any, merged_optimizer: dict, ctx: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ LR schedule
-def decay_iters(train_iters: int, lr_decay_iters: Optional[int], lr_decay_fraction: Optional[float]) -> int:
-    """GPT-NeoX's decay length: lr_decay_iters, else floor(train_iters x lr_decay_fraction), else train_iters; >= 1."""
-    if lr_decay_iters is not None:
-        return max(1, int(lr_decay_iters))
-    if lr_decay_fraction is not None:
-        return max(1, math.floor(train_iters * lr_decay_fraction))
-    return max(1, int(train_iters))
-
-
 def resolve_schedule(s: Any, t: Any, optimizer: Any, merged_schedule: dict, ctx: Any) -> None:
     """Check the schedule keys and derive ``lr_decay_iters`` / ``warmup_iters`` (None while train_iters is unknown,
     i.e. with train_epochs: the trainer derives them once the data is built)."""
@@ -198,3 +189,32 @@ def check_fp32_allreduce(t: Any, extra: dict, ctx: Any) -> None:
     if t.fp32_allreduce and given is not None and str(given).lower() not in ("fp32", "float32"):
         raise ConfigError(f"{ctx.src('training', 'fp32_allreduce')}: fp32_allreduce=true contradicts "
                           f"communication_data_type={given!r}; keep one of them")
+
+
+# ------------------------------------------------------------------------------------------------ train.py
+def check_training_ready(cfg: NeoXConfig) -> None:
+    """The keys ``train.py`` cannot do without; partial configs (e.g. training-free SepLLM blocks) skip this."""
+    missing = []
+    if cfg.training.train_iters is None and cfg.training.train_epochs is None:
+        missing.append("train_iters (or train_epochs)")
+    d = cfg.data
+    if d.data_path is None and not d.train_data_paths:
+        missing.append("train_data_paths (or data_path)")
+    tok = cfg.tokenizer
+    if tok.tokenizer_type != "CharLevelTokenizer" and tok.vocab_file is None:
+        missing.append(f"vocab_file (needed by tokenizer_type {tok.tokenizer_type})")
+    where = ", ".join(cfg.sources) or "config"
+    if cfg.checkpoint.iteration is not None:
+        raise ConfigError(f"{cfg.source_of('checkpoint.iteration')}: key 'iteration' = {cfg.checkpoint.iteration} "
+                          f"picks the checkpoint eval.py / "
+                          f"generate.py / the converters read; training resumes from 'latest': set load to the "
+                          f"global_step{cfg.checkpoint.iteration} folder instead")
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) for training: {', '.join(missing)}")
+    windows = cfg.sepllm.prefill_windows or []
+    if len(windows) != cfg.model.num_layers:
+        raise ConfigError(f"{cfg.source_of('sepllm.Layer_num')}: the SepLLM block describes {len(windows)} layers "
+                          f"(Layer_num={cfg.sepllm.Layer_num}) but the model has num_layers={cfg.model.num_layers} "
+                          f"({cfg.source_of('model.num_layers')}); set num_layers explicitly to train")
+    if cfg.sepllm.BATCH_ADAPTIVE_INIT_POS:
+        logger.warning("BATCH_ADAPTIVE_INIT_POS=True during training: pretraining batches are not left-padded")

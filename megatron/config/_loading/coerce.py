@@ -128,7 +128,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is Any:
         return value
-    raise TypeError(f"config field type {tp!r} is not supported by megatron.config.coerce")
+    raise TypeError(f"config field type {tp!r} is not supported by megatron.config._loading.coerce")
 
 
 def coerce_items(value: Any, item_type: type, where: str) -> Any:

@@ -12,28 +12,22 @@ import typing
 from types import SimpleNamespace
 from typing import Any, Callable, Union
 
-from megatron.config import derived
-from megatron.config.coerce import coerce, coerce_items, to_float
+from megatron.config._loading import neox_compat, training_checks
+from megatron.config._loading.coerce import coerce, coerce_items, to_float
+from megatron.config._loading.merge import EXTRA, Origins
+from megatron.config._loading.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
+from megatron.config._loading.unsupported import FEATURE_OF_NORM, check_unsupported
+from megatron.config.derived import (ACTIVATIONS, BATCH_KEYS, CHECKPOINT_SCALES, DATA_IMPLS, DISTRIBUTED_BACKENDS,
+                                     LAUNCHERS, NORMS, POS_EMBS, PRECISION_SPELLINGS, TOKENIZER_TYPES, WANDB_MODES,
+                                     expand_attention_config, mlp_widths, precision_from_blocks,
+                                     resolve_batch_triple)
 from megatron.config.errors import ConfigError
 from megatron.config.generation import check_generation
 from megatron.config.layout import check_layout
-from megatron.config.merge import EXTRA, Origins
 from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, NeoXConfig
-from megatron.config import training_checks
-from megatron.config.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
-from megatron.config import neox_compat
-from megatron.config.unsupported import FEATURE_OF_NORM, check_unsupported
 from megatron.device import DEVICES, cuda_available
 
 logger = logging.getLogger("megatron.config")
-
-OPTIMIZER_TYPES = training_checks.OPTIMIZER_TYPES
-LR_DECAY_STYLES = training_checks.LR_DECAY_STYLES
-TOKENIZER_TYPES = ("HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer")
-WANDB_MODES = (None, "online", "offline", "disabled")
-LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
-BACKENDS = (None, "auto", "nccl", "gloo")
-POS_EMBS, NORMS, ACTIVATIONS = derived.POS_EMBS, derived.NORMS, derived.ACTIVATIONS
 
 # Element types of list fields (the dataclasses only say ``list``).
 ITEM_TYPES: dict[tuple[str, str], type] = {
@@ -54,8 +48,6 @@ ITEM_TYPES: dict[tuple[str, str], type] = {
     ("checkpoint", "extra_save_iters"): int,
     ("training", "eval_tasks"): str,
 }
-
-DERIVED_ONLY = READ_ONLY_FIELDS
 
 
 class _Ctx:
@@ -142,7 +134,7 @@ def _check_model(m, ctx: _Ctx) -> None:
         raise ConfigError(f"seq_length={m.seq_length} (+ opt_pos_emb_offset={m.opt_pos_emb_offset}) exceeds "
                           f"max_position_embeddings={m.max_position_embeddings} "
                           f"({ctx.src('model', 'max_position_embeddings')}) with learned positions")
-    m.attention_config = derived.expand_attention_config(m.attention_config, m.num_layers)
+    m.attention_config = expand_attention_config(m.attention_config, m.num_layers)
     if m.onnx_safe and m.bias_gelu_fusion:
         fusion_src = ctx.src("model", "bias_gelu_fusion")
         raise ConfigError(f"{ctx.src('model', 'onnx_safe')}: onnx_safe and bias_gelu_fusion ({fusion_src}) choose "
@@ -154,7 +146,7 @@ def _check_model(m, ctx: _Ctx) -> None:
     _at_least(ctx, "model", "expansion_factor", m.expansion_factor, 0.0)
     _at_least(ctx, "model", "sliding_window_width", m.sliding_window_width, 1)
     try:
-        derived.mlp_widths(m.hidden_size, m.activation, m.intermediate_size, m.expansion_factor, m.mlp_multiple_of)
+        mlp_widths(m.hidden_size, m.activation, m.intermediate_size, m.expansion_factor, m.mlp_multiple_of)
     except ConfigError as exc:
         raise ConfigError(f"{ctx.src('model', 'intermediate_size')}: {exc}") from None
     if m.use_qk_layernorm and m.num_kv_heads not in (None, m.num_attention_heads):
@@ -196,7 +188,8 @@ def _resolve_parallel(p, launcher, device: str, launch_world: WorldSize, ctx: _C
         _at_least(ctx, "parallel", name, getattr(p, name), 1)
     _at_least(ctx, "parallel", "pipe_parallel_size", p.pipe_parallel_size, 0)
     p.world_size = _world_size(p, launcher, launch_world, ctx)
-    backend = _one_of(ctx, "parallel", "distributed_backend", p.distributed_backend, BACKENDS, normalise=True)
+    backend = _one_of(ctx, "parallel", "distributed_backend", p.distributed_backend, DISTRIBUTED_BACKENDS,
+                      normalise=True)
     if backend in (None, "auto", "nccl"):
         cuda = device != "cpu" and cuda_available()
         if backend == "nccl" and not cuda:
@@ -225,10 +218,10 @@ def _resolve_training(t, p, merged_training: dict, ctx: _Ctx) -> None:
     for name, low in (("eval_num_fewshot", 0), ("eval_limit", 1), ("eval_batch_size", 1),
                       ("eval_bootstrap_iters", 0)):
         _at_least(ctx, "training", name, getattr(t, name), low)
-    t.batch_inputs = [k for k in derived.BATCH_KEYS if merged_training.get(k) is not None]
+    t.batch_inputs = [k for k in BATCH_KEYS if merged_training.get(k) is not None]
     try:
         t.train_batch_size, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps = (
-            derived.resolve_batch_triple(t.train_batch_size, t.train_micro_batch_size_per_gpu,
+            resolve_batch_triple(t.train_batch_size, t.train_micro_batch_size_per_gpu,
                                          t.gradient_accumulation_steps, p.data_parallel_size))
     except ConfigError as exc:
         srcs = sorted({ctx.src("training", k) for k in t.batch_inputs} or {"default"})
@@ -251,11 +244,11 @@ def _resolve_precision(t, merged_training: dict, ctx: _Ctx) -> None:
     given_precision = merged_training.get("precision")
     if given_precision is not None:
         spelled = str(t.precision).strip().lower()
-        if spelled not in derived.PRECISION_SPELLINGS:
+        if spelled not in PRECISION_SPELLINGS:
             raise ctx.err("training", "precision", t.precision, "one of fp16, bfloat16 (or bf16), fp32")
-        given_precision = derived.PRECISION_SPELLINGS[spelled]
+        given_precision = PRECISION_SPELLINGS[spelled]
     try:
-        t.precision = derived.precision_from_blocks(t.fp16, t.bf16, given_precision)
+        t.precision = precision_from_blocks(t.fp16, t.bf16, given_precision)
     except ConfigError as exc:
         raise ConfigError(f"{ctx.src('training', 'precision')}: {exc}") from None
     if t.precision in ("fp16", "bf16") and not (getattr(t, t.precision) or {}).get("enabled", False):
@@ -293,7 +286,7 @@ def _check_data(d, ctx: _Ctx) -> None:
         raise ConfigError(f"{ctx.src('data', 'data_impl')}: data_impl='cached': GPT-NeoX's legacy cached dataset "
                           f"format is not read here; prepare the data as mmap (.bin/.idx, prepare_data.py) and use "
                           f"mmap or infer")
-    d.data_impl = _one_of(ctx, "data", "data_impl", d.data_impl, ("infer", "mmap"), normalise=True)
+    d.data_impl = _one_of(ctx, "data", "data_impl", d.data_impl, DATA_IMPLS, normalise=True)
     _at_least(ctx, "data", "num_workers", d.num_workers, 0)
     parts = [x.strip() for x in str(d.split).split(",")]
     try:
@@ -320,7 +313,7 @@ def _check_rest(objs: dict, ctx: _Ctx) -> None:
     tok.tokenizer_type = _one_of(ctx, "tokenizer", "tokenizer_type", tok.tokenizer_type, TOKENIZER_TYPES,
                                  normalise=True)
     ck = objs["checkpoint"]
-    ck.checkpoint_scale = _one_of(ctx, "checkpoint", "checkpoint_scale", ck.checkpoint_scale, ("linear",))
+    ck.checkpoint_scale = _one_of(ctx, "checkpoint", "checkpoint_scale", ck.checkpoint_scale, CHECKPOINT_SCALES)
     _at_least(ctx, "checkpoint", "checkpoint_factor", ck.checkpoint_factor, 1)
     _at_least(ctx, "checkpoint", "keep_last_n_checkpoints", ck.keep_last_n_checkpoints, 1)
     _at_least(ctx, "checkpoint", "iteration", ck.iteration, 0)
@@ -345,7 +338,7 @@ def _check_rest(objs: dict, ctx: _Ctx) -> None:
 
 
 def _check_derived_repeats(given: dict, objs: dict, ctx: _Ctx) -> None:
-    for section, name in DERIVED_ONLY:
+    for section, name in READ_ONLY_FIELDS:
         if (section, name) in given and given[(section, name)] != getattr(objs[section], name):
             raise ConfigError(f"{ctx.src(section, name)}: {section}.{name}={given[(section, name)]!r} is derived "
                               f"(here it resolves to {getattr(objs[section], name)!r}) and cannot be set; change the "
@@ -361,7 +354,7 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
     """
     ctx = _Ctx(origins)
     objs = _build_sections(merged, ctx)
-    given_derived = {(s, n): getattr(objs[s], n) for s, n in DERIVED_ONLY if n in merged.get(s, {})}
+    given_derived = {(s, n): getattr(objs[s], n) for s, n in READ_ONLY_FIELDS if n in merged.get(s, {})}
     for s, n in given_derived:  # reset so that derivation starts from defaults
         setattr(objs[s], n, getattr(SECTIONS[s](), n))
 
@@ -396,30 +389,3 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
     cfg.key_sources = {f"{s}.{n}": where for (s, n), where in origins.items()}
     return cfg
 
-
-def check_training_ready(cfg: NeoXConfig) -> None:
-    """The keys ``train.py`` cannot do without; partial configs (e.g. training-free SepLLM blocks) skip this."""
-    missing = []
-    if cfg.training.train_iters is None and cfg.training.train_epochs is None:
-        missing.append("train_iters (or train_epochs)")
-    d = cfg.data
-    if d.data_path is None and not d.train_data_paths:
-        missing.append("train_data_paths (or data_path)")
-    tok = cfg.tokenizer
-    if tok.tokenizer_type != "CharLevelTokenizer" and tok.vocab_file is None:
-        missing.append(f"vocab_file (needed by tokenizer_type {tok.tokenizer_type})")
-    where = ", ".join(cfg.sources) or "config"
-    if cfg.checkpoint.iteration is not None:
-        raise ConfigError(f"{cfg.source_of('checkpoint.iteration')}: key 'iteration' = {cfg.checkpoint.iteration} "
-                          f"picks the checkpoint eval.py / "
-                          f"generate.py / the converters read; training resumes from 'latest': set load to the "
-                          f"global_step{cfg.checkpoint.iteration} folder instead")
-    if missing:
-        raise ConfigError(f"{where}: missing required key(s) for training: {', '.join(missing)}")
-    windows = cfg.sepllm.prefill_windows or []
-    if len(windows) != cfg.model.num_layers:
-        raise ConfigError(f"{cfg.source_of('sepllm.Layer_num')}: the SepLLM block describes {len(windows)} layers "
-                          f"(Layer_num={cfg.sepllm.Layer_num}) but the model has num_layers={cfg.model.num_layers} "
-                          f"({cfg.source_of('model.num_layers')}); set num_layers explicitly to train")
-    if cfg.sepllm.BATCH_ADAPTIVE_INIT_POS:
-        logger.warning("BATCH_ADAPTIVE_INIT_POS=True during training: pretraining batches are not left-padded")
