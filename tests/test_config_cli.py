@@ -67,7 +67,7 @@ def test_cli_help() -> None:
 
 
 def test_reference_doc_is_in_sync() -> None:
-    assert undocumented_fields() == [], "add help texts (field metadata or megatron/config/field_help.py)"
+    assert undocumented_fields() == [], "add help texts (the fields' metadata)"
     current = DEFAULT_OUTPUT.read_text(encoding="utf-8") if DEFAULT_OUTPUT.is_file() else ""
     assert current == render_reference(), f"docs/config_reference.md is out of date; regenerate it with: {REGENERATE}"
 

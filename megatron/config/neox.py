@@ -41,10 +41,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-# Derived values of the contract dataclasses that carry no metadata (model.py / sepllm.py stay metadata-free).
-_DERIVED_WITHOUT_METADATA = frozenset({
-    ("model", "max_position_embeddings"), ("model", "padded_vocab_size"), ("model", "attention_config"),
-    ("model", "precision"), ("sepllm", "mode"), ("sepllm", "prefill_windows"), ("sepllm", "generate_windows")})
 DERIVED_KEYS_KEY = "derived_keys"
 # Values only validation computes: a config may repeat them (a saved resolved config does), never change them.
 READ_ONLY_FIELDS = frozenset({
@@ -56,7 +52,7 @@ def derivable_fields() -> frozenset:
     """(section, field) of every value validation computes when the user does not give it."""
     marked = {(name, f.name) for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
               if f.metadata.get("derived")}
-    return frozenset(marked) | _DERIVED_WITHOUT_METADATA | READ_ONLY_FIELDS
+    return frozenset(marked) | READ_ONLY_FIELDS
 
 
 @dataclass
