@@ -24,13 +24,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from megatron.config.derived import LAUNCHERS
 from megatron.errors import UserInputError
 
 if TYPE_CHECKING:
     from megatron.config import LauncherConfig
     from megatron.config.neox import NeoXConfig
 
-LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")
 FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN")
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
