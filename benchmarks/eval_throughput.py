@@ -79,9 +79,9 @@ def _build(args: argparse.Namespace, root: Path) -> tuple[Any, Any, Any]:
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
     from megatron.config import load_config
-    from megatron.model.convert import load_trained_model
+    from megatron.checkpoint import load_trained_model
     from megatron.model.gpt import GPTModel
-    from megatron.model.convert.hf import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
+    from megatron.checkpoint.hf.mapping import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
 
     overrides = [] if args.sepllm else ["--USE_ORIGINAL_FULL_ATTEN", "true"]
     cfg = load_config(args.config, overrides=overrides)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Decode speed of our generate loop vs Hugging Face ``generate`` on the same weights (converted with
-``megatron.model.convert``), for a full-attention and a SepLLM-trained model, at several generation lengths.
+``megatron.checkpoint``), for a full-attention and a SepLLM-trained model, at several generation lengths.
 
 Setup: a Pythia-shaped random model (parallel residual, partial rotary, untied head) built as ``GPTModel``; the
 full-attention variant is exported to ``GPTNeoXForCausalLM``. Every runner decodes greedily from the same prompt
@@ -64,7 +64,7 @@ def build_models(args: argparse.Namespace, max_len: int) -> tuple[Any, Any, Any,
     from transformers import GPTNeoXForCausalLM
 
     from megatron.config import load_config
-    from megatron.model.convert.hf import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
+    from megatron.checkpoint.hf.mapping import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
     from megatron.model.gpt import GPTModel
 
     seps = list(range(5, 14))      # 9 ids, like Pythia's separator list

@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:
 from megatron.config.derived import intermediate_size_for  # noqa: E402
 from megatron.config.model import ModelConfig  # noqa: E402
 from megatron.model import GPTModel, lm_loss  # noqa: E402
-from megatron.model.convert.hf import (hf_gpt_neox_config, hf_llama_config, to_hf_gpt_neox_state_dict,  # noqa: E402
-                                      to_hf_llama_state_dict)
+from megatron.checkpoint.hf.mapping import (hf_gpt_neox_config, hf_llama_config,  # noqa: E402
+                                            to_hf_gpt_neox_state_dict, to_hf_llama_state_dict)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/report.py
 from report import print_table, write_json  # noqa: E402

@@ -17,8 +17,8 @@ LAYERS = {
     "kernels": 3, "sepllm": 3, "sepllm.attention": 3,
     "model": 4,
     "parallel": 5,
+    "checkpoint": 5.5, "checkpoint.hf": 5.7,
     "training": 6,
-    "model.convert": 7,
     "sepllm.hf": 8,
     "sepllm.public": 8.5,   # megatron/sepllm/__init__.py: SepCache, generate, apply_sepllm, ... named lazily
     "inference": 9,
@@ -34,11 +34,11 @@ KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 _FACADES = {"megatron.sepllm": "sepllm.public"}
 
 #: sub-packages that sit on a layer of their own
-_SUBPACKAGES = {("model", "convert"), ("sepllm", "attention"), ("sepllm", "hf")}
+_SUBPACKAGES = {("checkpoint", "hf"), ("sepllm", "attention"), ("sepllm", "hf")}
 
 
 def package_of(module: str) -> str | None:
-    """``megatron.model.convert.hf`` -> ``model.convert``; ``megatron.sepllm.hf.cache`` -> ``sepllm``."""
+    """``megatron.checkpoint.hf.export`` -> ``checkpoint.hf``; ``megatron.sepllm.hf.cache`` -> ``sepllm``."""
     parts = module.split(".")
     if parts[0] != "megatron":
         return None

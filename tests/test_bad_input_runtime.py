@@ -26,8 +26,8 @@ import pytest
 import torch
 import yaml
 
+from megatron.checkpoint.format import read_meta, resolve_checkpoint_dir
 from megatron.training import checkpointing, pretrain
-from megatron.training.checkpointing import read_meta, resolve_checkpoint_dir
 from megatron.training.logging import RunLogger
 from megatron.training.plotting import read_metrics, series
 from train_helpers import make_tiny_corpus, tiny_config, tiny_sepllm_keys
@@ -238,7 +238,7 @@ def test_zero3_saves_and_resumes_on_the_uninterrupted_loss_curve(corpus, neox_to
     saved = torch.load(tmp_path / "ck" / "global_step2" / "model_states.pt", weights_only=True)
     shapes = {k: list(v.shape) for k, v in base_run[1].items()}
     assert {k: list(v.shape) for k, v in saved.items()} == shapes == meta["param_shapes"]
-    from megatron.model.convert.checkpoint import load_trained_model  # converts like any other checkpoint
+    from megatron.checkpoint.trained import load_trained_model  # converts like any other checkpoint
 
     trained = load_trained_model(tmp_path / "ck", iteration=2)
     assert all(torch.equal(v, saved[k]) for k, v in trained.model.state_dict().items())

@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
+from megatron.checkpoint.format import CheckpointError
 from megatron.training import checkpointing as ckpt
-from megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint, should_save
+from megatron.training.checkpointing import RunSnapshot, load_checkpoint, save_checkpoint, should_save
 from megatron.training.distributed import init_distributed
 from megatron.training.optimizer import build_optimizer, param_groups
 
@@ -53,8 +54,9 @@ def _train(engine, steps: int, seed: int = 1) -> list[float]:
     return losses
 
 
-def _save(engine, root, it, **kw):
-    return save_checkpoint(root, it, engine, rank=0, world_size=1, client_state={"iteration": it}, **kw)
+def _save(engine, root, it, keep_last_n=None, **snapshot):
+    return save_checkpoint(root, engine, RunSnapshot(iteration=it, **snapshot), rank=0, world_size=1,
+                           keep_last_n=keep_last_n)
 
 
 def test_should_save_rule():

@@ -1,4 +1,4 @@
-"""Trained checkpoints leave the framework: the shared loader (``megatron.model.convert.load_trained_model``), the
+"""Trained checkpoints leave the framework: the shared loader (``megatron.checkpoint.load_trained_model``), the
 HF export / import tools (``tools/ckpts/convert_neox_to_hf.py``, ``convert_hf_to_neox.py``) and the ``sepllm`` block
 read by ``apply_sepllm`` / SepCache generation.
 
@@ -19,10 +19,10 @@ import sys
 
 import transformers
 
+from megatron.checkpoint import load_trained_model, read_full_model_state
+from megatron.checkpoint.format import CheckpointError
 from megatron.config import ConfigError
-from megatron.model.convert import load_trained_model, read_full_model_state
 from megatron.training import pretrain
-from megatron.training.checkpointing import CheckpointError
 from parallel_spawn import run_distributed
 from sep_helpers import make_sepllm_cfg
 from train_helpers import make_tiny_corpus, tiny_config
@@ -168,7 +168,7 @@ def test_pythia_export_logits_files_and_round_trip(pythia_run, tmp_path):
 
 
 def test_precision_is_honoured_and_shards_have_an_index(pythia_run, tmp_path):
-    from megatron.model.convert.export import export_to_hf
+    from megatron.checkpoint.hf.export import export_to_hf
 
     hf_dir = _export(pythia_run, tmp_path / "bf16", "--precision", "bf16", "--no_save_tokenizer")
     assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "model.safetensors"]

@@ -15,7 +15,7 @@ def test_classes_sit_on_the_right_branch_and_keep_their_builtin_base() -> None:
     from megatron.inference.cli import UsageError
     from megatron.parallel.mesh import ParallelLayoutError
     from megatron.tokenizer import TokenizerError
-    from megatron.training.checkpointing import CheckpointError
+    from megatron.checkpoint.format import CheckpointError
     from megatron.training.lr_schedules import LRScheduleError
     from megatron.training.preflight import OutputPathError
 

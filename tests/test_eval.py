@@ -85,8 +85,8 @@ def _hf(cfg_file: Path, neox_tokenizer_file: Path, sepllm: bool, limit: int = 6)
     from lm_eval.tasks import TaskManager
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-    from megatron.model.convert import load_trained_model
-    from megatron.model.convert.hf import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
+    from megatron.checkpoint import load_trained_model
+    from megatron.checkpoint.hf.mapping import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
     from megatron.sepllm.hf.trainingfree import apply_sepllm
 
     cfg = load_config(cfg_file)
@@ -184,8 +184,8 @@ def test_generate_until_decodes_with_the_generate_window(exclude_diagonal, check
     from lm_eval.models.huggingface import HFLM
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-    from megatron.model.convert import load_trained_model
-    from megatron.model.convert.hf import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
+    from megatron.checkpoint import load_trained_model
+    from megatron.checkpoint.hf.mapping import hf_gpt_neox_config, to_hf_gpt_neox_state_dict
     from megatron.sepllm.hf.trainingfree import apply_sepllm
 
     load = load_config(checkpoints["sepllm"]).checkpoint.load
@@ -218,7 +218,7 @@ def test_generate_until_decodes_with_the_generate_window(exclude_diagonal, check
 def test_generation_prompts_count_into_the_retention_totals(checkpoints):
     """Cached generation adds each prompt's SepLLM counts (padding excluded) to the model's retention tracker: the
     totals equal the model's own forward over every prompt alone."""
-    from megatron.model.convert import load_trained_model
+    from megatron.checkpoint import load_trained_model
     from megatron.sepllm.attention.retention import RetentionStats
 
     trained = load_trained_model(load_config(checkpoints["sepllm"]).checkpoint.load,
@@ -244,7 +244,7 @@ def test_generation_prompts_count_into_the_retention_totals(checkpoints):
 def test_generate_until_without_a_cache_recomputes_each_prompt(neox_tokenizer_file, tmp_path):
     """BiPE has no KV cache: each prompt is decoded alone by recomputing the sequence; the text equals an
     independent greedy loop over the full forward."""
-    from megatron.model.convert import load_trained_model
+    from megatron.checkpoint import load_trained_model
 
     keys = dict(_model_keys(neox_tokenizer_file, sepllm=True), USE_BiPE=True, BiPE_seps=PYTHIA_SEPS)
     trained = load_trained_model(_write_checkpoint(tmp_path / "bipe", keys, 5, seed=3))

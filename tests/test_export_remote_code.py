@@ -22,9 +22,9 @@ from megatron.config import load_config
 from megatron.inference.generator import generate_batch, left_pad
 from megatron.inference.kv_cache import KVCacheSettings
 from megatron.model import GPTModel
-from megatron.model.convert import load_trained_model
-from megatron.model.convert.export import ExportError, export_to_hf
-from megatron.model.convert.remote_code import REMOTE_CODE_FILES
+from megatron.checkpoint import load_trained_model
+from megatron.checkpoint.hf.export import ExportError, export_to_hf
+from megatron.checkpoint.hf.remote_code import REMOTE_CODE_FILES
 from megatron.sepllm import apply_sepllm
 
 VOCAB = 64
@@ -270,7 +270,7 @@ def test_remote_code_imports_only_torch_and_transformers():
     and each other."""
     import sys
 
-    folder = Path(__file__).resolve().parents[1] / "megatron" / "model" / "convert" / "remote_code"
+    folder = Path(__file__).resolve().parents[1] / "megatron" / "checkpoint" / "hf" / "remote_code"
     for name in REMOTE_CODE_FILES:
         tree = ast.parse((folder / name).read_text(encoding="utf-8"))
         for node in ast.walk(tree):

@@ -18,8 +18,8 @@ import transformers
 import megatron.sepllm
 from megatron.inference.generator import generate_batch
 from megatron.inference.kv_cache import KVCacheSettings
-from megatron.model.convert import load_trained_model
-from megatron.model.convert.export import export_to_hf
+from megatron.checkpoint import load_trained_model
+from megatron.checkpoint.hf.export import export_to_hf
 from megatron.training import pretrain
 from sep_helpers import make_sepllm_cfg, pg19_ids
 from train_helpers import make_tiny_corpus, tiny_config

@@ -10,8 +10,8 @@ import transformers
 
 from megatron.config.model import ModelConfig
 from megatron.model import GPTModel
-from megatron.model.convert.hf import (from_hf_gpt_neox_state_dict, from_hf_llama_state_dict, hf_gpt_neox_config,
-                                      hf_llama_config, to_hf_gpt_neox_state_dict, to_hf_llama_state_dict)
+from megatron.checkpoint.hf.mapping import (from_hf_gpt_neox_state_dict, from_hf_llama_state_dict, hf_gpt_neox_config,
+                                            hf_llama_config, to_hf_gpt_neox_state_dict, to_hf_llama_state_dict)
 
 VOCAB = 96
 

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 import megatron.sepllm
 from megatron.config import load_config
-from megatron.model.convert import load_trained_model
-from megatron.model.convert.import_hf import ImportHFError, import_from_hf
+from megatron.checkpoint import load_trained_model
+from megatron.checkpoint.hf.import_hf import ImportHFError, import_from_hf
 from megatron.sepllm import apply_sepllm
 from megatron.sepllm.hf.config import TrainingFreeConfigError
 

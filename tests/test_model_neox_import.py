@@ -9,7 +9,7 @@ import torch
 
 from megatron.config.model import ModelConfig
 from megatron.model import GPTModel
-from megatron.model.convert.neox_library import from_neox_state_dict, neox_pipeline_to_sequential
+from megatron.checkpoint.neox_library import from_neox_state_dict, neox_pipeline_to_sequential
 
 VOCAB = 64
 

@@ -215,7 +215,7 @@ def test_plain_activations_export_to_hf_gpt_neox(activation: str) -> None:
     """HF GPT-NeoX's MLP computes any ACT2FN function ungated: our plain activations leave as a weight copy."""
     import transformers
 
-    from megatron.model.convert import hf
+    from megatron.checkpoint.hf import mapping as hf
 
     model = _model(activation=activation)
     cfg = model.cfg

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron.checkpoint.format import CheckpointError
 from megatron.config import ConfigError, load_config
 from megatron.training import pretrain
-from megatron.training.checkpointing import CheckpointError
 from megatron.training.lr_schedules import AnnealingLR, LRScheduleError
 from train_helpers import make_tiny_corpus, pretrain_with_weights, tiny_config
 

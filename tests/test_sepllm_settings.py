@@ -10,7 +10,7 @@ import pytest
 from megatron.config import load_config
 from megatron.config.sepllm import SepLLMConfig
 from megatron.config.sepllm_settings import SepLLMSettingsError, settings_of
-from megatron.model.convert.sepllm_block import build_block
+from megatron.sepllm.config_block import build_block
 from megatron.sepllm.attention.backend import SepLLMBackend
 from megatron.sepllm.hf.config import TrainingFreeConfigError, resolve_for_model
 from tests.sep_helpers import model_cfg

@@ -34,8 +34,8 @@ from megatron.config.sepllm_settings import SLIDING_WINDOW, settings_of
 from megatron.inference.generator import generate_batch
 from megatron.inference.kv_cache import KVCacheError, KVCacheSettings, build_kv_cache
 from megatron.model import GPTModel
-from megatron.model.convert.hf import (check_gpt_neox_compatible, check_llama_compatible, hf_mistral_config,
-                                      to_hf_mistral_state_dict)
+from megatron.checkpoint.hf.mapping import (check_gpt_neox_compatible, check_llama_compatible, hf_mistral_config,
+                                            to_hf_mistral_state_dict)
 from megatron.sepllm.attention.backend import SepLLMBackend
 
 from sep_helpers import reference_attention
@@ -318,7 +318,7 @@ def test_mistral_generate_equals_our_cached_decoding():
 
 
 def test_standard_exports_refuse_a_sliding_window_in_one_line():
-    from megatron.model.convert.export import default_architecture
+    from megatron.checkpoint.hf.export import default_architecture
 
     cfg = model_cfg()
     assert default_architecture(cfg) == "mistral" and default_architecture(model_cfg(sliding_window_width=None)) == \
@@ -337,9 +337,9 @@ def test_standard_exports_refuse_a_sliding_window_in_one_line():
 
 
 def test_mistral_folder_imports_and_exports_back_bit_identical(tmp_path):
-    from megatron.model.convert import load_trained_model
-    from megatron.model.convert.export import export_to_hf
-    from megatron.model.convert.import_hf import import_from_hf
+    from megatron.checkpoint import load_trained_model
+    from megatron.checkpoint.hf.export import export_to_hf
+    from megatron.checkpoint.hf.import_hf import import_from_hf
     from safetensors.torch import load_file
 
     hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
@@ -371,7 +371,7 @@ def test_mistral_folder_imports_and_exports_back_bit_identical(tmp_path):
     ({"layer_types": ["full_attention", "sliding_attention"]}, r"layer_types = .*one attention pattern"),
 ])
 def test_mistral_import_refuses_what_it_cannot_build(tmp_path, change, match):
-    from megatron.model.convert.import_hf import ImportHFError, model_keys_from_hf
+    from megatron.checkpoint.hf.import_hf import ImportHFError, model_keys_from_hf
 
     raw = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
            "intermediate_size": 48, "hidden_act": "silu", "sliding_window": 6, **change}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron.checkpoint.format import CheckpointError
 from megatron.config import ConfigError
 from megatron.training import pretrain
-from megatron.training.checkpointing import CheckpointError
 from megatron.training.parallel_setup import pipeline_engine_stages
 from parallel_spawn import run_distributed
 from sep_helpers import make_sepllm_cfg

@@ -156,7 +156,7 @@ def run_evaluation(cfg: Any, *, config_files: Sequence[str | os.PathLike] = (), 
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
-    from megatron.model.convert.checkpoint import checkpoint_to_read, load_trained_model
+    from megatron.checkpoint.trained import checkpoint_to_read, load_trained_model
     from megatron.tokenizer import build_tokenizer
 
     t, ck = cfg.training, cfg.checkpoint

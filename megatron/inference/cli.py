@@ -81,9 +81,8 @@ class Session:
 def load_session(files: Sequence[str], overrides: Sequence[str], config: Optional[NeoXConfig] = None) -> Session:
     """Config (``config`` when the caller loaded it already), checkpoint, tokenizer. Raises ConfigError / UsageError /
     CheckpointError (all exit 2)."""
+    from megatron.checkpoint.trained import checkpoint_to_read, load_trained_model
     from megatron.config import load_config
-    from megatron.model.convert import load_trained_model
-    from megatron.model.convert.checkpoint import checkpoint_to_read
     from megatron.tokenizer.base import TokenizerError
     from megatron.tokenizer.factory import build_tokenizer
 

@@ -13,7 +13,6 @@ _LAZY = {
     "loop": ("pretrain",),
     "run": ("TrainResult",),
     "steppers": ("TrainingError",),
-    "checkpointing": ("CheckpointError",),
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, globals())

@@ -1,17 +1,5 @@
-"""Atomic, resumable checkpoints in our own format (loaded with ``torch.load(weights_only=True)``).
-
-Layout of ``<save>/``::
-
-    latest                        text file naming the newest complete checkpoint ("global_step100")
-    global_step100/
-        meta.json                 iteration, consumed samples, world size, ZeRO stage, LR schedule, parameter shapes
-        config.yml                the resolved config of the run that wrote it
-        model_states.pt           full module state dict (rank 0); under tensor parallelism instead one
-        mp_rank_XX_model_states.pt  per TP rank (written by data-parallel rank 0 of the first stage; the split of
-                                  every parameter is megatron.parallel.reshard's table, so any TP size loads it)
-        optim_rank{R}.pt          optimizer state: rank 0 only for ZeRO-0 without TP/PP; every rank's partition
-                                  for ZeRO-1/2/3 and every rank's own state under TP or PP
-        rng_rank{R}.pt            python / numpy / torch (CPU, CUDA) generator states of rank R
+"""The training engine's side of our checkpoint format (:mod:`megatron.checkpoint.format`): atomic, resumable saves
+of a DeepSpeed engine and resuming one from them.
 
 Why not ``engine.save_checkpoint``: DeepSpeed writes in place (a crash mid-save corrupts the newest checkpoint and
 its ``latest`` file already points at it) and its loader unpickles arbitrary objects. We write everything into
@@ -30,7 +18,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -42,21 +29,25 @@ import torch
 import torch.distributed as dist
 
 from megatron.atomic_io import atomic_write_text
+from megatron.checkpoint.format import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    META_FILE,
+    CheckpointError,
+    CheckpointLayout,
+    check_model_shapes,
+    check_shapes,
+    checkpoint_name,
+    list_checkpoints,
+    load_file,
+    read_meta,
+    resolve_checkpoint_dir,
+)
 from megatron.training.distributed import barrier, broadcast_object, capture_rng_state, restore_rng_state
-from megatron.errors import RunError, UserInputError
+from megatron.errors import RunError
 
-FORMAT_VERSION = 1
-LATEST_FILE = "latest"
-META_FILE = "meta.json"
-CONFIG_FILE = "config.yml"
-MODEL_FILE = "model_states.pt"
-STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
 _SCALER_KEY = "__loss_scaler_state__"
-
-
-class CheckpointError(UserInputError, RuntimeError):
-    """A checkpoint to read (``load``, a converter's ``--input_dir``, eval's / generate's checkpoint) is missing,
-    incomplete, corrupt or does not fit the current model/run: input the user named (exit 2)."""
 
 
 class CheckpointSaveError(RunError, RuntimeError):
@@ -65,33 +56,27 @@ class CheckpointSaveError(RunError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class CheckpointLayout:
-    """Where this rank sits for checkpoint I/O under tensor / pipeline parallelism (defaults: plain data parallel).
+class RunSnapshot:
+    """The engine-independent part of a checkpoint: where the run stands (iteration, data position, LR schedule,
+    seed), its resolved config and which optional files to write. :func:`save_checkpoint` writes the first four as
+    ``meta.json``'s ``client_state`` (what a resume reads back) and the config as ``config.yml``."""
 
-    ``writes_model``: whether this rank writes its module-state file (None: global rank 0 only);
-    ``dp_group_ranks``: the global ranks of this rank's data-parallel group, whose ZeRO partitions it loads (None:
-    all ranks, the pure data-parallel case); ``pp_size``: pipeline stages (1 = no pipeline engine).
-    """
+    iteration: int
+    consumed_train_samples: int = 0
+    lr_scheduler: dict[str, Any] | None = None    # AnnealingLR.state_dict(); None: not recorded
+    seed: int | None = None                       # None: not recorded
+    config_yaml: str | None = None                # the resolved config (None: no config.yml)
+    save_optim: bool = True                       # False: no optim_rank*.pt (no_save_optim)
+    save_rng: bool = True                         # False: no rng_rank*.pt (no_save_rng)
 
-    tp_rank: int = 0
-    tp_size: int = 1
-    pp_size: int = 1
-    writes_model: bool | None = None
-    dp_group_ranks: tuple[int, ...] | None = None
-
-    @property
-    def per_rank_optimizer(self) -> bool:
-        """TP shards / pipeline stages hold different optimizer states on every rank."""
-        return self.tp_size > 1 or self.pp_size > 1
-
-    def model_file(self) -> str:
-        from megatron.parallel.reshard import tp_model_file
-
-        return tp_model_file(self.tp_rank, self.tp_size)
-
-
-def checkpoint_name(iteration: int) -> str:
-    return f"global_step{iteration}"
+    def client_state(self) -> dict[str, Any]:
+        """``meta.json``'s ``client_state`` (JSON): iteration, consumed samples, and the LR schedule / seed when set."""
+        out: dict[str, Any] = {"iteration": self.iteration, "consumed_train_samples": self.consumed_train_samples}
+        if self.lr_scheduler is not None:
+            out["lr_scheduler"] = self.lr_scheduler
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
 
 def should_save(iteration: int, checkpoint_factor: int | None, extra_save_iters: Iterable[int] | None = None) -> bool:
@@ -99,19 +84,6 @@ def should_save(iteration: int, checkpoint_factor: int | None, extra_save_iters:
     if extra_save_iters and iteration in set(extra_save_iters):
         return True
     return bool(checkpoint_factor) and iteration % int(checkpoint_factor) == 0
-
-
-def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed ``global_stepN`` folders) sorted by iteration."""
-    root = Path(save_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR_RE.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,7 +180,7 @@ def _zero3_load_module(engine: Any, state: dict[str, torch.Tensor], where: Path)
 
     module = engine.module
     current = zero3_param_shapes(engine)
-    _check_shapes({k: tuple(v.shape) for k, v in state.items()}, current, where)
+    check_shapes({k: tuple(v.shape) for k, v in state.items()}, current, where)
     for prefix, sub in _zero3_submodules(module):
         params = list(sub.parameters(recurse=False))
         dot = f"{prefix}." if prefix else ""
@@ -252,55 +224,51 @@ def _first_error(local: str | None) -> str | None:
     return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
 
 
-def _write_rank_files(tmp: Path, engine: Any, rank: int, world_size: int, iteration: int,
-                      client_state: dict[str, Any], config_yaml: str | None, layout: CheckpointLayout,
-                      module_state: dict[str, torch.Tensor] | None, optim_state: dict[str, Any] | None,
-                      writes_model: bool, save_optim: bool = True, save_rng: bool = True) -> None:
+def _write_rank_files(tmp: Path, engine: Any, snapshot: RunSnapshot, rank: int, world_size: int,
+                      layout: CheckpointLayout, module_state: dict[str, torch.Tensor] | None,
+                      optim_state: dict[str, Any] | None, writes_model: bool) -> None:
     if writes_model:
         _torch_save(module_state, tmp / layout.model_file())
     if optim_state is not None:
         _torch_save(optim_state, tmp / f"optim_rank{rank}.pt")
-    if save_rng:
+    if snapshot.save_rng:
         _torch_save(capture_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         meta = {
             "format_version": FORMAT_VERSION,
-            "iteration": iteration,
+            "iteration": snapshot.iteration,
             "world_size": world_size,
             "zero_stage": int(engine.zero_optimization_stage()),
             "tensor_parallel_size": layout.tp_size,
             "pipe_parallel_size": layout.pp_size,
             "optimizer_per_rank": layout.per_rank_optimizer,
-            "has_optimizer": save_optim,
-            "has_rng": save_rng,
+            "has_optimizer": snapshot.save_optim,
+            "has_rng": snapshot.save_rng,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_version": torch.__version__,
             "param_shapes": {k: list(v.shape) for k, v in (module_state or {}).items()},
-            "client_state": client_state,
+            "client_state": snapshot.client_state(),
         }
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
-        if config_yaml is not None:
-            atomic_write_text(tmp / CONFIG_FILE, config_yaml)
+        if snapshot.config_yaml is not None:
+            atomic_write_text(tmp / CONFIG_FILE, snapshot.config_yaml)
 
 
-def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *, rank: int, world_size: int,
-                    client_state: dict[str, Any], config_yaml: str | None = None,
-                    keep_last_n: int | None = None, layout: CheckpointLayout | None = None,
-                    module_state: dict[str, torch.Tensor] | None = None, save_optim: bool = True,
-                    save_rng: bool = True) -> Path:
-    """Write ``global_step{iteration}`` atomically on every rank (collective call); returns its final path.
+def save_checkpoint(save_dir: str | os.PathLike, engine: Any, snapshot: RunSnapshot, *, rank: int, world_size: int,
+                    layout: CheckpointLayout | None = None, module_state: dict[str, torch.Tensor] | None = None,
+                    keep_last_n: int | None = None) -> Path:
+    """Write ``global_step{snapshot.iteration}`` atomically on every rank (collective call); returns its final path.
 
-    ``client_state`` must be JSON-serialisable (iteration counters, consumed samples, LR schedule state...).
-    ``module_state`` replaces ``engine.module.state_dict()`` (a pipeline engine passes the gathered GPTModel
-    layout); ``layout`` says which module/optimizer files this rank writes under TP / PP; ``save_optim`` /
-    ``save_rng`` False leave the optimizer / RNG files out (``no_save_optim`` / ``no_save_rng``, recorded in
-    ``meta.json``). Raises
+    ``snapshot`` is the run's engine-independent state (:class:`RunSnapshot`: counters, LR schedule, config, and
+    whether the optimizer / RNG files are written, recorded in ``meta.json``). ``module_state`` replaces
+    ``engine.module.state_dict()`` (a pipeline engine passes the gathered GPTModel layout); ``layout`` says which
+    module/optimizer files this rank writes under TP / PP; ``keep_last_n`` prunes older checkpoints. Raises
     :class:`CheckpointSaveError` on every rank when any rank fails to write: the temp folder is removed, the
     previous checkpoint and ``latest`` stay as they were.
     """
     layout = layout or CheckpointLayout()
     root = Path(save_dir)
-    final = root / checkpoint_name(iteration)
+    final = root / checkpoint_name(snapshot.iteration)
     tmp_name = broadcast_object(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
     tmp = root / tmp_name
     writes_model = layout.writes_model if layout.writes_model is not None else rank == 0
@@ -325,7 +293,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
         if module_state is not None:
             module_state = {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
         optim_state = None
-        if save_optim and (rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer):
+        if snapshot.save_optim and (rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer):
             optim_state = dict(engine.optimizer.state_dict())
             optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
             optim_state = _to_plain(optim_state)
@@ -333,8 +301,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, engine: Any, *,
             engine.optimizer.checkpoint_event_epilogue()
         local = None
         try:
-            _write_rank_files(tmp, engine, rank, world_size, iteration, client_state, config_yaml, layout,
-                              module_state, optim_state, writes_model, save_optim, save_rng)
+            _write_rank_files(tmp, engine, snapshot, rank, world_size, layout, module_state, optim_state,
+                              writes_model)
         except OSError as exc:
             local = _io_error(exc)
         error = _first_error(local)
@@ -390,98 +358,6 @@ def _prune(root: Path, keep_last_n: int | None, keep: Path) -> None:
 # load
 
 
-def read_latest(latest: Path) -> str:
-    """The folder name held by a ``latest`` file; a clear error for an empty, binary or path-like content."""
-    try:
-        raw = latest.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {latest}: {exc.strerror or exc}") from exc
-    try:
-        name = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{latest} is not a text file (binary content, {len(raw)} bytes); expected one line "
-                              "naming a global_stepN folder, e.g. 'global_step100'") from None
-    if not name:
-        raise CheckpointError(f"{latest} is empty; expected the name of a global_stepN folder")
-    if "\n" in name or "/" in name or "\\" in name or name in (".", "..") or not name.isprintable():
-        shown = name if len(name) <= 60 else name[:57] + "..."
-        raise CheckpointError(f"{latest} holds {shown!r}; expected one line naming a global_stepN folder "
-                              "inside the same directory, e.g. 'global_step100'")
-    return name
-
-
-def resolve_checkpoint_dir(load_dir: str | os.PathLike) -> Path:
-    """``load_dir`` may be a run folder (uses ``latest``) or one ``global_stepN`` folder. Clear errors otherwise."""
-    path = Path(load_dir)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint path {path} is not a directory")
-    if (path / META_FILE).exists():
-        return path
-    latest = path / LATEST_FILE
-    if latest.exists():
-        name = read_latest(latest)
-        target = path / name
-        if not (target / META_FILE).is_file():
-            raise CheckpointError(f"{latest} points to {target}, which is not a complete checkpoint "
-                                  f"(missing {META_FILE})")
-        return target
-    steps = list_checkpoints(path)
-    if not steps:
-        raise CheckpointError(f"no checkpoint found in {path}: expected a '{LATEST_FILE}' file or global_stepN "
-                              f"folders containing {META_FILE}")
-    newest = steps[-1][1]
-    if not (newest / META_FILE).is_file():
-        raise CheckpointError(f"checkpoint {newest} is incomplete (missing {META_FILE})")
-    return newest
-
-
-def _load_file(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/corrupt archives
-        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-
-
-def read_meta(ckpt_dir: Path) -> dict[str, Any]:
-    path = ckpt_dir / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint file {path} is missing") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is corrupt: {exc}") from exc
-    if not isinstance(meta, dict) or "iteration" not in meta:
-        raise CheckpointError(f"checkpoint file {path} has no 'iteration' entry")
-    return meta
-
-
-def check_model_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, where: Path) -> None:
-    """Raise naming every missing, unexpected or differently shaped key."""
-    _check_shapes({k: tuple(v.shape) for k, v in saved.items()},
-                  {k: tuple(v.shape) for k, v in module.state_dict().items()}, where)
-
-
-def _check_shapes(saved: dict[str, tuple[int, ...]], current: dict[str, tuple[int, ...]], where: Path) -> None:
-    missing = sorted(set(current) - set(saved))
-    unexpected = sorted(set(saved) - set(current))
-    differing = [f"{k}: checkpoint {saved[k]} vs model {current[k]}"
-                 for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
-    if missing or unexpected or differing:
-        parts = []
-        if differing:
-            parts.append("shape mismatch: " + "; ".join(differing[:8]) + (" ..." if len(differing) > 8 else ""))
-        if missing:
-            parts.append("missing in checkpoint: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
-        if unexpected:
-            parts.append("not in model: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
-        raise CheckpointError(f"checkpoint {where} does not match the configured model ({' | '.join(parts)})")
-
-
 def _module_state_for(ckpt: Path, layout: CheckpointLayout) -> dict[str, torch.Tensor]:
     """This rank's module state: the saved TP shards merged and re-split to the run's TP size when they differ."""
     from megatron.parallel.reshard import ReshardError, find_tp_model_files, merge_tp_state_dicts, split_tp_state_dict
@@ -492,7 +368,7 @@ def _module_state_for(ckpt: Path, layout: CheckpointLayout) -> dict[str, torch.T
         raise CheckpointError(str(exc)) from exc
     shards = []
     for path in files:
-        state = _load_file(path)
+        state = load_file(path)
         if not isinstance(state, dict):
             raise CheckpointError(f"checkpoint file {path} does not hold a state dict")
         shards.append(state)
@@ -556,11 +432,11 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
                 raise CheckpointError(f"checkpoint {ckpt} holds ZeRO optimizer partitions for {meta['world_size']} "
                                       f"ranks, the run has {world_size}; set no_load_optim to load weights only")
             ranks = layout.dp_group_ranks if layout.dp_group_ranks is not None else range(world_size)
-            states = [_restore_scaler(_load_file(ckpt / f"optim_rank{r}.pt"), engine.optimizer) for r in ranks]
+            states = [_restore_scaler(load_file(ckpt / f"optim_rank{r}.pt"), engine.optimizer) for r in ranks]
             engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
         else:
             optim_file = ckpt / (f"optim_rank{rank}.pt" if meta.get("optimizer_per_rank") else "optim_rank0.pt")
-            state = _restore_scaler(_load_file(optim_file), engine.optimizer)
+            state = _restore_scaler(load_file(optim_file), engine.optimizer)
             try:
                 engine.optimizer.load_state_dict(state)
             except (ValueError, KeyError, RuntimeError) as exc:
@@ -572,6 +448,6 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
         rng_file = ckpt / f"rng_rank{rank}.pt"
         if not rng_file.exists() and rank > 0:
             rng_file = ckpt / "rng_rank0.pt"  # resumed on more ranks than saved: reuse rank 0's streams
-        restore_rng_state(_load_file(rng_file))
+        restore_rng_state(load_file(rng_file))
     meta["path"] = str(ckpt)
     return meta

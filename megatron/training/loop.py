@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron.checkpoint.format import list_checkpoints
 from megatron.training.batches import Batch, make_batch
-from megatron.training.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint, should_save
+from megatron.training.checkpointing import RunSnapshot, load_checkpoint, save_checkpoint, should_save
 from megatron.config.errors import ConfigError
 from megatron.config.derived import decay_iters
 from megatron.training.data_setup import (DataSetupError, SplitDatasets, build_datasets, build_epoch_datasets,
@@ -448,13 +449,12 @@ def _save(run: Run) -> None:
     cfg, engine, info, plan, scheduler = run.config, run.engine, run.info, run.plan, run.scheduler
     iteration, consumed = run.state.iteration, run.state.consumed
     tick = time.perf_counter()
-    client = {"iteration": iteration, "consumed_train_samples": consumed, "lr_scheduler": scheduler.state_dict(),
-              "seed": cfg.training.seed}
-    path = save_checkpoint(cfg.checkpoint.save, iteration, engine, rank=info.rank, world_size=info.world_size,
-                           client_state=client, config_yaml=cfg.to_yaml(),
-                           keep_last_n=cfg.checkpoint.keep_last_n_checkpoints, layout=plan.checkpoint_layout(),
-                           module_state=plan.module_state(engine), save_optim=not cfg.checkpoint.no_save_optim,
-                           save_rng=not cfg.checkpoint.no_save_rng)
+    snapshot = RunSnapshot(iteration=iteration, consumed_train_samples=consumed, lr_scheduler=scheduler.state_dict(),
+                           seed=cfg.training.seed, config_yaml=cfg.to_yaml(),
+                           save_optim=not cfg.checkpoint.no_save_optim, save_rng=not cfg.checkpoint.no_save_rng)
+    path = save_checkpoint(cfg.checkpoint.save, engine, snapshot, rank=info.rank, world_size=info.world_size,
+                           layout=plan.checkpoint_layout(), module_state=plan.module_state(engine),
+                           keep_last_n=cfg.checkpoint.keep_last_n_checkpoints)
     run.result.checkpoints.append(str(path))
     run.logger.info(f"saved checkpoint {path} ({time.perf_counter() - tick:.2f} s)")
     run.state.last_saved = iteration

@@ -20,9 +20,9 @@ import functools
 
 import torch
 
+from megatron.checkpoint.format import CheckpointLayout
 from megatron.config.layout import pipeline_engine_stages
 from megatron.model.loss import lm_loss
-from megatron.training.checkpointing import CheckpointLayout
 
 if TYPE_CHECKING:
     from megatron.config.neox import NeoXConfig

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron.errors import NeoxError, report_error
-    from megatron.model.convert.import_hf import import_from_hf
+    from megatron.checkpoint.hf.import_hf import import_from_hf
 
     try:
         result = import_from_hf(args.hf_dir, args.output_dir, tp=args.tp, pp=args.pp)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron.errors import NeoxError, report_error
-    from megatron.model.convert.export import export_to_hf
+    from megatron.checkpoint.hf.export import export_to_hf
 
     try:
         result = export_to_hf(args.input_dir, args.output_dir, config_file=args.config_file,

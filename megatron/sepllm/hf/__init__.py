@@ -2,5 +2,5 @@
 (``apply_sepllm``), the lm_eval model and the streaming-perplexity machinery.
 
 Builds on :mod:`megatron.sepllm.attention` (the keep rule) and reads exported ``sepllm`` blocks through
-:mod:`megatron.model.convert`.
+:mod:`megatron.sepllm.config_block`.
 """

@@ -121,7 +121,7 @@ def sepllm_config_from_model(model: Any) -> SepLLMConfig:
     """The SepLLM settings an exported model was trained with: the ``sepllm`` block of its ``config.json`` (written
     by ``tools/ckpts/convert_neox_to_hf.py``), else the SepLLM keys at the top level of its config (the SepLLM
     authors' ``sepllm_gpt_neox`` format); the block wins when both exist. Validated like a training-free YAML."""
-    from megatron.model.convert.sepllm_block import model_block, sepllm_settings
+    from megatron.sepllm.config_block import model_block, sepllm_settings
 
     try:
         block = model_block(model)
@@ -142,10 +142,10 @@ def sepllm_config_from_model(model: Any) -> SepLLMConfig:
 def sep_cache_arguments(model: Any, **given: Any) -> dict[str, Any]:
     """SepCache sizes / separators / decode rule for ``generate``: explicit values win, then the model's ``sepllm``
     block (an exported SepLLM / StreamingLLM model: its initial tokens, separators, decode and prefill windows and the
-    trained decode rule, ``sepllm_block.sep_cache_defaults``; or the block its
-    top-level SepLLM keys describe, ``sepllm_block.model_block``), then SepCache's
+    trained decode rule, ``config_block.sep_cache_defaults``; or the block its
+    top-level SepLLM keys describe, ``config_block.model_block``), then SepCache's
     defaults; ``separator_token_ids`` / ``PADDING_ID`` left None fall back to the model-type preset."""
-    from megatron.model.convert.sepllm_block import model_block, sep_cache_defaults
+    from megatron.sepllm.config_block import model_block, sep_cache_defaults
 
     try:
         from_model = sep_cache_defaults(model_block(model))

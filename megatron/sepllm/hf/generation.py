@@ -157,7 +157,7 @@ def generate(model: Any, input_ids: torch.LongTensor, logits_processor: Any = No
     ``partial_rotation_size``, the layout options and the empty reference state arguments) are those of
     :class:`~megatron.sepllm.hf.cache.SepCache`. Unset sizes and separators come from the ``sepllm`` block of an exported
     model's config (what it was trained with; or the block the SepLLM authors' top-level keys describe,
-    ``sepllm_block.model_block``), else the hub ``generate``'s defaults 4 / 128 / 256 / 512 and the
+    ``config_block.model_block``), else the hub ``generate``'s defaults 4 / 128 / 256 / 512 and the
     model_type separator preset. ``layer_num`` / ``model_type``, when given, must agree with the model.
     The decode rule follows the same order: a model with a ``sepllm`` block decodes as it was trained and as
     ``generate.py`` decodes it (``exact_window=True``, ``USE_MAX_SEP_CACHE=True``, ``prefill_attention="sepllm"`` with

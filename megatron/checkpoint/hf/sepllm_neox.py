@@ -5,7 +5,7 @@ those classes cannot compute (ALiBi, learned or no positions, BiPE, self-adjusti
 export instead writes ``configuration_sepllm_neox.py`` and ``modeling_sepllm_neox.py`` (``remote_code/``) beside the
 weights and points ``config.json``'s ``auto_map`` at them, so every model the framework trains loads with
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` and computes what ``GPTModel`` computes.
-The weights keep our names under ``model.`` (``tables.sepllm_neox_key``): the modeling file mirrors our modules.
+The weights keep our names under ``model.`` (``weight_names.sepllm_neox_key``): the modeling file mirrors our modules.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from megatron.config import derived
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm_settings import settings_of
 from megatron.model.attention import kv_heads
-from megatron.model.convert.hf import check_vocab, max_positions
-from megatron.model.convert.remote_code import REMOTE_CODE_FILES
-from megatron.model.convert.tables import IGNORED_BUFFERS, clean_state_dict, model_keys, sepllm_neox_key
+from megatron.checkpoint.hf.mapping import check_vocab, max_positions
+from megatron.checkpoint.hf.remote_code import REMOTE_CODE_FILES
 from megatron.model.mlp import ffn_width
+from megatron.model.weight_names import IGNORED_BUFFERS, clean_state_dict, model_keys, sepllm_neox_key
 
 ARCHITECTURE = "sepllm_neox"
 HF_CLASS = "SepLLMNeoXForCausalLM"
@@ -53,7 +53,7 @@ def sepllm_neox_config(model_cfg: ModelConfig, sepllm_cfg: Any, vocab_size: Opti
                        **overrides: Any) -> Any:
     """The ``SepLLMNeoXConfig`` describing ``GPTModel(model_cfg, sepllm_cfg)``: our model keys plus the resolved
     SepLLM settings (mode, one prefill and one decode window per layer, initial tokens, separators)."""
-    from megatron.model.convert.remote_code.configuration_sepllm_neox import SepLLMNeoXConfig
+    from megatron.checkpoint.hf.remote_code.configuration_sepllm_neox import SepLLMNeoXConfig
 
     cfg = model_cfg
     sliding = {} if cfg.sliding_window_width is None else {"sliding_window_width": cfg.sliding_window_width}

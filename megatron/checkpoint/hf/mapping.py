@@ -1,6 +1,6 @@
 """``GPTModel`` <-> Hugging Face ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM`` / ``MistralForCausalLM``: what each HF
 class can represent, the HF config describing the same function, and the state-dict conversions (through the key
-tables of :mod:`megatron.model.convert.tables`; Mistral's tensor names are Llama's). Mistral is the Llama shape
+tables of :mod:`megatron.model.weight_names`; Mistral's tensor names are Llama's). Mistral is the Llama shape
 without biases plus ``sliding_window`` (= ``sliding_window_width + 1``, :func:`hf_sliding_window`).
 
 Every check raises ``ValueError`` naming the config key: an export that silently changes the function is worse than
@@ -18,7 +18,7 @@ from torch import Tensor
 from megatron.config import derived
 from megatron.config.model import ModelConfig
 from megatron.model.attention import head_dim, kv_heads
-from megatron.model.convert.tables import (
+from megatron.model.weight_names import (
     GPT_NEOX_TABLE,
     LLAMA_TABLE,
     clean_state_dict,

@@ -18,11 +18,11 @@ from typing import Any, Optional
 
 import torch
 
+from megatron.checkpoint.hf import sepllm_neox
+from megatron.checkpoint.hf.mapping import ARCHITECTURES, CHECKS, HF_CLASSES, HF_CONFIGS, TO_HF
+from megatron.checkpoint.trained import load_trained_model
 from megatron.config.errors import ConfigError
-from megatron.model.convert.checkpoint import load_trained_model
-from megatron.model.convert import sepllm_neox
-from megatron.model.convert.hf import ARCHITECTURES, CHECKS, HF_CLASSES, HF_CONFIGS, TO_HF
-from megatron.model.convert.sepllm_block import BLOCK_KEY, build_block, check_exportable
+from megatron.sepllm.config_block import BLOCK_KEY, build_block, check_exportable
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # as transformers' save_pretrained: shard above 5 GB
@@ -169,7 +169,7 @@ def export_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     ``architecture``: ``neox`` (``GPTNeoXForCausalLM``), ``llama`` (``LlamaForCausalLM``) or ``mistral``
     (``MistralForCausalLM``, the sliding window as HF's ``sliding_window = W + 1``), default from the model config;
     ``sepllm_neox`` writes the model's own modeling code beside the weights (every config we train,
-    loaded with ``trust_remote_code=True``; ``megatron.model.convert.sepllm_neox``). Raises :class:`ExportError` /
+    loaded with ``trust_remote_code=True``; ``megatron.checkpoint.hf.sepllm_neox``). Raises :class:`ExportError` /
     ``CheckpointError`` / ``ConfigError`` with one line.
     """
     out = Path(output_dir)

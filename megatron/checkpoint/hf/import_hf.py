@@ -7,7 +7,7 @@ activations, Llama's full-head rotary, Mistral's ``sliding_window`` s as ``slidi
 else is refused with one line naming the ``config.json`` key.
 A ``sepllm`` block in ``config.json`` (written by our exporter) is turned back into the SepLLM keys; without one,
 SepLLM keys at the top level of ``config.json`` (the SepLLM authors' ``sepllm_gpt_neox`` format,
-``megatron.model.convert.sepllm_gpt_neox``) are read instead.
+``megatron.sepllm.authors_config``, ``megatron.checkpoint.hf.sepllm_gpt_neox``) are read instead.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from typing import Any
 import torch
 import yaml
 
+from megatron.checkpoint.format import CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, META_FILE, checkpoint_name
+from megatron.checkpoint.hf import sepllm_gpt_neox as authors_weights
+from megatron.checkpoint.hf.mapping import FROM_HF, HF_GATED_ACTS
 from megatron.config import derived
 from megatron.config.errors import ConfigError
-from megatron.model.convert import sepllm_gpt_neox as authors
-from megatron.model.convert.hf import FROM_HF, HF_GATED_ACTS
-from megatron.model.convert.sepllm_block import sepllm_settings
-from megatron.training.checkpointing import CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, META_FILE, checkpoint_name
+from megatron.sepllm import authors_config as authors
+from megatron.sepllm.config_block import sepllm_settings
 
 GENERATED_YAML = "model.yml"
 _MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", "mistral": "mistral", authors.MODEL_TYPE: "neox"}
@@ -132,7 +133,7 @@ def model_keys_from_hf(raw: dict[str, Any], where: Path) -> tuple[str, dict[str,
         keys["rotary_emb_base"] = int(keys["rotary_emb_base"])
     if authors.is_authors_format(raw):
         try:
-            keys = authors.authors_model_keys(raw, keys, str(where))
+            keys = authors_weights.authors_model_keys(raw, keys, str(where))
         except ValueError as exc:
             raise ImportHFError(str(exc)) from exc
     return arch, keys
@@ -226,8 +227,9 @@ def import_from_hf(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
     try:
         weights = read_hf_weights(src)
         if arch == "neox":             # transformers 4.x names: the authors' prefix, ``embed_out`` for the head
-            weights = authors.rename_weights(weights)
-        convert = authors.from_sepllm_gpt_neox_state_dict if authors.is_authors_format(raw) else FROM_HF[arch]
+            weights = authors_weights.rename_weights(weights)
+        convert = (authors_weights.from_sepllm_gpt_neox_state_dict if authors.is_authors_format(raw)
+                   else FROM_HF[arch])
         state = convert(weights, cfg.model, cfg.sepllm)
     except (KeyError, ValueError) as exc:
         raise ImportHFError(f"--hf_dir {src}: {str(exc).strip(chr(34) + chr(39))}") from exc

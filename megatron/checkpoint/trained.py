@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from megatron.config.errors import ConfigError
-from megatron.training.checkpointing import (
+from megatron.checkpoint.format import (
     CONFIG_FILE,
     META_FILE,
     CheckpointError,
-    _load_file,
     check_model_shapes,
     checkpoint_name,
+    load_file,
     read_meta,
     resolve_checkpoint_dir,
 )
@@ -96,7 +96,7 @@ def read_full_model_state(ckpt_dir: Path, model_cfg: Any = None) -> dict[str, to
         raise CheckpointError(str(exc)) from exc
     shards = []
     for path in files:
-        state = _load_file(path)
+        state = load_file(path)
         if isinstance(state, dict) and isinstance(state.get("module"), dict):
             state = state["module"]  # DeepSpeed-style wrapper
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -166,5 +166,5 @@ def load_trained_model(load_dir: str | os.PathLike, *, config_files: Sequence[st
     return TrainedModel(model=model, config=cfg, iteration=int(meta["iteration"]), checkpoint_dir=ckpt)
 
 
-__all__ = ["TrainedModel", "find_checkpoint_dir", "load_checkpoint_config", "load_trained_model",
-           "read_full_model_state"]
+__all__ = ["TrainedModel", "checkpoint_to_read", "find_checkpoint_dir", "load_checkpoint_config",
+           "load_trained_model", "read_full_model_state"]

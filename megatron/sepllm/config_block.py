@@ -13,7 +13,7 @@ Everything except ``mode`` and ``sep_cache`` is a valid training-free SepLLM con
 the SepCache default separator budget, and ``cache_size = a + s + 2w`` (a compression every ``w`` tokens).
 
 A config without the block but with SepLLM keys at its top level (the SepLLM authors' ``sepllm_gpt_neox`` format,
-``megatron.model.convert.sepllm_gpt_neox``) is read as the block those keys describe (:func:`top_level_block`).
+``megatron.sepllm.authors_config``) is read as the block those keys describe (:func:`top_level_block`).
 When both exist, the block wins: it is what our exporter resolved from the training config.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 
 from megatron.config.errors import ConfigError
 from megatron.config.sepllm_settings import WINDOW_KEYS, settings_of, window_values
-from megatron.model.convert import sepllm_gpt_neox as authors
+from megatron.sepllm import authors_config as authors
 
 BLOCK_KEY = "sepllm"
 SEP_CACHE_KEY = "sep_cache"

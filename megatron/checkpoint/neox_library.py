@@ -1,5 +1,5 @@
 """Load weights saved by the original GPT-NeoX library (and the SepLLM fork of it) into ``GPTModel``, through the
-``neox`` column of the GPT-NeoX key table (:data:`megatron.model.convert.tables.GPT_NEOX_TABLE`).
+``neox`` column of the GPT-NeoX key table (:data:`megatron.model.weight_names.GPT_NEOX_TABLE`).
 
 GPT-NeoX numbers its modules as one flat sequence: ``0`` embedding (``word_embeddings``, ``position_embeddings``),
 ``1`` a parameter-free pre-transformer block, ``2 .. L+1`` the transformer layers, ``L+2`` a parameter-free
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from torch import Tensor
 
 from megatron.config.model import ModelConfig
-from megatron.model.convert.tables import GPT_NEOX_TABLE, from_hf_state, model_keys
+from megatron.model.weight_names import GPT_NEOX_TABLE, from_hf_state, model_keys
 
 _LLAMA_STYLE = re.compile(r"\.(w1|w2|w3)\.weight$|layernorm\.scale$|norm\.scale$")
 
