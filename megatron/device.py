@@ -12,13 +12,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal, MutableMapping, Optional
+from typing import Any, Literal, MutableMapping, Optional, get_args
 
 from megatron.errors import UserInputError
 
 #: what a config's ``training.device`` may say
 Device = Literal["auto", "cpu", "cuda"]
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DEVICES: tuple[str, ...] = get_args(Device)
 
 _GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd")
 

@@ -15,6 +15,7 @@ LAYERS = {
     "tokenizer": 1,
     "config": 2, "data": 2,
     "kernels": 3, "sepllm": 3, "sepllm.attention": 3,
+    "sepllm.cache": 3.5,
     "model": 4,
     "parallel": 5,
     "checkpoint": 5.5, "checkpoint.hf": 5.7,
@@ -34,7 +35,7 @@ KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 _FACADES = {"megatron.sepllm": "sepllm.public"}
 
 #: sub-packages that sit on a layer of their own
-_SUBPACKAGES = {("checkpoint", "hf"), ("sepllm", "attention"), ("sepllm", "hf")}
+_SUBPACKAGES = {("checkpoint", "hf"), ("sepllm", "attention"), ("sepllm", "cache"), ("sepllm", "hf")}
 
 
 def package_of(module: str) -> str | None:
@@ -183,6 +184,34 @@ def test_no_package_imports_a_higher_or_same_layer():
 
 def test_no_import_circles_inside_a_package():
     assert import_circles() == []
+
+
+def private_imports(root: Path = REPO) -> list[str]:
+    """Imports of a private module or sub-package (a name starting with ``_``, e.g. ``megatron.config._loading``)
+    from outside the package that holds it: the loading machinery stays behind the package's public modules."""
+    found = []
+    for name, targets in sorted(import_graph(root).items()):
+        for target in sorted(targets):
+            parts = target.split(".")
+            private = next((i for i, part in enumerate(parts) if part.startswith("_") and not part.startswith("__")),
+                           None)
+            owner = ".".join(parts[:private]) if private is not None else None
+            if owner is not None and not (name == owner or name.startswith(owner + ".")):
+                found.append(f"{name} imports {target} (private to {owner})")
+    return found
+
+
+def test_private_modules_are_imported_only_inside_their_package(tmp_path):
+    assert private_imports() == []
+    pkg = tmp_path / "megatron" / "config" / "_loading"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "merge.py").write_text("")
+    (tmp_path / "megatron" / "config" / "loader.py").write_text("from megatron.config._loading import merge\n")
+    (tmp_path / "megatron" / "training").mkdir()
+    (tmp_path / "megatron" / "training" / "loop.py").write_text("from megatron.config._loading.merge import x\n")
+    assert private_imports(tmp_path) == ["megatron.training.loop imports megatron.config._loading.merge "
+                                         "(private to megatron.config)"]
 
 
 def test_known_exceptions_still_exist():
