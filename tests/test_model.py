@@ -269,14 +269,14 @@ SEP = 7
 def test_bipe_positions_spec_examples() -> None:
     model = GPTModel(tiny(), SepLLMConfig(USE_BiPE=True, BiPE_seps=[SEP]))
     ids = torch.tensor([[SEP, 5, 5, 5, SEP, SEP, 6], [5, 6, SEP, 7 + 1, 8 + 1, SEP, 9]])
-    inter, intra = model.positions(ids, None, None)
+    inter, intra = model.context.positions(ids, None, None)
     assert intra.tolist() == [[0, 0, 1, 2, 3, 0, 0], [0, 1, 2, 0, 1, 2, 0]]
     assert inter.tolist() == [[0, 1, 1, 1, 1, 2, 3], [0, 0, 0, 1, 1, 1, 2]]
     # left padding: the padded row gets the unpadded row's ids
     padded = torch.tensor([[0, 0, 5, 6, SEP, 8, 9]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
-    inter_p, intra_p = model.positions(padded, None, mask)
-    inter_u, intra_u = model.positions(padded[:, 2:], None, None)
+    inter_p, intra_p = model.context.positions(padded, None, mask)
+    inter_u, intra_u = model.context.positions(padded[:, 2:], None, None)
     assert inter_p[0, 2:].tolist() == inter_u[0].tolist() and intra_p[0, 2:].tolist() == intra_u[0].tolist()
     with pytest.raises(ValueError, match="position_ids=None"):
         model(ids, position_ids=torch.zeros_like(ids))
@@ -298,7 +298,7 @@ def test_bipe_inter_ids_drive_rotary_and_alibi(pos_emb: str) -> None:
     plain = GPTModel(tiny(pos_emb=pos_emb, rotary_pct=1.0)).eval()
     _copy_common(plain, bipe)
     ids = torch.tensor([[3, 4, SEP, 5, 6, 8, SEP, SEP, 9, 10, 11, 12]])
-    inter, _ = bipe.positions(ids, None, None)
+    inter, _ = bipe.context.positions(ids, None, None)
     with torch.no_grad():
         torch.testing.assert_close(bipe(ids), plain(ids, position_ids=inter), atol=1e-5, rtol=0)
         # and it is not the same as ordinary positions (the test could fail)
@@ -317,7 +317,7 @@ def test_bipe_intra_ids_index_learned_table() -> None:
     learned = GPTModel(tiny(pos_emb="learned")).eval()
     learned.load_state_dict(bipe.state_dict())
     ids = torch.tensor([[3, 4, SEP, 5, 6, 8, SEP, 9]])
-    _, intra = bipe.positions(ids, None, None)
+    _, intra = bipe.context.positions(ids, None, None)
     with torch.no_grad():
         torch.testing.assert_close(bipe(ids), learned(ids, position_ids=intra), atol=1e-6, rtol=0)
     assert bipe.embed.position_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.1)
@@ -372,7 +372,7 @@ def test_bad_config_raises_clear_error(change: dict, match: str) -> None:
 def test_attention_config_accepts_neox_forms() -> None:
     """GPT-NeoX's ``[[pattern, count]]`` form and per-layer lists expand to one type per layer; global and flash are
     both dense causal attention, so the model computes exactly what it computes without the key."""
-    from megatron.model.gpt import expand_attention_config
+    from megatron.model.context import check_model_config
 
     forms = [
         (None, ["global", "global"]),
@@ -386,7 +386,7 @@ def test_attention_config_accepts_neox_forms() -> None:
     torch.manual_seed(0)
     want = GPTModel(tiny()).eval()(ids)
     for spec, types in forms:
-        assert expand_attention_config(tiny(attention_config=spec)) == types, spec
+        assert check_model_config(tiny(attention_config=spec)).attention_config == types, spec
         torch.manual_seed(0)
         torch.testing.assert_close(GPTModel(tiny(attention_config=spec)).eval()(ids), want, rtol=0, atol=0)
 

@@ -221,7 +221,7 @@ def test_pp1_equals_pp0_with_data_parallel_sepllm():
 def _chain(cfg: ModelConfig, sep, model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
     """Run the stage modules by hand in one process (what the stages do across ranks)."""
     ctx = StageContext(cfg, sep)
-    emb = EmbeddingPipe(cfg, ctx)
+    emb = EmbeddingPipe(ctx)
     layers = [TransformerLayerPipe(cfg, i, ctx) for i in range(cfg.num_layers)]
     norm = FinalNormPipe(cfg)
     state = model.state_dict()
@@ -233,10 +233,17 @@ def _chain(cfg: ModelConfig, sep, model: GPTModel, tokens: torch.Tensor) -> torc
     return tied_head_forward(emb, norm(x))
 
 
-@pytest.mark.parametrize("variant", ["full-rotary", "sepllm-compact-rotary", "sepllm-dense-bipe-learned"])
+@pytest.mark.parametrize("variant", ["full-rotary", "sepllm-compact-rotary", "sepllm-dense-bipe-learned",
+                                     "full-sinusoidal", "full-learned-opt-offset"])
 def test_stage_modules_compose_to_gpt_model(variant):
+    """The stages build from GPTModel's own ModelContext: the sinusoidal table and OPT's position offset (which an
+    earlier stage embedding left out) included."""
     if variant == "full-rotary":
         cfg, sep = tiny_cfg(2), None
+    elif variant == "full-sinusoidal":
+        cfg, sep = tiny_cfg(2, pos_emb="sinusoidal"), None
+    elif variant == "full-learned-opt-offset":
+        cfg, sep = tiny_cfg(2, pos_emb="learned", opt_pos_emb_offset=2, max_position_embeddings=64), None
     elif variant == "sepllm-compact-rotary":
         cfg, sep = tiny_cfg(2), sep_cfg(2)
     else:
@@ -301,7 +308,7 @@ def test_stage_inputs_are_checked():
     cfg = tiny_cfg(2)
     ctx = StageContext(cfg, None)
     with pytest.raises(PipelineInputError, match="integer input_ids"):
-        EmbeddingPipe(cfg, ctx)(torch.randn(2, SEQ))
+        EmbeddingPipe(ctx)(torch.randn(2, SEQ))
     with pytest.raises(PipelineInputError, match="transformer layer 0"):
         TransformerLayerPipe(cfg, 0, ctx)(torch.randn(2, SEQ, 32))
 

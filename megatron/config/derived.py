@@ -17,6 +17,7 @@ Norm = Literal["layernorm", "rmsnorm", "scalenorm", "non_parametric_layernorm"]
 Activation = Literal["gelu", "geglu", "relu", "reglu", "swiglu", "silu", "swish", "mish", "softsign", "glu",
                      "bilinear"]
 Precision = Literal["fp32", "fp16", "bf16"]
+GeluApproximation = Literal["none", "tanh"]          # torch.nn.functional.gelu's `approximate`
 #: the Llemma GPT-NeoX release's spelling of what ``num_kv_heads`` builds
 AttentionType = Literal["multihead", "groupedquery", "multiquery"]
 POS_EMBS: tuple[str, ...] = get_args(PosEmb)
@@ -57,7 +58,7 @@ FULL_ATTENTION_TYPES = ("global", "flash")  # both are dense causal attention; "
 TANH_GELU_HF_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
-def gelu_approximation(activation: str, bias_gelu_fusion: bool) -> str:
+def gelu_approximation(activation: str, bias_gelu_fusion: bool) -> GeluApproximation:
     """How ``gelu`` is computed: GPT-NeoX's fused bias+GeLU kernel is the tanh approximation, so a model trained with
     ``bias_gelu_fusion`` computes tanh-GELU (``"tanh"``); otherwise exact erf GELU (``"none"``). Gated GEGLU is always
     exact. Returned in ``torch.nn.functional.gelu``'s ``approximate`` spelling."""

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron.config.components import opt
-from megatron.config.derived import Activation, AttentionType, Norm, PosEmb, Precision
+from megatron.config import derived
+from megatron.config.derived import Activation, AttentionType, GeluApproximation, Norm, PosEmb, Precision
 
 
 @dataclass
@@ -87,6 +88,13 @@ class ModelConfig:
     attention_config: Optional[list] = opt(None, "GPT-NeoX [[[\"global\"], 12]] (patterns x counts), expanded to one "
                                                  "type per layer. global/flash = dense causal attention (SepLLM "
                                                  "sparsity comes from the SepLLM keys).", derived=True)
+    mlp_widths: Optional[list] = opt(None, "[output features of the MLP's first projection, input features of its "
+                                           "second] from intermediate_size / expansion_factor / mlp_multiple_of and "
+                                           "the activation (megatron.config.derived.mlp_widths); what the model "
+                                           "builds.", derived=True)
+    gelu_approximate: Optional[GeluApproximation] = opt(None, "How activation gelu is computed, in torch's spelling: "
+                                                              "tanh with bias_gelu_fusion (GPT-NeoX's fused kernel), "
+                                                              "else none (exact erf).", derived=True)
     output_layer_parallelism: str = opt("column", "GPT-NeoX output-layer split (column); accepted for compatibility.")
     # Fusion / kernel keys accepted from GPT-NeoX configs. rope/layernorm/rmsnorm select the compiled kernels of
     # csrc/ when available (megatron.kernels.plan); the rest are hints. Unavailable: one warning, PyTorch path.
@@ -115,3 +123,15 @@ class ModelConfig:
     synchronize_each_layer: bool = opt(False, "Accepted GPT-NeoX hint (CUDA synchronize per layer for debugging).")
     precision: Precision = opt("fp32", "Copy of training.precision, so model code need not look elsewhere (derived, do "
                                        "not set).", derived=True)
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill, in place, the values the model reads but nobody sets: one attention type per layer, the MLP widths and
+    the GeLU form. Config validation calls it, and so does every model build (``megatron.model.context``) for
+    configs made in code, so the model's modules read these fields instead of re-deriving them; it recomputes from
+    the user's keys each time, so a config edited after loading stays consistent. Raises ``ConfigError``."""
+    cfg.attention_config = derived.expand_attention_config(cfg.attention_config, cfg.num_layers)
+    cfg.mlp_widths = list(derived.mlp_widths(cfg.hidden_size, cfg.activation, cfg.intermediate_size,
+                                             cfg.expansion_factor, cfg.mlp_multiple_of))
+    cfg.gelu_approximate = derived.gelu_approximation(cfg.activation, cfg.bias_gelu_fusion)
+    return cfg

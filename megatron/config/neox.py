@@ -45,7 +45,7 @@ DERIVED_KEYS_KEY = "derived_keys"
 # Values only validation computes: a config may repeat them (a saved resolved config does), never change them.
 READ_ONLY_FIELDS = frozenset({
     ("sepllm", "mode"), ("sepllm", "prefill_windows"), ("sepllm", "generate_windows"), ("training", "zero_stage"),
-    ("parallel", "data_parallel_size"), ("model", "precision")})
+    ("parallel", "data_parallel_size"), ("model", "precision"), ("model", "mlp_widths"), ("model", "gelu_approximate")})
 
 
 def derivable_fields() -> frozenset:

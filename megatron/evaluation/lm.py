@@ -72,7 +72,7 @@ class NeoXLM(TemplateLM):
         self.model = model
         self.tokenizer = tokenizer
         self._batch_size = int(batch_size)
-        self._max_length = int(max_length or getattr(model, "max_positions"))
+        self._max_length = int(max_length or model.context.max_positions)
         self.max_gen_toks = int(max_gen_toks)
         self._device = torch.device(device)
         self.dp = dp

@@ -20,83 +20,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron.config import derived
-from megatron.config.errors import ConfigError
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 from megatron.kernels.plan import log_fusion_choice
-from megatron.model.attention import head_dim
 from megatron.model.attention_backend import AttentionBackend, build_attention_backend
-from megatron.model.embeddings import Embedding
+from megatron.model.context import ModelContext
 from megatron.model.init import init_weights
 from megatron.model.norms import build_norm
-from megatron.model.positional import default_position_ids, rotary_cos_sin, rotary_ndims
 from megatron.model.transformer import TransformerLayer
-from megatron.sepllm.attention.rules import bipe_position_ids, left_pad_counts
 
 logger = logging.getLogger(__name__)
 
-POS_EMBS = derived.POS_EMBS
-FULL_ATTENTION_TYPES = derived.FULL_ATTENTION_TYPES
-
-
-def expand_attention_config(cfg: ModelConfig) -> list[str]:
-    """Per-layer attention types (config validation's :func:`megatron.config.derived.expand_attention_config`, for
-    configs built in code that never went through validation).
-
-    Only dense causal attention (``global``/``flash``) exists here; the sparsity pattern comes from SepLLM instead.
-    """
-    try:
-        types = derived.expand_attention_config(cfg.attention_config, cfg.num_layers)
-    except ConfigError as exc:  # the model's own errors are ValueErrors naming the model config
-        raise ValueError(f"model config key {exc}") from None
-    unsupported = sorted({t for t in types if t not in FULL_ATTENTION_TYPES})
-    if unsupported:
-        raise ValueError(f"model config key 'attention_config' = {unsupported}: only {FULL_ATTENTION_TYPES} are "
-                         f"supported (SepLLM sparsity is configured by the SepLLM keys instead)")
-    return types
-
-
-def bipe_separator_ids(sepllm_cfg: SepLLMConfig) -> list[int]:
-    """BiPE separators: ``BiPE_seps``, else the SepLLM ``separator_token_ids``; loud error if neither is set."""
-    seps = sepllm_cfg.BiPE_seps if sepllm_cfg.BiPE_seps is not None else sepllm_cfg.separator_token_ids
-    if not seps:
-        raise ValueError("SepLLM config key 'USE_BiPE' = True needs 'BiPE_seps' (or 'separator_token_ids') to list "
-                         "the separator token ids")
-    return [int(s) for s in seps]
-
 
 class GPTModel(nn.Module):
-    """Decoder-only LM: embedding -> ``num_layers`` x ``TransformerLayer`` -> final norm -> output head."""
+    """Decoder-only LM: embedding -> ``num_layers`` x ``TransformerLayer`` -> final norm -> output head.
+
+    ``self.context`` (:class:`megatron.model.context.ModelContext`) checks and resolves the config once and supplies
+    the positions; ``self.attention_backend`` may be swapped (tests, retention statistics)."""
 
     def __init__(self, model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig] = None) -> None:
         super().__init__()
-        cfg = model_cfg
-        if cfg.padded_vocab_size is None:
-            raise ValueError("model config 'padded_vocab_size' is None: set it from the tokenizer (vocab size rounded "
-                             "up to make_vocab_size_divisible_by) before building GPTModel")
-        if cfg.pos_emb not in POS_EMBS:
-            raise ValueError(f"model config key 'pos_emb' = {cfg.pos_emb!r}: expected one of {POS_EMBS}")
-        if cfg.checkpoint_num_layers < 1:
-            raise ValueError(f"model config key 'checkpoint_num_layers' = {cfg.checkpoint_num_layers}: expected >= 1")
-        if cfg.output_layer_parallelism != "column":
-            raise ValueError(f"model config key 'output_layer_parallelism' = {cfg.output_layer_parallelism!r}: only "
-                             f"'column' is supported")
-        expand_attention_config(cfg)
-        self.cfg = cfg
+        self.context = ModelContext(model_cfg, sepllm_cfg)
+        cfg = self.cfg = self.context.cfg
         self.sepllm_cfg = sepllm_cfg
-        self.use_bipe = bool(sepllm_cfg is not None and sepllm_cfg.USE_BiPE)
-        self.bipe_seps = bipe_separator_ids(sepllm_cfg) if self.use_bipe else []
-        self.head_dim = head_dim(cfg)
-        self.rotary_ndims = rotary_ndims(self.head_dim, cfg.rotary_pct) if cfg.pos_emb == "rotary" else 0
-        self.max_positions = cfg.max_position_embeddings or cfg.seq_length
-        learned_table = cfg.pos_emb == "learned" or self.use_bipe
-        if self.use_bipe and cfg.pos_emb == "sinusoidal":
-            raise ValueError("USE_BiPE reads a learned intra-segment position table; it cannot be combined with "
-                             "pos_emb 'sinusoidal'")
-        self.embed = Embedding(cfg.padded_vocab_size, cfg.hidden_size,
-                               self.max_positions if learned_table else None, cfg.hidden_dropout,
-                               sinusoidal=cfg.pos_emb == "sinusoidal", position_offset=cfg.opt_pos_emb_offset)
+        self.embed = self.context.build_embedding()
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_layernorm = build_norm(cfg)
         self.output_layer = (nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
@@ -111,28 +58,6 @@ class GPTModel(nn.Module):
         init_weights(self, self.cfg)
 
     # ----------------------------------------------------------------------------------------------------------------
-    def positions(self, input_ids: Tensor, position_ids: Optional[Tensor],
-                  attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        """``(relative_positions, absolute_table_positions)``: the ids used by rotary/ALiBi and by the learned table.
-
-        Without BiPE both are the same position ids; with BiPE they are (inter, intra). Left padding is excluded
-        from BiPE's first segment so a padded row gets the unpadded row's ids.
-        """
-        if not self.use_bipe:
-            pos = position_ids if position_ids is not None else default_position_ids(input_ids, attention_mask)
-            return pos, (pos if self.embed.uses_positions else None)
-        if position_ids is not None:
-            raise ValueError("USE_BiPE computes position ids from the token ids; pass position_ids=None")
-        ids = input_ids
-        if attention_mask is not None:
-            ids = input_ids.masked_fill(~attention_mask.to(torch.bool), -1)  # padding is never a separator
-        intra, inter = bipe_position_ids(ids, self.bipe_seps)
-        if attention_mask is not None:
-            pad = left_pad_counts(attention_mask).unsqueeze(1)
-            intra = torch.where(inter == 0, intra - pad, intra).clamp(min=0)
-            intra = intra * attention_mask.to(intra.dtype)
-        return inter, intra
-
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, kv_cache: Any = None, logits_to_keep: int = 0) -> Tensor:
         """``input_ids [B, S]`` (+ optional ``position_ids [B, S]``, 2-D ``attention_mask`` 1 = real, 0 = pad)
@@ -157,10 +82,9 @@ class GPTModel(nn.Module):
             else:
                 raise ValueError(f"position_ids must be [batch, seq] like input_ids {tuple(input_ids.shape)}, got "
                                  f"{tuple(position_ids.shape)}")
-        rel_pos, abs_pos = self.positions(input_ids, position_ids, attention_mask)
-        x = self.embed(input_ids, abs_pos)
-        rotary = (rotary_cos_sin(rel_pos, self.rotary_ndims, self.cfg.rotary_emb_base, x.dtype)
-                  if self.rotary_ndims else None)
+        rel_pos, abs_pos = self.context.positions(input_ids, position_ids, attention_mask)
+        x = self.embed(input_ids, abs_pos if self.embed.uses_positions else None)
+        rotary = self.context.rotary(rel_pos, x.dtype)
         state = self.attention_backend.prepare(input_ids, rel_pos, attention_mask)
         x = self.run_layers(x, rotary, state)
         return self._logits(x, logits_to_keep)
@@ -181,12 +105,11 @@ class GPTModel(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask of a cached step must be [batch, new tokens] like input_ids "
                              f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
-        if self.use_bipe:
+        if self.context.use_bipe:
             raise ValueError("USE_BiPE positions depend on the whole sequence: decode without a KV cache")
         positions = kv_cache.begin_step(input_ids, attention_mask)
         x = self.embed(input_ids, positions if self.embed.uses_positions else None)
-        rotary = (rotary_cos_sin(positions, self.rotary_ndims, self.cfg.rotary_emb_base, x.dtype)
-                  if self.rotary_ndims else None)
+        rotary = self.context.rotary(positions, x.dtype)
         state = kv_cache.prepare(self.attention_backend, input_ids, positions, attention_mask)
         for layer in self.layers:
             x = layer(x, rotary, self.attention_backend, state, kv_cache)

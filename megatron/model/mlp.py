@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.config import derived
-from megatron.config.model import ModelConfig
+from megatron.config.model import ModelConfig, resolve_model_config
 
 GATED = derived.GATED_ACTIVATIONS
 ACTIVATIONS = derived.ACTIVATIONS
@@ -34,21 +34,16 @@ _FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def mlp_widths(cfg: ModelConfig) -> tuple[int, int]:
-    """``(up, down)``: output features of ``dense_h_to_4h`` and input features of ``dense_4h_to_h``."""
-    return derived.mlp_widths(cfg.hidden_size, cfg.activation, cfg.intermediate_size, cfg.expansion_factor,
-                              cfg.mlp_multiple_of)
-
-
 def ffn_width(cfg: ModelConfig) -> int:
-    """Width of the MLP after the (optional) gating (Hugging Face's ``intermediate_size``)."""
-    return mlp_widths(cfg)[1]
+    """Width of the MLP after the (optional) gating (Hugging Face's ``intermediate_size``), for readers of a config
+    that may not have been resolved yet (exporters, FLOP counts)."""
+    return resolve_model_config(cfg).mlp_widths[1]
 
 
 class MLP(nn.Module):
     """``h -> up -> (gate) -> down -> h``. ``gelu`` is exact erf GELU (HF ``"gelu"``), or the tanh approximation when
-    ``bias_gelu_fusion`` is set, as GPT-NeoX's fused kernel computes it (HF ``"gelu_pytorch_tanh"``); the rule is
-    ``derived.gelu_approximation``."""
+    ``bias_gelu_fusion`` is set, as GPT-NeoX's fused kernel computes it (HF ``"gelu_pytorch_tanh"``). Widths and GeLU
+    form come resolved in the config (``resolve_model_config``; ``ModelContext`` resolves before any layer exists)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -56,9 +51,9 @@ class MLP(nn.Module):
             raise ValueError(f"model config key 'activation' = {cfg.activation!r}: expected one of {ACTIVATIONS}")
         self.activation = cfg.activation
         self.gated = cfg.activation in GATED
-        self.gelu_approximate = derived.gelu_approximation(cfg.activation, cfg.bias_gelu_fusion)
+        self.gelu_approximate = cfg.gelu_approximate
         self.onnx_safe = cfg.onnx_safe  # GPT-NeoX's erf GeLU with sqrt(2) rounded to 1.41421
-        up, self.ffn = mlp_widths(cfg)
+        up, self.ffn = cfg.mlp_widths
         self.dense_h_to_4h = nn.Linear(cfg.hidden_size, up, bias=cfg.use_bias_in_mlp)
         self.dense_4h_to_h = nn.Linear(self.ffn, cfg.hidden_size, bias=cfg.use_bias_in_mlp)
 

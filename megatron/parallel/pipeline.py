@@ -37,7 +37,6 @@ from torch.utils.checkpoint import checkpoint
 from megatron.config.layout import check_pipeline_depth
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.model.gpt import GPTModel
 from megatron.model.init import init_weights
 from megatron.errors import UserInputError
 from megatron.model.loss import lm_loss
@@ -114,24 +113,24 @@ def pipeline_lm_loss(logits: Tensor, labels: Any, upcast: bool = True) -> Tensor
     return lm_loss(logits, labels[0], labels[1] if len(labels) == 2 else None, upcast=upcast)
 
 
-def layer_specs(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig], context: StageContext) -> list[Any]:
+def layer_specs(context: StageContext) -> list[Any]:
     """DeepSpeed layer specs for the whole model, in order: embedding, ``num_layers`` transformer layers, final
     norm, output layer (tied to the embedding unless ``no_weight_tying``). Only the local stage's specs are built."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    cfg = model_cfg
+    cfg = context.cfg
     specs: list[Any] = []
     if cfg.no_weight_tying:
-        specs.append(LayerSpec(EmbeddingPipe, cfg, context))
+        specs.append(LayerSpec(EmbeddingPipe, context))
     else:
-        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, cfg, context,
+        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, context,
                                    tied_weight_attr=["embed.word_embeddings.weight"]))
     specs.extend(LayerSpec(TransformerLayerPipe, cfg, i, context) for i in range(cfg.num_layers))
     specs.append(LayerSpec(FinalNormPipe, cfg))
     if cfg.no_weight_tying:
         specs.append(LayerSpec(HeadPipe, cfg))
     else:
-        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, cfg, context, with_position_table=False,
+        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, context, with_position_table=False,
                                    forward_fn=tied_head_forward, tied_weight_attr=["embed.word_embeddings.weight"]))
     return specs
 
@@ -162,7 +161,7 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
                                   f"{num_stages}: pipeline stages are not tensor-parallel yet; use "
                                   f"model_parallel_size 1 with pipelines (or pipe_parallel_size 0 with TP)")
     check_pipeline_depth(model_cfg.num_layers, num_stages)
-    _validate_like_gpt(model_cfg, sepllm_cfg)
+    context = StageContext(model_cfg, sepllm_cfg)  # GPTModel's own checks and resolution, before any communication
     method = _deepspeed_partition_method(partition_method)
     if not dist.is_initialized():
         raise PipelineConfigError("build_pipeline_model: torch.distributed is not initialised (call "
@@ -174,14 +173,13 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
     topology = _topology(num_stages, model_parallel_size, dist.get_world_size())
     if groups is not None:
         _check_groups(topology, groups)
-    context = StageContext(model_cfg, sepllm_cfg)
     interval = model_cfg.checkpoint_num_layers if model_cfg.checkpoint_activations else 0
     if model_cfg.checkpoint_activations and model_cfg.checkpoint_num_layers < 1:
         raise PipelineConfigError(f"model config key 'checkpoint_num_layers' = {model_cfg.checkpoint_num_layers}: "
                                   f"expected >= 1")
     if loss_fn is pipeline_lm_loss and model_cfg.fp16_lm_cross_entropy:
         loss_fn = functools.partial(pipeline_lm_loss, upcast=False)
-    pipe = PipelineModule(layers=layer_specs(model_cfg, sepllm_cfg, context), topology=topology, loss_fn=loss_fn,
+    pipe = PipelineModule(layers=layer_specs(context), topology=topology, loss_fn=loss_fn,
                           partition_method=method, activation_checkpoint_interval=interval,
                           activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
                           checkpointable_layers=CHECKPOINTABLE)
@@ -189,12 +187,6 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
     pipe.attention_backend = context.backend
     _check_stage_has_layers(pipe, model_cfg.num_layers)
     return pipe
-
-
-def _validate_like_gpt(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig]) -> None:
-    """Run GPTModel's own config checks on a meta-device instance (no memory, no duplicated rules)."""
-    with torch.device("meta"):
-        GPTModel(model_cfg, sepllm_cfg)
 
 
 def _check_stage_has_layers(pipe: Any, num_layers: int) -> None:

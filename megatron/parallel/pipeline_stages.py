@@ -23,14 +23,10 @@ from torch import Tensor, nn
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
-from megatron.model.attention import head_dim
 from megatron.model.attention_backend import AttentionBackend, build_attention_backend
-from megatron.model.embeddings import Embedding
-from megatron.model.gpt import bipe_separator_ids
+from megatron.model.context import ModelContext
 from megatron.model.norms import build_norm
-from megatron.model.positional import default_position_ids, rotary_cos_sin, rotary_ndims
 from megatron.model.transformer import TransformerLayer
-from megatron.sepllm.attention.rules import bipe_position_ids
 from megatron.errors import UserInputError
 
 StageTuple = tuple[Tensor, Tensor]
@@ -57,7 +53,8 @@ def _unpack(inputs: Any, who: str) -> StageTuple:
 
 
 class StageContext:
-    """What every layer of a stage needs besides its weights: positions, rotary tables and the attention plan.
+    """What every layer of a stage needs besides its weights: ``GPTModel``'s own :class:`ModelContext` (the checked,
+    resolved config, positions, rotary tables, the embedding's build) plus the attention backend and its plan.
 
     One instance is shared by the layers of a pipeline (each rank only runs its own stage's layers). ``prepare``
     memoises on the identity of the ``input_ids`` tensor: within a stage the same tensor object flows from layer to
@@ -66,30 +63,18 @@ class StageContext:
     """
 
     def __init__(self, model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig]) -> None:
-        self.cfg = model_cfg
-        self.use_bipe = bool(sepllm_cfg is not None and sepllm_cfg.USE_BiPE)
-        self.bipe_seps = bipe_separator_ids(sepllm_cfg) if self.use_bipe else []
-        hd = head_dim(model_cfg)
-        self.rotary_ndims = rotary_ndims(hd, model_cfg.rotary_pct) if model_cfg.pos_emb == "rotary" else 0
+        self.model = ModelContext(model_cfg, sepllm_cfg)
+        self.cfg = self.model.cfg
         self.backend: AttentionBackend = build_attention_backend(model_cfg, sepllm_cfg)
         self._cached_ids: Optional[Tensor] = None
         self._cached: Any = None
-
-    def positions(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """``(relative, absolute)`` position ids, as ``GPTModel.positions`` computes them for an unpadded batch:
-        ``0..S-1`` for both, or with BiPE (inter-segment, intra-segment) ids from the separator tokens."""
-        if self.use_bipe:
-            intra, inter = bipe_position_ids(input_ids, self.bipe_seps)
-            return inter, intra
-        pos = default_position_ids(input_ids, None)
-        return pos, pos
 
     def prepare(self, input_ids: Tensor, dtype: torch.dtype) -> tuple[Optional[tuple[Tensor, Tensor]], Any]:
         """``(rotary cos/sin or None, backend state)`` for this micro-batch (memoised, see class docstring)."""
         if self._cached_ids is input_ids and self._cached[0] == dtype:
             return self._cached[1], self._cached[2]
-        rel, _ = self.positions(input_ids)
-        rotary = rotary_cos_sin(rel, self.rotary_ndims, self.cfg.rotary_emb_base, dtype) if self.rotary_ndims else None
+        rel, _ = self.model.positions(input_ids)
+        rotary = self.model.rotary(rel, dtype)
         state = self.backend.prepare(input_ids, rel, None)
         self._cached_ids, self._cached = input_ids, (dtype, rotary, state)
         return rotary, state
@@ -102,19 +87,15 @@ class EmbeddingPipe(nn.Module):
     ``word_embeddings`` is used) and :func:`tied_head_forward` reads its weight; DeepSpeed keeps the copies in sync.
     """
 
-    def __init__(self, model_cfg: ModelConfig, context: StageContext, with_position_table: bool = True) -> None:
+    def __init__(self, context: StageContext, with_position_table: bool = True) -> None:
         super().__init__()
-        cfg = model_cfg
-        learned = cfg.pos_emb == "learned" or context.use_bipe
-        max_positions = (cfg.max_position_embeddings or cfg.seq_length) if (learned and with_position_table) else None
-        self.embed = Embedding(cfg.padded_vocab_size, cfg.hidden_size, max_positions, cfg.hidden_dropout)
+        self.embed = context.model.build_embedding(with_position_table)
         self.context = context
 
     def forward(self, inputs: Union[Tensor, tuple]) -> StageTuple:
         ids = _ids_of(inputs)
-        _, abs_pos = self.context.positions(ids)
-        table = self.embed.position_embeddings is not None
-        return self.embed(ids, abs_pos if table else None), ids
+        _, abs_pos = self.context.model.positions(ids)
+        return self.embed(ids, abs_pos if self.embed.uses_positions else None), ids
 
     @staticmethod
     def to_gpt_name(name: str) -> str:

@@ -19,11 +19,12 @@ from megatron.config._loading.sepllm_checks import DERIVED_FIELDS, resolve_sepll
 from megatron.config._loading.unsupported import FEATURE_OF_NORM, check_unsupported
 from megatron.config.derived import (ACTIVATIONS, BATCH_KEYS, CHECKPOINT_SCALES, DATA_IMPLS, DISTRIBUTED_BACKENDS,
                                      LAUNCHERS, NORMS, POS_EMBS, PRECISION_SPELLINGS, TOKENIZER_TYPES, WANDB_MODES,
-                                     expand_attention_config, mlp_widths, precision_from_blocks,
+                                     expand_attention_config, precision_from_blocks,
                                      resolve_batch_triple)
 from megatron.config.errors import ConfigError
 from megatron.config.generation import check_generation
 from megatron.config.layout import check_layout
+from megatron.config.model import resolve_model_config
 from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, NeoXConfig
 from megatron.device import DEVICES, cuda_available
 
@@ -146,7 +147,7 @@ def _check_model(m, ctx: _Ctx) -> None:
     _at_least(ctx, "model", "expansion_factor", m.expansion_factor, 0.0)
     _at_least(ctx, "model", "sliding_window_width", m.sliding_window_width, 1)
     try:
-        mlp_widths(m.hidden_size, m.activation, m.intermediate_size, m.expansion_factor, m.mlp_multiple_of)
+        resolve_model_config(m)   # the MLP widths and the GeLU form the model builds
     except ConfigError as exc:
         raise ConfigError(f"{ctx.src('model', 'intermediate_size')}: {exc}") from None
     if m.use_qk_layernorm and m.num_kv_heads not in (None, m.num_attention_heads):
