@@ -281,7 +281,7 @@ def _train(run: Run, profiler: StepProfiler) -> TrainResult:
     diagnostics = StepDiagnostics(lg, run.engine.module, run.global_batch, t.precision)
     if diagnostics.reads_grads and isinstance(run.stepper, PlainStepper):
         run.stepper.on_boundary = diagnostics.on_boundary
-    interval = _log_sizes(run)
+    interval = _Interval(*_log_sizes(run))
     _resume(run)
     result.iteration = state.iteration
     if state.iteration > 0 and state.iteration >= run.train_iters:
@@ -347,9 +347,9 @@ def _train(run: Run, profiler: StepProfiler) -> TrainResult:
     return result
 
 
-def _log_sizes(run: Run) -> _Interval:
+def _log_sizes(run: Run) -> tuple[float, Optional[float]]:
     """Rank 0 prints parameters per block, FLOPs per token and memory per GPU (``megatron.training.size_summary``);
-    every rank prints the MFU peak. Returns the empty interval that the log rows are computed from."""
+    every rank prints the MFU peak. Returns (training FLOPs per token, peak FLOP/s or None) for the MFU column."""
     cfg, lg = run.config, run.config.logging
     fpt = flops_per_token(cfg.model, cfg.model.seq_length, cfg.model.padded_vocab_size)
     peak, peak_source = (lg.peak_flops, "configured") if lg.peak_flops else default_peak_flops(run.device)
@@ -358,7 +358,7 @@ def _log_sizes(run: Run) -> _Interval:
                                             gradient_accumulation_steps=run.gas)):
             run.logger.info(line)
     run.logger.info("MFU peak: " + (f"{peak / 1e12:.3f} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})"))
-    return _Interval(flops_per_token=fpt, peak_flops=peak)
+    return fpt, peak
 
 
 def _forward_hook(run: Run) -> Callable[[], None]:
