@@ -322,7 +322,7 @@ def build_kv_cache(model: Any, settings: KVCacheSettings = KVCacheSettings(), ca
     """The cache ``model`` decodes with. Raises :class:`KVCacheError` for models no cache can serve (BiPE, FixLLM,
     self-adjusting softmax: decode those with ``recompute``). ``retention``: see :class:`SepKVCache` (unused by the
     plain cache: full attention keeps everything)."""
-    if getattr(model, "use_bipe", False):
+    if getattr(getattr(model, "context", None), "use_bipe", False):
         raise KVCacheError("USE_BiPE models derive positions from the whole token sequence: decode them with "
                            "recompute: true (no KV cache)")
     mode = model_attention_mode(model)
