@@ -200,7 +200,7 @@ def test_sepllm_kv_memory_flat_over_long_generation():
     held, peak = {}, []
 
     def record(row, token):
-        n = cache.cache.tokens_seen - len(PROMPT) + 1   # tokens generated so far
+        n = cache.planner.tokens_seen - len(PROMPT) + 1   # tokens generated so far
         peak.append(cache.kv_bytes())
         if n in (1024, 4096):
             held[n] = cache.kv_bytes()
@@ -225,6 +225,29 @@ def test_uncapped_cache_keeps_every_separator():
     n = len(stream)
     want = sorted({0, 1} | {i for i in range(n) if stream[i] in SEPS} | set(range(n - 5, n)))
     assert kept == want
+
+
+def test_sepllm_cache_decodes_without_transformers():
+    """SepCache's planner is torch only: importing it and the KV cache, and decoding with a compressed cache, never
+    imports transformers (a fresh interpreter, so other tests' imports do not count)."""
+    code = f"""
+import sys
+import megatron.sepllm.cache.eviction, megatron.sepllm.cache.planner, megatron.sepllm.cache.storage
+from megatron.config import load_config
+from megatron.inference.generator import generate_batch
+from megatron.inference.kv_cache import KVCacheSettings, SepKVCache, build_kv_cache
+from megatron.model.gpt import GPTModel
+cfg = load_config({{**{TINY!r}, **{SEPLLM!r}, "num_layers": 1}})
+model = GPTModel(cfg.model, cfg.sepllm).eval()
+cache = build_kv_cache(model, KVCacheSettings(sep_cache_size=2))
+assert isinstance(cache, SepKVCache)
+out = generate_batch(model, [{PROMPT!r}], max_new_tokens=12, eos_id=None, cache=cache)
+assert len(out[0].tokens) == 12 and min(cache.retention()["compressions_per_layer"]) > 0
+print(sorted(name for name in sys.modules if name.split(".")[0] == "transformers"))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
 
 
 def test_cache_refusals_name_the_fix():

@@ -518,7 +518,7 @@ def test_step_planner_returns_budgets_instead_of_writing_them():
     ids = torch.tensor([[1, 3, 9, 3, 9, 9]])
     kind = torch.tensor([[1, 3, 3, 3, 3, 3]], dtype=torch.int8)      # initial, then five local slots
     before = layer.budget
-    plans = [cache._compress_indices(layer, before, ids, kind) for _ in range(2)]
+    plans = [cache.planner.rule.compress(ids, kind, before, layer.local_size) for _ in range(2)]
     assert layer.budget == before                                     # nothing written
     for idx, kind_new, budget in plans:
         assert idx.tolist() == [[0, 1, 3, 4, 5]]                      # initial, both leaving separators, window 2

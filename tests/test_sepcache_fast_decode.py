@@ -13,7 +13,7 @@ SEPS = [5, 6, 7]
 
 def _drive(cache: SepCache, prompt: torch.Tensor, steps: list, kv: list, general: bool) -> list:
     if general:
-        cache._plan_decode_fast = lambda *a, **k: False      # force the general planner
+        cache.planner._plan_decode_fast = lambda *a, **k: False      # force the general planner
     seen = []
     for t, ids in enumerate([prompt] + steps):
         pos = cache.set_step_tokens(ids, None, followed_by_decode=t == 0)
@@ -49,8 +49,8 @@ def test_fast_decode_path_equals_general_planner(exact_window, use_max, accumula
 
     fast_cache = make()
     hits = []
-    planner = fast_cache._plan_decode_fast
-    fast_cache._plan_decode_fast = lambda *a, **k: hits.append(planner(*a, **k)) or hits[-1]
+    planner = fast_cache.planner._plan_decode_fast
+    fast_cache.planner._plan_decode_fast = lambda *a, **k: hits.append(planner(*a, **k)) or hits[-1]
     fast = _drive(fast_cache, prompt, steps, kv, general=False)
     slow = _drive(make(), prompt, steps, kv, general=True)
     for step, (a, b) in enumerate(zip(fast, slow)):

@@ -222,8 +222,8 @@ def test_rolling_cache_attends_and_keeps_the_last_w_plus_1_keys_per_layer():
     assert cache.sizes == {"init_cache_size": 0, "sep_cache_size": 0, "local_size": [W + 1] * 2,
                            "cache_size": [2 * (W + 1)] * 2}
     masks = []
-    step_mask = cache.cache.step_attention_mask
-    cache.cache.step_attention_mask = lambda layer: masks.append(step_mask(layer)) or masks[-1]
+    step_mask = cache.planner.step_attention_mask
+    cache.planner.step_attention_mask = lambda layer: masks.append(step_mask(layer)) or masks[-1]
     ids = torch.randint(0, VOCAB, (1, 10))
     sizes = []
     with torch.no_grad():

@@ -6,8 +6,8 @@ Two kinds, one interface (``begin_step`` -> ``prepare`` -> ``attend`` per layer 
 * :class:`PlainKVCache` keeps every key/value (full-attention models). Buffers grow by doubling, so a step writes
   in place instead of re-concatenating the whole history.
 * :class:`SepKVCache` (SepLLM / StreamingLLM-trained models) keeps, per layer and row, the initial tokens, the
-  separators and the local window. It *is* :class:`megatron.sepllm.hf.cache.SepCache` underneath: the same planning
-  code decides which slots survive, so there is one eviction rule in the project. Two settings:
+  separators and the local window. SepCache's planner (:mod:`megatron.sepllm.cache`, the one the Hugging Face
+  ``SepCache`` runs) decides which slots survive, so there is one eviction rule in the project. Two settings:
 
   - ``compressed`` (default): separators capped at ``sep_cache_size`` (the most recent ones), so the memory is flat
     over arbitrarily long generation. With ``exact_window`` (default) every decode query sees exactly
@@ -42,6 +42,9 @@ from megatron.config.generation import KV_CACHE_KINDS
 from megatron.config.sepllm import SepLLMConfig
 from megatron.config.sepllm_settings import SLIDING_WINDOW, attention_mode
 from megatron.errors import UserInputError
+from megatron.sepllm.cache.eviction import EvictionRule, check_sizes
+from megatron.sepllm.cache.planner import LayerSlots, SepCachePlanner
+from megatron.sepllm.cache.storage import store_step
 
 #: SepLLM modes a cache can serve; the others (FixLLM, self-adjusting softmax) and BiPE decode with recompute.
 CACHEABLE_SEPLLM_MODES = ("sepllm", "streamingllm", SLIDING_WINDOW)
@@ -191,7 +194,6 @@ class SepKVCache:
         own."""
         from megatron.config.sepllm_settings import settings_of
         from megatron.sepllm.attention.backend import SepLLMBackend
-        from megatron.sepllm.hf.cache import SepCache
 
         num_layers = int(model_cfg.num_layers)
         sepllm_cfg = sepllm_cfg if sepllm_cfg is not None else SepLLMConfig()
@@ -221,12 +223,11 @@ class SepKVCache:
                 raise KVCacheError(f"cache_size = {c} is smaller than or equal to init_cache_size + sep_cache_size "
                                    f"+ local window = {a} + {s} + {w} = {a + s + w} (layer {layer}); it must be larger "
                                    f"(SepCache compresses when it reaches cache_size): raise cache_size")
+            check_sizes(layer, a, s, w, c)
         self.settings = settings
         self.sizes = {"init_cache_size": a, "sep_cache_size": s, "local_size": windows, "cache_size": sizes}
-        self._make = lambda: SepCache(a, s, windows, sizes, SEP_ACCUMULATION=True, USE_MAX_SEP_CACHE=not uncapped,
-                                      separator_token_ids=seps or [-1], PADDING_ID=sepllm_cfg.PADDING_ID,
-                                      layer_num=num_layers, exact_window=uncapped or settings.exact_window,
-                                      prefill_attention="full")
+        self.rule = EvictionRule(tuple(int(t) for t in seps or [-1]), accumulate=True, cap_separators=not uncapped,
+                                 exact_window=uncapped or settings.exact_window)
         # the prompt runs the model's SepLLM attention with left-padding-aware initial tokens (spec §1.4)
         self.prefill_backend = SepLLMBackend(dataclasses.replace(sepllm_cfg, BATCH_ADAPTIVE_INIT_POS=True),
                                              model_cfg)
@@ -236,18 +237,22 @@ class SepKVCache:
 
     def reset(self) -> None:
         """Forget everything (a new prompt batch)."""
-        self.cache = self._make()
+        self.planner = SepCachePlanner([LayerSlots(self.sizes["init_cache_size"], self.sizes["sep_cache_size"], w, c)
+                                        for w, c in zip(self.sizes["local_size"], self.sizes["cache_size"])],
+                                       self.rule)
+        self.keys: list[Optional[Tensor]] = [None] * len(self.planner.layers)
+        self.values: list[Optional[Tensor]] = [None] * len(self.planner.layers)
         self._prefill = True
         self._positions: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ step protocol (called by GPTModel)
     def begin_step(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-        self._prefill = self.cache.layers[0].ids is None
+        self._prefill = self.planner.layers[0].ids is None
         if not self._prefill and input_ids.shape[1] != 1:
             raise KVCacheError("SepKVCache decodes one token per step after the prompt; got "
                                f"{input_ids.shape[1]} tokens (reset the cache for a new prompt)")
         # the prompt is always followed by one-token steps: it may store what the first decode step keeps
-        positions = self.cache.set_step_tokens(input_ids, attention_mask, followed_by_decode=self._prefill)
+        positions = self.planner.plan_step(input_ids, attention_mask, followed_by_decode=self._prefill)
         if attention_mask is not None:      # padding gets position 0, as without a cache
             positions = torch.where(attention_mask.to(torch.bool), positions, torch.zeros_like(positions))
         self._positions = positions
@@ -261,31 +266,34 @@ class SepKVCache:
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, backend: Any, state: Any, *, scale: float,
                alibi_slopes: Optional[Tensor] = None) -> Tensor:
-        k_att, v_att = self.cache.update(k, v, layer_idx)
+        plan = self.planner.layers[layer_idx].plan
+        self.keys[layer_idx], self.values[layer_idx], k_att, v_att = store_step(
+            self.keys[layer_idx], self.values[layer_idx], k, v, plan)
+        self.planner.commit(layer_idx)
         if self._prefill:
             return self.prefill_backend(q, k, v, layer_idx, state, scale=scale, dropout_p=0.0,
                                         alibi_slopes=alibi_slopes)
-        allowed = self.cache.step_attention_mask(layer_idx)
-        k_pos = self.cache.layers[layer_idx].pos.clamp(min=0) if alibi_slopes is not None else self._positions
+        allowed = self.planner.step_attention_mask(layer_idx)
+        k_pos = self.planner.layers[layer_idx].pos.clamp(min=0) if alibi_slopes is not None else self._positions
         return _sdpa(q, k_att, v_att, allowed, scale=scale, alibi_slopes=alibi_slopes, q_pos=self._positions,
                      k_pos=k_pos)
 
     def end_step(self) -> None:
-        self.cache.finish_step()
+        self.planner.finish_step()
         self._prefill = False
 
     # ------------------------------------------------------------------ introspection
     def kv_bytes(self) -> int:
         """Bytes of the keys/values held between steps (what SepLLM bounds)."""
-        return self.cache.kv_bytes()
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
     def retention(self) -> dict:
         """SepCache's retention statistics (kept / seen KV)."""
-        return self.cache.retention()
+        return self.planner.retention()
 
     def layer_contents(self, layer_idx: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """``(ids, kind, token_index)`` of one layer (see ``SepCache.layer_contents``)."""
-        return self.cache.layer_contents(layer_idx)
+        """``(ids, kind, token_index)`` of one layer (see ``SepCachePlanner.layer_contents``)."""
+        return self.planner.layer_contents(layer_idx)
 
 
 def model_attention_mode(model: Any) -> str:

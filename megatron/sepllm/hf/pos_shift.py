@@ -58,9 +58,3 @@ def unapply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     rot, rest = x[..., :r], x[..., r:]
     out = rot * cos_i - _rotate_half(rot) * sin_i
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
-
-
-def cache_positions(valid: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` position of each slot among the row's valid slots (``cumsum - 1``; invalid slots get 0)."""
-    pos = torch.cumsum(valid.to(torch.long), dim=-1) - 1
-    return pos.clamp(min=0)
