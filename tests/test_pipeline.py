@@ -15,8 +15,7 @@ from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.loss import lm_loss
-from megatron.parallel.pipeline import (PipelineConfigError, _deepspeed_partition_method, pipeline_lm_loss,
-                                        uses_pipeline_engine)
+from megatron.parallel.pipeline import PipelineConfigError, _deepspeed_partition_method, pipeline_lm_loss
 from megatron.parallel.pipeline_stages import (EmbeddingPipe, FinalNormPipe, PipelineInputError, StageContext,
                                                TransformerLayerPipe, tied_head_forward)
 
@@ -276,13 +275,7 @@ def test_stage_context_builds_plan_once_per_micro_batch():
     assert len(calls) == 2
 
 
-def test_pipe_parallel_size_meaning_and_bad_values():
-    assert uses_pipeline_engine(0) is False
-    assert uses_pipeline_engine(1) is True
-    assert uses_pipeline_engine(4) is True
-    for bad in (-1, 1.5, True):
-        with pytest.raises(PipelineConfigError, match="pipe_parallel_size"):
-            uses_pipeline_engine(bad)
+def test_partition_method_names():
     assert _deepspeed_partition_method("uniform") == "type:TransformerLayerPipe"
     assert _deepspeed_partition_method("Parameters") == "parameters"
     with pytest.raises(PipelineConfigError, match="pipe_partition_method = 'balanced'"):

@@ -16,7 +16,7 @@ import pytest
 from megatron.checkpoint.format import CheckpointError
 from megatron.config import ConfigError
 from megatron.training import pretrain
-from megatron.training.parallel_setup import pipeline_engine_stages
+from megatron.config.layout import pipeline_engine_stages
 from parallel_spawn import run_distributed
 from sep_helpers import make_sepllm_cfg
 from train_helpers import (WEIGHT_CHECK_ADAM_EPS, logged_grad_norms, make_tiny_corpus, pretrain_with_weights,

@@ -57,14 +57,6 @@ class PipelineConfigError(UserInputError, ValueError):
     """A pipeline setting that cannot work (message names the key, the value and what is expected)."""
 
 
-def uses_pipeline_engine(pipe_parallel_size: int) -> bool:
-    """GPT-NeoX's rule: ``0`` = plain model, ``>= 1`` = the pipeline engine (with that many stages)."""
-    if not isinstance(pipe_parallel_size, int) or isinstance(pipe_parallel_size, bool) or pipe_parallel_size < 0:
-        raise PipelineConfigError(f"pipe_parallel_size = {pipe_parallel_size!r}: expected 0 (no pipeline engine) or "
-                                  f"a positive number of pipeline stages")
-    return pipe_parallel_size >= 1
-
-
 def _deepspeed_partition_method(method: str) -> str:
     """Our names -> DeepSpeed's: ``uniform`` balances transformer layers (the embedding / norm / head are free, as
     GPT-NeoX's ``type:transformer``), ``parameters`` balances parameter counts, ``type:<regex>`` passes through."""
@@ -300,4 +292,4 @@ def data_parallel_coords(engine: Any) -> tuple[int, int]:
 
 __all__ = ["PARTITION_METHODS", "PipelineConfigError", "build_pipeline_model", "data_parallel_coords",
            "gather_gpt_state_dict", "layer_specs", "load_gpt_state_dict", "pipeline_data_iter", "pipeline_eval_loss",
-           "pipeline_lm_loss", "pipeline_micro_batch", "pipeline_train_step", "uses_pipeline_engine"]
+           "pipeline_lm_loss", "pipeline_micro_batch", "pipeline_train_step"]

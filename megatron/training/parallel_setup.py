@@ -120,4 +120,4 @@ def plan_parallel(cfg: NeoXConfig, info: DistInfo, device: str) -> ParallelPlan:
                         fp16_lm_cross_entropy=cfg.model.fp16_lm_cross_entropy)
 
 
-__all__ = ["ParallelPlan", "pipeline_engine_stages", "plan_parallel"]
+__all__ = ["ParallelPlan", "plan_parallel"]

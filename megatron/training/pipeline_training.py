@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron.config.layout import pipeline_engine_stages
 from megatron.parallel.pipeline import (PipelineConfigError, build_pipeline_model, data_parallel_coords,
                                         gather_gpt_state_dict, load_gpt_state_dict, pipeline_data_iter,
-                                        pipeline_eval_loss, pipeline_train_step, uses_pipeline_engine)
+                                        pipeline_eval_loss, pipeline_train_step)
 
 if TYPE_CHECKING:
     from megatron.config.neox import NeoXConfig
@@ -55,13 +56,6 @@ class PipelineRun:
         return int(self.ds_config["gradient_accumulation_steps"])
 
 
-def pipeline_stage_count(cfg: NeoXConfig) -> int:
-    """Stages :func:`build_pipeline_engine` builds: ``0`` for ``pipe_parallel_size: 0``, else that many (1 included;
-    the training loop itself runs 0 and 1 on the plain engine, by ``pipeline_engine_stages``)."""
-    pp = cfg.parallel.pipe_parallel_size
-    return int(pp) if uses_pipeline_engine(pp if pp is not None else 0) else 0
-
-
 def build_pipeline_engine(cfg: NeoXConfig, device: str, world_size: int, *, partition_method: str = "uniform",
                           groups: Any = None) -> PipelineRun:
     """Build the pipeline model, the client optimizer and the DeepSpeed ``PipelineEngine`` from a resolved
@@ -70,9 +64,10 @@ def build_pipeline_engine(cfg: NeoXConfig, device: str, world_size: int, *, part
     from megatron.training.engine import build_engine
     from megatron.training.optimizer import build_optimizer
 
-    stages = pipeline_stage_count(cfg)
+    stages = pipeline_engine_stages(cfg.parallel.pipe_parallel_size)
     if stages == 0:
-        raise PipelineConfigError("pipe_parallel_size = 0 means no pipeline engine: build GPTModel instead")
+        raise PipelineConfigError(f"pipe_parallel_size = {cfg.parallel.pipe_parallel_size} means no pipeline engine "
+                                  f"(0 and 1 run the plain engine): build GPTModel instead")
     tp = int(cfg.parallel.model_parallel_size or 1)
     from megatron.config import ConfigError
     from megatron.config.layout import check_layout
@@ -156,4 +151,4 @@ def load_pipeline_module_state(engine: Any, state: Mapping[str, Tensor]) -> None
 
 
 __all__ = ["PipelineRun", "build_pipeline_engine", "load_pipeline_module_state", "pipeline_loop_eval",
-           "pipeline_loop_step", "pipeline_module_state", "pipeline_stage_count"]
+           "pipeline_loop_step", "pipeline_module_state"]
