@@ -43,7 +43,8 @@ from megatron.config.sepllm import SepLLMConfig
 from megatron.config.sepllm_settings import SLIDING_WINDOW, attention_mode
 from megatron.errors import UserInputError
 from megatron.sepllm.cache.eviction import EvictionRule, check_sizes
-from megatron.sepllm.cache.planner import LayerSlots, SepCachePlanner
+from megatron.sepllm.cache.planner import SepCachePlanner
+from megatron.sepllm.cache.slots import LayerSlots
 from megatron.sepllm.cache.storage import store_step
 
 #: SepLLM modes a cache can serve; the others (FixLLM, self-adjusting softmax) and BiPE decode with recompute.

@@ -1,4 +1,4 @@
-"""Applying a layer's :class:`~megatron.sepllm.cache.planner.StepPlan` to its key/value tensors ``[B, H, L, D]``:
+"""Applying a layer's :class:`~megatron.sepllm.cache.slots.StepPlan` to its key/value tensors ``[B, H, L, D]``:
 the planner decides on slot ids only, so both adapters (HF ``SepCache``, our ``SepKVCache``) store through here."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from megatron.sepllm.cache.planner import StepPlan, cat_slices
+from megatron.sepllm.cache.slots import StepPlan, cat_slices
 
 
 class StoredStep(NamedTuple):

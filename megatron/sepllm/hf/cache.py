@@ -32,7 +32,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from megatron.sepllm.attention.separator_presets import resolve_separators
 from megatron.sepllm.cache.eviction import EVICTION_TIMINGS, INVALID, EvictionRule, check_sizes
-from megatron.sepllm.cache.planner import PREFILL_ATTENTION, LayerSlots, SepCachePlanner, cache_positions
+from megatron.sepllm.cache.planner import PREFILL_ATTENTION, SepCachePlanner
+from megatron.sepllm.cache.slots import LayerSlots, cache_positions
 from megatron.sepllm.cache.storage import store_step
 from megatron.sepllm.hf.compat import cache_kwarg
 from megatron.sepllm.hf.pos_shift import RopeFn, apply_rotary, find_rotary_module, rope_fn_from_model, unapply_rotary
@@ -150,9 +151,9 @@ class SepCache(Cache):
         exact_window: trim the local region to ``w`` every step (exact trained decode rule) instead of letting it
             grow until the cache exceeds ``c`` (reference SepCache, cheaper).
         prefill_attention: multi-token steps attend ``"full"`` causal (reference SepCache), ``"sepllm"`` (the SepLLM
-            mask over the step, spec §1.3, with window ``prefill_local_size``), or ``"stream"`` (each query sees exactly what token-by-token feeding
-            would show it: chunked streaming equals token-by-token streaming). Masked modes build a bool
-            ``[B, q, cached + q]`` mask, so feed very long inputs in chunks.
+            mask over the step, spec §1.3, with window ``prefill_local_size``), or ``"stream"`` (each query sees
+            exactly what token-by-token feeding would show it: chunked streaming equals token-by-token streaming).
+            Masked modes build a bool ``[B, q, cached + q]`` mask, so feed very long inputs in chunks.
         eviction_timing: ``"in_update"`` (the reference SepCache: a decode query sees ``<= c - 1`` keys) or
             ``"after_step"`` (the streaming manager's timing, ``<= c + 1``).
         prefill_local_size: the window of multi-token steps under ``prefill_attention="sepllm"`` (int or per-layer
@@ -164,8 +165,9 @@ class SepCache(Cache):
             :mod:`megatron.sepllm.hf.reference_args` (``SEP_PADDING_IN_BATCH`` has no effect: rows are never aligned;
             ``PRINT_KV_RATIO_INSIDE`` prints the retention every ``print_KV_inside_per_steps`` forwards).
 
-    Use it through :func:`megatron.sepllm.hf.generation.generate` or :func:`megatron.sepllm.hf.generation.sepllm_forward`,
-    which call :meth:`set_step_tokens` before each forward and route attention through the per-layer masks.
+    Use it through :func:`megatron.sepllm.hf.generation.generate` or
+    :func:`megatron.sepllm.hf.generation.sepllm_forward`, which call :meth:`set_step_tokens` before each forward and
+    route attention through the per-layer masks.
     """
 
     def __init__(self, init_cache_size: IntOrList = 4, sep_cache_size: IntOrList = 64, local_size: IntOrList = 256,
