@@ -3,30 +3,26 @@ the planner decides on slot ids only, so both adapters (HF ``SepCache``, our ``S
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from megatron.sepllm.cache.slots import StepPlan, cat_slices
 
-
-class StoredStep(NamedTuple):
-    """A layer's keys/values after the step, and those the step's queries attend."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    attended_keys: torch.Tensor
-    attended_values: torch.Tensor
+#: ``(keys, values, attended_keys, attended_values)``
+StoredStep = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def store_step(keys: Optional[torch.Tensor], values: Optional[torch.Tensor], new_keys: torch.Tensor,
                new_values: torch.Tensor, plan: StepPlan) -> StoredStep:
     """Append the step's ``new_keys/new_values [B, H, q, D]`` to the stored ones (None: nothing stored yet) and
-    compress per ``plan``. A decode step attends the compressed storage, a multi-token step the appended one."""
+    compress per ``plan``; returns ``(keys, values, attended_keys, attended_values)``: what the layer stores after the
+    step, and what the step's queries attend (a decode step the compressed storage, a multi-token step the appended
+    one). A plain tuple: this runs once per layer and decode step."""
     if plan.keep_slices is not None:     # decode fast path: one copy, straight into the new storage
         keys = cat_slices(keys, plan.keep_slices, new_keys, dim=-2)
         values = cat_slices(values, plan.keep_slices, new_values, dim=-2)
-        return StoredStep(keys, values, keys, values)
+        return keys, values, keys, values
     if keys is None:
         keys, values = new_keys[:, :, :0], new_values[:, :, :0]
     elif plan.pre_gather_idx is not None:     # after_step timing: the previous step's overflow goes first
@@ -38,8 +34,8 @@ def store_step(keys: Optional[torch.Tensor], values: Optional[torch.Tensor], new
     else:
         keys, values = keys_app, values_app
     if plan.attend_compressed:
-        return StoredStep(keys, values, keys, values)
-    return StoredStep(keys, values, keys_app, values_app)
+        return keys, values, keys, values
+    return keys, values, keys_app, values_app
 
 
 def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
