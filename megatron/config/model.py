@@ -107,6 +107,14 @@ class ModelConfig:
     fp16_lm_cross_entropy: bool = opt(False, "GPT-NeoX: compute the language-model cross-entropy in the logits' dtype "
                                              "(fp16 / bf16) instead of fp32 (every trainer path: plain, tensor- and "
                                              "pipeline-parallel).")
+    fused_cross_entropy: bool = opt(False, "Training loss without the [batch, seq, vocab] logits: the output layer "
+                                           "and cross-entropy run fused, fused_cross_entropy_chunk tokens at a time, "
+                                           "gradients formed in the same pass (megatron/model/fused_loss.py; exact "
+                                           "to fp32 rounding, softmax always in fp32, so fp16_lm_cross_entropy has "
+                                           "no effect). Plain and tensor-parallel engines; the pipeline engine keeps "
+                                           "the plain loss (one warning).")
+    fused_cross_entropy_chunk: int = opt(1024, "Tokens per chunk of fused_cross_entropy (memory of one chunk: "
+                                               "chunk x vocab x 4 bytes).")
     onnx_safe: bool = opt(False, "GPT-NeoX's ONNX-exportable GeLU for activation gelu: x / 2 x (1 + erf(x / 1.41421)) "
                                  "(its rounded sqrt(2)); cannot be combined with bias_gelu_fusion. HF exports map it "
                                  "to exact GeLU (relative difference below 3e-6).")

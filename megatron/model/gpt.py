@@ -13,7 +13,7 @@ embeddings, and rotary / ALiBi use the inter-segment id.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,15 @@ class GPTModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, kv_cache: Any = None, logits_to_keep: int = 0) -> Tensor:
+                attention_mask: Optional[Tensor] = None, kv_cache: Any = None, logits_to_keep: int = 0,
+                head_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
         """``input_ids [B, S]`` (+ optional ``position_ids [B, S]``, 2-D ``attention_mask`` 1 = real, 0 = pad)
         -> logits ``[B, S, padded_vocab_size]`` in the model's dtype. ``logits_to_keep = n > 0``: logits of the last
         ``n`` positions only (decoding needs one; the output projection is most of a small model's prompt cost).
+
+        ``head_loss(hidden, weight)`` (training with a fused loss, ``megatron.model.fused_loss``): returns its value
+        on the final-norm hidden states ``[B, S, H]`` and the output weight instead of the logits, so the loss runs
+        inside the forward (where ZeRO-3 has the weight gathered) and no ``[B, S, V]`` tensor is formed.
 
         ``kv_cache`` (inference, see ``megatron.inference.kv_cache``): ``input_ids`` are only the new tokens of this
         step (the prompt first, then one token per step) and ``attention_mask`` their 0/1 padding mask; the cache
@@ -87,15 +92,18 @@ class GPTModel(nn.Module):
         rotary = self.context.rotary(rel_pos, x.dtype)
         state = self.attention_backend.prepare(input_ids, rel_pos, attention_mask)
         x = self.run_layers(x, rotary, state)
+        if head_loss is not None:
+            return head_loss(self.final_layernorm(x), self._output_weight())
         return self._logits(x, logits_to_keep)
+
+    def _output_weight(self) -> Tensor:
+        return self.output_layer.weight if self.output_layer is not None else self.embed.word_embeddings.weight
 
     def _logits(self, x: Tensor, logits_to_keep: int) -> Tensor:
         """Final norm and output projection of the last ``logits_to_keep`` positions (0 = all)."""
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        x = self.final_layernorm(x)
-        weight = self.output_layer.weight if self.output_layer is not None else self.embed.word_embeddings.weight
-        return F.linear(x, weight)
+        return F.linear(self.final_layernorm(x), self._output_weight())
 
     def _forward_cached(self, input_ids: Tensor, attention_mask: Optional[Tensor], kv_cache: Any,
                         logits_to_keep: int = 0) -> Tensor:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.config.layout import check_tp_split
+from megatron.model.fused_loss import FusedLMLoss, VocabShard
 from megatron.model.gpt import GPTModel
 from megatron.parallel import tp_comm
 from megatron.parallel.reshard import ShardSpec, is_gated, shard_spec, shard_tensor
@@ -351,6 +352,20 @@ def loss_fn_for(model: GPTModel, upcast: bool = True) -> Callable[..., Tensor]:
 
         return functools.partial(lm_loss, upcast=upcast)
     return functools.partial(vocab_parallel_lm_loss, group=info.group, upcast=upcast)
+
+
+def fused_loss_for(model: GPTModel, chunk_tokens: int) -> FusedLMLoss:
+    """The fused chunked loss (``megatron.model.fused_loss``) for ``model``: over the whole vocabulary for a plain
+    model; for a tensor-parallel one over this rank's vocabulary rows, with the per-token max and the sums of
+    ``exp`` and of the target logit reduced over the TP group chunk by chunk (fp32, exact)."""
+    info: Optional[TPInfo] = getattr(model, "tensor_parallel", None)
+    if info is None or info.size == 1:
+        return FusedLMLoss(chunk_tokens)
+    rows = model.cfg.padded_vocab_size // info.size
+    shard = VocabShard(start=info.rank * rows,
+                       all_max=functools.partial(dist.all_reduce, op=dist.ReduceOp.MAX, group=info.group),
+                       all_sum=functools.partial(dist.all_reduce, op=dist.ReduceOp.SUM, group=info.group))
+    return FusedLMLoss(chunk_tokens, shard)
 
 
 def gather_logits(logits: Tensor, model_or_group: Any) -> Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import functools
+import logging
 
 import torch
 
@@ -27,6 +28,8 @@ from megatron.model.loss import lm_loss
 if TYPE_CHECKING:
     from megatron.config.neox import NeoXConfig
     from megatron.training.distributed import DistInfo
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ParallelPlan:
     groups: Any = None  # megatron.parallel.mesh.ParallelGroups when TP or PP is on
     fp32_allreduce: bool = False  # GPT-NeoX: TP sums in fp32
     fp16_lm_cross_entropy: bool = False  # GPT-NeoX: the loss in the logits' dtype instead of fp32
+    fused_cross_entropy_chunk: int = 0  # > 0: model.fused_cross_entropy, tokens per chunk (plain / TP engines)
 
     @property
     def pipeline(self) -> bool:
@@ -68,6 +72,12 @@ class ParallelPlan:
         return self.groups.deepspeed_mpu() if self.groups is not None else None
 
     def loss_fn(self, engine: Any) -> Callable[..., torch.Tensor]:
+        """``(logits, labels, loss_mask)`` -> loss; with ``fused_cross_entropy`` a ``FusedLMLoss``, which the
+        stepper hands to the model's forward instead (see ``steppers.forward_loss``)."""
+        if self.fused_cross_entropy_chunk and not self.pipeline:
+            from megatron.parallel.tensor_parallel import fused_loss_for
+
+            return fused_loss_for(engine.module, self.fused_cross_entropy_chunk)
         upcast = not self.fp16_lm_cross_entropy
         if self.pipeline or getattr(engine.module, "tensor_parallel", None) is None:
             return lm_loss if upcast else functools.partial(lm_loss, upcast=False)
@@ -81,7 +91,7 @@ class ParallelPlan:
         g = self.groups
         dp_ranks = next(group for group in g.layout.dp_groups if g.rank in group)
         return CheckpointLayout(tp_rank=g.tp_rank, tp_size=g.tp_size, pp_size=max(self.pp_stages, 1),
-                                writes_model=g.dp_rank == 0 and g.pp_rank == 0, dp_group_ranks=tuple(dp_ranks))
+                                pp_rank=g.pp_rank, writes_model=g.dp_rank == 0 and g.pp_rank == 0, dp_group_ranks=tuple(dp_ranks))
 
     def module_state(self, engine: Any) -> Optional[dict[str, torch.Tensor]]:
         """GPTModel-layout weights for the checkpoint (collective under a pipeline), None = the module's own."""
@@ -113,11 +123,25 @@ def plan_parallel(cfg: NeoXConfig, info: DistInfo, device: str) -> ParallelPlan:
     layout = rank_layout(info.world_size, tp, stages)
     if tp == 1 and stages == 0 and not sp:
         return ParallelPlan(tp_size=1, pp_stages=0, sequence_parallel=False, dp_rank=info.rank,
-                            dp_size=info.world_size, fp16_lm_cross_entropy=cfg.model.fp16_lm_cross_entropy)
+                            dp_size=info.world_size, fp16_lm_cross_entropy=cfg.model.fp16_lm_cross_entropy,
+                            fused_cross_entropy_chunk=_fused_chunk(cfg, pipeline=False))
     groups = build_parallel_groups(info.world_size, info.rank, tp, stages, device_type=device)
     return ParallelPlan(tp_size=tp, pp_stages=stages, sequence_parallel=sp, dp_rank=groups.dp_rank,
                         dp_size=layout.dp_size, groups=groups, fp32_allreduce=bool(cfg.training.fp32_allreduce),
-                        fp16_lm_cross_entropy=cfg.model.fp16_lm_cross_entropy)
+                        fp16_lm_cross_entropy=cfg.model.fp16_lm_cross_entropy,
+                        fused_cross_entropy_chunk=_fused_chunk(cfg, pipeline=stages >= 2))
+
+
+def _fused_chunk(cfg: NeoXConfig, pipeline: bool) -> int:
+    """Tokens per chunk of the fused loss, 0 = the plain loss (the pipeline engine's last stage computes its loss
+    from logits: one warning)."""
+    if not cfg.model.fused_cross_entropy:
+        return 0
+    if pipeline:
+        logger.warning("fused_cross_entropy: the pipeline engine's last stage computes the plain loss from logits "
+                       "(pipe_parallel_size >= 2); training continues without the fused loss")
+        return 0
+    return int(cfg.model.fused_cross_entropy_chunk)
 
 
 __all__ = ["ParallelPlan", "plan_parallel"]

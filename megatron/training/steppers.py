@@ -9,12 +9,14 @@ rule, read through ``ParallelPlan.pipeline``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
 from megatron.errors import RunError
+from megatron.model.fused_loss import FusedLMLoss
 from megatron.model.loss import lm_loss
 from megatron.training.batches import Batch, make_batch
 from megatron.training.data_setup import build_loader
@@ -36,7 +38,11 @@ class TrainingError(RunError, RuntimeError):
 
 
 def forward_loss(engine: Any, batch: Batch, loss_fn: Callable[..., torch.Tensor] = lm_loss) -> torch.Tensor:
-    """``loss_fn`` is ``lm_loss`` or, for a tensor-parallel model, the vocab-parallel loss over its TP group."""
+    """``loss_fn`` is ``lm_loss`` or, for a tensor-parallel model, the vocab-parallel loss over its TP group; a
+    ``FusedLMLoss`` runs inside the model's forward on the final hidden states (no logits are formed)."""
+    if isinstance(loss_fn, FusedLMLoss):
+        return engine(batch.tokens, head_loss=functools.partial(loss_fn, labels=batch.labels,
+                                                                loss_mask=batch.loss_mask))
     logits = engine(batch.tokens)
     return loss_fn(logits, batch.labels, batch.loss_mask)
 

@@ -102,7 +102,7 @@ def _at_least(ctx: _Ctx, section: str, name: str, value: Any, low: float) -> Non
 
 def _check_model(m, ctx: _Ctx) -> None:
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "checkpoint_num_layers",
-                 "make_vocab_size_divisible_by"):
+                 "make_vocab_size_divisible_by", "fused_cross_entropy_chunk"):
         _at_least(ctx, "model", name, getattr(m, name), 1)
     _at_least(ctx, "model", "num_kv_heads", m.num_kv_heads, 1)
     neox_compat.resolve_attention_type(m, ctx.where("model"))
