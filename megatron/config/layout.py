@@ -10,10 +10,13 @@ set, and ``pretrain`` repeats the call for configs built in code. Pure: no torch
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from megatron.config.derived import ffn_width
 from megatron.config.errors import ConfigError, Where, unknown_source
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
 
 
 def pipeline_engine_stages(pipe_parallel_size: Optional[int]) -> int:
@@ -93,7 +96,7 @@ def check_pipeline_depth(num_layers: int, stages: int, where: Where = unknown_so
                           f"per stage, but num_layers = {num_layers}")
 
 
-def check_config_layout(cfg: Any, world_size: int) -> int:
+def check_config_layout(cfg: NeoXConfig, world_size: int) -> int:
     """``check_layout`` for a resolved NeoXConfig (used by ``pretrain`` on the real world size)."""
     return check_layout(cfg.model, cfg.parallel, int(cfg.training.zero_stage), world_size)
 

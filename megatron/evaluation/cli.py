@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
 
 
-def run_eval_cli(cfg: Any, config_files: Sequence[str], overrides: Sequence[str]) -> int:
+def run_eval_cli(cfg: NeoXConfig, config_files: Sequence[str], overrides: Sequence[str]) -> int:
     """Run :func:`megatron.evaluation.runner.run_evaluation` on this rank; returns the exit status."""
     from megatron.errors import NeoxError, report_error
     from megatron.evaluation.lm import DataParallel

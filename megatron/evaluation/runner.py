@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -28,6 +28,9 @@ from megatron.device import resolve_device
 from megatron.config.sepllm_settings import attention_mode
 from megatron.evaluation.lm import DataParallel, NeoXLM
 from megatron.errors import UserInputError
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
 
 
 class EvalError(UserInputError, ValueError):
@@ -110,14 +113,14 @@ def _write_samples(stem: Path, samples: dict) -> list[Path]:
     return written
 
 
-def _device(cfg: Any) -> torch.device:
+def _device(cfg: NeoXConfig) -> torch.device:
     want = resolve_device(cfg.training.device, key="device")
     if want == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
-def _dtype(cfg: Any, device: torch.device) -> torch.dtype:
+def _dtype(cfg: NeoXConfig, device: torch.device) -> torch.dtype:
     precision = cfg.training.precision
     if device.type == "cuda" and precision in ("bf16", "fp16"):
         return torch.bfloat16 if precision == "bf16" else torch.float16
@@ -143,7 +146,7 @@ def _without_custom_dataset_note() -> Iterator[None]:
         task_logger.removeFilter(note)
 
 
-def run_evaluation(cfg: Any, *, config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = (),
+def run_evaluation(cfg: NeoXConfig, *, config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = (),
                    dp: DataParallel = DataParallel(), include_defaults: bool = True,
                    print_table: bool = True) -> EvalOutcome:
     """Evaluate the checkpoint in ``load`` (else ``save``) on ``cfg.training.eval_tasks``.

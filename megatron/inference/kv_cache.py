@@ -46,6 +46,7 @@ from megatron.sepllm.cache.eviction import EvictionRule, check_sizes
 from megatron.sepllm.cache.planner import SepCachePlanner
 from megatron.sepllm.cache.slots import LayerSlots
 from megatron.sepllm.cache.storage import store_step
+from megatron.config.model import ModelConfig
 
 #: SepLLM modes a cache can serve; the others (FixLLM, self-adjusting softmax) and BiPE decode with recompute.
 CACHEABLE_SEPLLM_MODES = ("sepllm", "streamingllm", SLIDING_WINDOW)
@@ -188,7 +189,7 @@ def _grow_buffer(buf: Tensor, cap: int, used: int) -> Tensor:
 class SepKVCache:
     """SepLLM-compressed cache for ``GPTModel`` (see the module docstring); sizes are per layer."""
 
-    def __init__(self, model_cfg: Any, sepllm_cfg: Any, settings: KVCacheSettings,
+    def __init__(self, model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig], settings: KVCacheSettings,
                  retention: Any = None) -> None:
         """``retention``: a ``RetentionStats`` the prompt forwards add their counts to (e.g. the model's own, so an
         evaluation counts generation prompts with its scoring forwards); by default the prefill backend keeps its

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from megatron.config.model import ModelConfig
+from megatron.config.sepllm import SepLLMConfig
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # buffers that older HF / GPT-NeoX versions saved next to the weights; never weights
@@ -202,7 +203,7 @@ def expand(rule: KeyRule, num_layers: int) -> Iterator[tuple[str, tuple[str, ...
                None if rule.neox is None else rule.neox.format(**fill), i)
 
 
-def model_keys(cfg: ModelConfig, sepllm_cfg: Any = None) -> list[str]:
+def model_keys(cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig] = None) -> list[str]:
     """The state-dict keys of ``GPTModel(cfg, sepllm_cfg)`` (built on the meta device: no memory, no init)."""
     from megatron.model.gpt import GPTModel
 

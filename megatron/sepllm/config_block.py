@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 from megatron.config.errors import ConfigError
 from megatron.config.sepllm_settings import WINDOW_KEYS, settings_of, window_values
 from megatron.sepllm import authors_config as authors
+from megatron.config.sepllm import SepLLMConfig
 
 BLOCK_KEY = "sepllm"
 SEP_CACHE_KEY = "sep_cache"
@@ -41,7 +42,7 @@ UNEXPORTABLE = {"USE_BiPE": "BiPE positions (a learned intra-segment table and i
                 "USE_SA_SOFTMAX": "self-adjusting softmax", "USE_SA_SOFTMAX_NO_DENO": "self-adjusting softmax"}
 
 
-def check_exportable(sepllm_cfg: Any) -> None:
+def check_exportable(sepllm_cfg: SepLLMConfig) -> None:
     """Raise ``ValueError`` naming the key when the attention was trained with something HF attention lacks."""
     for key, what in UNEXPORTABLE.items():
         if getattr(sepllm_cfg, key, False):
@@ -49,7 +50,7 @@ def check_exportable(sepllm_cfg: Any) -> None:
                              f"exported model would compute a different function")
 
 
-def build_block(sepllm_cfg: Any, num_layers: int, *, own_attention: bool = False) -> dict[str, Any]:
+def build_block(sepllm_cfg: SepLLMConfig, num_layers: int, *, own_attention: bool = False) -> dict[str, Any]:
     """The ``sepllm`` block for a model trained with ``sepllm_cfg`` (a resolved ``SepLLMConfig``).
 
     ``own_attention``: the exported model computes BiPE and the self-adjusting softmax itself (the ``sepllm_neox``

@@ -14,7 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -22,7 +22,12 @@ from megatron.checkpoint.hf import sepllm_neox
 from megatron.checkpoint.hf.mapping import ARCHITECTURES, CHECKS, HF_CLASSES, HF_CONFIGS, TO_HF
 from megatron.checkpoint.trained import load_trained_model
 from megatron.config.errors import ConfigError
+from megatron.config.model import ModelConfig
 from megatron.sepllm.config_block import BLOCK_KEY, build_block, check_exportable
+
+if TYPE_CHECKING:
+    from megatron.config.neox import NeoXConfig
+
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # as transformers' save_pretrained: shard above 5 GB
@@ -45,7 +50,7 @@ class ExportResult:
     files: tuple[str, ...]
 
 
-def default_architecture(model_cfg: Any) -> str:
+def default_architecture(model_cfg: ModelConfig) -> str:
     """``llama`` for RMSNorm + gated-MLP models (``mistral`` when they have ``sliding_window_width``), ``neox``
     otherwise (the shape the config describes)."""
     from megatron.model.mlp import GATED
@@ -117,7 +122,7 @@ def save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes:
     return names + ["model.safetensors.index.json"]
 
 
-def _hf_tokenizer(cfg: Any, vocab_is_hf_tokenizer: bool) -> Optional[Any]:
+def _hf_tokenizer(cfg: NeoXConfig, vocab_is_hf_tokenizer: bool) -> Optional[Any]:
     """A transformers fast tokenizer for the run's tokenizer (None when it has no HF form)."""
     tok_cfg = cfg.tokenizer
     if vocab_is_hf_tokenizer:
@@ -141,7 +146,8 @@ def _hf_tokenizer(cfg: Any, vocab_is_hf_tokenizer: bool) -> Optional[Any]:
     return PreTrainedTokenizerFast(tokenizer_file=str(path))
 
 
-def _special_tokens(tokenizer: Any, cfg: Any, pad_token_id: Optional[int], vocab: int) -> dict[str, Optional[int]]:
+def _special_tokens(tokenizer: Any, cfg: NeoXConfig, pad_token_id: Optional[int],
+                    vocab: int) -> dict[str, Optional[int]]:
     """bos/eos = the end-of-document token the run trained with; pad = ``--pad-token-id`` or eos."""
     eos = None
     if tokenizer is not None:

@@ -27,6 +27,7 @@ from megatron.model.weight_names import (
     to_hf_state,
 )
 from megatron.model.mlp import ffn_width
+from megatron.config.sepllm import SepLLMConfig
 
 HF_CLASSES = {"neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 #: our gated activations -> the ``hidden_act`` an HF gated MLP (Llama, Mistral) applies to ``gate_proj``
@@ -154,7 +155,7 @@ def hf_gpt_neox_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None,
 
 
 def from_hf_gpt_neox_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig,
-                                sepllm_cfg: Any = None) -> dict[str, Tensor]:
+                                sepllm_cfg: Optional[SepLLMConfig] = None) -> dict[str, Tensor]:
     """``GPTNeoXForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_gpt_neox_state_dict``).
 
     Embedding rows are zero-padded up to ``padded_vocab_size``. ``gpt_j_tied`` is refused (HF has two norms).
@@ -230,7 +231,7 @@ def _llama_family_config(cfg: ModelConfig, vocab_size: Optional[int]) -> dict[st
     )
 
 
-def _from_llama_family_state(hf_state: Mapping[str, Any], cfg: ModelConfig, sepllm_cfg: Any,
+def _from_llama_family_state(hf_state: Mapping[str, Any], cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig],
                              what: str) -> dict[str, Tensor]:
     if cfg.no_weight_tying and "lm_head.weight" not in hf_state:
         raise KeyError(f"{what}: missing key 'lm_head.weight' for an untied model")
@@ -257,7 +258,7 @@ def hf_llama_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, **
 
 
 def from_hf_llama_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig,
-                             sepllm_cfg: Any = None) -> dict[str, Tensor]:
+                             sepllm_cfg: Optional[SepLLMConfig] = None) -> dict[str, Tensor]:
     """``LlamaForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_llama_state_dict``): q/k/v
     are re-interleaved into the grouped fused-QKV layout, up/gate concatenated as ``[value; gate]``."""
     check_llama_compatible(model_cfg)
@@ -305,7 +306,7 @@ def hf_mistral_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None, 
 
 
 def from_hf_mistral_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig,
-                               sepllm_cfg: Any = None) -> dict[str, Tensor]:
+                               sepllm_cfg: Optional[SepLLMConfig] = None) -> dict[str, Tensor]:
     """``MistralForCausalLM`` state dict -> ``GPTModel`` state dict (inverse of ``to_hf_mistral_state_dict``)."""
     check_mistral_compatible(model_cfg)
     return _from_llama_family_state(hf_state, model_cfg, sepllm_cfg, "HF Mistral state dict")

@@ -13,7 +13,7 @@ Weights: ``sepllm_gpt_neox.*`` (the transformer, with ``position_embeddings.weig
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
@@ -21,6 +21,7 @@ from megatron.checkpoint.hf.mapping import check_gpt_neox_compatible
 from megatron.config.model import ModelConfig
 from megatron.model.weight_names import GPT_NEOX_TABLE, from_hf_state, model_keys
 from megatron.sepllm.authors_config import MODEL_TYPE
+from megatron.config.sepllm import SepLLMConfig
 
 POSITION_EMBEDDINGS = ("rotary", "alibi")           # what SepLLMGPTNeoXForCausalLM computes
 WEIGHT_PREFIXES = {MODEL_TYPE + ".": "gpt_neox.", "embed_out.": "lm_head."}
@@ -62,7 +63,7 @@ def rename_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def from_sepllm_gpt_neox_state_dict(hf_state: Mapping[str, Any], model_cfg: ModelConfig,
-                                    sepllm_cfg: Any = None) -> dict[str, Tensor]:
+                                    sepllm_cfg: Optional[SepLLMConfig] = None) -> dict[str, Tensor]:
     """``SepLLMGPTNeoXForCausalLM`` state dict -> ``GPTModel`` state dict. HF GPT-NeoX's checks hold except the
     positions (their class adds ALiBi); the BiPE table is expected exactly when ``USE_BiPE`` (an extra or a missing
     tensor is an error)."""

@@ -24,6 +24,7 @@ from megatron.checkpoint.hf.mapping import check_vocab, max_positions
 from megatron.checkpoint.hf.remote_code import REMOTE_CODE_FILES
 from megatron.model.mlp import ffn_width
 from megatron.model.weight_names import IGNORED_BUFFERS, clean_state_dict, model_keys, sepllm_neox_key
+from megatron.config.sepllm import SepLLMConfig
 
 ARCHITECTURE = "sepllm_neox"
 HF_CLASS = "SepLLMNeoXForCausalLM"
@@ -42,14 +43,14 @@ def _norm_epsilon(cfg: ModelConfig) -> float:
     return float(cfg.layernorm_epsilon)
 
 
-def _bipe_separators(sepllm_cfg: Any) -> list[int]:
+def _bipe_separators(sepllm_cfg: Optional[SepLLMConfig]) -> list[int]:
     if not getattr(sepllm_cfg, "USE_BiPE", False):
         return []
     seps = sepllm_cfg.BiPE_seps if sepllm_cfg.BiPE_seps is not None else sepllm_cfg.separator_token_ids
     return [int(s) for s in seps or ()]
 
 
-def sepllm_neox_config(model_cfg: ModelConfig, sepllm_cfg: Any, vocab_size: Optional[int] = None,
+def sepllm_neox_config(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig], vocab_size: Optional[int] = None,
                        **overrides: Any) -> Any:
     """The ``SepLLMNeoXConfig`` describing ``GPTModel(model_cfg, sepllm_cfg)``: our model keys plus the resolved
     SepLLM settings (mode, one prefill and one decode window per layer, initial tokens, separators)."""
@@ -86,8 +87,8 @@ def sepllm_neox_config(model_cfg: ModelConfig, sepllm_cfg: Any, vocab_size: Opti
         raise ValueError(f"cannot export to {HF_CLASS}: {exc}") from None
 
 
-def to_sepllm_neox_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig, sepllm_cfg: Any = None,
-                              vocab_size: Optional[int] = None,
+def to_sepllm_neox_state_dict(model_state: Mapping[str, Any], model_cfg: ModelConfig,
+                              sepllm_cfg: Optional[SepLLMConfig] = None, vocab_size: Optional[int] = None,
                               include_tied_head: bool = True) -> dict[str, Tensor]:
     """``GPTModel`` state dict -> ``SepLLMNeoXForCausalLM`` state dict (renames only; tensors are shared).
 
