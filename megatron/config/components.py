@@ -166,6 +166,10 @@ class TrainingConfig:
                                                 "CPU/NVMe offload is not supported yet.")
     zero_stage: int = opt(0, "ZeRO stage, derived from zero_optimization.stage.", derived=True)
     eod_mask_loss: bool = opt(False, "Do not compute the loss on end-of-document tokens.")
+    compile: bool = opt(False, "torchtitan: torch.compile each transformer block for training (graph reused across "
+                               "blocks; state_dict keys unchanged) and the plain loss; the first step's time, which "
+                               "includes compiling, is logged. A block that cannot compile: one warning, eager "
+                               "blocks (megatron/model/compile.py).")
     device: Device = opt("auto", "auto | cpu | cuda. auto = cuda when available, else cpu.")
     eval_tasks: Optional[list] = opt(None, "lm_eval task names for eval.py (a list; a string is split at commas). "
                                            "On the command line: `--eval_tasks lambada_openai piqa`.")

@@ -291,6 +291,8 @@ def _train(run: Run, profiler: StepProfiler) -> TrainResult:
         return result
     if isinstance(run.stepper, PlainStepper):  # the pipeline engine runs its forwards inside train_batch: no hook
         run.stepper.on_forward = _forward_hook(run)
+    if run.stepper.first_step is not None:  # compile: the first step's time goes to the run's log
+        run.stepper.first_step.log = logger.info
     batches = _micro_batches(run)
     if ck.save and state.iteration == 0 and 0 in set(ck.extra_save_iters or ()):
         _save(run)  # the init weights

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol
 import torch
 
 from megatron.errors import RunError
+from megatron.model.compile import BlockCompiler, FirstStepTimer
 from megatron.model.fused_loss import FusedLMLoss
 from megatron.model.loss import lm_loss
 from megatron.training.batches import Batch, make_batch
@@ -115,10 +116,14 @@ class PlainStepper:
     info: DistInfo
     on_forward: Optional[Callable[[], None]] = None
     on_boundary: Optional[Callable[[Any], None]] = None
+    first_step: Optional[FirstStepTimer] = None  # compile: logs the first step's time (compilation included)
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, Optional[float]]:
-        return train_step(self.engine, batches, self.gas, self.own_grad_norm, self.on_forward, clip=self.clip,
-                          loss_fn=self.loss_fn, on_boundary=self.on_boundary)
+        def step() -> tuple[torch.Tensor, Optional[float]]:
+            return train_step(self.engine, batches, self.gas, self.own_grad_norm, self.on_forward, clip=self.clip,
+                              loss_fn=self.loss_fn, on_boundary=self.on_boundary)
+
+        return step() if self.first_step is None else self.first_step(step)
 
     def eval_loss(self, batches: Iterator[Batch], num_batches: int) -> Optional[float]:
         self.engine.eval()
@@ -139,11 +144,14 @@ class PipelineStepper:
 
     engine: Any
     n_params: int
+    first_step: Optional[FirstStepTimer] = None
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, Optional[float]]:
         from megatron.training.pipeline_training import pipeline_loop_step
 
-        return pipeline_loop_step(self.engine, batches)
+        if self.first_step is None:
+            return pipeline_loop_step(self.engine, batches)
+        return self.first_step(lambda: pipeline_loop_step(self.engine, batches))
 
     def eval_loss(self, batches: Iterator[Batch], num_batches: int) -> Optional[float]:
         from megatron.training.pipeline_training import pipeline_loop_eval
@@ -182,15 +190,26 @@ def build_stepper(cfg: NeoXConfig, plan: ParallelPlan, info: DistInfo, device: s
             raise TrainingError(f"pipeline engine data-parallel coordinates {(run.dp_rank, run.dp_size)} differ from "
                                 f"the mesh's {(plan.dp_rank, plan.dp_size)}")
         load_pipeline_module_state(run.engine, reference.state_dict())
-        return PipelineStepper(engine=run.engine, n_params=n_params)
+        return PipelineStepper(engine=run.engine, n_params=n_params, first_step=_compile(cfg, run.engine.module))
     model = GPTModel(cfg.model, cfg.sepllm)
     n_params = sum(p.numel() for p in model.parameters())
     model = plan.shard_model(model)
+    first_step = _compile(cfg, model)
     optimizer = build_optimizer(model, cfg.optimizer, device_type=device)
     engine = build_engine(model, optimizer, ds_config, device, mpu=plan.mpu())
+    loss_fn = plan.loss_fn(engine)
+    if first_step is not None and loss_fn is lm_loss:  # the plain, unsharded loss: one small graph
+        loss_fn = torch.compile(lm_loss)
     return PlainStepper(engine=engine, n_params=n_params, gas=int(ds_config["gradient_accumulation_steps"]),
                         own_grad_norm=own_grad_norm, clip=cfg.training.gradient_clipping,
-                        loss_fn=plan.loss_fn(engine), info=info)
+                        loss_fn=loss_fn, info=info, first_step=first_step)
+
+
+def _compile(cfg: NeoXConfig, module: torch.nn.Module) -> Optional[FirstStepTimer]:
+    """``compile: true``: compile ``module``'s transformer blocks in place; the timer logs the first step."""
+    if not cfg.training.compile:
+        return None
+    return FirstStepTimer(BlockCompiler(module))
 
 
 __all__ = ["PipelineStepper", "PlainStepper", "Stepper", "TrainingError", "build_stepper", "evaluate",
