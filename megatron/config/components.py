@@ -215,6 +215,13 @@ class CheckpointConfig:
                                          "folder instead).")
     checkpoint_scale: CheckpointScale = opt("linear", "Save schedule: linear (every checkpoint_factor iterations). "
                                           "Only linear is supported.")
+    overwrite_save: bool = opt(False, "Start a new run into a `save` folder that holds another run's checkpoints: "
+                                      "they are deleted at start (like Hugging Face's overwrite_output_dir). Without "
+                                      "it such a run resumes the folder (load unset, same model shape) or stops.")
+    checkpoint_async: bool = opt(False, "Write checkpoints in a background thread: the state is copied to host memory "
+                                        "at the save iteration and training continues while it is written (same "
+                                        "temp folder + rename + `latest`); the next save and the end of the run "
+                                        "wait for it.")
 
 
 @dataclass

@@ -38,7 +38,9 @@ from megatron.config.errors import ConfigError
 from megatron.config.derived import decay_iters
 from megatron.training.data_setup import (DataSetupError, SplitDatasets, build_datasets, build_epoch_datasets,
                                           build_loader, check_token_ids, ensure_data)
-from megatron.training.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, set_seed
+from megatron.training import run_folder
+from megatron.training.distributed import (DistInfo, barrier, broadcast_object, init_distributed, mean_over_ranks,
+                                          set_seed)
 from megatron.training.engine import check_device_support, quiet_deepspeed_logs, resolve_device
 from megatron.training.flops import default_peak_flops, flops_per_token, mfu
 from megatron.training.interrupt import StopRequest, TrainingInterrupted
@@ -46,10 +48,10 @@ from megatron.training.logging import RunLogger, format_console_line
 from megatron.training.diagnostics import StepDiagnostics
 from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
 from megatron.training.parallel_setup import ParallelPlan, plan_parallel
-from megatron.training.preflight import check_output_dirs
+from megatron.training.preflight import RunLimitError, check_output_dirs, check_sequence_fits_data
 from megatron.training.profiling import StepProfiler
 from megatron.training.run import Run, TrainResult
-from megatron.training.size_summary import summarize, summary_lines
+from megatron.training.size_summary import format_bytes, summarize, summary_lines
 from megatron.training.steppers import PlainStepper, TrainingError, build_stepper, evaluate
 
 if TYPE_CHECKING:
@@ -173,6 +175,27 @@ def _check_checkpoint_space(cfg: NeoXConfig, n_params: int, info: DistInfo, logg
     logger.info(f"warning: {verdict[1]}")
 
 
+def _check_memory(cfg: NeoXConfig, info: DistInfo, plan: ParallelPlan, micro: int, gas: int, device: str) -> None:
+    """Rank 0 compares the ``--summary`` memory estimate with the machine's memory; every rank gets the verdict."""
+    from megatron.training.preflight import available_memory, check_memory_fits
+
+    verdict = None
+    if info.rank == 0:
+        s = summarize(cfg, data_parallel_size=plan.dp_size, micro_batch=micro, gradient_accumulation_steps=gas)
+        checkpointed = s.checkpoint_activations
+        acts = s.gpu.activations_checkpointed if checkpointed else s.gpu.activations
+        processes = 1 if device == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        try:
+            check_memory_fits(s.gpu.total(checkpointed), processes, available_memory(device),
+                              f"training state {format_bytes(s.gpu.state.total)} + activations of micro batch "
+                              f"{micro} x seq_length {cfg.model.seq_length} {format_bytes(acts)}")
+        except RunLimitError as exc:
+            verdict = str(exc)
+    verdict = broadcast_object(verdict)
+    if verdict:
+        raise RunLimitError(verdict)
+
+
 def _make_scheduler(cfg: NeoXConfig, train_iters: int) -> AnnealingLR:
     """GPT-NeoX's schedule for a run of ``train_iters`` steps (lr_decay_iters / warmup_iters derived here when
     validation could not: configs built in code, train_epochs)."""
@@ -235,12 +258,23 @@ def pretrain(config: NeoXConfig, *, stream: Any = None) -> TrainResult:
     device = _check_before_start(cfg)
     info = init_distributed(device, cfg.parallel.distributed_backend)
     quiet_deepspeed_logs()
-    logger = _make_logger(cfg, info, stream)
+    folder, verdict = run_folder.claim(cfg, info.rank)  # one run per save folder and metrics.jsonl
+    verdict = broadcast_object(verdict)
+    if verdict.error:
+        raise run_folder.RunFolderError(verdict.error)
+    if verdict.load is not None:
+        cfg.checkpoint.load = verdict.load
     try:
-        with StopRequest() as stop:
-            return _set_up_and_train(cfg, info, device, logger, stop, started)
+        logger = _make_logger(cfg, info, stream)
+        try:
+            for note in verdict.notes:
+                logger.info(note)
+            with StopRequest() as stop:
+                return _set_up_and_train(cfg, info, device, logger, stop, started)
+        finally:
+            logger.close()
     finally:
-        logger.close()
+        folder.release()
 
 
 def _set_up_and_train(cfg: NeoXConfig, info: DistInfo, device: str, logger: RunLogger, stop: StopRequest,
@@ -259,7 +293,9 @@ def _set_up_and_train(cfg: NeoXConfig, info: DistInfo, device: str, logger: RunL
     logger.info(f"device {device} | world size {info.world_size} ({info.backend}) | precision {t.precision} | "
                 f"ZeRO {t.zero_stage} | global batch {global_batch} = micro {micro} x accum {gas} x dp "
                 f"{plan.dp_size} | seq {cfg.model.seq_length} | {plan.describe()}")
+    _check_memory(cfg, info, plan, micro, gas, device)
     datasets, train_iters = _build_data(cfg, info, plan, ds_config, tokenizer, logger)
+    check_sequence_fits_data(datasets, cfg.model.seq_length)
 
     profiler = StepProfiler(lg, lg.log_dir, device, info.rank, logger.info)  # memory history from model set-up
     try:

@@ -93,3 +93,74 @@ def check_checkpoint_space(save: str | os.PathLike, certain: int, expected: int)
         return (f"checkpoint.save: {save} has {free / gib:.2f} GiB free, one checkpoint is expected to take about "
                 f"{expected / gib:.2f} GiB (weights + optimizer state): the first save may fail")
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# limits known before the run: memory and sequence length (issue 21, item 4)
+
+
+class RunLimitError(UserInputError, ValueError):
+    """The configured run cannot fit the machine (memory) or its data (sequence length)."""
+
+
+def available_memory(device: str) -> tuple[int, str] | None:
+    """(bytes this process may still use, what was measured): free GPU memory on CUDA, ``MemAvailable`` of
+    ``/proc/meminfo`` on CPU (psutil elsewhere); None when it cannot be measured."""
+    if device == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return int(free), f"free on GPU {torch.cuda.current_device()}"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "available RAM"
+    except ImportError:
+        return None
+
+
+def check_memory_fits(needed: int, processes: int, available: tuple[int, str] | None, what: str) -> None:
+    """Refuse a run whose ``--summary`` estimate (``needed`` bytes per process, ``processes`` of them sharing the
+    measured memory: the local ranks on CPU, one per GPU) is over what the machine has. The estimate leaves out
+    framework overhead, so only a run that is clearly over is refused; one that is close may still fail later."""
+    if available is None:
+        return
+    have, source = available
+    total = needed * processes
+    if total <= have:
+        return
+    gib = 1024 ** 3
+    share = f" x {processes} processes" if processes > 1 else ""
+    raise RunLimitError(f"memory: the run needs about {needed / gib:.2f} GiB per process{share} ({what}; the "
+                        f"--summary estimate) but this machine has {have / gib:.2f} GiB {source}: lower seq_length or "
+                        "train_micro_batch_size_per_gpu, set checkpoint_activations, or spread the model over more "
+                        "GPUs (ZeRO, model / pipe parallel)")
+
+
+def _token_datasets(dataset: Any) -> list[Any]:
+    """The ``GPTDataset`` parts of a split (a blend holds several)."""
+    if dataset is None:
+        return []
+    if hasattr(dataset, "tokens_per_epoch"):
+        return [dataset]
+    return [part for inner in getattr(dataset, "datasets", ()) for part in _token_datasets(inner)]
+
+
+def check_sequence_fits_data(datasets: Any, seq_length: int) -> None:
+    """One sample reads ``seq_length + 1`` tokens: a split with fewer tokens in all would repeat itself inside every
+    sample (and an epoch would hold less than one sample), so the run is refused before training."""
+    for split in ("train", "valid", "test"):
+        for part in _token_datasets(getattr(datasets, split, None)):
+            tokens = int(part.tokens_per_epoch)
+            if 0 < tokens < seq_length + 1:
+                where = getattr(getattr(part, "indexed", None), "prefix", None) or getattr(part, "name", split)
+                raise RunLimitError(f"model.seq_length {seq_length} is longer than the whole {split} split of "
+                                    f"{where} ({tokens:,} tokens; a sample needs seq_length + 1): lower seq_length, "
+                                    "add data or change split")
