@@ -49,12 +49,14 @@ class CheckpointLayout:
 
     ``writes_model``: whether this rank writes its module-state file (None: global rank 0 only);
     ``dp_group_ranks``: the global ranks of this rank's data-parallel group, whose ZeRO partitions it loads (None:
-    all ranks, the pure data-parallel case); ``pp_size``: pipeline stages (1 = no pipeline engine).
+    all ranks, the pure data-parallel case); ``pp_size``: pipeline stages (1 = no pipeline engine), ``pp_rank``
+    this rank's stage.
     """
 
     tp_rank: int = 0
     tp_size: int = 1
     pp_size: int = 1
+    pp_rank: int = 0
     writes_model: bool | None = None
     dp_group_ranks: tuple[int, ...] | None = None
 

@@ -7,8 +7,10 @@ its ``latest`` file already points at it) and its loader unpickles arbitrary obj
 A crash at any point leaves the previous checkpoint and ``latest`` intact; a failed write (full disk, permissions)
 on any rank removes the temp folder on every rank's behalf and raises :class:`CheckpointSaveError` on all ranks alike
 (the ranks agree on the outcome, so none is left waiting in a barrier). ZeRO-1/2/3 optimizer partitions are saved
-per rank from DeepSpeed's own ``state_dict`` (made pickle-free) and restored through its ``load_state_dict``, so
-resuming them requires the same data-parallel world size. Under ZeRO-3 the module state is gathered with DeepSpeed's
+per rank from DeepSpeed's own ``state_dict`` (made pickle-free) and restored through its ``load_state_dict`` when
+the run has the checkpoint's layout (the exact fast path); every save also writes the layout-free copy
+(:mod:`megatron.checkpoint.layout_free`, :mod:`megatron.training.optimizer_state`), from which any other DP x TP x PP
+layout, ZeRO stage or precision resumes. Under ZeRO-3 the module state is gathered with DeepSpeed's
 ``GatheredParameters`` one submodule at a time into the same full-model ``model_states.pt`` as any other stage, so
 every checkpoint loads into any stage and converts with the same tools.
 """
@@ -44,7 +46,10 @@ from megatron.checkpoint.format import (
     read_meta,
     resolve_checkpoint_dir,
 )
+from megatron.checkpoint.layout_free import optim_full_file, read_full_optimizer_state
 from megatron.training.distributed import barrier, broadcast_object, capture_rng_state, restore_rng_state
+from megatron.training.optimizer_state import (gather_full_optimizer_state, load_full_optimizer_state,
+                                               local_parameters, supports_layout_free)
 from megatron.errors import RunError
 
 _SCALER_KEY = "__loss_scaler_state__"
@@ -224,6 +229,15 @@ def _first_error(local: str | None) -> str | None:
     return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
 
 
+def _precision(engine: Any) -> str:
+    return "bf16" if engine.bfloat16_enabled() else ("fp16" if engine.fp16_enabled() else "fp32")
+
+
+def _first_of_dp_group(rank: int, layout: CheckpointLayout) -> bool:
+    """Data-parallel rank 0 of this rank's (TP rank, stage) slot: it writes the slot's layout-free optimizer file."""
+    return rank == (layout.dp_group_ranks[0] if layout.dp_group_ranks is not None else 0)
+
+
 def _write_rank_files(tmp: Path, engine: Any, snapshot: RunSnapshot, rank: int, world_size: int,
                       layout: CheckpointLayout, module_state: dict[str, torch.Tensor] | None,
                       optim_state: dict[str, Any] | None, writes_model: bool) -> None:
@@ -243,6 +257,10 @@ def _write_rank_files(tmp: Path, engine: Any, snapshot: RunSnapshot, rank: int, 
             "pipe_parallel_size": layout.pp_size,
             "optimizer_per_rank": layout.per_rank_optimizer,
             "has_optimizer": snapshot.save_optim,
+            "optimizer_layout_free": snapshot.save_optim and supports_layout_free(engine),
+            "precision": _precision(engine),
+            "data_parallel_size": world_size // (layout.tp_size * layout.pp_size),
+            "global_batch_size": int(engine.train_batch_size()),
             "has_rng": snapshot.save_rng,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_version": torch.__version__,
@@ -297,12 +315,19 @@ def save_checkpoint(save_dir: str | os.PathLike, engine: Any, snapshot: RunSnaps
             optim_state = dict(engine.optimizer.state_dict())
             optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
             optim_state = _to_plain(optim_state)
+        full_optim = None
+        layout_free = snapshot.save_optim and supports_layout_free(engine)
+        if layout_free:  # collective over the data-parallel group; its rank 0 keeps the slot's whole state
+            full_optim = gather_full_optimizer_state(engine, layout, keep=_first_of_dp_group(rank, layout))
         if zero3 and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
             engine.optimizer.checkpoint_event_epilogue()
         local = None
         try:
             _write_rank_files(tmp, engine, snapshot, rank, world_size, layout, module_state, optim_state,
                               writes_model)
+            if full_optim is not None:
+                _torch_save(full_optim.to_file(layout.tp_rank, layout.tp_size, layout.pp_rank),
+                            tmp / optim_full_file(layout.tp_rank, layout.pp_rank))
         except OSError as exc:
             local = _io_error(exc)
         error = _first_error(local)
@@ -413,35 +438,18 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
     if load_rng and not meta.get("has_rng", True):
         raise CheckpointError(f"checkpoint {ckpt} was saved without RNG states (no_save_rng); set no_load_rng to "
                               f"resume from it")
+    notes: list[str] = []
     if load_optim:
-        saved = (int(meta.get("tensor_parallel_size", 1)), int(meta.get("pipe_parallel_size", 1)))
-        if saved != (layout.tp_size, layout.pp_size):
-            raise CheckpointError(f"checkpoint {ckpt} holds optimizer state for model_parallel_size x pipe stages = "
-                                  f"{saved[0]} x {saved[1]}, the run uses {layout.tp_size} x {layout.pp_size}; set "
-                                  "no_load_optim to load weights only")
-        if meta.get("optimizer_per_rank") and int(meta["world_size"]) != world_size:
-            raise CheckpointError(f"checkpoint {ckpt} holds per-rank optimizer states for {meta['world_size']} ranks, "
-                                  f"the run has {world_size}; set no_load_optim to load weights only")
-        partitioned = _optimizer_is_partitioned(engine)
-        if _stage_family(int(meta.get("zero_stage", 0))) != _stage_family(int(engine.zero_optimization_stage())):
-            raise CheckpointError(f"checkpoint {ckpt} was written with ZeRO stage {meta.get('zero_stage')}, the run "
-                                  f"uses stage {engine.zero_optimization_stage()}; set no_load_optim to load "
-                                  "weights only")
-        if partitioned:
-            if int(meta["world_size"]) != world_size:
-                raise CheckpointError(f"checkpoint {ckpt} holds ZeRO optimizer partitions for {meta['world_size']} "
-                                      f"ranks, the run has {world_size}; set no_load_optim to load weights only")
-            ranks = layout.dp_group_ranks if layout.dp_group_ranks is not None else range(world_size)
-            states = [_restore_scaler(load_file(ckpt / f"optim_rank{r}.pt"), engine.optimizer) for r in ranks]
-            engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        mismatch = _native_optimizer_mismatch(meta, engine, layout, world_size)
+        if mismatch is None:
+            _load_native_optimizer(ckpt, meta, engine, layout, rank, world_size)
+        elif meta.get("optimizer_layout_free") and supports_layout_free(engine):
+            names = [name for name, _ in local_parameters(engine, layout)]
+            state = read_full_optimizer_state(ckpt, names, layout.tp_rank, layout.tp_size)
+            load_full_optimizer_state(engine, layout, state)
+            notes.append(f"optimizer state converted to this layout from its layout-free copy ({mismatch})")
         else:
-            optim_file = ckpt / (f"optim_rank{rank}.pt" if meta.get("optimizer_per_rank") else "optim_rank0.pt")
-            state = _restore_scaler(load_file(optim_file), engine.optimizer)
-            try:
-                engine.optimizer.load_state_dict(state)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise CheckpointError(f"optimizer state in {optim_file} does not fit the configured "
-                                      f"optimizer: {exc}") from exc
+            raise CheckpointError(f"checkpoint {ckpt} {mismatch}; set no_load_optim to load weights only")
     if zero3 and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
         engine.optimizer.checkpoint_event_epilogue()
     if load_rng:
@@ -449,5 +457,49 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
         if not rng_file.exists() and rank > 0:
             rng_file = ckpt / "rng_rank0.pt"  # resumed on more ranks than saved: reuse rank 0's streams
         restore_rng_state(load_file(rng_file))
+        saved_layout = (int(meta.get("world_size", world_size)), int(meta.get("tensor_parallel_size", 1)),
+                        int(meta.get("pipe_parallel_size", 1)))
+        if saved_layout != (world_size, layout.tp_size, layout.pp_size):
+            notes.append(f"RNG streams cannot be restored exactly under a changed layout (saved: world size "
+                         f"{saved_layout[0]}, TP {saved_layout[1]}, PP {saved_layout[2]}): each rank took "
+                         "the saved stream of its rank number (or rank 0's)")
     meta["path"] = str(ckpt)
+    meta["resume_notes"] = notes
     return meta
+
+
+def _native_optimizer_mismatch(meta: dict[str, Any], engine: Any, layout: CheckpointLayout,
+                               world_size: int) -> str | None:
+    """Why the checkpoint's per-rank DeepSpeed optimizer files do not fit this run (None: they do)."""
+    saved = (int(meta.get("tensor_parallel_size", 1)), int(meta.get("pipe_parallel_size", 1)))
+    if saved != (layout.tp_size, layout.pp_size):
+        return (f"holds optimizer state for model_parallel_size x pipe stages = {saved[0]} x {saved[1]}, the run "
+                f"uses {layout.tp_size} x {layout.pp_size}")
+    if meta.get("optimizer_per_rank") and int(meta["world_size"]) != world_size:
+        return f"holds per-rank optimizer states for {meta['world_size']} ranks, the run has {world_size}"
+    stage = int(engine.zero_optimization_stage())
+    if _stage_family(int(meta.get("zero_stage", 0))) != _stage_family(stage):
+        return f"was written with ZeRO stage {meta.get('zero_stage')}, the run uses stage {stage}"
+    if stage >= 1 and int(meta["world_size"]) != world_size:
+        return f"holds ZeRO optimizer partitions for {meta['world_size']} ranks, the run has {world_size}"
+    precision = _precision(engine)
+    if meta.get("precision", precision) != precision:
+        return f"was written in precision {meta['precision']}, the run uses {precision}"
+    return None
+
+
+def _load_native_optimizer(ckpt: Path, meta: dict[str, Any], engine: Any, layout: CheckpointLayout, rank: int,
+                           world_size: int) -> None:
+    """The same-layout fast path: DeepSpeed's own per-rank optimizer state dicts, exact."""
+    if _optimizer_is_partitioned(engine):
+        ranks = layout.dp_group_ranks if layout.dp_group_ranks is not None else range(world_size)
+        states = [_restore_scaler(load_file(ckpt / f"optim_rank{r}.pt"), engine.optimizer) for r in ranks]
+        engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        return
+    optim_file = ckpt / (f"optim_rank{rank}.pt" if meta.get("optimizer_per_rank") else "optim_rank0.pt")
+    state = _restore_scaler(load_file(optim_file), engine.optimizer)
+    try:
+        engine.optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"optimizer state in {optim_file} does not fit the configured "
+                              f"optimizer: {exc}") from exc

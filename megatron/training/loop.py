@@ -237,6 +237,13 @@ def _resume(run: Run) -> None:
                                       use_checkpoint=bool(getattr(ls, "use_checkpoint_lr_scheduler", False)))
     engine.global_steps = iteration
     engine.global_samples = consumed
+    for note in meta.get("resume_notes", ()):
+        logger.info(f"resume: {note}")
+    saved_batch = meta.get("global_batch_size")
+    if saved_batch is not None and int(saved_batch) != run.global_batch:
+        logger.info(f"resume: global batch changes from {saved_batch} (checkpoint, data parallel size "
+                    f"{meta.get('data_parallel_size', '?')}) to {run.global_batch} (data parallel size {plan.dp_size});"
+                    f" training continues at sample {consumed}, each step now reads {run.global_batch} samples")
     dropped = logger.drop_rows_after(iteration)
     if dropped:
         logger.info(f"{logger.metrics_path}: dropped {dropped} row(s) of iterations after {iteration}, written before "

@@ -91,7 +91,8 @@ class ParallelPlan:
         g = self.groups
         dp_ranks = next(group for group in g.layout.dp_groups if g.rank in group)
         return CheckpointLayout(tp_rank=g.tp_rank, tp_size=g.tp_size, pp_size=max(self.pp_stages, 1),
-                                pp_rank=g.pp_rank, writes_model=g.dp_rank == 0 and g.pp_rank == 0, dp_group_ranks=tuple(dp_ranks))
+                                pp_rank=g.pp_rank, writes_model=g.dp_rank == 0 and g.pp_rank == 0,
+                                dp_group_ranks=tuple(dp_ranks))
 
     def module_state(self, engine: Any) -> Optional[dict[str, torch.Tensor]]:
         """GPTModel-layout weights for the checkpoint (collective under a pipeline), None = the module's own."""
