@@ -18,6 +18,7 @@ every checkpoint loads into any stage and converts with the same tools.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import shutil
@@ -240,13 +241,17 @@ def _first_of_dp_group(rank: int, layout: CheckpointLayout) -> bool:
 
 def _write_rank_files(tmp: Path, engine: Any, snapshot: RunSnapshot, rank: int, world_size: int,
                       layout: CheckpointLayout, module_state: dict[str, torch.Tensor] | None,
-                      optim_state: dict[str, Any] | None, writes_model: bool) -> None:
+                      optim_state: dict[str, Any] | None, writes_model: bool, rng_state: dict[str, Any] | None,
+                      files: list[tuple[Any, Path]]) -> None:
+    """This rank's files; ``rng_state`` was captured with the rest of the state (the write may run later)."""
     if writes_model:
         _torch_save(module_state, tmp / layout.model_file())
     if optim_state is not None:
         _torch_save(optim_state, tmp / f"optim_rank{rank}.pt")
-    if snapshot.save_rng:
-        _torch_save(capture_rng_state(), tmp / f"rng_rank{rank}.pt")
+    for obj, path in files:
+        _torch_save(obj, path)
+    if rng_state is not None:
+        _torch_save(rng_state, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -274,7 +279,7 @@ def _write_rank_files(tmp: Path, engine: Any, snapshot: RunSnapshot, rank: int, 
 
 def save_checkpoint(save_dir: str | os.PathLike, engine: Any, snapshot: RunSnapshot, *, rank: int, world_size: int,
                     layout: CheckpointLayout | None = None, module_state: dict[str, torch.Tensor] | None = None,
-                    keep_last_n: int | None = None) -> Path:
+                    keep_last_n: int | None = None, background: Callable[[SaveJob], None] | None = None) -> Path:
     """Write ``global_step{snapshot.iteration}`` atomically on every rank (collective call); returns its final path.
 
     ``snapshot`` is the run's engine-independent state (:class:`RunSnapshot`: counters, LR schedule, config, and
@@ -282,7 +287,8 @@ def save_checkpoint(save_dir: str | os.PathLike, engine: Any, snapshot: RunSnaps
     ``engine.module.state_dict()`` (a pipeline engine passes the gathered GPTModel layout); ``layout`` says which
     module/optimizer files this rank writes under TP / PP; ``keep_last_n`` prunes older checkpoints. Raises
     :class:`CheckpointSaveError` on every rank when any rank fails to write: the temp folder is removed, the
-    previous checkpoint and ``latest`` stay as they were.
+    previous checkpoint and ``latest`` stay as they were. ``background`` (``checkpoint_async``): the state is copied
+    to host memory here and the :class:`SaveJob` that writes and publishes it is handed over instead of run.
     """
     layout = layout or CheckpointLayout()
     root = Path(save_dir)
@@ -299,60 +305,106 @@ def save_checkpoint(save_dir: str | os.PathLike, engine: Any, snapshot: RunSnaps
             error = _io_error(exc)
     error = _first_error(error)
 
-    published = False
-    if error is None:
-        zero3 = _partitions_parameters(engine)
-        if zero3 and hasattr(engine.optimizer, "checkpoint_event_prologue"):
-            engine.optimizer.checkpoint_event_prologue()  # re-partition every parameter before reading partitions
-        if module_state is None and zero3:
-            module_state = zero3_module_state(engine, keep=writes_model or rank == 0)
-        elif module_state is None:
-            module_state = engine.module.state_dict()
-        if module_state is not None:
-            module_state = {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
-        optim_state = None
-        if snapshot.save_optim and (rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer):
-            optim_state = dict(engine.optimizer.state_dict())
-            optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
-            optim_state = _to_plain(optim_state)
-        full_optim = None
-        layout_free = snapshot.save_optim and supports_layout_free(engine)
-        if layout_free:  # collective over the data-parallel group; its rank 0 keeps the slot's whole state
-            full_optim = gather_full_optimizer_state(engine, layout, keep=_first_of_dp_group(rank, layout))
-        if zero3 and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
-            engine.optimizer.checkpoint_event_epilogue()
-        local = None
+    job = SaveJob(root=root, final=final, tmp=tmp, rank=rank, keep_last_n=keep_last_n)
+    if error is not None:
+        return job.finish(error, agreed=True)
+    zero3 = _partitions_parameters(engine)
+    if zero3 and hasattr(engine.optimizer, "checkpoint_event_prologue"):
+        engine.optimizer.checkpoint_event_prologue()  # re-partition every parameter before reading partitions
+    if module_state is None and zero3:
+        module_state = zero3_module_state(engine, keep=writes_model or rank == 0)
+    elif module_state is None:
+        module_state = engine.module.state_dict()
+    if module_state is not None:
+        module_state = {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
+    optim_state = None
+    if snapshot.save_optim and (rank == 0 or _optimizer_is_partitioned(engine) or layout.per_rank_optimizer):
+        optim_state = dict(engine.optimizer.state_dict())
+        optim_state.pop("param_slice_mappings", None)  # only used by DeepSpeed's universal-checkpoint converter
+        optim_state = _to_plain(optim_state)
+    full_optim = None
+    layout_free = snapshot.save_optim and supports_layout_free(engine)
+    if layout_free:  # collective over the data-parallel group; its rank 0 keeps the slot's whole state
+        full_optim = gather_full_optimizer_state(engine, layout, keep=_first_of_dp_group(rank, layout))
+    if zero3 and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
+        engine.optimizer.checkpoint_event_epilogue()
+    files: list[tuple[Any, Path]] = []
+    if full_optim is not None:
+        files.append((full_optim.to_file(layout.tp_rank, layout.tp_size, layout.pp_rank),
+                      tmp / optim_full_file(layout.tp_rank, layout.pp_rank)))
+    rng_state = capture_rng_state() if snapshot.save_rng else None
+    if background is not None:  # the live tensors change with the next step: write copies of them
+        optim_state, files = _host_copy(optim_state), _host_copy(files)
+    job.write_files = functools.partial(_write_rank_files, tmp, engine, snapshot, rank, world_size, layout,
+                                        module_state, optim_state, writes_model, rng_state, files)
+    if background is not None:
+        background(job)
+        return final
+    return job.finish(job.write())
+
+
+def _host_copy(obj: Any) -> Any:
+    """``obj`` with every tensor cloned to the CPU (containers rebuilt), for a write that outlives the step."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+@dataclass
+class SaveJob:
+    """One checkpoint after its state was captured: :meth:`write` writes this rank's files into the temp folder
+    (no collectives: may run in a background thread), :meth:`finish` agrees on the outcome over all ranks and
+    publishes (rename + ``latest``, prune) or removes the temp folder and raises :class:`CheckpointSaveError`."""
+
+    root: Path
+    final: Path
+    tmp: Path
+    rank: int
+    keep_last_n: int | None
+    write_files: Callable[[], None] | None = None
+
+    def write(self) -> str | None:
+        """This rank's files; returns the error phrase of a failed write (None when written)."""
         try:
-            _write_rank_files(tmp, engine, snapshot, rank, world_size, layout, module_state, optim_state,
-                              writes_model)
-            if full_optim is not None:
-                _torch_save(full_optim.to_file(layout.tp_rank, layout.tp_size, layout.pp_rank),
-                            tmp / optim_full_file(layout.tp_rank, layout.pp_rank))
+            if self.write_files is not None:
+                self.write_files()
         except OSError as exc:
-            local = _io_error(exc)
-        error = _first_error(local)
+            return _io_error(exc)
+        return None
+
+    def finish(self, local: str | None, collective: bool = True, agreed: bool = False) -> Path:
+        """Collective unless ``collective`` is False (one rank only: the background writer of a 1-rank run);
+        ``agreed``: ``local`` is already every rank's verdict."""
+        agree = _first_error if collective else (lambda x: x)
+        error, published = (local if agreed else agree(local)), False
         if error is None:
-            if rank == 0:
+            if self.rank == 0:
                 try:
-                    _publish(tmp, final)
+                    _publish(self.tmp, self.final)
                     published = True
-                    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+                    atomic_write_text(self.root / LATEST_FILE, self.final.name + "\n")
                 except OSError as exc:
                     local = _io_error(exc)
-            error = _first_error(local)
-
-    if error is not None:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if published:  # renamed, but `latest` could not be replaced: it still names the previous checkpoint
-                shutil.rmtree(final, ignore_errors=True)
-        barrier()
-        raise CheckpointSaveError(f"saving checkpoint {final.name} in {root} failed: {error}; the partial folder was "
-                                  f"removed, the previous checkpoint and '{LATEST_FILE}' are unchanged")
-    if rank == 0:
-        _prune(root, keep_last_n, keep=final)
-    barrier()
-    return final
+            error = agree(local)
+        if error is not None:
+            if self.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if published:  # renamed, but `latest` could not be replaced: it still names the previous checkpoint
+                    shutil.rmtree(self.final, ignore_errors=True)
+            if collective:
+                barrier()
+            raise CheckpointSaveError(f"saving checkpoint {self.final.name} in {self.root} failed: {error}; the "
+                                      f"partial folder was removed, the previous checkpoint and '{LATEST_FILE}' are "
+                                      "unchanged")
+        if self.rank == 0:
+            _prune(self.root, self.keep_last_n, keep=self.final)
+        if collective:
+            barrier()
+        return self.final
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpoint.format import list_checkpoints
+from megatron.training.async_checkpoint import AsyncCheckpointWriter
 from megatron.training.batches import Batch, make_batch
 from megatron.training.checkpointing import RunSnapshot, load_checkpoint, save_checkpoint, should_save
 from megatron.config.errors import ConfigError
@@ -312,8 +313,14 @@ def _set_up_and_train(cfg: NeoXConfig, info: DistInfo, device: str, logger: RunL
         run = Run(config=cfg, info=info, device=device, logger=logger, plan=plan, stepper=stepper,
                   scheduler=_make_scheduler(cfg, train_iters), datasets=datasets, micro_batch=micro, gas=gas,
                   global_batch=global_batch, train_iters=train_iters, eod=getattr(tokenizer, "eod", None),
-                  stop=stop, started=started, result=TrainResult(iteration=0, log_dir=lg.log_dir))
-        return _train(run, profiler)
+                  stop=stop, started=started, result=TrainResult(iteration=0, log_dir=lg.log_dir),
+                  checkpoint_writer=AsyncCheckpointWriter(info.world_size) if ck.save and ck.checkpoint_async
+                  else None)
+        try:
+            return _train(run, profiler)
+        finally:
+            if run.checkpoint_writer is not None:  # a failed or interrupted run still lets the write finish
+                run.checkpoint_writer.join()
     finally:
         profiler.close()
 
@@ -384,6 +391,7 @@ def _train(run: Run, profiler: StepProfiler) -> TrainResult:
     iteration = state.iteration
     if ck.save and state.last_saved != iteration and iteration > 0 and not exited:  # GPT-NeoX saves at the end
         _save(run)
+    _wait_for_save(run)
     if t.do_test and t.eval_iters > 0 and not exited:
         _validate(run, "test")
     result.iteration = iteration
@@ -485,6 +493,7 @@ def _stop(run: Run) -> None:
         raise TrainingInterrupted(f"{what}: no checkpoint written ('save' is not set)", stop.exit_code)
     if state.last_saved != iteration:
         _save(run)
+    _wait_for_save(run)  # the signal waits for the checkpoint's write
     raise TrainingInterrupted(f"{what}: checkpoint {Path(cfg.checkpoint.save) / f'global_step{iteration}'} saved; "
                               f"resume with --load {cfg.checkpoint.save}", stop.exit_code)
 
@@ -493,16 +502,33 @@ def _save(run: Run) -> None:
     """Checkpoint the current iteration (weights, optimizer, RNG, schedule, consumed samples)."""
     cfg, engine, info, plan, scheduler = run.config, run.engine, run.info, run.plan, run.scheduler
     iteration, consumed = run.state.iteration, run.state.consumed
+    writer = run.checkpoint_writer
+    _wait_for_save(run)  # one checkpoint in flight at a time
     tick = time.perf_counter()
     snapshot = RunSnapshot(iteration=iteration, consumed_train_samples=consumed, lr_scheduler=scheduler.state_dict(),
                            seed=cfg.training.seed, config_yaml=cfg.to_yaml(),
                            save_optim=not cfg.checkpoint.no_save_optim, save_rng=not cfg.checkpoint.no_save_rng)
     path = save_checkpoint(cfg.checkpoint.save, engine, snapshot, rank=info.rank, world_size=info.world_size,
                            layout=plan.checkpoint_layout(), module_state=plan.module_state(engine),
-                           keep_last_n=cfg.checkpoint.keep_last_n_checkpoints)
+                           keep_last_n=cfg.checkpoint.keep_last_n_checkpoints,
+                           background=writer.submit if writer is not None else None)
+    run.state.last_saved = iteration
+    if writer is not None:
+        run.logger.info(f"checkpoint {path.name}: state copied in {time.perf_counter() - tick:.2f} s, writing in the "
+                        "background")
+        return
     run.result.checkpoints.append(str(path))
     run.logger.info(f"saved checkpoint {path} ({time.perf_counter() - tick:.2f} s)")
-    run.state.last_saved = iteration
+
+
+def _wait_for_save(run: Run) -> None:
+    """``checkpoint_async``: finish (and with several ranks publish) the checkpoint in flight; a failed write
+    raises here (exit 1)."""
+    done = run.checkpoint_writer.wait() if run.checkpoint_writer is not None else None
+    if done is not None:
+        path, seconds = done
+        run.result.checkpoints.append(str(path))
+        run.logger.info(f"saved checkpoint {path} (written in the background in {seconds:.2f} s)")
 
 
 def _validate(run: Run, split: str) -> None:

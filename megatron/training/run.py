@@ -63,6 +63,7 @@ class Run:
     started: float              # time.perf_counter() when pretrain began
     state: RunState = field(default_factory=RunState)
     result: TrainResult = field(default_factory=lambda: TrainResult(iteration=0))
+    checkpoint_writer: Any = None  # AsyncCheckpointWriter with checkpoint_async, else None (saves block)
 
     @property
     def engine(self) -> Any:
