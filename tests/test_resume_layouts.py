@@ -61,8 +61,9 @@ def corpus(tmp_path_factory, pg19_dir, neox_tokenizer_file):
     return make_tiny_corpus(out, sorted(pg19_dir.glob("*.txt"))[0], neox_tokenizer_file)
 
 
-def _cfg(corpus: str, tokenizer: Path, run_dir: Path, layout: str, **overrides):
-    _, micro, par = LAYOUTS[layout]
+def _cfg(corpus: str, tokenizer: Path, run_dir: Path, layout: str, micro: int | None = None, **overrides):
+    _, layout_micro, par = LAYOUTS[layout]
+    micro = micro or layout_micro
     cfg = tiny_config(corpus, tokenizer, run_dir, train_iters=ITERS, micro=micro, **par, **overrides)
     cfg.sepllm = make_sepllm_cfg(num_layers=cfg.model.num_layers, window=8)
     cfg.model.padded_vocab_size = 50432  # the same weights under every TP size
@@ -93,7 +94,7 @@ def _resume_cfg(corpus, tokenizer, tmp: Path, case: str):
 
 
 @pytest.mark.distributed
-def test_checkpoints_resume_under_any_layout(corpus, neox_tokenizer_file, tmp_path):
+def test_checkpoints_resume_under_any_layout(corpus, neox_tokenizer_file, tmp_path, capsys):
     """The layout matrix of issue 21: each resumed curve equals the uninterrupted one within 1e-5 relative."""
     tok = neox_tokenizer_file
     ref = pretrain(_cfg(corpus, tok, tmp_path / "ref", "one", checkpoint__save=str(tmp_path / "ref" / "ckpt"),
@@ -103,15 +104,51 @@ def test_checkpoints_resume_under_any_layout(corpus, neox_tokenizer_file, tmp_pa
     for case in CASES:
         if case not in two_rank:
             pretrain(_resume_cfg(corpus, tok, tmp_path, case))
+    _check_changed_global_batch(corpus, tok, tmp_path)
     worst = {}
     for case, (_, _, step) in CASES.items():
         got = _losses(_run_dir(tmp_path, case) / "logs")
         assert sorted(got) == list(range(step + 1, ITERS + 1)), (case, got)
         worst[case] = max(abs(got[i] - ref[i]) / abs(ref[i]) for i in got)
-    print("max relative loss difference per case:", json.dumps(worst))
+    with capsys.disabled():
+        print("\nmax relative loss difference per case:", json.dumps(worst))
     assert max(worst.values()) <= REL_TOL, worst
     meta = read_meta(_run_dir(tmp_path, "TP1->TP2") / "ckpt" / f"global_step{SAVE_AT + 1}")
     assert meta["optimizer_layout_free"] and meta["tensor_parallel_size"] == 2 and meta["global_batch_size"] == 2
+    # what tools/ckpts/inspect_checkpoint.py prints for the TP=2 checkpoint: merged shapes, position, layout
+    lines = _inspect([str(_run_dir(tmp_path, "TP1->TP2") / "ckpt" / f"global_step{SAVE_AT + 1}")], capsys)
+    assert lines[1:4] == [f"iteration    {SAVE_AT + 1}", "seen         256 tokens (8 samples x seq 32)",
+                          "layout       world size 2 = DP 1 x TP 2 x PP 1 | ZeRO 1 | precision fp32 | global batch 2"]
+    assert "layout-free copy (2 file(s); step 4; states exp_avg, exp_avg_sq, fp32)" in lines[4]
+    assert any(line.split()[:3] == ["embed.word_embeddings.weight", "(50432,", "64)"] for line in lines)
+
+
+def _check_changed_global_batch(corpus: str, tok: Path, tmp_path: Path) -> None:
+    """Item 2 of issue 21: resuming with global batch 4 (micro 4) from the batch-2 checkpoint says so in one line
+    and continues at the checkpoint's sample (6 consumed after 3 iterations of 2), 4 samples per step."""
+    import io
+
+    out = io.StringIO()
+    run = tmp_path / "batch4"
+    pretrain(_cfg(corpus, tok, run, "one", micro=4, checkpoint__load=str(tmp_path / "ref" / "ckpt" /
+                                                                         f"global_step{SAVE_AT}")), stream=out)
+    lines = [line for line in out.getvalue().splitlines() if "global batch changes" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"resume: global batch changes from 2 (checkpoint, data parallel size 1) to 4 (data parallel size 1); "
+        f"training continues at sample {2 * SAVE_AT}, each step now reads 4 samples"), out.getvalue()
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["consumed_samples"] for r in rows if "lm_loss" in r] == [2 * SAVE_AT + 4 * k
+                                                                     for k in range(1, ITERS - SAVE_AT + 1)]
+
+
+def _inspect(argv: list[str], capsys) -> list[str]:
+    import runpy
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ckpts" / "inspect_checkpoint.py"
+    main = runpy.run_path(str(tool), run_name="inspect_checkpoint")["main"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    return capsys.readouterr().out.splitlines()
 
 
 def test_a_checkpoint_without_its_layout_free_copy_still_needs_the_same_layout(tmp_path):
@@ -161,3 +198,25 @@ def test_zero_stage_and_precision_changes_restore_masters_moments_and_steps(tmp_
         for name, value in tensors.items():
             assert torch.equal(now.states[kind][name], value), (kind, name)
     assert _train(b, 3, seed=9) == expected
+
+
+def test_inspect_checkpoint_json_and_errors(tmp_path, capsys):
+    """The inspection tool on a toy checkpoint: the JSON holds the same facts; a bad path is one error line, exit 2."""
+    from megatron.training.checkpointing import RunSnapshot, save_checkpoint
+
+    a = _engine(zero=1)
+    _train(a, 2)
+    save_checkpoint(tmp_path / "ck", a, RunSnapshot(iteration=2, consumed_train_samples=4,
+                                                    config_yaml="model: {seq_length: 16}\n"), rank=0, world_size=1)
+    lines = _inspect([str(tmp_path / "ck"), "--no-tensors", "--json", str(tmp_path / "info.json")], capsys)
+    assert lines[2] == "seen         64 tokens (4 samples x seq 16)" and not any("inp.weight" in x for x in lines)
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["iteration"] == 2 and info["tokens_seen"] == 64 and info["layout"]["zero_stage"] == 1
+    assert {t["name"]: t["shape"] for t in info["tensors"]}["inp.weight"] == [8, 8] and info["parameters"] == 97
+    assert info["optimizer"]["layout_free_files"] == ["optim_full_tp00_pp00.pt"] and info["optimizer"]["step"] == 2
+    import runpy
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ckpts" / "inspect_checkpoint.py"
+    assert runpy.run_path(str(tool), run_name="x")["main"]([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"inspect_checkpoint: error: checkpoint path "
+                                                            f"{tmp_path / 'nope'} does not exist"]
