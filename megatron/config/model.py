@@ -85,6 +85,14 @@ class ModelConfig:
                                                  "start-up.", derived=True)
     checkpoint_activations: bool = opt(False, "Recompute layer activations in backward to save memory.")
     checkpoint_num_layers: int = opt(1, "Layers per activation-checkpoint chunk.")
+    activation_checkpoint_mode: str = opt("full", "torchtitan's activation_checkpoint.mode, with "
+                                                  "checkpoint_activations: full (every layer recomputed, in chunks "
+                                                  "of checkpoint_num_layers) | selective (see selective_ac_option). "
+                                                  "The pipeline engine checkpoints fully (one warning).")
+    selective_ac_option: str = opt("op", "torchtitan's selective_ac_option (a string): op = keep the outputs of "
+                                         "matmuls and attention, recompute the rest (norms, activations, "
+                                         "rotary, dropout) of every layer; N (e.g. \"2\") = fully recompute "
+                                         "every N-th layer, keep all activations of the others.")
     attention_config: Optional[list] = opt(None, "GPT-NeoX [[[\"global\"], 12]] (patterns x counts), expanded to one "
                                                  "type per layer. global/flash = dense causal attention (SepLLM "
                                                  "sparsity comes from the SepLLM keys).", derived=True)

@@ -12,13 +12,13 @@ embeddings, and rotary / ALiBi use the inter-segment id.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
@@ -27,6 +27,7 @@ from megatron.model.attention_backend import AttentionBackend, build_attention_b
 from megatron.model.context import ModelContext
 from megatron.model.init import init_weights
 from megatron.model.norms import build_norm
+from megatron.model.recompute import run_checkpointed
 from megatron.model.transformer import TransformerLayer
 
 logger = logging.getLogger(__name__)
@@ -125,18 +126,17 @@ class GPTModel(nn.Module):
         return self._logits(x, logits_to_keep)
 
     def run_layers(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]], state: Any) -> Tensor:
-        """All layers, in chunks of ``checkpoint_num_layers`` recomputed in backward when activation checkpointing
-        is on (non-reentrant ``torch.utils.checkpoint``; RNG state is restored so dropout masks match)."""
+        """All layers; with activation checkpointing on, recomputed in backward as ``activation_checkpoint_mode``
+        says (full: chunks of ``checkpoint_num_layers``; selective: ``megatron.model.recompute``)."""
         backend = self.attention_backend
         if not (self.cfg.checkpoint_activations and torch.is_grad_enabled()):
             for layer in self.layers:
                 x = layer(x, rotary, backend, state)
             return x
-        n = self.cfg.checkpoint_num_layers
-        for start in range(0, len(self.layers), n):
-            chunk = self.layers[start:start + n]
-            x = checkpoint(_run_chunk, chunk, x, rotary, backend, state, use_reentrant=False)
-        return x
+        cfg = self.cfg
+        return run_checkpointed(self.layers, x, functools.partial(_run_chunk, rotary=rotary, backend=backend,
+                                                                  state=state),
+                                cfg.activation_checkpoint_mode, cfg.checkpoint_num_layers, cfg.selective_ac_option)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied weights once); ``exclude_embeddings`` drops the input word/position tables."""

@@ -27,6 +27,7 @@ the ``GPTModel`` state-dict layout (same names), for comparing, converting and e
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -51,6 +52,8 @@ TIED_EMBEDDING_KEY = "embed"
 # (non-reentrant checkpointing takes inputs without gradients, e.g. token ids). "partial" is how DeepSpeed wraps
 # the tied output head (``tied_head_forward``).
 CHECKPOINTABLE = ["EmbeddingPipe", "TransformerLayerPipe", "FinalNormPipe", "HeadPipe", "partial"]
+
+logger = logging.getLogger(__name__)
 
 
 class PipelineConfigError(UserInputError, ValueError):
@@ -169,6 +172,9 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
     if model_cfg.checkpoint_activations and model_cfg.checkpoint_num_layers < 1:
         raise PipelineConfigError(f"model config key 'checkpoint_num_layers' = {model_cfg.checkpoint_num_layers}: "
                                   f"expected >= 1")
+    if model_cfg.checkpoint_activations and model_cfg.activation_checkpoint_mode != "full":
+        logger.warning("activation_checkpoint_mode selective: DeepSpeed's pipeline engine checkpoints whole layers; "
+                       "using full checkpointing every checkpoint_num_layers layers")
     if loss_fn is pipeline_lm_loss and model_cfg.fp16_lm_cross_entropy:
         loss_fn = functools.partial(pipeline_lm_loss, upcast=False)
     pipe = PipelineModule(layers=layer_specs(context), topology=topology, loss_fn=loss_fn,

@@ -105,6 +105,10 @@ def _check_model(m, ctx: _Ctx) -> None:
                  "make_vocab_size_divisible_by", "fused_cross_entropy_chunk"):
         _at_least(ctx, "model", name, getattr(m, name), 1)
     _at_least(ctx, "model", "num_kv_heads", m.num_kv_heads, 1)
+    if m.activation_checkpoint_mode not in ("full", "selective"):
+        raise ctx.err("model", "activation_checkpoint_mode", m.activation_checkpoint_mode, "full or selective")
+    if not (m.selective_ac_option == "op" or (m.selective_ac_option.isdigit() and int(m.selective_ac_option) >= 1)):
+        raise ctx.err("model", "selective_ac_option", m.selective_ac_option, "op or a layer interval >= 1 (\"2\")")
     neox_compat.resolve_attention_type(m, ctx.where("model"))
     _at_least(ctx, "model", "intermediate_size", m.intermediate_size, 1)
     _at_least(ctx, "model", "padded_vocab_size", m.padded_vocab_size, 1)
