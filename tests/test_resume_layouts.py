@@ -220,3 +220,21 @@ def test_inspect_checkpoint_json_and_errors(tmp_path, capsys):
     assert runpy.run_path(str(tool), run_name="x")["main"]([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"inspect_checkpoint: error: checkpoint path "
                                                             f"{tmp_path / 'nope'} does not exist"]
+
+
+def test_reshard_tool_keeps_the_layout_free_optimizer_state(tmp_path):
+    """tools/ckpts/reshard_tp.py copies optim_full_*.pt (not the per-rank DeepSpeed files): the converted
+    checkpoint resumes with its optimizer state, on the same curve."""
+    from megatron.parallel.reshard import reshard_checkpoint
+    from megatron.training.checkpointing import RunSnapshot, load_checkpoint, save_checkpoint
+
+    a = _engine(zero=1)
+    _train(a, 3)
+    save_checkpoint(tmp_path / "src", a, RunSnapshot(iteration=3), rank=0, world_size=1)
+    expected = _train(a, 3, seed=9)
+    dst = reshard_checkpoint(tmp_path / "src", tmp_path / "dst", 1)
+    assert sorted(p.name for p in dst.glob("optim*")) == ["optim_full_tp00_pp00.pt"]
+    b = _engine(zero=1, seed=5)
+    meta = load_checkpoint(tmp_path / "dst", b, rank=0, world_size=1)
+    assert "converted by tools/ckpts/reshard_tp.py" in meta["resume_notes"][0]
+    assert _train(b, 3, seed=9) == expected

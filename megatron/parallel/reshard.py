@@ -232,8 +232,10 @@ def reshard_checkpoint(load: Path, save: Path, tp: int, check_replicated: bool =
         meta["param_shapes"] = {k: list(v.shape) for k, v in out_shards[0].items()}
         meta["tensor_parallel_size"] = tp
         meta["resharded_from"] = {"path": str(src), "tensor_parallel_size": len(shards)}
+        meta["optimizer_native_files"] = False  # DeepSpeed's per-rank files fit only the old layout: not copied
         (dst / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    for extra in list(src.glob("rng_rank*.pt")) + [src / "config.yml"]:
+    layout_free = sorted(src.glob("optim_full_tp*_pp*.pt"))  # whole optimizer state: any TP size resumes it
+    for extra in list(src.glob("rng_rank*.pt")) + [src / "config.yml"] + layout_free:
         if extra.is_file():
             shutil.copy2(extra, dst / extra.name)
     (save / "latest").write_text(dst.name + "\n", encoding="utf-8")

@@ -523,6 +523,8 @@ def load_checkpoint(load_dir: str | os.PathLike, engine: Any, *, rank: int, worl
 def _native_optimizer_mismatch(meta: dict[str, Any], engine: Any, layout: CheckpointLayout,
                                world_size: int) -> str | None:
     """Why the checkpoint's per-rank DeepSpeed optimizer files do not fit this run (None: they do)."""
+    if meta.get("optimizer_native_files") is False:
+        return "holds no per-rank DeepSpeed optimizer files (converted by tools/ckpts/reshard_tp.py)"
     saved = (int(meta.get("tensor_parallel_size", 1)), int(meta.get("pipe_parallel_size", 1)))
     if saved != (layout.tp_size, layout.pp_size):
         return (f"holds optimizer state for model_parallel_size x pipe stages = {saved[0]} x {saved[1]}, the run "

@@ -4,8 +4,10 @@
 Reads a ``global_stepN`` folder (or a save folder with a ``latest`` file) holding ``model_states.pt`` (TP=1) or
 ``mp_rank_XX_model_states.pt`` (one per TP rank), merges the shards into the full weights and splits them for the
 target size. Writes ``<save>/global_stepN/`` with the new model files, ``meta.json``, ``config.yml`` and RNG files
-copied, and ``<save>/latest``. Optimizer states are NOT converted (their ZeRO partitions depend on the old layout):
-resume from the result with ``no_load_optim: true`` (weights only) and set ``model_parallel_size`` to ``--tp``.
+copied, and ``<save>/latest``. The layout-free optimizer files (``optim_full_tp*_pp*.pt``) are copied as they are
+(any TP size resumes them); DeepSpeed's per-rank ``optim_rank*.pt`` fit only the old layout and are left out, so a
+checkpoint written before the layout-free files existed resumes with ``no_load_optim: true`` (weights only). Set
+``model_parallel_size`` to ``--tp`` when resuming.
 Whether the MLP is gated (SwiGLU) is read off the tensor shapes, so no config is needed.
 """
 
@@ -39,7 +41,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dst = reshard_checkpoint(args.load, args.save, args.tp, check_replicated=not args.no_check_replicated)
     except (NeoxError, OSError, json.JSONDecodeError) as exc:  # the checkpoint is this tool's input
         return report_error(exc, "reshard_tp", exit_code=2)
-    print(f"wrote TP={args.tp} checkpoint {dst} (model weights only: resume with no_load_optim: true)")
+    has_optim = any(dst.glob("optim_full_tp*_pp*.pt"))
+    print(f"wrote TP={args.tp} checkpoint {dst} " + ("(weights and the layout-free optimizer state)" if has_optim
+                                                     else "(model weights only: resume with no_load_optim: true)"))
     return 0
 
 
