@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import textwrap
@@ -144,3 +145,43 @@ def test_two_ranks_async_saves_equal_sync_saves(corpus, neox_tokenizer_file, tmp
             assert _equal(a, b), (step, name)
     assert (tmp_path / "async" / "ckpt" / "latest").read_text() == "global_step4\n"
     assert not [p.name for p in (tmp_path / "async" / "ckpt").iterdir() if ".tmp-" in p.name or p.name.startswith(".")]
+
+
+SIGTERM = """
+import runpy, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from megatron.training import checkpointing
+from train_helpers import tiny_config
+real = checkpointing._torch_save
+def write(obj, path):
+    if Path(path).parent.name.startswith("global_step2.tmp-"):
+        time.sleep(1.0)  # a slow disk: the write outlasts the next iterations and the signal
+    real(obj, path)
+checkpointing._torch_save = write
+run_training = runpy.run_path({train!r}, run_name="train_script")["run_training"]
+sys.exit(run_training(tiny_config({corpus!r}, Path({tokenizer!r}), Path({run!r}), train_iters=10_000,
+                                  checkpoint__save={save!r}, checkpoint__checkpoint_factor=2,
+                                  checkpoint__checkpoint_async=True), plot=False))
+"""
+
+
+def test_sigterm_waits_for_the_background_write(corpus, neox_tokenizer_file, tmp_path):
+    save = tmp_path / "run" / "ckpt"
+    script = SIGTERM.format(tests=str(REPO / "tests"), train=str(REPO / "train.py"), corpus=corpus,
+                            tokenizer=str(neox_tokenizer_file), run=str(tmp_path / "run"), save=str(save))
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in proc.stdout:  # the signal arrives while global_step2 is being written
+        if line.startswith("checkpoint global_step2: state copied"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "saved checkpoint" in out and f"{save / 'global_step2'} (written in the background" in out
+    stopped = err.strip().splitlines()[-1]
+    assert stopped.startswith("interrupted: stopped by SIGTERM after iteration "), err
+    step = int(stopped.split("after iteration ")[1].split(":")[0])
+    assert (save / "latest").read_text() == f"global_step{step}\n"
+    assert read_meta(save / "global_step2")["iteration"] == 2 and read_meta(save / f"global_step{step}")
+    assert not [p.name for p in save.iterdir() if ".tmp-" in p.name]

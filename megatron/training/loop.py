@@ -316,10 +316,14 @@ def _set_up_and_train(cfg: NeoXConfig, info: DistInfo, device: str, logger: RunL
                   stop=stop, started=started, result=TrainResult(iteration=0, log_dir=lg.log_dir),
                   checkpoint_writer=AsyncCheckpointWriter(info.world_size) if ck.save and ck.checkpoint_async
                   else None)
+        aborted = False
         try:
             return _train(run, profiler)
+        except KeyboardInterrupt as exc:  # a second Ctrl-C aborts at once: the write in flight is left unfinished
+            aborted = not isinstance(exc, TrainingInterrupted)
+            raise
         finally:
-            if run.checkpoint_writer is not None:  # a failed or interrupted run still lets the write finish
+            if run.checkpoint_writer is not None and not aborted:  # a failed run still lets the write finish
                 run.checkpoint_writer.join()
     finally:
         profiler.close()
