@@ -10,7 +10,9 @@ Layout of ``<save>/``::
         mp_rank_XX_model_states.pt  per TP rank (written by data-parallel rank 0 of the first stage; the split of
                                   every parameter is megatron.parallel.reshard's table, so any TP size loads it)
         optim_rank{R}.pt          optimizer state: rank 0 only for ZeRO-0 without TP/PP; every rank's partition
-                                  for ZeRO-1/2/3 and every rank's own state under TP or PP
+                                  for ZeRO-1/2/3 and every rank's own state under TP or PP (this layout only)
+        optim_full_tpTT_ppSS.pt   the layout-free optimizer state of one TP rank and stage: any layout resumes it
+                                  (megatron.checkpoint.layout_free)
         rng_rank{R}.pt            python / numpy / torch (CPU, CUDA) generator states of rank R
 
 Every file is read with ``torch.load(weights_only=True)`` (:func:`load_file`). The training engine writes and
