@@ -67,7 +67,8 @@ def test_compiled_training_matches_eager_for_50_iterations():
 def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
     def broken_compile(fn, **kwargs):
         def call(*args, **kw):
-            raise RuntimeError("inductor: no C++ compiler found\nmore detail")
+            raise torch._dynamo.exc.BackendCompilerFailed(fn, RuntimeError("inductor: no C++ compiler found\nmore"),
+                                                          None)
         return call
 
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=8, padded_vocab_size=VOCAB)

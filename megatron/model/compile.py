@@ -6,8 +6,9 @@ leaves the pieces around the blocks (embedding, the SepLLM plan built once per f
 tensor parallelism's hooks) as they are. Module names and ``state_dict`` keys do not change (the block's ``forward``
 is replaced on the instance; no ``_orig_mod.`` wrapper), so checkpoints are the same with and without compile.
 
-A block that fails to compile (an unsupported op, a missing C++ compiler for inductor, ...) makes every block run
-eagerly from then on, after one warning naming why; an error the eager block raises too is the real error.
+A block that fails to compile (dynamo cannot trace it, the backend fails: a missing C++ compiler for inductor, ...)
+makes every block run eagerly from then on, after one warning naming why. Other exceptions pass through untouched
+(errors of the model itself, activation checkpointing's own control flow during recomputation).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class BlockCompiler:
         if self.failed is None and kwargs.get("kv_cache") is None:
             try:
                 return compiled(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 -- any compiler failure; the eager call re-raises real errors
-                self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            except torch._dynamo.exc.TorchDynamoException as exc:  # compiler failures only (inductor's are wrapped)
+                cause = getattr(exc, "inner_exception", None) or exc
+                text = str(cause).strip()
+                self.failed = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
                 logger.warning("compile: %d transformer blocks run eagerly from here on (torch.compile failed: %s)",
                                len(self.blocks), self.failed[:300])
         return eager(*args, **kwargs)

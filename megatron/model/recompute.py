@@ -6,7 +6,9 @@
   rotary, residual adds, dropout (its RNG state is restored, so masks match);
 * selective ``N``: every N-th layer fully recomputed, the others keep all their activations.
 
-RNG state is restored on recompute (non-reentrant checkpoint), so dropout masks equal those of the forward.
+RNG state is restored on recompute (non-reentrant checkpoint), so dropout masks equal those of the forward. The
+recomputation runs whole layers (``early_stop=False``): with ``compile: true`` a compiled block cannot be stopped
+halfway (checkpoint's early stop raises through the compiled frame).
 """
 
 from __future__ import annotations
@@ -34,16 +36,16 @@ def run_checkpointed(layers: Sequence[torch.nn.Module], x: Tensor, run: Callable
     """``x`` through ``layers`` with ``run(layers_subset, x)`` under the configured checkpointing (see above)."""
     if mode == "full":
         for start in range(0, len(layers), chunk_layers):
-            x = checkpoint(run, layers[start:start + chunk_layers], x, use_reentrant=False)
+            x = checkpoint(run, layers[start:start + chunk_layers], x, use_reentrant=False, early_stop=False)
         return x
     if selective_option == "op":
         context = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls_and_attention)
         for i in range(len(layers)):
-            x = checkpoint(run, layers[i:i + 1], x, use_reentrant=False, context_fn=context)
+            x = checkpoint(run, layers[i:i + 1], x, use_reentrant=False, context_fn=context, early_stop=False)
         return x
     every = int(selective_option)
     for i in range(len(layers)):
-        x = (checkpoint(run, layers[i:i + 1], x, use_reentrant=False) if i % every == 0
+        x = (checkpoint(run, layers[i:i + 1], x, use_reentrant=False, early_stop=False) if i % every == 0
              else run(layers[i:i + 1], x))
     return x
 
