@@ -1,29 +1,42 @@
-"""Throughput of our full training step against a minimal hand-written PyTorch loop, measured in the same run.
+"""Throughput and step memory of our training step against plain PyTorch loops, all measured in the same run.
 
-* ``ours``    -- what ``train.py`` runs per iteration: DeepSpeed engine (ZeRO-0, gradient clipping) around our
+* ``hf_eager``    -- the loop a user writes: Hugging Face ``GPTNeoXForCausalLM`` of the same shape (rotary 0.25,
+  parallel residual, untied head, SDPA attention), ``F.cross_entropy`` on its fp32 logits, ``torch.optim.AdamW``,
+  ``clip_grad_norm_``, batches already in memory (full attention only: HF has no SepLLM);
+* ``hf_compiled`` -- the same loop with ``torch.compile(model)``;
+* ``minimal``     -- our ``GPTModel`` (same initial weights as ``ours``) in that plain loop with our AdamW;
+* ``ours``        -- what ``train.py`` runs per iteration: DeepSpeed engine (ZeRO-0, gradient clipping) around
   ``GPTModel`` and client AdamW, the LR schedule, our resumable data loader over a tokenized ``.bin/.idx`` corpus,
   batch building, ``lm_loss``, grad-norm accounting;
-* ``minimal`` -- the same model (same initial weights), the same optimizer (fused AdamW, same parameter groups),
-  the same micro-batches,
-  ``loss.backward(); clip_grad_norm_; opt.step(); opt.zero_grad()`` over batches already in memory.
+* ``ours_compiled`` -- ``ours`` with ``compile: true`` (per-block ``torch.compile`` + the compiled loss);
+* ``ours_compiled_fused`` -- ``ours_compiled`` with ``fused_cross_entropy: true`` (no ``[B, S, V]`` logits);
+* opt-in: ``ours_ac_full`` / ``ours_ac_op`` / ``ours_ac_every2`` -- ``ours`` with activation checkpointing, full or
+  torchtitan's selective modes (``selective_ac_option`` op / 2), for the memory each saves.
 
-The two run interleaved (one round of each, order alternating) so machine noise hits both alike.
-``tokens_per_sec`` is the median round; ``ratio_vs_minimal`` the median over rounds of ours / minimal tokens/s
-(1.0 = no framework overhead; target >= 0.9).
+The methods run interleaved (one round of each, order reversed every other round) so machine noise hits all alike.
+``tokens_per_sec`` is the median round; ``ratio_vs_X`` the median over rounds of this method's / method X's tokens/s.
+``step_mem_mib`` is the memory a training step adds on top of what is resident before it (weights, optimizer state):
+on CPU the peak RSS sampled every millisecond during the method's steps minus the RSS before them; on CUDA
+``max_memory_allocated`` minus ``memory_allocated`` before. Compile time (first steps) is excluded by ``--warmup``.
 ``mfu`` is model FLOPs/s over a CPU fp32 matmul rate measured in the same run (on CUDA: the GPU's datasheet peak).
 
-Example: ``python benchmarks/train_step.py --steps 10 --rounds 5 --json train_step.json``
+Example: ``python benchmarks/train_step.py --layers 4 --hidden 256 --seq 1024 --micro 4 --steps 3 --rounds 3
+--json train_step.json``
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,9 +66,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="data-loader worker processes for ours (0 = load in the training process: on a 2-core "
                         "machine a worker process competes with the step for the cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    p.add_argument("--methods", nargs="+", choices=METHODS + tuple(AC_METHODS), default=list(METHODS),
+                   help="which loops to measure (hf_* only with --attention full; ratios need their baseline)")
+    p.add_argument("--sep-impl", default="dense", choices=["dense", "compact", "flex", "flex_compact", "auto"],
+                   help="sep_attention_impl with --attention sepllm")
+    p.add_argument("--fused-chunk", type=int, default=1024, help="fused_cross_entropy_chunk of ours_compiled_fused")
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="also write the rows (method, tokens_per_sec, ratio_vs_minimal, mfu) as a JSON list")
-    return p.parse_args(argv)
+                   help="also write the rows (method, tokens_per_sec, ratio_vs_*, step_mem_mib, mfu) as a JSON list")
+    args = p.parse_args(argv)
+    if args.attention != "full":
+        args.methods = [m for m in args.methods if not m.startswith("hf_")]
+    return args
+
+
+METHODS = ("hf_eager", "hf_compiled", "minimal", "ours", "ours_compiled", "ours_compiled_fused")
+#: opt-in rows (``--methods``): ours with activation checkpointing, full and torchtitan's selective modes
+AC_METHODS = {"ours_ac_full": ("full", "op"), "ours_ac_op": ("selective", "op"), "ours_ac_every2": ("selective", "2")}
 
 
 def build_config(args: argparse.Namespace, data_prefix: str, work: Path):
@@ -79,8 +105,57 @@ def build_config(args: argparse.Namespace, data_prefix: str, work: Path):
         keys.update({"separator_token_ids": [15, 13, 32, 2, 28, 27, 209, 186, 187], "init_tok_max_idx": 2,
                      "prefill_local_window_size": max(args.seq // 4, 1),
                      "generate_local_window_size": max(args.seq // 4, 1),
-                     "USE_SEP_ATTN_KERNEL_ACCELERATOR": False})
+                     "USE_SEP_ATTN_KERNEL_ACCELERATOR": args.sep_impl != "dense",
+                     "sep_attention_impl": args.sep_impl})
     return load_config(keys)
+
+
+class StepMemory:
+    """Peak memory a method's steps add on top of what is resident before them (see the module docstring)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _sample(self, base: int) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss() - base)
+
+    def measure(self, fn: Callable[[], None]) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated() - base)
+            return
+        self._stop.clear()
+        sampler = threading.Thread(target=self._sample, args=(self._rss(),), daemon=True)
+        sampler.start()
+        try:
+            fn()
+        finally:
+            self._stop.set()
+            sampler.join()
+
+
+def build_hf_model(args: argparse.Namespace, vocab: int) -> torch.nn.Module:
+    """``GPTNeoXForCausalLM`` of the benchmark's shape (what a user would instantiate)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    hf_cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                           num_attention_heads=args.heads, intermediate_size=4 * args.hidden, rotary_pct=0.25,
+                           max_position_embeddings=args.seq, use_parallel_residual=True, tie_word_embeddings=False,
+                           hidden_dropout=0.0, attention_dropout=0.0, use_cache=False)
+    hf_cfg._attn_implementation = "sdpa"
+    return GPTNeoXForCausalLM(hf_cfg).to(args.device).train()
 
 
 def main(argv=None) -> int:
@@ -90,6 +165,8 @@ def main(argv=None) -> int:
     from megatron.config.derived import padded_vocab_size
     from megatron.data.corpus_registry import fetch_corpus
     from megatron.data.preprocess import tokenize_to_indexed
+    from megatron.model.compile import BlockCompiler
+    from megatron.model.fused_loss import FusedLMLoss
     from megatron.model.gpt import GPTModel
     from megatron.model.loss import lm_loss
     from megatron.training.batches import make_batch
@@ -108,53 +185,77 @@ def main(argv=None) -> int:
                         vocab_file=args.tokenizer, progress=False)
     cfg = build_config(args, prefix + "_text_document", work)
     tokenizer = build_tokenizer("HFTokenizer", args.tokenizer)
-    cfg.model.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, 128, 1)
+    vocab = cfg.model.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, 128, 1)
     info = init_distributed(args.device)
     quiet_deepspeed_logs()
     set_seed(1234)
     total_steps = args.warmup + args.steps * args.rounds
-
-    # ours: the trainer's own pieces
-    model = GPTModel(cfg.model, cfg.sepllm)
-    minimal_model = copy.deepcopy(model).to(args.device)
+    datasets = build_datasets(cfg, args.micro, len(args.methods) * (total_steps + 1))
+    reference = GPTModel(cfg.model, cfg.sepllm)   # every GPTModel method starts from these weights
     ds_config = cfg.deepspeed_config(info.world_size, client_optimizer=True)
     ds_config["gradient_clipping"] = 0.0  # as in the trainer for ZeRO-0 fp32: train_step clips with the norm
-    engine = build_engine(model, build_optimizer(model, cfg.optimizer, device_type=args.device), ds_config,
-                          args.device)
-    scheduler = AnnealingLR(max_lr=1e-3, warmup_iters=1, lr_decay_iters=10 ** 6, decay_style="cosine", min_lr=1e-4)
-    datasets = build_datasets(cfg, args.micro, total_steps + 1)
-    loader = build_loader(datasets.train, 0, args.micro, 0, 1, num_workers=args.num_workers,
-                          pin_memory=args.device == "cuda")
-
-    def batches():
-        for sample in loader:
-            yield make_batch(sample, tokenizer.eod, False, args.device)
-
-    ours_batches = batches()
-    iteration = [0]
-
-    def ours_step() -> None:
-        iteration[0] += 1
-        scheduler.step(iteration[0], engine.optimizer.param_groups)
-        loss, _ = train_step(engine, ours_batches, 1, own_grad_norm=True, clip=1.0)
-        float(loss)  # the loop reads the loss every iteration
-
-    # minimal: same model/optimizer/batch, plain PyTorch, batches pre-loaded
-    opt = build_optimizer(minimal_model, cfg.optimizer, device_type=args.device)  # the very same optimizer
     preloaded = [make_batch({"text": torch.stack([torch.as_tensor(datasets.train[j]["text"])
                                                   for j in range(i * args.micro, (i + 1) * args.micro)])},
                             tokenizer.eod, False, args.device) for i in range(total_steps)]
-    minimal_iter = iter(preloaded)
 
-    def minimal_step() -> None:
-        batch = next(minimal_iter)
-        loss = lm_loss(minimal_model(batch.tokens), batch.labels, batch.loss_mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(minimal_model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def ours(compiled: bool, fused: bool, ac: tuple[str, str] | None = None) -> Callable[[], None]:
+        model = copy.deepcopy(reference)
+        if ac is not None:
+            model.cfg.checkpoint_activations = True
+            model.cfg.activation_checkpoint_mode, model.cfg.selective_ac_option = ac
+        if compiled:
+            BlockCompiler(model)
+        engine = build_engine(model, build_optimizer(model, cfg.optimizer, device_type=args.device), ds_config,
+                              args.device)
+        loss_fn = FusedLMLoss(args.fused_chunk) if fused else torch.compile(lm_loss) if compiled else lm_loss
+        scheduler = AnnealingLR(max_lr=1e-3, warmup_iters=1, lr_decay_iters=10 ** 6, decay_style="cosine",
+                                min_lr=1e-4)
+        loader = build_loader(datasets.train, 0, args.micro, 0, 1, num_workers=args.num_workers,
+                              pin_memory=args.device == "cuda")
+        batches = (make_batch(sample, tokenizer.eod, False, args.device) for sample in loader)
+        iteration = [0]
 
-    def timed(step, n: int) -> float:
+        def step() -> None:
+            iteration[0] += 1
+            scheduler.step(iteration[0], engine.optimizer.param_groups)
+            loss, _ = train_step(engine, batches, 1, own_grad_norm=True, clip=1.0, loss_fn=loss_fn)
+            float(loss)  # the loop reads the loss every iteration
+        return step
+
+    def plain_loop(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                   logits_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        batches = iter(preloaded)
+
+        def step() -> None:
+            batch = next(batches)
+            logits = logits_of(batch.tokens)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            float(loss.detach())
+        return step
+
+    def hf(compiled: bool) -> Callable[[], None]:
+        torch.manual_seed(1234)
+        model = build_hf_model(args, vocab)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        run = torch.compile(model) if compiled else model
+        return plain_loop(model, opt, lambda ids: run(input_ids=ids).logits)
+
+    def minimal() -> Callable[[], None]:
+        model = copy.deepcopy(reference).to(args.device)
+        opt = build_optimizer(model, cfg.optimizer, device_type=args.device)  # the very same optimizer as ours
+        return plain_loop(model, opt, model)
+
+    builders = {"hf_eager": lambda: hf(False), "hf_compiled": lambda: hf(True), "minimal": minimal,
+                "ours": lambda: ours(False, False), "ours_compiled": lambda: ours(True, False),
+                "ours_compiled_fused": lambda: ours(True, True)}
+    builders.update({m: functools.partial(ours, False, False, ac) for m, ac in AC_METHODS.items()})
+    steps = {m: builders[m]() for m in args.methods}
+
+    def timed(step: Callable[[], None], n: int) -> float:
         if args.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -164,34 +265,44 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    timed(ours_step, args.warmup)
-    timed(minimal_step, args.warmup)
-    rates: dict[str, list[float]] = {"ours": [], "minimal": []}
+    warm = {m: timed(steps[m], args.warmup) for m in args.methods}   # compiles happen here
+    memory = {m: StepMemory(args.device) for m in args.methods}
+    rates: dict[str, list[float]] = {m: [] for m in args.methods}
     tokens = args.steps * args.micro * args.seq
     for r in tqdm(range(args.rounds), desc="rounds", disable=not sys.stderr.isatty()):
-        order = ("minimal", "ours") if r % 2 == 0 else ("ours", "minimal")  # ABBA: drift hits both alike
+        order = args.methods if r % 2 == 0 else args.methods[::-1]  # ABBA: drift hits all alike
         for method in order:
-            rates[method].append(tokens / timed(minimal_step if method == "minimal" else ours_step, args.steps))
+            seconds = []
+            memory[method].measure(lambda: seconds.append(timed(steps[method], args.steps)))
+            rates[method].append(tokens / seconds[0])
     peak, peak_source = default_peak_flops(args.device)
     if peak is None and args.device == "cpu":   # ratios within this run: the matmul rate measured here
         peak, peak_source = measure_matmul_peak("cpu"), "measured CPU fp32 matmul, this run"
-    fpt = flops_per_token(cfg.model, args.seq, cfg.model.padded_vocab_size)
+    fpt = flops_per_token(cfg.model, args.seq, vocab)
+    baselines = [b for b in ("minimal", "hf_eager", "hf_compiled", "ours") if b in rates]
     rows = []
-    for method in ("minimal", "ours"):
+    for method in args.methods:
         tps = statistics.median(rates[method])
-        # the median of per-round ratios: each round times both methods back to back, so slow drifts of the
+        # the median of per-round ratios: each round times the methods back to back, so slow drifts of the
         # machine's load cancel out of the ratio even when they move the absolute rates
-        ratio = statistics.median(a / b for a, b in zip(rates[method], rates["minimal"]))
-        rows.append({"method": method, "tokens_per_sec": tps, "ratio_vs_minimal": ratio,
-                     "mfu": mfu(tps, fpt, peak), "rounds_tokens_per_sec": rates[method]})
+        row = {"method": method, "tokens_per_sec": tps, "step_mem_mib": memory[method].peak / 2 ** 20,
+               "warmup_s": warm[method], "mfu": mfu(tps, fpt, peak), "rounds_tokens_per_sec": rates[method]}
+        for b in baselines:
+            row[f"ratio_vs_{b}"] = statistics.median(a / c for a, c in zip(rates[method], rates[b]))
+        if "ours" in rates:
+            row["mem_vs_ours"] = memory[method].peak / max(memory["ours"].peak, 1)
+        rows.append(row)
 
-    n_params = sum(p.numel() for p in minimal_model.parameters())
+    n_params = sum(p.numel() for p in reference.parameters())
     print(f"model {n_params / 1e6:.2f} M params, {args.layers} layers, hidden {args.hidden}, seq {args.seq}, "
-          f"micro {args.micro}, attention {args.attention}, device {args.device}")
+          f"micro {args.micro}, vocab {vocab}, attention {args.attention}, device {args.device}, "
+          f"{torch.get_num_threads()} threads")
     print(f"MFU peak: {peak / 1e9:.1f} GFLOP/s ({peak_source}); {fpt / 1e6:.1f} MFLOPs/token")
-    print_table([dict(r, mfu_pct=None if r["mfu"] is None else r["mfu"] * 100) for r in rows],
-                [("method", "method", "<"), ("tokens_per_sec", "tokens/s", ">.1f"),
-                 ("ratio_vs_minimal", "ratio_vs_minimal", ">.3f"), ("mfu_pct", "mfu %", ">.1f")])
+    columns = [("method", "method".ljust(19), "<"), ("tokens_per_sec", "tokens/s", ">.1f")]
+    columns += [(f"ratio_vs_{b}", f"ratio_vs_{b}", ">.3f") for b in baselines]
+    columns += [("step_mem_mib", "step MiB", ">.0f"), ("mem_vs_ours", "mem vs ours", ">.2f"),
+                ("warmup_s", "warmup s", ">.1f"), ("mfu_pct", "mfu %", ">.1f")]
+    print_table([dict(r, mfu_pct=None if r["mfu"] is None else r["mfu"] * 100) for r in rows], columns)
     write_json(args.json, rows)
     return 0
 

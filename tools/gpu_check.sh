@@ -44,6 +44,7 @@ BOOKS="$ROOT/megatron/data/corpora/pg19_sample"
 # sep_attention times compact, dense, flex, flex_compact and triton; each FlexAttention path compiles forward and
 # backward once per length, so two lengths (4096, 16384) keep the step inside its limit (rows are written after each
 # length). The auto table it writes may pick triton; long_context trains with the shipped rule (flex_compact).
+# train_step: HF GPTNeoXForCausalLM eager / compiled loops against ours eager / compiled / compiled + fused loss.
 # name | time limit (s) | command (run from the repository root; $OUT, $PY expanded at run time)
 STEPS=(
   "install|300|if [ $INSTALL = 1 ]; then \$PY -c 'import torch' 2>/dev/null || \$PY -m pip install torch && \$PY -m pip install --no-build-isolation -e '.[dev]' -c requirements/constraints.txt; else echo 'install skipped'; fi"
@@ -52,7 +53,7 @@ STEPS=(
   "sep_attention|240|cp megatron/sepllm/attention/auto_table.json \"\$OUT/auto_table.json\" && \$PY benchmarks/sep_attention.py --device cuda --dtype bfloat16 --seq-lens 4096 16384 --windows 256 --repeats 3 --pg19-dir \"$BOOKS\" --json \"\$OUT/sep_attention_gpu.json\" --write-auto-table \"\$OUT/auto_table.json\" | tee \"\$OUT/sep_attention_gpu.txt\""
   "long_context|240|\$PY benchmarks/long_context.py --device cuda --precision bf16 --seq-lens 4096 8192 16384 --steps 3 --rounds 3 --tokenizer \"$TOK\" --json \"\$OUT/long_context_gpu.json\" | tee \"\$OUT/long_context_gpu.txt\""
   "fused_kernels|200|\$PY benchmarks/fused_kernels.py --device cuda --dtype bfloat16 --seq-lens 2048 8192 --repeats 10 --warmup 3 --json \"\$OUT/fused_kernels.json\" | tee \"\$OUT/fused_kernels.txt\""
-  "train_step|120|\$PY benchmarks/train_step.py --device cuda --tokenizer \"$TOK\" --steps 5 --rounds 3 --json \"\$OUT/train_step_gpu.json\" | tee \"\$OUT/train_step_gpu.txt\""
+  "train_step|150|\$PY benchmarks/train_step.py --device cuda --tokenizer \"$TOK\" --layers 4 --hidden 256 --heads 4 --seq 1024 --micro 4 --warmup 2 --steps 5 --rounds 3 --json \"\$OUT/train_step_gpu.json\" | tee \"\$OUT/train_step_gpu.txt\""
 )
 
 if [ "$DRY" = 1 ]; then
