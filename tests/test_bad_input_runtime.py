@@ -395,10 +395,11 @@ def test_two_ranks_zero3_resume_and_faults_on_one_rank(corpus, neox_tokenizer_fi
 def test_checkpoint_space_estimate_and_warning(tmp_path, monkeypatch):
     from megatron.training.preflight import OutputPathError, check_checkpoint_space, checkpoint_bytes
 
-    assert checkpoint_bytes(1000, "fp32", 0, "AdamW") == (4000, 12_000)   # weights + two fp32 moments
-    assert checkpoint_bytes(1000, "bf16", 1, "Adam") == (2000, 14_000)    # + the fp32 master copy
-    assert checkpoint_bytes(1000, "fp32", 3, "SGD", momentum=0.9) == (4000, 12_000)
-    assert checkpoint_bytes(1000, "fp32", 0, "SGD") == (4000, 4000)
+    # weights + two fp32 moments, then the layout-free copy (fp32 masters + moments) any layout resumes from
+    assert checkpoint_bytes(1000, "fp32", 0, "AdamW") == (4000, 12_000 + 12_000)
+    assert checkpoint_bytes(1000, "bf16", 1, "Adam") == (2000, 14_000 + 12_000)    # + the fp32 master copy
+    assert checkpoint_bytes(1000, "fp32", 3, "SGD", momentum=0.9) == (4000, 12_000 + 8000)
+    assert checkpoint_bytes(1000, "fp32", 0, "SGD") == (4000, 4000 + 4000)
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=3 * 1024 ** 3))
     assert check_checkpoint_space(tmp_path, 2 * 1024 ** 3, 2 * 1024 ** 3) is None

@@ -67,15 +67,17 @@ def checkpoint_bytes(n_params: int, precision: str, zero_stage: int, optimizer_t
 
     ``certain``: the module state alone (2 bytes per parameter in bf16/fp16, else 4), which every save writes;
     ``expected``: plus the optimizer state (Adam/AdamW/cpu_adam: two fp32 moments; Lion: one; SGD: one with
-    momentum) and the fp32 master copy that mixed precision and ZeRO-1/2/3 store with the optimizer partitions
-    (neither with ``no_save_optim``)."""
+    momentum) and the fp32 master copy that mixed precision and ZeRO-1/2/3 store with the optimizer partitions,
+    plus the layout-free copy of the optimizer state that lets any layout resume (fp32 masters and moments, once
+    per model; neither with ``no_save_optim``)."""
     module = n_params * (2 if precision in ("bf16", "fp16") else 4)
     if not save_optim:
         return module, module
     kind = optimizer_type.lower()
     moments = 2 if kind in ("adam", "adamw", "cpu_adam") else (1 if kind == "lion" or momentum else 0)
     master = 1 if precision in ("bf16", "fp16") or zero_stage >= 1 else 0
-    return module, module + n_params * 4 * (moments + master)
+    layout_free = n_params * 4 * (moments + 1)
+    return module, module + n_params * 4 * (moments + master) + layout_free
 
 
 def check_checkpoint_space(save: str | os.PathLike, certain: int, expected: int) -> str | None:
