@@ -55,3 +55,12 @@ def pg19_books(pg19_dir: Path) -> list[Path]:
 def reference_configs_dir() -> Path:
     """SepLLM reference configs as users bring them (copies shipped as fixtures)."""
     return _existing(FIXTURES / "reference_configs")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, pg19_dir: Path, neox_tokenizer_file: Path) -> str:
+    """A tiny tokenized corpus (the first bundled book's first 60k characters); its data prefix. Test modules that
+    need another corpus define their own ``corpus`` fixture."""
+    from train_helpers import make_tiny_corpus
+
+    return make_tiny_corpus(tmp_path_factory.mktemp("corpus"), sorted(pg19_dir.glob("*.txt"))[0], neox_tokenizer_file)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -17,16 +16,9 @@ import torch
 
 from megatron.checkpoint.format import read_meta, resolve_checkpoint_dir
 from megatron.training import checkpointing, pretrain
-from train_helpers import make_tiny_corpus, tiny_config
+from train_helpers import run_training, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-run_training = runpy.run_path(str(REPO / "train.py"), run_name="train_script")["run_training"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, pg19_dir, neox_tokenizer_file):
-    return make_tiny_corpus(tmp_path_factory.mktemp("corpus"), sorted(pg19_dir.glob("*.txt"))[0],
-                            neox_tokenizer_file)
 
 
 def _cfg(corpus, tokenizer, root: Path, name: str, asynchronous: bool, **kw):

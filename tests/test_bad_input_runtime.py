@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -30,16 +29,9 @@ from megatron.checkpoint.format import read_meta, resolve_checkpoint_dir
 from megatron.training import checkpointing, pretrain
 from megatron.training.logging import RunLogger
 from megatron.training.plotting import read_metrics, series
-from train_helpers import make_tiny_corpus, tiny_config, tiny_sepllm_keys
+from train_helpers import run_training, tiny_config, tiny_sepllm_keys
 
 REPO = Path(__file__).resolve().parents[1]
-run_training = runpy.run_path(str(REPO / "train.py"), run_name="train_script")["run_training"]  # train.py's body
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, pg19_dir, neox_tokenizer_file):
-    out = tmp_path_factory.mktemp("corpus")
-    return make_tiny_corpus(out, sorted(pg19_dir.glob("*.txt"))[0], neox_tokenizer_file)
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,6 @@ def _rows(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, pg19_dir, neox_tokenizer_file):
-    out = tmp_path_factory.mktemp("corpus")
-    return make_tiny_corpus(out, sorted(pg19_dir.glob("*.txt"))[0], neox_tokenizer_file)
-
-
 # ------------------------------------------------------------------------------------------------ config rules
 def test_gpt_neox_defaults_of_the_optimizer_block():
     cfg = load_config({**TINY, "optimizer": {"type": "Adam"}})

@@ -20,7 +20,7 @@ from megatron.training import pretrain
 from parallel_spawn import run_distributed
 from sep_helpers import make_sepllm_cfg
 from test_checkpointing import _engine, _train
-from train_helpers import make_tiny_corpus, tiny_config
+from train_helpers import tiny_config
 
 ITERS = 8
 SAVE_AT = 3
@@ -53,12 +53,6 @@ CASES = {
     "PP2->PP1": ("one", "pp2", SAVE_AT + 1),
 }
 SAVES = {"ref": SAVE_AT, "dp2": SAVE_AT + 1, "dp2_z3": SAVE_AT + 2, "tp2": SAVE_AT + 1, "pp2": SAVE_AT + 1}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, pg19_dir, neox_tokenizer_file):
-    out = tmp_path_factory.mktemp("corpus")
-    return make_tiny_corpus(out, sorted(pg19_dir.glob("*.txt"))[0], neox_tokenizer_file)
 
 
 def _cfg(corpus: str, tokenizer: Path, run_dir: Path, layout: str, micro: int | None = None, **overrides):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import shutil
 import socket
 import subprocess
@@ -20,16 +19,8 @@ import pytest
 
 from megatron.training import pretrain
 from megatron.training.run_folder import LOCK_FILE, RunFolderError, RunLock
-from train_helpers import make_tiny_corpus, tiny_config
+from train_helpers import run_training, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
-run_training = runpy.run_path(str(REPO / "train.py"), run_name="train_script")["run_training"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, pg19_dir, neox_tokenizer_file):
-    return make_tiny_corpus(tmp_path_factory.mktemp("corpus"), sorted(pg19_dir.glob("*.txt"))[0],
-                            neox_tokenizer_file)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the learned position table or longer than its data ends in one line (exit 2) bef
 
 from __future__ import annotations
 
-import runpy
 from pathlib import Path
 
 import pytest
@@ -11,17 +10,10 @@ import pytest
 from megatron.config import ConfigError, load_config
 from megatron.training import preflight
 from megatron.training.preflight import RunLimitError, check_memory_fits
-from train_helpers import make_tiny_corpus, tiny_config
+from train_helpers import run_training, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-run_training = runpy.run_path(str(REPO / "train.py"), run_name="train_script")["run_training"]
 GIB = 1024 ** 3
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, pg19_dir, neox_tokenizer_file):
-    return make_tiny_corpus(tmp_path_factory.mktemp("corpus"), sorted(pg19_dir.glob("*.txt"))[0],
-                            neox_tokenizer_file)
 
 
 def _run(cfg, capsys):

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron.config import NeoXConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_training(cfg: NeoXConfig, **kwargs: Any) -> int:
+    """``train.py``'s ``run_training`` (exit codes, interrupt lines, plot), loaded without running its main block."""
+    return runpy.run_path(str(REPO / "train.py"), run_name="train_script")["run_training"](cfg, **kwargs)
 
 
 def make_tiny_corpus(out_dir: Path, book: Path, tokenizer_file: Path, chars: int = 60_000) -> str:

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from megatron.model.loss import token_weights
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -29,16 +31,6 @@ class VocabShard:
     start: int
     all_max: Callable[[Tensor], None]
     all_sum: Callable[[Tensor], None]
-
-
-def _token_weights(labels: Tensor, loss_mask: Optional[Tensor]) -> Tensor:
-    weights = (labels >= 0).to(torch.float32)
-    if loss_mask is not None:
-        if loss_mask.shape != labels.shape:
-            raise ValueError(f"fused_lm_loss: loss_mask {tuple(loss_mask.shape)} must match labels "
-                             f"{tuple(labels.shape)}")
-        weights = weights * loss_mask.to(torch.float32)
-    return weights
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -109,7 +101,7 @@ def fused_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Opt
     if vocab is not None and labels.numel() and int(labels.max()) >= vocab:
         raise ValueError(f"fused_lm_loss: labels must lie below the vocabulary size {vocab}, got {int(labels.max())}")
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    weights = _token_weights(labels, loss_mask)
+    weights = token_weights(labels, loss_mask, "fused_lm_loss")
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, weights, int(chunk_tokens), shard, with_grad)
 
 

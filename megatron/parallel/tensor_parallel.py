@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from megatron.config.layout import check_tp_split
 from megatron.model.fused_loss import FusedLMLoss, VocabShard
 from megatron.model.gpt import GPTModel
+from megatron.model.loss import token_weights
 from megatron.parallel import tp_comm
 from megatron.parallel.reshard import ShardSpec, is_gated, shard_spec, shard_tensor
 from megatron.errors import UserInputError
@@ -333,12 +334,7 @@ def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, loss_mask: Optional[T
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"vocab_parallel_lm_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
                          f"disagree")
-    weights = (labels >= 0).to(torch.float32)
-    if loss_mask is not None:
-        if loss_mask.shape != labels.shape:
-            raise ValueError(f"vocab_parallel_lm_loss: loss_mask {tuple(loss_mask.shape)} must match labels "
-                             f"{tuple(labels.shape)}")
-        weights = weights * loss_mask.to(torch.float32)
+    weights = token_weights(labels, loss_mask, "vocab_parallel_lm_loss")
     per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), group, upcast).to(torch.float32)
     return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
 
