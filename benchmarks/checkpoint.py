@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.py
 
-from corpus import TOKENIZER, pg19_books  # noqa: E402
+from corpus import tokenized_slice, training_config  # noqa: E402
 from report import add_model_size_args  # noqa: E402
 
 MODES = ("nosave", "sync", "async")
@@ -72,48 +72,12 @@ class _Clock:
         pass
 
 
-def _corpus(workdir: Path) -> str:
-    from megatron.data.preprocess import tokenize_to_indexed
-
-    prefix = workdir / "corpus" / "pg19"
-    if Path(str(prefix) + "_text_document.bin").is_file():
-        return str(prefix) + "_text_document"
-    docs = workdir / "corpus" / "docs"
-    docs.mkdir(parents=True, exist_ok=True)
-    text = pg19_books()[0].read_text(encoding="utf-8")[:400_000]
-    step = len(text) // 20
-    for i in range(20):
-        (docs / f"part{i}.txt").write_text(text[i * step:(i + 1) * step], encoding="utf-8")
-    tokenize_to_indexed(str(docs), str(prefix), tokenizer_type="HFTokenizer", vocab_file=str(TOKENIZER),
-                        progress=False)
-    return str(prefix) + "_text_document"
-
-
 def build_config(args: argparse.Namespace, mode: str, data_prefix: str, run_dir: Path) -> Any:
-    from megatron.config import NeoXConfig
-
-    cfg = NeoXConfig()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads = args.layers, args.hidden, args.heads
-    m.seq_length = m.max_position_embeddings = args.seq
-    m.pos_emb, m.rotary_pct, m.no_weight_tying = "rotary", 0.25, True
-    cfg.sepllm.USE_ORIGINAL_FULL_ATTEN, cfg.sepllm.mode = True, "full"
-    cfg.optimizer.type, cfg.optimizer.lr = "Adam", 1e-3
-    cfg.lr_schedule.lr_decay_style, cfg.lr_schedule.warmup_iters = "constant", 0
-    cfg.data.data_path, cfg.data.split, cfg.data.num_workers = data_prefix, "100,0,0", 0
-    cfg.data.data_cache_dir = str(run_dir.parent / "index_cache")
-    cfg.tokenizer.tokenizer_type, cfg.tokenizer.vocab_file = "HFTokenizer", str(TOKENIZER)
-    t = cfg.training
-    t.train_iters, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps = args.iters, args.micro, 1
-    t.train_batch_size = args.micro
-    t.batch_inputs = ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps"]
-    t.gradient_clipping, t.seed, t.eval_interval, t.eval_iters, t.do_test = 1.0, 1234, 0, 0, False
-    t.device, t.precision = "cpu", "fp32"
+    cfg = training_config(args.layers, args.hidden, args.heads, args.seq, args.iters, args.micro, data_prefix, run_dir)
     if mode != "nosave":
         ck = cfg.checkpoint
         ck.save, ck.checkpoint_factor, ck.keep_last_n_checkpoints = str(run_dir / "ckpt"), args.every, 2
         ck.checkpoint_async = mode == "async"
-    cfg.logging.log_interval, cfg.logging.log_dir, cfg.logging.peak_flops = 1, str(run_dir / "logs"), 1e11
     return cfg
 
 
@@ -132,7 +96,7 @@ def main(argv: Any = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="checkpoint-bench-") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        prefix = _corpus(work)
+        prefix = tokenized_slice(work)
         samples: dict[str, list[float]] = {m: [] for m in MODES}
         for rnd in range(args.rounds):
             for mode in (MODES if rnd % 2 == 0 else tuple(reversed(MODES))):

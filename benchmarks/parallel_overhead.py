@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/corpus.py
 
-from corpus import TOKENIZER, pg19_books  # noqa: E402
+from corpus import tokenized_slice, training_config  # noqa: E402
 from report import add_model_size_args  # noqa: E402
 
 MODES = {"single": 1, "dp2": 2, "tp2": 2, "tp2sp": 2, "pp2": 2}  # mode -> processes
@@ -71,65 +70,25 @@ def parse_args(argv: Any = None) -> argparse.Namespace:
     return args
 
 
-def _corpus(workdir: Path) -> str:
-    """A small tokenized PG-19 slice (``corpus.pg19_books``, bundled tokenizer), built once per workdir."""
-    from megatron.data.preprocess import tokenize_to_indexed
-
-    prefix = workdir / "corpus" / "pg19"
-    if Path(str(prefix) + "_text_document.bin").is_file():
-        return str(prefix) + "_text_document"
-    books = pg19_books()
-    docs = workdir / "corpus" / "docs"
-    docs.mkdir(parents=True, exist_ok=True)
-    text = books[0].read_text(encoding="utf-8")[:400_000]
-    step = len(text) // 20
-    for i in range(20):
-        (docs / f"part{i}.txt").write_text(text[i * step:(i + 1) * step], encoding="utf-8")
-    tokenize_to_indexed(str(docs), str(prefix), tokenizer_type="HFTokenizer", vocab_file=str(_tokenizer()),
-                        progress=False)
-    return str(prefix) + "_text_document"
-
-
-def _tokenizer() -> Path:
-    return TOKENIZER
-
-
 def build_config(args: argparse.Namespace, mode: str, data_prefix: str, run_dir: Path) -> Any:
     """The resolved config of one mode (same model, weights and global batch in every mode)."""
-    from megatron.config import NeoXConfig
     from megatron.config.sepllm import SepLLMConfig
 
-    cfg = NeoXConfig()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads = args.layers, args.hidden, args.heads
-    m.seq_length = m.max_position_embeddings = args.seq
-    m.pos_emb, m.rotary_pct, m.no_weight_tying = "rotary", 0.25, True
-    m.padded_vocab_size = 50432  # a multiple of 128 x 2: identical weights with and without TP
-    if args.attention == "full":
-        cfg.sepllm.USE_ORIGINAL_FULL_ATTEN, cfg.sepllm.mode = True, "full"
-    else:
+    global_batch = 2 * args.micro
+    micro, gas = {"dp2": (args.micro, 1), "pp2": (args.micro, 2)}.get(mode, (global_batch, 1))
+    cfg = training_config(args.layers, args.hidden, args.heads, args.seq, args.iters, micro, data_prefix, run_dir)
+    cfg.model.padded_vocab_size = 50432  # a multiple of 128 x 2: identical weights with and without TP
+    if args.attention != "full":
         w = max(args.seq // 4, 1)
         cfg.sepllm = SepLLMConfig(separator_token_ids=list(PYTHIA_SEPARATORS), mode="sepllm",
                                   prefill_windows=[w] * args.layers, generate_windows=[w] * args.layers,
                                   prefill_local_window_size=w, generate_local_window_size=w)
-    cfg.optimizer.type, cfg.optimizer.lr = "Adam", 1e-3
-    cfg.lr_schedule.lr_decay_style, cfg.lr_schedule.warmup_iters = "constant", 0
-    cfg.data.data_path, cfg.data.split, cfg.data.num_workers = data_prefix, "100,0,0", 0
-    cfg.data.data_cache_dir = str(run_dir.parent / "index_cache")
-    cfg.tokenizer.tokenizer_type, cfg.tokenizer.vocab_file = "HFTokenizer", str(_tokenizer())
     t = cfg.training
-    global_batch = 2 * args.micro
-    micro, gas = {"dp2": (args.micro, 1), "pp2": (args.micro, 2)}.get(mode, (global_batch, 1))
-    t.train_iters, t.train_micro_batch_size_per_gpu, t.gradient_accumulation_steps = args.iters, micro, gas
-    t.train_batch_size = global_batch
-    t.batch_inputs = ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps"]
+    t.gradient_accumulation_steps, t.train_batch_size = gas, global_batch
     t.zero_optimization, t.zero_stage = {"stage": 1}, 1
-    t.gradient_clipping, t.seed, t.eval_interval, t.eval_iters, t.do_test = 1.0, 1234, 0, 0, False
-    t.device, t.precision = "cpu", "fp32"
     cfg.parallel.model_parallel_size = 2 if mode in ("tp2", "tp2sp") else 1
     cfg.parallel.sequence_parallel = mode == "tp2sp"
     cfg.parallel.pipe_parallel_size = 2 if mode == "pp2" else 0
-    cfg.logging.log_interval, cfg.logging.log_dir, cfg.logging.peak_flops = 1, str(run_dir / "logs"), 1e11
     return cfg
 
 
@@ -163,7 +122,7 @@ def main(argv: Any = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="parallel-overhead-") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        prefix = _corpus(work)
+        prefix = tokenized_slice(work)
         samples: dict[str, list[float]] = {m: [] for m in args.mode_list}
         plan = [(r, m) for r in range(args.rounds)
                 for m in (args.mode_list if r % 2 == 0 else list(reversed(args.mode_list)))]
