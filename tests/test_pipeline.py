@@ -221,7 +221,7 @@ def _chain(cfg: ModelConfig, sep, model: GPTModel, tokens: torch.Tensor) -> torc
     """Run the stage modules by hand in one process (what the stages do across ranks)."""
     ctx = StageContext(cfg, sep)
     emb = EmbeddingPipe(ctx)
-    layers = [TransformerLayerPipe(cfg, i, ctx) for i in range(cfg.num_layers)]
+    layers = [TransformerLayerPipe(i, ctx) for i in range(cfg.num_layers)]
     norm = FinalNormPipe(cfg)
     state = model.state_dict()
     for module in [emb, *layers, norm]:
@@ -265,7 +265,7 @@ def test_stage_context_builds_plan_once_per_micro_batch():
     calls = []
     real = ctx.backend.prepare
     ctx.backend.prepare = lambda *a: calls.append(1) or real(*a)
-    layers = [TransformerLayerPipe(cfg, i, ctx) for i in range(2)]
+    layers = [TransformerLayerPipe(i, ctx) for i in range(2)]
     tokens = token_rows(1)[:, :-1]
     x = (torch.randn(1, SEQ, 32), tokens)
     for layer in layers:
@@ -303,7 +303,7 @@ def test_stage_inputs_are_checked():
     with pytest.raises(PipelineInputError, match="integer input_ids"):
         EmbeddingPipe(ctx)(torch.randn(2, SEQ))
     with pytest.raises(PipelineInputError, match="transformer layer 0"):
-        TransformerLayerPipe(cfg, 0, ctx)(torch.randn(2, SEQ, 32))
+        TransformerLayerPipe(0, ctx)(torch.randn(2, SEQ, 32))
 
 
 def test_pipeline_loss_matches_lm_loss():

@@ -9,6 +9,7 @@ holds one per rank and each stage module reads it, so a pipeline builds and posi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -34,8 +35,10 @@ def bipe_separator_ids(sepllm_cfg: SepLLMConfig) -> list[int]:
 
 
 def check_model_config(cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig] = None) -> ModelConfig:
-    """Resolve ``cfg`` (in place) and refuse what no model can be built from, naming the key. Config validation
-    catches all of this for loaded configs; configs made in code meet it here, before any module exists."""
+    """A resolved copy of ``cfg`` (the caller's config is left as given, so it can still be edited and built again),
+    after refusing what no model can be built from, naming the key. Config validation catches all of this for loaded
+    configs; configs made in code meet it here, before any module exists."""
+    cfg = dataclasses.replace(cfg)
     try:
         resolve_model_config(cfg)
     except ConfigError as exc:  # the model's own errors are ValueErrors naming the model config
@@ -64,13 +67,13 @@ class ModelContext:
     """The resolved config and the per-model values every layer shares (see the module docstring)."""
 
     def __init__(self, model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig] = None) -> None:
-        self.cfg = check_model_config(model_cfg, sepllm_cfg)
+        cfg = self.cfg = check_model_config(model_cfg, sepllm_cfg)
         self.sepllm_cfg = sepllm_cfg
         self.use_bipe = bool(sepllm_cfg is not None and sepllm_cfg.USE_BiPE)
         self.bipe_seps = bipe_separator_ids(sepllm_cfg) if self.use_bipe else []
-        self.head_dim = head_dim(model_cfg)
-        self.rotary_ndims = rotary_ndims(self.head_dim, model_cfg.rotary_pct) if model_cfg.pos_emb == "rotary" else 0
-        self.max_positions = model_cfg.max_position_embeddings or model_cfg.seq_length
+        self.head_dim = head_dim(cfg)
+        self.rotary_ndims = rotary_ndims(self.head_dim, cfg.rotary_pct) if cfg.pos_emb == "rotary" else 0
+        self.max_positions = cfg.max_position_embeddings or cfg.seq_length
 
     def build_embedding(self, with_position_table: bool = True) -> Embedding:
         """The input embedding: a learned table for ``pos_emb: learned`` and for BiPE (indexed by intra-segment

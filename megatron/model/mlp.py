@@ -7,6 +7,7 @@ Gated layout: ``dense_h_to_4h`` produces ``up`` features, the first half is the 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -37,7 +38,7 @@ _FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 def ffn_width(cfg: ModelConfig) -> int:
     """Width of the MLP after the (optional) gating (Hugging Face's ``intermediate_size``), for readers of a config
     that may not have been resolved yet (exporters, FLOP counts)."""
-    return resolve_model_config(cfg).mlp_widths[1]
+    return resolve_model_config(dataclasses.replace(cfg)).mlp_widths[1]
 
 
 class MLP(nn.Module):

@@ -120,7 +120,7 @@ def layer_specs(context: StageContext) -> list[Any]:
     else:
         specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, context,
                                    tied_weight_attr=["embed.word_embeddings.weight"]))
-    specs.extend(LayerSpec(TransformerLayerPipe, cfg, i, context) for i in range(cfg.num_layers))
+    specs.extend(LayerSpec(TransformerLayerPipe, i, context) for i in range(cfg.num_layers))
     specs.append(LayerSpec(FinalNormPipe, cfg))
     if cfg.no_weight_tying:
         specs.append(LayerSpec(HeadPipe, cfg))

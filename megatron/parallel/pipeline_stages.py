@@ -105,10 +105,10 @@ class EmbeddingPipe(nn.Module):
 class TransformerLayerPipe(nn.Module):
     """One ``TransformerLayer`` on ``(hidden, input_ids)``; the stage's shared context supplies rotary and plan."""
 
-    def __init__(self, model_cfg: ModelConfig, layer_idx: int, context: StageContext) -> None:
+    def __init__(self, layer_idx: int, context: StageContext) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.layer = TransformerLayer(model_cfg, layer_idx)
+        self.layer = TransformerLayer(context.cfg, layer_idx)  # the resolved config (MLP widths, GeLU form)
         self.context = context
 
     def forward(self, inputs: StageTuple) -> StageTuple:
