@@ -201,7 +201,7 @@ class Run:
                  budget: bool, tokenizer: Any, info: Any) -> None:
         from megatron.config.derived import padded_vocab_size
         from megatron.model.gpt import GPTModel
-        from megatron.training.batches import make_batch
+        from megatron.training.batches import BatchRules, make_batch
         from megatron.training.data_setup import build_datasets, build_loader
         from megatron.training.distributed import set_seed
         from megatron.training.engine import build_engine
@@ -229,7 +229,7 @@ class Run:
         self.datasets = build_datasets(cfg, args.micro, steps_needed)
         loader = build_loader(self.datasets.train, 0, args.micro, 0, 1, num_workers=0,
                               pin_memory=args.device == "cuda")
-        self._batches = (make_batch(s, tokenizer.eod, False, args.device) for s in loader)
+        self._batches = (make_batch(s, BatchRules(tokenizer.eod), args.device) for s in loader)
         self.iteration = 0
 
     def step(self) -> float:

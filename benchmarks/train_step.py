@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     from megatron.model.fused_loss import FusedLMLoss
     from megatron.model.gpt import GPTModel
     from megatron.model.loss import lm_loss
-    from megatron.training.batches import make_batch
+    from megatron.training.batches import BatchRules, make_batch
     from megatron.training.data_setup import build_datasets, build_loader
     from megatron.training.distributed import init_distributed, set_seed
     from megatron.training.engine import build_engine, quiet_deepspeed_logs
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     ds_config["gradient_clipping"] = 0.0  # as in the trainer for ZeRO-0 fp32: train_step clips with the norm
     preloaded = [make_batch({"text": torch.stack([torch.as_tensor(datasets.train[j]["text"])
                                                   for j in range(i * args.micro, (i + 1) * args.micro)])},
-                            tokenizer.eod, False, args.device) for i in range(total_steps)]
+                            BatchRules(tokenizer.eod), args.device) for i in range(total_steps)]
 
     def ours(compiled: bool, fused: bool, ac: tuple[str, str] | None = None) -> Callable[[], None]:
         model = copy.deepcopy(reference)
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                                 min_lr=1e-4)
         loader = build_loader(datasets.train, 0, args.micro, 0, 1, num_workers=args.num_workers,
                               pin_memory=args.device == "cuda")
-        batches = (make_batch(sample, tokenizer.eod, False, args.device) for sample in loader)
+        batches = (make_batch(sample, BatchRules(tokenizer.eod), args.device) for sample in loader)
         iteration = [0]
 
         def step() -> None:

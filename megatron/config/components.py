@@ -166,6 +166,12 @@ class TrainingConfig:
                                                 "CPU/NVMe offload is not supported yet.")
     zero_stage: int = opt(0, "ZeRO stage, derived from zero_optimization.stage.", derived=True)
     eod_mask_loss: bool = opt(False, "Do not compute the loss on end-of-document tokens.")
+    reset_position_ids: bool = opt(False, "Megatron/GPT-NeoX: positions (rotary, ALiBi, learned, BiPE) restart at 0 on "
+                                          "the token after each end-of-document token of a packed sample.")
+    reset_attention_mask: bool = opt(False, "Megatron/GPT-NeoX: no token attends across an end-of-document token of "
+                                            "a packed sample. With SepLLM the keep rule is per document: each "
+                                            "document has its own initial tokens and separators, and the window "
+                                            "stops at its first token (docs/finetuning.md).")
     compile: bool = opt(False, "torchtitan: torch.compile each transformer block for training (graph reused across "
                                "blocks; state_dict keys unchanged) and the plain loss; the first step's time, which "
                                "includes compiling, is logged. A block that cannot compile: one warning, eager "

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from megatron.checkpoint.format import list_checkpoints
 from megatron.training.async_checkpoint import AsyncCheckpointWriter
-from megatron.training.batches import Batch, make_batch
+from megatron.training.batches import Batch, BatchRules, make_batch
 from megatron.training.checkpointing import RunSnapshot, load_checkpoint, save_checkpoint, should_save
 from megatron.config.errors import ConfigError
 from megatron.config.derived import decay_iters
@@ -312,7 +312,7 @@ def _set_up_and_train(cfg: NeoXConfig, info: DistInfo, device: str, logger: RunL
             _check_checkpoint_space(cfg, stepper.n_params, info, logger)
         run = Run(config=cfg, info=info, device=device, logger=logger, plan=plan, stepper=stepper,
                   scheduler=_make_scheduler(cfg, train_iters), datasets=datasets, micro_batch=micro, gas=gas,
-                  global_batch=global_batch, train_iters=train_iters, eod=getattr(tokenizer, "eod", None),
+                  global_batch=global_batch, train_iters=train_iters, batch_rules=BatchRules.of(cfg, getattr(tokenizer, "eod", None)),
                   stop=stop, started=started, result=TrainResult(iteration=0, log_dir=lg.log_dir),
                   checkpoint_writer=AsyncCheckpointWriter(info.world_size) if ck.save and ck.checkpoint_async
                   else None)
@@ -447,12 +447,12 @@ def _micro_batches(run: Run) -> Iterator[Batch]:
                           num_workers=cfg.data.num_workers, pin_memory=run.device == "cuda")
     if loader is None and run.state.iteration < run.train_iters:
         raise DataSetupError("the training split is empty: check data paths and split")
-    return _batches_from(loader, run.eod, cfg.training.eod_mask_loss, run.device)
+    return _batches_from(loader, run.batch_rules, run.device)
 
 
-def _batches_from(loader: Any, eod: int | None, eod_mask_loss: bool, device: str) -> Iterator[Batch]:
+def _batches_from(loader: Any, rules: BatchRules, device: str) -> Iterator[Batch]:
     for sample in loader:
-        yield make_batch(sample, eod, eod_mask_loss, device)
+        yield make_batch(sample, rules, device)
     raise TrainingError("ran out of training samples before train_iters; the dataset was sized too small")
 
 
@@ -539,8 +539,8 @@ def _validate(run: Run, split: str) -> None:
     """Loss and perplexity on the ``valid`` or ``test`` split, logged and kept in the result."""
     t, iteration = run.config.training, run.state.iteration
     dataset = run.datasets.valid if split == "valid" else run.datasets.test
-    loss = evaluate(run.stepper, dataset, t.eval_iters * run.gas, run.micro_batch, run.plan, run.eod,
-                    t.eod_mask_loss, run.device)
+    loss = evaluate(run.stepper, dataset, t.eval_iters * run.gas, run.micro_batch, run.plan,
+                    run.batch_rules, run.device)
     if loss is None:
         run.logger.info(f"{split}: the {split} split is empty, skipped")
         return

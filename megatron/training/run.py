@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from megatron.training.data_setup import SplitDatasets
     from megatron.training.distributed import DistInfo
     from megatron.training.interrupt import StopRequest
+    from megatron.training.batches import BatchRules
     from megatron.training.logging import RunLogger
     from megatron.training.lr_schedules import AnnealingLR
     from megatron.training.parallel_setup import ParallelPlan
@@ -58,7 +59,7 @@ class Run:
     gas: int                    # micro-batches per optimizer step
     global_batch: int           # samples per optimizer step, all data-parallel ranks
     train_iters: int
-    eod: int | None             # the tokenizer's end-of-document id (eod_mask_loss)
+    batch_rules: BatchRules     # eod id, eod_mask_loss, reset_position_ids, reset_attention_mask
     stop: StopRequest
     started: float              # time.perf_counter() when pretrain began
     state: RunState = field(default_factory=RunState)

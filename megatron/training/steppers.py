@@ -19,7 +19,7 @@ from megatron.errors import RunError
 from megatron.model.compile import BlockCompiler, FirstStepTimer
 from megatron.model.fused_loss import FusedLMLoss
 from megatron.model.loss import lm_loss
-from megatron.training.batches import Batch, make_batch
+from megatron.training.batches import Batch, BatchRules, make_batch
 from megatron.training.data_setup import build_loader
 from megatron.training.distributed import DistInfo, capture_rng_state, mean_over_ranks, restore_rng_state
 from megatron.training.engine import build_engine
@@ -41,11 +41,22 @@ class TrainingError(RunError, RuntimeError):
 def forward_loss(engine: Any, batch: Batch, loss_fn: Callable[..., torch.Tensor] = lm_loss) -> torch.Tensor:
     """``loss_fn`` is ``lm_loss`` or, for a tensor-parallel model, the vocab-parallel loss over its TP group; a
     ``FusedLMLoss`` runs inside the model's forward on the final hidden states (no logits are formed)."""
+    inputs = batch_inputs(batch)
     if isinstance(loss_fn, FusedLMLoss):
-        return engine(batch.tokens, head_loss=functools.partial(loss_fn, labels=batch.labels,
-                                                                loss_mask=batch.loss_mask))
-    logits = engine(batch.tokens)
+        return engine(batch.tokens, **inputs, head_loss=functools.partial(loss_fn, labels=batch.labels,
+                                                                          loss_mask=batch.loss_mask))
+    logits = engine(batch.tokens, **inputs)
     return loss_fn(logits, batch.labels, batch.loss_mask)
+
+
+def batch_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs besides the tokens: restarted positions and document ids when the batch has them."""
+    inputs = {}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
+    if batch.document_ids is not None:
+        inputs["document_ids"] = batch.document_ids
+    return inputs
 
 
 def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: bool,
@@ -161,13 +172,13 @@ class PipelineStepper:
 
 @torch.no_grad()
 def evaluate(stepper: Stepper, dataset: Any, num_batches: int, micro_batch: int, plan: ParallelPlan,
-             eod: int | None, eod_mask_loss: bool, device: str) -> float | None:
+             rules: BatchRules, device: str) -> float | None:
     """Mean LM loss over the first ``num_batches`` micro-batches per data-parallel rank of ``dataset`` (None when
     empty)."""
     loader = build_loader(dataset, 0, micro_batch, plan.dp_rank, plan.dp_size, num_workers=0, pin_memory=False)
     if loader is None:
         return None
-    batches = (make_batch(sample, eod, eod_mask_loss, device) for sample in loader)
+    batches = (make_batch(sample, rules, device) for sample in loader)
     return stepper.eval_loss(batches, min(num_batches, len(loader.batch_sampler)))
 
 

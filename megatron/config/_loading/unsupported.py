@@ -14,8 +14,6 @@ from megatron.config.errors import ConfigError, Where, unknown_source
 # GPT-NeoX keys for features not built here. They are accepted at their GPT-NeoX default (configs copied from
 # GPT-NeoX often spell the default out) and refused otherwise. Delete a row when the feature lands.
 NEOX_DEFAULT_ONLY: dict[str, object] = {
-    "reset_position_ids": False,
-    "reset_attention_mask": False,
     "char_level_ppl": False,
     "checkpoint_validation_with_forward_pass": False,
     "num_unique_layers": None,
