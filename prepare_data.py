@@ -6,6 +6,7 @@ Examples:
   python prepare_data.py pg19_sample -t HFTokenizer -v megatron/tokenizer/assets/20B_tokenizer.json
   python prepare_data.py mybooks --input books/ -t HFTokenizer -v 20B_tokenizer.json --workers 2
   python prepare_data.py web --input a.jsonl,b.jsonl --jsonl-keys text -t GPT2BPETokenizer -v vocab.json -m merges.txt
+  python prepare_data.py instructions --sft --input data/instructions_demo/train.jsonl --chat-template plain
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from megatron.data.cli_utils import run_cli
+from megatron.data.cli_utils import add_sft_arguments, check_sft_arguments, run_cli
 from megatron.data.corpus_registry import CORPORA, fetch_corpus, get_corpus
 from megatron.data.preprocess import tokenize_to_indexed
+from megatron.data.sft import prepare_sft
 from megatron.errors import UserInputError
 from megatron.tokenizer import BUNDLED_NEOX_TOKENIZER, TOKENIZER_TYPES
 
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output path prefix; files are <prefix>_<key>_document.{bin,idx} "
                    "(default: DATA_DIR/<dataset>/<dataset>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sft_arguments(p)
     return p
 
 
@@ -91,6 +94,9 @@ def _remove_empty(folders: Sequence[Path]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_sft_arguments(args)
+    if args.sft and args.input is None:
+        raise UserInputError("--sft tokenizes your own JSONL: give it with --input")
     vocab_file = vocab_file_for(args.tokenizer, args.vocab_file)
     if args.vocab_file is None and vocab_file is not None:
         print(f"tokenizer: {args.tokenizer} {vocab_file} (the bundled GPT-NeoX-20B tokenizer; -v picks another)")
@@ -111,17 +117,23 @@ def _prepare(args: argparse.Namespace, name: str, prefix: str, vocab_file: str |
     else:
         get_corpus(name)
         source = os.fspath(fetch_corpus(name, args.data_dir, force=args.force_redownload))
-    results = tokenize_to_indexed(
-        source,
-        prefix,
-        tokenizer_type=args.tokenizer,
-        vocab_file=vocab_file,
-        merge_file=args.merge_file,
-        jsonl_keys=args.jsonl_keys,
-        append_eod=True,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
+    if args.sft:
+        results = prepare_sft(source, prefix, tokenizer_type=args.tokenizer, vocab_file=vocab_file,
+                              merge_file=args.merge_file, chat_template=args.chat_template,
+                              generation_role=args.generation_role, only_last=args.only_last,
+                              progress=not args.no_progress)
+    else:
+        results = tokenize_to_indexed(
+            source,
+            prefix,
+            tokenizer_type=args.tokenizer,
+            vocab_file=vocab_file,
+            merge_file=args.merge_file,
+            jsonl_keys=args.jsonl_keys,
+            append_eod=True,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
     for r in results:
         print(
             f"wrote {r.prefix}.bin/.idx: {r.documents} documents, {r.tokens} tokens, "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron.config.derived import (CheckpointScale, DataImpl, DistributedBackend, Launcher, LRDecayStyle,
-                                     OptimizerType, Precision, TokenizerType, WandbMode, WSDDecayStyle)
+                                     OptimizerType, PackImpl, Precision, TokenizerType, WandbMode, WSDDecayStyle)
 from megatron.device import Device
 
 
@@ -100,6 +100,21 @@ class DataConfig:
     train_data_weights: Optional[list] = opt(None, "Blend weights of train_data_paths (same length; None = equal).")
     valid_data_weights: Optional[list] = opt(None, "Blend weights of valid_data_paths.")
     test_data_weights: Optional[list] = opt(None, "Blend weights of test_data_paths.")
+    train_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: fine-tuning label datasets, one per "
+                                                       "train_data_paths entry (`<prefix>_label_document` from "
+                                                       "prepare_data.py --sft): a row aligned with the text row (not "
+                                                       "shifted yet), -100 where no loss is counted (prompt, "
+                                                       "system / user turns, padding). docs/finetuning.md.")
+    valid_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: label datasets of valid_data_paths (one each).")
+    test_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: label datasets of test_data_paths (one each).")
+    pack_impl: PackImpl = opt("packed", "GPT-NeoX: how documents become samples of seq_length + 1 tokens. packed: "
+                                        "documents stitched back to back into full windows (pre-training); "
+                                        "pack_until_overflow: whole documents packed into a sample until the next "
+                                        "would overflow, the rest padded; unpacked: one document per sample, "
+                                        "padded. Padding is token 0 with label -100 (never counted).")
+    allow_chopped: bool = opt(True, "GPT-NeoX: with pack_impl pack_until_overflow / unpacked, a document longer "
+                                    "than seq_length + 1 tokens is cut to its first seq_length + 1 tokens; false "
+                                    "drops it (the count is logged). Ignored by pack_impl packed.")
     split: str = opt("969, 30, 1", "train, valid, test proportions of `data_path` (comma-separated).")
     data_impl: DataImpl = opt("infer", "Indexed dataset implementation (GPT-NeoX): infer (read the .idx header) | mmap "
                                   "(Megatron MMIDIDX); both read MMIDIDX files, the only format written here. "

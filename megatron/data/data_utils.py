@@ -2,7 +2,8 @@
 
 Two ways to name data, as in GPT-NeoX: one ``data_prefixes`` list whose documents are split by ``split``
 (``data-path``), or separate ``train/valid/test_prefixes`` lists used whole (``train-data-paths`` ...). Several
-prefixes in one list are blended by weight.
+prefixes in one list are blended by weight. Fine-tuning label datasets (``train-label-data-paths`` ...) pair up with
+the separate lists, one label prefix per data prefix.
 """
 
 from __future__ import annotations
@@ -71,14 +72,20 @@ def _blend(
     seq_length: int,
     seed: int,
     cache_dir: str | None,
+    labels: Sequence[MMapIndexedDataset | None] | None = None,
+    pack_impl: str = "packed",
+    allow_chopped: bool = True,
 ) -> Dataset:
+    labels = list(labels) if labels is not None else [None] * len(sources)
     if len(sources) == 1:
         ds, docs = sources[0]
-        return GPTDataset(split_name, ds, docs, num_samples, seq_length, seed, cache_dir)
+        return GPTDataset(split_name, ds, docs, num_samples, seq_length, seed, cache_dir, label_indexed=labels[0],
+                          pack_impl=pack_impl, allow_chopped=allow_chopped)
     _, _, counts = blend_counts(weights, num_samples)
     parts = [
-        GPTDataset(split_name, ds, docs, max(count, 1), seq_length, seed, cache_dir)
-        for (ds, docs), count in zip(sources, counts)
+        GPTDataset(split_name, ds, docs, max(count, 1), seq_length, seed, cache_dir, label_indexed=label,
+                   pack_impl=pack_impl, allow_chopped=allow_chopped)
+        for (ds, docs), count, label in zip(sources, counts, labels)
     ]
     return BlendableDataset(parts, weights, num_samples)
 
@@ -97,11 +104,18 @@ def build_train_valid_test_datasets(
     valid_weights: list[float] | None = None,
     test_weights: list[float] | None = None,
     cache_dir: str | None = None,
+    train_label_prefixes: list[str] | None = None,
+    valid_label_prefixes: list[str] | None = None,
+    test_label_prefixes: list[str] | None = None,
+    pack_impl: str = "packed",
+    allow_chopped: bool = True,
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Datasets for the three splits; a split with 0 requested samples (or no data) is ``None``.
 
-    Items are ``{"text": int64[seq_length + 1]}``. Raises :class:`DataError` for a missing file (naming it), an
-    empty corpus, an empty split that is asked for samples, or inconsistent weights.
+    Items are ``{"text": int64[seq_length + 1]}``, plus ``"label"`` (same length, -100 = not counted) when the
+    split has label prefixes or ``pack_impl`` keeps documents whole. Raises :class:`DataError` for a missing file
+    (naming it), an empty corpus, an empty split that is asked for samples, inconsistent weights, or label data that
+    does not match its text data.
     """
     if len(train_valid_test_num_samples) != 3:
         raise DataError(f"train_valid_test_num_samples must have 3 entries, got {train_valid_test_num_samples}")
@@ -110,6 +124,10 @@ def build_train_valid_test_datasets(
         raise DataError("give either data_prefixes (data-path) or train/valid/test_prefixes, not both")
     if not data_prefixes and not separate:
         raise DataError("no data: set data_prefixes (data-path) or train_prefixes (train-data-paths)")
+    label_lists = (train_label_prefixes, valid_label_prefixes, test_label_prefixes)
+    if data_prefixes and any(label_lists):
+        raise DataError("label data (train/valid/test-label-data-paths) pairs with train/valid/test-data-paths, not "
+                        "with data-path: name the text and label prefixes of each split")
     out: list[Dataset | None] = [None, None, None]
     if data_prefixes:
         weights = _weights(data_prefixes, data_weights, "data-path")
@@ -126,7 +144,8 @@ def build_train_valid_test_datasets(
                     f"split {split!r} leaves no documents for {name} in {', '.join(d.prefix for d in opened)} "
                     f"but {n} {name} samples were requested"
                 )
-            out[i] = _blend(name, [(k[0], k[1]) for k in keep], [k[2] for k in keep], n, seq_length, seed, cache_dir)
+            out[i] = _blend(name, [(k[0], k[1]) for k in keep], [k[2] for k in keep], n, seq_length, seed, cache_dir,
+                            pack_impl=pack_impl, allow_chopped=allow_chopped)
         return out[0], out[1], out[2]
     lists = (train_prefixes, valid_prefixes, test_prefixes)
     wlists = (train_weights, valid_weights, test_weights)
@@ -136,6 +155,12 @@ def build_train_valid_test_datasets(
             continue
         weights = _weights(prefixes, wlists[i], f"{name}-data-paths")
         opened = [_open(p) for p in prefixes]
+        label_prefixes = label_lists[i]
+        if label_prefixes and len(label_prefixes) != len(prefixes):
+            raise DataError(f"{name}-label-data-paths has {len(label_prefixes)} prefixes but {name}-data-paths has "
+                            f"{len(prefixes)}: give one label dataset per data prefix")
+        labels = [_open(p) for p in label_prefixes] if label_prefixes else None
         sources = [(ds, np.arange(len(ds), dtype=np.int64)) for ds in opened]
-        out[i] = _blend(name, sources, weights, n, seq_length, seed, cache_dir)
+        out[i] = _blend(name, sources, weights, n, seq_length, seed, cache_dir, labels=labels, pack_impl=pack_impl,
+                        allow_chopped=allow_chopped)
     return out[0], out[1], out[2]

@@ -1,4 +1,5 @@
-"""GPT pre-training samples: fixed-length windows of ``seq_length + 1`` tokens stitched across documents.
+"""GPT samples of ``seq_length + 1`` tokens: windows stitched across documents (``pack_impl`` packed, pre-training)
+or whole documents padded (pack_until_overflow / unpacked, :mod:`megatron.data.packing`), with an optional label row.
 
 The three indices (see :mod:`megatron.data.sample_index`) are built once per parameter set, with a seeded RNG, and
 cached as ``.npy`` files whose name hashes every parameter, so a changed seed / length / split / dataset rebuilds
@@ -19,9 +20,11 @@ import torch
 from megatron.atomic_io import atomic_open
 from megatron.data.errors import DataError
 from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.packing import DOCUMENT_PACK_IMPLS, build_document_samples, fit_document
 from megatron.data.sample_index import build_doc_idx, build_sample_idx, build_shuffle_idx, num_epochs_needed
 
 INDEX_VERSION = 1
+PACK_IMPLS = ("packed", *DOCUMENT_PACK_IMPLS)
 _KINDS = ("doc_idx", "sample_idx", "shuffle_idx")
 
 
@@ -39,11 +42,34 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
-class GPTDataset(torch.utils.data.Dataset):
-    """Samples ``{"text": int64[seq_length + 1]}`` drawn from ``documents`` of one indexed dataset.
+def check_label_dataset(text: MMapIndexedDataset, label: MMapIndexedDataset) -> None:
+    """A label dataset must hold one row per text row, of the same length (they are read in lockstep)."""
+    if len(label) != len(text):
+        raise DataError(f"label data {label.prefix} has {len(label)} sequences but text data {text.prefix} has "
+                        f"{len(text)}: they must come from the same prepare_data.py --sft run")
+    differ = np.flatnonzero(np.asarray(label.sizes) != np.asarray(text.sizes))
+    if differ.size:
+        i = int(differ[0])
+        raise DataError(f"label data {label.prefix} and text data {text.prefix} differ in length at sequence {i} "
+                        f"({int(label.sizes[i])} vs {int(text.sizes[i])} tokens; {differ.size} sequences differ): "
+                        f"they must come from the same prepare_data.py --sft run")
 
-    ``len(self)`` is every sample of the epochs needed to provide ``num_samples`` (at least ``num_samples``).
-    ``built_index`` tells whether this instance built the indices (False: loaded from the cache).
+
+def _has_target(label: MMapIndexedDataset, documents: np.ndarray, width: int) -> np.ndarray:
+    """Per document: does any of its first ``width`` labels count (>= 0)? (GPT-NeoX skips documents that do not.)"""
+    return np.fromiter((bool((label.get(int(d), 0, min(int(label.sizes[d]), width)) >= 0).any()) for d in documents),
+                       dtype=bool, count=documents.size)
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """Samples ``{"text": int64[seq_length + 1]}`` drawn from ``documents`` of one indexed dataset, plus ``"label"``
+    (same length, -100 = not counted) with a label dataset or a whole-document ``pack_impl``.
+
+    ``packed``: windows stitched across documents (the label rows stitched the same way). ``pack_until_overflow`` /
+    ``unpacked``: whole documents, padded (:mod:`megatron.data.packing`); ``dropped_documents`` counts those left
+    out (too long without ``allow_chopped``, or no counted label). ``len(self)`` is every sample of the epochs
+    needed to provide ``num_samples`` (at least ``num_samples``). ``built_index`` tells whether this instance built
+    the indices (False: loaded from the cache).
     """
 
     def __init__(
@@ -55,9 +81,20 @@ class GPTDataset(torch.utils.data.Dataset):
         seq_length: int,
         seed: int,
         cache_dir: str | os.PathLike | None = None,
+        label_indexed: MMapIndexedDataset | None = None,
+        pack_impl: str = "packed",
+        allow_chopped: bool = True,
     ) -> None:
         if seq_length < 1:
             raise DataError(f"seq_length must be >= 1, got {seq_length}")
+        if pack_impl not in PACK_IMPLS:
+            raise DataError(f"pack_impl {pack_impl!r}: expected one of {', '.join(PACK_IMPLS)}")
+        if label_indexed is not None:
+            check_label_dataset(indexed, label_indexed)
+        self.label_indexed = label_indexed
+        self.pack_impl = pack_impl
+        self.allow_chopped = bool(allow_chopped)
+        self.dropped_documents = {"too_long": 0, "no_target": 0}
         if num_samples < 0:
             raise DataError(f"num_samples must be >= 0, got {num_samples}")
         self.name = name
@@ -87,6 +124,8 @@ class GPTDataset(torch.utils.data.Dataset):
                 _save_atomic(p, arrays[k])
             self.built_index = True
         self.doc_idx, self.sample_idx, self.shuffle_idx = (arrays[k] for k in _KINDS)
+        if self.pack_impl != "packed":
+            self.dropped_documents = self._count_dropped()
 
     def _load_cached(self) -> dict[str, np.ndarray] | None:
         """The cached indices if all three files exist and agree with each other, else None (rebuild)."""
@@ -98,10 +137,13 @@ class GPTDataset(torch.utils.data.Dataset):
             return None
         doc_idx, sample_idx, shuffle_idx = (arrays[k] for k in _KINDS)
         consistent = (
-            doc_idx.ndim == 1 and doc_idx.size % self.documents.size == 0
-            and sample_idx.ndim == 2 and sample_idx.shape == (shuffle_idx.shape[0] + 1, 2)
+            doc_idx.ndim == 1 and sample_idx.ndim == 2 and sample_idx.shape == (shuffle_idx.shape[0] + 1, 2)
             and shuffle_idx.shape[0] >= self.requested_samples
         )
+        if self.pack_impl == "packed":
+            consistent = consistent and doc_idx.size % self.documents.size == 0
+        else:
+            consistent = consistent and int(sample_idx[-1, 0]) == doc_idx.size
         return arrays if consistent else None
 
     def _params(self) -> dict:
@@ -117,6 +159,9 @@ class GPTDataset(torch.utils.data.Dataset):
             "num_samples": self.requested_samples,
             "seq_length": self.seq_length,
             "seed": self.seed,
+            **({} if self.pack_impl == "packed" else {
+                "pack_impl": self.pack_impl, "allow_chopped": self.allow_chopped,
+                "labels": None if self.label_indexed is None else os.path.basename(self.label_indexed.prefix)}),
         }
 
     def _cache_stem(self) -> str:
@@ -125,6 +170,13 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def _build(self) -> dict[str, np.ndarray]:
         rng = np.random.RandomState(self.seed)
+        if self.pack_impl != "packed":
+            has_target = None if self.label_indexed is None else _has_target(
+                self.label_indexed, self.documents, self.seq_length + 1)
+            built = build_document_samples(self.indexed.sizes, self.documents, self.seq_length,
+                                           self.requested_samples, rng, self.pack_impl, self.allow_chopped,
+                                           has_target)
+            return {"doc_idx": built.doc_idx, "sample_idx": built.sample_idx, "shuffle_idx": built.shuffle_idx}
         epochs = num_epochs_needed(self.tokens_per_epoch, self.seq_length, self.requested_samples)
         doc_idx = build_doc_idx(self.documents, epochs, rng)
         total = (epochs * self.tokens_per_epoch - 1) // self.seq_length
@@ -136,22 +188,53 @@ class GPTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.shuffle_idx.shape[0])
 
-    def tokens(self, idx: int) -> np.ndarray:
-        """The ``seq_length + 1`` tokens of sample ``idx`` (after shuffling), as int64."""
+    def _count_dropped(self) -> dict[str, int]:
+        """How many of the split's documents the whole-document index leaves out, and why (for the run's log)."""
+        width = self.seq_length + 1
+        too_long = 0 if self.allow_chopped else int((self.indexed.sizes[self.documents] > width).sum())
+        used = np.unique(np.asarray(self.doc_idx))
+        return {"too_long": too_long, "no_target": int(self.documents.size - used.size - too_long)}
+
+    def _sample(self, idx: int) -> int:
         n = len(self)
         if not -n <= idx < n:
             raise IndexError(f"sample {idx} out of range for {n} samples of {self.indexed.prefix}")
-        j = int(self.shuffle_idx[idx])
+        return int(self.shuffle_idx[idx])
+
+    def _stitched(self, data: MMapIndexedDataset, j: int) -> np.ndarray:
+        """The ``seq_length + 1`` tokens of packed sample ``j`` (before shuffling) read from ``data``."""
         d0, o0 = (int(v) for v in self.sample_idx[j])
         d1, o1 = (int(v) for v in self.sample_idx[j + 1])
         if d0 == d1:
-            out = self.indexed.get(int(self.doc_idx[d0]), o0, o1 - o0 + 1)
+            out = data.get(int(self.doc_idx[d0]), o0, o1 - o0 + 1)
         else:
-            parts = [self.indexed.get(int(self.doc_idx[d0]), o0)]
-            parts.extend(self.indexed[int(self.doc_idx[d])] for d in range(d0 + 1, d1))
-            parts.append(self.indexed.get(int(self.doc_idx[d1]), 0, o1 + 1))
+            parts = [data.get(int(self.doc_idx[d0]), o0)]
+            parts.extend(data[int(self.doc_idx[d])] for d in range(d0 + 1, d1))
+            parts.append(data.get(int(self.doc_idx[d1]), 0, o1 + 1))
             out = np.concatenate(parts)
         return out.astype(np.int64)
 
+    def _whole_documents(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Text and label rows of whole-document sample ``j``: its documents (each cut to the sample), padded."""
+        width = self.seq_length + 1
+        docs = [int(d) for d in self.doc_idx[int(self.sample_idx[j, 0]):int(self.sample_idx[j + 1, 0])]]
+        text = np.concatenate([self.indexed.get(d, 0, min(int(self.indexed.sizes[d]), width)) for d in docs])
+        label = None if self.label_indexed is None else np.concatenate(
+            [self.label_indexed.get(d, 0, min(int(self.label_indexed.sizes[d]), width)) for d in docs])
+        return fit_document(text.astype(np.int64), None if label is None else label.astype(np.int64), width)
+
+    def tokens(self, idx: int) -> np.ndarray:
+        """The ``seq_length + 1`` tokens of sample ``idx`` (after shuffling), as int64."""
+        j = self._sample(idx)
+        if self.pack_impl != "packed":
+            return self._whole_documents(j)[0]
+        return self._stitched(self.indexed, j)
+
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
-        return {"text": self.tokens(idx)}
+        j = self._sample(idx)
+        if self.pack_impl != "packed":
+            text, label = self._whole_documents(j)
+            return {"text": text, "label": label}
+        if self.label_indexed is None:
+            return {"text": self._stitched(self.indexed, j)}
+        return {"text": self._stitched(self.indexed, j), "label": self._stitched(self.label_indexed, j)}

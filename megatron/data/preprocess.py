@@ -51,7 +51,7 @@ class PrepareResult:
         return self.input_bytes / 1e6 / max(self.seconds, 1e-9)
 
 
-def _is_jsonl(path: Path) -> bool:
+def is_jsonl(path: Path) -> bool:
     return path.name.endswith(JSONL_SUFFIXES)
 
 
@@ -65,7 +65,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike] | str) -> list[Path]:
         p = Path(raw)
         if p.is_dir():
             found = sorted(
-                f for f in p.rglob("*") if f.is_file() and (f.name.endswith(TEXT_SUFFIXES) or _is_jsonl(f))
+                f for f in p.rglob("*") if f.is_file() and (f.name.endswith(TEXT_SUFFIXES) or is_jsonl(f))
             )
             if not found:
                 raise PrepareError(f"input folder {p} has no .txt or .jsonl files")
@@ -79,7 +79,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike] | str) -> list[Path]:
     return files
 
 
-def _check_encodable(text: str, where: str) -> None:
+def check_encodable(text: str, where: str) -> None:
     """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``); no tokenizer can encode it (HF tokenizers raise a
     bare TypeError), so name the record instead. A NUL character (``"\\u0000"``) is refused too: text has none, and
     tokenizers map it to ordinary ids, so a binary payload would train silently."""
@@ -99,7 +99,7 @@ def iter_documents(files: Sequence[Path], keys: Sequence[str]) -> Iterator[tuple
     A plain text file fills the first key. A JSONL record missing a key is an error naming file, line and key.
     """
     for path in files:
-        if not _is_jsonl(path):
+        if not is_jsonl(path):
             data = path.read_bytes()
             try:
                 text = data.decode("utf-8")
@@ -131,7 +131,7 @@ def iter_documents(files: Sequence[Path], keys: Sequence[str]) -> Iterator[tuple
                     value = record[key]
                     if not isinstance(value, str):
                         raise PrepareError(f"{path}:{lineno}: key {key!r} holds {type(value).__name__}, expected text")
-                    _check_encodable(value, f"{path}:{lineno}: key {key!r}")
+                    check_encodable(value, f"{path}:{lineno}: key {key!r}")
                     texts.append(value)
                 yield texts, len(line.encode("utf-8"))
 

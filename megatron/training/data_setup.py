@@ -38,6 +38,12 @@ def configured_prefixes(data_cfg: DataConfig) -> list[str]:
     return prefixes
 
 
+def label_prefixes(data_cfg: DataConfig) -> list[str]:
+    """Every fine-tuning label prefix the config names (``train/valid/test_label_data_paths``)."""
+    return [p for key in ("train_label_data_paths", "valid_label_data_paths", "test_label_data_paths")
+            for p in (getattr(data_cfg, key) or [])]
+
+
 def bundled_corpus_for(prefix: str) -> str | None:
     """The shipped corpus a prefix refers to, e.g. ``data/pg19_sample/pg19_sample_text_document`` -> pg19_sample."""
     from megatron.data.corpus_registry import CORPORA
@@ -58,6 +64,10 @@ def ensure_data(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, info: Call
     prefixes = configured_prefixes(data_cfg)
     if not prefixes:
         raise DataSetupError("no training data configured: set data-path (or train-data-paths/valid-data-paths)")
+    for prefix in dict.fromkeys(label_prefixes(data_cfg)):
+        if not _exists(prefix):
+            raise DataSetupError(f"label data prefix {prefix!r} not found ({prefix}.bin/.idx missing); write it with "
+                                 f"python prepare_data.py <name> --sft --input <jsonl> (docs/finetuning.md)")
     for prefix in dict.fromkeys(prefixes):
         if _exists(prefix):
             continue
@@ -99,6 +109,11 @@ def check_token_ids(data_cfg: DataConfig, vocab_size: int, tokenizer_name: str) 
                               f"re-tokenize it or set tokenizer-type / vocab-file to the one it was made with")
         if found.min_id is not None and found.min_id < 0:
             raise ConfigError(f"data {prefix}: negative token id {found.min_id}; the .bin file is not token data")
+    for prefix in dict.fromkeys(label_prefixes(data_cfg)):     # labels: token ids, or negative for "not counted"
+        found = token_range(prefix, cache_dir=data_cfg.data_cache_dir)
+        if found.max_id is not None and found.max_id >= vocab_size:
+            raise ConfigError(f"label data {prefix}: max label id {found.max_id} >= vocabulary size {vocab_size} of "
+                              f"the tokenizer ({tokenizer_name}); the labels were made with another tokenizer")
 
 
 def build_datasets(cfg: NeoXConfig, global_batch: int, train_iters: int | None,
@@ -132,8 +147,37 @@ def build_datasets(cfg: NeoXConfig, global_batch: int, train_iters: int | None,
         valid_weights=d.valid_data_weights,
         test_weights=d.test_data_weights,
         cache_dir=d.data_cache_dir,
+        train_label_prefixes=d.train_label_data_paths,
+        valid_label_prefixes=d.valid_label_data_paths,
+        test_label_prefixes=d.test_label_data_paths,
+        pack_impl=d.pack_impl,
+        allow_chopped=d.allow_chopped,
     )
     return SplitDatasets(train=train, valid=valid, test=test)
+
+
+def dropped_documents_note(datasets: SplitDatasets) -> str | None:
+    """One log line counting the documents a whole-document ``pack_impl`` left out per split (None: none left out)."""
+    parts = []
+    for name in ("train", "valid", "test"):
+        counts = {"too_long": 0, "no_target": 0}
+        for part in _parts(getattr(datasets, name)):
+            for key, value in getattr(part, "dropped_documents", {}).items():
+                counts[key] += value
+        if counts["too_long"] or counts["no_target"]:
+            parts.append(f"{name}: {counts['too_long']} longer than seq_length + 1 (allow_chopped false), "
+                         f"{counts['no_target']} without a counted label")
+    return "pack_impl: documents left out: " + "; ".join(parts) if parts else None
+
+
+def _parts(dataset: Any) -> list[Any]:
+    """The GPT datasets behind a split (a blend holds several, an epoch repeater one)."""
+    if dataset is None:
+        return []
+    inner = getattr(dataset, "epoch", None)
+    if inner is not None:
+        return _parts(inner)
+    return list(getattr(dataset, "datasets", None) or [dataset])
 
 
 class RepeatedEpochs(torch.utils.data.Dataset):

@@ -38,7 +38,7 @@ from megatron.training.checkpointing import RunSnapshot, load_checkpoint, save_c
 from megatron.config.errors import ConfigError
 from megatron.config.derived import decay_iters
 from megatron.training.data_setup import (DataSetupError, SplitDatasets, build_datasets, build_epoch_datasets,
-                                          build_loader, check_token_ids, ensure_data)
+                                          build_loader, check_token_ids, dropped_documents_note, ensure_data)
 from megatron.training import run_folder
 from megatron.training.distributed import (DistInfo, barrier, broadcast_object, init_distributed, mean_over_ranks,
                                           set_seed)
@@ -148,8 +148,12 @@ def _build_data(cfg: NeoXConfig, info: DistInfo, plan: ParallelPlan, ds_config: 
         logger.train_iters = train_iters
         logger.info(f"train_epochs {t.train_epochs}: {train_iters} iterations ({len(datasets.train.epoch)} samples "
                     f"per epoch)")
-        return datasets, train_iters
-    return build_datasets(cfg, ds_config["train_batch_size"], t.train_iters), t.train_iters
+    else:
+        datasets, train_iters = build_datasets(cfg, ds_config["train_batch_size"], t.train_iters), t.train_iters
+    note = dropped_documents_note(datasets)
+    if note:
+        logger.info(note)
+    return datasets, train_iters
 
 
 def _check_checkpoint_space(cfg: NeoXConfig, n_params: int, info: DistInfo, logger: RunLogger) -> None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Tokenize text / JSONL into Megatron .bin/.idx files (GPT-NeoX ``tools/datasets/preprocess_data.py`` flags).
 
-Output: <output-prefix>_<key>_document.{bin,idx}, one per --jsonl-keys entry. Same implementation as
-prepare_data.py (megatron.data.preprocess).
+Output: <output-prefix>_<key>_document.{bin,idx}, one per --jsonl-keys entry; with --sft (fine-tuning JSONL)
+<output-prefix>_text_document and <output-prefix>_label_document. Same implementation as prepare_data.py
+(megatron.data.preprocess, megatron.data.sft).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from megatron.data.cli_utils import run_cli
+from megatron.data.cli_utils import add_sft_arguments, check_sft_arguments, run_cli
 from megatron.data.preprocess import tokenize_to_indexed
+from megatron.data.sft import prepare_sft
 from megatron.tokenizer import TOKENIZER_TYPES
 from megatron.errors import UserInputError, report_error
 
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "package: pip install ftfy)")
     neox.add_argument("--num-docs", type=int, default=None, metavar="N",
                       help="number of documents in the input, when known: the progress bar counts documents to N")
+    add_sft_arguments(p)
     return p
 
 
@@ -71,8 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.num_docs is not None and args.num_docs < 1:
             raise UsageError(f"--num-docs {args.num_docs}: expected a number of documents >= 1")
         fix_text = _fix_text(args.ftfy)
-    except UsageError as exc:  # a flag problem: exit 2 (run_cli reports data and tokenizer problems)
+        check_sft_arguments(args)
+        if args.sft and (args.ftfy or args.num_docs is not None):
+            raise UsageError(f"{'--ftfy' if args.ftfy else '--num-docs'} does not apply to --sft data; drop it")
+    except UserInputError as exc:  # a flag problem: exit 2 (run_cli reports data and tokenizer problems)
         return report_error(exc, "preprocess_data.py")
+    if args.sft:
+        results = prepare_sft(args.input, args.output_prefix, tokenizer_type=args.tokenizer_type,
+                              vocab_file=args.vocab_file, merge_file=args.merge_file, chat_template=args.chat_template,
+                              generation_role=args.generation_role, only_last=args.only_last,
+                              progress=not args.no_progress)
+        for r in results:
+            print(f"wrote {r.prefix}.bin/.idx: {r.documents} documents, {r.tokens} tokens ({r.mb_per_s:.2f} MB/s)")
+        return 0
     results = tokenize_to_indexed(
         args.input,
         args.output_prefix,

@@ -23,8 +23,8 @@ NEOX_DEFAULT_ONLY: dict[str, object] = {
     "mup_rp_embedding_mult": 1.0, "mup_width_scale": 2,
     # T5 relative position buckets (pos_emb rpe) and cross-layer parameter sharing
     "rpe_num_buckets": 32, "rpe_max_distance": 128, "param_sharing_style": "grouped",
-    # data packing variants other than GPT-NeoX's default packed samples, and S3 checkpoint upload
-    "pack_impl": "packed", "allow_chopped": True, "s3_path": None, "s3_chunk_size": 104857600,
+    # S3 checkpoint upload
+    "s3_path": None, "s3_chunk_size": 104857600,
     # cluster-specific hooks
     "adlr_autoresume": False, "adlr_autoresume_interval": 1000, "autotuning_run": None,
     "return_logits": False,
@@ -69,7 +69,7 @@ UNBUILT_FEATURES: dict[str, dict[str, object]] = {
         "online_dataserver_ports": 10000,
         **{f"{sign}{split}_{kind}data_paths": None for sign in ("", "pos_", "neg_")
            for split in ("train", "valid", "test") for kind in ("label_", "reward_")
-           if not (sign and kind == "reward_")},
+           if not (sign and kind == "reward_") and (sign or kind != "label_")},  # SFT label paths are built
         **{f"{sign}_{split}_data_paths": None for sign in ("pos", "neg") for split in ("train", "valid", "test")}},
 }
 FEATURE_OF_KEY: dict[str, str] = {key: feature for feature, keys in UNBUILT_FEATURES.items() for key in keys}

@@ -18,8 +18,8 @@ from megatron.config._loading.merge import EXTRA, Origins
 from megatron.config._loading.sepllm_checks import DERIVED_FIELDS, resolve_sepllm
 from megatron.config._loading.unsupported import FEATURE_OF_NORM, check_unsupported
 from megatron.config.derived import (ACTIVATIONS, BATCH_KEYS, CHECKPOINT_SCALES, DATA_IMPLS, DISTRIBUTED_BACKENDS,
-                                     LAUNCHERS, NORMS, POS_EMBS, PRECISION_SPELLINGS, TOKENIZER_TYPES, WANDB_MODES,
-                                     expand_attention_config, precision_from_blocks,
+                                     LAUNCHERS, NORMS, PACK_IMPLS, POS_EMBS, PRECISION_SPELLINGS, TOKENIZER_TYPES,
+                                     WANDB_MODES, expand_attention_config, precision_from_blocks,
                                      resolve_batch_triple)
 from megatron.config.errors import ConfigError
 from megatron.config.generation import check_generation
@@ -43,6 +43,9 @@ ITEM_TYPES: dict[tuple[str, str], type] = {
     ("data", "train_data_paths"): str,
     ("data", "valid_data_paths"): str,
     ("data", "test_data_paths"): str,
+    ("data", "train_label_data_paths"): str,
+    ("data", "valid_label_data_paths"): str,
+    ("data", "test_label_data_paths"): str,
     ("data", "train_data_weights"): float,
     ("data", "valid_data_weights"): float,
     ("data", "test_data_weights"): float,
@@ -292,6 +295,7 @@ def _check_data(d, ctx: _Ctx) -> None:
                           f"format is not read here; prepare the data as mmap (.bin/.idx, prepare_data.py) and use "
                           f"mmap or infer")
     d.data_impl = _one_of(ctx, "data", "data_impl", d.data_impl, DATA_IMPLS, normalise=True)
+    d.pack_impl = _one_of(ctx, "data", "pack_impl", d.pack_impl, PACK_IMPLS, normalise=True)
     _at_least(ctx, "data", "num_workers", d.num_workers, 0)
     parts = [x.strip() for x in str(d.split).split(",")]
     try:
@@ -311,6 +315,11 @@ def _check_data(d, ctx: _Ctx) -> None:
                               f"{len(weights)} entries but {kind}_data_paths has {len(paths or [])}")
         if weights is not None and any(w < 0 for w in weights):
             raise ctx.err("data", f"{kind}_data_weights", weights, "non-negative weights")
+        labels = getattr(d, f"{kind}_label_data_paths")
+        if labels and len(labels) != len(paths or []):
+            raise ConfigError(f"{ctx.src('data', f'{kind}_label_data_paths')}: {kind}_label_data_paths has "
+                              f"{len(labels)} entries but {kind}_data_paths has {len(paths or [])}: give one label "
+                              f"dataset per {kind} dataset (label rows are aligned with their text rows)")
 
 
 def _check_rest(objs: dict, ctx: _Ctx) -> None:
