@@ -13,8 +13,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megatron.config.derived import (CheckpointScale, DataImpl, DistributedBackend, Launcher, LRDecayStyle,
-                                     OptimizerType, PackImpl, Precision, TokenizerType, WandbMode, WSDDecayStyle)
+from megatron.config.derived import (CheckpointScale, CompileBackend, DataImpl, DistributedBackend, Launcher,
+                                     LRDecayStyle, OptimizerType, PackImpl, Precision, TokenizerType, WandbMode, WSDDecayStyle)
 from megatron.device import Device
 
 
@@ -191,6 +191,10 @@ class TrainingConfig:
                                "blocks; state_dict keys unchanged) and the plain loss; the first step's time, which "
                                "includes compiling, is logged. A block that cannot compile: one warning, eager "
                                "blocks (megatron/model/compile.py).")
+    compile_backend: CompileBackend = opt("inductor", "torchtitan's compile.backend: inductor (generated kernels, the "
+                                                      "fast one) | aot_eager (traces and runs the same graphs "
+                                                      "without generated code: checks that a layout compiles, in "
+                                                      "seconds) | eager (dynamo tracing only).")
     device: Device = opt("auto", "auto | cpu | cuda. auto = cuda when available, else cpu.")
     eval_tasks: Optional[list] = opt(None, "lm_eval task names for eval.py (a list; a string is split at commas). "
                                            "On the command line: `--eval_tasks lambada_openai piqa`.")

@@ -33,6 +33,7 @@ LRDecayStyle = Literal["constant", "linear", "cosine", "exponential", "wsd"]
 WSDDecayStyle = Literal["linear", "cosine", "1-sqrt"]
 DataImpl = Literal["infer", "mmap"]
 PackImpl = Literal["packed", "pack_until_overflow", "unpacked"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]   # torch.compile backends (torchtitan: compile.backend)
 TokenizerType = Literal["HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer"]
 CheckpointScale = Literal["linear"]
 WandbMode = Literal["online", "offline", "disabled"]          # or None: the WANDB_MODE environment variable

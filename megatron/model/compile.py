@@ -30,12 +30,14 @@ class BlockCompiler:
     """Compiles every :class:`TransformerLayer` found in ``module`` (a ``GPTModel``, a tensor-parallel one, a
     pipeline stage) in place; ``failed`` is the reason the blocks went back to eager, None while compiled."""
 
-    def __init__(self, module: nn.Module, dynamic: Optional[bool] = None) -> None:
+    def __init__(self, module: nn.Module, dynamic: Optional[bool] = None, backend: str = "inductor") -> None:
         self.blocks = [m for m in module.modules() if isinstance(m, TransformerLayer)]
         self.failed: Optional[str] = None
+        self.backend = backend
         for block in self.blocks:
             eager = block.forward
-            block.forward = functools.partial(self._call, torch.compile(eager, dynamic=dynamic), eager)
+            block.forward = functools.partial(self._call, torch.compile(eager, dynamic=dynamic, backend=backend),
+                                              eager)
 
     def _call(self, compiled: Callable[..., Any], eager: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.failed is None and kwargs.get("kv_cache") is None:
@@ -57,7 +59,8 @@ class BlockCompiler:
             return f"compile: fell back to eager ({self.failed[:200]})"
         graphs = int(counters["stats"].get("unique_graphs", 0))
         breaks = sum(counters["graph_break"].values())
-        return (f"compile: {len(self.blocks)} transformer blocks compiled; first step {first_step_seconds:.1f} s "
+        via = "" if self.backend == "inductor" else f" with backend {self.backend}"
+        return (f"compile: {len(self.blocks)} transformer blocks compiled{via}; first step {first_step_seconds:.1f} s "
                 f"(includes compilation; {graphs} graphs, {breaks} graph breaks)")
 
 

@@ -51,9 +51,23 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
         # Lion and SGD update elementwise, so they are exact on ZeRO's flat partitions; DeepSpeed only lists Adam(W)
         ds_config["zero_allow_untested_optimizer"] = type(optimizer) not in ZERO_SUPPORTED_OPTIMIZERS
     model = model.to(device)
+    _forget_previous_layout()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False, mpu=mpu)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # an all-reduce over one rank is the identity; DeepSpeed would still flatten and copy every gradient
         engine.enable_backward_allreduce = False
     return engine
+
+
+def _forget_previous_layout() -> None:
+    """DeepSpeed keeps the last engine's model-parallel unit and groups in module globals
+    (``deepspeed.utils.groups.mpu``): a plain engine built after a tensor-parallel one in the same process read the
+    old unit and failed. Drop those references (the process groups themselves stay) so each engine starts clean."""
+    from deepspeed.utils import groups
+
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
+    else:  # older DeepSpeed: the unit is the one global a later engine reads
+        groups.mpu = None

@@ -210,7 +210,7 @@ def build_stepper(cfg: NeoXConfig, plan: ParallelPlan, info: DistInfo, device: s
     engine = build_engine(model, optimizer, ds_config, device, mpu=plan.mpu())
     loss_fn = plan.loss_fn(engine)
     if first_step is not None and loss_fn is lm_loss:  # the plain, unsharded loss: one small graph
-        loss_fn = torch.compile(lm_loss)
+        loss_fn = torch.compile(lm_loss, backend=cfg.training.compile_backend)
     return PlainStepper(engine=engine, n_params=n_params, gas=int(ds_config["gradient_accumulation_steps"]),
                         own_grad_norm=own_grad_norm, clip=cfg.training.gradient_clipping,
                         loss_fn=loss_fn, info=info, first_step=first_step)
@@ -220,7 +220,7 @@ def _compile(cfg: NeoXConfig, module: torch.nn.Module) -> Optional[FirstStepTime
     """``compile: true``: compile ``module``'s transformer blocks in place; the timer logs the first step."""
     if not cfg.training.compile:
         return None
-    return FirstStepTimer(BlockCompiler(module))
+    return FirstStepTimer(BlockCompiler(module, backend=cfg.training.compile_backend))
 
 
 __all__ = ["PipelineStepper", "PlainStepper", "Stepper", "TrainingError", "build_stepper", "evaluate",
