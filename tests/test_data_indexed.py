@@ -114,7 +114,7 @@ def _corrupt(prefix: str, kind: str) -> None:
     elif kind == "version":
         raw[9:17] = struct.pack("<Q", 2)
     elif kind == "dtype":
-        raw[17] = 6
+        raw[17] = 7  # 6 is GPT-NeoX's float32 (precomputed DPO reference log-probabilities); 7 is no dtype here
     elif kind == "idx_truncated":
         raw = raw[:-4]
     elif kind == "idx_header":
@@ -144,7 +144,7 @@ def _corrupt(prefix: str, kind: str) -> None:
     [
         ("magic", r"ds\.idx: bad magic .* \(not an MMIDIDX index\)"),
         ("version", r"ds\.idx: unsupported index version 2, expected 1"),
-        ("dtype", r"ds\.idx: unknown dtype code 6"),
+        ("dtype", r"ds\.idx: unknown dtype code 7"),
         ("idx_truncated", r"ds\.idx: index is \d+ bytes but header .* implies \d+"),
         ("idx_header", r"ds\.idx: truncated index \(20 bytes"),
         ("pointers", r"ds\.idx: sizes and pointers disagree at sequence 1"),

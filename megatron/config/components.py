@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from megatron.config.derived import (CheckpointScale, CompileBackend, DataImpl, DistributedBackend, Launcher,
                                      LRDecayStyle, OptimizerType, PackImpl, Precision, TokenizerType, WandbMode, WSDDecayStyle)
+from megatron.config.preference import DatasetImpl, TrainImpl
 from megatron.device import Device
 
 
@@ -129,6 +130,42 @@ class DataConfig:
     use_shared_fs: bool = opt(True, "True: the data folder is shared by all nodes, only global rank 0 builds index "
                                     "maps; False: local rank 0 of every node builds them.")
 
+    dataset_impl: Optional[DatasetImpl] = opt(None, "GPT-NeoX: gpt2 (language-model samples from the *_data_paths) | "
+                                                    "pairwise (one chosen / rejected pair per sample from the pos_ / "
+                                                    "neg_ paths, each padded to seq_length + 1; pack_impl is not "
+                                                    "read). Derived from train_impl (dpo: pairwise, else gpt2); "
+                                                    "'online' is refused.", derived=True)
+    pos_train_data_paths: Optional[list] = opt(None, "GPT-NeoX (train_impl dpo): prefixes of the CHOSEN training "
+                                                     "documents, one document per preference pair.")
+    neg_train_data_paths: Optional[list] = opt(None, "GPT-NeoX (train_impl dpo): prefixes of the REJECTED training "
+                                                     "documents, one per pos_train_data_paths entry, document i "
+                                                     "pairing with document i of it.")
+    pos_train_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: label datasets of pos_train_data_paths (one "
+                                                           "each; -100 on the prompt, so only the response counts). "
+                                                           "None = every token of the chosen document counts.")
+    neg_train_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: label datasets of neg_train_data_paths (one "
+                                                           "each); given together with pos_train_label_data_paths.")
+    pos_valid_data_paths: Optional[list] = opt(None, "GPT-NeoX (train_impl dpo): prefixes of the CHOSEN validation "
+                                                     "documents, one document per preference pair.")
+    neg_valid_data_paths: Optional[list] = opt(None, "GPT-NeoX (train_impl dpo): prefixes of the REJECTED validation "
+                                                     "documents, one per pos_valid_data_paths entry, document i "
+                                                     "pairing with document i of it.")
+    pos_valid_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: label datasets of pos_valid_data_paths (one "
+                                                           "each; -100 on the prompt, so only the response counts). "
+                                                           "None = every token of the chosen document counts.")
+    neg_valid_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: label datasets of neg_valid_data_paths (one "
+                                                           "each); given together with pos_valid_label_data_paths.")
+    pos_test_data_paths: Optional[list] = opt(None, "GPT-NeoX (train_impl dpo): prefixes of the CHOSEN test "
+                                                     "documents, one document per preference pair.")
+    neg_test_data_paths: Optional[list] = opt(None, "GPT-NeoX (train_impl dpo): prefixes of the REJECTED test "
+                                                     "documents, one per pos_test_data_paths entry, document i "
+                                                     "pairing with document i of it.")
+    pos_test_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: label datasets of pos_test_data_paths (one "
+                                                           "each; -100 on the prompt, so only the response counts). "
+                                                           "None = every token of the chosen document counts.")
+    neg_test_label_data_paths: Optional[list] = opt(None, "GPT-NeoX: label datasets of neg_test_data_paths (one "
+                                                           "each); given together with pos_test_label_data_paths.")
+
 
 @dataclass
 class TokenizerConfig:
@@ -214,6 +251,19 @@ class TrainingConfig:
                                             "(lm_eval bootstrap_iters; 0 = no stderr for those).")
     eval_log_samples: bool = opt(False, "eval.py: also write every document's requests and responses to "
                                         "`<results stem>_samples_<task>.jsonl`.")
+    train_impl: TrainImpl = opt("normal", "GPT-NeoX: normal (language-model loss) | dpo (Direct Preference "
+                                          "Optimization on chosen / rejected pairs, docs/finetuning.md). GPT-NeoX's "
+                                          "kto, rm and reinforce are refused (not built).")
+    dpo_beta: float = opt(0.1, "GPT-NeoX: DPO's beta, the strength of the implicit KL penalty: loss = -logsigmoid("
+                               "beta x ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))), pi / ref = summed "
+                               "log-probabilities of the counted tokens under the trained / reference model.")
+    dpo_fp32: bool = opt(True, "GPT-NeoX: compute DPO's log-softmax in fp32 (logits upcast); false keeps the "
+                               "activation dtype (bf16 / fp16 runs).")
+    dpo_reference_free: bool = opt(False, "GPT-NeoX: DPO without a reference model (ref log-probabilities = 0).")
+    precompute_model_name: Optional[str] = opt(None, "GPT-NeoX (train_impl dpo): read the reference log-probabilities "
+                                                     "from float32 datasets `<pos/neg prefix>_<name>` (one value per "
+                                                     "token, aligned with the labels) instead of running a frozen "
+                                                     "reference model.")
     batch_inputs: list = field(default_factory=list, compare=False, repr=False,
                                metadata={"help": "Which batch keys the user gave (internal).", "internal": True})
 

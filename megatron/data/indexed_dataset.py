@@ -21,13 +21,15 @@ MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8
 
-#: dtype codes shared by Megatron-core and GPT-NeoX (float codes 6/7 differ between them; tokens never use them)
+#: dtype codes shared by Megatron-core and GPT-NeoX; the float codes differ between them (tokens never use them):
+#: 6 is GPT-NeoX's float32, the dtype of its precomputed reference log-probabilities (``precompute_model_name``)
 DTYPE_CODES: dict[int, type] = {
     1: np.uint8,
     2: np.int8,
     3: np.int16,
     4: np.int32,
     5: np.int64,
+    6: np.float32,
     8: np.uint16,
 }
 _CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
@@ -82,7 +84,7 @@ class MMapIndexedDatasetBuilder:
         self._sizes: list[int] = []
         self._doc_idx: list[int] = [0]
         self._finalized = False
-        self._info = np.iinfo(self.dtype)
+        self._info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else np.finfo(self.dtype)
 
     # -- writing ------------------------------------------------------------------------------------------------
     def add_item(self, tokens: Sequence[int] | np.ndarray) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from megatron.config.preference import pair_prefixes
 from megatron.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def configured_prefixes(data_cfg: DataConfig) -> list[str]:
     prefixes = [data_cfg.data_path] if data_cfg.data_path else []
     for key in ("train_data_paths", "valid_data_paths", "test_data_paths"):
         prefixes += list(getattr(data_cfg, key) or [])
-    return prefixes
+    return prefixes + pair_prefixes(data_cfg)
 
 
 def label_prefixes(data_cfg: DataConfig) -> list[str]:
@@ -133,6 +134,10 @@ def build_datasets(cfg: NeoXConfig, global_batch: int, train_iters: int | None,
     train_samples = 1 if train_iters is None else train_iters * global_batch
     num_samples = [train_samples if splits[0] else 0, eval_samples if wants_valid and splits[1] else 0,
                    eval_samples if t.do_test and splits[2] else 0]
+    if t.train_impl == "dpo":  # chosen / rejected pairs (megatron.data.pairwise_dataset)
+        from megatron.training.preference_data import build_preference_datasets
+
+        return SplitDatasets(*build_preference_datasets(cfg, num_samples))
     train, valid, test = build_train_valid_test_datasets(
         data_prefixes=[d.data_path] if d.data_path else None,
         data_weights=None,

@@ -2,7 +2,10 @@
 
 ``metrics.jsonl`` holds one JSON object per logged event. Training rows carry at least ``iteration``, ``lm_loss``,
 ``lr``, ``grad_norm`` and ``tokens_per_sec``; validation rows ``valid_lm_loss``; the final test row
-``test_lm_loss``. Retention rows carry the SepLLM ``retention/*`` ratios; diagnostics rows (GPT-NeoX's log_* keys)
+``test_lm_loss``. Under ``train_impl: dpo`` ``lm_loss`` is the DPO loss and training rows add GPT-NeoX's
+``chosen_rewards``, ``rejected_rewards``, ``margins``, ``reward_acc``, ``chosen_pos``, ``chosen_neg``, ``ref_pos``
+and ``ref_neg`` (``megatron.training.dpo``). Retention rows carry the SepLLM ``retention/*`` ratios; diagnostics
+rows (GPT-NeoX's log_* keys)
 ``parameter_norms/*``, ``gradient_norms/*``, ``pct_grad_zeros/*``, ``optimizer_state_norms/*``, ``noise_scale``.
 Only rank 0 writes files; with ``wandb_init_all_ranks`` the other ranks log their per-parameter rows to W&B.
 """
@@ -46,7 +49,9 @@ def format_console_line(row: Mapping[str, Any], train_iters: int | None = None) 
     parts = []
     it = row.get("iteration")
     parts.append(f"iteration {it}/{train_iters}" if train_iters else f"iteration {it}")
-    formats = {"lm_loss": "{:.4f}", "valid_lm_loss": "{:.4f}", "test_lm_loss": "{:.4f}", "lr": "{:.3e}",
+    formats = {"lm_loss": "{:.4f}", "valid_lm_loss": "{:.4f}", "test_lm_loss": "{:.4f}",
+               "chosen_rewards": "{:.4f}", "rejected_rewards": "{:.4f}", "margins": "{:.4f}", "reward_acc": "{:.3f}",
+               "lr": "{:.3e}",
                "grad_norm": "{:.3f}", "tokens_per_sec": "{:.0f}", "step_time_ms": "{:.1f}", "mfu": "{:.2%}",
                "loss_scale": "{:.0f}", "memory_gb": "{:.2f}", "valid_ppl": "{:.2f}", "test_ppl": "{:.2f}"}
     for key, fmt in formats.items():

@@ -24,7 +24,7 @@ import math
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
@@ -47,6 +47,7 @@ from megatron.training.flops import default_peak_flops, flops_per_token, mfu
 from megatron.training.interrupt import StopRequest, TrainingInterrupted
 from megatron.training.logging import RunLogger, format_console_line
 from megatron.training.diagnostics import StepDiagnostics
+from megatron.training.dpo import set_up_reference, use_dpo
 from megatron.training.lr_schedules import AnnealingLR, resolve_warmup_iters
 from megatron.training.parallel_setup import ParallelPlan, plan_parallel
 from megatron.training.preflight import RunLimitError, check_output_dirs, check_sequence_fits_data
@@ -69,9 +70,11 @@ class _Interval:
     iters: int = 0
     tokens: int = 0
     time_s: float = 0.0
+    metric_sums: dict[str, float] = field(default_factory=dict)  # the stepper's extra metrics (DPO's rewards)
 
     def reset(self) -> None:
         self.loss_sum, self.iters, self.tokens, self.time_s = 0.0, 0, 0, 0.0
+        self.metric_sums = {}
 
 
 def _memory_gb(device: str) -> float:
@@ -312,6 +315,8 @@ def _set_up_and_train(cfg: NeoXConfig, info: DistInfo, device: str, logger: RunL
     profiler = StepProfiler(lg, lg.log_dir, device, info.rank, logger.info)  # memory history from model set-up
     try:
         stepper = build_stepper(cfg, plan, info, device, ds_config, own_norm)
+        if t.train_impl == "dpo":
+            use_dpo(stepper, cfg, info)
         if ck.save:  # a disk too small for one checkpoint fails now, not at the first save
             _check_checkpoint_space(cfg, stepper.n_params, info, logger)
         run = Run(config=cfg, info=info, device=device, logger=logger, plan=plan, stepper=stepper,
@@ -347,6 +352,7 @@ def _train(run: Run, profiler: StepProfiler) -> TrainResult:
                     "nothing to train; raise --train-iters to continue")
         result.wall_time_s = time.perf_counter() - run.started
         return result
+    set_up_reference(run)  # DPO's frozen reference model: the weights the run starts from
     if isinstance(run.stepper, PlainStepper):  # the pipeline engine runs its forwards inside train_batch: no hook
         run.stepper.on_forward = _forward_hook(run)
     if run.stepper.first_step is not None:  # compile: the first step's time goes to the run's log
@@ -366,6 +372,8 @@ def _train(run: Run, profiler: StepProfiler) -> TrainResult:
         profiler.before(iteration)
         lr = run.scheduler.apply(run.engine.optimizer.param_groups)
         local_loss, grad_norm = run.stepper.train_step(batches)
+        for key, value in run.stepper.step_metrics().items():
+            interval.metric_sums[key] = interval.metric_sums.get(key, 0.0) + value
         if run.engine.was_step_applied():  # a skipped fp16 step does not advance GPT-NeoX's schedule
             run.scheduler.advance()
         profiler.after(iteration)
@@ -451,12 +459,13 @@ def _micro_batches(run: Run) -> Iterator[Batch]:
                           num_workers=cfg.data.num_workers, pin_memory=run.device == "cuda")
     if loader is None and run.state.iteration < run.train_iters:
         raise DataSetupError("the training split is empty: check data paths and split")
-    return _batches_from(loader, run.batch_rules, run.device)
+    return _batches_from(loader, run.batch_rules, run.device, run.stepper.batch_of)
 
 
-def _batches_from(loader: Any, rules: BatchRules, device: str) -> Iterator[Batch]:
+def _batches_from(loader: Any, rules: BatchRules, device: str,
+                  batch_of: Callable[[Any, BatchRules, str], Any] = make_batch) -> Iterator[Batch]:
     for sample in loader:
-        yield make_batch(sample, rules, device)
+        yield batch_of(sample, rules, device)
     raise TrainingError("ran out of training samples before train_iters; the dataset was sized too small")
 
 
@@ -472,7 +481,8 @@ def _log_iteration(run: Run, interval: _Interval, loss: float, lr: float, grad_n
                                "grad_norm": grad_norm, "tokens_per_sec": tps,
                                "step_time_ms": 1000.0 * interval.time_s / interval.iters,
                                "consumed_samples": run.state.consumed,
-                               "mfu": mfu(tps, interval.flops_per_token, interval.peak_flops, run.info.world_size)}
+                               "mfu": mfu(tps, interval.flops_per_token, interval.peak_flops, run.info.world_size),
+                               **{k: v / interval.iters for k, v in interval.metric_sums.items()}}
         if t.precision == "fp16":
             row["loss_scale"] = (getattr(engine.optimizer, "cur_scale", None)
                                  or getattr(engine.optimizer, "loss_scale", None))

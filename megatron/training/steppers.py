@@ -62,7 +62,9 @@ def batch_inputs(batch: Batch) -> dict[str, torch.Tensor]:
 def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: bool,
                on_forward: Optional[Callable[[], None]] = None, clip: float = 0.0,
                loss_fn: Callable[..., torch.Tensor] = lm_loss,
-               on_boundary: Optional[Callable[[Any], None]] = None) -> tuple[torch.Tensor, float | None]:
+               on_boundary: Optional[Callable[[Any], None]] = None,
+               forward: Callable[[Any, Any, Callable[..., torch.Tensor]], torch.Tensor] = forward_loss,
+               ) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``gas`` micro-batches; returns (mean local loss, global grad norm).
 
     ``on_boundary(engine)`` runs once the step's gradients are final (reduced), before clipping and the update
@@ -79,7 +81,7 @@ def train_step(engine: Any, batches: Iterator[Batch], gas: int, own_grad_norm: b
     norm = None
     for _ in range(gas):
         batch = next(batches)
-        loss = forward_loss(engine, batch, loss_fn)
+        loss = forward(engine, batch, loss_fn)
         if on_forward is not None:
             on_forward()
         engine.backward(loss)
@@ -106,12 +108,16 @@ class Stepper(Protocol):
 
     engine: Any
     n_params: int
+    batch_of: Callable[[Any, BatchRules, str], Any]  # loader sample -> micro-batch
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, Optional[float]]:
         """One optimizer step over ``gas`` micro-batches: (mean local loss, global grad norm or None)."""
 
     def eval_loss(self, batches: Iterator[Batch], num_batches: int) -> Optional[float]:
         """Mean loss over ``num_batches`` micro-batches, identical on every rank (None when there are none)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the last ``train_step`` besides the loss (DPO's rewards), averaged over ranks; {} when none."""
 
 
 @dataclass
@@ -128,11 +134,16 @@ class PlainStepper:
     on_forward: Optional[Callable[[], None]] = None
     on_boundary: Optional[Callable[[Any], None]] = None
     first_step: Optional[FirstStepTimer] = None  # compile: logs the first step's time (compilation included)
+    # how a micro-batch becomes a loss and a loader sample a micro-batch: the language-model pair, or DPO's
+    # (megatron.training.dpo.use_dpo); ``metrics`` reads the step's extra metrics
+    forward: Callable[[Any, Any, Callable[..., torch.Tensor]], torch.Tensor] = forward_loss
+    batch_of: Callable[[Any, BatchRules, str], Any] = make_batch
+    metrics: Optional[Callable[[], dict[str, float]]] = None
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, Optional[float]]:
         def step() -> tuple[torch.Tensor, Optional[float]]:
             return train_step(self.engine, batches, self.gas, self.own_grad_norm, self.on_forward, clip=self.clip,
-                              loss_fn=self.loss_fn, on_boundary=self.on_boundary)
+                              loss_fn=self.loss_fn, on_boundary=self.on_boundary, forward=self.forward)
 
         return step() if self.first_step is None else self.first_step(step)
 
@@ -142,11 +153,14 @@ class PlainStepper:
         count = 0
         try:
             for _, batch in zip(range(num_batches), batches):
-                total += forward_loss(self.engine, batch, self.loss_fn).double().cpu()
+                total += self.forward(self.engine, batch, self.loss_fn).double().cpu()
                 count += 1
         finally:
             self.engine.train()
         return mean_over_ranks(total / count, self.info) if count else None
+
+    def step_metrics(self) -> dict[str, float]:
+        return self.metrics() if self.metrics is not None else {}
 
 
 @dataclass
@@ -156,6 +170,7 @@ class PipelineStepper:
     engine: Any
     n_params: int
     first_step: Optional[FirstStepTimer] = None
+    batch_of: Callable[[Any, BatchRules, str], Any] = make_batch
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, Optional[float]]:
         from megatron.training.pipeline_training import pipeline_loop_step
@@ -169,6 +184,9 @@ class PipelineStepper:
 
         return pipeline_loop_eval(self.engine, batches, num_batches) if num_batches > 0 else None
 
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
 
 @torch.no_grad()
 def evaluate(stepper: Stepper, dataset: Any, num_batches: int, micro_batch: int, plan: ParallelPlan,
@@ -178,7 +196,7 @@ def evaluate(stepper: Stepper, dataset: Any, num_batches: int, micro_batch: int,
     loader = build_loader(dataset, 0, micro_batch, plan.dp_rank, plan.dp_size, num_workers=0, pin_memory=False)
     if loader is None:
         return None
-    batches = (make_batch(sample, rules, device) for sample in loader)
+    batches = (stepper.batch_of(sample, rules, device) for sample in loader)
     return stepper.eval_loss(batches, min(num_batches, len(loader.batch_sampler)))
 
 

@@ -198,7 +198,7 @@ def check_training_ready(cfg: NeoXConfig) -> None:
     if cfg.training.train_iters is None and cfg.training.train_epochs is None:
         missing.append("train_iters (or train_epochs)")
     d = cfg.data
-    if d.data_path is None and not d.train_data_paths:
+    if d.data_path is None and not d.train_data_paths and not d.pos_train_data_paths:  # dpo: checked with its keys
         missing.append("train_data_paths (or data_path)")
     tok = cfg.tokenizer
     if tok.tokenizer_type != "CharLevelTokenizer" and tok.vocab_file is None:

@@ -60,17 +60,14 @@ UNBUILT_FEATURES: dict[str, dict[str, object]] = {
         "te_fp8_amax_compute_algo": "most_recent", "te_fp8_margin": 0, "te_fp8_mha": False},
     "bitsandbytes optimizers": {"use_bnb_optimizer": False},
     "block-sparse attention": {"sparsity_config": None, "sparse_attention": None},
-    "post-training modes (DPO, KTO, reward models, REINFORCE, soft prompts, online data)": {
-        "train_impl": "normal", "dataset_impl": "gpt2", "dpo_fp32": True, "dpo_reference_free": False,
-        "dpo_beta": 0.1, "kto_fp32": True, "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.0,
+    "post-training modes (KTO, reward models, REINFORCE, soft prompts, online data)": {
+        "kto_fp32": True, "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.0,
         "kto_beta": 0.1, "z_loss": 0.0, "fp32_reinforce": True, "kl_impl": "mse", "kl_div_beta": 0.1,
-        "reinforce_leave_one_out": False, "precompute_model_name": None, "soft_prompt_tuning": None,
+        "reinforce_leave_one_out": False, "soft_prompt_tuning": None,
         "serve_model_weights": False, "weight_server_port": 6000, "online_dataserver_ips": "localhost",
         "online_dataserver_ports": 10000,
-        **{f"{sign}{split}_{kind}data_paths": None for sign in ("", "pos_", "neg_")
-           for split in ("train", "valid", "test") for kind in ("label_", "reward_")
-           if not (sign and kind == "reward_") and (sign or kind != "label_")},  # SFT label paths are built
-        **{f"{sign}_{split}_data_paths": None for sign in ("pos", "neg") for split in ("train", "valid", "test")}},
+        # SFT label paths and DPO's pos_/neg_ text and label paths are built (config/components.py DataConfig)
+        **{f"{split}_reward_data_paths": None for split in ("train", "valid", "test")}},
 }
 FEATURE_OF_KEY: dict[str, str] = {key: feature for feature, keys in UNBUILT_FEATURES.items() for key in keys}
 # attention_config types and norms that select an unbuilt feature

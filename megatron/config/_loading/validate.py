@@ -23,6 +23,7 @@ from megatron.config.derived import (ACTIVATIONS, BATCH_KEYS, CHECKPOINT_SCALES,
                                      resolve_batch_triple)
 from megatron.config.errors import ConfigError
 from megatron.config.generation import check_generation
+from megatron.config.preference import SPLITS, check_preference, pair_keys
 from megatron.config.layout import check_layout
 from megatron.config.model import resolve_model_config
 from megatron.config.neox import READ_ONLY_FIELDS, SECTIONS, NeoXConfig
@@ -49,6 +50,7 @@ ITEM_TYPES: dict[tuple[str, str], type] = {
     ("data", "train_data_weights"): float,
     ("data", "valid_data_weights"): float,
     ("data", "test_data_weights"): float,
+    **{("data", key): str for split in SPLITS for key in pair_keys(split)},
     ("checkpoint", "extra_save_iters"): int,
     ("training", "eval_tasks"): str,
 }
@@ -389,6 +391,7 @@ def build_config(merged: dict, origins: Origins, sources: list[str], overrides: 
     training_checks.check_run_keys(objs, ctx)
     training_checks.check_fp32_allreduce(training, extra, ctx)
     _check_data(objs["data"], ctx)
+    check_preference(training, objs["data"], parallel, model, ctx.where("training"))
     _check_rest(objs, ctx)
     check_generation(objs["generation"], ctx.where("generation"))
 
