@@ -279,7 +279,13 @@ def test_bipe_positions_spec_examples() -> None:
     inter_u, intra_u = model.context.positions(padded[:, 2:], None, None)
     assert inter_p[0, 2:].tolist() == inter_u[0].tolist() and intra_p[0, 2:].tolist() == intra_u[0].tolist()
     with pytest.raises(ValueError, match="position_ids=None"):
-        model(ids, position_ids=torch.zeros_like(ids))
+        model(ids, position_ids=torch.ones_like(ids))
+    # positions restarted per document (reset_position_ids) restart both BiPE ids there
+    restart = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]])
+    inter_r, intra_r = model.context.positions(ids, restart, None)
+    inter_d, intra_d = model.context.positions(ids[:1, 3:], None, None)
+    assert inter_r[0, 3:].tolist() == inter_d[0].tolist() and intra_r[0, 3:].tolist() == intra_d[0].tolist()
+    assert inter_r[1].tolist() == inter[1].tolist() and intra_r[1].tolist() == intra[1].tolist()
 
 
 def _copy_common(dst: GPTModel, src: GPTModel) -> None:

@@ -12,7 +12,8 @@ skipped here and pass there. On small shapes they check:
 * fp16 (and on CUDA bf16) forward and backward agree with exact arithmetic on the same rounded inputs;
 * rows without any global key, a fully padded row and window 1;
 * what the path cannot do fails loudly: CPU without the interpreter, dropout, SA modes, no triton package;
-* the real (not interpreted) kernels compile ahead of time to sm_90 machine code (bf16 with ALiBi, fp16, fp32).
+* the real (not interpreted) kernels compile ahead of time to sm_90 machine code (bf16 with ALiBi and documents,
+  fp16, fp32 with documents).
 The compiled CUDA kernels are checked by the ``gpu``-marked test (run by ``tools/gpu_check.sh``).
 """
 
@@ -200,7 +201,8 @@ def _compile_for(fn, dtype: str, consts: dict, target):
     import triton
     from triton.compiler import ASTSource
 
-    ptrs = {"KV_INDEX": "*i32", "KV_KEEP": "*i8", "SLOT_TILES": "*i32"}
+    ptrs = {n: "*i32" for n in ("KV_INDEX", "SLOT_TILES", "SLOT_LO", "BAND_LO", "DOC_START", "DKV_M_HI")}
+    ptrs["KV_KEEP"] = "*i8"
     ptrs.update({n: "*fp32" for n in ("Q_POS", "KV_POS", "SLOPES", "LSE", "DELTA")})
     ptrs.update({n: f"*{dtype}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")})
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "scale" else "i32")
@@ -210,14 +212,14 @@ def _compile_for(fn, dtype: str, consts: dict, target):
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the real kernels: runs where the interpreter is off")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("dtype, alibi", [("bf16", True), ("fp16", False), ("fp32", False)])
-def test_kernels_compile_for_hopper_without_a_gpu(tc, dtype, alibi, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype, alibi, docs", [("bf16", True, True), ("fp16", False, False), ("fp32", False, True)])
+def test_kernels_compile_for_hopper_without_a_gpu(tc, dtype, alibi, docs, tmp_path, monkeypatch):
     """Triton compiles all three kernels to sm_90 machine code here (its bundled ptxas; no driver needed), so a type
     or shape error cannot wait for a GPU session; shared memory stays within Hopper's 227 KiB per block."""
     from triton.backends.compiler import GPUTarget
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    consts = dict(HAS_ALIBI=alibi, BLOCK_M=tc.DEFAULT_BLOCK, BLOCK_N=tc.DEFAULT_BLOCK, BLOCK_D=64, HEAD_DIM=64,
+    consts = dict(HAS_ALIBI=alibi, HAS_DOCS=docs, BLOCK_M=tc.DEFAULT_BLOCK, BLOCK_N=tc.DEFAULT_BLOCK, BLOCK_D=64, HEAD_DIM=64,
                   IEEE=dtype == "fp32")
     for fn in (tc._fwd_kernel, tc._bwd_dq_kernel, tc._bwd_dkv_kernel):
         kernel = _compile_for(fn, dtype, consts, GPUTarget("cuda", 90, 32))

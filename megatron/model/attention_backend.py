@@ -19,17 +19,21 @@ from torch import Tensor
 
 from megatron.config.model import ModelConfig
 from megatron.config.sepllm import SepLLMConfig
+from megatron.data.documents import document_starts
+from megatron.sepllm.attention.rules import padded_allowed_mask
 
 
 @runtime_checkable
 class AttentionBackend(Protocol):
     """What ``GPTModel`` needs from an attention implementation (see module docstring)."""
 
-    def prepare(self, input_ids: Tensor, position_ids: Tensor, attention_mask_2d: Optional[Tensor]) -> Any:
+    def prepare(self, input_ids: Tensor, position_ids: Tensor, attention_mask_2d: Optional[Tensor],
+                document_ids: Optional[Tensor] = None) -> Any:
         """Called ONCE per micro-batch by ``GPTModel.forward`` before the layers.
 
         ``input_ids`` ``[B,S]`` int64; ``position_ids`` ``[B,S]`` the positions used by rotary/ALiBi (BiPE: the
-        inter-segment ids); ``attention_mask_2d`` ``[B,S]`` with 1 = real token, 0 = padding (None = no padding).
+        inter-segment ids); ``attention_mask_2d`` ``[B,S]`` with 1 = real token, 0 = padding (None = no padding);
+        ``document_ids`` ``[B,S]`` (``reset_attention_mask``): a query attends only keys of its own document.
         Returns an opaque per-micro-batch state passed to every layer call.
         """
         ...
@@ -72,7 +76,8 @@ class CausalState:
 class CausalSDPABackend:
     """Plain causal attention via ``scaled_dot_product_attention`` on 4-D inputs (the CPU fast path).
 
-    Supports left/right padding through ``attention_mask_2d``, ALiBi, grouped-query attention and dropout.
+    Supports left/right padding through ``attention_mask_2d``, documents (``document_ids``: the dense
+    document-causal mask of ``rules.padded_allowed_mask``), ALiBi, grouped-query attention and dropout.
     ``alibi=True`` (set by the factory for ``pos_emb: alibi``) precomputes the distance matrix once per micro-batch
     instead of once per layer.
     """
@@ -80,10 +85,16 @@ class CausalSDPABackend:
     def __init__(self, alibi: bool = False) -> None:
         self.alibi = alibi
 
-    def prepare(self, input_ids: Tensor, position_ids: Tensor, attention_mask_2d: Optional[Tensor]) -> CausalState:
+    def prepare(self, input_ids: Tensor, position_ids: Tensor, attention_mask_2d: Optional[Tensor],
+                document_ids: Optional[Tensor] = None) -> CausalState:
         seq = input_ids.shape[1]
         allowed = None
-        if attention_mask_2d is not None and not only_trailing_padding(attention_mask_2d):
+        if document_ids is not None:   # the document-causal mask of the rule (rules.py), padding included
+            valid = None if attention_mask_2d is None else attention_mask_2d.to(torch.bool)
+            doc_start = document_starts(document_ids.to(input_ids.device))
+            zeros = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            allowed = padded_allowed_mask(zeros, seq, valid, doc_start).unsqueeze(1)
+        elif attention_mask_2d is not None and not only_trailing_padding(attention_mask_2d):
             causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
             diag = torch.eye(seq, dtype=torch.bool, device=input_ids.device)
             allowed = causal & (attention_mask_2d.to(torch.bool)[:, None, None, :] | diag)

@@ -90,17 +90,25 @@ class ModelContext:
         """``(relative, absolute)`` position ids: the ones rotary / ALiBi use and the ones a position table reads.
 
         Without BiPE both are ``position_ids``, else ``0..S-1`` counting real tokens only (HF convention, so a
-        left-padded row sees the unpadded row's positions). With BiPE they are (inter-segment, intra-segment) ids
-        from the separator tokens; left padding is excluded from the first segment."""
+        left-padded row sees the unpadded row's positions). Given ``position_ids`` (e.g. restarted per document by
+        ``reset_position_ids``) are used as they are. With BiPE they are (inter-segment, intra-segment) ids from the
+        separator tokens; left padding is excluded from the first segment; given ``position_ids`` must count from
+        each document start (``reset_position_ids``; ``0..S-1`` changes nothing) and only say where documents start:
+        both BiPE ids restart there."""
         if not self.use_bipe:
             pos = position_ids if position_ids is not None else default_position_ids(input_ids, attention_mask)
             return pos, pos
-        if position_ids is not None:
-            raise ValueError("USE_BiPE computes position ids from the token ids; pass position_ids=None")
         ids = input_ids
         if attention_mask is not None:
             ids = input_ids.masked_fill(~attention_mask.to(torch.bool), -1)  # padding is never a separator
-        intra, inter = bipe_position_ids(ids, self.bipe_seps)
+        doc_start = None
+        if position_ids is not None:
+            if not _restarts_per_document(position_ids):
+                raise ValueError("USE_BiPE computes position ids from the token ids; given position_ids may only "
+                                 "restart them per document (reset_position_ids: 0 at each document start, +1 per "
+                                 "token), else pass position_ids=None")
+            doc_start = _restart_positions(position_ids)
+        intra, inter = bipe_position_ids(ids, self.bipe_seps, doc_start)
         if attention_mask is not None:
             pad = left_pad_counts(attention_mask).unsqueeze(1)
             intra = torch.where(inter == 0, intra - pad, intra).clamp(min=0)
@@ -112,6 +120,20 @@ class ModelContext:
         if not self.rotary_ndims:
             return None
         return rotary_cos_sin(positions, self.rotary_ndims, self.cfg.rotary_emb_base, dtype)
+
+
+def _restarts_per_document(position_ids: Tensor) -> bool:
+    """Whether ``position_ids [B, S]`` count 0, 1, 2, ... from each document start (``document_positions``)."""
+    if position_ids.shape[-1] == 0:
+        return True
+    step = position_ids[:, 1:]
+    return bool((position_ids[:, 0] == 0).all() and ((step == 0) | (step == position_ids[:, :-1] + 1)).all())
+
+
+def _restart_positions(position_ids: Tensor) -> Tensor:
+    """``[B, S]``: for each token the last position at or before it whose position id is 0 (a document start)."""
+    pos = torch.arange(position_ids.shape[-1], device=position_ids.device).expand_as(position_ids)
+    return torch.cummax(torch.where(position_ids == 0, pos, torch.zeros_like(pos)), dim=-1).values
 
 
 __all__ = ["ModelContext", "bipe_separator_ids", "check_model_config"]

@@ -8,6 +8,10 @@ Positions: by default ``0..S-1``; with a 2-D padding mask they count real tokens
 left-padded row sees the same positions as the unpadded sequence. With BiPE (``sepllm_cfg.USE_BiPE``) positions are
 derived from the token ids (spec §1.8): a learned table indexed by the intra-segment id is added to the word
 embeddings, and rotary / ALiBi use the inter-segment id.
+
+Packed documents (GPT-NeoX ``reset_position_ids`` / ``reset_attention_mask``): the trainer passes positions restarted
+per document and ``document_ids``; every attention path then keeps each query inside its own document (SepLLM's
+initial tokens count from each document's start, see ``megatron.sepllm.attention.rules``).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ class GPTModel(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, kv_cache: Any = None, logits_to_keep: int = 0,
-                head_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
+                head_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                document_ids: Optional[Tensor] = None) -> Tensor:
         """``input_ids [B, S]`` (+ optional ``position_ids [B, S]``, 2-D ``attention_mask`` 1 = real, 0 = pad)
         -> logits ``[B, S, padded_vocab_size]`` in the model's dtype. ``logits_to_keep = n > 0``: logits of the last
         ``n`` positions only (decoding needs one; the output projection is most of a small model's prompt cost).
@@ -72,9 +77,19 @@ class GPTModel(nn.Module):
 
         ``kv_cache`` (inference, see ``megatron.inference.kv_cache``): ``input_ids`` are only the new tokens of this
         step (the prompt first, then one token per step) and ``attention_mask`` their 0/1 padding mask; the cache
-        supplies the positions and the attention over the stored keys."""
+        supplies the positions and the attention over the stored keys.
+
+        ``document_ids [B, S]`` (``reset_attention_mask``, from ``megatron.data.documents.document_ids``): a query
+        attends only keys of its own document (not with ``kv_cache``)."""
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
+        if document_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("document_ids (reset_attention_mask) apply to whole sequences, not to KV-cache "
+                                 "decoding")
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(f"document_ids must be [batch, seq] like input_ids {tuple(input_ids.shape)}, got "
+                                 f"{tuple(document_ids.shape)}")
         if kv_cache is not None:
             return self._forward_cached(input_ids, attention_mask, kv_cache, logits_to_keep)
         if input_ids.dim() != 2:
@@ -91,7 +106,10 @@ class GPTModel(nn.Module):
         rel_pos, abs_pos = self.context.positions(input_ids, position_ids, attention_mask)
         x = self.embed(input_ids, abs_pos if self.embed.uses_positions else None)
         rotary = self.context.rotary(rel_pos, x.dtype)
-        state = self.attention_backend.prepare(input_ids, rel_pos, attention_mask)
+        if document_ids is None:
+            state = self.attention_backend.prepare(input_ids, rel_pos, attention_mask)
+        else:
+            state = self.attention_backend.prepare(input_ids, rel_pos, attention_mask, document_ids=document_ids)
         x = self.run_layers(x, rotary, state)
         if head_loss is not None:
             return head_loss(self.final_layernorm(x), self._output_weight())

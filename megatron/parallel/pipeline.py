@@ -264,7 +264,12 @@ def gather_gpt_state_dict(pipe: Any) -> dict[str, Tensor]:
 
 def pipeline_micro_batch(batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """A trainer ``Batch`` (tokens, labels, loss_mask) as the pipeline engine's ``(inputs, labels)`` pair: the first
-    stage reads ``tokens``, the last stage ``(labels, loss_mask)``."""
+    stage reads ``tokens``, the last stage ``(labels, loss_mask)``. Batches with document ids or restarted positions
+    (``reset_attention_mask`` / ``reset_position_ids``, refused with a pipeline at config load) cannot pass."""
+    if getattr(batch, "document_ids", None) is not None or getattr(batch, "position_ids", None) is not None:
+        raise PipelineConfigError("reset_attention_mask / reset_position_ids with pipe_parallel_size >= 2: the "
+                                  "pipeline stages pass only hidden states and token ids; use pipe_parallel_size 0 "
+                                  "or 1")
     return batch.tokens, (batch.labels, batch.loss_mask)
 
 

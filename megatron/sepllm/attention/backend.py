@@ -16,9 +16,13 @@ retention counters; ``__call__`` runs one layer. Execution paths (``sep_attentio
   type, sequence length and window; where it has no entry, the written rule: compact on CPU, flex_compact on CUDA
   (the CUDA table stays empty until a GPU run fills it).
 
-Layers whose window covers the sequence (H/HT layers, ``mode: full``) run plain causal SDPA on the fast path.
+Layers whose window covers the sequence (H/HT layers, ``mode: full``) run plain causal SDPA on the fast path (with
+padding or documents: SDPA with the dense padded / document-causal mask).
 A full-attention model with ``sliding_window_width`` W (Mistral) runs here too, as mode ``sliding_window``: no
 initial tokens, no separators and a ``W + 1`` window (``settings_of``), on whichever path ``sep_attention_impl`` picks.
+
+Documents (``reset_attention_mask``, ``prepare(..., document_ids=)``): every path keeps each query inside its own
+document (``k >= doc_start[q]``, see ``rules.py``); initial tokens are the first ``a`` tokens of every document.
 """
 
 from __future__ import annotations
@@ -112,16 +116,17 @@ class SepLLMBackend:
 
     # ------------------------------------------------------------------------------------------- protocol
     def prepare(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask_2d: Optional[torch.Tensor]) -> SepPlan:
-        """Build the micro-batch plan shared by all layers and add its counts to ``self.retention``."""
+                attention_mask_2d: Optional[torch.Tensor], document_ids: Optional[torch.Tensor] = None) -> SepPlan:
+        """Build the micro-batch plan shared by all layers and add its counts to ``self.retention``
+        (``document_ids [B, S]``: attention stays inside each document)."""
         impl = self.resolve_impl(input_ids.device, int(input_ids.shape[-1]))
         plan = build_plan(input_ids, position_ids, attention_mask_2d, impl=impl, mode=self.settings.mode,
                           layer_windows=self.layer_windows, layer_intervals=self.layer_intervals,
                           separator_ids=self.separator_ids, num_initial=self.num_initial,
-                          batch_adaptive_init=self.settings.batch_adaptive_init_pos)
+                          batch_adaptive_init=self.settings.batch_adaptive_init_pos, document_ids=document_ids)
         counts = {}
         for pattern in plan.distinct_patterns():
-            counts[id(pattern)] = pattern_counts(pattern.global_keys, pattern.window, plan.key_valid)
+            counts[id(pattern)] = pattern_counts(pattern.global_keys, pattern.window, plan.key_valid, plan.doc_start)
             if not pattern.full:
                 pattern.artifact = self._build_artifact(plan, pattern)
         for layer, pattern in enumerate(plan.layer_patterns):
@@ -130,32 +135,35 @@ class SepLLMBackend:
         return plan
 
     def _build_artifact(self, plan: SepPlan, pattern: PatternPlan) -> Any:
+        ds = plan.doc_start
         if plan.impl == "dense":
-            return build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid)
+            return build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid, ds)
         if plan.impl == "flex":
-            return self._flex().block_mask(pattern.global_keys, plan.key_valid, pattern.window)
+            return self._flex().block_mask(pattern.global_keys, plan.key_valid, pattern.window, ds)
         if plan.impl == "triton":
             from megatron.sepllm.attention import triton_compact
 
             triton_compact.check_triton_ready(plan.position_ids.device)
             layout = build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window, plan.position_ids,
-                                               block=triton_compact.LAYOUT_BLOCK)
+                                               block=triton_compact.LAYOUT_BLOCK, doc_start=ds)
             return triton_compact.build_triton_layout(layout)
         if plan.impl == "flex_compact":
             runner = self._flex()
             layout = build_flex_compact_layout(pattern.global_keys, plan.key_valid, pattern.window,
-                                               plan.position_ids, block=runner.block_size)
+                                               plan.position_ids, block=runner.block_size, doc_start=ds)
             layout.attach_block_mask()          # closed form from the layout's tiles (no S x (N_pad + S) mask)
             return layout
         return build_compact_layout(pattern.global_keys, plan.key_valid, pattern.window, plan.position_ids,
-                                    block=self.compact_block_size)
+                                    block=self.compact_block_size, doc_start=ds)
 
     def _padded_causal(self, plan: SepPlan) -> Optional[torch.Tensor]:
-        if plan.key_valid is None:
+        """The mask of full-attention layers: None (plain ``is_causal``) unless the batch has padding or
+        documents, then the dense padded / document-causal mask (built once per plan)."""
+        if plan.key_valid is None and plan.doc_start is None:
             return None
         if "padded_causal" not in plan.extras:
-            zeros = torch.zeros_like(plan.key_valid)
-            plan.extras["padded_causal"] = build_dense_mask(zeros, plan.seq_len, plan.key_valid)
+            zeros = torch.zeros(plan.batch, plan.seq_len, dtype=torch.bool, device=plan.position_ids.device)
+            plan.extras["padded_causal"] = build_dense_mask(zeros, plan.seq_len, plan.key_valid, plan.doc_start)
         return plan.extras["padded_causal"]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, state: Any, *,
@@ -203,7 +211,7 @@ class SepLLMBackend:
                         f"attention dropout {dropout_p} is not supported by sep_attention_impl='compact'; set "
                         "attention_dropout to 0 or use sep_attention_impl='dense'")
                 # auto chose a path without dropout: this call runs on the dense mask instead
-                keep = build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid)
+                keep = build_dense_mask(pattern.global_keys, pattern.window, plan.key_valid, plan.doc_start)
                 return masked_sdpa(q, k, v, keep, scale=scale, dropout_p=dropout_p, alibi_slopes=alibi_slopes,
                                    position_ids=pos)
             return compact_attention(q, k, v, pattern.artifact, scale=scale, alibi_slopes=alibi_slopes,

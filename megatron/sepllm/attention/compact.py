@@ -19,6 +19,10 @@ block and calls public SDPA under autograd (same result, fewer savings).
 
 Layouts are built once per micro-batch and distinct pattern (``build_compact_layout``) and shared by all layers
 and heads.
+
+Documents (``doc_start``): the band mask gets the rule's per-query lower bound ``k >= doc_start[q]``; compact keys
+are sorted by position, so the ones in the query's document are a suffix of its prefix: query ``q`` sees compact
+keys ``[comp_lo[q], counts[block])`` with ``comp_lo[q]`` = global keys before its document start.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class CompactLayout:
     comp_pos: torch.Tensor          # [B, N] position ids of compact keys (ALiBi)
     counts_t: torch.Tensor          # [B, nb] the same counts as a tensor
     super_blocks: int = 8           # query blocks per compact call (large calls keep the CPU kernel efficient)
+    comp_lo: Optional[torch.Tensor] = None  # [B, Sp] documents: first compact key each query may see (None: 0)
     _bias_cache: dict = field(default_factory=dict)
 
     @property
@@ -126,9 +131,14 @@ class CompactLayout:
         return self._bias_cache["calls"]
 
     def staircase_keep(self, j0: int, j1: int, n: int) -> torch.Tensor:
-        """``[B, 1, (j1-j0)*Bq, n]`` bool: compact key ``c`` is visible to block ``j`` iff ``c < counts[b][j]``."""
+        """``[B, 1, (j1-j0)*Bq, n]`` bool: compact key ``c`` is visible to block ``j`` iff ``c < counts[b][j]``
+        (and, with documents, ``c >= comp_lo[b, q]``)."""
         counts = self.counts_t[:, j0:j1].repeat_interleave(self.block, dim=1)          # [B, Q]
-        return (torch.arange(n, device=counts.device)[None, None, :] < counts[:, :, None]).unsqueeze(1)
+        c = torch.arange(n, device=counts.device)[None, None, :]
+        keep = c < counts[:, :, None]
+        if self.comp_lo is not None:
+            keep = keep & (c >= self.comp_lo[:, j0 * self.block: j1 * self.block, None])
+        return keep.unsqueeze(1)
 
     def staircase_additive(self, j0: int, j1: int, n: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """``0 / -inf`` staircase in ``dtype`` (None when every query sees all ``n`` keys); cached."""
@@ -144,15 +154,21 @@ class CompactLayout:
         must be -inf); None when there are none. Cached."""
         key = ("empty", j0, j1)
         if key not in self._bias_cache:
-            empty = (self.counts_t[:, j0:j1] == 0).repeat_interleave(self.block, dim=1).unsqueeze(1)
+            counts = self.counts_t[:, j0:j1].repeat_interleave(self.block, dim=1)
+            if self.comp_lo is None:
+                empty = (counts == 0).unsqueeze(1)
+            else:
+                empty = (counts <= self.comp_lo[:, j0 * self.block: j1 * self.block]).unsqueeze(1)
             self._bias_cache[key] = empty if bool(empty.any()) else None
         return self._bias_cache[key]
 
 
 def build_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
                          position_ids: torch.Tensor, block: Optional[int] = None,
-                         super_block: int = DEFAULT_SUPER_BLOCK) -> CompactLayout:
-    """Evaluate the rule on every block's band and index the global keys outside it (O(B*S*(w+Bq)) memory)."""
+                         super_block: int = DEFAULT_SUPER_BLOCK,
+                         doc_start: Optional[torch.Tensor] = None) -> CompactLayout:
+    """Evaluate the rule on every block's band and index the global keys outside it (O(B*S*(w+Bq)) memory);
+    ``doc_start [B, S]``: documents (see the module docstring)."""
     batch, seq_len = global_keys.shape
     dev = global_keys.device
     bq = block or default_block_size(window)
@@ -173,7 +189,12 @@ def build_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Te
     # relative coordinates are identical for every block: queries at P + [0, Bq), keys at [0, P + Bq)
     q_rel = torch.arange(pad_left, pad_left + bq, device=dev)
     k_rel = torch.arange(band_len, device=dev)
-    band_keep = rules.allowed_between(g_band, q_rel, k_rel, window, key_valid=v_band).unsqueeze(1)
+    band_start = None
+    if doc_start is not None:   # each query's document start in its block's band coordinates (key j*Bq - P + r)
+        shift = (torch.arange(nb, device=dev) * bq - pad_left).repeat_interleave(bq)
+        band_start = (F.pad(doc_start.to(dev), (0, sp - seq_len)) - shift).reshape(batch * nb, bq)
+    band_keep = rules.allowed_between(g_band, q_rel, k_rel, window, key_valid=v_band,
+                                      key_start=band_start).unsqueeze(1)
 
     pos = position_ids.to(dev).to(torch.float32)
     band_q_pos = F.pad(pos, (0, sp - seq_len)).reshape(batch * nb, bq)
@@ -187,10 +208,13 @@ def build_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Te
     order = torch.argsort((~g).to(torch.int8), dim=1, stable=True)            # global positions first, in order
     comp_idx = order[:, :n_max].contiguous()
     comp_pos = torch.gather(pos, 1, comp_idx) if n_max else pos[:, :0]
+    comp_lo = None
+    if doc_start is not None:   # global keys before each query's document start (padded queries: none)
+        comp_lo = F.pad(torch.gather(cum, 1, doc_start.to(dev).long()), (0, sp - seq_len))
     return CompactLayout(batch=batch, seq_len=seq_len, block=bq, pad_left=pad_left, num_blocks=nb,
                          band_keep=band_keep, comp_idx=comp_idx, counts=counts_t.tolist(),
                          band_q_pos=band_q_pos, band_k_pos=band_k_pos, comp_pos=comp_pos, counts_t=counts_t,
-                         super_blocks=max(1, super_block // bq))
+                         super_blocks=max(1, super_block // bq), comp_lo=comp_lo)
 
 
 # ----------------------------------------------------------------------------------------------- layout helpers
@@ -441,7 +465,11 @@ def _compact_generic(q, k, v, lay: CompactLayout, scale: float, slopes: Optional
         keys = torch.cat([kc[:, :, :n], kbv[:, j]], dim=2)
         vals = torch.cat([vc[:, :, :n], vbv[:, j]], dim=2)
         comp_keep = (torch.arange(n, device=q.device)[None, :] < counts[:, j:j + 1])[:, None, None, :]
-        keep = torch.cat([comp_keep.expand(b, 1, bq, n), band_keep[:, j]], dim=-1)
+        comp_keep = comp_keep.expand(b, 1, bq, n)
+        if lay.comp_lo is not None:
+            comp_keep = comp_keep & (torch.arange(n, device=q.device)[None, None, None, :]
+                                     >= lay.comp_lo[:, j * bq:(j + 1) * bq, None].unsqueeze(1))
+        keep = torch.cat([comp_keep, band_keep[:, j]], dim=-1)
         if slopes is None:
             mask = keep
         else:

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from megatron.sepllm.attention import rules
 
 
-def build_dense_mask(global_keys: torch.Tensor, window: int, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, 1, S, S]`` bool, True = attend (rule + padding; a padded query keeps its own diagonal)."""
-    return rules.padded_allowed_mask(global_keys, window, key_valid).unsqueeze(1)
+def build_dense_mask(global_keys: torch.Tensor, window: int, key_valid: Optional[torch.Tensor],
+                     doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, 1, S, S]`` bool, True = attend (rule + padding + documents; a padded query keeps its own diagonal)."""
+    return rules.padded_allowed_mask(global_keys, window, key_valid, doc_start).unsqueeze(1)
 
 
 def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """FlexAttention SepLLM path: a BlockMask built from the ``[B, S]`` global-key bit-vector (never an S x S tensor).
 
 ``mask_mod = causal & (global[b, kv] | q - kv < w) & (valid[b, kv] | q == kv)`` is the rule of ``rules.py`` written
-as a predicate (spec §7 item 14). One BlockMask per distinct pattern per micro-batch; ``flex_attention`` is compiled
+as a predicate (spec §7 item 14); with documents it also requires ``kv >= doc_start[b, q]``. One BlockMask per distinct pattern per micro-batch; ``flex_attention`` is compiled
 once per ``FlexRunner`` and reused. On CPU torch has no FlexAttention backward, so inputs that require grad are
 rejected with a clear error (train on CPU with ``compact`` or ``dense``).
 """
@@ -16,8 +16,10 @@ import torch
 from megatron.sepllm.attention.checks import SepAttentionConfigError, check_flex_available
 
 
-def sep_mask_mod(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int) -> Callable:
-    """The rule over the raw ``S x S`` layout as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``."""
+def sep_mask_mod(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
+                 doc_start: Optional[torch.Tensor] = None) -> Callable:
+    """The rule over the raw ``S x S`` layout as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (with
+    ``doc_start [B, S]``: only keys of the query's document)."""
     g = global_keys.contiguous()
     # window and validity are captured as tensors so every pattern shares one traced predicate (no recompiles)
     w = torch.tensor(int(window), device=g.device)
@@ -26,7 +28,13 @@ def sep_mask_mod(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], w
     def mask_mod(b, h, q_idx, kv_idx):
         return ((kv_idx <= q_idx) & (g[b, kv_idx] | (q_idx - kv_idx < w))
                 & (valid[b, kv_idx] | (q_idx == kv_idx)))
-    return mask_mod
+    if doc_start is None:
+        return mask_mod
+    ds = doc_start.to(g.device).contiguous()
+
+    def doc_mask_mod(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & (kv_idx >= ds[b, q_idx])
+    return doc_mask_mod
 
 
 def check_flex_call(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
@@ -63,10 +71,12 @@ class FlexRunner:
             return self.kernel
         return _quiet_eager(self._eager_kernel)
 
-    def block_mask(self, global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int) -> Any:
-        """BlockMask of the SepLLM rule for one pattern (B per row, heads broadcast)."""
+    def block_mask(self, global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
+                   doc_start: Optional[torch.Tensor] = None) -> Any:
+        """BlockMask of the SepLLM rule for one pattern (B per row, heads broadcast; documents when given)."""
         batch, seq_len = global_keys.shape
-        return self.create_block_mask(sep_mask_mod(global_keys, key_valid, window), B=batch, H=None, Q_LEN=seq_len,
+        return self.create_block_mask(sep_mask_mod(global_keys, key_valid, window, doc_start), B=batch, H=None,
+                                      Q_LEN=seq_len,
                             KV_LEN=seq_len, device=global_keys.device, BLOCK_SIZE=self.block_size)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, *, scale: float,

@@ -16,6 +16,8 @@ most four sizes per doubling, so the compiled kernel sees few distinct key lengt
 
 A global key inside the window is counted by the band only, so every kept key appears exactly once. The BlockMask is
 then a staircase over the slot blocks plus a diagonal band of width ``w``: all other blocks are empty and skipped.
+With documents (``doc_start``) both parts also require ``k >= doc_start[q]``; since document starts never decrease
+along the queries, slot and band tiles wholly before the document start of a query tile's first query are empty.
 
 The layout (one index ``[B, N_pad + S]`` of original positions, ALiBi positions, BlockMask) is built once per
 micro-batch and pattern (``SepLLMBackend.prepare``) and shared by all layers and heads; per layer K and V are
@@ -68,6 +70,7 @@ class FlexCompactLayout:
     kv_pos: torch.Tensor            # [B, N_pad + S] float32 position ids of the key slots (ALiBi)
     global_counts: torch.Tensor     # [B] long: real global keys per row
     block_mask: Any = None          # FlexAttention BlockMask (None until ``attach_block_mask``)
+    doc_start: Optional[torch.Tensor] = None   # [B, S] long first position of each query's document (None: one)
 
     @property
     def kv_len(self) -> int:
@@ -90,7 +93,13 @@ class FlexCompactLayout:
             in_slots = slot & ok & (k <= q_idx - w)
             in_band = ~slot & (k <= q_idx) & (q_idx - k < w) & (ok | (k == q_idx))
             return in_slots | in_band
-        return mask_mod
+        if self.doc_start is None:
+            return mask_mod
+        ds = self.doc_start
+
+        def doc_mask_mod(b, h, q_idx, kv_idx):
+            return mask_mod(b, h, q_idx, kv_idx) & (index[b, kv_idx] >= ds[b, q_idx])
+        return doc_mask_mod
 
     def dense_keep(self) -> torch.Tensor:
         """``[B, 1, S, N_pad + S]`` bool: ``mask_mod`` evaluated on every entry (tests, debugging)."""
@@ -126,7 +135,9 @@ class FlexCompactLayout:
         the window of the tile's last query; full iff its last slot is real and lies before the window of the first
         query. Band tile: non-empty iff it meets the diagonal or holds a valid key within reach of a query; full iff
         every key is valid, causal and inside the window for every query. Tiles cut by ``S`` are never full (the
-        same convention as ``create_block_mask``, which pads them with dropped entries).
+        same convention as ``create_block_mask``, which pads them with dropped entries). With documents a tile is
+        also empty when its last key lies before the document start of the tile's first query, and full only when its
+        first key lies at or after the document start of its last query.
         """
         bs, s, w, dev = self.block, self.seq_len, self.window, self.kv_index.device
         nq, ns = -(-s // bs), self.num_slots // bs
@@ -154,8 +165,19 @@ class FlexCompactLayout:
         band_nonempty = diag.unsqueeze(0) | reach
         band_full = ((k_hi <= ql) & (qh - k_lo <= w - 1)).unsqueeze(0) & all_valid.unsqueeze(1) \
             & q_whole & (k_lo + bs <= s).view(1, 1, -1)
-        nonempty = torch.cat([slot_nonempty.expand(-1, nq, -1), band_nonempty], dim=2).unsqueeze(1)
-        full = torch.cat([slot_full.expand(-1, nq, -1), band_full], dim=2).unsqueeze(1)
+        slot_nonempty, slot_full = slot_nonempty.expand(-1, nq, -1), slot_full.expand(-1, nq, -1)
+        if self.doc_start is not None:
+            ds_lo = self.doc_start[:, q_lo].unsqueeze(-1)                 # [B, nq, 1] start of the first query's doc
+            ds_hi = self.doc_start[:, q_hi].unsqueeze(-1)                 # ... and of the last query's
+            last_real = torch.minimum(first + bs, counts.view(-1, 1)) - 1                        # [B, ns]
+            p_last_real = torch.gather(self.kv_index[:, : max(self.num_slots, 1)], 1,
+                                       last_real.clamp(min=0)).unsqueeze(1)                       # [B, 1, ns]
+            slot_nonempty = slot_nonempty & (p_last_real >= ds_lo)
+            slot_full = slot_full & (p_first >= ds_hi)
+            band_nonempty = band_nonempty & (k_hi.view(1, 1, -1) >= ds_lo)
+            band_full = band_full & (k_lo.view(1, 1, -1) >= ds_hi)
+        nonempty = torch.cat([slot_nonempty, band_nonempty], dim=2).unsqueeze(1)
+        full = torch.cat([slot_full, band_full], dim=2).unsqueeze(1)
         return nonempty, full
 
 
@@ -167,14 +189,16 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_flex_compact_layout(global_keys: torch.Tensor, key_valid: Optional[torch.Tensor], window: int,
-                              position_ids: torch.Tensor, block: int = 128) -> FlexCompactLayout:
-    """Index the global keys of each row (by position) in front of the ``S`` keys; O(B * (N_pad + S)) memory."""
+                              position_ids: torch.Tensor, block: int = 128,
+                              doc_start: Optional[torch.Tensor] = None) -> FlexCompactLayout:
+    """Index the global keys of each row (by position) in front of the ``S`` keys; O(B * (N_pad + S)) memory.
+    ``doc_start [B, S]``: documents (each query sees only keys of its own document)."""
     if global_keys.dim() != 2:
         raise ValueError(f"global_keys must be [B, S], got shape {tuple(global_keys.shape)}")
     batch, seq_len = global_keys.shape
     if window < 1:
         raise ValueError(f"local window must be >= 1, got {window}")
-    for name, t in (("key_valid", key_valid), ("position_ids", position_ids)):
+    for name, t in (("key_valid", key_valid), ("position_ids", position_ids), ("doc_start", doc_start)):
         if t is not None and tuple(t.shape) != (batch, seq_len):
             raise ValueError(f"{name} must be [B, S] = {(batch, seq_len)}, got {tuple(t.shape)}")
     dev = global_keys.device
@@ -193,7 +217,8 @@ def build_flex_compact_layout(global_keys: torch.Tensor, key_valid: Optional[tor
     pos = position_ids.to(device=dev, dtype=torch.float32)
     return FlexCompactLayout(batch=batch, seq_len=seq_len, window=int(window), block=int(block), num_slots=n_pad,
                              kv_index=kv_index, kv_keep=kv_keep, q_pos=pos.contiguous(),
-                             kv_pos=torch.gather(pos, 1, kv_index).contiguous(), global_counts=counts)
+                             kv_pos=torch.gather(pos, 1, kv_index).contiguous(), global_counts=counts,
+                             doc_start=None if doc_start is None else doc_start.to(dev).long().contiguous())
 
 
 def relayout_kv(x: torch.Tensor, layout: FlexCompactLayout) -> torch.Tensor:

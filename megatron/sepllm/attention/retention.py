@@ -8,6 +8,8 @@ Two ratios, each under its own name, per layer and in total:
 
 Counts come from the ``[B, S]`` bitmaps in closed form (``rules.row_kept_counts``), never from an S x S mask; padding
 keys and padded query rows are excluded. Totals are sums of counts over every forward call (not overwritten).
+With documents (``reset_attention_mask``) a query's kept and total keys are counted inside its own document, so the
+ratios compare SepLLM against full attention with the same document masks.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import torch
 from megatron.sepllm.attention import rules
 
 
-def pattern_counts(global_keys: torch.Tensor, window: int, key_valid: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
+def pattern_counts(global_keys: torch.Tensor, window: int, key_valid: Optional[torch.Tensor],
+                   doc_start: Optional[torch.Tensor] = None) -> tuple[int, int, int, int]:
     """``(kv_kept, kv_total, map_kept, map_total)`` of one pattern on one micro-batch."""
-    kept, total = rules.row_kept_counts(global_keys, window, key_valid)
+    kept, total = rules.row_kept_counts(global_keys, window, key_valid, doc_start)
     if key_valid is not None:
         rows = key_valid.to(torch.bool)
         kept, total = kept * rows, total * rows
