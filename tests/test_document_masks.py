@@ -373,3 +373,25 @@ def test_pipeline_refuses_document_keys_at_config_load(corpus, neox_tokenizer_fi
                                                                       "pipe-parallel-size": 2})
     with pytest.raises(ConfigError, match="reset_attention_mask with pipe_parallel_size=2"):
         load_config(keys, world_size=2)
+
+
+# ------------------------------------------------------------------------------------------- the benchmark
+def test_document_masks_benchmark_rows_and_json(pg19_dir, tmp_path):
+    """``benchmarks/document_masks.py`` on a tiny slice: one row per setting, ratios in (0, 1], documents change
+    only the rows with document masks, and the JSON holds the printed rows."""
+    import json
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "document_masks.py"
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(bench), "--books", "1", "--chars-per-book", "30000", "--seq-lens", "256",
+                          "--windows", "16", "--doc-tokens", "book", "64", "--pg19", str(pg19_dir), "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["docs"], r["reset_attention_mask"]) for r in rows] == [("book", False), ("book", True), ("64", False),
+                                                                        ("64", True)]
+    for r in rows:
+        assert 0 < r["map_share"] <= r["attn_map_retention"] <= 1 and 0 < r["kv_retention"] <= 1
+    plain, masked = rows[2], rows[3]
+    assert masked["map_share"] < plain["map_share"] and plain["map_share"] == plain["attn_map_retention"]
+    assert "reset_attention_mask" in run.stdout
