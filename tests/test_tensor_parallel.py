@@ -53,13 +53,24 @@ def _batch(seq: int = 32):
     return ids[:, :-1], ids[:, 1:], mask
 
 
-def _compare(rank: int, ref: GPTModel, tp: GPTModel, label: str, sequence_parallel: bool = False) -> None:
-    """Forward/backward both models on the same batch; compare logits, loss and all gradients."""
+def _compare(rank: int, ref: GPTModel, tp: GPTModel, label: str, sequence_parallel: bool = False,
+             documents: bool = False) -> None:
+    """Forward/backward both models on the same batch; compare logits, loss and all gradients. ``documents``: the
+    batch packs documents (end-of-document token 0) with restarted positions and document masks."""
     ids, labels, mask = _batch()
-    ref_logits = ref(ids)
+    inputs = {}
+    if documents:
+        from megatron.data.documents import document_ids, document_positions
+
+        ids = ids.clone()
+        ids[0, [6, 7, 20]] = 0
+        ids[1, 12] = 0
+        docs = document_ids(ids, 0)
+        inputs = {"document_ids": docs, "position_ids": document_positions(docs)}
+    ref_logits = ref(ids, **inputs)
     ref_loss = lm_loss(ref_logits, labels, mask)
     ref_loss.backward()
-    local = tp(ids)
+    local = tp(ids, **inputs)
     assert local.shape[-1] == VOCAB // 2, (label, local.shape)
     loss = loss_fn_for(tp)(local, labels, mask)
     loss.backward()
@@ -110,6 +121,10 @@ def _sepllm_cases(rank: int, world: int) -> None:
             # the SepLLM backend really sparsifies here (window 4/8 < 32 tokens): the run is not plain causal
             assert ref.attention_backend.resolve_impl(torch.device("cpu")) == impl
             _compare(rank, ref, tp, f"sepllm-{impl}-{name}")
+    # documents (reset_attention_mask + reset_position_ids): SepLLM compact and full attention
+    for sep in (_sep_cfg("compact"), None):
+        ref, tp = _build_pair(_model_cfg(**CASES["neox"]), sep)
+        _compare(rank, ref, tp, f"documents-{'sepllm' if sep else 'full'}", documents=True)
 
 
 def _sp_cases(rank: int, world: int) -> None:
