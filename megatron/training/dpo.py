@@ -49,8 +49,8 @@ METRIC_KEYS = ("chosen_rewards", "rejected_rewards", "margins", "reward_acc", "c
 class DPOForward:
     """``(engine, PreferenceBatch, loss_fn) -> DPO loss``, the plain stepper's ``forward`` under DPO.
 
-    Training forwards (grad enabled) add their metrics to running sums that :meth:`drain` averages over the step's
-    micro-batches and the data-parallel ranks; validation forwards (no grad) are not counted.
+    Forwards add their metrics to running sums, training forwards (grad enabled) and validation forwards (no grad)
+    apart, which :meth:`drain` averages over the forwards since its last call and the data-parallel ranks.
     """
 
     beta: float
@@ -59,8 +59,8 @@ class DPOForward:
     precomputed: bool
     info: DistInfo
     reference: Optional[torch.nn.Module] = None
-    _sums: dict[str, Tensor] = field(default_factory=dict, repr=False)
-    _count: int = 0
+    _sums: dict[str, dict[str, Tensor]] = field(default_factory=lambda: {"train": {}, "eval": {}}, repr=False)
+    _counts: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0}, repr=False)
 
     @property
     def needs_reference_model(self) -> bool:
@@ -73,11 +73,12 @@ class DPOForward:
         pi_chosen, pi_rejected = sequence_logps(logits, both.labels, both.loss_mask, self.fp32).chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch, pi_chosen)
         result = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, self.beta)
-        if torch.is_grad_enabled():
-            for key in METRIC_KEYS:
-                value = result.metrics[key].detach()
-                self._sums[key] = self._sums[key] + value if key in self._sums else value
-            self._count += 1
+        kind = "train" if torch.is_grad_enabled() else "eval"
+        sums = self._sums[kind]
+        for key in METRIC_KEYS:
+            value = result.metrics[key].detach()
+            sums[key] = sums[key] + value if key in sums else value
+        self._counts[kind] += 1
         return result.loss
 
     @torch.no_grad()
@@ -97,15 +98,17 @@ class DPOForward:
         ref_chosen, ref_rejected = sequence_logps(logits, both.labels, both.loss_mask, self.fp32).chunk(2)
         return ref_chosen, ref_rejected
 
-    def drain(self) -> dict[str, float]:
-        """The mean metrics of the forwards since the last call, averaged over ranks (collective); resets."""
-        if not self._count:
+    def drain(self, kind: str = "train") -> dict[str, float]:
+        """The mean metrics of the ``kind`` ("train" / "eval") forwards since the last call, averaged over ranks
+        (collective: every rank ran the same number of forwards); resets them."""
+        count, sums = self._counts[kind], self._sums[kind]
+        if not count:
             return {}
-        values = torch.stack([self._sums[k].float() for k in METRIC_KEYS]) / self._count
+        values = torch.stack([sums[k].float() for k in METRIC_KEYS]) / count
         if self.info.world_size > 1:
             dist.all_reduce(values)
             values /= self.info.world_size
-        self._sums, self._count = {}, 0
+        self._sums[kind], self._counts[kind] = {}, 0
         return dict(zip(METRIC_KEYS, values.tolist()))
 
 
@@ -122,7 +125,7 @@ def use_dpo(stepper: PlainStepper, cfg: NeoXConfig, info: DistInfo) -> DPOForwar
 
 def set_up_reference(run: Run) -> None:
     """Freeze the reference model once ``load`` is in the engine (see the module docstring); a no-op without one."""
-    forward = run.stepper.forward
+    forward = getattr(run.stepper, "forward", None)   # the pipeline engine's stepper has none (no DPO there)
     if not isinstance(forward, DPOForward) or not forward.needs_reference_model:
         return
     ck = run.config.checkpoint
