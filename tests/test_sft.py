@@ -7,6 +7,7 @@ tokenizer with a 2-layer hidden-64 model for the runs.
 
 from __future__ import annotations
 
+import copy
 import json
 import runpy
 from pathlib import Path
@@ -22,6 +23,7 @@ from megatron.data.gpt_dataset import GPTDataset
 from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
 from megatron.data.packing import IGNORE_LABEL, fit_document
 from megatron.data.sft import prepare_sft
+from megatron.errors import UserInputError
 from megatron.model.loss import lm_loss
 from megatron.tokenizer import CharLevelTokenizer, build_tokenizer
 from megatron.training.batches import BatchRules, make_batch
@@ -365,6 +367,23 @@ def test_finetune_from_our_checkpoint_counts_only_labels_and_resumes_exactly(cor
     assert sorted(resumed.train_losses) == [3, 4]
     for it in (3, 4):
         assert resumed.train_losses[it] == full.train_losses[it]
+
+    # generate.py with chat_template: a prompt is the user turn + the reply's opening, tokenized as in training
+    from megatron.inference.cli import load_session
+
+    gen_cfg = copy.deepcopy(cfg)
+    gen_cfg.checkpoint.load, gen_cfg.generation.chat_template = str(tmp_path / "sft" / "ckpt"), "plain"
+    gen_cfg.generation.maximum_tokens = 3
+    session = load_session([], [], config=gen_cfg)
+    record = json.loads(Path(sft_data).with_name("train.jsonl").read_text().splitlines()[0])
+    text, label = (MMapIndexedDataset(f"{sft_data}_{k}_document")[0].tolist() for k in ("text", "label"))
+    reply_starts = next(i for i, v in enumerate(label) if v >= 0)
+    assert session._prompt_ids([record["messages"][0]["content"]]) == [text[:reply_starts]]
+    (sample,) = session.generate([record["messages"][0]["content"]])
+    assert sample.length <= 3
+    gen_cfg.generation.chat_template = "nope"
+    with pytest.raises(UserInputError, match="^chat_template 'nope': expected one of chatml, plain"):
+        load_session([], [], config=gen_cfg)
 
 
 def test_finetune_from_an_imported_hf_model(neox_tokenizer_file, sft_data, tmp_path):

@@ -33,6 +33,11 @@ class GenerationConfig:
                                   "token).")
     prompt_end: str = opt("\n", "Separator between the prompts of sample_input_file (and the end of an interactive "
                                 "prompt).")
+    chat_template: Optional[str] = opt(None, "Prompt a fine-tuned chat model: each prompt becomes one user message "
+                                             "rendered with this chat template plus the opening of the assistant's "
+                                             "reply, tokenized turn by turn as prepare_data.py --sft did: chatml | "
+                                             "plain | tokenizer (the tokenizer's own chat_template). None: prompts "
+                                             "as written. docs/finetuning.md.")
     temperature: float = opt(0.0, "Sampling temperature. Greedy decoding when temperature, top_k and top_p are all 0; "
                                   "with top_k or top_p set, temperature 0 means 1.")
     top_k: int = opt(0, "Sample from the k most likely tokens (0 = no top-k filter).")

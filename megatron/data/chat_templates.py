@@ -126,8 +126,14 @@ def turn_segments(template: ChatTemplate, messages: Sequence[Message],
     return segments
 
 
-def prompt_text(template: ChatTemplate, prompt: str, system: Optional[str] = None) -> str:
-    """A single user message (after an optional system message) followed by the generation prompt: what a model
-    fine-tuned on this template is prompted with."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return template.render(messages, True)
+def prompt_segments(template: ChatTemplate, prompt: str, generation_role: str = "assistant") -> list[str]:
+    """The pieces of a prompt for a model fine-tuned on ``template``: one user message followed by the opening of
+    the ``generation_role`` reply, cut the way :func:`turn_segments` cut the training data (so each piece tokenizes
+    as it did there)."""
+    messages = [{"role": "user", "content": prompt}, {"role": generation_role, "content": ""}]
+    return [text for _, text in turn_segments(template, messages, generation_role)[:-1]]
+
+
+def prompt_text(template: ChatTemplate, prompt: str, generation_role: str = "assistant") -> str:
+    """:func:`prompt_segments` joined: the text a model fine-tuned on ``template`` is prompted with."""
+    return "".join(prompt_segments(template, prompt, generation_role))

@@ -57,12 +57,24 @@ class Session:
     sampling: SamplingSettings
     cache_settings: KVCacheSettings
     generator: torch.Generator
+    chat_template: Any = None       # megatron.data.chat_templates.ChatTemplate of key chat_template, or None
+
+    def _prompt_ids(self, contexts: Sequence[str]) -> list[list[int]]:
+        """The prompts' ids ("" = unconditional: the end-of-document token); with ``chat_template`` each prompt is a
+        user message opening an assistant reply, tokenized piece by piece as the fine-tuning data was."""
+        eod = self.tokenizer.eod
+        if self.chat_template is None:
+            return [self.tokenizer.tokenize(c) if c else [eod] for c in contexts]
+        from megatron.data.chat_templates import prompt_segments
+
+        return [[i for piece in prompt_segments(self.chat_template, c) for i in self.tokenizer.tokenize(piece)]
+                if c else [eod] for c in contexts]
 
     def generate(self, contexts: Sequence[str], on_token: Optional[Callable[[int, int], None]] = None
                  ) -> list[Sample]:
         """One batch of prompts (texts; "" = unconditional, starting from the end-of-document token)."""
         eod = self.tokenizer.eod
-        prompts = [self.tokenizer.tokenize(c) if c else [eod] for c in contexts]
+        prompts = self._prompt_ids(contexts)
         for c, p in zip(contexts, prompts):
             if not p:
                 raise UsageError(f"prompt {c!r} encodes to no tokens")
@@ -100,6 +112,15 @@ def load_session(files: Sequence[str], overrides: Sequence[str], config: Optiona
     except (TokenizerError, OSError) as exc:
         raise UsageError(f"tokenizer (tokenizer_type {tok.tokenizer_type}, vocab_file {tok.vocab_file}): {exc}") \
             from None
+    chat_template = None
+    if gen.chat_template is not None:
+        from megatron.data.chat_templates import resolve_template
+        from megatron.data.errors import PrepareError
+
+        try:
+            chat_template = resolve_template(gen.chat_template, tok.vocab_file)
+        except PrepareError as exc:
+            raise UsageError(str(exc).replace("--chat-template ", "chat_template ", 1)) from None
     device = resolve_device(cfg.training.device, key="device")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
     if device == "cpu" and dtype == torch.float16:
@@ -116,7 +137,7 @@ def load_session(files: Sequence[str], overrides: Sequence[str], config: Optiona
           file=sys.stderr)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(cfg.training.seed))
-    return Session(model=model, tokenizer=tokenizer, cfg=cfg,
+    return Session(model=model, tokenizer=tokenizer, cfg=cfg, chat_template=chat_template,
                    sampling=SamplingSettings(gen.temperature, gen.top_k, gen.top_p),
                    cache_settings=KVCacheSettings(kind=gen.kv_cache, init_cache_size=gen.init_cache_size,
                                                   sep_cache_size=gen.sep_cache_size,
