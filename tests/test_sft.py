@@ -362,6 +362,20 @@ def test_finetune_from_our_checkpoint_counts_only_labels_and_resumes_exactly(cor
         expected = lm_loss(model(batch.tokens, position_ids=batch.position_ids), batch.labels, batch.loss_mask)
     assert full.train_losses[1] == pytest.approx(float(expected), rel=1e-5)
 
+    # tools/eval_label_loss.py: every document once, whole; the mean over its counted targets, computed here apart
+    tool = runpy.run_path(str(REPO / "tools/eval_label_loss.py"), run_name="eval_label_loss")
+    text_ds, label_ds = (MMapIndexedDataset(f"{sft_data}_{k}_document") for k in ("text", "label"))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(text_ds)):
+            ids, targets = torch.as_tensor(text_ds[i].astype(np.int64)), torch.as_tensor(label_ds[i].astype(np.int64))
+            keep = targets[1:] >= 0
+            logits = model(ids[None, :-1])[0]
+            total += float(torch.nn.functional.cross_entropy(logits[keep], targets[1:][keep], reduction="sum"))
+            count += int(keep.sum())
+    loss, counted = tool["label_loss"](model, text_ds, label_ds, 64, batch_size=7)
+    assert counted == count and loss == pytest.approx(total / count, rel=1e-5)
+
     resumed = pretrain(_sft_config(sft_data, neox_tokenizer_file, tmp_path / "resumed", train_iters=4,
                                    checkpoint__load=str(tmp_path / "sft" / "ckpt" / "global_step2")))
     assert sorted(resumed.train_losses) == [3, 4]

@@ -160,9 +160,17 @@ class GPTDataset(torch.utils.data.Dataset):
             "seq_length": self.seq_length,
             "seed": self.seed,
             **({} if self.pack_impl == "packed" else {
-                "pack_impl": self.pack_impl, "allow_chopped": self.allow_chopped,
-                "labels": None if self.label_indexed is None else os.path.basename(self.label_indexed.prefix)}),
+                "pack_impl": self.pack_impl, "allow_chopped": self.allow_chopped, "labels": self._label_stamp()}),
         }
+
+    def _label_stamp(self) -> dict | None:
+        """Which label file the whole-document index read (it drops documents without a counted label): name, size
+        and modification time, so labels prepared again (say with --only-last) rebuild the index."""
+        if self.label_indexed is None:
+            return None
+        stat = os.stat(f"{self.label_indexed.prefix}.bin")
+        return {"name": os.path.basename(self.label_indexed.prefix), "bytes": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns}
 
     def _cache_stem(self) -> str:
         digest = hashlib.sha256(json.dumps(self._params(), sort_keys=True).encode()).hexdigest()[:16]
