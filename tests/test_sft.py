@@ -320,13 +320,14 @@ def sft_data(tmp_path_factory, neox_tokenizer_file) -> str:
 
 
 def _sft_config(sft_data: str, tokenizer: Path, run_dir: Path, **overrides):
-    """The tiny model fine-tuned on ``sft_data``: whole conversations packed into 64-token samples, positions
-    restarting per conversation."""
+    """The tiny model fine-tuned on ``sft_data``: whole conversations packed into 64-token samples, kept apart by
+    document masks (positions restarting per conversation, no attention across conversations)."""
+    keys = {"training__reset_attention_mask": True, **overrides}
     return tiny_config(f"{sft_data}_text_document", tokenizer, run_dir, seq=64, data__data_path=None,
                        data__train_data_paths=[f"{sft_data}_text_document"],
                        data__train_label_data_paths=[f"{sft_data}_label_document"],
                        data__pack_impl="pack_until_overflow", training__reset_position_ids=True,
-                       checkpoint__save=str(run_dir / "ckpt"), **overrides)
+                       checkpoint__save=str(run_dir / "ckpt"), **keys)
 
 
 def _first_batch(cfg):
@@ -356,10 +357,12 @@ def test_finetune_from_our_checkpoint_counts_only_labels_and_resumes_exactly(cor
     # positions and the loaded weights all as computed here by hand
     batch = _first_batch(cfg)
     assert batch.position_ids is not None and int(batch.position_ids.max()) < 64
+    assert int(batch.document_ids.max()) >= 1                                   # several conversations per sample
     assert 0 < int(batch.loss_mask.sum()) < batch.loss_mask.numel() / 2        # most positions are prompt or padding
     model = load_trained_model(tmp_path / "pre" / "ckpt").model
     with torch.no_grad():
-        expected = lm_loss(model(batch.tokens, position_ids=batch.position_ids), batch.labels, batch.loss_mask)
+        expected = lm_loss(model(batch.tokens, position_ids=batch.position_ids, document_ids=batch.document_ids),
+                           batch.labels, batch.loss_mask)
     assert full.train_losses[1] == pytest.approx(float(expected), rel=1e-5)
 
     # tools/eval_label_loss.py: every document once, whole; the mean over its counted targets, computed here apart
@@ -416,7 +419,7 @@ def test_finetune_from_an_imported_hf_model(neox_tokenizer_file, sft_data, tmp_p
     hf.save_pretrained(tmp_path / "hf")
     import_from_hf(tmp_path / "hf", tmp_path / "imported")
     cfg = _sft_config(sft_data, neox_tokenizer_file, tmp_path / "sft", train_iters=1, checkpoint__finetune=True,
-                      checkpoint__load=str(tmp_path / "imported"))
+                      checkpoint__load=str(tmp_path / "imported"), training__reset_attention_mask=False)
     result = pretrain(cfg)
     batch = _first_batch(cfg)
     with torch.no_grad():
