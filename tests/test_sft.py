@@ -152,7 +152,8 @@ def test_flags_need_sft_and_a_named_template_must_exist(tmp_path, capsys):
     src = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "b"}])
     for argv, message in ((["--chat-template", "plain"], "--chat-template only applies to fine-tuning data"),
                           (["--sft", "--chat-template", "nope"], "--chat-template 'nope': expected one of"),
-                          (["--sft", "--chat-template", "tokenizer"], "has no chat_template")):
+                          (["--sft", "--chat-template", "tokenizer"], "has no chat_template"),
+                          (["--sft", "--generation-role", "bot"], "--generation-role 'bot': expected one of")):
         code = run_cli(prepare_data.main, "prepare_data.py", ["x", "--input", str(src), "--output-prefix",
                                                               str(tmp_path / "o"), "--no-progress", *argv])
         err = capsys.readouterr().err.strip()

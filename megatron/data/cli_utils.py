@@ -32,10 +32,10 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group(
         "supervised fine-tuning",
-        "--sft reads JSONL records {\"prompt\", \"completion\"} or {\"messages\": [{\"role\", \"content\"}, ...]} and "
-        "writes <prefix>_text_document.{bin,idx} plus <prefix>_label_document.{bin,idx}: the same lengths, the "
-        "token id where the loss counts (completion / assistant turns and the end-of-document after them), -100 "
-        "elsewhere (docs/finetuning.md)")
+        "--sft reads JSONL records {\"prompt\", \"completion\"} or {\"messages\": [{\"role\", \"content\"},\n"
+        "...]} and writes <prefix>_text_document.{bin,idx} plus <prefix>_label_document.{bin,idx}: the same\n"
+        "lengths, the token id where the loss counts (completion / assistant turns and the end-of-document after\n"
+        "them), -100 elsewhere (docs/finetuning.md)")
     group.add_argument("--sft", action="store_true", help="write a fine-tuning text + label dataset pair")
     group.add_argument("--chat-template", default=None, metavar="NAME",
                        help=f"how chat records (and, when given, prompt/completion pairs) become text: "

@@ -136,6 +136,8 @@ def prepare_sft(inputs: Sequence[str | os.PathLike] | str, output_prefix: str, *
         if tokenizer_type is None:
             raise PrepareError("no tokenizer given: set tokenizer-type (and vocab-file/merge-file)")
         tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
+    if generation_role not in ROLES:
+        raise PrepareError(f"--generation-role {generation_role!r}: expected one of {', '.join(ROLES)}")
     options = SFTOptions(resolve_template(chat_template, vocab_file), generation_role, only_last)
     files = expand_inputs(inputs)
     dtype = best_dtype(tokenizer.vocab_size)
