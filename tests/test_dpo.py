@@ -180,8 +180,9 @@ def test_dpo_run_raises_the_margin_and_resumes_exactly(pairs, tmp_path, capsys):
     assert first["margins"] == pytest.approx(0.0, abs=1e-5) and first["lm_loss"] == pytest.approx(np.log(2), abs=1e-5)
     assert last["margins"] > 1.0 and last["reward_acc"] == 1.0 and last["lm_loss"] < 0.3
     assert last["chosen_rewards"] > 0 > last["rejected_rewards"]
-    valid = [r["valid_lm_loss"] for r in _rows(tmp_path / "whole") if "valid_lm_loss" in r]
-    assert len(valid) == 2 and valid[1] < valid[0] < 0.7
+    valid = [r for r in _rows(tmp_path / "whole") if "valid_lm_loss" in r]
+    assert len(valid) == 2 and valid[1]["valid_lm_loss"] < valid[0]["valid_lm_loss"] < 0.7
+    assert valid[1]["valid_margins"] > 1.0 and valid[1]["valid_reward_acc"] == 1.0 and "valid_ppl" not in valid[1]
     assert "margins" in capsys.readouterr().out
 
     save = str(tmp_path / "resumed" / "ckpt")

@@ -2,7 +2,9 @@
 
 For every record, each side is ``prompt + response (+ end-of-document)`` tokenized as two parts (the prompt's ids
 followed by the response's ids, so the prompt / response boundary is exact), with a label row that is -100 on the
-prompt and the token itself on the response::
+prompt and the token itself on the response. With a chat template (``--chat-template``, as for SFT data) the prompt
+is the rendered user turn with the opening of the assistant reply and the response the rest of the assistant turn,
+cut as :func:`megatron.data.chat_templates.turn_segments` cuts SFT conversations::
 
     <prefix>_chosen_document        <prefix>_chosen_label_document     -> pos_*_data_paths / pos_*_label_data_paths
     <prefix>_rejected_document      <prefix>_rejected_label_document   -> neg_*_data_paths / neg_*_label_data_paths
@@ -20,6 +22,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from megatron.data.chat_templates import ChatTemplate, resolve_template, turn_segments
 from megatron.data.errors import PrepareError
 from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder, best_dtype
 from megatron.data.packing import IGNORE_LABEL
@@ -60,8 +63,12 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, str]]
             yield number, record
 
 
-def encode_side(tokenizer: Tokenizer, prompt: str, response: str, append_eod: bool) -> tuple[np.ndarray, np.ndarray]:
+def encode_side(tokenizer: Tokenizer, prompt: str, response: str, append_eod: bool,
+                template: Optional[ChatTemplate] = None) -> tuple[np.ndarray, np.ndarray]:
     """Token and label rows of one side: the prompt's labels are -100, the response's (and eod's) are the ids."""
+    if template is not None:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        (_, prompt), (_, response) = turn_segments(template, messages)
     prompt_ids = tokenizer.tokenize(prompt) if prompt else []
     response_ids = tokenizer.tokenize(response) + ([tokenizer.eod] if append_eod else [])
     tokens = np.asarray(prompt_ids + response_ids, dtype=np.int64)
@@ -72,11 +79,13 @@ def encode_side(tokenizer: Tokenizer, prompt: str, response: str, append_eod: bo
 
 def prepare_preference_data(input_path: str | os.PathLike, output_prefix: str, tokenizer_type: str,
                             vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
-                            append_eod: bool = True) -> PreferencePrepResult:
-    """Write the four datasets of ``input_path``; every pair must have a non-empty chosen and rejected response."""
+                            append_eod: bool = True, chat_template: Optional[str] = None) -> PreferencePrepResult:
+    """Write the four datasets of ``input_path``; every pair must have a non-empty chosen and rejected response.
+    ``chat_template``: a named template or ``tokenizer`` (None: the plain prompt + response text)."""
     if not Path(input_path).is_file():
         raise PrepareError(f"{input_path}: no such preference JSONL file")
     tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
+    template = resolve_template(chat_template, vocab_file) if chat_template else None
     text_dtype = best_dtype(tokenizer.vocab_size)
     prefixes = {f"{side}{'_label' if kind == 'label' else ''}": output_prefix + suffix
                 for (side, kind), suffix in OUTPUTS.items()}
@@ -86,7 +95,7 @@ def prepare_preference_data(input_path: str | os.PathLike, output_prefix: str, t
     try:
         for number, record in read_records(input_path):
             for side in ("chosen", "rejected"):
-                ids, labels = encode_side(tokenizer, record["prompt"], record[side], append_eod)
+                ids, labels = encode_side(tokenizer, record["prompt"], record[side], append_eod, template)
                 if not (labels >= 0).any():
                     raise PrepareError(f"{input_path}:{number}: the {side} response is empty (nothing to score)")
                 builders[side].add_document(ids)

@@ -384,7 +384,8 @@ def _train(run: Run, profiler: StepProfiler) -> TrainResult:
         state.consumed += run.global_batch
         interval.loss_sum += loss
         interval.iters += 1
-        interval.tokens += run.global_batch * cfg.model.seq_length
+        # a DPO sample is a pair: two sequences through the trained model (the reference's forward is not counted)
+        interval.tokens += run.global_batch * cfg.model.seq_length * (2 if t.train_impl == "dpo" else 1)
         result.train_losses[iteration] = loss
 
         if diagnostics.active:  # GPT-NeoX logs these every iteration
@@ -562,7 +563,10 @@ def _validate(run: Run, split: str) -> None:
         run.result.valid_losses[iteration] = loss
     else:
         run.result.test_loss = loss
-    run.logger.log({"iteration": iteration, f"{split}_lm_loss": loss, f"{split}_ppl": math.exp(min(loss, 50.0))})
+    extra = {f"{split}_{key}": value for key, value in run.stepper.eval_metrics().items()}  # DPO: valid_margins, ...
+    if t.train_impl != "dpo":  # a perplexity of the DPO loss means nothing
+        extra[f"{split}_ppl"] = math.exp(min(loss, 50.0))
+    run.logger.log({"iteration": iteration, f"{split}_lm_loss": loss, **extra})
 
 
 __all__ = ["pretrain"]

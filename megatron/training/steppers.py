@@ -119,6 +119,9 @@ class Stepper(Protocol):
     def step_metrics(self) -> dict[str, float]:
         """Metrics of the last ``train_step`` besides the loss (DPO's rewards), averaged over ranks; {} when none."""
 
+    def eval_metrics(self) -> dict[str, float]:
+        """The same for the last ``eval_loss`` (collective like it)."""
+
 
 @dataclass
 class PlainStepper:
@@ -135,10 +138,10 @@ class PlainStepper:
     on_boundary: Optional[Callable[[Any], None]] = None
     first_step: Optional[FirstStepTimer] = None  # compile: logs the first step's time (compilation included)
     # how a micro-batch becomes a loss and a loader sample a micro-batch: the language-model pair, or DPO's
-    # (megatron.training.dpo.use_dpo); ``metrics`` reads the step's extra metrics
+    # (megatron.training.dpo.use_dpo); ``metrics("train" / "eval")`` reads the extra metrics of the last step / pass
     forward: Callable[[Any, Any, Callable[..., torch.Tensor]], torch.Tensor] = forward_loss
     batch_of: Callable[[Any, BatchRules, str], Any] = make_batch
-    metrics: Optional[Callable[[], dict[str, float]]] = None
+    metrics: Optional[Callable[[str], dict[str, float]]] = None
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, Optional[float]]:
         def step() -> tuple[torch.Tensor, Optional[float]]:
@@ -160,7 +163,10 @@ class PlainStepper:
         return mean_over_ranks(total / count, self.info) if count else None
 
     def step_metrics(self) -> dict[str, float]:
-        return self.metrics() if self.metrics is not None else {}
+        return self.metrics("train") if self.metrics is not None else {}
+
+    def eval_metrics(self) -> dict[str, float]:
+        return self.metrics("eval") if self.metrics is not None else {}
 
 
 @dataclass
@@ -185,6 +191,9 @@ class PipelineStepper:
         return pipeline_loop_eval(self.engine, batches, num_batches) if num_batches > 0 else None
 
     def step_metrics(self) -> dict[str, float]:
+        return {}
+
+    def eval_metrics(self) -> dict[str, float]:
         return {}
 
 

@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-type", required=True, metavar="TYPE", help=f"one of {', '.join(TOKENIZER_TYPES)}")
     p.add_argument("--vocab-file", default=None, help="tokenizer.json / vocab.json / SentencePiece .model")
     p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (only with a GPT-2 vocab.json)")
+    p.add_argument("--chat-template", default=None, metavar="NAME",
+                   help="render the prompt as a user turn and each response as the assistant's reply with this "
+                        "template (chatml, plain, or tokenizer: the tokenizer's own), as for SFT data; default: the "
+                        "prompt and response text as they are")
     p.add_argument("--no-append-eod", action="store_true",
                    help="do not end each response with the end-of-document id (default: appended, and counted)")
     return p
@@ -33,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = prepare_preference_data(args.input, args.output_prefix, args.tokenizer_type, args.vocab_file,
-                                     args.merge_file, append_eod=not args.no_append_eod)
+                                     args.merge_file, append_eod=not args.no_append_eod,
+                                     chat_template=args.chat_template)
     for name, prefix in result.prefixes.items():
         print(f"wrote {prefix}.bin/.idx ({name})")
     print(f"{result.pairs} pairs, {result.tokens} tokens")
