@@ -12,7 +12,7 @@ q - k < w)``. Checked here:
 * a packed document's logits equal the document's own logits alone (full attention and SepLLM; rotary, ALiBi,
   learned positions, BiPE) with restarted positions;
 * retention statistics count per document (closed form against the brute-force mask sums);
-* a tiny ``train.py`` run with both keys and SepLLM compact trains with a finite loss; a pipeline refuses the keys.
+* a tiny ``train.py`` run with both keys and SepLLM compact trains with a finite loss; a pipeline carries the ids.
 """
 
 from __future__ import annotations
@@ -364,15 +364,23 @@ def test_tiny_training_run_with_document_masks_and_sepllm_compact(short_docs_cor
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
-def test_pipeline_refuses_document_keys_at_config_load(corpus, neox_tokenizer_file, tmp_path):
-    from megatron.config import ConfigError, load_config
+def test_pipeline_carries_what_the_keys_ask_for(corpus, neox_tokenizer_file, tmp_path):
+    """With a pipeline the stages carry the position / document ids the keys produce (tests/test_pipeline.py runs
+    two stages against the plain model)."""
+    from megatron.config import load_config
+    from megatron.parallel.pipeline import carried_inputs, pipeline_micro_batch
+    from megatron.training.batches import BatchRules, make_batch
 
     from train_helpers import tiny_sepllm_keys
 
     keys = tiny_sepllm_keys(corpus, neox_tokenizer_file, tmp_path, **{"reset_attention_mask": True,
                                                                       "pipe-parallel-size": 2})
-    with pytest.raises(ConfigError, match="reset_attention_mask with pipe_parallel_size=2"):
-        load_config(keys, world_size=2)
+    t = load_config(keys, world_size=2).training
+    assert carried_inputs(t.reset_position_ids, t.reset_attention_mask) == ("document_ids",)
+    sample = {"text": torch.tensor([[5, 6, EOD, 7, 8, 9]])}
+    batch = make_batch(sample, BatchRules(eod_token=EOD, reset_attention_mask=True), "cpu")
+    inputs, _ = pipeline_micro_batch(batch)
+    assert isinstance(inputs, tuple) and torch.equal(inputs[1], torch.tensor([[0, 0, 0, 1, 1]]))
 
 
 # ------------------------------------------------------------------------------------------- the benchmark

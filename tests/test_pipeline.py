@@ -60,7 +60,8 @@ def micro_batches(rows: torch.Tensor, micro: int) -> list[tuple[torch.Tensor, to
     return out
 
 
-def reference_steps(model: GPTModel, batches, gas: int, steps: int, clip: float = 0.0) -> tuple[list[float], dict]:
+def reference_steps(model: GPTModel, batches, gas: int, steps: int, clip: float = 0.0,
+                    carried: list = None) -> tuple[list[float], dict]:
     """Plain model, AdamW (the trainer's parameter groups), ``steps`` optimizer steps of ``gas`` micro-batches,
     gradients clipped to global norm ``clip`` (0 = off; asserted to be active when set)."""
     from megatron.training.optimizer import param_groups
@@ -68,12 +69,13 @@ def reference_steps(model: GPTModel, batches, gas: int, steps: int, clip: float 
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, eps=EPS)
     losses = []
     it = iter(batches)
+    extra = iter(carried or [])
     for _ in range(steps):
         opt.zero_grad()
         total = 0.0
         for _ in range(gas):
             tokens, labels, mask = next(it)
-            loss = lm_loss(model(tokens), labels, mask)
+            loss = lm_loss(model(tokens, **(next(extra) if carried else {})), labels, mask)
             (loss / gas).backward()
             total += float(loss.detach())
         if clip:
@@ -91,11 +93,13 @@ def ds_config(micro: int, gas: int, dp: int, zero: int = 0, clip: float = 0.0) -
 
 
 def _pipeline_vs_reference(rank: int, world: int, cfg: ModelConfig, sep, stages: int, micro: int, gas: int,
-                           method: str, expect_parts, zero: int = 0, clip: float = 0.0) -> None:
+                           method: str, expect_parts, zero: int = 0, clip: float = 0.0,
+                           documents: bool = False) -> None:
     import deepspeed
 
-    from megatron.parallel.pipeline import (build_pipeline_model, gather_gpt_state_dict, load_gpt_state_dict,
-                                            pipeline_data_iter, pipeline_eval_loss, pipeline_train_step)
+    from megatron.parallel.pipeline import (build_pipeline_model, carried_inputs, gather_gpt_state_dict,
+                                            load_gpt_state_dict, pipeline_data_iter, pipeline_eval_loss,
+                                            pipeline_train_step)
     from megatron.training.batches import Batch
     from megatron.training.engine import quiet_deepspeed_logs
     from megatron.training.optimizer import param_groups
@@ -106,16 +110,22 @@ def _pipeline_vs_reference(rank: int, world: int, cfg: ModelConfig, sep, stages:
     reference = GPTModel(cfg, sep)
     start = {k: v.clone() for k, v in reference.state_dict().items()}
     batches = micro_batches(token_rows(micro * gas * steps), micro)
-    ref_losses, ref_state = reference_steps(reference, batches, gas, steps, clip)
+    carried = [document_batch(t) for t, _, _ in batches] if documents else None
+    ref_losses, ref_state = reference_steps(reference, batches, gas, steps, clip, carried)
 
-    pipe = build_pipeline_model(cfg, sep, stages, partition_method=method)
+    def as_batches(n: int):
+        return (Batch(tokens=t, labels=l, loss_mask=m, **(carried[i] if documents else {}))
+                for i, (t, l, m) in enumerate(batches[:n]))
+
+    pipe = build_pipeline_model(cfg, sep, stages, partition_method=method,
+                                carries=carried_inputs(documents, documents))
     if expect_parts is not None:
         assert list(pipe.parts) == expect_parts
     load_gpt_state_dict(pipe, start)
     opt = torch.optim.AdamW(param_groups(pipe, 0.1), lr=LR, eps=EPS)
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=opt, config=ds_config(micro, gas, 1, zero, clip),
                                            dist_init_required=False)
-    data = pipeline_data_iter(Batch(tokens=t, labels=l, loss_mask=m) for t, l, m in batches)
+    data = pipeline_data_iter(as_batches(len(batches)))
     losses = [float(pipeline_train_step(engine, data)) for _ in range(steps)]
     if cfg.checkpoint_activations:  # the transformer-layer chunks really went through torch.utils.checkpoint
         assert engine.module.activation_checkpoint_interval == cfg.checkpoint_num_layers
@@ -124,8 +134,9 @@ def _pipeline_vs_reference(rank: int, world: int, cfg: ModelConfig, sep, stages:
     gathered = gather_gpt_state_dict(engine.module)
     assert set(gathered) == set(ref_state), set(gathered) ^ set(ref_state)
     with torch.no_grad():  # evaluation through the pipeline = the updated reference model's loss
-        ref_eval = sum(float(lm_loss(reference(t), l, m)) for t, l, m in batches[:gas]) / gas
-    eval_data = pipeline_data_iter(Batch(tokens=t, labels=l, loss_mask=m) for t, l, m in batches[:gas])
+        ref_eval = sum(float(lm_loss(reference(t, **(carried[i] if documents else {})), l, m))
+                       for i, (t, l, m) in enumerate(batches[:gas])) / gas
+    eval_data = pipeline_data_iter(as_batches(gas))
     assert float(pipeline_eval_loss(engine, eval_data)) == pytest.approx(ref_eval, abs=1e-5)
     for name, tensor in ref_state.items():
         torch.testing.assert_close(gathered[name], tensor, atol=2e-6, rtol=1e-5, msg=name)
@@ -150,6 +161,12 @@ def test_pp2_sepllm_uneven_partition_untied_matches_no_pipeline():
     cfg = tiny_cfg(3, no_weight_tying=True)
     # 3 transformer layers on 2 stages: [embed, L0, L1 | L2, norm, head]
     _run(_pipeline_vs_reference, cfg, sep_cfg(3), 2, 2, 2, "uniform", [0, 3, 6])
+
+
+@pytest.mark.distributed
+def test_pp2_documents_sepllm_compact_matches_no_pipeline():
+    # reset_position_ids + reset_attention_mask: position and document ids travel with the ids through both stages
+    _run(_pipeline_vs_reference, tiny_cfg(2, no_weight_tying=True), sep_cfg(2), 2, 2, 2, "uniform", None, 1, 0.0, True)
 
 
 @pytest.mark.distributed
@@ -217,16 +234,18 @@ def test_pp1_equals_pp0_with_data_parallel_sepllm():
 # ------------------------------------------------------------------------------------------------ no processes
 
 
-def _chain(cfg: ModelConfig, sep, model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Run the stage modules by hand in one process (what the stages do across ranks)."""
-    ctx = StageContext(cfg, sep)
+def _chain(cfg: ModelConfig, sep, model: GPTModel, tokens: torch.Tensor, carried: dict = None) -> torch.Tensor:
+    """Run the stage modules by hand in one process (what the stages do across ranks); ``carried``: position /
+    document ids the stages pass on with the token ids."""
+    carried = carried or {}
+    ctx = StageContext(cfg, sep, carries=tuple(carried))
     emb = EmbeddingPipe(ctx)
     layers = [TransformerLayerPipe(i, ctx) for i in range(cfg.num_layers)]
-    norm = FinalNormPipe(cfg)
+    norm = FinalNormPipe(cfg, ctx.carries)
     state = model.state_dict()
     for module in [emb, *layers, norm]:
         module.load_state_dict({local: state[module.to_gpt_name(local)] for local in module.state_dict()})
-    x = emb(tokens)
+    x = emb((tokens, *carried.values()) if carried else tokens)
     for layer in layers:
         x = layer(x)
     return tied_head_forward(emb, norm(x))
@@ -257,6 +276,40 @@ def test_stage_modules_compose_to_gpt_model(variant):
         causal = GPTModel(cfg, None)
         causal.load_state_dict(model.state_dict())
         assert (causal(tokens) - expected).abs().max() > 1e-4
+
+
+def document_batch(tokens: torch.Tensor) -> dict:
+    """End-of-document tokens (id 0) at a few places; the restarted positions and document ids of the rows."""
+    from megatron.data.documents import document_ids, document_positions
+
+    tokens[0, [5, 6, 15]] = 0
+    tokens[-1, 10] = 0
+    docs = document_ids(tokens, 0)
+    return {"position_ids": document_positions(docs), "document_ids": docs}
+
+
+@pytest.mark.parametrize("variant", ["full-learned", "sepllm-compact-rotary", "sepllm-dense-bipe-learned"])
+def test_stage_modules_carry_documents_like_gpt_model(variant):
+    """reset_position_ids / reset_attention_mask: the stages carry the position and document ids and compute what
+    GPTModel.forward(position_ids=, document_ids=) computes (and something else than without them)."""
+    if variant == "full-learned":
+        cfg, sep = tiny_cfg(2, pos_emb="learned"), None
+    elif variant == "sepllm-compact-rotary":
+        cfg, sep = tiny_cfg(2), sep_cfg(2)
+    else:
+        cfg, sep = tiny_cfg(2, pos_emb="learned"), sep_cfg(2, impl="dense", USE_BiPE=True)
+    torch.manual_seed(1)
+    model = GPTModel(cfg, sep)
+    tokens = token_rows(2)[:, :-1].clone()
+    carried = document_batch(tokens)
+    expected = model(tokens, **carried)
+    torch.testing.assert_close(_chain(cfg, sep, model, tokens, carried), expected, atol=1e-6, rtol=1e-6)
+    for name in carried:              # each of the two alone, too
+        only = {name: carried[name]}
+        torch.testing.assert_close(_chain(cfg, sep, model, tokens, only), model(tokens, **only), atol=1e-6, rtol=1e-6)
+    assert (model(tokens) - expected).abs().max() > 1e-4
+    with pytest.raises(PipelineInputError, match=r"followed by \['position_ids', 'document_ids'\]"):
+        EmbeddingPipe(StageContext(cfg, sep, carries=tuple(carried)))(tokens)
 
 
 def test_stage_context_builds_plan_once_per_micro_batch():

@@ -121,7 +121,7 @@ def layer_specs(context: StageContext) -> list[Any]:
         specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, context,
                                    tied_weight_attr=["embed.word_embeddings.weight"]))
     specs.extend(LayerSpec(TransformerLayerPipe, i, context) for i in range(cfg.num_layers))
-    specs.append(LayerSpec(FinalNormPipe, cfg))
+    specs.append(LayerSpec(FinalNormPipe, cfg, context.carries))
     if cfg.no_weight_tying:
         specs.append(LayerSpec(HeadPipe, cfg))
     else:
@@ -132,7 +132,8 @@ def layer_specs(context: StageContext) -> list[Any]:
 
 def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConfig], num_stages: int, *,
                          model_parallel_size: int = 1, partition_method: str = "uniform", seed: int = 1234,
-                         groups: Any = None, loss_fn: Any = pipeline_lm_loss) -> nn.Module:
+                         groups: Any = None, loss_fn: Any = pipeline_lm_loss,
+                         carries: tuple[str, ...] = ()) -> nn.Module:
     """``GPTModel`` as a ``deepspeed.pipe.PipelineModule`` of ``num_stages`` stages (collective on all ranks).
 
     ``num_stages`` is the resolved stage count (``pipe_parallel_size`` 0 means no pipeline: do not call this).
@@ -145,6 +146,8 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
     ``groups`` (optional ``megatron.parallel.mesh.ParallelGroups``) is checked against the pipeline's topology.
     ``torch.distributed`` must be initialised. The returned module has ``attention_backend`` (this rank's
     backend, e.g. for SepLLM retention statistics) and ``stage_id`` / ``num_stages`` / ``parts`` from DeepSpeed.
+    ``carries`` (``carried_inputs(reset_position_ids, reset_attention_mask)``): the per-token inputs every stage
+    passes on besides the ids (the data iterator must then yield them, see :func:`pipeline_micro_batch`).
     """
     from deepspeed.pipe import PipelineModule
 
@@ -156,7 +159,8 @@ def build_pipeline_model(model_cfg: ModelConfig, sepllm_cfg: Optional[SepLLMConf
                                   f"{num_stages}: pipeline stages are not tensor-parallel yet; use "
                                   f"model_parallel_size 1 with pipelines (or pipe_parallel_size 0 with TP)")
     check_pipeline_depth(model_cfg.num_layers, num_stages)
-    context = StageContext(model_cfg, sepllm_cfg)  # GPTModel's own checks and resolution, before any communication
+    # GPTModel's own checks and resolution, before any communication
+    context = StageContext(model_cfg, sepllm_cfg, carries=tuple(carries))
     method = _deepspeed_partition_method(partition_method)
     if not dist.is_initialized():
         raise PipelineConfigError("build_pipeline_model: torch.distributed is not initialised (call "
@@ -262,15 +266,19 @@ def gather_gpt_state_dict(pipe: Any) -> dict[str, Tensor]:
 # training / evaluation with the engine
 
 
-def pipeline_micro_batch(batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+def carried_inputs(reset_position_ids: bool, reset_attention_mask: bool) -> tuple[str, ...]:
+    """The batch inputs a pipeline carries besides the token ids (``build_pipeline_model(carries=...)``)."""
+    return tuple(name for name, on in (("position_ids", reset_position_ids), ("document_ids", reset_attention_mask))
+                 if on)
+
+
+def pipeline_micro_batch(batch: Any) -> tuple[Any, tuple[Tensor, Tensor]]:
     """A trainer ``Batch`` (tokens, labels, loss_mask) as the pipeline engine's ``(inputs, labels)`` pair: the first
-    stage reads ``tokens``, the last stage ``(labels, loss_mask)``. Batches with document ids or restarted positions
-    (``reset_attention_mask`` / ``reset_position_ids``, refused with a pipeline at config load) cannot pass."""
-    if getattr(batch, "document_ids", None) is not None or getattr(batch, "position_ids", None) is not None:
-        raise PipelineConfigError("reset_attention_mask / reset_position_ids with pipe_parallel_size >= 2: the "
-                                  "pipeline stages pass only hidden states and token ids; use pipe_parallel_size 0 "
-                                  "or 1")
-    return batch.tokens, (batch.labels, batch.loss_mask)
+    stage reads ``tokens`` (with restarted positions and / or document ids: ``(tokens, position_ids,
+    document_ids)``, those present, in that order), the last stage ``(labels, loss_mask)``."""
+    carried = tuple(t for t in (getattr(batch, "position_ids", None), getattr(batch, "document_ids", None))
+                    if t is not None)
+    return ((batch.tokens, *carried) if carried else batch.tokens), (batch.labels, batch.loss_mask)
 
 
 def pipeline_data_iter(batches: Iterable[Any]) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor]]]:
@@ -301,6 +309,7 @@ def data_parallel_coords(engine: Any) -> tuple[int, int]:
     return grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
 
 
-__all__ = ["PARTITION_METHODS", "PipelineConfigError", "build_pipeline_model", "data_parallel_coords",
-           "gather_gpt_state_dict", "layer_specs", "load_gpt_state_dict", "pipeline_data_iter", "pipeline_eval_loss",
-           "pipeline_lm_loss", "pipeline_micro_batch", "pipeline_train_step"]
+__all__ = ["PARTITION_METHODS", "PipelineConfigError", "build_pipeline_model", "carried_inputs",
+           "data_parallel_coords", "gather_gpt_state_dict", "layer_specs", "load_gpt_state_dict",
+           "pipeline_data_iter", "pipeline_eval_loss", "pipeline_lm_loss", "pipeline_micro_batch",
+           "pipeline_train_step"]

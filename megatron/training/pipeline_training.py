@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron.config.layout import pipeline_engine_stages
-from megatron.parallel.pipeline import (PipelineConfigError, build_pipeline_model, data_parallel_coords,
-                                        gather_gpt_state_dict, load_gpt_state_dict, pipeline_data_iter,
-                                        pipeline_eval_loss, pipeline_train_step)
+from megatron.parallel.pipeline import (PipelineConfigError, build_pipeline_model, carried_inputs,
+                                        data_parallel_coords, gather_gpt_state_dict, load_gpt_state_dict,
+                                        pipeline_data_iter, pipeline_eval_loss, pipeline_train_step)
 
 if TYPE_CHECKING:
     from megatron.config.neox import NeoXConfig
@@ -78,7 +78,9 @@ def build_pipeline_engine(cfg: NeoXConfig, device: str, world_size: int, *, part
     except ConfigError as exc:
         raise PipelineConfigError(str(exc)) from None
     pipe = build_pipeline_model(cfg.model, cfg.sepllm, stages, model_parallel_size=tp,
-                                partition_method=partition_method, seed=int(cfg.training.seed), groups=groups)
+                                partition_method=partition_method, seed=int(cfg.training.seed), groups=groups,
+                                carries=carried_inputs(cfg.training.reset_position_ids,
+                                                       cfg.training.reset_attention_mask))
     ds_config = cfg.deepspeed_config(dp, client_optimizer=True)
     optimizer = build_optimizer(pipe, cfg.optimizer, device_type=device)
     engine = build_engine(pipe, optimizer, ds_config, device)

@@ -174,11 +174,6 @@ def check_run_keys(objs: dict, ctx: Any) -> None:
             raise ConfigError(f"{ctx.src('logging', key)}: {key} with pipe_parallel_size={stages}: the pipeline "
                               f"engine applies the gradients inside its schedule where they cannot be read; use "
                               f"pipe_parallel_size 0 or 1")
-    for key in ("reset_position_ids", "reset_attention_mask"):
-        if getattr(t, key) and stages:
-            raise ConfigError(f"{ctx.src('training', key)}: {key} with pipe_parallel_size={stages}: the pipeline "
-                              f"stages pass only hidden states and token ids, not document ids or positions; use "
-                              f"pipe_parallel_size 0 or 1")
     zero = int((t.zero_optimization or {}).get("stage", 0) or 0)
     if lg.log_gradient_noise_scale and zero >= 1:
         raise ConfigError(f"{ctx.src('logging', 'log_gradient_noise_scale')}: log_gradient_noise_scale with ZeRO "
