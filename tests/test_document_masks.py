@@ -327,6 +327,8 @@ def test_packed_document_logits_equal_the_document_alone(name, pg19_dir, neox_to
     with torch.no_grad():
         mixed = model(packed, position_ids=document_positions(docs))
     assert (mixed[:, lo: lo + len(second)] - alone[:, :-1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="not to KV-cache decoding"):
+        model(packed, kv_cache=object(), document_ids=docs)
 
 
 # ------------------------------------------------------------------------------------------- training
