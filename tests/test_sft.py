@@ -243,6 +243,20 @@ def test_pack_until_overflow_packs_whole_documents_and_packed_stitches_labels(tm
         assert packed[i]["label"].tolist() == stream_l[4 * j: 4 * j + 5]
 
 
+def test_a_split_shorter_than_one_sample_is_fine_when_documents_are_padded(tmp_path):
+    """Pre-flight refuses a packed split of fewer than seq_length + 1 tokens; whole-document samples pad instead
+    (a small held-out set with a long seq_length)."""
+    from megatron.training.data_setup import SplitDatasets
+    from megatron.training.preflight import check_sequence_fits_data
+
+    text, label = _pair(tmp_path, DOCS[:2], LABELS[:2])
+    for pack_impl in ("pack_until_overflow", "unpacked"):
+        ds = GPTDataset("valid", text, np.arange(2), 4, 64, 1, tmp_path / pack_impl, label_indexed=label,
+                        pack_impl=pack_impl)
+        check_sequence_fits_data(SplitDatasets(train=None, valid=ds, test=None), 64)
+        assert ds[0]["text"].shape == (65,)
+
+
 def test_mismatched_label_data_fails_in_one_line_naming_both(tmp_path):
     text, _ = _pair(tmp_path, DOCS, LABELS)
     (tmp_path / "x").mkdir()

@@ -157,11 +157,12 @@ def _token_datasets(dataset: Any) -> list[Any]:
 
 def check_sequence_fits_data(datasets: Any, seq_length: int) -> None:
     """One sample reads ``seq_length + 1`` tokens: a split with fewer tokens in all would repeat itself inside every
-    sample (and an epoch would hold less than one sample), so the run is refused before training."""
+    sample (and an epoch would hold less than one sample), so the run is refused before training. Whole-document
+    samples (``pack_impl`` pack_until_overflow / unpacked) are padded instead, so any split size fits them."""
     for split in ("train", "valid", "test"):
         for part in _token_datasets(getattr(datasets, split, None)):
             tokens = int(part.tokens_per_epoch)
-            if 0 < tokens < seq_length + 1:
+            if 0 < tokens < seq_length + 1 and getattr(part, "pack_impl", "packed") == "packed":
                 where = getattr(getattr(part, "indexed", None), "prefix", None) or getattr(part, "name", split)
                 raise RunLimitError(f"model.seq_length {seq_length} is longer than the whole {split} split of "
                                     f"{where} ({tokens:,} tokens; a sample needs seq_length + 1): lower seq_length, "
