@@ -1,6 +1,7 @@
 """DPO (``train_impl: dpo``): the loss and every gradient against the formula written out here, the reference
 options (frozen model, precomputed log-probabilities, reference-free), the pairwise data, a short run whose
-reward margin rises, an exact resume, two data-parallel ranks under ZeRO-1 against one process, bad configs."""
+reward margin rises, an exact resume, two data-parallel (ZeRO-1) or tensor-parallel ranks against one process, bad
+configs."""
 
 from __future__ import annotations
 
@@ -199,24 +200,30 @@ def test_dpo_run_raises_the_margin_and_resumes_exactly(pairs, tmp_path, capsys):
     assert {r["iteration"]: r["lm_loss"] for r in rows} == resumed
 
 
-def _two_ranks(rank: int, world_size: int, cfg) -> None:
-    pretrain(cfg)
+def _two_ranks(rank: int, world_size: int, cfgs: list) -> None:
+    for cfg in cfgs:
+        pretrain(cfg)
 
 
 @pytest.mark.distributed
-def test_two_data_parallel_ranks_zero1_equal_one_process(pairs, tmp_path):
+def test_two_ranks_data_or_tensor_parallel_equal_one_process(pairs, tmp_path):
+    """The same global batch of 4 pairs: 1 process; 2 data-parallel ranks of 2 under ZeRO-1; 2 tensor-parallel ranks
+    (vocabulary-parallel log-probabilities, the reference model sharded the same way)."""
     from parallel_spawn import run_distributed
 
     zero1 = dict(training__zero_optimization={"stage": 1}, training__zero_stage=1)
     one = dpo_config(pairs, tmp_path / "one", train_iters=3, micro=4, **zero1)
     pretrain(one)
-    two = dpo_config(pairs, tmp_path / "two", train_iters=3, micro=2, **zero1)
-    two.training.train_batch_size = 4  # 2 per rank x 2 ranks: the same global batch
-    run_distributed(_two_ranks, 2, two, timeout=300)
-    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    for key in ("lm_loss", "margins", "reward_acc"):
-        np.testing.assert_allclose([r[key] for r in a if key in r], [r[key] for r in b if key in r],
-                                   rtol=1e-4, atol=1e-5, err_msg=key)
+    dp = dpo_config(pairs, tmp_path / "dp", train_iters=3, micro=2, **zero1)
+    dp.training.train_batch_size = 4  # 2 per rank x 2 ranks
+    tp = dpo_config(pairs, tmp_path / "tp", train_iters=3, micro=4, parallel__model_parallel_size=2, **zero1)
+    run_distributed(_two_ranks, 2, [dp, tp], timeout=400)
+    a = _rows(tmp_path / "one")
+    for run in ("dp", "tp"):
+        b = _rows(tmp_path / run)
+        for key in ("lm_loss", "margins", "reward_acc", "chosen_pos", "ref_neg"):
+            np.testing.assert_allclose([r[key] for r in a if key in r], [r[key] for r in b if key in r],
+                                       rtol=1e-4, atol=1e-5, err_msg=f"{run}: {key}")
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -235,7 +242,6 @@ BAD = [
                                                         "neg_train_label_data_paths is not"]),
     ({**_PAIRS, "pos_valid_data_paths": ["c"]}, ["pos_valid_data_paths has 1", "neg_valid_data_paths has 0"]),
     ({**_PAIRS, "pipe_parallel_size": 2, "num_gpus": 2}, ["pipe_parallel_size=2 with train_impl dpo"]),
-    ({**_PAIRS, "model_parallel_size": 2, "num_gpus": 2}, ["model_parallel_size=2 with train_impl dpo"]),
     ({**_PAIRS, "zero_optimization": {"stage": 3}}, ["ZeRO stage 3 with train_impl dpo"]),
     ({**_PAIRS, "compile": True}, ["compile with train_impl dpo and a reference model"]),
     ({**_PAIRS, "dataset_impl": "gpt2"}, ["dataset_impl gpt2 does not fit train_impl dpo"]),

@@ -76,11 +76,7 @@ def check_preference(training: Any, data: Any, parallel: Any, model: Any,
     if parallel.pipe_parallel_size >= 2:
         raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size={parallel.pipe_parallel_size} with "
                           f"train_impl dpo: the pipeline engine has no DPO step (GPT-NeoX refuses it too); use "
-                          f"pipe_parallel_size 0 or 1 (data parallelism and ZeRO work)")
-    if parallel.model_parallel_size > 1:
-        raise ConfigError(f"{where('model_parallel_size')}: model_parallel_size={parallel.model_parallel_size} with "
-                          f"train_impl dpo: DPO's sequence log-probabilities over a vocabulary-parallel output are "
-                          f"not built; use model_parallel_size 1 (data parallelism and ZeRO work)")
+                          f"pipe_parallel_size 0 or 1 (data and tensor parallelism and ZeRO 0-2 work)")
     reference_model = not (training.dpo_reference_free or training.precompute_model_name)
     if int(training.zero_stage or 0) >= 3 and reference_model:
         raise ConfigError(f"{where('zero_optimization')}: ZeRO stage 3 with train_impl dpo and a reference model: the "

@@ -27,9 +27,9 @@ def token_logps(logits: Tensor, labels: Tensor, fp32: bool = True) -> Tensor:
     return torch.gather(logp, dim=-1, index=labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 
 
-def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor, fp32: bool = True) -> Tensor:
-    """``[B]`` summed log-probability of the counted tokens (``loss_mask`` 1) of each sequence."""
-    per_token = token_logps(logits, labels, fp32)
+def sequence_logps(per_token: Tensor, loss_mask: Tensor) -> Tensor:
+    """``[B]`` summed log-probability of the counted tokens (``loss_mask`` 1) of each sequence, from the per-token
+    log-probabilities (:func:`token_logps`, or its vocabulary-parallel form under tensor parallelism)."""
     return (per_token * loss_mask.to(per_token.dtype)).sum(-1)
 
 
