@@ -200,6 +200,15 @@ def test_dpo_run_raises_the_margin_and_resumes_exactly(pairs, tmp_path, capsys):
     assert {r["iteration"]: r["lm_loss"] for r in rows} == resumed
 
 
+def test_missing_preference_data_names_the_tool(pairs, tmp_path):
+    from megatron.training.data_setup import DataSetupError
+
+    cfg = dpo_config(pairs, tmp_path)
+    cfg.data.neg_train_data_paths = [str(tmp_path / "missing_rejected_document")]
+    with pytest.raises(DataSetupError, match="missing_rejected_document.*preprocess_preference_data.py"):
+        pretrain(cfg)
+
+
 def _two_ranks(rank: int, world_size: int, cfgs: list) -> None:
     for cfg in cfgs:
         pretrain(cfg)

@@ -41,6 +41,15 @@ def pair_prefixes(data: Any) -> list[str]:
     return out
 
 
+def pair_label_prefixes(data: Any) -> list[str]:
+    """Every pos / neg LABEL prefix the config names."""
+    out: list[str] = []
+    for split in SPLITS:
+        _, _, pos_label, neg_label = pair_keys(split)
+        out += list(getattr(data, pos_label) or []) + list(getattr(data, neg_label) or [])
+    return out
+
+
 def check_preference(training: Any, data: Any, parallel: Any, model: Any,
                      where: Callable[[str], str]) -> None:
     """Resolve ``dataset_impl`` and refuse inconsistent preference keys, each in one line naming the key."""
@@ -139,4 +148,4 @@ def _check_split(data: Any, split: str, where: Callable[[str], str]) -> None:
 
 
 __all__ = ["DATASET_IMPLS", "DatasetImpl", "NOT_BUILT_TRAIN_IMPLS", "SPLITS", "TRAIN_IMPLS", "TrainImpl",
-           "check_preference", "pair_keys", "pair_prefixes"]
+           "check_preference", "pair_keys", "pair_label_prefixes", "pair_prefixes"]

@@ -29,7 +29,7 @@ class PreferenceBatch:
     chosen: Batch
     rejected: Batch
     reference: Optional[tuple[Tensor, Tensor]] = None
-    _both: Optional[Batch] = field(default=None, repr=False)
+    _both: Optional[Batch] = field(default=None, init=False, repr=False)
 
     @property
     def both(self) -> Batch:
