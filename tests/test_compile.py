@@ -142,3 +142,35 @@ def test_compiled_blocks_train_under_tensor_pipeline_and_zero3(corpus, neox_toke
         assert sorted(losses) == [1, 2, 3], name
         for it, want in ref.train_losses.items():
             assert losses[it] == pytest.approx(want, abs=1e-4), (name, it, losses[it], want)
+
+
+def test_compiled_compact_sepllm_breaks_only_around_the_compact_call():
+    """SepLLM ``compact`` under ``compile: true``: the compact engine (own autograd function, kernels and thread
+    control) is excluded from the graph on purpose, so every graph break is that one call, and the forward and the
+    gradients equal eager with document masks on."""
+    from torch._dynamo.utils import counters
+
+    from sep_helpers import make_sepllm_cfg
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, padded_vocab_size=VOCAB)
+    sep = make_sepllm_cfg(num_layers=2, window=6, separator_token_ids=[5, 9], sep_attention_impl="compact")
+    torch.manual_seed(0)
+    eager, compiled = GPTModel(cfg, sep), GPTModel(cfg, sep)
+    compiled.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(3))
+    ids[:, 12] = 0  # an end-of-document token: two documents per row
+    docs = (ids == 0).long().cumsum(-1) - (ids == 0).long()
+    torch._dynamo.reset()
+    counters.clear()
+    compiler = BlockCompiler(compiled, backend="aot_eager")
+    outs = []
+    for model in (eager, compiled):
+        out = model(ids, document_ids=docs)
+        out.float().pow(2).mean().backward()
+        outs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    assert compiler.failed is None
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    reasons = [reason for reason in counters["graph_break"]]
+    assert reasons and all("compact_attention" in r for r in reasons), reasons

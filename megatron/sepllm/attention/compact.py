@@ -481,6 +481,7 @@ def _compact_generic(q, k, v, lay: CompactLayout, scale: float, slopes: Optional
     return _q_unblocks(out, lay)
 
 
+@torch.compiler.disable(reason="the compact engine drives its own kernels and threads (compile: true keeps it eager)")
 def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: CompactLayout, *, scale: float,
                       alibi_slopes: Optional[torch.Tensor] = None, engine: str = "auto") -> torch.Tensor:
     """SepLLM attention over ``lay`` for ``q, k, v [B, H, S, D]`` (k/v already expanded to H heads).
