@@ -88,6 +88,19 @@ def test_preference_prep_and_pairwise_rows(pairs):
     assert all(np.array_equal(ds[i]["neg"], again[i]["neg"]) for i in range(0, len(ds), 9))
 
 
+def test_preference_prep_with_a_chat_template(tmp_path):
+    """--chat-template plain: the prompt is the rendered user turn plus the reply's opening, as SFT data is cut."""
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "yes", "rejected": "no"}) + "\n")
+    prefixes = prepare_preference_data(tmp_path / "p.jsonl", str(tmp_path / "t"), "CharLevelTokenizer",
+                                       chat_template="plain").prefixes
+    source = PairSource.open(prefixes["chosen"], prefixes["rejected"], prefixes["chosen_label"],
+                             prefixes["rejected_label"])
+    for side, reply in (("pos", "yes"), ("neg", "no")):
+        text, label = getattr(source, side)[0], getattr(source, f"{side}_label")[0]
+        assert "".join(map(chr, text[:-1])) == f"### User:\nhi\n\n### Assistant:\n{reply}\n\n" and text[-1] == 0
+        assert "".join(chr(t) for t in label[:-1] if t >= 0) == f"{reply}\n\n"
+
+
 # ------------------------------------------------------------------------------------------------------------ math
 
 
