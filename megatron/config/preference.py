@@ -32,21 +32,14 @@ def pair_keys(split: str) -> tuple[str, str, str, str]:
             f"neg_{split}_label_data_paths")
 
 
-def pair_prefixes(data: Any) -> list[str]:
-    """Every pos / neg TEXT prefix the config names (label prefixes hold -100 and are not token data)."""
+def pair_prefixes(data: Any, labels: bool = False) -> list[str]:
+    """Every pos / neg TEXT prefix the config names (``labels``: every pos / neg LABEL prefix instead; label
+    prefixes hold -100 and are not token data)."""
     out: list[str] = []
     for split in SPLITS:
-        pos, neg, _, _ = pair_keys(split)
-        out += list(getattr(data, pos) or []) + list(getattr(data, neg) or [])
-    return out
-
-
-def pair_label_prefixes(data: Any) -> list[str]:
-    """Every pos / neg LABEL prefix the config names."""
-    out: list[str] = []
-    for split in SPLITS:
-        _, _, pos_label, neg_label = pair_keys(split)
-        out += list(getattr(data, pos_label) or []) + list(getattr(data, neg_label) or [])
+        pos, neg, pos_label, neg_label = pair_keys(split)
+        for key in ((pos_label, neg_label) if labels else (pos, neg)):
+            out += list(getattr(data, key) or [])
     return out
 
 
@@ -148,4 +141,4 @@ def _check_split(data: Any, split: str, where: Callable[[str], str]) -> None:
 
 
 __all__ = ["DATASET_IMPLS", "DatasetImpl", "NOT_BUILT_TRAIN_IMPLS", "SPLITS", "TRAIN_IMPLS", "TrainImpl",
-           "check_preference", "pair_keys", "pair_label_prefixes", "pair_prefixes"]
+           "check_preference", "pair_keys", "pair_prefixes"]

@@ -14,7 +14,6 @@ Record ``i`` becomes document ``i`` of all four datasets, which is how the pairw
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from megatron.data.chat_templates import ChatTemplate, resolve_template, turn_se
 from megatron.data.errors import PrepareError
 from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder, best_dtype
 from megatron.data.packing import IGNORE_LABEL
+from megatron.data.sft import iter_records
 from megatron.tokenizer import Tokenizer, build_tokenizer
 
 #: the JSONL keys of one preference record
@@ -44,23 +44,16 @@ class PreferencePrepResult:
     tokens: int                     # chosen + rejected tokens
 
 
-def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, record) of a JSONL file; a record without the three string keys fails naming the line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PrepareError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise PrepareError(f"{path}:{number}: expected a JSON object with keys {', '.join(RECORD_KEYS)}")
-            missing = [k for k in RECORD_KEYS if not isinstance(record.get(k), str)]
-            if missing:
-                raise PrepareError(f"{path}:{number}: key(s) {', '.join(missing)} missing or not a string; a "
-                                   f"preference record is {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}")
-            yield number, record
+def read_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, str]]]:
+    """("file:line", record) of a JSONL file; a record without the three string keys fails naming the line."""
+    for record, where, _ in iter_records([Path(path)]):
+        if not isinstance(record, dict):
+            raise PrepareError(f"{where}: expected a JSON object with keys {', '.join(RECORD_KEYS)}")
+        missing = [k for k in RECORD_KEYS if not isinstance(record.get(k), str)]
+        if missing:
+            raise PrepareError(f"{where}: key(s) {', '.join(missing)} missing or not a string; a "
+                               f"preference record is {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}")
+        yield where, record
 
 
 def encode_side(tokenizer: Tokenizer, prompt: str, response: str, append_eod: bool,
@@ -93,11 +86,11 @@ def prepare_preference_data(input_path: str | os.PathLike, output_prefix: str, t
                 for name, prefix in prefixes.items()}
     pairs = tokens = 0
     try:
-        for number, record in read_records(input_path):
+        for where, record in read_records(input_path):
             for side in ("chosen", "rejected"):
                 ids, labels = encode_side(tokenizer, record["prompt"], record[side], append_eod, template)
                 if not (labels >= 0).any():
-                    raise PrepareError(f"{input_path}:{number}: the {side} response is empty (nothing to score)")
+                    raise PrepareError(f"{where}: the {side} response is empty (nothing to score)")
                 builders[side].add_document(ids)
                 builders[f"{side}_label"].add_document(labels)
                 tokens += int(ids.size)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from megatron.config.preference import pair_label_prefixes, pair_prefixes
+from megatron.config.preference import pair_prefixes
 from megatron.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def ensure_data(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, info: Call
         if not _exists(prefix):
             raise DataSetupError(f"label data prefix {prefix!r} not found ({prefix}.bin/.idx missing); write it with "
                                  f"python prepare_data.py <name> --sft --input <jsonl> (docs/finetuning.md)")
-    for prefix in dict.fromkeys(pair_prefixes(data_cfg) + pair_label_prefixes(data_cfg)):
+    for prefix in dict.fromkeys(pair_prefixes(data_cfg) + pair_prefixes(data_cfg, labels=True)):
         if not _exists(prefix):
             raise DataSetupError(f"preference data prefix {prefix!r} not found ({prefix}.bin/.idx missing); write the "
                                  f"chosen / rejected datasets with python tools/datasets/preprocess_preference_data.py "
