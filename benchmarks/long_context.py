@@ -259,6 +259,7 @@ class Run:
 
     def validate(self) -> Optional[float]:
         from megatron.model.loss import lm_loss
+        from megatron.training.batches import BatchRules
         from megatron.training.parallel_setup import ParallelPlan
         from megatron.training.steppers import PlainStepper, evaluate
 
@@ -266,8 +267,8 @@ class Run:
                                info=self.info)
         plan = ParallelPlan(tp_size=1, pp_stages=0, sequence_parallel=False, dp_rank=self.info.rank,
                             dp_size=self.info.world_size)
-        return evaluate(stepper, self.datasets.valid, self.args.eval_iters, self.args.micro, plan, self.eod, False,
-                        self.args.device)
+        return evaluate(stepper, self.datasets.valid, self.args.eval_iters, self.args.micro, plan,
+                        BatchRules(self.eod), self.args.device)
 
 
 def ideal_ratio(share: float, attention_ratio: float) -> float:
