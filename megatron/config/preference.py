@@ -46,13 +46,7 @@ def pair_prefixes(data: Any, labels: bool = False) -> list[str]:
 def check_preference(training: Any, data: Any, parallel: Any, model: Any,
                      where: Callable[[str], str]) -> None:
     """Resolve ``dataset_impl`` and refuse inconsistent preference keys, each in one line naming the key."""
-    impl = str(training.train_impl).strip().lower()
-    if impl in NOT_BUILT_TRAIN_IMPLS:
-        raise ConfigError(f"{where('train_impl')}: train_impl: {impl} is not built; {NOT_BUILT_TRAIN_IMPLS[impl]} is "
-                          f"a GPT-NeoX mode with no implementation here: use train_impl {' or '.join(TRAIN_IMPLS)}")
-    if impl not in TRAIN_IMPLS:
-        raise ConfigError(f"{where('train_impl')}: key 'train_impl': expected one of {', '.join(TRAIN_IMPLS)}, got "
-                          f"{training.train_impl!r}")
+    impl = _built_choice("train_impl", training.train_impl, TRAIN_IMPLS, NOT_BUILT_TRAIN_IMPLS, where)
     training.train_impl = impl
     data.dataset_impl = _dataset_impl(data.dataset_impl, impl, where)
     if not training.dpo_beta > 0:
@@ -96,17 +90,24 @@ def check_preference(training: Any, data: Any, parallel: Any, model: Any,
                           f"without logits; train_impl dpo needs per-token log-probabilities: set it false")
 
 
+def _built_choice(key: str, value: Any, built: tuple[str, ...], not_built: dict[str, str],
+                  where: Callable[[str], str]) -> str:
+    """``value`` of ``key`` lower-cased, refused in one line when it names a GPT-NeoX mode not built here (what it
+    is, what to use) or no known mode."""
+    choice = str(value).strip().lower()
+    if choice in not_built:
+        raise ConfigError(f"{where(key)}: {key}: {choice} is not built here ({not_built[choice]}, a GPT-NeoX mode); "
+                          f"use {key} {' or '.join(built)}")
+    if choice not in built:
+        raise ConfigError(f"{where(key)}: key '{key}': expected one of {', '.join(built)}, got {value!r}")
+    return choice
+
+
 def _dataset_impl(value: Optional[str], impl: str, where: Callable[[str], str]) -> str:
     wanted = "pairwise" if impl == "dpo" else "gpt2"
     if value is None:
         return wanted
-    value = str(value).strip().lower()
-    if value in NOT_BUILT_DATASET_IMPLS:
-        raise ConfigError(f"{where('dataset_impl')}: dataset_impl: {value} is not built ("
-                          f"{NOT_BUILT_DATASET_IMPLS[value]}); use {' or '.join(DATASET_IMPLS)}")
-    if value not in DATASET_IMPLS:
-        raise ConfigError(f"{where('dataset_impl')}: key 'dataset_impl': expected one of {', '.join(DATASET_IMPLS)}, "
-                          f"got {value!r}")
+    value = _built_choice("dataset_impl", value, DATASET_IMPLS, NOT_BUILT_DATASET_IMPLS, where)
     if value != wanted:
         raise ConfigError(f"{where('dataset_impl')}: dataset_impl {value} does not fit train_impl {impl} (which reads "
                           f"{wanted} data); set dataset_impl {wanted} or leave it out")
