@@ -96,8 +96,8 @@ def _built_choice(key: str, value: Any, built: tuple[str, ...], not_built: dict[
     is, what to use) or no known mode."""
     choice = str(value).strip().lower()
     if choice in not_built:
-        raise ConfigError(f"{where(key)}: {key}: {choice} is not built here ({not_built[choice]}, a GPT-NeoX mode); "
-                          f"use {key} {' or '.join(built)}")
+        raise ConfigError(f"{where(key)}: {key}: {choice} is not built; {not_built[choice]} is a GPT-NeoX mode with "
+                          f"no implementation here: use {key} {' or '.join(built)}")
     if choice not in built:
         raise ConfigError(f"{where(key)}: key '{key}': expected one of {', '.join(built)}, got {value!r}")
     return choice
