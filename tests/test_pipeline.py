@@ -251,21 +251,25 @@ def _chain(cfg: ModelConfig, sep, model: GPTModel, tokens: torch.Tensor, carried
     return tied_head_forward(emb, norm(x))
 
 
+def stage_variant(variant: str):
+    """(model config, SepLLM config or None) of one named stage-test variant."""
+    return {
+        "full-rotary": lambda: (tiny_cfg(2), None),
+        "full-learned": lambda: (tiny_cfg(2, pos_emb="learned"), None),
+        "full-sinusoidal": lambda: (tiny_cfg(2, pos_emb="sinusoidal"), None),
+        "full-learned-opt-offset": lambda: (tiny_cfg(2, pos_emb="learned", opt_pos_emb_offset=2,
+                                                     max_position_embeddings=64), None),
+        "sepllm-compact-rotary": lambda: (tiny_cfg(2), sep_cfg(2)),
+        "sepllm-dense-bipe-learned": lambda: (tiny_cfg(2, pos_emb="learned"), sep_cfg(2, impl="dense", USE_BiPE=True)),
+    }[variant]()
+
+
 @pytest.mark.parametrize("variant", ["full-rotary", "sepllm-compact-rotary", "sepllm-dense-bipe-learned",
                                      "full-sinusoidal", "full-learned-opt-offset"])
 def test_stage_modules_compose_to_gpt_model(variant):
     """The stages build from GPTModel's own ModelContext: the sinusoidal table and OPT's position offset (which an
     earlier stage embedding left out) included."""
-    if variant == "full-rotary":
-        cfg, sep = tiny_cfg(2), None
-    elif variant == "full-sinusoidal":
-        cfg, sep = tiny_cfg(2, pos_emb="sinusoidal"), None
-    elif variant == "full-learned-opt-offset":
-        cfg, sep = tiny_cfg(2, pos_emb="learned", opt_pos_emb_offset=2, max_position_embeddings=64), None
-    elif variant == "sepllm-compact-rotary":
-        cfg, sep = tiny_cfg(2), sep_cfg(2)
-    else:
-        cfg, sep = tiny_cfg(2, pos_emb="learned"), sep_cfg(2, impl="dense", USE_BiPE=True)
+    cfg, sep = stage_variant(variant)
     torch.manual_seed(1)
     model = GPTModel(cfg, sep)
     tokens = token_rows(2)[:, :-1]
@@ -292,12 +296,7 @@ def document_batch(tokens: torch.Tensor) -> dict:
 def test_stage_modules_carry_documents_like_gpt_model(variant):
     """reset_position_ids / reset_attention_mask: the stages carry the position and document ids and compute what
     GPTModel.forward(position_ids=, document_ids=) computes (and something else than without them)."""
-    if variant == "full-learned":
-        cfg, sep = tiny_cfg(2, pos_emb="learned"), None
-    elif variant == "sepllm-compact-rotary":
-        cfg, sep = tiny_cfg(2), sep_cfg(2)
-    else:
-        cfg, sep = tiny_cfg(2, pos_emb="learned"), sep_cfg(2, impl="dense", USE_BiPE=True)
+    cfg, sep = stage_variant(variant)
     torch.manual_seed(1)
     model = GPTModel(cfg, sep)
     tokens = token_rows(2)[:, :-1].clone()
